@@ -1,0 +1,98 @@
+"""A small chat workspace (channels of messages) as tools, for the demo job.
+
+The workspace is a JSON file in the job's run directory, seeded from ``chat_seed.json``,
+and guarded by a file lock because several tool workers may touch it at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+from runtime.tool import URL, ToolContext, tool
+
+_SEED = Path(__file__).with_name("chat_seed.json")
+MAX_POST_BYTES = 64 * 1024
+
+
+@contextmanager
+def _workspace(ctx: ToolContext, write: bool = False) -> Iterator[dict[str, Any]]:
+    run_dir = Path(ctx.config["run_dir"])
+    store = run_dir / "chat.json"
+    with open(run_dir / "chat.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.exists():
+            shutil.copyfile(ctx.config.get("chat", {}).get("seed") or _SEED, store)
+        data = json.loads(store.read_text())
+        yield data
+        if write:
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(store)
+
+
+def _channel(data: dict[str, Any], channel: str) -> list[dict[str, Any]]:
+    if channel not in data["channels"]:
+        raise KeyError(f"no channel {channel!r}")
+    return data["channels"][channel]
+
+
+@tool(effect="read", name="chat.list_channels")
+def list_channels(ctx: ToolContext) -> list[str]:
+    """List the channels of the workspace."""
+    with _workspace(ctx) as data:
+        return sorted(data["channels"])
+
+
+@tool(effect="read", name="chat.read")
+def read(channel: str, limit: int = 50, *, ctx: ToolContext) -> list[dict[str, Any]]:
+    """Read the latest messages of a channel."""
+    with _workspace(ctx) as data:
+        return _channel(data, channel)[-limit:]
+
+
+@tool(effect="write", name="chat.post")
+def post(channel: str, text: str, *, ctx: ToolContext) -> dict[str, Any]:
+    """Post a message to a channel."""
+    with _workspace(ctx, write=True) as data:
+        messages = _channel(data, channel)
+        msg = {"id": max((m["id"] for m in messages), default=0) + 1, "user": ctx.agent, "text": text,
+               "ts": round(time.time(), 3)}
+        messages.append(msg)
+        return msg
+
+
+@tool(effect="delete", name="chat.delete_message")
+def delete_message(channel: str, message_id: int, *, ctx: ToolContext) -> dict[str, Any]:
+    """Delete one message from a channel."""
+    with _workspace(ctx, write=True) as data:
+        messages = _channel(data, channel)
+        kept = [m for m in messages if m["id"] != message_id]
+        if len(kept) == len(messages):
+            raise KeyError(f"no message {message_id} in {channel!r}")
+        data["channels"][channel] = kept
+        return {"deleted": message_id, "channel": channel}
+
+
+@tool(effect="delete", name="chat.delete_channel")
+def delete_channel(channel: str, *, ctx: ToolContext) -> dict[str, Any]:
+    """Delete a whole channel and every message in it."""
+    with _workspace(ctx, write=True) as data:
+        _channel(data, channel)
+        del data["channels"][channel]
+        return {"deleted_channel": channel}
+
+
+@tool(effect="write", name="http.post")
+def http_post(url: Annotated[str, URL], body: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """POST a text body to a URL (only to hosts the token allows)."""
+    data = body.encode()[:MAX_POST_BYTES]
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(req, timeout=min(timeout_s, 30.0)) as resp:
+        return {"status": resp.status, "body": resp.read(4096).decode("utf-8", "replace")}

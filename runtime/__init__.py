@@ -1,0 +1,21 @@
+"""Warden: a multi-agent runtime on Ray that treats the model as an untrusted component.
+
+The public API. Ray-dependent pieces (``runtime.actors``, ``runtime.job``) are imported
+lazily by the CLI so that importing ``runtime`` does not import Ray.
+"""
+
+from .agent import Agent, ToolCallingAgent
+from .errors import (AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
+                     InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, TokenRejected, ToolFailed,
+                     UnknownTool, WardenError)
+from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
+from .tool import PATH, URL, Tool, ToolContext, tool
+
+__all__ = [
+    "Agent", "ToolCallingAgent",
+    "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
+    "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "TokenRejected", "ToolFailed",
+    "UnknownTool", "WardenError",
+    "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
+    "PATH", "URL", "Tool", "ToolContext", "tool",
+]

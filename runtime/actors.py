@@ -1,0 +1,144 @@
+"""The one module that turns Warden's plain classes into Ray actors.
+
+``SupervisorActor`` wraps ``trusted.Supervisor``, ``ToolWorkerActor`` wraps
+``sandbox.ToolWorker``, ``AgentActor`` hosts a user ``Agent``. Only bytes built by
+``runtime.protocol`` travel between them on the call path; keys are handed out here at
+creation time by the (trusted) driver, and each actor gets only its own.
+
+Ray is not a security boundary: any process in the cluster can call any actor whose handle
+it can obtain. That is why workers check a supervisor MAC on every dispatch, why agents
+prove possession with their own request key, and why actors are not given guessable names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ray
+
+from .agent import Agent
+from .trusted.audit import AuditLog
+from .trusted.capability import KeyRing
+from .trusted.ledger import AgentQuota
+from .trusted.supervisor import AgentEntry, Supervisor
+from .trusted.wire import ToolSpec
+from .sandbox.worker import ToolWorker
+from .tool import load_tools
+
+
+def import_object(path: str) -> Any:
+    """``"package.module:Name"`` -> the object."""
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"expected 'module:Name', got {path!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _LeastBusy:
+    """Dispatcher over tool-worker actors: the one with the fewest calls in flight."""
+
+    def __init__(self, workers: list[Any]) -> None:
+        if not workers:
+            raise ValueError("a job needs at least one tool worker")
+        self._workers = list(workers)
+        self._inflight = [0] * len(workers)
+
+    async def dispatch(self, tool: str, message: bytes) -> bytes:
+        i = min(range(len(self._workers)), key=self._inflight.__getitem__)
+        self._inflight[i] += 1
+        try:
+            return await self._workers[i].execute.remote(message)
+        finally:
+            self._inflight[i] -= 1
+
+
+@ray.remote
+class SupervisorActor:
+    def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
+                 audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
+                 call_timeout_s: float) -> None:
+        self._audit = AuditLog(audit_path)
+        self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
+                               tools={t.name: t for t in tools}, audit=self._audit,
+                               dispatcher=_LeastBusy(workers), dispatch_key=dispatch_key,
+                               call_timeout_s=call_timeout_s)
+        for entry, quota in agents:
+            self._sup.register_agent(entry, quota)
+        self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
+                           tools=sorted(t.name for t in tools))
+
+    async def call(self, request: bytes) -> bytes:
+        return await self._sup.call(request)
+
+    async def delegate(self, request: bytes) -> bytes:
+        return await self._sup.delegate(request)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self._sup.stats()
+
+    def close(self, status: str) -> int:
+        seq = self._audit.record("job_end", job=self._sup.job_id, status=status)
+        self._audit.close()
+        return seq
+
+
+@ray.remote
+class ToolWorkerActor:
+    def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
+                 tool_config: dict[str, Any]) -> None:
+        self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
+                                  tool_config=tool_config)
+
+    async def execute(self, message: bytes) -> bytes:
+        return await self._worker.execute(message)
+
+    def counters(self) -> dict[str, int]:
+        return {"executed": self._worker.executed, "refused": self._worker.refused}
+
+
+class _SupervisorClient:
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    async def call(self, request: bytes) -> bytes:
+        return await self._h.call.remote(request)
+
+    async def delegate(self, request: bytes) -> bytes:
+        return await self._h.delegate.remote(request)
+
+
+class _PeerClient:
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    async def run_delegated(self, task: Any, token: bytes) -> Any:
+        return await self._h.run_delegated.remote(task, token)
+
+
+@ray.remote
+class AgentActor:
+    def __init__(self, *, cls_path: str, name: str, token: bytes, request_key: bytes, supervisor: Any,
+                 tool_schemas: list[dict[str, Any]], config: dict[str, Any]) -> None:
+        import time
+
+        cls = import_object(cls_path)
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise TypeError(f"{cls_path} is not an Agent subclass")
+        self._agent = cls()
+        self._attach = dict(name=name, token=token, request_key=request_key,
+                            supervisor=_SupervisorClient(supervisor), tool_schemas=tool_schemas,
+                            config=config, clock=time.time)
+        self._agent._attach(peers={}, **self._attach)
+
+    def connect(self, peers: dict[str, tuple[str, Any]]) -> None:
+        self._agent._attach(peers={n: (c, _PeerClient(h)) for n, (c, h) in peers.items()}, **self._attach)
+
+    async def run(self, task: Any) -> Any:
+        return await self._agent.run(task)
+
+    async def run_delegated(self, task: Any, token: bytes) -> Any:
+        return await self._agent.run_delegated(task, token)

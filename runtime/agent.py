@@ -1,0 +1,151 @@
+"""Agents: user classes whose every tool call goes through the supervisor.
+
+    class Summarizer(Agent):
+        resources = {"num_cpus": 0.5}
+
+        async def run(self, task):
+            msgs = await self.call("chat.read", channel="general")
+            return summarise(msgs)
+
+An agent holds its own token and its own request key, never a root key or a tool
+credential. It can narrow its token and hand the narrower one to another agent with
+``delegate``; the supervisor binds it to the other agent, so the copy is useless to anyone
+else. Everything the model proposes is just arguments to ``call``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol
+
+from .errors import DelegationDenied
+from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
+from .protocol import decode_reply, encode_call, encode_delegate
+from .trusted.capability import Arg, CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
+
+
+class SupervisorClient(Protocol):
+    async def call(self, request: bytes) -> bytes: ...
+    async def delegate(self, request: bytes) -> bytes: ...
+
+
+class Peer(Protocol):
+    async def run_delegated(self, task: Any, token: bytes) -> Any: ...
+
+
+_TOKEN: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("warden_token", default=None)
+
+
+class Agent:
+    """Base class of user agents. Subclasses implement ``async def run(self, task)``."""
+
+    resources: ClassVar[dict[str, Any]] = {}  # Ray reservation: num_cpus, memory, resources={...}
+
+    name: str
+    config: dict[str, Any]
+
+    def _attach(self, *, name: str, token: bytes, request_key: bytes, supervisor: SupervisorClient,
+                peers: dict[str, tuple[str, Peer]], tool_schemas: list[dict[str, Any]],
+                config: dict[str, Any], clock: Callable[[], float]) -> None:
+        """Called by the runtime before ``run``; user code never calls it."""
+        self.name = name
+        self.config = config
+        self._root_token = token
+        self._request_key = request_key
+        self._supervisor = supervisor
+        self._peers = peers  # agent name -> (class name, handle)
+        self._tool_schemas = tool_schemas
+        self._clock = clock
+
+    async def run(self, task: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    @property
+    def token(self) -> bytes:
+        """The token in force: the root token, or the delegated one inside ``run_delegated``."""
+        return _TOKEN.get() or self._root_token
+
+    @property
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """OpenAI function schemas of the tools this agent's policy names."""
+        return list(self._tool_schemas)
+
+    async def call(self, tool: str, /, **args: Any) -> Any:
+        """Ask the supervisor to run ``tool``. Raises the typed error on any refusal."""
+        request = encode_call(agent=self.name, token=self.token, tool=tool, args=args,
+                              request_key=self._request_key)
+        return decode_reply(await self._supervisor.call(request))["value"]
+
+    async def delegate(self, other: type["Agent"] | str, task: Any, *, tools: Iterable[str] | None = None,
+                       max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,
+                       max_depth: int | None = None, args: dict[str, dict[str, Any]] | None = None,
+                       caveats: Iterable[Caveat] = ()) -> Any:
+        """Run ``task`` on another agent with a token no wider than this one, narrowed further.
+
+        ``args`` maps "tool.arg" to a check, e.g. ``{"chat.read.channel": {"one_of": ["general"]}}``.
+        """
+        target = self._resolve_peer(other)
+        narrowing: list[Caveat] = list(caveats)
+        if tools is not None:
+            narrowing.append(Tools(tuple(tools)))
+        if max_calls is not None:
+            narrowing.append(CallBudget(max_calls))
+        if max_cost is not None:
+            narrowing.append(CostBudget(max_cost))
+        if ttl_s is not None:
+            narrowing.append(Expires(self._clock() + ttl_s))
+        if max_depth is not None:
+            narrowing.append(MaxDepth(max_depth))
+        for key, check in (args or {}).items():
+            tool, _, arg = key.rpartition(".")
+            for kind, param in check.items():
+                narrowing.append(Arg(tool, arg, kind, tuple(param) if isinstance(param, list) else param))
+        token = Token.decode(self.token).attenuate(*narrowing).encode()
+        request = encode_delegate(agent=self.name, token=token, to=target, request_key=self._request_key)
+        delegated = decode_reply(await self._supervisor.delegate(request))["token"]
+        return await self._peers[target][1].run_delegated(task, delegated)
+
+    def _resolve_peer(self, other: type["Agent"] | str) -> str:
+        if isinstance(other, str):
+            if other in self._peers:
+                return other
+        else:
+            names = [n for n, (cls, _) in self._peers.items() if cls == other.__name__]
+            if len(names) == 1:
+                return names[0]
+        raise DelegationDenied(f"{self.name!r} has no delegation peer {getattr(other, '__name__', other)!r}; "
+                               f"peers: {sorted(self._peers)}")
+
+    async def run_delegated(self, task: Any, token: bytes) -> Any:
+        """Run ``task`` with a token delegated by another agent (not this agent's own)."""
+        reset = _TOKEN.set(token)
+        try:
+            return await self.run(task)
+        finally:
+            _TOKEN.reset(reset)
+
+
+class ToolCallingAgent(Agent):
+    """The generic LLM agent: the model proposes tool calls, the supervisor decides.
+
+    Configured from the job file: ``config: {model: {...}, system: "...", max_turns: 8}``.
+    """
+
+    def build_model(self) -> ChatModel:
+        """The model this agent follows; override to build one in code."""
+        return model_from_config(self.config["model"])
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        model = self.build_model()
+
+        async def call_tool(name: str, args: dict[str, Any]) -> Any:
+            return await self.call(name, **args)
+
+        result: LoopResult = await run_tool_loop(
+            model, task=str(task), tools=self.tool_schemas, call_tool=call_tool,
+            system=self.config.get("system"), max_turns=int(self.config.get("max_turns", 8)))
+        return {"answer": result.answer, "turns": result.turns, "stopped": result.stopped,
+                "calls": [{"tool": c.name, "ok": c.ok, "code": c.error_code} for c in result.calls]}
+
+
+AgentFactory = Callable[[], Awaitable[Agent]]

@@ -1,0 +1,226 @@
+"""The ``warden`` command line.
+
+    warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
+    warden policy check FILE...         validate policies (exit 1 on any error)
+    warden policy explain FILE          what a policy allows, as a table
+    warden audit verify PATH            check an audit log's hash chain
+    warden audit show PATH [filters]    print audit records
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any, Sequence
+
+from .errors import WardenError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    out += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(line.rstrip() for line in out)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def summary_rows(stats: list[dict[str, Any]]) -> list[list[str]]:
+    by: dict[tuple[str, str], dict[str, int]] = {}
+    for s in stats:
+        by.setdefault((s["agent"], s["tool"]), {})[s["result"]] = s["count"]
+    rows = []
+    for (agent, tool), res in sorted(by.items()):
+        allowed = res.pop("allow", 0)
+        failed = {k: v for k, v in res.items() if k in ("TOOL_FAILED", "WORKER_UNAVAILABLE")}
+        denied = {k: v for k, v in res.items() if k not in failed}
+        rows.append([agent, tool, str(allowed), str(sum(denied.values())),
+                     ", ".join(f"{k}x{v}" for k, v in sorted({**denied, **failed}.items())) or "-"])
+    return rows
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .job import run_job
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[warden] {msg}", file=sys.stderr, flush=True)
+
+    result = run_job(args.job, address=args.address, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return EXIT_OK if result.ok else EXIT_FAIL
+    status = "ok" if result.ok else "FAILED"
+    print(f"\nWarden job {result.job} ({result.job_id}): {status} in {result.seconds:.1f}s\n")
+    print(_table(summary_rows(result.stats), ["agent", "tool", "allowed", "denied", "codes"]))
+    totals = {"allowed": 0, "denied": 0}
+    for s in result.stats:
+        totals["allowed" if s["result"] == "allow" else "denied"] += s["count"]
+    print(f"\n{totals['allowed']} allowed, {totals['denied']} denied or failed")
+    for name, value in result.results.items():
+        print(f"\nresult of {name}:\n  {json.dumps(value, default=str)[:1500]}")
+    for name, err in result.errors.items():
+        print(f"\nagent {name} FAILED: {err}")
+    chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
+    print(f"\naudit log: {result.audit_log} ({result.audit_records} records, {chain})")
+    print(f"verify it: warden audit verify {result.audit_log}")
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+# ------------------------------------------------------------------------- policy
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from .trusted.policy import load_policy
+
+    failed = 0
+    for path in args.files:
+        try:
+            p = load_policy(path)
+            print(f"{path}: ok (agent {p.agent}, {len(p.tools)} tools)")
+        except WardenError as exc:
+            failed += 1
+            print(exc.reason, file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def explain(policy: Any) -> str:
+    from .trusted.policy import ArgRule
+
+    def rule_text(r: ArgRule) -> str:
+        return ", ".join(f"{k}={getattr(r, k)!r}" for k in sorted(r.model_fields_set))
+
+    rows = []
+    for name, rule in sorted(policy.tools.items()):
+        constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
+        rows.append([name, rule.effect, constraints, "yes" if rule.approval else "no"])
+    q, d, s = policy.quotas, policy.delegation, policy.sandbox
+    lines = [f"agent: {policy.agent}"]
+    if policy.description:
+        lines.append(f"  {policy.description}")
+    lines += ["", "allowed tools (everything else is denied):",
+              _table(rows, ["tool", "effect", "argument constraints", "approval"]), "", "quotas:"]
+    lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
+                 f"concurrent: {q.max_concurrent or 'unlimited'}; calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
+                 f"cost: {q.max_cost if q.max_cost is not None else 'unlimited'}; token lifetime: {q.ttl_s:g}s")
+    lines.append("delegation:")
+    lines.append(f"  may delegate to: {', '.join(d.can_delegate_to) or 'nobody'}; max depth: {d.max_depth}")
+    lines.append("sandbox:")
+    if s.unsandboxed:
+        lines.append("  !!! UNSANDBOXED: this agent's tools run without an OS sandbox !!!")
+    else:
+        limits = {k: v for k, v in s.model_dump().items() if v is not None and k != "unsandboxed"}
+        lines.append(f"  {', '.join(f'{k}={v}' for k, v in limits.items()) or 'defaults'}")
+    return "\n".join(lines)
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from .trusted.policy import load_policy
+
+    print(explain(load_policy(args.file)))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- audit
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .trusted.audit import verify
+
+    report = verify(args.path)
+    if report.ok:
+        print(f"{args.path}: ok, {report.records} records, chain intact")
+        return EXIT_OK
+    where = f" (first bad record: seq {report.first_bad_seq})" if report.first_bad_seq is not None else ""
+    print(f"{args.path}: BROKEN{where}: {report.problem}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _when(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return datetime.fromisoformat(text).timestamp()
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from .trusted.audit import filter_records, format_record, read_records
+
+    records = filter_records(read_records(args.path), agent=args.agent, tool=args.tool, decision=args.decision,
+                             since=_when(args.since), until=_when(args.until))
+    for rec in records:
+        if args.json:
+            print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+        else:
+            print(format_record(rec))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="warden", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run 'warden COMMAND --help' for the options of a command.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a job file", description=(
+        "Run a job: start tool workers, the supervisor and the agents on Ray, run the entry agents, "
+        "print a summary of allowed and denied calls and the audit log path. Uses the Ray cluster at "
+        "--address or RAY_ADDRESS if set, else starts a local Ray. Exit 1 when an agent fails or the "
+        "audit log does not verify."))
+    run.add_argument("job", help="job file (YAML)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    run.set_defaults(fn=cmd_run)
+
+    pol = sub.add_parser("policy", help="check or explain policy files").add_subparsers(
+        dest="policy_command", required=True, metavar="SUBCOMMAND")
+    check = pol.add_parser("check", help="validate policy files; exit 1 with a precise message on any error")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(fn=cmd_policy_check)
+    exp = pol.add_parser("explain", help="print what a policy allows")
+    exp.add_argument("file", metavar="FILE")
+    exp.set_defaults(fn=cmd_policy_explain)
+
+    aud = sub.add_parser("audit", help="verify or read audit logs").add_subparsers(
+        dest="audit_command", required=True, metavar="SUBCOMMAND")
+    ver = aud.add_parser("verify", help="check the hash chain; names the first bad record; exit 1 if broken")
+    ver.add_argument("path")
+    ver.set_defaults(fn=cmd_audit_verify)
+    show = aud.add_parser("show", help="print audit records, optionally filtered")
+    show.add_argument("path")
+    show.add_argument("--agent")
+    show.add_argument("--tool")
+    show.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
+    show.add_argument("--since", help="ISO time or UNIX seconds")
+    show.add_argument("--until", help="ISO time or UNIX seconds")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.set_defaults(fn=cmd_audit_show)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except WardenError as exc:
+        print(f"warden: {exc.code.value}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("warden: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""One error tree for all of Warden, each error with a stable code.
+
+    WardenError                      base; .code (ErrorCode), .tool, .reason, .retryable
+    ├── Denied                       the trusted core refused a call (fail closed)
+    │   ├── MalformedRequest         MALFORMED, TOO_LARGE: bounded decode failed
+    │   ├── UnknownTool              UNKNOWN_TOOL
+    │   ├── TokenRejected            BAD_TOKEN, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID,
+    │   │                            TOKEN_REVOKED, WRONG_HOLDER, WRONG_AUDIENCE,
+    │   │                            BAD_REQUEST_MAC, REPLAY, DEPTH_EXCEEDED
+    │   ├── PolicyDenied             POLICY_DENIED: a caveat does not hold
+    │   ├── QuotaExceeded            RATE_LIMITED (.retry_after_s), CONCURRENCY_LIMIT,
+    │   │                            BUDGET_EXHAUSTED
+    │   ├── AuditUnavailable         AUDIT_UNAVAILABLE: no record, no call
+    │   ├── DelegationDenied         DELEGATION_DENIED
+    │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
+    ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed
+    ├── ConfigError                  POLICY_INVALID, JOB_INVALID: a file that does not load
+    └── InternalError                INTERNAL: a bug; still a denial, never an allow
+
+The agent sees only ``code`` and ``tool`` (``public()``); the audit log gets ``reason``,
+the full explanation with values ("calls=11, limit=10"). Errors cross the Ray boundary as
+plain data (``to_wire`` / ``from_wire``), never as pickled exceptions.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(str, Enum):
+    MALFORMED = "MALFORMED"
+    TOO_LARGE = "TOO_LARGE"
+    UNKNOWN_TOOL = "UNKNOWN_TOOL"
+    BAD_TOKEN = "BAD_TOKEN"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOKEN_NOT_YET_VALID = "TOKEN_NOT_YET_VALID"
+    TOKEN_REVOKED = "TOKEN_REVOKED"
+    WRONG_HOLDER = "WRONG_HOLDER"
+    WRONG_AUDIENCE = "WRONG_AUDIENCE"
+    BAD_REQUEST_MAC = "BAD_REQUEST_MAC"
+    REPLAY = "REPLAY"
+    DEPTH_EXCEEDED = "DEPTH_EXCEEDED"
+    POLICY_DENIED = "POLICY_DENIED"
+    RATE_LIMITED = "RATE_LIMITED"
+    CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
+    DELEGATION_DENIED = "DELEGATION_DENIED"
+    DISPATCH_REFUSED = "DISPATCH_REFUSED"
+    TOOL_FAILED = "TOOL_FAILED"
+    WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
+    POLICY_INVALID = "POLICY_INVALID"
+    JOB_INVALID = "JOB_INVALID"
+    INTERNAL = "INTERNAL"
+
+
+class WardenError(Exception):
+    """Base of every Warden error. ``reason`` is for the audit log, not for the agent."""
+
+    default_code: ErrorCode = ErrorCode.INTERNAL
+    retryable: bool = False
+
+    def __init__(
+        self,
+        reason: str = "",
+        *,
+        code: ErrorCode | None = None,
+        tool: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.code = ErrorCode(code) if code is not None else self.default_code
+        self.reason = reason or self.code.value
+        self.tool = tool
+        self.retry_after_s = retry_after_s
+        super().__init__(self.reason)
+
+    def __str__(self) -> str:
+        where = f" [{self.tool}]" if self.tool else ""
+        return f"{self.code.value}{where}: {self.reason}"
+
+    def public(self) -> str:
+        """What an agent (and so the model) may see: the code and the tool, no values."""
+        where = f" on tool '{self.tool}'" if self.tool else ""
+        extra = f"; retry after {self.retry_after_s:.3f}s" if self.retry_after_s else ""
+        return f"{self.code.value}{where}{extra}"
+
+    def to_wire(self, *, with_reason: bool = False) -> dict[str, Any]:
+        wire: dict[str, Any] = {"code": self.code.value, "tool": self.tool}
+        if self.retry_after_s is not None:
+            wire["retry_after_s"] = self.retry_after_s
+        if with_reason:
+            wire["reason"] = self.reason
+        return wire
+
+    @staticmethod
+    def from_wire(wire: dict[str, Any]) -> "WardenError":
+        try:
+            code = ErrorCode(wire.get("code"))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        cls = _CLASS_OF_CODE.get(code, InternalError)
+        return cls(
+            str(wire.get("reason") or code.value),
+            code=code,
+            tool=wire.get("tool"),
+            retry_after_s=wire.get("retry_after_s"),
+        )
+
+
+class Denied(WardenError):
+    """The trusted core refused the call. Nothing was dispatched."""
+
+    default_code = ErrorCode.POLICY_DENIED
+
+
+class MalformedRequest(Denied):
+    default_code = ErrorCode.MALFORMED
+
+
+class UnknownTool(Denied):
+    default_code = ErrorCode.UNKNOWN_TOOL
+
+
+class TokenRejected(Denied):
+    default_code = ErrorCode.BAD_TOKEN
+
+
+class PolicyDenied(Denied):
+    default_code = ErrorCode.POLICY_DENIED
+
+
+class QuotaExceeded(Denied):
+    default_code = ErrorCode.BUDGET_EXHAUSTED
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return self.code is ErrorCode.RATE_LIMITED or self.code is ErrorCode.CONCURRENCY_LIMIT
+
+
+class AuditUnavailable(Denied):
+    default_code = ErrorCode.AUDIT_UNAVAILABLE
+
+
+class DelegationDenied(Denied):
+    default_code = ErrorCode.DELEGATION_DENIED
+
+
+class DispatchRefused(Denied):
+    default_code = ErrorCode.DISPATCH_REFUSED
+
+
+class ToolFailed(WardenError):
+    """The call was allowed and dispatched, but the tool did not succeed."""
+
+    default_code = ErrorCode.TOOL_FAILED
+
+
+class ConfigError(WardenError):
+    """A policy or job file that does not load. The job does not start."""
+
+    default_code = ErrorCode.POLICY_INVALID
+
+
+class InternalError(Denied):
+    """A bug in Warden. Still a denial: the trusted core never allows on error."""
+
+    default_code = ErrorCode.INTERNAL
+
+
+_CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
+    ErrorCode.MALFORMED: MalformedRequest,
+    ErrorCode.TOO_LARGE: MalformedRequest,
+    ErrorCode.UNKNOWN_TOOL: UnknownTool,
+    ErrorCode.BAD_TOKEN: TokenRejected,
+    ErrorCode.TOKEN_EXPIRED: TokenRejected,
+    ErrorCode.TOKEN_NOT_YET_VALID: TokenRejected,
+    ErrorCode.TOKEN_REVOKED: TokenRejected,
+    ErrorCode.WRONG_HOLDER: TokenRejected,
+    ErrorCode.WRONG_AUDIENCE: TokenRejected,
+    ErrorCode.BAD_REQUEST_MAC: TokenRejected,
+    ErrorCode.REPLAY: TokenRejected,
+    ErrorCode.DEPTH_EXCEEDED: TokenRejected,
+    ErrorCode.POLICY_DENIED: PolicyDenied,
+    ErrorCode.RATE_LIMITED: QuotaExceeded,
+    ErrorCode.CONCURRENCY_LIMIT: QuotaExceeded,
+    ErrorCode.BUDGET_EXHAUSTED: QuotaExceeded,
+    ErrorCode.AUDIT_UNAVAILABLE: AuditUnavailable,
+    ErrorCode.DELEGATION_DENIED: DelegationDenied,
+    ErrorCode.DISPATCH_REFUSED: DispatchRefused,
+    ErrorCode.TOOL_FAILED: ToolFailed,
+    ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
+    ErrorCode.POLICY_INVALID: ConfigError,
+    ErrorCode.JOB_INVALID: ConfigError,
+    ErrorCode.INTERNAL: InternalError,
+}

@@ -1,0 +1,261 @@
+"""Jobs: a YAML file of agents (class, policy, resources) and a task, run on Ray.
+
+The driver is part of the trusted computing base for the length of start-up: it loads and
+validates every policy (a policy that does not load stops the job), generates the key
+ring, mints each agent's root token from its policy, and hands each actor only its own key.
+It then starts the tool workers, the supervisor and the agents, runs the entry agents,
+and closes and verifies the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError, ErrorCode, WardenError
+from .tool import Tool, load_tools
+from .trusted import audit as audit_mod
+from .trusted.capability import KeyRing
+from .trusted.policy import Policy, load_policy
+from .trusted.supervisor import AgentEntry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    num_cpus: float | None = Field(default=None, ge=0)
+    memory: int | None = Field(default=None, ge=0, description="bytes")
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class AgentSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    cls: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
+    policy: str
+    resources: Resources | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    task: Any = None
+
+
+class WorkerSpec(_Strict):
+    count: int = Field(default=2, ge=1, le=256)
+    num_cpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str = ""
+    task: Any = None
+    entry: list[str] = Field(min_length=1)
+    agents: list[AgentSpec] = Field(min_length=1)
+    tools: list[str] = Field(min_length=1, description="modules whose @tool functions the job may use")
+    tool_config: dict[str, Any] = Field(default_factory=dict)
+    workers: WorkerSpec = Field(default_factory=WorkerSpec)
+    call_timeout_s: float = Field(default=120.0, gt=0)
+    runs_dir: str = Field(default="runs", description="relative to the current directory")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        names = [a.name for a in self.agents]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"agent names must be unique: {dupes}")
+        unknown = sorted(set(self.entry) - set(names))
+        if unknown:
+            raise ValueError(f"entry names unknown agents {unknown}")
+        for a in self.agents:
+            if a.name in self.entry and a.task is None and self.task is None:
+                raise ValueError(f"entry agent {a.name!r} has no task (set job 'task' or the agent's 'task')")
+        return self
+
+
+@dataclass
+class LoadedJob:
+    spec: JobSpec
+    base: Path
+    policies: dict[str, Policy]
+    tools: dict[str, Tool]
+
+
+def load_job(path: str | Path) -> LoadedJob:
+    """Parse and validate a job file and everything it names. Raises ConfigError(JOB_INVALID)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc.strerror}", code=ErrorCode.JOB_INVALID) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}", code=ErrorCode.JOB_INVALID) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file must be a YAML mapping", code=ErrorCode.JOB_INVALID)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: {len(exc.errors())} error(s)"]
+        lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines), code=ErrorCode.JOB_INVALID) from None
+    base = path.resolve().parent
+    policies = {a.name: load_policy(base / a.policy) for a in spec.agents}
+    try:
+        tools = load_tools(spec.tools)
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot load tools {spec.tools}: {exc}", code=ErrorCode.JOB_INVALID) from None
+    for agent, policy in policies.items():
+        for name, rule in policy.tools.items():
+            t = tools.get(name)
+            if t is None:
+                raise ConfigError(f"policy of {agent!r} names tool {name!r}, which no module in {spec.tools} "
+                                  f"defines", code=ErrorCode.JOB_INVALID)
+            if t.spec.effect != rule.effect:
+                raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, "
+                                  f"policy says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
+        unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
+        if unknown:
+            raise ConfigError(f"policy of {agent!r} delegates to unknown agents {unknown}", code=ErrorCode.JOB_INVALID)
+    return LoadedJob(spec, base, policies, tools)
+
+
+@dataclass
+class JobResult:
+    job: str
+    job_id: str
+    ok: bool
+    run_dir: str
+    audit_log: str
+    audit_ok: bool
+    audit_records: int
+    audit_problem: str | None
+    stats: list[dict[str, Any]]
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _actor_options(res: Resources | None, default_cpus: float) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": default_cpus}
+    if res is not None:
+        if res.num_cpus is not None:
+            opts["num_cpus"] = res.num_cpus
+        if res.memory is not None:
+            opts["memory"] = res.memory
+        if res.resources:
+            opts["resources"] = dict(res.resources)
+    return opts
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(logging_level="WARNING", include_dashboard=False)
+
+
+async def run_loaded(job: LoadedJob, *, progress: Callable[[str], None] = lambda _m: None) -> JobResult:
+    """Run a validated job on the Ray instance this process is connected to."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .actors import AgentActor, SupervisorActor, ToolWorkerActor
+
+    spec = job.spec
+    started = time.monotonic()
+    job_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_dir = (Path.cwd() / spec.runs_dir / job_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=False)
+    audit_path = run_dir / "audit.log"
+
+    keyring = KeyRing.generate()
+    request_master, dispatch_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    now = time.time()
+    tokens, entries = {}, []
+    for a in spec.agents:
+        policy = job.policies[a.name]
+        tokens[a.name] = keyring.mint(holder=a.name, caveats=policy.root_caveats(job_id=job_id, now=now)).encode()
+        key = hmac.new(request_master, a.name.encode(), sha256).digest()
+        entry = AgentEntry(a.name, key, frozenset(policy.delegation.can_delegate_to),
+                           tuple(policy.delegate_caveats(job_id=job_id)))
+        entries.append((entry, policy.agent_quota()))
+
+    tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
+    progress(f"starting {spec.workers.count} tool worker(s)")
+    workers = [ToolWorkerActor.options(num_cpus=spec.workers.num_cpus, resources=dict(spec.workers.resources))
+               .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
+                       tool_config=tool_config)
+               for _ in range(spec.workers.count)]
+    # The audit log is a file on the driver's node: pin the supervisor there.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
+        job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
+        tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
+        agents=entries, call_timeout_s=spec.call_timeout_s)
+    del keyring  # the driver keeps no key once the supervisor has them
+
+    progress(f"starting {len(spec.agents)} agent(s)")
+    actors, classes = {}, {}
+    for a, (entry, _) in zip(spec.agents, entries):
+        cls_name = a.cls.rpartition(":")[2].rpartition(".")[2]
+        classes[a.name] = cls_name
+        schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
+        actors[a.name] = AgentActor.options(**_actor_options(a.resources, 0.1), max_concurrency=100).remote(
+            cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
+            supervisor=supervisor, tool_schemas=schemas, config=a.config)
+    await asyncio.gather(*[
+        actors[a.name].connect.remote({p: (classes[p], actors[p])
+                                       for p in job.policies[a.name].delegation.can_delegate_to})
+        for a in spec.agents])
+
+    progress(f"running entry agent(s): {', '.join(spec.entry)}")
+    tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
+    outcomes = await asyncio.gather(*[actors[n].run.remote(tasks[n]) for n in spec.entry], return_exceptions=True)
+    results, errors = {}, {}
+    for name, out in zip(spec.entry, outcomes):
+        if isinstance(out, BaseException):
+            cause = getattr(out, "cause", None) or out
+            errors[name] = f"{type(cause).__name__}: {cause}"[:2000]
+        else:
+            results[name] = out
+
+    stats = await supervisor.stats.remote()
+    await supervisor.close.remote("ok" if not errors else "failed")
+    for h in [supervisor, *workers, *actors.values()]:
+        ray.kill(h)
+    report = audit_mod.verify(audit_path)
+    return JobResult(job=spec.name, job_id=job_id, ok=not errors and report.ok, run_dir=str(run_dir),
+                     audit_log=str(audit_path), audit_ok=report.ok, audit_records=report.records,
+                     audit_problem=report.problem, stats=stats, results=results, errors=errors,
+                     seconds=round(time.monotonic() - started, 3))
+
+
+def run_job(path: str | Path, *, address: str | None = None,
+            progress: Callable[[str], None] = lambda _m: None) -> JobResult:
+    """Load, validate and run a job; connects to ``address`` (or RAY_ADDRESS) or starts a local Ray."""
+    # Example agents and tools are imported by module name from the project directory.
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    job = load_job(path)
+    address = address or os.environ.get("RAY_ADDRESS")
+    progress("connecting to Ray at " + address if address else "starting a local Ray")
+    _ensure_ray(address)
+    return asyncio.run(run_loaded(job, progress=progress))

@@ -1,0 +1,423 @@
+"""The LLM seam: one small Protocol between agents and whatever model proposes tool calls.
+
+An agent talks to a model only through ``ChatModel.complete(messages, tools)``, which
+returns a ``ModelTurn`` (text and/or proposed tool calls). Messages are plain OpenAI
+chat-format dicts and tools are OpenAI function-calling schemas, so any OpenAI-compatible
+server (vLLM, Ollama, OpenAI) fits behind ``OpenAIChatModel``, and ``ScriptedModel`` is a
+deterministic fake for demos, job files and tests.
+
+Threat: model output is untrusted. Nothing here authorises anything; ``run_tool_loop``
+hands every proposed call to ``call_tool`` (in Warden, the trusted supervisor). Invariants:
+
+- garbage from the model never crashes the loop: unparsable tool arguments become a
+  ``ToolCallRequest`` with ``arguments == {}`` and ``parse_error`` set; the loop does not
+  dispatch it and feeds ``{"error": "MALFORMED: ..."}`` back as the tool result;
+- a Warden denial reaches the model only as ``{"error": e.public()}`` (code and tool),
+  never ``str(e)``, which carries audit-only values;
+- tool results are size-capped before they enter the context;
+- the API key never appears in an error message or repr, and is never sent to another
+  host (redirects are not followed; the environment's proxy settings are not used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal, NamedTuple, Protocol, Union
+
+MAX_TOOL_RESULT_BYTES = 16 * 1024
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+_EXCERPT_CHARS = 300
+EXHAUSTED_ANSWER = "(script exhausted)"
+
+
+class ModelError(Exception):
+    """The model backend failed: HTTP error, timeout, unreachable, or an unusable response."""
+
+    def __init__(self, message: str, *, status: int | None = None, body_excerpt: str = "") -> None:
+        self.status = status
+        self.body_excerpt = body_excerpt
+        text = message if status is None else f"{message}: HTTP {status}"
+        super().__init__(f"{text}: {body_excerpt}" if body_excerpt else text)
+
+
+@dataclass
+class ToolCallRequest:
+    """One call the model proposed. ``parse_error`` set means: do not dispatch."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    parse_error: str | None = None
+
+
+@dataclass
+class ModelTurn:
+    content: str | None
+    tool_calls: list[ToolCallRequest] = field(default_factory=list)
+    usage: dict[str, int] | None = None  # prompt/completion token counts, when the backend reports them
+
+
+class ChatModel(Protocol):
+    async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn: ...
+
+
+def parse_tool_call(raw: Any, fallback_id: str) -> ToolCallRequest:
+    """Turn one OpenAI ``tool_calls[]`` entry into a request; never raises on bad input."""
+    raw = raw if isinstance(raw, dict) else {}
+    call_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else fallback_id
+    fn = raw.get("function") if isinstance(raw.get("function"), dict) else {}
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        return ToolCallRequest(call_id, "", {}, "tool call has no function name")
+    args, error = parse_arguments(fn.get("arguments"))
+    return ToolCallRequest(call_id, name, args, error)
+
+
+def parse_arguments(raw: Any) -> tuple[dict[str, Any], str | None]:
+    """Arguments arrive as a JSON string (some servers send an object). Returns (args, error)."""
+    if isinstance(raw, dict):
+        return raw, None
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}, None  # some servers send "" for a call without parameters
+    if not isinstance(raw, str):
+        return {}, f"arguments must be a JSON string, got {type(raw).__name__}"
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}, "arguments are not valid JSON"
+    if not isinstance(value, dict):
+        return {}, f"arguments must be a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        return None  # a redirect would carry the Authorization header to another URL
+
+
+class OpenAIChatModel:
+    """An OpenAI-compatible ``/chat/completions`` backend (vLLM, Ollama, OpenAI).
+
+    Blocking urllib runs in ``asyncio.to_thread``. ``timeout_s`` bounds each socket
+    operation. The key is taken from ``api_key`` or, at construction, from the environment
+    variable named by ``api_key_env``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        timeout_s: float = 60.0,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        extra_headers: dict[str, str] | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        if api_key is None and api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"environment variable {api_key_env} (api_key_env) is not set")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.timeout_s = timeout_s
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_response_bytes = max_response_bytes
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._headers.update(extra_headers or {})
+        self._api_key = api_key
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatModel(url={self.url!r}, model={self.model!r})"
+
+    async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if tools:
+            body["tools"] = tools
+            body["tool_choice"] = "auto"
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        data = await asyncio.to_thread(self._post, json.dumps(body).encode())
+        return self._parse(data)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def _excerpt(self, raw: bytes) -> str:
+        return self._redact(raw[: _EXCERPT_CHARS * 4].decode("utf-8", "replace")[:_EXCERPT_CHARS])
+
+    def _post(self, payload: bytes) -> bytes:
+        req = urllib.request.Request(self.url, data=payload, headers=self._headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                raw = resp.read(self.max_response_bytes + 1)
+        except urllib.error.HTTPError as e:
+            try:
+                excerpt = self._excerpt(e.read(_EXCERPT_CHARS * 4))
+            except OSError:
+                excerpt = ""
+            raise ModelError(
+                f"model request to {self.url} failed", status=e.code, body_excerpt=excerpt
+            ) from None
+        except urllib.error.URLError as e:
+            raise ModelError(f"model request to {self.url} failed: {self._redact(str(e.reason))}") from None
+        except (TimeoutError, OSError) as e:
+            kind = "timed out" if isinstance(e, TimeoutError) else f"failed: {type(e).__name__}"
+            raise ModelError(f"model request to {self.url} {kind}") from None
+        if len(raw) > self.max_response_bytes:
+            raise ModelError(f"model response larger than {self.max_response_bytes} bytes")
+        return raw
+
+    def _parse(self, raw: bytes) -> ModelTurn:
+        try:
+            data = json.loads(raw)
+            message = data["choices"][0]["message"]
+            if not isinstance(message, dict):
+                raise TypeError("message is not an object")
+        except (ValueError, RecursionError, KeyError, IndexError, TypeError) as e:
+            raise ModelError(
+                f"unusable model response ({type(e).__name__})", body_excerpt=self._excerpt(raw)
+            ) from None
+        content = message.get("content")
+        calls = message.get("tool_calls") or []
+        calls = calls if isinstance(calls, list) else []
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        return ModelTurn(
+            content=content if isinstance(content, str) else None,
+            tool_calls=[parse_tool_call(c, f"call_{i}") for i, c in enumerate(calls)],
+            usage=usage,
+        )
+
+
+Step = Union[dict, Callable[[list[dict]], Any]]
+_STEP_KEYS = {"call", "calls", "answer", "answer_from_results"}
+
+
+class ScriptedModel:
+    """A deterministic model that plays a script, one step per ``complete`` call.
+
+    Steps (plain data, so a job file can embed them; extra keys are an error):
+
+    - ``{"call": NAME, "args": {...}, "content": TEXT?, "id": ID?}``: one tool call;
+      ``args`` may also be a JSON string, parsed like a real server's (to script garbage);
+    - ``{"calls": [{"name": NAME, "args": {...}, "id": ID?}, ...], "content": TEXT?}``;
+    - ``{"answer": TEXT}``: a final answer;
+    - ``{"answer_from_results": true | TEMPLATE}``: a final answer built from the tool
+      messages since the last assistant turn, joined by newlines; a TEMPLATE string has
+      ``{results}`` replaced by them;
+    - a callable ``messages -> ModelTurn | step dict | str`` (a str is a final answer).
+
+    Call ids default to ``call_<turn>_<index>``. After the last step every turn answers
+    ``"(script exhausted)"``. ``seen`` holds a copy of the messages of every call.
+    """
+
+    def __init__(self, steps: list[Step]) -> None:
+        if not isinstance(steps, list):
+            raise ValueError("ScriptedModel steps must be a list")
+        for i, step in enumerate(steps):
+            if not callable(step):
+                _check_step(step, f"step {i}")
+        self.steps = list(steps)
+        self.seen: list[list[dict]] = []
+        self.tools_seen: list[list[dict]] = []
+
+    @property
+    def turns(self) -> int:
+        return len(self.seen)
+
+    async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn:
+        turn = len(self.seen)
+        self.seen.append(copy.deepcopy(messages))
+        self.tools_seen.append(copy.deepcopy(tools))
+        if turn >= len(self.steps):
+            return ModelTurn(EXHAUSTED_ANSWER)
+        step = self.steps[turn]
+        if callable(step):
+            step = step(copy.deepcopy(messages))
+            if isinstance(step, ModelTurn):
+                return step
+            if isinstance(step, str):
+                return ModelTurn(step)
+            _check_step(step, f"step {turn} (callable result)")
+        return _play(step, turn, messages)
+
+
+def _check_step(step: Any, where: str) -> None:
+    if not isinstance(step, dict):
+        raise ValueError(f"{where}: a step must be a dict or a callable, got {type(step).__name__}")
+    kinds = _STEP_KEYS & step.keys()
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: needs exactly one of {sorted(_STEP_KEYS)}")
+    kind = kinds.pop()
+    allowed = {"call": {"call", "args", "content", "id"}, "calls": {"calls", "content"}}.get(kind, {kind})
+    if extra := step.keys() - allowed:
+        raise ValueError(f"{where}: unknown keys {sorted(extra)}")
+    calls = [step] if kind == "call" else step.get("calls", [])
+    if kind == "calls" and (not isinstance(calls, list) or not calls):
+        raise ValueError(f"{where}: 'calls' must be a non-empty list")
+    for c in calls:
+        name = c.get("call" if kind == "call" else "name") if isinstance(c, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: every call needs a tool name")
+        if kind == "calls" and (extra := c.keys() - {"name", "args", "id"}):
+            raise ValueError(f"{where}: unknown call keys {sorted(extra)}")
+    if kind == "answer" and not isinstance(step["answer"], str):
+        raise ValueError(f"{where}: 'answer' must be a string")
+    if kind == "answer_from_results" and not (step[kind] is True or isinstance(step[kind], str)):
+        raise ValueError(f"{where}: 'answer_from_results' must be true or a template string")
+
+
+def _play(step: dict, turn: int, messages: list[dict]) -> ModelTurn:
+    if "answer" in step:
+        return ModelTurn(step["answer"])
+    if "answer_from_results" in step:
+        results = "\n".join(str(m.get("content", "")) for m in _latest_tool_messages(messages))
+        template = step["answer_from_results"]
+        return ModelTurn(template.replace("{results}", results) if isinstance(template, str) else results)
+    if "call" in step:
+        specs = [{"name": step["call"], "args": step.get("args"), "id": step.get("id")}]
+    else:
+        specs = step["calls"]
+    calls = []
+    for i, spec in enumerate(specs):
+        args, error = parse_arguments(spec.get("args") or {})
+        calls.append(ToolCallRequest(spec.get("id") or f"call_{turn}_{i}", spec["name"], args, error))
+    return ModelTurn(step.get("content"), calls)
+
+
+def _latest_tool_messages(messages: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for m in reversed(messages):
+        if m.get("role") != "tool":
+            break
+        out.append(m)
+    return out[::-1]
+
+
+class CallRecord(NamedTuple):
+    name: str
+    args: dict[str, Any]
+    ok: bool
+    error_code: str | None
+
+
+@dataclass
+class LoopResult:
+    answer: str | None
+    turns: int
+    calls: list[CallRecord]
+    stopped: Literal["answer", "max_turns"]
+    messages: list[dict] = field(default_factory=list)
+
+
+def _result_text(result: Any, max_bytes: int) -> str:
+    text = result if isinstance(result, str) else json.dumps(result, default=str, ensure_ascii=False)
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    kept = raw[:max_bytes].decode("utf-8", "ignore")
+    return f"{kept}\n[truncated: {len(raw) - max_bytes} more bytes]"
+
+
+def _assistant_message(turn: ModelTurn) -> dict:
+    msg: dict[str, Any] = {"role": "assistant", "content": turn.content}
+    if turn.tool_calls:
+        msg["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+            }
+            for c in turn.tool_calls
+        ]
+    return msg
+
+
+async def run_tool_loop(
+    model: ChatModel,
+    *,
+    task: str,
+    tools: list[dict],
+    call_tool: Callable[[str, dict], Awaitable[Any]],
+    system: str | None = None,
+    max_turns: int = 8,
+    max_result_bytes: int = MAX_TOOL_RESULT_BYTES,
+) -> LoopResult:
+    """Let the model call tools until it answers (a turn without calls) or ``max_turns``.
+
+    A turn is one ``complete`` call; its tool calls run in order before the next turn,
+    including on the last turn. Results go back as ``tool`` messages (strings verbatim,
+    anything else JSON, capped at ``max_result_bytes``). An exception with ``public()``
+    becomes ``{"error": e.public()}`` and the loop goes on; any other exception propagates.
+    """
+    if max_turns < 1:
+        raise ValueError("max_turns must be at least 1")
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": task})
+    calls: list[CallRecord] = []
+    for turn_no in range(1, max_turns + 1):
+        turn = await model.complete(messages, tools)
+        messages.append(_assistant_message(turn))
+        if not turn.tool_calls:
+            return LoopResult(turn.content, turn_no, calls, "answer", messages)
+        for call in turn.tool_calls:
+            if call.parse_error:
+                content = json.dumps({"error": f"MALFORMED: {call.parse_error}"})
+                calls.append(CallRecord(call.name, {}, False, "MALFORMED"))
+            else:
+                try:
+                    result = await call_tool(call.name, call.arguments)
+                except Exception as e:
+                    if not callable(getattr(e, "public", None)):
+                        raise
+                    code = getattr(e, "code", None)
+                    content = json.dumps({"error": e.public()})
+                    calls.append(CallRecord(call.name, call.arguments, False, getattr(code, "value", code)))
+                else:
+                    content = _result_text(result, max_result_bytes)
+                    calls.append(CallRecord(call.name, call.arguments, True, None))
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+    return LoopResult(None, max_turns, calls, "max_turns", messages)
+
+
+def model_from_config(cfg: dict) -> ChatModel:
+    """Build a model from a job-file dict; unknown kinds and keys raise ``ValueError``.
+
+    ``{"kind": "scripted", "steps": [...]}`` or ``{"kind": "openai", "base_url": ...,
+    "model": ..., "api_key_env"?, "timeout_s"?, "temperature"?, "max_tokens"?,
+    "extra_headers"?}``. A literal ``api_key`` is refused: job files must not hold secrets.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError("model config must be a mapping")
+    kind = cfg.get("kind")
+    rest = {k: v for k, v in cfg.items() if k != "kind"}
+    if kind == "scripted":
+        if set(rest) != {"steps"}:
+            raise ValueError("scripted model config takes exactly one key: 'steps'")
+        return ScriptedModel(rest["steps"])
+    if kind == "openai":
+        if "api_key" in rest:
+            raise ValueError("model config must not contain 'api_key'; name a variable with 'api_key_env'")
+        allowed = {"base_url", "model", "api_key_env", "timeout_s", "temperature", "max_tokens",
+                   "extra_headers"}
+        if extra := set(rest) - allowed:
+            raise ValueError(f"unknown openai model config keys: {sorted(extra)}")
+        if missing := {"base_url", "model"} - set(rest):
+            raise ValueError(f"openai model config needs {sorted(missing)}")
+        base_url, model = rest.pop("base_url"), rest.pop("model")
+        return OpenAIChatModel(base_url, model, **rest)
+    raise ValueError(f"unknown model kind {kind!r}; expected 'scripted' or 'openai'")

@@ -1,0 +1,58 @@
+"""The messages that cross the trust boundary, as agents build and read them.
+
+A request is msgpack ``[body, mac]``: ``body`` a msgpack map (see
+``runtime.trusted.wire.decode_envelope`` for the exact, bounded schema the supervisor
+accepts) and ``mac = HMAC-SHA256(agent request key, body)``, the proof that the agent
+presenting the token is the agent it was issued to. Every request carries a fresh random
+nonce and a timestamp, so a copied request cannot be replayed.
+
+A reply is a msgpack map: ``{"ok": true, "value": ..., "call_id": ...}`` or
+``{"ok": false, "error": {"code": ..., "tool": ..., ["retry_after_s"], ["detail"]}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from hashlib import sha256
+from typing import Any
+
+import msgpack
+
+from .errors import ToolFailed, WardenError
+
+REQUEST_VERSION = 1
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def seal_request(body: dict[str, Any], request_key: bytes) -> bytes:
+    body_bytes = _pack(body)
+    return _pack([body_bytes, hmac.new(request_key, body_bytes, sha256).digest()])
+
+
+def encode_call(*, agent: str, token: bytes, tool: str, args: dict[str, Any], request_key: bytes) -> bytes:
+    return seal_request({"v": REQUEST_VERSION, "op": "call", "agent": agent, "token": token, "tool": tool,
+                         "args": args, "nonce": os.urandom(16), "ts": time.time()}, request_key)
+
+
+def encode_delegate(*, agent: str, token: bytes, to: str, request_key: bytes) -> bytes:
+    return seal_request({"v": REQUEST_VERSION, "op": "delegate", "agent": agent, "token": token, "to": to,
+                         "nonce": os.urandom(16), "ts": time.time()}, request_key)
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """The reply as a map; a refusal or failure is raised as its typed error."""
+    reply = msgpack.unpackb(raw, raw=False)
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise ToolFailed("malformed reply from the supervisor")
+    if not reply["ok"]:
+        err = reply.get("error") or {}
+        exc = WardenError.from_wire(err)
+        if err.get("detail"):
+            exc.detail = str(err["detail"])  # type: ignore[attr-defined]
+        raise exc
+    return reply

@@ -1,0 +1,106 @@
+"""Tool worker: executes dispatched calls, and only dispatched calls.
+
+Invariant: a message is executed only if it carries a valid supervisor MAC, has not been
+seen before, and its deadline has not passed. So an agent (or any other Ray process) that
+calls a worker directly, replays a dispatch, or edits one is refused with
+DISPATCH_REFUSED, and nothing runs.
+
+Tools run here in-process for now; the sandbox backends (gVisor, bubblewrap) slot in at
+``_run``. Model-written code must never run in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import time
+import traceback
+from hashlib import sha256
+from typing import Any, Callable
+
+import msgpack
+
+from ..errors import DispatchRefused, ErrorCode, WardenError
+from ..tool import Tool, ToolContext
+
+MAX_DISPATCH_BYTES = 2 << 20
+MAX_RESULT_BYTES = 8 << 20
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _error(code: ErrorCode, reason: str) -> bytes:
+    return _pack({"ok": False, "error": {"code": code.value, "reason": reason}})
+
+
+class ToolWorker:
+    def __init__(self, *, dispatch_key: bytes, tools: dict[str, Tool], job: str,
+                 tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time) -> None:
+        self._key = dispatch_key
+        self._tools = tools
+        self._job = job
+        self._config = tool_config or {}
+        self._clock = clock
+        self._seen: dict[str, float] = {}  # call_id -> deadline
+        self.refused = 0
+        self.executed = 0
+
+    def open(self, message: Any) -> dict[str, Any]:
+        """Check the supervisor's MAC, freshness and uniqueness; the decoded dispatch or refuse."""
+        try:
+            if not isinstance(message, (bytes, bytearray)) or len(message) > MAX_DISPATCH_BYTES:
+                raise ValueError("not bytes or too large")
+            body_bytes, mac = msgpack.unpackb(bytes(message), raw=False)
+            if not isinstance(body_bytes, bytes) or not isinstance(mac, bytes):
+                raise ValueError("envelope is not [bytes, bytes]")
+        except Exception as exc:
+            raise DispatchRefused(f"undecodable dispatch: {type(exc).__name__}") from None
+        good = hmac.new(self._key, body_bytes, sha256).digest()
+        if not hmac.compare_digest(good, mac):
+            raise DispatchRefused("dispatch MAC does not verify: not sent by the supervisor")
+        body = msgpack.unpackb(body_bytes, raw=False)
+        now = self._clock()
+        if body.get("job") != self._job:
+            raise DispatchRefused(f"dispatch for job {body.get('job')!r}, worker serves {self._job!r}")
+        if now > float(body["deadline"]):
+            raise DispatchRefused("dispatch past its deadline")
+        call_id = body["call_id"]
+        if call_id in self._seen:
+            raise DispatchRefused(f"dispatch {call_id} replayed")
+        self._seen = {c: d for c, d in self._seen.items() if d >= now}
+        self._seen[call_id] = float(body["deadline"])
+        return body
+
+    async def execute(self, message: Any) -> bytes:
+        try:
+            body = self.open(message)
+        except WardenError as exc:
+            self.refused += 1
+            return _error(exc.code, exc.reason)
+        tool = self._tools.get(body["tool"])
+        if tool is None:
+            return _error(ErrorCode.TOOL_FAILED, f"worker has no tool {body['tool']!r}")
+        self.executed += 1
+        try:
+            value = await self._run(tool, body)
+            out = _pack({"ok": True, "value": value, "cost": None})
+        except WardenError as exc:
+            return _error(exc.code, exc.reason)
+        except Exception as exc:  # the tool's own failure, reported as data
+            tb = traceback.extract_tb(exc.__traceback__)[-1:]
+            where = f" at {tb[0].name}:{tb[0].lineno}" if tb else ""
+            return _error(ErrorCode.TOOL_FAILED, f"{type(exc).__name__}: {exc}{where}"[:2000])
+        if len(out) > MAX_RESULT_BYTES:
+            return _error(ErrorCode.TOOL_FAILED, f"result is {len(out)} bytes > {MAX_RESULT_BYTES}")
+        return out
+
+    async def _run(self, tool: Tool, body: dict[str, Any]) -> Any:
+        kwargs = dict(body["args"])
+        if tool.wants_ctx:
+            kwargs["ctx"] = ToolContext(body["agent"], body["call_id"], self._job, self._config)
+        if inspect.iscoroutinefunction(tool.fn):
+            return await tool.fn(**kwargs)
+        return await asyncio.to_thread(tool.fn, **kwargs)

@@ -1,0 +1,187 @@
+"""Policies: human-written YAML turned into an agent's root-token caveats and quotas.
+
+Invariants: a policy either validates completely (pydantic, ``extra="forbid"``, every
+regex compiles, every effect is known) or the job does not start; nothing in a policy is
+guessed or defaulted to "allow". A tool the policy does not name is denied, an argument
+constraint it names is required on every call of that tool.
+
+Threat: a typo that silently widens an agent's rights (``tool:`` for ``tools:``, an
+unknown key, a misspelt effect) - all are errors with the file, the place and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError, ErrorCode
+from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
+                         canonical_path)
+from .ledger import AgentQuota
+
+Effect = Literal["read", "write", "delete", "execute"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArgRule(_Strict):
+    """Constraints on one argument; every one given must hold."""
+
+    exact: Any = None
+    one_of: list[Any] | None = None
+    min: float | None = None
+    max: float | None = None
+    regex: str | None = None
+    path_under: str | None = None
+    url_host: list[str] | None = None
+    max_bytes: int | None = Field(default=None, ge=0)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return v
+
+    @field_validator("path_under")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else canonical_path(v) if v.startswith("/") else _fail("path_under must be absolute")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "ArgRule":
+        if not self.model_fields_set:
+            raise ValueError("an argument rule needs at least one constraint")
+        return self
+
+    def caveats(self, tool: str, arg: str) -> list[Arg]:
+        out: list[Arg] = []
+        if "exact" in self.model_fields_set:
+            out.append(Arg(tool, arg, "exact", self.exact))
+        if self.one_of is not None:
+            out.append(Arg(tool, arg, "one_of", tuple(self.one_of)))
+        if self.min is not None or self.max is not None:
+            out.append(Arg(tool, arg, "range", (self.min, self.max)))
+        if self.regex is not None:
+            out.append(Arg(tool, arg, "regex", self.regex))
+        if self.path_under is not None:
+            out.append(Arg(tool, arg, "path_under", self.path_under))
+        if self.url_host is not None:
+            out.append(Arg(tool, arg, "url_host", tuple(self.url_host)))
+        if self.max_bytes is not None:
+            out.append(Arg(tool, arg, "max_bytes", self.max_bytes))
+        return out
+
+
+def _fail(msg: str) -> Any:
+    raise ValueError(msg)
+
+
+class ToolRule(_Strict):
+    effect: Effect
+    args: dict[str, ArgRule] = Field(default_factory=dict)
+    approval: bool = False  # parked for a human decision (control-plane issue)
+
+
+class Quotas(_Strict):
+    rate_per_s: float | None = Field(default=None, gt=0)
+    burst: int = Field(default=10, ge=1)
+    max_concurrent: int | None = Field(default=8, ge=1)
+    max_calls: int | None = Field(default=None, ge=0)
+    max_cost: float | None = Field(default=None, ge=0)
+    ttl_s: float = Field(default=3600.0, gt=0)
+
+
+class Delegation(_Strict):
+    can_delegate_to: list[str] = Field(default_factory=list)
+    max_depth: int = Field(default=0, ge=0)
+
+
+class SandboxRule(_Strict):
+    backend: Literal["gvisor", "bwrap"] | None = None
+    unsandboxed: bool = False
+    cpu_s: float | None = Field(default=None, gt=0)
+    wall_s: float | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+    max_pids: int | None = Field(default=None, gt=0)
+    max_output_bytes: int | None = Field(default=None, gt=0)
+    workspace_mb: int | None = Field(default=None, gt=0)
+
+
+class Policy(_Strict):
+    agent: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    tools: dict[str, ToolRule]
+    quotas: Quotas = Field(default_factory=Quotas)
+    delegation: Delegation = Field(default_factory=Delegation)
+    sandbox: SandboxRule = Field(default_factory=SandboxRule)
+
+    def root_caveats(self, *, job_id: str, now: float) -> list[Caveat]:
+        """The caveats of this agent's root token. Every one narrows; together they are the policy."""
+        caveats: list[Caveat] = [
+            Audience(job_id),
+            Expires(now + self.quotas.ttl_s),
+            Tools(tuple(sorted(self.tools))),
+            Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
+            MaxDepth(self.delegation.max_depth),
+        ]
+        for tool, rule in sorted(self.tools.items()):
+            for arg, arg_rule in sorted(rule.args.items()):
+                caveats.extend(arg_rule.caveats(tool, arg))
+        if self.quotas.max_calls is not None:
+            caveats.append(CallBudget(self.quotas.max_calls))
+        if self.quotas.max_cost is not None:
+            caveats.append(CostBudget(self.quotas.max_cost))
+        return caveats
+
+    def delegate_caveats(self, *, job_id: str) -> list[Caveat]:
+        """What a token delegated *to* this agent is narrowed by: it never exceeds this policy."""
+        caveats: list[Caveat] = [Audience(job_id), Tools(tuple(sorted(self.tools))),
+                                 Effects(tuple(sorted({r.effect for r in self.tools.values()})))]
+        for tool, rule in sorted(self.tools.items()):
+            for arg, arg_rule in sorted(rule.args.items()):
+                caveats.extend(arg_rule.caveats(tool, arg))
+        return caveats
+
+    def agent_quota(self) -> AgentQuota:
+        q = self.quotas
+        return AgentQuota(rate_per_s=q.rate_per_s, burst=q.burst, max_concurrent=q.max_concurrent)
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
+                          code=ErrorCode.POLICY_INVALID)
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {len(exc.errors())} error(s)"]
+        for err in exc.errors():
+            lines.append(f"  at {_where(err['loc'])}: {err['msg']}")
+        raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
+    return parse_policy(data, source=str(path))

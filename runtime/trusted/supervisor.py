@@ -1,0 +1,250 @@
+"""The supervisor: the only path from an agent to a tool.
+
+A call goes through a short pipeline, each stage able only to deny::
+
+    decode -> authenticate (request MAC, nonce) -> verify token (chain, seals, revocation)
+      -> canonicalise arguments -> evaluate caveats -> reserve quota
+      -> audit (write-ahead) -> dispatch (supervisor-MAC'd) -> settle -> audit outcome
+
+Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
+and an audit record; nothing is dispatched without a decision record on disk (audit down
+means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
+answered with the error code and tool only; the reason, with values, goes to the audit log.
+
+This module is plain Python: ``runtime.actors`` wraps it in a Ray actor and supplies a
+``Dispatcher`` that talks to tool-worker actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Any, Callable, Protocol
+
+import msgpack
+
+from ..errors import (AuditUnavailable, DelegationDenied, ErrorCode, InternalError, TokenRejected,
+                      ToolFailed, UnknownTool, WardenError)
+from .capability import CallContext, Caveat, KeyRing, VerifiedToken
+from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
+from .wire import ToolSpec, decode_envelope
+
+MAX_DETAIL_CHARS = 500
+
+
+class Dispatcher(Protocol):
+    async def dispatch(self, tool: str, message: bytes) -> bytes: ...
+
+
+class AuditSink(Protocol):
+    def record(self, kind: str, **fields: Any) -> int: ...
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def sign_dispatch(key: bytes, body: dict[str, Any]) -> bytes:
+    body_bytes = _pack(body)
+    return _pack([body_bytes, hmac.new(key, body_bytes, sha256).digest()])
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    name: str
+    request_key: bytes
+    can_delegate_to: frozenset[str] = frozenset()
+    delegate_caveats: tuple[Caveat, ...] = ()  # appended to any token delegated to this agent
+
+
+@dataclass
+class _Allowed:
+    call_id: str
+    agent: str
+    tool: str
+    args: dict[str, Any]
+    vt: VerifiedToken
+    reservation: Reservation
+
+
+class Supervisor:
+    def __init__(self, *, job_id: str, keyring: KeyRing, tools: dict[str, ToolSpec], audit: AuditSink,
+                 dispatcher: Dispatcher, dispatch_key: bytes, clock: Callable[[], float] = time.time,
+                 ledger: QuotaLedger | None = None, nonces: NonceWindow | None = None,
+                 revocations: RevocationList | None = None, call_timeout_s: float = 120.0) -> None:
+        self.job_id = job_id
+        self.keyring = keyring
+        self.tools = dict(tools)
+        self.audit = audit
+        self.dispatcher = dispatcher
+        self._dispatch_key = dispatch_key
+        self.clock = clock
+        self.ledger = ledger or QuotaLedger()
+        self.nonces = nonces or NonceWindow(clock=clock)
+        self.revocations = revocations or RevocationList()
+        self.call_timeout_s = call_timeout_s
+        self.agents: dict[str, AgentEntry] = {}
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
+
+    # ------------------------------------------------------------------ set-up
+    def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:
+        self.agents[entry.name] = entry
+        self.ledger.configure(entry.name, quota)
+
+    def revoke_agent(self, agent: str, *, by: str = "operator") -> None:
+        self.revocations.revoke_agent(agent)
+        self.audit.record("revoke", agent=agent, by=by)
+
+    def revoke_token(self, token_id_or_tag: bytes, *, by: str = "operator") -> None:
+        self.revocations.revoke(token_id_or_tag)
+        self.audit.record("revoke", token_id=token_id_or_tag.hex(), by=by)
+
+    # ------------------------------------------------------------------ stages
+    def _authenticate(self, data: Any) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
+        body_bytes, mac, body = decode_envelope(data)
+        tool = body.get("tool")
+        entry = self.agents.get(body["agent"])
+        if entry is None:
+            raise TokenRejected(f"unknown agent {body['agent']!r:.60}", code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
+        good = hmac.new(entry.request_key, body_bytes, sha256).digest()
+        if not hmac.compare_digest(good, mac):
+            raise TokenRejected(f"request MAC does not match agent {entry.name!r}",
+                                code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
+        self.nonces.check(entry.name, body["nonce"], float(body["ts"]), tool)
+        try:
+            vt = self.keyring.verify(body["token"])
+        except TokenRejected as exc:
+            exc.tool = tool
+            raise
+        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        if vt.holder != entry.name:
+            raise TokenRejected(f"token holder is {vt.holder!r}, request from {entry.name!r}",
+                                code=ErrorCode.WRONG_HOLDER, tool=tool)
+        return body, entry, vt
+
+    def authorize(self, data: Any) -> _Allowed:
+        """Stages 1-5, pure and in-process. Raises a WardenError to deny."""
+        body, entry, vt = self._authenticate(data)
+        tool = body["tool"]
+        spec = self.tools.get(tool)
+        if spec is None:
+            raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
+        args = spec.canonical_args(body["args"])
+        vt.evaluate(CallContext(entry.name, tool, spec.effect, args, self.clock(), self.job_id))
+        reservation = self.ledger.reserve(entry.name, vt.budgets, spec.cost, tool)
+        return _Allowed(secrets.token_hex(8), entry.name, tool, args, vt, reservation)
+
+    def _deny(self, exc: Exception, data: Any) -> bytes:
+        """Record a denial and encode it for the agent. A bug (not a WardenError) still denies."""
+        if not isinstance(exc, WardenError):
+            exc = InternalError(f"{type(exc).__name__}: {exc}"[:500])
+        agent = tool = None
+        try:
+            _, _, body = decode_envelope(data)
+            agent, tool = body.get("agent"), body.get("tool")
+        except WardenError:
+            pass  # an undecodable request: the record's code says so
+        tool = tool or exc.tool
+        self.counts[(str(agent), str(tool), exc.code.value)] += 1
+        try:
+            self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
+                              reason=exc.reason)
+        except AuditUnavailable as audit_exc:
+            audit_exc.tool = exc.tool
+            return _pack({"ok": False, "error": audit_exc.to_wire()})
+        return _pack({"ok": False, "error": exc.to_wire()})
+
+    # ------------------------------------------------------------------ entry points
+    async def call(self, data: Any) -> bytes:
+        """Handle one encoded tool call; always returns an encoded result, never raises."""
+        started = time.perf_counter()
+        try:
+            ok = self.authorize(data)
+        except Exception as exc:
+            return self._deny(exc, data)
+        authz_us = (time.perf_counter() - started) * 1e6
+        try:
+            self.audit.record("decision", decision="allow", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
+                              args=ok.args, token_id=ok.vt.token_id.hex(), depth=ok.vt.depth,
+                              authz_us=round(authz_us, 1))
+        except AuditUnavailable as exc:
+            self.ledger.release(ok.reservation)
+            exc.tool = ok.tool
+            self.counts[(ok.agent, ok.tool, exc.code.value)] += 1
+            return _pack({"ok": False, "error": exc.to_wire()})
+        self.counts[(ok.agent, ok.tool, "allow")] += 1
+        return await self._dispatch(ok)
+
+    async def _dispatch(self, ok: _Allowed) -> bytes:
+        message = sign_dispatch(self._dispatch_key, {
+            "call_id": ok.call_id, "job": self.job_id, "agent": ok.agent, "tool": ok.tool,
+            "args": ok.args, "deadline": self.clock() + self.call_timeout_s,
+        })
+        started = time.perf_counter()
+        cost = None
+        try:
+            raw = await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message), self.call_timeout_s)
+            result = msgpack.unpackb(raw, raw=False)
+            if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+                raise ToolFailed("worker returned a malformed result", tool=ok.tool)
+            cost = result.get("cost")
+            if not result["ok"]:
+                err = result.get("error") or {}
+                raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool,
+                                 code=ErrorCode(err.get("code", "TOOL_FAILED")))
+            reply = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
+            outcome: dict[str, Any] = {"ok": True}
+        except asyncio.TimeoutError:
+            exc = ToolFailed(f"no result within {self.call_timeout_s}s", tool=ok.tool,
+                             code=ErrorCode.WORKER_UNAVAILABLE)
+            reply, outcome = self._failure(exc)
+        except WardenError as exc:
+            reply, outcome = self._failure(exc)
+        except Exception as exc:  # worker died, result undecodable, ...
+            reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
+                                                      code=ErrorCode.WORKER_UNAVAILABLE))
+        finally:
+            self.ledger.settle(ok.reservation, cost if isinstance(cost, (int, float)) else None)
+        try:
+            self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
+                              dispatch_ms=round((time.perf_counter() - started) * 1e3, 3), cost=cost, **outcome)
+        except AuditUnavailable as exc:
+            # The call ran but its outcome is not on record: do not hand back an unrecorded result.
+            exc.tool = ok.tool
+            return _pack({"ok": False, "error": exc.to_wire(), "call_id": ok.call_id})
+        if not outcome["ok"]:
+            self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
+        return _pack(reply)
+
+    @staticmethod
+    def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
+        wire = exc.to_wire()
+        if exc.code is ErrorCode.TOOL_FAILED:
+            wire["detail"] = exc.reason[:MAX_DETAIL_CHARS]  # the tool's own message: untrusted data
+        return {"ok": False, "error": wire}, {"ok": False, "code": exc.code.value, "reason": exc.reason}
+
+    async def delegate(self, data: Any) -> bytes:
+        """Re-bind a (possibly attenuated) token of the caller to another agent."""
+        try:
+            body, entry, vt = self._authenticate(data)
+            vt.check_time(self.clock())
+            target = body["to"]
+            if target not in entry.can_delegate_to or target not in self.agents:
+                raise DelegationDenied(f"{entry.name!r} may not delegate to {target!r:.60}; "
+                                       f"allowed: {sorted(entry.can_delegate_to)}")
+            narrowed = vt.token.attenuate(*self.agents[target].delegate_caveats)
+            child = self.keyring.verify(self.keyring.bind(narrowed, target))
+            self.audit.record("delegate", agent=entry.name, to=target, token_id=vt.token_id.hex(),
+                              depth=child.depth, tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
+            self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
+            return _pack({"ok": True, "token": child.token.encode()})
+        except Exception as exc:
+            return self._deny(exc, data)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

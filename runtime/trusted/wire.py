@@ -1,0 +1,146 @@
+"""Bounded decoding of what crosses into the trusted core, and tool argument canonicalisation.
+
+Invariants: nothing from an agent is unpickled or trusted for its shape. A request is
+msgpack ``[body, mac]`` no larger than ``MAX_REQUEST_BYTES``, whose body is a map of
+known fields with known types, nested no deeper than ``MAX_DEPTH``, with string keys only.
+Tool arguments are checked against the tool's declared parameters (unknown or missing
+names are refused, defaults are filled in, paths and URLs are canonicalised), so that the
+caveats are evaluated on exactly the values the tool will receive.
+
+Threats: oversized or deeply nested messages meant to exhaust the supervisor; type
+confusion (``True`` for ``1``, a list for a string); a check on one spelling of a path and
+use of another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ..errors import ErrorCode, MalformedRequest
+from .capability import canonical_path, url_host
+
+MAX_REQUEST_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_ITEMS = 10_000
+REQUEST_VERSION = 1
+
+_BODY_FIELDS: dict[str, tuple[type, ...]] = {
+    "v": (int,), "op": (str,), "agent": (str,), "token": (bytes,), "tool": (str,),
+    "args": (dict,), "nonce": (bytes,), "ts": (float, int), "to": (str,), "batch": (list,),
+}
+_REQUIRED = {"call": ("v", "op", "agent", "token", "tool", "args", "nonce", "ts"),
+             "delegate": ("v", "op", "agent", "token", "to", "nonce", "ts")}
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=True, use_list=True,
+        max_str_len=MAX_REQUEST_BYTES,
+        max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
+        max_ext_len=0,
+    )
+
+
+def check_depth(value: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise MalformedRequest(f"nested deeper than {MAX_DEPTH}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise MalformedRequest("map keys must be strings")
+            check_depth(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_depth(v, depth + 1)
+    elif not isinstance(value, (str, bytes, int, float, bool)) and value is not None:
+        raise MalformedRequest(f"unsupported value type {type(value).__name__}")
+
+
+def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
+    """``(body_bytes, mac, body)`` of a request, or MalformedRequest."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise MalformedRequest(f"request is {type(data).__name__}, not bytes")
+    if len(data) > MAX_REQUEST_BYTES:
+        raise MalformedRequest(f"request is {len(data)} bytes > {MAX_REQUEST_BYTES}", code=ErrorCode.TOO_LARGE)
+    try:
+        outer = _unpack(bytes(data))
+        body_bytes, mac = outer
+        if not isinstance(body_bytes, bytes) or not isinstance(mac, bytes):
+            raise ValueError("envelope is not [bytes, bytes]")
+        body = _unpack(body_bytes)
+    except MalformedRequest:
+        raise
+    except Exception as exc:
+        raise MalformedRequest(f"request does not decode: {type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(body, dict):
+        raise MalformedRequest("request body is not a map")
+    check_depth(body)
+    op = body.get("op")
+    required = _REQUIRED.get(op) if isinstance(op, str) else None
+    if required is None:
+        raise MalformedRequest(f"unknown op {op!r:.40}")
+    for name, value in body.items():
+        types = _BODY_FIELDS.get(name)
+        if types is None:
+            raise MalformedRequest(f"unknown field {name!r:.40}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise MalformedRequest(f"field {name!r} has type {type(value).__name__}")
+    missing = [f for f in required if f not in body]
+    if missing:
+        raise MalformedRequest(f"missing fields {missing}")
+    if body["v"] != REQUEST_VERSION:
+        raise MalformedRequest(f"unsupported request version {body['v']}")
+    return bytes(body_bytes), mac, body
+
+
+# ------------------------------------------------------------------- tool parameters
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "array": (list,), "object": (dict,), "any": (str, int, float, bool, list, dict, type(None)),
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    type: str = "any"  # a JSON schema type name, or "any"
+    required: bool = True
+    default: Any = None
+    format: str | None = None  # "path" or "url": canonicalised before evaluation
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What the trusted core knows about a tool: never its code, only its contract."""
+
+    name: str
+    effect: str
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    cost: float = 1.0
+    description: str = ""
+
+    def canonical_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(args) - set(self.params)
+        if unknown:
+            raise MalformedRequest(f"unknown arguments {sorted(unknown)}", tool=self.name)
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if name not in args:
+                if p.required:
+                    raise MalformedRequest(f"missing argument {name!r}", tool=self.name)
+                out[name] = p.default
+                continue
+            value = args[name]
+            types = _JSON_TYPES.get(p.type, ())
+            if (isinstance(value, bool) and p.type in ("integer", "number")) or not isinstance(value, types):
+                raise MalformedRequest(f"argument {name!r} must be {p.type}, got {type(value).__name__}",
+                                       tool=self.name)
+            if p.format == "path":
+                value = canonical_path(value)
+            elif p.format == "url":
+                url_host(value)  # refuse ambiguous URLs before any caveat sees them
+            out[name] = value
+        return out

@@ -1,0 +1,487 @@
+"""The audit log finds every edit, deletion, reordering and truncation, and fails closed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import threading
+from datetime import datetime, timezone
+
+import msgpack
+import pytest
+
+from runtime.errors import AuditUnavailable, ErrorCode
+from runtime.trusted import audit
+from runtime.trusted.audit import (
+    AuditFormatError,
+    AuditLog,
+    filter_records,
+    format_record,
+    read_records,
+    verify,
+)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def make_log(path, n: int = 5, **kw) -> None:
+    with AuditLog(path, clock=FakeClock(), **kw) as log:
+        for i in range(n):
+            log.record("call", agent=f"agent-{i % 2}", tool="fs.read", decision="allow",
+                       args={"path": f"data/payload-{i}"})
+
+
+def frames(path) -> list[tuple[int, int]]:
+    """(start, end) byte range of each frame in the log."""
+    data, out, off = path.read_bytes(), [], 0
+    while off < len(data):
+        (length,) = struct.unpack(">I", data[off:off + 4])
+        out.append((off, off + 4 + length + 32))
+        off = out[-1][1]
+    return out
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def log_path(tmp_path):
+    path = tmp_path / "audit.log"
+    make_log(path)
+    return path
+
+
+def test_clean_log_verifies_and_reads_back(log_path):
+    report = verify(log_path)
+    assert report == audit.VerifyReport(True, 5, None, None, 5)
+    recs = list(read_records(log_path))
+    assert [r["seq"] for r in recs] == [0, 1, 2, 3, 4]
+    assert recs[0]["prev"] == bytes(32)
+    assert recs[3]["args"] == {"path": "data/payload-3"}
+    assert recs[1]["kind"] == "call" and recs[1]["agent"] == "agent-1"
+
+
+def test_empty_log_verifies(tmp_path):
+    AuditLog(tmp_path / "a.log").close()
+    assert verify(tmp_path / "a.log").ok
+
+
+def _region_offset(path, rec: int, region: str) -> int:
+    start, end = frames(path)[rec]
+    body = path.read_bytes()[start + 4:end - 32]
+    if region == "length":
+        return start + 3
+    if region == "digest":
+        return end - 1
+    if region == "seq":
+        return start + 4 + body.index(b"\xa3seq") + 4
+    if region == "prev":  # inside the hash chain link
+        return start + 4 + body.index(b"\xa4prev") + 5 + 2 + 10
+    if region == "field":
+        return start + 4 + body.index(f"payload-{rec}".encode()) + 3
+    raise AssertionError(region)
+
+
+@pytest.mark.parametrize("rec", [0, 2, 4])
+@pytest.mark.parametrize("region", ["length", "seq", "prev", "field", "digest"])
+def test_single_byte_flip_is_found_and_located(log_path, rec, region):
+    flip(log_path, _region_offset(log_path, rec, region))
+    report = verify(log_path)
+    assert not report.ok
+    assert report.first_bad_seq == rec
+    assert report.records == rec
+    assert f"record {rec}" in report.problem or "truncated" in report.problem
+
+
+def test_flip_in_body_is_reported_as_edit(log_path):
+    flip(log_path, _region_offset(log_path, 2, "field"))
+    assert verify(log_path).problem.startswith("record 2: hash mismatch")
+    assert "(edited)" in verify(log_path).problem
+
+
+def test_every_single_byte_flip_is_found(tmp_path):
+    path = tmp_path / "a.log"
+    make_log(path, n=3)
+    clean = path.read_bytes()
+    for rec, (start, end) in enumerate(frames(path)):
+        for offset in range(start, end):
+            path.write_bytes(clean)
+            flip(path, offset)
+            report = verify(path)
+            assert not report.ok and report.first_bad_seq == rec, (offset, report)
+
+
+def test_head_file_edit_is_found(log_path):
+    head = log_path.with_name("audit.log.head")
+    for offset in range(len(head.read_bytes())):
+        saved = head.read_bytes()
+        flip(head, offset)
+        assert not verify(log_path).ok, offset
+        head.write_bytes(saved)
+    assert verify(log_path).ok
+
+
+def _cut(path, keep_ranges) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"".join(data[s:e] for s, e in keep_ranges))
+
+
+def test_deleted_middle_record(log_path):
+    ranges = frames(log_path)
+    _cut(log_path, ranges[:2] + ranges[3:])
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == 2
+    assert report.problem == "record 2 missing: seq jumps 1 -> 3 (deleted)"
+
+
+def test_deleted_first_record(log_path):
+    _cut(log_path, frames(log_path)[1:])
+    report = verify(log_path)
+    assert report.first_bad_seq == 0 and "(deleted)" in report.problem
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (0, 4), (3, 4)])
+def test_swapped_records(log_path, a, b):
+    ranges = frames(log_path)
+    ranges[a], ranges[b] = ranges[b], ranges[a]
+    _cut(log_path, ranges)
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == a
+    assert report.problem.startswith(f"record {a}: out of order")
+
+
+def test_duplicated_record(log_path):
+    ranges = frames(log_path)
+    _cut(log_path, ranges[:3] + [ranges[1]] + ranges[3:])
+    report = verify(log_path)
+    assert report.first_bad_seq == 3 and "out of order" in report.problem
+
+
+@pytest.mark.parametrize("into", [1, 3, 20, -1])
+def test_truncated_mid_frame(log_path, into):
+    start, end = frames(log_path)[3]
+    cut = start + into if into > 0 else end + into
+    log_path.write_bytes(log_path.read_bytes()[:cut])
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == 3 and report.records == 3
+    assert report.problem == f"truncated: partial frame at byte {start}"
+
+
+def test_truncated_whole_trailing_records_caught_by_head(log_path):
+    _cut(log_path, frames(log_path)[:3])
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == 3 and report.records == 3
+    assert report.problem == "truncated: head says 5 records, file has 3"
+
+
+def test_rechained_replacement_of_last_record_caught_by_head(log_path):
+    # A self-consistent forgery: same prev, new body, digest recomputed. Only the head sees it.
+    start, end = frames(log_path)[-1]
+    data = log_path.read_bytes()
+    rec = msgpack.unpackb(data[start + 4:end - 32], raw=False)
+    rec["decision"] = "deny"
+    body = msgpack.packb(rec, use_bin_type=True)
+    log_path.write_bytes(data[:start] + struct.pack(">I", len(body)) + body
+                         + hashlib.sha256(body).digest())
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == 4 and report.records == 5
+    assert report.problem == "head does not match record 4 (edited or replaced)"
+
+
+def test_rechained_edit_in_the_middle_breaks_the_next_link(log_path):
+    start, end = frames(log_path)[2]
+    data = log_path.read_bytes()
+    rec = msgpack.unpackb(data[start + 4:end - 32], raw=False)
+    rec["tool"] = "shell.exec"
+    body = msgpack.packb(rec, use_bin_type=True)
+    log_path.write_bytes(data[:start] + struct.pack(">I", len(body)) + body
+                         + hashlib.sha256(body).digest() + data[end:])
+    report = verify(log_path)
+    assert not report.ok and report.first_bad_seq == 3
+    assert report.problem.startswith("record 3: does not chain to record 2")
+
+
+def test_missing_head_is_a_problem_but_chain_is_checked(log_path):
+    log_path.with_name("audit.log.head").unlink()
+    report = verify(log_path)
+    assert not report.ok and report.records == 5 and report.first_bad_seq is None
+    assert report.problem == "head file missing: cannot rule out truncation"
+    flip(log_path, _region_offset(log_path, 1, "field"))
+    assert verify(log_path).first_bad_seq == 1  # chain problems come first
+
+
+def test_reopen_continues_the_chain(log_path):
+    with AuditLog(log_path, clock=FakeClock()) as log:
+        assert log.last_seq == 4
+        assert log.record("outcome", agent="agent-0", tool="fs.read", bytes_out=12) == 5
+        assert log.record("outcome", agent="agent-1", tool="fs.read", bytes_out=3) == 6
+        last = log.last_hash
+    report = verify(log_path)
+    assert report.ok and report.records == 7
+    assert [r["seq"] for r in read_records(log_path)] == list(range(7))
+    body = log_path.read_bytes()[frames(log_path)[-1][0] + 4:-32]
+    assert hashlib.sha256(body).digest() == last
+
+
+def test_head_behind_file_is_accepted_and_repaired(log_path):
+    head = log_path.with_name("audit.log.head")
+    stale = struct.pack(">4sQ32s", b"WAH1", 4, log_path.read_bytes()[frames(log_path)[3][1] - 32:
+                                                                      frames(log_path)[3][1]])
+    head.write_bytes(stale)  # as after a crash between writing record 4 and the head
+    report = verify(log_path)
+    assert report.ok and report.head_records == 4 and report.records == 5
+    with AuditLog(log_path) as log:
+        assert log.record("call") == 5
+    assert verify(log_path).head_records == 6
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_frame", "drop_records", "no_head", "swap"])
+def test_corrupt_existing_log_refuses_to_open(log_path, damage):
+    ranges = frames(log_path)
+    if damage == "flip":
+        flip(log_path, _region_offset(log_path, 2, "field"))
+    elif damage == "truncate_frame":
+        log_path.write_bytes(log_path.read_bytes()[:-5])
+    elif damage == "drop_records":
+        _cut(log_path, ranges[:3])
+    elif damage == "no_head":
+        log_path.with_name("audit.log.head").unlink()
+    else:
+        ranges[1], ranges[2] = ranges[2], ranges[1]
+        _cut(log_path, ranges)
+    before = log_path.read_bytes()
+    with pytest.raises(AuditUnavailable) as err:
+        AuditLog(log_path)
+    assert err.value.code is ErrorCode.AUDIT_UNAVAILABLE
+    assert "refusing to append" in err.value.reason
+    assert log_path.read_bytes() == before
+
+
+def test_second_writer_is_refused(log_path):
+    with AuditLog(log_path):
+        with pytest.raises(AuditUnavailable, match="another writer"):
+            AuditLog(log_path)
+    AuditLog(log_path).close()
+
+
+def test_unwritable_fd_raises_and_stays_unavailable(tmp_path):
+    log = AuditLog(tmp_path / "a.log")
+    log.record("call")
+    # Put the read end of a pipe where the log fd was (closing it outright would let the
+    # number be reused by another file): every write now fails with EBADF.
+    read_end, write_end = os.pipe()
+    os.dup2(read_end, log._fd)
+    os.close(read_end)
+    os.close(write_end)
+    with pytest.raises(AuditUnavailable, match="failed append of record 1") as err:
+        log.record("call", agent="a")
+    assert err.value.code is ErrorCode.AUDIT_UNAVAILABLE
+    with pytest.raises(AuditUnavailable):
+        log.record("call", agent="a")
+    log.close()
+    assert verify(tmp_path / "a.log").ok
+
+
+def test_oserror_on_write_raises_audit_unavailable(tmp_path, monkeypatch):
+    log = AuditLog(tmp_path / "a.log")
+    log.record("call")
+
+    def no_space(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "write", no_space)
+    with pytest.raises(AuditUnavailable, match="No space left") as err:
+        log.record("call")
+    assert err.value.code is ErrorCode.AUDIT_UNAVAILABLE
+    monkeypatch.undo()
+    with pytest.raises(AuditUnavailable):  # no appending after a failed append
+        log.record("call")
+    log.close()
+
+
+def test_short_write_raises(tmp_path, monkeypatch):
+    log = AuditLog(tmp_path / "a.log")
+    real_write = os.write
+    monkeypatch.setattr(audit.os, "write", lambda fd, data: real_write(fd, data[:3]))
+    with pytest.raises(AuditUnavailable, match="short write"):
+        log.record("call")
+    monkeypatch.undo()
+    log.close()
+    assert "partial frame" in verify(tmp_path / "a.log").problem
+    with pytest.raises(AuditUnavailable):
+        AuditLog(tmp_path / "a.log")
+
+
+def test_head_write_failure_raises_then_reopen_recovers(tmp_path, monkeypatch):
+    log = AuditLog(tmp_path / "a.log")
+    log.record("call")
+
+    def fail(fd, data, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit.os, "pwrite", fail)
+    with pytest.raises(AuditUnavailable, match="Input/output error"):
+        log.record("call")
+    monkeypatch.undo()
+    log.close()
+    with AuditLog(tmp_path / "a.log") as log:
+        assert log.last_seq == 1
+    assert verify(tmp_path / "a.log").ok
+
+
+def test_fsync_mode_writes_a_valid_log(tmp_path):
+    make_log(tmp_path / "a.log", n=3, fsync=True)
+    assert verify(tmp_path / "a.log").records == 3
+
+
+def test_secret_named_keys_are_redacted_at_any_depth(tmp_path):
+    path = tmp_path / "a.log"
+    with AuditLog(path) as log:
+        log.record(
+            "call", api_key="sk-top", token_id="tok-123", max_tokens=100,
+            args={"headers": {"Authorization": "Bearer sk-auth", "X-Api-Key": "sk-hdr"},
+                  "items": [{"PASSWORD": "hunter2", "user": "bob"}],
+                  "nested": {"deeper": {"clientSecret": "sk-deep", "private_key": b"sk-pk"}},
+                  "accessToken": "sk-camel", "db_credentials": {"u": "x"}, "apiKeyId": "k1",
+                  "token_ids": ["t1", "t2"]},
+        )
+    rec = next(read_records(path))
+    assert rec["api_key"] == "[REDACTED]"
+    assert rec["token_id"] == "tok-123" and rec["max_tokens"] == 100
+    args = rec["args"]
+    assert args["headers"] == {"Authorization": "[REDACTED]", "X-Api-Key": "[REDACTED]"}
+    assert args["items"] == [{"PASSWORD": "[REDACTED]", "user": "bob"}]
+    assert args["nested"]["deeper"] == {"clientSecret": "[REDACTED]", "private_key": "[REDACTED]"}
+    assert args["accessToken"] == "[REDACTED]" and args["db_credentials"] == "[REDACTED]"
+    assert args["apiKeyId"] == "k1" and args["token_ids"] == ["t1", "t2"]
+    assert b"sk-" not in path.read_bytes() and b"hunter2" not in path.read_bytes()
+
+
+def test_oversized_field_is_replaced_by_a_marker(tmp_path):
+    path = tmp_path / "a.log"
+    big = "x" * 10_000
+    with AuditLog(path, max_field_bytes=1024) as log:
+        log.record("outcome", small="ok", output=big, blob=b"\x00" * 2000,
+                   args={"data": "y" * 2000, "password": "sk-hidden" * 300})
+    rec = next(read_records(path))
+    assert rec["small"] == "ok"
+    packed = msgpack.packb(big, use_bin_type=True)
+    assert rec["output"] == {"truncated": True, "bytes": len(packed),
+                             "sha256": hashlib.sha256(packed).hexdigest(), "preview": "x" * 256}
+    assert rec["blob"]["preview"] == b"\x00" * 256 and rec["blob"]["truncated"]
+    assert rec["args"]["truncated"] and isinstance(rec["args"]["preview"], str)
+    assert b"sk-hidden" not in path.read_bytes()  # redaction happens before the cap
+    assert verify(path).ok
+
+
+@pytest.mark.parametrize("fields", [
+    {"seq": 3}, {"prev": b""}, {"args": {1: "int key"}}, {"args": {"s": {1, 2}}},
+    {"obj": object()}, {"n": 2**70},
+])
+def test_bad_fields_are_rejected_and_log_stays_usable(tmp_path, fields):
+    path = tmp_path / "a.log"
+    with AuditLog(path) as log:
+        with pytest.raises(AuditUnavailable, match="rejected"):
+            log.record("call", **fields)
+        assert log.record("call", ok=True) == 0
+    assert verify(path).ok
+
+
+def test_enum_values_are_logged_by_value(tmp_path):
+    with AuditLog(tmp_path / "a.log") as log:
+        log.record("decision", decision="deny", code=ErrorCode.POLICY_DENIED,
+                   detail={"codes": [ErrorCode.RATE_LIMITED]})
+    rec = next(read_records(tmp_path / "a.log"))
+    assert rec["code"] == "POLICY_DENIED" and rec["detail"] == {"codes": ["RATE_LIMITED"]}
+
+
+def test_bad_kind_is_rejected(tmp_path):
+    with AuditLog(tmp_path / "a.log") as log:
+        with pytest.raises(AuditUnavailable):
+            log.record("")
+
+
+def test_closed_log_refuses_records(tmp_path):
+    log = AuditLog(tmp_path / "a.log")
+    log.close()
+    log.close()
+    with pytest.raises(AuditUnavailable, match="closed"):
+        log.record("call")
+
+
+def test_concurrent_records_form_one_chain(tmp_path):
+    path = tmp_path / "a.log"
+    with AuditLog(path) as log:
+        def work(t: int) -> None:
+            for i in range(50):
+                log.record("call", agent=f"a{t}", i=i)
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert verify(path) == audit.VerifyReport(True, 400, None, None, 400)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_verify_on_garbage_reports_without_raising(tmp_path, seed):
+    rng = random.Random(seed)
+    path = tmp_path / "g.log"
+    path.write_bytes(rng.randbytes(rng.choice([1, 3, 4, 40, 500, 5000])))
+    if seed % 2:
+        path.with_name("g.log.head").write_bytes(rng.randbytes(44))
+    report = verify(path)
+    assert not report.ok and report.problem
+    with pytest.raises(AuditFormatError):
+        list(read_records(path))
+    with pytest.raises(AuditUnavailable):
+        AuditLog(path)
+
+
+def test_verify_on_plausible_frames_with_garbage_bodies(tmp_path):
+    path = tmp_path / "g.log"
+    body = msgpack.packb([1, 2, 3])
+    path.write_bytes(struct.pack(">I", len(body)) + body + hashlib.sha256(body).digest())
+    report = verify(path)
+    assert not report.ok and report.first_bad_seq == 0 and "record 0:" in report.problem
+
+
+def test_verify_missing_or_unreadable_path(tmp_path):
+    assert not verify(tmp_path / "nope.log").ok
+    assert not verify(tmp_path).ok  # a directory
+
+
+def test_format_record_is_one_escaped_line():
+    rec = {"seq": 7, "ts": 0.5, "prev": bytes(32), "kind": "call", "agent": "a1",
+           "tool": "fs.read", "decision": "deny", "code": "POLICY_DENIED",
+           "reason": "evil\nfake line\x1b[31m", "args": {"path": "ab" * 100}}
+    line = format_record(rec)
+    assert "\n" not in line and "\x1b" not in line
+    assert line.startswith("1970-01-01T00:00:00.500Z #7 call agent=a1 tool=fs.read "
+                           "decision=deny code=POLICY_DENIED reason=evil\\x0afake line\\x1b[31m")
+    assert "prev=" not in line and len(line) < 250
+    assert format_record({"kind": "x"}).startswith("? #? x")
+
+
+def test_filter_records():
+    recs = [{"seq": i, "ts": 100.0 + i, "kind": "call", "agent_id" if i % 2 else "agent": f"a{i % 2}",
+             "tool": "t" if i < 3 else "u", "decision": "allow" if i % 3 else "deny"}
+            for i in range(6)]
+    seqs = lambda **kw: [r["seq"] for r in filter_records(recs, **kw)]  # noqa: E731
+    assert seqs(agent="a1") == [1, 3, 5]
+    assert seqs(tool="u", decision="allow") == [4, 5]
+    assert seqs(since=102.0, until=104.0) == [2, 3]
+    assert seqs(since=datetime.fromtimestamp(104, tz=timezone.utc)) == [4, 5]
+    assert seqs() == list(range(6))
