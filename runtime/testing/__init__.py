@@ -1,0 +1,65 @@
+"""Fakes for the seams, shipped with the library so unit tests need no Ray.
+
+``FakeClock`` (time you move by hand), ``MemoryAudit`` (an audit sink in a list, which can
+be told to fail), ``InProcessDispatcher`` (a dispatcher that calls a ``ToolWorker``
+directly) and ``InProcessSupervisorClient`` (what an agent talks to in tests). Tests of the
+audit log itself use real files, not these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import AuditUnavailable
+from ..llm import ScriptedModel
+from ..sandbox.worker import ToolWorker
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class MemoryAudit:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.fail = False
+
+    def record(self, kind: str, **fields: Any) -> int:
+        if self.fail:
+            raise AuditUnavailable("audit sink is down (test)")
+        self.records.append({"seq": len(self.records), "kind": kind, **fields})
+        return len(self.records) - 1
+
+    def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
+
+
+class InProcessDispatcher:
+    def __init__(self, worker: ToolWorker) -> None:
+        self.worker = worker
+        self.messages: list[bytes] = []
+
+    async def dispatch(self, tool: str, message: bytes) -> bytes:
+        self.messages.append(message)
+        return await self.worker.execute(message)
+
+
+class InProcessSupervisorClient:
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+
+    async def call(self, request: bytes) -> bytes:
+        return await self.supervisor.call(request)
+
+    async def delegate(self, request: bytes) -> bytes:
+        return await self.supervisor.delegate(request)
+
+
+__all__ = ["FakeClock", "MemoryAudit", "InProcessDispatcher", "InProcessSupervisorClient", "ScriptedModel"]
