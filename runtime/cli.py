@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[warden] {msg}", file=sys.stderr, flush=True)
 
-    result = run_job(args.job, address=args.address, progress=progress)
+    result = run_job(args.job, address=args.address, runs_dir=args.runs_dir, progress=progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return EXIT_OK if result.ok else EXIT_FAIL
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="job file (YAML)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--runs-dir", help="where run directories (audit log, workspace) go (default: the job's "
+                     "runs_dir, 'runs')")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     run.set_defaults(fn=cmd_run)
 

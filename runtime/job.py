@@ -172,7 +172,8 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(logging_level="WARNING", include_dashboard=False)
 
 
-async def run_loaded(job: LoadedJob, *, progress: Callable[[str], None] = lambda _m: None) -> JobResult:
+async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
+                     progress: Callable[[str], None] = lambda _m: None) -> JobResult:
     """Run a validated job on the Ray instance this process is connected to."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -182,7 +183,7 @@ async def run_loaded(job: LoadedJob, *, progress: Callable[[str], None] = lambda
     spec = job.spec
     started = time.monotonic()
     job_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-    run_dir = (Path.cwd() / spec.runs_dir / job_id).resolve()
+    run_dir = (Path.cwd() / (runs_dir or spec.runs_dir) / job_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     audit_path = run_dir / "audit.log"
 
@@ -248,7 +249,7 @@ async def run_loaded(job: LoadedJob, *, progress: Callable[[str], None] = lambda
                      seconds=round(time.monotonic() - started, 3))
 
 
-def run_job(path: str | Path, *, address: str | None = None,
+def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Path | None = None,
             progress: Callable[[str], None] = lambda _m: None) -> JobResult:
     """Load, validate and run a job; connects to ``address`` (or RAY_ADDRESS) or starts a local Ray."""
     # Example agents and tools are imported by module name from the project directory.
@@ -258,4 +259,4 @@ def run_job(path: str | Path, *, address: str | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     progress("connecting to Ray at " + address if address else "starting a local Ray")
     _ensure_ray(address)
-    return asyncio.run(run_loaded(job, progress=progress))
+    return asyncio.run(run_loaded(job, runs_dir=runs_dir, progress=progress))

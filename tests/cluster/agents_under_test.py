@@ -1,0 +1,65 @@
+"""Agents and tools for the cluster tests (imported by Ray workers from the project dir)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtime.agent import Agent
+from runtime.errors import WardenError
+from runtime.tool import tool
+
+
+@tool(effect="read", name="echo")
+def echo(text: str) -> str:
+    """Return the text."""
+    return text
+
+
+@tool(effect="write", name="note.write")
+def note_write(text: str) -> str:
+    """Pretend to write a note."""
+    return f"wrote {len(text)} chars"
+
+
+async def _attempt(coro: Any) -> dict[str, Any]:
+    try:
+        return {"ok": True, "value": await coro}
+    except WardenError as exc:
+        return {"ok": False, "code": exc.code.value, "retry_after_s": exc.retry_after_s, "public": exc.public()}
+
+
+class BurstAgent(Agent):
+    """Calls echo several times back to back: the rate limit must stop it."""
+
+    async def run(self, task: Any) -> list[dict[str, Any]]:
+        return [await _attempt(self.call("echo", text=f"n{i}")) for i in range(int(task))]
+
+
+class ProbeAgent(Agent):
+    """Tries things an agent must not be able to do, and reports what happened."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        return {
+            "allowed": await _attempt(self.call("echo", text="hi")),
+            "unlisted_tool": await _attempt(self.call("note.write", text="x")),
+            "unknown_tool": await _attempt(self.call("rm.rf", path="/")),
+            "bad_args": await _attempt(self.call("echo", txt="typo")),
+            "delegate_to_stranger": await _attempt(self.delegate("burst", "1")),
+        }
+
+
+class ChainAgent(Agent):
+    """Delegates to its peer with a narrower token; the peer reports what it could do."""
+
+    async def run(self, task: Any) -> Any:
+        return await self.delegate("peer", task, tools=["echo"], max_calls=2)
+
+
+class PeerAgent(Agent):
+    async def run(self, task: Any) -> dict[str, Any]:
+        return {
+            "first": await _attempt(self.call("echo", text="a")),
+            "second": await _attempt(self.call("echo", text="b")),
+            "over_budget": await _attempt(self.call("echo", text="c")),
+            "narrowed_away": await _attempt(self.call("note.write", text="x")),
+        }

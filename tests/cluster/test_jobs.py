@@ -1,0 +1,141 @@
+"""Whole-path tests on a real Ray instance: agents, supervisor, tool workers, audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from runtime.errors import ErrorCode
+from runtime.job import load_job, run_loaded
+from runtime.trusted import audit
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = Path(__file__).resolve().parent / "jobs"
+
+
+def run(path: Path, runs_dir: Path):
+    return asyncio.run(run_loaded(load_job(path), runs_dir=runs_dir))
+
+
+def records(result) -> list[dict]:
+    return list(audit.read_records(result.audit_log))
+
+
+def counts(result) -> dict[tuple[str, str, str], int]:
+    return {(s["agent"], s["tool"], s["result"]): s["count"] for s in result.stats}
+
+
+def test_demo_job_denies_the_injection_and_completes_the_work(ray_instance, runs_dir):
+    result = run(ROOT / "jobs" / "demo.yaml", runs_dir)
+    assert result.ok, result.errors
+    c = counts(result)
+    # The injected summarizer: exfiltration and channel deletion attempted, both denied.
+    assert c[("summarizer", "http.post", "POLICY_DENIED")] == 1
+    assert c[("summarizer", "chat.delete_channel", "POLICY_DENIED")] == 1
+    assert c[("summarizer", "chat.read", "allow")] == 2
+    # The moderator's overreach into #general is denied; its own job in #random is done.
+    assert c[("moderator", "chat.delete_message", "allow")] == 1
+    assert c[("moderator", "chat.delete_message", "POLICY_DENIED")] == 1
+    assert c[("lead", "delegate:summarizer", "allow")] == 1
+    assert c[("lead", "chat.post", "allow")] == 1
+
+    # The audit log verifies and records each denial with its full reason.
+    assert audit.verify(result.audit_log).ok
+    denials = [r for r in records(result) if r.get("decision") == "deny"]
+    exfil = [r for r in denials if r["tool"] == "http.post"]
+    assert exfil and exfil[0]["code"] == "POLICY_DENIED" and "http.post" in exfil[0]["reason"]
+    assert [r for r in denials if r["tool"] == "chat.delete_channel"]
+
+    # The workspace shows the outcome: #general intact, spam gone, summary posted.
+    chat = json.loads((Path(result.run_dir) / "chat.json").read_text())
+    assert len(chat["channels"]["general"]) == 3
+    assert [m["id"] for m in chat["channels"]["random"]] == [1, 3]
+    assert chat["channels"]["summaries"][0]["user"] == "lead"
+    assert "alice" in result.results["lead"]["summary"]
+
+
+def test_rate_limit_denial_carries_retry_after(ray_instance, runs_dir):
+    result = run(JOBS / "burst.yaml", runs_dir)
+    assert result.ok, result.errors
+    attempts = result.results["burst"]
+    assert [a["ok"] for a in attempts[:2]] == [True, True]  # the burst
+    limited = attempts[2]
+    assert limited["code"] == ErrorCode.RATE_LIMITED.value
+    assert 0 < limited["retry_after_s"] <= 2.0
+    assert "retry after" in limited["public"]
+    denied = [r for r in records(result) if r.get("code") == "RATE_LIMITED"]
+    assert len(denied) == sum(1 for a in attempts if not a["ok"])
+    assert "rate 0.5/s" in denied[0]["reason"]
+
+
+def test_probe_unlisted_unknown_malformed_and_stranger_delegation_are_denied(ray_instance, runs_dir):
+    result = run(JOBS / "probe.yaml", runs_dir)
+    assert result.ok, result.errors
+    probe = result.results["probe"]
+    assert probe["allowed"] == {"ok": True, "value": "hi"}
+    assert probe["unlisted_tool"]["code"] == "POLICY_DENIED"
+    assert probe["unknown_tool"]["code"] == "UNKNOWN_TOOL"
+    assert probe["bad_args"]["code"] == "MALFORMED"
+    assert probe["delegate_to_stranger"]["code"] == "DELEGATION_DENIED"
+    # The agent sees only code and tool; the audit log has the reason with values.
+    assert probe["unlisted_tool"]["public"] == "POLICY_DENIED on tool 'note.write'"
+    reasons = {r["tool"]: r["reason"] for r in records(result) if r.get("decision") == "deny"}
+    assert "not in ['echo']" in reasons["note.write"]
+
+
+def test_delegated_token_is_narrower_and_charged_up_the_chain(ray_instance, runs_dir):
+    result = run(JOBS / "probe.yaml", runs_dir)
+    chain = result.results["chain"]
+    assert chain["first"]["ok"] and chain["second"]["ok"]
+    assert chain["over_budget"]["code"] == "BUDGET_EXHAUSTED"
+    # Peer's own policy allows note.write, but the delegated token was narrowed to echo.
+    assert chain["narrowed_away"]["code"] == "POLICY_DENIED"
+    delegations = [r for r in records(result) if r["kind"] == "delegate"]
+    assert delegations == [d for d in delegations if d["agent"] == "chain" and d["to"] == "peer" and d["depth"] == 1]
+    assert len(delegations) == 1
+
+
+def test_direct_call_to_tool_worker_is_refused(ray_instance, tmp_path):
+    import ray
+
+    from runtime.actors import ToolWorkerActor
+    from runtime.trusted.supervisor import sign_dispatch
+
+    key = os.urandom(32)
+    worker = ToolWorkerActor.remote(dispatch_key=key, tool_modules=["tests.cluster.agents_under_test"],
+                                    job_id="job-x", tool_config={})
+    body = {"call_id": "c1", "job": "job-x", "agent": "mallory", "tool": "echo", "args": {"text": "hi"},
+            "deadline": 4e9}
+    unsigned = msgpack.packb([msgpack.packb(body), b"\0" * 32])
+    forged = sign_dispatch(os.urandom(32), body)
+    for message in (unsigned, forged, b"not msgpack"):
+        reply = msgpack.unpackb(ray.get(worker.execute.remote(message)))
+        assert reply["ok"] is False and reply["error"]["code"] == "DISPATCH_REFUSED"
+    assert ray.get(worker.counters.remote()) == {"executed": 0, "refused": 3}
+    genuine = sign_dispatch(key, body)
+    assert msgpack.unpackb(ray.get(worker.execute.remote(genuine)))["value"] == "hi"
+    replayed = msgpack.unpackb(ray.get(worker.execute.remote(genuine)))
+    assert replayed["error"]["code"] == "DISPATCH_REFUSED"
+    assert ray.get(worker.counters.remote()) == {"executed": 1, "refused": 4}
+    ray.kill(worker)
+
+
+def test_warden_run_cli_json_against_the_running_cluster(ray_instance, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_instance.address_info["address"])
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "jobs/demo.yaml", "--json", "--quiet",
+                           "--runs-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] and summary["audit_ok"]
+    verify = subprocess.run([sys.executable, "-m", "runtime.cli", "audit", "verify", summary["audit_log"]],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and "chain intact" in verify.stdout
