@@ -149,8 +149,14 @@ class JobResult:
         return dict(self.__dict__)
 
 
-def _actor_options(res: Resources | None, default_cpus: float) -> dict[str, Any]:
+def _actor_options(res: Resources | None, declared: dict[str, Any], default_cpus: float) -> dict[str, Any]:
+    """Ray options of an agent actor: the class's ``resources``, overridden by the job file's."""
     opts: dict[str, Any] = {"num_cpus": default_cpus}
+    try:
+        opts.update(Resources.model_validate(declared).model_dump(exclude_none=True, exclude_defaults=True))
+    except ValidationError as exc:
+        raise ConfigError(f"bad class-level resources {declared!r}: {exc.errors()[0]['msg']}",
+                          code=ErrorCode.JOB_INVALID) from None
     if res is not None:
         if res.num_cpus is not None:
             opts["num_cpus"] = res.num_cpus
@@ -178,7 +184,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .actors import AgentActor, SupervisorActor, ToolWorkerActor
+    from .actors import AgentActor, SupervisorActor, ToolWorkerActor, import_object
 
     spec = job.spec
     started = time.monotonic()
@@ -219,7 +225,9 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         cls_name = a.cls.rpartition(":")[2].rpartition(".")[2]
         classes[a.name] = cls_name
         schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
-        actors[a.name] = AgentActor.options(**_actor_options(a.resources, 0.1), max_concurrency=100).remote(
+        declared = getattr(import_object(a.cls), "resources", {}) or {}
+        actors[a.name] = AgentActor.options(**_actor_options(a.resources, declared, 0.1),
+                                            max_concurrency=100).remote(
             cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
             supervisor=supervisor, tool_schemas=schemas, config=a.config)
     await asyncio.gather(*[

@@ -74,14 +74,17 @@ def path_is_under(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
 
 
-_URL_BAD = re.compile(r"[\x00-\x20\x7f-\uffff\\]")
+_URL_BAD = re.compile(r"[\x00-\x20\x7f-\U0010ffff\\]")
 
 
 def url_host(value: Any) -> str:
     """The lower-case host of an http(s) URL; refuses anything ambiguous."""
     if not isinstance(value, str) or len(value) > 4096 or _URL_BAD.search(value):
         raise PolicyDenied(f"not a usable URL: {value!r:.80}")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)  # raises ValueError on e.g. a malformed '[...]' host
+    except ValueError as exc:
+        raise PolicyDenied(f"malformed URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise PolicyDenied(f"URL scheme {parts.scheme!r} not allowed")
     try:
@@ -123,8 +126,14 @@ def _regex(pattern: str) -> re.Pattern[str]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that does not let True stand for 1 or 1.0 for 1."""
-    return type(a) is type(b) and a == b
+    """Equality that does not let True stand for 1 or 1.0 for 1, also inside lists and maps."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 ARG_CHECKS = ("exact", "one_of", "range", "regex", "path_under", "url_host", "max_bytes")
@@ -138,7 +147,7 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
         return None if any(_same(value, p) for p in param) else f"{value!r:.80} not in {param!r:.200}"
     if kind == "range":
         lo, hi = param
-        if not _is_number(value):
+        if not _is_number(value) or value != value:  # NaN compares false with every bound
             return f"{value!r:.80} is not a number"
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return f"{value!r} outside [{lo}, {hi}]"
@@ -476,8 +485,11 @@ class KeyRing:
 
     def verify(self, token: Token | bytes) -> VerifiedToken:
         """Check the tag chain, every holder seal and the delegation depth. Raises TokenRejected."""
-        raw = token if isinstance(token, (bytes, bytearray)) else token.encode()
-        raw = bytes(raw)
+        if isinstance(token, Token):
+            token = token.encode()
+        if not isinstance(token, (bytes, bytearray)):
+            raise TokenRejected(f"token is {type(token).__name__}, not bytes")
+        raw = bytes(token)
         cached = self._cache.get(raw)
         if cached is not None:
             return cached

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError, ErrorCode
+from ..errors import ConfigError, ErrorCode, PolicyDenied
 from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
                          canonical_path)
 from .ledger import AgentQuota
@@ -55,7 +55,14 @@ class ArgRule(_Strict):
     @field_validator("path_under")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        return None if v is None else canonical_path(v) if v.startswith("/") else _fail("path_under must be absolute")
+        if v is None:
+            return None
+        if not v.startswith("/"):
+            _fail("path_under must be absolute")
+        try:
+            return canonical_path(v)
+        except PolicyDenied as exc:  # not a ValueError: pydantic would let it escape as a denial
+            raise ValueError(exc.reason) from None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "ArgRule":
