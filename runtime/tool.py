@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable, get_args, get_origin
 
+from .sandbox.context import ToolContext
 from .trusted.capability import EFFECTS
 from .trusted.wire import ParamSpec, ToolSpec
+
+__all__ = ["PATH", "URL", "Tool", "ToolContext", "tool", "tools_in_module", "load_tools"]
 
 PATH = "path"
 URL = "url"
 
 _JSON_OF: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
                             list: "array", dict: "object", Any: "any"}
-
-
-@dataclass
-class ToolContext:
-    """Handed to a tool by its worker: who is calling, and the job's tool configuration."""
-
-    agent: str
-    call_id: str
-    job: str
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
         fmt = next((m for m in meta if m in (PATH, URL)), None)
         annotation = base
     optional = False
-    if get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if get_origin(annotation) in (typing.Union, types.UnionType):
         members = [a for a in get_args(annotation) if a is not type(None)]
         optional = len(members) < len(get_args(annotation))
         annotation = members[0] if len(members) == 1 else Any

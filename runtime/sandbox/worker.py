@@ -22,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 
 from ..errors import DispatchRefused, ErrorCode, WardenError
-from ..tool import Tool, ToolContext
+from .context import ToolContext
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20
@@ -37,7 +37,7 @@ def _error(code: ErrorCode, reason: str) -> bytes:
 
 
 class ToolWorker:
-    def __init__(self, *, dispatch_key: bytes, tools: dict[str, Tool], job: str,
+    def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
                  tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time) -> None:
         self._key = dispatch_key
         self._tools = tools
@@ -97,7 +97,8 @@ class ToolWorker:
             return _error(ErrorCode.TOOL_FAILED, f"result is {len(out)} bytes > {MAX_RESULT_BYTES}")
         return out
 
-    async def _run(self, tool: Tool, body: dict[str, Any]) -> Any:
+    async def _run(self, tool: Any, body: dict[str, Any]) -> Any:
+        """``tool`` is a ``runtime.tool.Tool`` (duck-typed: this side does not import the trusted side)."""
         kwargs = dict(body["args"])
         if tool.wants_ctx:
             kwargs["ctx"] = ToolContext(body["agent"], body["call_id"], self._job, self._config)
