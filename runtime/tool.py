@@ -71,8 +71,8 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
     elif fmt == URL:
         schema["format"] = "uri"
     required = default is inspect.Parameter.empty
-    spec = ParamSpec(type="any" if optional else json_type, required=required,
-                     default=None if required else default, format=fmt)
+    spec = ParamSpec(type=json_type, required=required, default=None if required else default, format=fmt,
+                     nullable=optional)
     if not required and default is not None:
         schema["default"] = default
     return spec, schema

@@ -61,17 +61,23 @@ class ToolWorker:
         good = hmac.new(self._key, body_bytes, sha256).digest()
         if not hmac.compare_digest(good, mac):
             raise DispatchRefused("dispatch MAC does not verify: not sent by the supervisor")
-        body = msgpack.unpackb(body_bytes, raw=False)
+        try:
+            body = msgpack.unpackb(body_bytes, raw=False)
+            call_id, deadline = str(body["call_id"]), float(body["deadline"])
+            if not isinstance(body["tool"], str) or not isinstance(body["args"], dict):
+                raise TypeError("tool/args of the wrong type")
+            str(body["agent"])
+        except Exception as exc:
+            raise DispatchRefused(f"signed dispatch lacks or mistypes a field: {type(exc).__name__}: {exc}") from None
         now = self._clock()
         if body.get("job") != self._job:
             raise DispatchRefused(f"dispatch for job {body.get('job')!r}, worker serves {self._job!r}")
-        if now > float(body["deadline"]):
+        if now > deadline:
             raise DispatchRefused("dispatch past its deadline")
-        call_id = body["call_id"]
         if call_id in self._seen:
             raise DispatchRefused(f"dispatch {call_id} replayed")
         self._seen = {c: d for c, d in self._seen.items() if d >= now}
-        self._seen[call_id] = float(body["deadline"])
+        self._seen[call_id] = deadline
         return body
 
     async def execute(self, message: Any) -> bytes:

@@ -38,6 +38,12 @@ from urllib.parse import urlsplit
 
 import msgpack
 
+try:  # the regex parser moved in 3.11; both expose the same parse tree
+    from re import _constants as _sre_constants, _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
+
 from ..errors import ErrorCode, PolicyDenied, TokenRejected
 
 VERSION = 1
@@ -74,6 +80,8 @@ def path_is_under(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
 
 
+_HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+                   r"|[0-9a-f:.]+")  # DNS labels, or an IPv4/IPv6 literal (brackets already stripped)
 _URL_BAD = re.compile(r"[\x00-\x20\x7f-\U0010ffff\\]")
 
 
@@ -92,8 +100,8 @@ def url_host(value: Any) -> str:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
         raise PolicyDenied(f"malformed URL authority: {exc}") from None
-    if not host:
-        raise PolicyDenied("URL has no host")
+    if not host or not _HOST.fullmatch(host):
+        raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address")
     return host
 
 
@@ -122,7 +130,43 @@ def _is_number(value: Any) -> bool:
 
 @lru_cache(maxsize=1024)
 def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+    """Compile a constraint pattern, refusing the shapes that backtrack catastrophically.
+
+    Any holder can append a regex caveat offline, so a pattern is attacker-chosen input to
+    the supervisor: a quantified group that itself contains a quantifier (``(a+)+``) is
+    refused, as are patterns over 512 characters.
+    """
+    if len(pattern) > 512:
+        raise ValueError("regex longer than 512 characters")
+    compiled = re.compile(pattern)
+    if _nested_repeat(_sre_parser.parse(pattern), inside=False):
+        raise ValueError(f"regex {pattern!r} nests quantifiers (catastrophic backtracking)")
+    return compiled
+
+
+_REPEATS = tuple(getattr(_sre_constants, n) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                 if hasattr(_sre_constants, n))
+
+
+def _nested_repeat(items: Any, inside: bool) -> bool:
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, sub = av
+            repeats = high is _sre_constants.MAXREPEAT or high > 1
+            if repeats and inside:
+                return True
+            if _nested_repeat(sub, inside or repeats):
+                return True
+        elif op is _sre_constants.SUBPATTERN:
+            if _nested_repeat(av[-1], inside):
+                return True
+        elif op is _sre_constants.BRANCH:
+            if any(_nested_repeat(branch, inside) for branch in av[1]):
+                return True
+        elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
+            if _nested_repeat(av[1], inside):
+                return True
+    return False
 
 
 def _same(a: Any, b: Any) -> bool:

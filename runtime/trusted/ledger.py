@@ -123,12 +123,12 @@ class QuotaLedger:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "used": dict(self._used),
+            "used": {k.hex(): v for k, v in self._used.items()},
             "buckets": {a: [b.tokens, b.last] for a, b in self._buckets.items()},
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
-        self._used = {bytes(k): float(v) for k, v in snap.get("used", {}).items()}
+        self._used = {bytes.fromhex(k): float(v) for k, v in snap.get("used", {}).items()}
         for agent, (tokens, last) in snap.get("buckets", {}).items():
             self._buckets[agent] = _Bucket(float(tokens), float(last))
 

@@ -35,6 +35,9 @@ from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, Revocatio
 from .wire import ToolSpec, decode_envelope
 
 MAX_DETAIL_CHARS = 500
+# The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
+WORKER_CODES = frozenset({ErrorCode.TOOL_FAILED.value, ErrorCode.WORKER_UNAVAILABLE.value,
+                          ErrorCode.DISPATCH_REFUSED.value})
 
 
 class Dispatcher(Protocol):
@@ -195,8 +198,10 @@ class Supervisor:
             cost = result.get("cost")
             if not result["ok"]:
                 err = result.get("error") or {}
-                raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool,
-                                 code=ErrorCode(err.get("code", "TOOL_FAILED")))
+                # The worker is on the untrusted side: it may only report failure codes, never
+                # make its outcome read as a decision of the trusted core.
+                code = err.get("code") if err.get("code") in WORKER_CODES else ErrorCode.TOOL_FAILED.value
+                raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
             reply = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
             outcome: dict[str, Any] = {"ok": True}
         except asyncio.TimeoutError:

@@ -110,6 +110,7 @@ class ParamSpec:
     required: bool = True
     default: Any = None
     format: str | None = None  # "path" or "url": canonicalised before evaluation
+    nullable: bool = False  # None is accepted as well as ``type`` (an ``X | None`` parameter)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ class ToolSpec:
                 out[name] = p.default
                 continue
             value = args[name]
+            if value is None and p.nullable:
+                out[name] = None
+                continue
             types = _JSON_TYPES.get(p.type, ())
             if (isinstance(value, bool) and p.type in ("integer", "number")) or not isinstance(value, types):
                 raise MalformedRequest(f"argument {name!r} must be {p.type}, got {type(value).__name__}",

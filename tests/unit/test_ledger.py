@@ -13,7 +13,7 @@ KEY_B = b"budget-key-of-b"
 
 def roundtrip(snap):
     """What a persisted snapshot looks like after it has been written and read back."""
-    return msgpack.unpackb(msgpack.packb(snap, use_bin_type=True), raw=False, strict_map_key=False)
+    return msgpack.unpackb(msgpack.packb(snap, use_bin_type=True), raw=False)
 
 
 @pytest.fixture
