@@ -1021,3 +1021,26 @@ def test_cache_eviction_keeps_verification_correct():
     tokens = [ring.mint(holder=f"agent-{i}").encode() for i in range(5)]
     for _ in range(2):
         assert [ring_small.verify(t).holder for t in tokens] == [f"agent-{i}" for i in range(5)]
+
+
+# ------------------------------------------------ regex caveats are attacker-chosen input
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+", "(a*)*b", "(?:x{2,})+", "(ab+)*", "((a|b)+)+$", "x" * 513])
+def test_holder_appended_catastrophic_regex_is_refused(kr, pattern):
+    """Any holder can append a regex caveat offline; a backtracking bomb must not reach the supervisor."""
+    token = kr.mint(holder="a", caveats=[])
+    bomb = append_raw(token, pack(["arg", "t", "x", "regex", pattern]))
+    assert rejection(kr, bomb.encode()) is ErrorCode.BAD_TOKEN
+
+
+@pytest.mark.parametrize("pattern", ["[a-z]+", "(a|b)*c", "((a)+)?", r"[a-z]{1,5}\.txt", "(foo|bar)-[0-9]+"])
+def test_ordinary_regexes_are_accepted(kr, pattern):
+    assert rejection(kr, kr.mint(holder="a", caveats=[Arg("t", "x", "regex", pattern)]).encode()) is None
+
+
+@pytest.mark.parametrize("url", ["https://..good.org/", "https://a..good.org/", "https://-x.good.org/",
+                                 "https://a%2e.good.org/", "https://a.good.org:99999/"])
+def test_url_hosts_that_are_not_plain_names_are_denied(kr, url):
+    vt = arg_token(kr, "url_host", ("*.good.org",))
+    assert not allowed_value(vt, url)
