@@ -1,4 +1,4 @@
-"""The ``warden`` command line.
+"""warden: run multi-agent jobs in which every tool call is checked, quota'd and audited.
 
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden policy check FILE...         validate policies (exit 1 on any error)
@@ -168,7 +168,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="warden", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="warden", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run 'warden COMMAND --help' for the options of a command.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib
 import os
 import secrets
 import sys
@@ -67,6 +68,7 @@ class JobSpec(_Strict):
     tool_config: dict[str, Any] = Field(default_factory=dict)
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
     call_timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
     runs_dir: str = Field(default="runs", description="relative to the current directory")
 
     @model_validator(mode="after")
@@ -110,6 +112,20 @@ def load_job(path: str | Path) -> LoadedJob:
         lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.JOB_INVALID) from None
     base = path.resolve().parent
+    from .agent import Agent  # noqa: PLC0415 - keeps `import runtime.job` light
+
+    for a in spec.agents:
+        module, _, attr = a.cls.partition(":")
+        try:
+            cls: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                cls = getattr(cls, part)
+        except Exception as exc:
+            raise ConfigError(f"{path}: agent {a.name!r}: cannot import {a.cls}: {type(exc).__name__}: {exc}",
+                              code=ErrorCode.JOB_INVALID) from None
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise ConfigError(f"{path}: agent {a.name!r}: {a.cls} is not a subclass of runtime.Agent",
+                              code=ErrorCode.JOB_INVALID)
     policies = {a.name: load_policy(base / a.policy) for a in spec.agents}
     try:
         tools = load_tools(spec.tools)
@@ -167,6 +183,10 @@ def _actor_options(res: Resources | None, declared: dict[str, Any], default_cpus
     return opts
 
 
+async def _await(ref: Any) -> Any:
+    return await ref
+
+
 def _ensure_ray(address: str | None) -> None:
     import ray
 
@@ -205,51 +225,62 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                            tuple(policy.delegate_caveats(job_id=job_id)))
         entries.append((entry, policy.agent_quota()))
 
-    tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
-    progress(f"starting {spec.workers.count} tool worker(s)")
-    workers = [ToolWorkerActor.options(num_cpus=spec.workers.num_cpus, resources=dict(spec.workers.resources))
-               .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
-                       tool_config=tool_config)
-               for _ in range(spec.workers.count)]
-    # The audit log is a file on the driver's node: pin the supervisor there.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
-        job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
-        tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
-        agents=entries, call_timeout_s=spec.call_timeout_s)
-    del keyring  # the driver keeps no key once the supervisor has them
+    handles: list[Any] = []  # every actor this job starts; all are killed when it ends
+    try:
+        tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
+        progress(f"starting {spec.workers.count} tool worker(s)")
+        workers = [ToolWorkerActor.options(num_cpus=spec.workers.num_cpus, resources=dict(spec.workers.resources))
+                   .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
+                           tool_config=tool_config)
+                   for _ in range(spec.workers.count)]
+        handles.extend(workers)
+        # The audit log is a file on the driver's node: pin the supervisor there.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
+            job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
+            tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
+            agents=entries, call_timeout_s=spec.call_timeout_s)
+        handles.append(supervisor)
+        del keyring  # the driver keeps no key once the supervisor has them
 
-    progress(f"starting {len(spec.agents)} agent(s)")
-    actors, classes = {}, {}
-    for a, (entry, _) in zip(spec.agents, entries):
-        cls_name = a.cls.rpartition(":")[2].rpartition(".")[2]
-        classes[a.name] = cls_name
-        schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
-        declared = getattr(import_object(a.cls), "resources", {}) or {}
-        actors[a.name] = AgentActor.options(**_actor_options(a.resources, declared, 0.1),
-                                            max_concurrency=100).remote(
-            cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
-            supervisor=supervisor, tool_schemas=schemas, config=a.config)
-    await asyncio.gather(*[
-        actors[a.name].connect.remote({p: (classes[p], actors[p])
-                                       for p in job.policies[a.name].delegation.can_delegate_to})
-        for a in spec.agents])
+        progress(f"starting {len(spec.agents)} agent(s)")
+        actors, classes = {}, {}
+        for a, (entry, _) in zip(spec.agents, entries):
+            cls_name = a.cls.rpartition(":")[2].rpartition(".")[2]
+            classes[a.name] = cls_name
+            schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
+            declared = getattr(import_object(a.cls), "resources", {}) or {}
+            actors[a.name] = AgentActor.options(**_actor_options(a.resources, declared, 0.1),
+                                                max_concurrency=100).remote(
+                cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
+                supervisor=supervisor, tool_schemas=schemas, config=a.config)
+            handles.append(actors[a.name])
+        await asyncio.gather(*[
+            actors[a.name].connect.remote({p: (classes[p], actors[p])
+                                           for p in job.policies[a.name].delegation.can_delegate_to})
+            for a in spec.agents])
 
-    progress(f"running entry agent(s): {', '.join(spec.entry)}")
-    tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
-    outcomes = await asyncio.gather(*[actors[n].run.remote(tasks[n]) for n in spec.entry], return_exceptions=True)
-    results, errors = {}, {}
-    for name, out in zip(spec.entry, outcomes):
-        if isinstance(out, BaseException):
-            cause = getattr(out, "cause", None) or out
-            errors[name] = f"{type(cause).__name__}: {cause}"[:2000]
-        else:
-            results[name] = out
+        progress(f"running entry agent(s): {', '.join(spec.entry)}")
+        tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
+        runs = {n: asyncio.ensure_future(_await(actors[n].run.remote(tasks[n]))) for n in spec.entry}
+        await asyncio.wait(runs.values(), timeout=spec.timeout_s)
+        results, errors = {}, {}
+        for name, fut in runs.items():
+            if not fut.done():
+                fut.cancel()
+                errors[name] = f"timed out after {spec.timeout_s:g}s (job timeout_s)"
+            elif fut.exception() is not None:
+                exc = fut.exception()
+                cause = getattr(exc, "cause", None) or exc
+                errors[name] = f"{type(cause).__name__}: {cause}"[:2000]
+            else:
+                results[name] = fut.result()
 
-    stats = await supervisor.stats.remote()
-    await supervisor.close.remote("ok" if not errors else "failed")
-    for h in [supervisor, *workers, *actors.values()]:
-        ray.kill(h)
+        stats = await supervisor.stats.remote()
+        await supervisor.close.remote("ok" if not errors else "failed")
+    finally:
+        for h in handles:
+            ray.kill(h)
     report = audit_mod.verify(audit_path)
     return JobResult(job=spec.name, job_id=job_id, ok=not errors and report.ok, run_dir=str(run_dir),
                      audit_log=str(audit_path), audit_ok=report.ok, audit_records=report.records,

@@ -63,3 +63,18 @@ class PeerAgent(Agent):
             "over_budget": await _attempt(self.call("echo", text="c")),
             "narrowed_away": await _attempt(self.call("note.write", text="x")),
         }
+
+
+class SleepyAgent(Agent):
+    """Never finishes: the job's timeout_s must end it."""
+
+    async def run(self, task: Any) -> None:
+        import asyncio
+
+        await asyncio.Event().wait()
+
+
+class CrashyAgent(Agent):
+    async def run(self, task: Any) -> None:
+        await self.call("echo", text="before the crash")
+        raise RuntimeError("agent bug")

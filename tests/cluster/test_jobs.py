@@ -139,3 +139,12 @@ def test_warden_run_cli_json_against_the_running_cluster(ray_instance, tmp_path)
     verify = subprocess.run([sys.executable, "-m", "runtime.cli", "audit", "verify", summary["audit_log"]],
                             capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and "chain intact" in verify.stdout
+
+
+def test_a_hanging_and_a_crashing_agent_fail_the_job_but_not_the_audit(ray_instance, runs_dir):
+    result = run(JOBS / "failing.yaml", runs_dir)
+    assert not result.ok
+    assert result.errors["sleepy"] == "timed out after 3s (job timeout_s)"
+    assert "agent bug" in result.errors["crashy"]
+    assert result.audit_ok
+    assert records(result)[-1]["kind"] == "job_end" and records(result)[-1]["status"] == "failed"
