@@ -6,7 +6,8 @@ lazily by the CLI so that importing ``runtime`` does not import Ray.
 
 from .agent import Agent, ToolCallingAgent
 from .errors import (AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
-                     InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, TokenRejected, ToolFailed,
+                     InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
+                     TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
 from .tool import PATH, URL, Tool, ToolContext, tool
@@ -14,7 +15,8 @@ from .tool import PATH, URL, Tool, ToolContext, tool
 __all__ = [
     "Agent", "ToolCallingAgent",
     "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
-    "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "TokenRejected", "ToolFailed",
+    "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "SandboxKilled", "SandboxUnavailable",
+    "TokenRejected", "ToolFailed",
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
     "PATH", "URL", "Tool", "ToolContext", "tool",

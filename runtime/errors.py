@@ -14,6 +14,9 @@
     │   ├── DelegationDenied         DELEGATION_DENIED
     │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
     ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed
+    │   ├── SandboxKilled            SANDBOX_TIMEOUT, SANDBOX_CPU, SANDBOX_MEMORY, SANDBOX_PIDS,
+    │   │                            SANDBOX_OUTPUT: a limit was breached; the process tree was killed
+    │   └── SandboxUnavailable       SANDBOX_UNAVAILABLE: the policy's backend cannot run here
     ├── ConfigError                  POLICY_INVALID, JOB_INVALID: a file that does not load
     └── InternalError                INTERNAL: a bug; still a denial, never an allow
 
@@ -50,6 +53,12 @@ class ErrorCode(str, Enum):
     DISPATCH_REFUSED = "DISPATCH_REFUSED"
     TOOL_FAILED = "TOOL_FAILED"
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
+    SANDBOX_TIMEOUT = "SANDBOX_TIMEOUT"
+    SANDBOX_CPU = "SANDBOX_CPU"
+    SANDBOX_MEMORY = "SANDBOX_MEMORY"
+    SANDBOX_PIDS = "SANDBOX_PIDS"
+    SANDBOX_OUTPUT = "SANDBOX_OUTPUT"
+    SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     POLICY_INVALID = "POLICY_INVALID"
     JOB_INVALID = "JOB_INVALID"
     INTERNAL = "INTERNAL"
@@ -156,6 +165,18 @@ class ToolFailed(WardenError):
     default_code = ErrorCode.TOOL_FAILED
 
 
+class SandboxKilled(ToolFailed):
+    """A sandbox limit was breached; the whole process tree was killed. The worker is fine."""
+
+    default_code = ErrorCode.SANDBOX_TIMEOUT
+
+
+class SandboxUnavailable(ToolFailed):
+    """The backend the policy asks for is not installed or cannot run on this host."""
+
+    default_code = ErrorCode.SANDBOX_UNAVAILABLE
+
+
 class ConfigError(WardenError):
     """A policy or job file that does not load. The job does not start."""
 
@@ -190,6 +211,12 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.DISPATCH_REFUSED: DispatchRefused,
     ErrorCode.TOOL_FAILED: ToolFailed,
     ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
+    ErrorCode.SANDBOX_TIMEOUT: SandboxKilled,
+    ErrorCode.SANDBOX_CPU: SandboxKilled,
+    ErrorCode.SANDBOX_MEMORY: SandboxKilled,
+    ErrorCode.SANDBOX_PIDS: SandboxKilled,
+    ErrorCode.SANDBOX_OUTPUT: SandboxKilled,
+    ErrorCode.SANDBOX_UNAVAILABLE: SandboxUnavailable,
     ErrorCode.POLICY_INVALID: ConfigError,
     ErrorCode.JOB_INVALID: ConfigError,
     ErrorCode.INTERNAL: InternalError,

@@ -36,8 +36,10 @@ from .wire import ToolSpec, decode_envelope
 
 MAX_DETAIL_CHARS = 500
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
-WORKER_CODES = frozenset({ErrorCode.TOOL_FAILED.value, ErrorCode.WORKER_UNAVAILABLE.value,
-                          ErrorCode.DISPATCH_REFUSED.value})
+WORKER_CODES = frozenset(c.value for c in (
+    ErrorCode.TOOL_FAILED, ErrorCode.WORKER_UNAVAILABLE, ErrorCode.DISPATCH_REFUSED, ErrorCode.SANDBOX_TIMEOUT,
+    ErrorCode.SANDBOX_CPU, ErrorCode.SANDBOX_MEMORY, ErrorCode.SANDBOX_PIDS, ErrorCode.SANDBOX_OUTPUT,
+    ErrorCode.SANDBOX_UNAVAILABLE))
 
 
 class Dispatcher(Protocol):

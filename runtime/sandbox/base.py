@@ -1,0 +1,179 @@
+"""The sandbox interface: one agent's isolated place to run untrusted code.
+
+A ``Backend`` (gVisor, bubblewrap) opens a ``Session`` for one agent: a private workspace
+directory and whatever the backend keeps warm. ``Session.run`` executes one command under
+``Limits`` and returns a ``RunResult``; a breached limit kills the whole process tree and
+is reported in ``RunResult.killed``, which ``raise_for_kill`` turns into a typed error.
+
+What every backend must guarantee (each is tested against both): no network at all
+(loopback and DNS included); no host home, Ray session files or host environment (only
+the variables the tool passes); ``/proc`` shows only the sandbox; a read-only root with
+writes only in the workspace; CPU, wall time, memory, process count and output bounded;
+the worker process survives any breach and the next call works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Protocol
+
+from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable
+
+WORKSPACE = "/workspace"  # where the session's workspace appears inside every sandbox
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-call limits. Every field is enforced by every backend."""
+
+    cpu_s: float = 10.0
+    wall_s: float = 30.0
+    memory_mb: int = 512
+    max_pids: int = 64
+    max_output_bytes: int = 1 << 20
+    workspace_mb: int = 64
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object] | None) -> "Limits":
+        known = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__ and v is not None}
+        return cls(**known)  # type: ignore[arg-type]
+
+
+KILL_CODES = {
+    "timeout": ErrorCode.SANDBOX_TIMEOUT,
+    "cpu": ErrorCode.SANDBOX_CPU,
+    "memory": ErrorCode.SANDBOX_MEMORY,
+    "pids": ErrorCode.SANDBOX_PIDS,
+    "output": ErrorCode.SANDBOX_OUTPUT,
+}
+
+
+@dataclass
+class RunResult:
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    wall_s: float
+    killed: str | None = None  # one of KILL_CODES, or None
+    detail: str = ""
+    backend: str = ""
+
+    def raise_for_kill(self, tool: str | None = None) -> "RunResult":
+        if self.killed is not None:
+            raise SandboxKilled(f"{self.backend}: {self.killed} limit breached: {self.detail}"[:500],
+                                code=KILL_CODES[self.killed], tool=tool)
+        return self
+
+
+class Session(Protocol):
+    backend: str
+    workspace: Path
+
+    def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
+            env: Mapping[str, str] | None = None) -> RunResult: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self) -> None:
+        """Raise SandboxUnavailable, saying which package to install, if this host cannot run it."""
+
+    def open(self, workspace: Path, *, workspace_mb: int) -> Session: ...
+
+
+def require_binary(path_or_name: str, package: str, backend: str) -> str:
+    from shutil import which
+
+    found = which(path_or_name)
+    if found is None:
+        raise SandboxUnavailable(f"{backend} sandbox unavailable: '{path_or_name}' not found; "
+                                 f"install the Debian package '{package}' (apt-get install {package})",
+                                 code=ErrorCode.SANDBOX_UNAVAILABLE)
+    return found
+
+
+def sandbox_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The only environment a sandboxed process gets: nothing of the host's."""
+    env = {"PATH": SANDBOX_PATH, "HOME": WORKSPACE, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class _Capture:
+    limit: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    over: bool = False
+
+
+def supervise(proc: subprocess.Popen[bytes], *, stdin: bytes, limits: Limits,
+              kill: "callable[[], None] | None" = None) -> tuple[int | None, bytes, bytes, float, str | None, str]:
+    """Feed stdin, read stdout/stderr with a shared byte cap, enforce the wall clock.
+
+    On a breach the whole process group is killed (``kill`` if given, else SIGKILL to the
+    group). Returns ``(exit_code, stdout, stderr, wall_s, killed, detail)``.
+    """
+    started = time.monotonic()
+    cap = _Capture(limits.max_output_bytes)
+    lock = threading.Lock()
+    breach: list[str] = []
+
+    def do_kill() -> None:
+        if kill is not None:
+            kill()
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def pump(stream, sink: list[bytes]) -> None:
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                return
+            with lock:
+                room = cap.limit - cap.size
+                sink.append(chunk[:max(room, 0)])
+                cap.size += len(chunk)
+                if cap.size > cap.limit and not cap.over:
+                    cap.over = True
+                    breach.append("output")
+                    do_kill()
+
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        if stdin:
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass  # the process exited or closed stdin early; its exit status tells the story
+    try:
+        proc.wait(timeout=limits.wall_s)
+    except subprocess.TimeoutExpired:
+        breach.append("timeout")
+        do_kill()
+        proc.wait()
+    for t in readers:
+        t.join(timeout=5)
+    wall = time.monotonic() - started
+    killed = breach[0] if breach else None
+    detail = {"timeout": f"wall {wall:.2f}s > {limits.wall_s}s",
+              "output": f"output {cap.size} bytes > {limits.max_output_bytes}"}.get(killed or "", "")
+    return proc.returncode, b"".join(out), b"".join(err), wall, killed, detail

@@ -1,0 +1,166 @@
+"""bubblewrap backend: Linux namespaces plus rlimits, the fastest isolation we have.
+
+Each command runs as::
+
+    prlimit (cpu, as, nproc, fsize, nofile, core) -> bwrap --unshare-all ... -> argv
+
+started with an empty environment, as an unprivileged host uid of its own (when the worker
+runs as root), in a new session. bwrap gives it new user, pid, network, ipc, uts and cgroup
+namespaces, a read-only ``/usr`` (with the usual ``/bin``, ``/lib`` links), a private
+``/proc``, ``/dev`` and ``/tmp``, and the session's workspace at ``/workspace``; nothing
+else of the host file system exists inside. ``--die-with-parent`` and the pid namespace
+mean that killing bwrap kills every process the command started.
+
+RLIMIT_NPROC counts processes per host uid, and root is exempt from it; that is why the
+command runs under a uid derived from the session and never as root. Warm processes
+(``python3 -I -``, ``sh -s``) are started ahead of time so that a call pays only for its own
+work; they read their program from stdin, so nothing is decided before the call arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import ErrorCode, SandboxUnavailable
+from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, supervise
+
+UID_BASE = 200_000
+UID_SPAN = 100_000
+WARM_ARGV = (("python3", "-I", "-"), ("/bin/sh", "-s"))
+
+# Signals the kernel sends for a breached rlimit, as bwrap reports them (128 + signal).
+_SIGXCPU_EXIT = 128 + 24
+_SIGKILL_EXIT = 128 + 9
+_MEMORY_MARKS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
+_FORK_MARKS = (b"BlockingIOError", b"Resource temporarily unavailable", b"can't fork", b"Cannot fork")
+
+
+def _ro_system_binds() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib64", "lib32"):
+        target = os.readlink(f"/{name}") if os.path.islink(f"/{name}") else None
+        if target is not None:
+            args += ["--symlink", target, f"/{name}"]
+        elif os.path.isdir(f"/{name}"):
+            args += ["--ro-bind", f"/{name}", f"/{name}"]
+    # A few files programs expect; never the host's passwd secrets, resolv.conf or hostname.
+    for f in ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types"):
+        if os.path.exists(f):
+            args += ["--ro-bind", f, f]
+    return args
+
+
+class BwrapSession:
+    backend = "bwrap"
+
+    def __init__(self, workspace: Path, *, uid: int | None, bwrap: str, prlimit: str) -> None:
+        self.workspace = workspace
+        self._uid = uid
+        self._bwrap, self._prlimit = bwrap, prlimit
+        self._warm: dict[tuple, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _argv(self, argv: list[str], limits: Limits, env: Mapping[str, str]) -> list[str]:
+        cpu = max(1, int(limits.cpu_s + 0.999))
+        mem = limits.memory_mb << 20
+        rlimits = [f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--nproc={limits.max_pids}:{limits.max_pids}",
+                   f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
+        sandbox = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                   "--hostname", "sandbox", *_ro_system_binds(), "--proc", "/proc", "--dev", "/dev",
+                   "--tmpfs", "/tmp", "--bind", str(self.workspace), WORKSPACE, "--chdir", WORKSPACE,
+                   "--clearenv"]
+        for k, v in env.items():
+            sandbox += ["--setenv", k, v]
+        return [self._prlimit, *rlimits, "--", *sandbox, "--", *argv]
+
+    def _spawn(self, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        ids = {} if self._uid is None else {"user": self._uid, "group": self._uid, "extra_groups": []}
+        # env={} : bwrap itself is pid 1 of the sandbox, so its own environment shows in /proc/1/environ.
+        return subprocess.Popen(self._argv(argv, limits, env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={}, process_group=0, close_fds=True, **ids)
+
+    def _take_warm(self, key: tuple) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            proc = self._warm.pop(key, None)
+        if proc is not None and proc.poll() is not None:
+            return None
+        return proc
+
+    def prewarm(self, argv: list[str], limits: Limits, env: Mapping[str, str] | None = None) -> None:
+        full_env = sandbox_env(env)
+        key = (tuple(argv), limits, tuple(sorted(full_env.items())))
+        with self._lock:
+            if self._closed or key in self._warm:
+                return
+            self._warm[key] = self._spawn(argv, limits, full_env)
+
+    def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
+            env: Mapping[str, str] | None = None) -> RunResult:
+        full_env = sandbox_env(env)
+        key = (tuple(argv), limits, tuple(sorted(full_env.items())))
+        proc = self._take_warm(key) or self._spawn(argv, limits, full_env)
+        code, out, err, wall, killed, detail = supervise(proc, stdin=stdin, limits=limits)
+        if tuple(argv) in WARM_ARGV:
+            self.prewarm(argv, limits, env)  # the next call of this kind starts warm
+        if killed is None:
+            killed, detail = _classify(code, err, limits)
+        return RunResult(code, out, err, wall, killed, detail, self.backend)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            warm, self._warm = list(self._warm.values()), {}
+        for proc in warm:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _classify(code: int | None, stderr: bytes, limits: Limits) -> tuple[str | None, str]:
+    """Name the limit a finished process ran into, from its exit status and last words."""
+    tail = stderr[-4096:]
+    if code == _SIGXCPU_EXIT or code == -24:
+        return "cpu", f"CPU time > {limits.cpu_s}s"
+    if code not in (0, None) and any(m in tail for m in _MEMORY_MARKS):
+        return "memory", f"address space > {limits.memory_mb} MiB"
+    if code not in (0, None) and any(m in tail for m in _FORK_MARKS):
+        return "pids", f"processes > {limits.max_pids}"
+    if code == _SIGKILL_EXIT:
+        return "cpu", f"killed at the hard CPU limit ({limits.cpu_s}s + 1)"
+    return None, ""
+
+
+class BwrapBackend:
+    name = "bwrap"
+
+    def __init__(self) -> None:
+        self._bwrap: str | None = None
+        self._prlimit: str | None = None
+
+    def check(self) -> None:
+        self._bwrap = require_binary("bwrap", "bubblewrap", self.name)
+        self._prlimit = require_binary("prlimit", "util-linux", self.name)
+        probe = subprocess.run([self._bwrap, "--unshare-all", *_ro_system_binds(), "--", "/bin/true"],
+                               capture_output=True, env={}, timeout=30)
+        if probe.returncode != 0:
+            raise SandboxUnavailable(f"bwrap cannot create namespaces here: {probe.stderr[-300:].decode(errors='replace')}"
+                                     " (are unprivileged user namespaces disabled?)",
+                                     code=ErrorCode.SANDBOX_UNAVAILABLE)
+
+    def open(self, workspace: Path, *, workspace_mb: int, key: str = "") -> BwrapSession:
+        if self._bwrap is None:
+            self.check()
+        uid = None
+        if os.geteuid() == 0:
+            uid = UID_BASE + zlib.crc32(f"{workspace}|{key}".encode()) % UID_SPAN
+            os.chown(workspace, uid, uid)
+            os.chmod(workspace, 0o700)
+        return BwrapSession(workspace, uid=uid, bwrap=self._bwrap or "bwrap", prlimit=self._prlimit or "prlimit")
