@@ -13,6 +13,8 @@ prove possession with their own request key, and why actors are not given guessa
 from __future__ import annotations
 
 import importlib
+import zlib
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,6 +25,7 @@ from .trusted.capability import KeyRing
 from .trusted.ledger import AgentQuota
 from .trusted.supervisor import AgentEntry, Supervisor
 from .trusted.wire import ToolSpec
+from .sandbox.pool import SandboxPool
 from .sandbox.worker import ToolWorker
 from .tool import load_tools
 
@@ -38,34 +41,30 @@ def import_object(path: str) -> Any:
     return obj
 
 
-class _LeastBusy:
-    """Dispatcher over tool-worker actors: the one with the fewest calls in flight."""
+class _ByAgent:
+    """Dispatcher over tool-worker actors: an agent's calls always go to the same worker, so its
+    sandbox session stays warm and its workspace lives in one place."""
 
     def __init__(self, workers: list[Any]) -> None:
         if not workers:
             raise ValueError("a job needs at least one tool worker")
         self._workers = list(workers)
-        self._inflight = [0] * len(workers)
 
-    async def dispatch(self, tool: str, message: bytes) -> bytes:
-        i = min(range(len(self._workers)), key=self._inflight.__getitem__)
-        self._inflight[i] += 1
-        try:
-            return await self._workers[i].execute.remote(message)
-        finally:
-            self._inflight[i] -= 1
+    async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
+        worker = self._workers[zlib.crc32(agent.encode()) % len(self._workers)]
+        return await worker.execute.remote(message)
 
 
 @ray.remote
 class SupervisorActor:
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
-                 call_timeout_s: float) -> None:
+                 call_timeout_s: float, credentials: dict[str, dict[str, str]]) -> None:
         self._audit = AuditLog(audit_path)
         self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                                tools={t.name: t for t in tools}, audit=self._audit,
-                               dispatcher=_LeastBusy(workers), dispatch_key=dispatch_key,
-                               call_timeout_s=call_timeout_s)
+                               dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
+                               call_timeout_s=call_timeout_s, credentials=credentials)
         for entry, quota in agents:
             self._sup.register_agent(entry, quota)
         self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
@@ -90,14 +89,18 @@ class SupervisorActor:
 class ToolWorkerActor:
     def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
                  tool_config: dict[str, Any]) -> None:
+        pool = SandboxPool(Path(tool_config["run_dir"]) / "workspaces") if "run_dir" in tool_config else None
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
-                                  tool_config=tool_config)
+                                  tool_config=tool_config, sandboxes=pool)
 
     async def execute(self, message: bytes) -> bytes:
         return await self._worker.execute(message)
 
     def counters(self) -> dict[str, int]:
         return {"executed": self._worker.executed, "refused": self._worker.refused}
+
+    def shutdown(self) -> None:
+        self._worker.close()
 
 
 class _SupervisorClient:

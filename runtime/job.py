@@ -58,6 +58,13 @@ class WorkerSpec(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)
 
 
+class CredentialRef(_Strict):
+    """A secret for a tool, read from the driver's environment at job start (never written in a job file)."""
+
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    format: str = Field(default="{}", description="e.g. 'Bearer {}'")
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str = ""
@@ -66,6 +73,8 @@ class JobSpec(_Strict):
     agents: list[AgentSpec] = Field(min_length=1)
     tools: list[str] = Field(min_length=1, description="modules whose @tool functions the job may use")
     tool_config: dict[str, Any] = Field(default_factory=dict)
+    credentials: dict[str, dict[str, CredentialRef]] = Field(
+        default_factory=dict, description="tool -> header name -> secret; attached by the supervisor per call")
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
     call_timeout_s: float = Field(default=120.0, gt=0)
     timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
@@ -143,7 +152,21 @@ def load_job(path: str | Path) -> LoadedJob:
         unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
         if unknown:
             raise ConfigError(f"policy of {agent!r} delegates to unknown agents {unknown}", code=ErrorCode.JOB_INVALID)
+    unknown = sorted(set(spec.credentials) - set(tools))
+    if unknown:
+        raise ConfigError(f"{path}: credentials for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
     return LoadedJob(spec, base, policies, tools)
+
+
+def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for tool_name, headers in spec.credentials.items():
+        for header, ref in headers.items():
+            if ref.env not in environ:
+                raise ConfigError(f"credential {header!r} of tool {tool_name!r} needs environment variable "
+                                  f"{ref.env}, which is not set", code=ErrorCode.JOB_INVALID)
+            out.setdefault(tool_name, {})[header] = ref.format.format(environ[ref.env])
+    return out
 
 
 @dataclass
@@ -222,7 +245,10 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         tokens[a.name] = keyring.mint(holder=a.name, caveats=policy.root_caveats(job_id=job_id, now=now)).encode()
         key = hmac.new(request_master, a.name.encode(), sha256).digest()
         entry = AgentEntry(a.name, key, frozenset(policy.delegation.can_delegate_to),
-                           tuple(policy.delegate_caveats(job_id=job_id)))
+                           tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings())
+        for tool_name in policy.unsandboxed_tools():
+            progress(f"WARNING: agent {a.name!r} runs {'its tools' if tool_name == '*' else tool_name!r} "
+                     f"UNSANDBOXED (policy {a.policy}: unsandboxed: true)")
         entries.append((entry, policy.agent_quota()))
 
     handles: list[Any] = []  # every actor this job starts; all are killed when it ends
@@ -239,7 +265,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
             job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
             tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
-            agents=entries, call_timeout_s=spec.call_timeout_s)
+            agents=entries, call_timeout_s=spec.call_timeout_s,
+            credentials=resolve_credentials(spec, dict(os.environ)))
         handles.append(supervisor)
         del keyring  # the driver keeps no key once the supervisor has them
 
@@ -278,6 +305,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
 
         stats = await supervisor.stats.remote()
         await supervisor.close.remote("ok" if not errors else "failed")
+        await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:
             ray.kill(h)

@@ -78,8 +78,13 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
     return spec, schema
 
 
-def tool(*, effect: str, name: str | None = None, cost: float = 1.0) -> Callable[[Callable[..., Any]], Tool]:
-    """Declare a tool. ``effect`` is one of read / write / delete / execute."""
+def tool(*, effect: str, name: str | None = None, cost: float = 1.0,
+         sandboxed: bool = False) -> Callable[[Callable[..., Any]], Tool]:
+    """Declare a tool. ``effect`` is one of read / write / delete / execute.
+
+    ``sandboxed=True``: the tool runs code or touches files, and gets ``ctx.sandbox`` (the
+    calling agent's sandbox session and workspace, with the limits of its policy).
+    """
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
 
@@ -109,7 +114,9 @@ def tool(*, effect: str, name: str | None = None, cost: float = 1.0) -> Callable
                                "additionalProperties": False},
             },
         }
-        return Tool(fn, ToolSpec(tool_name, effect, params, cost, doc), schema, wants_ctx)
+        if sandboxed and not wants_ctx:
+            raise TypeError(f"tool {tool_name}: a sandboxed tool needs a 'ctx: ToolContext' parameter")
+        return Tool(fn, ToolSpec(tool_name, effect, params, cost, doc, sandboxed), schema, wants_ctx)
 
     return wrap
 

@@ -14,3 +14,5 @@ class ToolContext:
     call_id: str
     job: str
     config: dict[str, Any] = field(default_factory=dict)
+    sandbox: Any = None  # a SandboxHandle for sandboxed tools, else None
+    credentials: dict[str, str] = field(default_factory=dict)  # this tool's, from the trusted side; never to a sandbox

@@ -21,8 +21,10 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..errors import DispatchRefused, ErrorCode, WardenError
+from ..errors import DispatchRefused, ErrorCode, SandboxUnavailable, WardenError
+from .base import Limits
 from .context import ToolContext
+from .pool import SandboxPool
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20
@@ -38,12 +40,14 @@ def _error(code: ErrorCode, reason: str) -> bytes:
 
 class ToolWorker:
     def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
-                 tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
+                 sandboxes: SandboxPool | None = None) -> None:
         self._key = dispatch_key
         self._tools = tools
         self._job = job
         self._config = tool_config or {}
         self._clock = clock
+        self._sandboxes = sandboxes
         self._seen: dict[str, float] = {}  # call_id -> deadline
         self.refused = 0
         self.executed = 0
@@ -106,8 +110,23 @@ class ToolWorker:
     async def _run(self, tool: Any, body: dict[str, Any]) -> Any:
         """``tool`` is a ``runtime.tool.Tool`` (duck-typed: this side does not import the trusted side)."""
         kwargs = dict(body["args"])
+        handle = None
+        if tool.spec.sandboxed:
+            # Backend and limits come from the signed dispatch, i.e. from the agent's policy.
+            settings = body.get("sandbox")
+            if not isinstance(settings, dict) or self._sandboxes is None:
+                raise SandboxUnavailable("sandboxed tool dispatched without sandbox settings, or worker has no "
+                                         "sandbox pool", code=ErrorCode.SANDBOX_UNAVAILABLE)
+            limits = Limits.from_dict(settings.get("limits"))
+            handle = await asyncio.to_thread(self._sandboxes.handle, body["agent"], str(settings["backend"]), limits)
         if tool.wants_ctx:
-            kwargs["ctx"] = ToolContext(body["agent"], body["call_id"], self._job, self._config)
+            creds = body.get("credentials") if isinstance(body.get("credentials"), dict) else {}
+            kwargs["ctx"] = ToolContext(body["agent"], body["call_id"], self._job, self._config, handle, creds)
         if inspect.iscoroutinefunction(tool.fn):
             return await tool.fn(**kwargs)
         return await asyncio.to_thread(tool.fn, **kwargs)
+
+    def close(self) -> None:
+        """End every agent's sandbox session and remove its workspace."""
+        if self._sandboxes is not None:
+            self._sandboxes.close()

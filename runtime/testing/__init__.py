@@ -46,7 +46,7 @@ class InProcessDispatcher:
         self.worker = worker
         self.messages: list[bytes] = []
 
-    async def dispatch(self, tool: str, message: bytes) -> bytes:
+    async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
         self.messages.append(message)
         return await self.worker.execute(message)
 

@@ -93,11 +93,45 @@ def _fail(msg: str) -> Any:
     raise ValueError(msg)
 
 
+class SandboxRule(_Strict):
+    """Where a tool's code runs and under which limits. Unset fields inherit (tool -> policy -> defaults)."""
+
+    backend: Literal["gvisor", "bwrap"] | None = None
+    unsandboxed: bool | None = None  # explicit, loud opt-out; never implied
+    cpu_s: float | None = Field(default=None, gt=0, le=3600)
+    wall_s: float | None = Field(default=None, gt=0, le=3600)
+    memory_mb: int | None = Field(default=None, ge=16, le=65536)
+    max_pids: int | None = Field(default=None, ge=1, le=4096)
+    max_output_bytes: int | None = Field(default=None, ge=1, le=64 << 20)
+    workspace_mb: int | None = Field(default=None, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _unambiguous(self) -> "SandboxRule":
+        if self.unsandboxed and self.backend is not None:
+            raise ValueError("set either 'backend' or 'unsandboxed: true', not both")
+        return self
+
+    def over(self, base: "SandboxRule") -> "SandboxRule":
+        """This rule's fields where set, ``base``'s elsewhere."""
+        if self.backend is not None:  # choosing a backend for a tool overrides a policy-wide opt-out
+            base = base.model_copy(update={"unsandboxed": None})
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+    def settings(self) -> dict[str, Any]:
+        """The form the supervisor puts into a dispatch: backend name and explicit limits."""
+        limits = self.model_dump(exclude_none=True, exclude={"backend", "unsandboxed"})
+        backend = "none" if self.unsandboxed else (self.backend or DEFAULT_BACKEND)
+        return {"backend": backend, "limits": limits}
+
+
+DEFAULT_BACKEND = "gvisor"  # the strongest isolation is the default; bwrap is chosen explicitly
+
+
 class ToolRule(_Strict):
     effect: Effect
     args: dict[str, ArgRule] = Field(default_factory=dict)
     approval: bool = False  # parked for a human decision (control-plane issue)
-
+    sandbox: SandboxRule | None = None
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -111,17 +145,6 @@ class Quotas(_Strict):
 class Delegation(_Strict):
     can_delegate_to: list[str] = Field(default_factory=list)
     max_depth: int = Field(default=0, ge=0)
-
-
-class SandboxRule(_Strict):
-    backend: Literal["gvisor", "bwrap"] | None = None
-    unsandboxed: bool = False
-    cpu_s: float | None = Field(default=None, gt=0)
-    wall_s: float | None = Field(default=None, gt=0)
-    memory_mb: int | None = Field(default=None, gt=0)
-    max_pids: int | None = Field(default=None, gt=0)
-    max_output_bytes: int | None = Field(default=None, gt=0)
-    workspace_mb: int | None = Field(default=None, gt=0)
 
 
 class Policy(_Strict):
@@ -158,6 +181,17 @@ class Policy(_Strict):
             for arg, arg_rule in sorted(rule.args.items()):
                 caveats.extend(arg_rule.caveats(tool, arg))
         return caveats
+
+    def sandbox_settings(self) -> dict[str, dict[str, Any]]:
+        """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
+        out = {"*": self.sandbox.settings()}
+        for name, rule in self.tools.items():
+            if rule.sandbox is not None:
+                out[name] = rule.sandbox.over(self.sandbox).settings()
+        return out
+
+    def unsandboxed_tools(self) -> list[str]:
+        return sorted(t for t, s in self.sandbox_settings().items() if s["backend"] == "none")
 
     def agent_quota(self) -> AgentQuota:
         q = self.quotas

@@ -22,7 +22,7 @@ import hmac
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any, Callable, Protocol
 
@@ -35,6 +35,7 @@ from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, Revocatio
 from .wire import ToolSpec, decode_envelope
 
 MAX_DETAIL_CHARS = 500
+DEFAULT_BACKEND = "gvisor"
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
 WORKER_CODES = frozenset(c.value for c in (
     ErrorCode.TOOL_FAILED, ErrorCode.WORKER_UNAVAILABLE, ErrorCode.DISPATCH_REFUSED, ErrorCode.SANDBOX_TIMEOUT,
@@ -43,7 +44,7 @@ WORKER_CODES = frozenset(c.value for c in (
 
 
 class Dispatcher(Protocol):
-    async def dispatch(self, tool: str, message: bytes) -> bytes: ...
+    async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes: ...
 
 
 class AuditSink(Protocol):
@@ -65,6 +66,7 @@ class AgentEntry:
     request_key: bytes
     can_delegate_to: frozenset[str] = frozenset()
     delegate_caveats: tuple[Caveat, ...] = ()  # appended to any token delegated to this agent
+    sandbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # tool or "*" -> {backend, limits}
 
 
 @dataclass
@@ -81,7 +83,8 @@ class Supervisor:
     def __init__(self, *, job_id: str, keyring: KeyRing, tools: dict[str, ToolSpec], audit: AuditSink,
                  dispatcher: Dispatcher, dispatch_key: bytes, clock: Callable[[], float] = time.time,
                  ledger: QuotaLedger | None = None, nonces: NonceWindow | None = None,
-                 revocations: RevocationList | None = None, call_timeout_s: float = 120.0) -> None:
+                 revocations: RevocationList | None = None, call_timeout_s: float = 120.0,
+                 credentials: dict[str, dict[str, str]] | None = None) -> None:
         self.job_id = job_id
         self.keyring = keyring
         self.tools = dict(tools)
@@ -93,6 +96,7 @@ class Supervisor:
         self.nonces = nonces or NonceWindow(clock=clock)
         self.revocations = revocations or RevocationList()
         self.call_timeout_s = call_timeout_s
+        self._credentials = dict(credentials or {})  # tool -> secrets, attached only to that tool's dispatch
         self.agents: dict[str, AgentEntry] = {}
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
 
@@ -176,7 +180,9 @@ class Supervisor:
         try:
             self.audit.record("decision", decision="allow", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
                               args=ok.args, token_id=ok.vt.token_id.hex(), depth=ok.vt.depth,
-                              authz_us=round(authz_us, 1))
+                              authz_us=round(authz_us, 1),
+                              sandbox=self.sandbox_for(ok.agent, ok.tool)["backend"]
+                              if self.tools[ok.tool].sandboxed else None)
         except AuditUnavailable as exc:
             self.ledger.release(ok.reservation)
             exc.tool = ok.tool
@@ -185,15 +191,23 @@ class Supervisor:
         self.counts[(ok.agent, ok.tool, "allow")] += 1
         return await self._dispatch(ok)
 
+    def sandbox_for(self, agent: str, tool: str) -> dict[str, Any]:
+        """The backend and limits the agent's policy sets for this tool (fail-safe default: gVisor)."""
+        entry = self.agents[agent].sandbox
+        return entry.get(tool) or entry.get("*") or {"backend": DEFAULT_BACKEND, "limits": {}}
+
     async def _dispatch(self, ok: _Allowed) -> bytes:
-        message = sign_dispatch(self._dispatch_key, {
-            "call_id": ok.call_id, "job": self.job_id, "agent": ok.agent, "tool": ok.tool,
-            "args": ok.args, "deadline": self.clock() + self.call_timeout_s,
-        })
+        body: dict[str, Any] = {"call_id": ok.call_id, "job": self.job_id, "agent": ok.agent, "tool": ok.tool,
+                                "args": ok.args, "deadline": self.clock() + self.call_timeout_s}
+        if self.tools[ok.tool].sandboxed:
+            body["sandbox"] = self.sandbox_for(ok.agent, ok.tool)
+        if ok.tool in self._credentials:
+            body["credentials"] = self._credentials[ok.tool]
+        message = sign_dispatch(self._dispatch_key, body)
         started = time.perf_counter()
         cost = None
         try:
-            raw = await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message), self.call_timeout_s)
+            raw = await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message, ok.agent), self.call_timeout_s)
             result = msgpack.unpackb(raw, raw=False)
             if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
                 raise ToolFailed("worker returned a malformed result", tool=ok.tool)

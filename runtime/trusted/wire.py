@@ -122,6 +122,7 @@ class ToolSpec:
     params: dict[str, ParamSpec] = field(default_factory=dict)
     cost: float = 1.0
     description: str = ""
+    sandboxed: bool = False  # runs code or touches the agent's workspace: needs a sandbox session
 
     def canonical_args(self, args: dict[str, Any]) -> dict[str, Any]:
         unknown = set(args) - set(self.params)

@@ -178,9 +178,9 @@ def test_decision_is_recorded_before_the_tool_runs(env):
     seen_at_dispatch: list[list[tuple[str, Any]]] = []
     inner = env.dispatcher.dispatch
 
-    async def spy(tool_name: str, message: bytes) -> bytes:
+    async def spy(tool_name: str, message: bytes, agent: str = "") -> bytes:
         seen_at_dispatch.append(kinds(env))
-        return await inner(tool_name, message)
+        return await inner(tool_name, message, agent)
 
     env.dispatcher.dispatch = spy  # type: ignore[method-assign]
     env.value("a", "read_doc", name="x")

@@ -1,0 +1,123 @@
+"""Per-agent workspaces, and file access inside one that cannot be talked out of it.
+
+A workspace is a host directory that appears as ``/workspace`` in that agent's sandboxes
+and nowhere else. When the worker runs as root it is a tmpfs of ``workspace_mb`` (a hard
+size limit: writes past it fail with ENOSPC); otherwise a plain directory whose files are
+capped per file by RLIMIT_FSIZE inside the sandbox.
+
+``resolve`` walks a sandbox path one component at a time with ``openat`` and
+``O_NOFOLLOW``, so a symlink planted by model-written code (``/workspace/x -> /etc``) is
+refused instead of followed, and ``..`` can never climb out.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import ErrorCode, ToolFailed
+from .base import WORKSPACE
+
+
+class Workspace:
+    def __init__(self, root: Path, *, size_mb: int) -> None:
+        self.root = root
+        self.size_mb = size_mb
+        self.mounted = False
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        if os.geteuid() == 0 and shutil.which("mount"):
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700,nosuid,nodev",
+                                   "tmpfs", str(root)], capture_output=True)
+            self.mounted = done.returncode == 0
+
+    @property
+    def size_limit(self) -> str:
+        return f"tmpfs {self.size_mb} MiB" if self.mounted else f"{self.size_mb} MiB per file (RLIMIT_FSIZE)"
+
+    def remove(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
+            self.mounted = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ----------------------------------------------------------------- safe file access
+    def _parts(self, path: str) -> list[str]:
+        norm = posixpath.normpath("/" + path.lstrip("/"))
+        if norm != WORKSPACE and not norm.startswith(WORKSPACE + "/"):
+            raise ToolFailed(f"{path!r} is outside {WORKSPACE}", code=ErrorCode.TOOL_FAILED)
+        return [p for p in norm[len(WORKSPACE):].split("/") if p]
+
+    @contextmanager
+    def _dir_fd(self, parts: list[str]) -> Iterator[int]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts:
+                try:
+                    nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    raise _refusal(exc, part) from None
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    def read(self, path: str, max_bytes: int) -> bytes:
+        *dirs, name = self._parts(path) or [""]
+        with self._dir_fd(dirs) as d:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d)
+            except OSError as exc:
+                raise _refusal(exc, name) from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ToolFailed(f"{path!r} is not a regular file")
+                data = os.read(fd, max_bytes + 1)
+            finally:
+                os.close(fd)
+        if len(data) > max_bytes:
+            raise ToolFailed(f"{path!r} is larger than {max_bytes} bytes", code=ErrorCode.SANDBOX_OUTPUT)
+        return data
+
+    def write(self, path: str, data: bytes) -> int:
+        *dirs, name = self._parts(path) or [""]
+        if not name:
+            raise ToolFailed(f"{path!r} names the workspace itself")
+        with self._dir_fd(dirs) as d:
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=d)
+            except OSError as exc:
+                raise _refusal(exc, name) from None
+            try:
+                owner = os.stat(self.root)  # files belong to the sandbox's uid, not to the worker's
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+                return os.write(fd, data)
+            except OSError as exc:
+                raise _refusal(exc, name) from None
+            finally:
+                os.close(fd)
+
+    def list(self, path: str) -> list[dict[str, object]]:
+        with self._dir_fd(self._parts(path)) as d:
+            out = []
+            for name in sorted(os.listdir(d)):
+                st = os.stat(name, dir_fd=d, follow_symlinks=False)
+                kind = "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "file"
+                out.append({"name": name, "type": kind, "bytes": st.st_size})
+            return out
+
+
+def _refusal(exc: OSError, part: str) -> ToolFailed:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return ToolFailed(f"{part!r} is a symlink or not a directory: refused (no links are followed)")
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EFBIG:
+        return ToolFailed(f"workspace full writing {part!r}", code=ErrorCode.SANDBOX_OUTPUT)
+    return ToolFailed(f"{part!r}: {exc.strerror}")
