@@ -89,7 +89,7 @@ class SupervisorActor:
 class ToolWorkerActor:
     def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
                  tool_config: dict[str, Any]) -> None:
-        pool = SandboxPool(Path(tool_config["run_dir"]) / "workspaces") if "run_dir" in tool_config else None
+        pool = SandboxPool()
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
                                   tool_config=tool_config, sandboxes=pool)
 

@@ -73,8 +73,8 @@ class BwrapSession:
                    f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
         sandbox = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                    "--hostname", "sandbox", *_ro_system_binds(), "--proc", "/proc", "--dev", "/dev",
-                   "--tmpfs", "/tmp", "--bind", str(self.workspace), WORKSPACE, "--chdir", WORKSPACE,
-                   "--clearenv"]
+                   "--tmpfs", "/tmp", "--bind", str(self.workspace), WORKSPACE, "--remount-ro", "/",
+                   "--chdir", WORKSPACE, "--clearenv"]
         for k, v in env.items():
             sandbox += ["--setenv", k, v]
         return [self._prlimit, *rlimits, "--", *sandbox, "--", *argv]

@@ -7,7 +7,10 @@ policy, carried in the supervisor-signed dispatch, never from the agent or the t
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import threading
 from dataclasses import dataclass
@@ -93,7 +96,15 @@ class SandboxHandle:
 
 
 class SandboxPool:
-    def __init__(self, root: Path) -> None:
+    """Workspaces live under a private directory of the system temp dir (mode 0711, so that a
+    sandbox uid can reach its own 0700 workspace without seeing the others, whatever the
+    permissions of the job's run directory)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="warden-ws-"))
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
         self.root = root
         self._backends: dict[str, Any] = {}
         self._workspaces: dict[str, Workspace] = {}
@@ -128,3 +139,4 @@ class SandboxPool:
             s.close()
         for ws in workspaces:
             ws.remove()
+        shutil.rmtree(self.root, ignore_errors=True)
