@@ -3,10 +3,22 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# Debian packages the sandboxes need: bubblewrap (bwrap), runsc (gVisor), util-linux (prlimit).
+SYSTEM_PACKAGES = bubblewrap runsc util-linux
 
-.PHONY: setup demo test test-unit test-cluster clean
+.PHONY: setup system-deps demo test test-unit test-sandbox test-cluster clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
+
+system-deps:           ## install the sandbox runtimes with apt-get when they are missing (needs root)
+	@if command -v bwrap >/dev/null && command -v runsc >/dev/null && command -v prlimit >/dev/null; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "missing sandbox runtimes: run  sudo apt-get install -y $(SYSTEM_PACKAGES)" >&2; exit 1; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +29,14 @@ $(STAMP): pyproject.toml
 demo: setup            ## set up, then run the demo job on a local Ray
 	$(VENV)/bin/warden run jobs/demo.yaml
 
-test: setup            ## set up, then run every test (unit + cluster); fails on any failure or on no tests
+test: setup            ## set up, then run every test; fails on any failure or on no tests
 	$(VENV)/bin/pytest -q
 
 test-unit: setup       ## unit tests only (no Ray), milliseconds each
 	$(VENV)/bin/pytest -q tests/unit
+
+test-sandbox: setup    ## the isolation tests, on both sandbox backends
+	$(VENV)/bin/pytest -q tests/sandbox
 
 test-cluster: setup    ## tests on one shared real Ray instance
 	$(VENV)/bin/pytest -q tests/cluster

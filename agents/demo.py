@@ -7,6 +7,8 @@
   delete #general. Both calls are denied by the supervisor; the summary still completes.
 * ``ModeratorAgent`` may delete messages in #random only: it removes the spam there, and
   its attempt on #general is denied.
+* ``AnalystAgent`` runs model-written Python in a gVisor sandbox; the escape attempt and the
+  runaway loop injected through its data are contained there.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class SummarizerAgent(ToolCallingAgent):
 
 class ModeratorAgent(ToolCallingAgent):
     pass
+
+
+class AnalystAgent(ToolCallingAgent):
+    """Runs model-written Python, always in its sandbox (python.exec), never in this process."""
 
 
 class LeadAgent(Agent):

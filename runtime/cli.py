@@ -96,27 +96,40 @@ def explain(policy: Any) -> str:
     def rule_text(r: ArgRule) -> str:
         return ", ".join(f"{k}={getattr(r, k)!r}" for k in sorted(r.model_fields_set))
 
+    from .sandbox.base import Limits
+
+    settings = policy.sandbox_settings()
+
+    def where(tool: str) -> str:
+        backend = settings.get(tool, settings["*"])["backend"]
+        return "UNSANDBOXED" if backend == "none" else backend
+
     rows = []
     for name, rule in sorted(policy.tools.items()):
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
-        rows.append([name, rule.effect, constraints, "yes" if rule.approval else "no"])
-    q, d, s = policy.quotas, policy.delegation, policy.sandbox
+        rows.append([name, rule.effect, constraints, "yes" if rule.approval else "no", where(name)])
+    q, d = policy.quotas, policy.delegation
     lines = [f"agent: {policy.agent}"]
     if policy.description:
         lines.append(f"  {policy.description}")
     lines += ["", "allowed tools (everything else is denied):",
-              _table(rows, ["tool", "effect", "argument constraints", "approval"]), "", "quotas:"]
+              _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox (if it runs code)"]),
+              "", "quotas:"]
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
                  f"concurrent: {q.max_concurrent or 'unlimited'}; calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
                  f"cost: {q.max_cost if q.max_cost is not None else 'unlimited'}; token lifetime: {q.ttl_s:g}s")
     lines.append("delegation:")
     lines.append(f"  may delegate to: {', '.join(d.can_delegate_to) or 'nobody'}; max depth: {d.max_depth}")
-    lines.append("sandbox:")
-    if s.unsandboxed:
-        lines.append("  !!! UNSANDBOXED: this agent's tools run without an OS sandbox !!!")
-    else:
-        limits = {k: v for k, v in s.model_dump().items() if v is not None and k != "unsandboxed"}
-        lines.append(f"  {', '.join(f'{k}={v}' for k, v in limits.items()) or 'defaults'}")
+    lines.append("sandbox limits per call:")
+    for tool, conf in sorted(settings.items()):
+        limits = Limits.from_dict(conf["limits"])
+        text = ", ".join(f"{k}={getattr(limits, k)}" for k in Limits.__dataclass_fields__)
+        label = "default" if tool == "*" else tool
+        lines.append(f"  {label}: {where(tool)}; {text}")
+    unsandboxed = policy.unsandboxed_tools()
+    if unsandboxed:
+        lines += ["", "!!! UNSANDBOXED: " + ("every code-running tool without its own sandbox.backend" if "*" in unsandboxed else
+                  ", ".join(unsandboxed)) + " run WITHOUT an OS sandbox (rlimits only) !!!"]
     return "\n".join(lines)
 
 
