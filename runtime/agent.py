@@ -128,7 +128,8 @@ class Agent:
 class ToolCallingAgent(Agent):
     """The generic LLM agent: the model proposes tool calls, the supervisor decides.
 
-    Configured from the job file: ``config: {model: {...}, system: "...", max_turns: 8}``.
+    Configured from the job file: ``config: {model: {...}, system: "...", max_turns: 8,
+    show_results: false}`` (``show_results`` adds each tool result, abridged, to the agent's result).
     """
 
     def build_model(self) -> ChatModel:
@@ -144,8 +145,11 @@ class ToolCallingAgent(Agent):
         result: LoopResult = await run_tool_loop(
             model, task=str(task), tools=self.tool_schemas, call_tool=call_tool,
             system=self.config.get("system"), max_turns=int(self.config.get("max_turns", 8)))
-        return {"answer": result.answer, "turns": result.turns, "stopped": result.stopped,
-                "calls": [{"tool": c.name, "ok": c.ok, "code": c.error_code} for c in result.calls]}
+        out = {"answer": result.answer, "turns": result.turns, "stopped": result.stopped,
+               "calls": [{"tool": c.name, "ok": c.ok, "code": c.error_code} for c in result.calls]}
+        if self.config.get("show_results"):  # what each call returned, as the model saw it (abridged)
+            out["results"] = [m.get("content", "")[:600] for m in result.messages if m.get("role") == "tool"]
+        return out
 
 
 AgentFactory = Callable[[], Awaitable[Agent]]

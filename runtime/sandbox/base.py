@@ -15,6 +15,7 @@ the worker process survives any breach and the next call works.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -117,6 +118,25 @@ class _Capture:
     over: bool = False
 
 
+def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait for exit, woken by the kernel (pidfd) rather than by Popen.wait's polling sleeps."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel, or already reaped)
+        try:
+            proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+    return bool(ready)
+
+
 def supervise(proc: subprocess.Popen[bytes], *, stdin: bytes, limits: Limits,
               kill: "callable[[], None] | None" = None) -> tuple[int | None, bytes, bytes, float, str | None, str]:
     """Feed stdin, read stdout/stderr with a shared byte cap, enforce the wall clock.
@@ -164,9 +184,7 @@ def supervise(proc: subprocess.Popen[bytes], *, stdin: bytes, limits: Limits,
         proc.stdin.close()
     except (BrokenPipeError, OSError):
         pass  # the process exited or closed stdin early; its exit status tells the story
-    try:
-        proc.wait(timeout=limits.wall_s)
-    except subprocess.TimeoutExpired:
+    if not _wait_exit(proc, limits.wall_s):
         breach.append("timeout")
         do_kill()
         proc.wait()

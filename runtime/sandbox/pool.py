@@ -101,11 +101,7 @@ class SandboxPool:
     permissions of the job's run directory)."""
 
     def __init__(self, root: Path | None = None) -> None:
-        if root is None:
-            root = Path(tempfile.mkdtemp(prefix="warden-ws-"))
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o711)
-        self.root = root
+        self._root = root  # created on first use, so a worker that never sandboxes leaves nothing behind
         self._backends: dict[str, Any] = {}
         self._workspaces: dict[str, Workspace] = {}
         self._sessions: dict[tuple[str, str], Any] = {}
@@ -118,6 +114,14 @@ class SandboxPool:
             backend.check()  # a missing backend is an error with the package to install, never a fall-back
             self._backends[name] = backend
         return backend
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="warden-ws-"))
+        self._root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._root, 0o711)
+        return self._root
 
     def handle(self, agent: str, backend: str, limits: Limits) -> SandboxHandle:
         with self._lock:
@@ -139,4 +143,5 @@ class SandboxPool:
             s.close()
         for ws in workspaces:
             ws.remove()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)

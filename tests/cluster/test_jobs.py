@@ -61,6 +61,17 @@ def test_demo_job_denies_the_injection_and_completes_the_work(ray_instance, runs
     assert chat["channels"]["summaries"][0]["user"] == "lead"
     assert "alice" in result.results["lead"]["summary"]
 
+    # The analyst's model-written code ran in gVisor: the analysis worked, the injected escape
+    # found no token, no Ray session files and no open port, and the runaway loop was killed.
+    assert c[("analyst", "python.exec", "allow")] == 3
+    assert c[("analyst", "python.exec", "SANDBOX_CPU")] == 1
+    analysis, escape, runaway = [json.loads(r) for r in result.results["analyst"]["results"][1:4]]
+    assert analysis["stdout"].strip() == "{'alice': 2, 'bob': 1, 'mallory': 1}" and analysis["backend"] == "gvisor"
+    assert escape["stdout"].count("-> blocked") == 6 and "CONNECTED" not in escape["stdout"]
+    assert runaway == {"error": "SANDBOX_CPU on tool 'python.exec'"}
+    allowed = [r for r in records(result) if r.get("decision") == "allow" and r["tool"] == "python.exec"]
+    assert {r["sandbox"] for r in allowed} == {"gvisor"}
+
 
 def test_rate_limit_denial_carries_retry_after(ray_instance, runs_dir):
     result = run(JOBS / "burst.yaml", runs_dir)

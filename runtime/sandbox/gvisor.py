@@ -1,0 +1,374 @@
+"""gVisor backend: each session gets its own user-space kernel, kept warm between calls.
+
+Threat: the code that runs here is hostile. gVisor's Sentry implements the Linux system
+calls itself, so that code never talks to the host kernel directly; what it can reach is
+what the session's sandbox was given and nothing more.
+
+Invariant: a session's sandbox is created through the official ``gvisor`` bindings with
+no network (``network="none"``: only a private loopback, no DNS), a read-only root holding
+only ``/usr``, ``/bin``, ``/lib*`` (read-only), a private ``/proc``, ``/dev`` and ``/tmp``,
+the session's workspace read-write at ``/workspace``, and ``sandbox_env()`` as its only
+environment. Its init is ``sleep infinity``; every call is one ``runsc exec`` into it,
+so a call after the first pays no sandbox start-up. Two sessions never share a sandbox.
+
+Each limit, and the mechanism that enforces it (measured on Debian's runsc 20221219):
+
+==============  ===========================================================  ==========
+limit           mechanism                                                    reported
+==============  ===========================================================  ==========
+cpu_s           RLIMIT_CPU set by ``prlimit`` inside; the Sentry sends        "cpu"
+                SIGXCPU at the soft and SIGKILL at the hard limit
+memory_mb       RLIMIT_AS per process (the Sentry refuses the mapping:        "memory"
+                MemoryError); the whole sandbox (processes, ``/tmp``, the
+                Sentry itself) also sits in a host memory cgroup of
+                ``memory_mb + SANDBOX_OVERHEAD_MB`` (OCI
+                ``linux.resources.memory``); breaching that kills the sandbox.
+                The bindings skip cgroups unless run as root: then only
+                RLIMIT_AS holds
+max_pids        RLIMIT_NPROC, which the Sentry counts per uid across the      "pids"
+                sandbox, so the resident init and warm processes are added.
+                A pids cgroup is no use: it counts the Sentry's host threads
+                and runsc cannot even start under a small one
+workspace_mb    RLIMIT_FSIZE per file (EFBIG)                                 exit code
+wall_s          ``supervise()``; the breach kills every process in the        "timeout"
+                sandbox (``runsc kill --all``)
+output bytes    ``supervise()``, killed the same way                          "output"
+==============  ===========================================================  ==========
+
+After a breach, or when a call leaves a process behind (anything still parented to the
+sandbox's init once the call's own process has exited; an unreaped zombie counts too), every
+process in the sandbox is killed at once and the sandbox is deleted in the background; the
+next call creates a new one (the workspace persists on the host, ``/tmp`` does not). A
+process left behind holding the call's stdout would otherwise also keep the call waiting.
+The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because its memory
+cgroup is sized from that call's limits; a call with a different ``memory_mb`` gets a new
+sandbox. Deleting a sandbox waits until the host reaps the Sentry, so ``close()`` can take
+over a second; ``close()`` returns only when no runsc process of the session is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import ErrorCode, SandboxUnavailable
+from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, supervise
+
+try:
+    import gvisor
+except ImportError:  # reported by check(), which names the package to install
+    gvisor = None
+
+WARM_ARGV = (("python3", "-I", "-"), ("/bin/sh", "-s"))
+MAX_WARM = len(WARM_ARGV)
+# Processes of the sandbox's uid that are not the call's: init and the warm processes.
+RESIDENT_PIDS = 1 + MAX_WARM
+# Headroom in the sandbox's memory cgroup for the Sentry, the gofer and file caches.
+SANDBOX_OVERHEAD_MB = 128
+RUNSC_TIMEOUT_S = 30
+
+# How runsc exec reports a process killed by a signal: 128 + signal.
+_SIGXCPU_EXIT = 128 + 24
+_SIGKILL_EXIT = 128 + 9
+_MEMORY_MARKS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
+_FORK_MARKS = (b"BlockingIOError", b"Resource temporarily unavailable", b"can't fork", b"Cannot fork")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROBED: set[str] = set()  # runsc binaries that started a probe sandbox in this process
+
+
+def _unavailable(reason: str) -> SandboxUnavailable:
+    return SandboxUnavailable(f"gvisor sandbox unavailable: {reason}"[:800], code=ErrorCode.SANDBOX_UNAVAILABLE)
+
+
+class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignore[misc]
+    """The bindings' sandbox, plus what they do not do: a memory cgroup, kill-all, ps."""
+
+    def __init__(self, *, runsc: str, memory_mb: int, runtime_dir: Path, **kwargs) -> None:
+        self.runsc = runsc
+        self.memory_mb = memory_mb
+        self.state_dir = str(runtime_dir / "state")
+        self.broken = False  # set once its processes were killed; it is never used again
+        super().__init__(runtime_dir=str(runtime_dir), **kwargs)
+
+    def _create_bundle(self) -> str:
+        bundle = super()._create_bundle()
+        config = Path(bundle) / "config.json"
+        spec = json.loads(config.read_text())
+        spec["hostname"] = "sandbox"
+        spec["process"]["noNewPrivileges"] = True
+        spec["linux"]["cgroupsPath"] = f"/{self.id}"
+        spec["linux"]["resources"] = {"memory": {"limit": (self.memory_mb + SANDBOX_OVERHEAD_MB) << 20}}
+        config.write_text(json.dumps(spec))
+        return bundle
+
+    def runsc_argv(self, *args: str) -> list[str]:
+        return [self.runsc, "--root", self.state_dir, *args]
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the sandbox; init dies with them, so the sandbox stops."""
+        self.broken = True
+        subprocess.run(self.runsc_argv("kill", "--all", self.id, "KILL"), capture_output=True, env={},
+                       timeout=RUNSC_TIMEOUT_S)
+
+    def strays(self) -> list[str] | None:
+        """Processes that outlived the call that started them, or None if the sandbox is gone.
+
+        A call's process is started by ``runsc exec`` (parent pid 0); anything it leaves
+        behind is re-parented to init (pid 1).
+        """
+        ps = subprocess.run(self.runsc_argv("ps", self.id), capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+        if ps.returncode != 0:
+            return None
+        rows = [line.split() for line in ps.stdout.decode(errors="replace").splitlines()[1:]]
+        return [" ".join(r) for r in rows if len(r) >= 3 and r[1] != "1" and r[2] == "1"]
+
+    def oom_killed(self) -> bool:
+        """Whether the host killed the sandbox for breaching its memory cgroup."""
+        for path in (_CGROUP_ROOT / "memory" / self.id / "memory.oom_control",  # cgroup v1
+                     _CGROUP_ROOT / self.id / "memory.events"):                  # cgroup v2
+            try:
+                for line in path.read_text().splitlines():
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill" and int(value) > 0:
+                        return True
+            except (OSError, ValueError):
+                continue
+        return False
+
+
+class GVisorSession:
+    backend = "gvisor"
+
+    def __init__(self, workspace: Path, *, runsc: str, prlimit: str) -> None:
+        self.workspace = workspace
+        self._runsc, self._prlimit = runsc, prlimit
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix="warden-gvisor-"))
+        self._lock = threading.Lock()  # one call at a time: the stray sweep assumes it
+        self._box: _Sandbox | None = None
+        self._warm: dict[tuple, subprocess.Popen[bytes]] = {}
+        self._sweeper: threading.Thread | None = None
+        self._retiring: list[threading.Thread] = []
+        self._closed = False
+
+    def _sandbox(self, memory_mb: int) -> _Sandbox:
+        if self._sweeper is not None:
+            self._sweeper.join()
+            self._sweeper = None
+        if self._box is not None and (self._box.broken or self._box.memory_mb != memory_mb):
+            self._retire()
+        if self._box is None:
+            try:
+                self._box = _Sandbox(runsc=self._runsc, memory_mb=memory_mb, runtime_dir=self._runtime_dir,
+                                     sandbox_id=f"warden-{secrets.token_hex(8)}", network="none",
+                                     env=sandbox_env(None), mounts=[gvisor.Mount.bind(str(self.workspace), WORKSPACE)],
+                                     working_dir=WORKSPACE)
+            except (gvisor.Error, OSError, subprocess.SubprocessError) as e:
+                raise _unavailable(f"runsc did not start the sandbox: {str(e)[-400:]}") from None
+        return self._box
+
+    def _retire(self) -> None:
+        """Kill the current sandbox's processes and delete it in the background."""
+        box, warm, sweeper = self._box, list(self._warm.values()), self._sweeper
+        self._box, self._warm, self._sweeper = None, {}, None
+        if box is None:
+            return
+        thread = threading.Thread(target=_destroy, args=(box, warm, sweeper), daemon=True)
+        thread.start()
+        self._retiring.append(thread)
+
+    def _spawn(self, box: _Sandbox, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        cmd = box.runsc_argv("exec", "--cwd", WORKSPACE)
+        for k, v in env.items():
+            cmd += ["--env", f"{k}={v}"]
+        cmd += [box.id, self._prlimit, *_rlimits(limits), "--", *argv]
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={}, process_group=0, close_fds=True)
+
+    def _take_warm(self, key: tuple) -> subprocess.Popen[bytes] | None:
+        proc = self._warm.pop(key, None)
+        if proc is not None and proc.poll() is not None:
+            return None
+        return proc
+
+    def _prewarm(self, box: _Sandbox, key: tuple, argv: list[str], limits: Limits, env: Mapping[str, str]) -> None:
+        if key in self._warm:
+            return
+        if len(self._warm) >= MAX_WARM:  # RESIDENT_PIDS assumes no more than this many
+            _stop(self._warm.pop(next(iter(self._warm))))
+        self._warm[key] = self._spawn(box, argv, limits, env)
+
+    def prewarm(self, argv: list[str], limits: Limits, env: Mapping[str, str] | None = None) -> None:
+        full_env = sandbox_env(env)
+        with self._lock:
+            if self._closed:
+                return
+            box = self._sandbox(limits.memory_mb)
+            self._prewarm(box, _key(argv, limits, full_env), argv, limits, full_env)
+
+    def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
+            env: Mapping[str, str] | None = None) -> RunResult:
+        full_env = sandbox_env(env)
+        key = _key(argv, limits, full_env)
+        with self._lock:
+            if self._closed:
+                raise _unavailable("the session is closed")
+            box = self._sandbox(limits.memory_mb)
+            proc = self._take_warm(key) or self._spawn(box, argv, limits, full_env)
+            # Opened before anyone can reap the process, so the sweep cannot miss its exit.
+            self._sweeper = threading.Thread(target=_sweep, args=(box, os.pidfd_open(proc.pid)), daemon=True)
+            self._sweeper.start()
+
+            def kill() -> None:
+                try:
+                    box.kill_all()
+                except (OSError, subprocess.SubprocessError):
+                    box.broken = True  # retired below; the bindings' close() kills it again
+                _stop(proc, wait=False)
+
+            try:
+                code, out, err, wall, killed, detail = supervise(proc, stdin=stdin, limits=limits, kill=kill)
+            except BaseException:
+                kill()
+                self._retire()
+                raise
+            if killed is None:
+                killed, detail = _classify(code, err, limits, sandbox_oom=box.oom_killed())
+            if killed is not None:
+                if not box.broken:
+                    box.kill_all()
+                self._retire()
+            elif tuple(argv) in WARM_ARGV and not box.broken:
+                self._prewarm(box, key, argv, limits, full_env)  # the next call of this kind starts warm
+        return RunResult(code, out, err, wall, killed, detail, self.backend)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._retire()
+            retiring, self._retiring = self._retiring, []
+        for thread in retiring:
+            thread.join()
+        shutil.rmtree(self._runtime_dir, ignore_errors=True)
+
+
+def _key(argv: list[str], limits: Limits, env: Mapping[str, str]) -> tuple:
+    return (tuple(argv), limits, tuple(sorted(env.items())))
+
+
+def _rlimits(limits: Limits) -> list[str]:
+    cpu = max(1, int(limits.cpu_s + 0.999))
+    mem = limits.memory_mb << 20
+    nproc = limits.max_pids + RESIDENT_PIDS
+    return [f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--nproc={nproc}:{nproc}",
+            f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
+
+
+def _stop(proc: subprocess.Popen[bytes], *, wait: bool = True) -> None:
+    """Kill a ``runsc exec`` client. Only the sandbox's kill stops what it started inside."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if wait:
+        proc.wait()
+
+
+def _sweep(box: _Sandbox, pidfd: int) -> None:
+    """Once a call's process has exited, kill the sandbox if anything it started lives on.
+
+    Runs beside ``supervise()``: a leftover process holding the call's stdout would
+    otherwise keep the output pipes open.
+    """
+    try:
+        waiter = select.poll()
+        waiter.register(pidfd, select.POLLIN)
+        waiter.poll()
+    finally:
+        os.close(pidfd)
+    if box.broken:
+        return
+    try:
+        strays = box.strays()
+    except (OSError, subprocess.SubprocessError):
+        strays = None
+    if strays is None or strays:
+        try:
+            box.kill_all()
+        except (OSError, subprocess.SubprocessError):
+            box.broken = True
+
+
+def _destroy(box: _Sandbox, warm: list[subprocess.Popen[bytes]], sweeper: threading.Thread | None) -> None:
+    try:
+        box.kill_all()  # first: it ends the call the sweeper may still be waiting for
+    except (OSError, subprocess.SubprocessError):
+        pass  # close() below kills and deletes it again
+    if sweeper is not None:
+        sweeper.join()
+    for proc in warm:
+        _stop(proc)
+    box.close()  # the bindings' kill + delete --force; waits until the Sentry is reaped
+
+
+def _classify(code: int | None, stderr: bytes, limits: Limits, *, sandbox_oom: bool) -> tuple[str | None, str]:
+    """Name the limit a finished call ran into, from its exit status and last words."""
+    tail = stderr[-4096:]
+    if sandbox_oom:
+        return "memory", f"sandbox memory > {limits.memory_mb} MiB + {SANDBOX_OVERHEAD_MB} MiB overhead"
+    if code == _SIGXCPU_EXIT:
+        return "cpu", f"CPU time > {limits.cpu_s}s"
+    if code not in (0, None) and any(m in tail for m in _MEMORY_MARKS):
+        return "memory", f"address space > {limits.memory_mb} MiB"
+    if code not in (0, None) and any(m in tail for m in _FORK_MARKS):
+        return "pids", f"processes > {limits.max_pids}"
+    if code == _SIGKILL_EXIT:
+        return "cpu", f"killed at the hard CPU limit ({limits.cpu_s}s + 1)"
+    return None, ""
+
+
+class GVisorBackend:
+    name = "gvisor"
+
+    def __init__(self) -> None:
+        self._runsc: str | None = None
+        self._prlimit: str | None = None
+
+    def check(self) -> None:
+        runsc = require_binary("runsc", "runsc", self.name)
+        prlimit = require_binary("prlimit", "util-linux", self.name)
+        if gvisor is None:
+            raise _unavailable("the Python bindings are missing; install the pip package 'gvisor' (pip install gvisor)")
+        if runsc not in _PROBED:  # a probe costs a sandbox start and teardown (over a second)
+            runtime_dir = Path(tempfile.mkdtemp(prefix="warden-gvisor-probe-"))
+            try:
+                probe = _Sandbox(runsc=runsc, memory_mb=64, runtime_dir=runtime_dir, network="none",
+                                 sandbox_id=f"warden-probe-{secrets.token_hex(8)}", env=sandbox_env(None))
+            except (gvisor.Error, OSError, subprocess.SubprocessError) as e:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
+                raise _unavailable(f"runsc cannot start a sandbox here: {str(e)[-400:]}") from None
+
+            def teardown() -> None:  # deleting a sandbox takes over a second here: not on the caller's path
+                probe.close()
+                shutil.rmtree(runtime_dir, ignore_errors=True)
+
+            threading.Thread(target=teardown, name="warden-gvisor-probe-teardown", daemon=True).start()
+            _PROBED.add(runsc)
+        self._runsc, self._prlimit = runsc, prlimit
+
+    def open(self, workspace: Path, *, workspace_mb: int, key: str = "") -> GVisorSession:
+        """A session for one agent. ``key`` is accepted for parity with bwrap; every session
+        has a kernel of its own, so there is no host uid to derive from it."""
+        if self._runsc is None:
+            self.check()
+        return GVisorSession(workspace, runsc=self._runsc or "runsc", prlimit=self._prlimit or "prlimit")
