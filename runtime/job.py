@@ -52,10 +52,32 @@ class AgentSpec(_Strict):
     task: Any = None
 
 
+SANDBOX_RESOURCE = "warden_sandbox"
+_RUNTIME_ENV_KEYS = {"pip", "env_vars", "image_uri", "py_modules", "working_dir", "container"}
+
+
 class WorkerSpec(_Strict):
+    """Tool-worker actors. They request ``sandbox_resource`` (one unit each), which only nodes
+    with the sandbox runtimes installed advertise, so they never land anywhere else."""
+
     count: int = Field(default=2, ge=1, le=256)
     num_cpus: float = Field(default=0.0, ge=0)
+    sandbox_resource: str | None = Field(default=SANDBOX_RESOURCE, description="null: no placement constraint")
     resources: dict[str, float] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the workers")
+
+    @model_validator(mode="after")
+    def _known_runtime_env(self) -> "WorkerSpec":
+        unknown = sorted(set(self.runtime_env) - _RUNTIME_ENV_KEYS)
+        if unknown:
+            raise ValueError(f"runtime_env keys {unknown} not supported; use {sorted(_RUNTIME_ENV_KEYS)}")
+        return self
+
+    def ray_resources(self) -> dict[str, float]:
+        res = dict(self.resources)
+        if self.sandbox_resource:
+            res[self.sandbox_resource] = res.get(self.sandbox_resource, 0) + 1
+        return res
 
 
 class CredentialRef(_Strict):
@@ -218,7 +240,23 @@ def _ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(logging_level="WARNING", include_dashboard=False)
+        # The local node has the sandbox runtimes (make setup installs them): advertise it.
+        ray.init(logging_level="WARNING", include_dashboard=False, resources={SANDBOX_RESOURCE: 1000})
+
+
+def _check_placement(spec: JobSpec) -> None:
+    """Fail fast, not hang, when no node can host the tool workers."""
+    import ray
+
+    need = spec.workers.ray_resources()
+    have = ray.cluster_resources()
+    short = {k: v * spec.workers.count for k, v in need.items() if have.get(k, 0) < v * spec.workers.count}
+    if short:
+        raise ConfigError(f"the cluster cannot place {spec.workers.count} tool worker(s): needs {short}, has "
+                          f"{ {k: have.get(k, 0) for k in short} }. Start sandbox nodes with "
+                          f"ray start --resources='{{\"{SANDBOX_RESOURCE}\": 100}}' (they need bwrap/runsc), "
+                          "or set workers.sandbox_resource / workers.count in the job file",
+                          code=ErrorCode.JOB_INVALID)
 
 
 async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
@@ -255,7 +293,11 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     try:
         tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
         progress(f"starting {spec.workers.count} tool worker(s)")
-        workers = [ToolWorkerActor.options(num_cpus=spec.workers.num_cpus, resources=dict(spec.workers.resources))
+        _check_placement(spec)
+        options: dict[str, Any] = {"num_cpus": spec.workers.num_cpus, "resources": spec.workers.ray_resources()}
+        if spec.workers.runtime_env:
+            options["runtime_env"] = dict(spec.workers.runtime_env)
+        workers = [ToolWorkerActor.options(**options)
                    .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
                            tool_config=tool_config)
                    for _ in range(spec.workers.count)]

@@ -78,3 +78,16 @@ class CrashyAgent(Agent):
     async def run(self, task: Any) -> None:
         await self.call("echo", text="before the crash")
         raise RuntimeError("agent bug")
+
+
+@tool(effect="read", name="worker.mark")
+def worker_mark() -> str | None:
+    """The tool worker's WARDEN_WORKER_MARK environment variable (set through the job's runtime_env)."""
+    import os
+
+    return os.environ.get("WARDEN_WORKER_MARK")
+
+
+class MarkAgent(Agent):
+    async def run(self, task: Any) -> Any:
+        return await self.call("worker.mark")

@@ -18,7 +18,7 @@ def ray_instance():
     os.chdir(ROOT)  # workers import agents.* and tests.* from the project directory
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    ctx = ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", resources={"warden_sandbox": 1000})
     yield ctx
     ray.shutdown()
 

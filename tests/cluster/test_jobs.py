@@ -159,3 +159,20 @@ def test_a_hanging_and_a_crashing_agent_fail_the_job_but_not_the_audit(ray_insta
     assert "agent bug" in result.errors["crashy"]
     assert result.audit_ok
     assert records(result)[-1]["kind"] == "job_end" and records(result)[-1]["status"] == "failed"
+
+
+def test_workers_only_go_where_the_sandbox_resource_is(ray_instance, runs_dir):
+    import ray
+
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        run(JOBS / "unplaceable.yaml", runs_dir)
+    assert info.value.code is ErrorCode.JOB_INVALID and "gvisor_node" in info.value.reason
+    assert ray.cluster_resources()["warden_sandbox"] == 1000  # the default resource the demo's workers use
+
+
+def test_worker_runtime_env_reaches_the_worker(ray_instance, runs_dir):
+    result = run(JOBS / "runtime-env.yaml", runs_dir)
+    assert result.ok, result.errors
+    assert result.results["mark"] == "here"
