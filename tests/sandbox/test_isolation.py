@@ -236,3 +236,15 @@ def test_missing_backend_is_a_clear_error_not_a_fallback(tmp_path, monkeypatch):
             pool.handle("alice", name, __import__("runtime.sandbox.base", fromlist=["Limits"]).Limits())
         assert info.value.code is ErrorCode.SANDBOX_UNAVAILABLE and package in info.value.reason
     pool.close()
+
+
+def test_unsandboxed_opt_out_runs_outside_the_worker_and_is_on_record(tmp_path, capfd):
+    e = Env(tmp_path, "none")
+    try:
+        out = e.py("import os; print(os.getpid() != 1)")
+        assert out["exit_code"] == 0 and out["backend"] == "none"
+        assert "UNSANDBOXED" in capfd.readouterr().err  # said loudly
+        allow = [r for r in audit.read_records(e.audit_path) if r.get("decision") == "allow"]
+        assert allow[-1]["sandbox"] == "none"
+    finally:
+        e.close()

@@ -281,3 +281,47 @@ def test_cli_explain_broken_policy(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("warden: POLICY_INVALID:")
     assert "at tools.t.effect:" in err
+
+
+# ------------------------------------------------------------------ sandbox settings
+
+
+def sandbox_policy(**extra: object) -> Policy:
+    return parse_policy({"agent": "s", "tools": {"python.exec": {"effect": "execute"},
+                                                 "shell.exec": {"effect": "execute"}}, **extra})
+
+
+def test_sandbox_defaults_to_gvisor_with_default_limits():
+    assert sandbox_policy().sandbox_settings() == {"*": {"backend": "gvisor", "limits": {}}}
+
+
+def test_tool_sandbox_overrides_policy_sandbox_field_by_field():
+    p = parse_policy({"agent": "s", "sandbox": {"cpu_s": 2, "wall_s": 9},
+                      "tools": {"python.exec": {"effect": "execute", "sandbox": {"backend": "bwrap", "wall_s": 5}},
+                                "shell.exec": {"effect": "execute"}}})
+    settings = p.sandbox_settings()
+    assert settings["*"] == {"backend": "gvisor", "limits": {"cpu_s": 2.0, "wall_s": 9.0}}
+    assert settings["python.exec"] == {"backend": "bwrap", "limits": {"cpu_s": 2.0, "wall_s": 5.0}}
+    assert "shell.exec" not in settings  # inherits "*"
+
+
+def test_unsandboxed_is_explicit_and_reported():
+    from runtime.cli import explain
+
+    p = sandbox_policy(sandbox={"unsandboxed": True})
+    assert p.sandbox_settings()["*"]["backend"] == "none"
+    assert p.unsandboxed_tools() == ["*"]
+    assert "UNSANDBOXED" in explain(p)
+    assert sandbox_policy().unsandboxed_tools() == []
+
+
+def test_unsandboxed_with_a_backend_is_ambiguous():
+    with pytest.raises(ConfigError, match="either 'backend' or 'unsandboxed"):
+        sandbox_policy(sandbox={"unsandboxed": True, "backend": "bwrap"})
+
+
+@pytest.mark.parametrize("bad", [{"backend": "docker"}, {"cpu_s": 0}, {"memory_mb": 1}, {"walltime": 3}])
+def test_bad_sandbox_settings_are_policy_errors(bad):
+    with pytest.raises(ConfigError) as info:
+        sandbox_policy(sandbox=bad)
+    assert info.value.code is ErrorCode.POLICY_INVALID
