@@ -22,7 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, Protocol
 
 from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable
 
@@ -90,6 +91,20 @@ class Backend(Protocol):
         """Raise SandboxUnavailable, saying which package to install, if this host cannot run it."""
 
     def open(self, workspace: Path, *, workspace_mb: int) -> Session: ...
+
+
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-sandbox-spawn")
+
+
+def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a sandbox process from one long-lived thread.
+
+    A parent-death signal (bwrap's ``--die-with-parent``) fires when the *thread* that forked
+    the process exits, and a warm process outlives the call (and the executor thread) that
+    started it; a dedicated thread that never exits keeps it alive exactly as long as the worker.
+    """
+    return _SPAWNER.submit(subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, process_group=0, close_fds=True, **popen).result()
 
 
 def require_binary(path_or_name: str, package: str, backend: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, supervise
+from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, spawn, supervise
 
 UID_BASE = 200_000
 UID_SPAN = 100_000
@@ -82,8 +82,7 @@ class BwrapSession:
     def _spawn(self, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         ids = {} if self._uid is None else {"user": self._uid, "group": self._uid, "extra_groups": []}
         # env={} : bwrap itself is pid 1 of the sandbox, so its own environment shows in /proc/1/environ.
-        return subprocess.Popen(self._argv(argv, limits, env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={}, process_group=0, close_fds=True, **ids)
+        return spawn(self._argv(argv, limits, env), env={}, **ids)
 
     def _take_warm(self, key: tuple) -> subprocess.Popen[bytes] | None:
         with self._lock:

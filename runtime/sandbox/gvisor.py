@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, supervise
+from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, spawn, supervise
 
 try:
     import gvisor
@@ -190,8 +190,7 @@ class GVisorSession:
         for k, v in env.items():
             cmd += ["--env", f"{k}={v}"]
         cmd += [box.id, self._prlimit, *_rlimits(limits), "--", *argv]
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={}, process_group=0, close_fds=True)
+        return spawn(cmd, env={})
 
     def _take_warm(self, key: tuple) -> subprocess.Popen[bytes] | None:
         proc = self._warm.pop(key, None)
