@@ -107,6 +107,39 @@ def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
                            stderr=subprocess.PIPE, process_group=0, close_fds=True, **popen).result()
 
 
+# How a process that ran into an rlimit ends, as a sandbox wrapper reports it (128 + signal).
+_SIGXCPU_EXIT = 128 + 24
+_SIGKILL_EXIT = 128 + 9
+_MEMORY_MARKS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
+_FORK_MARKS = (b"BlockingIOError", b"Resource temporarily unavailable", b"can't fork", b"Cannot fork")
+
+
+def rlimit_args(limits: Limits, *, extra_pids: int = 0) -> list[str]:
+    """``prlimit`` options for a call: CPU (soft, then SIGKILL one second later), address space,
+    processes, file size, no core dumps, few open files."""
+    cpu = max(1, int(limits.cpu_s + 0.999))
+    mem = limits.memory_mb << 20
+    nproc = limits.max_pids + extra_pids
+    return [f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--nproc={nproc}:{nproc}",
+            f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
+
+
+def classify_exit(code: int | None, stderr: bytes, limits: Limits) -> tuple[str | None, str]:
+    """Name the limit a finished process ran into, from its exit status and last words.
+
+    The words are the sandboxed program's own, so it can only mislabel its own failure."""
+    tail = stderr[-4096:]
+    if code in (_SIGXCPU_EXIT, -24):
+        return "cpu", f"CPU time > {limits.cpu_s}s"
+    if code not in (0, None) and any(m in tail for m in _MEMORY_MARKS):
+        return "memory", f"address space > {limits.memory_mb} MiB"
+    if code not in (0, None) and any(m in tail for m in _FORK_MARKS):
+        return "pids", f"processes > {limits.max_pids}"
+    if code == _SIGKILL_EXIT:
+        return "cpu", f"killed at the hard CPU limit ({limits.cpu_s}s + 1)"
+    return None, ""
+
+
 def require_binary(path_or_name: str, package: str, backend: str) -> str:
     from shutil import which
 

@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, spawn, supervise
+from .base import (WORKSPACE, Limits, RunResult, classify_exit, require_binary, rlimit_args, sandbox_env, spawn,
+                   supervise)
 
 UID_BASE = 200_000
 UID_SPAN = 100_000
 WARM_ARGV = (("python3", "-I", "-"), ("/bin/sh", "-s"))
 
-# Signals the kernel sends for a breached rlimit, as bwrap reports them (128 + signal).
-_SIGXCPU_EXIT = 128 + 24
-_SIGKILL_EXIT = 128 + 9
-_MEMORY_MARKS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
-_FORK_MARKS = (b"BlockingIOError", b"Resource temporarily unavailable", b"can't fork", b"Cannot fork")
 
 
 def _ro_system_binds() -> list[str]:
@@ -67,10 +63,7 @@ class BwrapSession:
         self._closed = False
 
     def _argv(self, argv: list[str], limits: Limits, env: Mapping[str, str]) -> list[str]:
-        cpu = max(1, int(limits.cpu_s + 0.999))
-        mem = limits.memory_mb << 20
-        rlimits = [f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--nproc={limits.max_pids}:{limits.max_pids}",
-                   f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
+        rlimits = rlimit_args(limits)
         sandbox = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                    "--hostname", "sandbox", *_ro_system_binds(), "--proc", "/proc", "--dev", "/dev",
                    "--tmpfs", "/tmp", "--bind", str(self.workspace), WORKSPACE, "--remount-ro", "/",
@@ -108,7 +101,7 @@ class BwrapSession:
         if tuple(argv) in WARM_ARGV:
             self.prewarm(argv, limits, env)  # the next call of this kind starts warm
         if killed is None:
-            killed, detail = _classify(code, err, limits)
+            killed, detail = classify_exit(code, err, limits)
         return RunResult(code, out, err, wall, killed, detail, self.backend)
 
     def close(self) -> None:
@@ -121,20 +114,6 @@ class BwrapSession:
             except ProcessLookupError:
                 pass
             proc.wait()
-
-
-def _classify(code: int | None, stderr: bytes, limits: Limits) -> tuple[str | None, str]:
-    """Name the limit a finished process ran into, from its exit status and last words."""
-    tail = stderr[-4096:]
-    if code == _SIGXCPU_EXIT or code == -24:
-        return "cpu", f"CPU time > {limits.cpu_s}s"
-    if code not in (0, None) and any(m in tail for m in _MEMORY_MARKS):
-        return "memory", f"address space > {limits.memory_mb} MiB"
-    if code not in (0, None) and any(m in tail for m in _FORK_MARKS):
-        return "pids", f"processes > {limits.max_pids}"
-    if code == _SIGKILL_EXIT:
-        return "cpu", f"killed at the hard CPU limit ({limits.cpu_s}s + 1)"
-    return None, ""
 
 
 class BwrapBackend:

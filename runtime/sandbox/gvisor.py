@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import WORKSPACE, Limits, RunResult, require_binary, sandbox_env, spawn, supervise
+from .base import (WORKSPACE, Limits, RunResult, classify_exit, require_binary, rlimit_args, sandbox_env, spawn,
+                   supervise)
 
 try:
     import gvisor
@@ -77,10 +78,6 @@ SANDBOX_OVERHEAD_MB = 128
 RUNSC_TIMEOUT_S = 30
 
 # How runsc exec reports a process killed by a signal: 128 + signal.
-_SIGXCPU_EXIT = 128 + 24
-_SIGKILL_EXIT = 128 + 9
-_MEMORY_MARKS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
-_FORK_MARKS = (b"BlockingIOError", b"Resource temporarily unavailable", b"can't fork", b"Cannot fork")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PROBED: set[str] = set()  # runsc binaries that started a probe sandbox in this process
 
@@ -266,11 +263,7 @@ def _key(argv: list[str], limits: Limits, env: Mapping[str, str]) -> tuple:
 
 
 def _rlimits(limits: Limits) -> list[str]:
-    cpu = max(1, int(limits.cpu_s + 0.999))
-    mem = limits.memory_mb << 20
-    nproc = limits.max_pids + RESIDENT_PIDS
-    return [f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--nproc={nproc}:{nproc}",
-            f"--fsize={limits.workspace_mb << 20}", "--core=0", "--nofile=256"]
+    return rlimit_args(limits, extra_pids=RESIDENT_PIDS)
 
 
 def _stop(proc: subprocess.Popen[bytes], *, wait: bool = True) -> None:
@@ -321,19 +314,10 @@ def _destroy(box: _Sandbox, warm: list[subprocess.Popen[bytes]], sweeper: thread
 
 
 def _classify(code: int | None, stderr: bytes, limits: Limits, *, sandbox_oom: bool) -> tuple[str | None, str]:
-    """Name the limit a finished call ran into, from its exit status and last words."""
-    tail = stderr[-4096:]
+    """``classify_exit``, plus the sandbox-wide memory cgroup only gVisor has."""
     if sandbox_oom:
         return "memory", f"sandbox memory > {limits.memory_mb} MiB + {SANDBOX_OVERHEAD_MB} MiB overhead"
-    if code == _SIGXCPU_EXIT:
-        return "cpu", f"CPU time > {limits.cpu_s}s"
-    if code not in (0, None) and any(m in tail for m in _MEMORY_MARKS):
-        return "memory", f"address space > {limits.memory_mb} MiB"
-    if code not in (0, None) and any(m in tail for m in _FORK_MARKS):
-        return "pids", f"processes > {limits.max_pids}"
-    if code == _SIGKILL_EXIT:
-        return "cpu", f"killed at the hard CPU limit ({limits.cpu_s}s + 1)"
-    return None, ""
+    return classify_exit(code, stderr, limits)
 
 
 class GVisorBackend:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import Limits, RunResult, sandbox_env, supervise
+from .base import Limits, RunResult, rlimit_args, sandbox_env, supervise
 from .workspace import Workspace
 
 BACKENDS = ("gvisor", "bwrap", "none")
@@ -50,10 +50,7 @@ class UnsandboxedSession:
 
     def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
             env: Mapping[str, str] | None = None) -> RunResult:
-        cpu = max(1, int(limits.cpu_s + 0.999))
-        mem = limits.memory_mb << 20
-        full = ["prlimit", f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--fsize={limits.workspace_mb << 20}",
-                "--core=0", "--", *argv]
+        full = ["prlimit", *[a for a in rlimit_args(limits) if not a.startswith("--nproc")], "--", *argv]
         proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=sandbox_env(env), cwd=self.workspace, process_group=0)
         code, out, err, wall, killed, detail = supervise(proc, stdin=stdin, limits=limits)
