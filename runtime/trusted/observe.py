@@ -1,0 +1,49 @@
+"""What the supervisor reports as it decides: the seam between the trusted core and metrics.
+
+The supervisor calls an ``Observer`` at each step; ``runtime.metrics`` implements it with
+Prometheus counters and histograms. The signals come from the orchestrator, never from an
+agent, so an agent cannot suppress or forge them. Observers must be cheap and must not
+raise (they sit on the hot path); ``NullObserver`` is the default.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Observer(Protocol):
+    def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
+        """decision is "allow" or "deny"; code is the denial's ErrorCode value."""
+
+    def outcome(self, agent: str, tool: str, ok: bool, code: str | None, dispatch_s: float) -> None:
+        """After a dispatched call; code is the failure's ErrorCode value (SANDBOX_* for kills)."""
+
+    def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
+        """Use of one budget ("calls" or "cost") of the agent's token chain after a reservation."""
+
+    def approvals_pending(self, count: int) -> None: ...
+
+    def anomaly(self, agent: str, tool: str, kind: str) -> None:
+        """kind: "rate" (above the agent/tool baseline) or "denial_burst"."""
+
+    def quarantine(self, agent: str) -> None: ...
+
+
+class NullObserver:
+    def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
+        return None
+
+    def outcome(self, agent: str, tool: str, ok: bool, code: str | None, dispatch_s: float) -> None:
+        return None
+
+    def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
+        return None
+
+    def approvals_pending(self, count: int) -> None:
+        return None
+
+    def anomaly(self, agent: str, tool: str, kind: str) -> None:
+        return None
+
+    def quarantine(self, agent: str) -> None:
+        return None
