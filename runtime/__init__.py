@@ -5,7 +5,7 @@ lazily by the CLI so that importing ``runtime`` does not import Ray.
 """
 
 from .agent import Agent, ToolCallingAgent
-from .errors import (AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
+from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
                      InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
@@ -14,7 +14,7 @@ from .tool import PATH, URL, Tool, ToolContext, tool
 
 __all__ = [
     "Agent", "ToolCallingAgent",
-    "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
+    "ApprovalDenied", "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
     "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "SandboxKilled", "SandboxUnavailable",
     "TokenRejected", "ToolFailed",
     "UnknownTool", "WardenError",

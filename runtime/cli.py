@@ -100,6 +100,14 @@ def explain(policy: Any) -> str:
 
     settings = policy.sandbox_settings()
 
+    def approval_text(rule: Any) -> str:
+        if rule.approval is False:
+            return "no"
+        if rule.approval is True:
+            return "always (300s)"
+        when = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.approval.when.items()))
+        return f"{'when ' + when if when else 'always'} ({rule.approval.timeout_s:g}s)"
+
     def where(tool: str) -> str:
         backend = settings.get(tool, settings["*"])["backend"]
         return "UNSANDBOXED" if backend == "none" else backend
@@ -107,7 +115,7 @@ def explain(policy: Any) -> str:
     rows = []
     for name, rule in sorted(policy.tools.items()):
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
-        rows.append([name, rule.effect, constraints, "yes" if rule.approval else "no", where(name)])
+        rows.append([name, rule.effect, constraints, approval_text(rule), where(name)])
     q, d = policy.quotas, policy.delegation
     lines = [f"agent: {policy.agent}"]
     if policy.description:
@@ -118,6 +126,9 @@ def explain(policy: Any) -> str:
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
                  f"concurrent: {q.max_concurrent or 'unlimited'}; calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
                  f"cost: {q.max_cost if q.max_cost is not None else 'unlimited'}; token lifetime: {q.ttl_s:g}s")
+    a = policy.anomaly
+    lines.append(f"anomaly: flag > {a.rate_factor:g}x baseline calls or {a.denial_burst} denials per {a.window_s:g}s; "
+                 + (f"QUARANTINE after {a.quarantine_after} violations" if a.quarantine_after else "never quarantine"))
     lines.append("delegation:")
     lines.append(f"  may delegate to: {', '.join(d.can_delegate_to) or 'nobody'}; max depth: {d.max_depth}")
     lines.append("sandbox limits per call:")

@@ -12,6 +12,7 @@
     │   │                            BUDGET_EXHAUSTED
     │   ├── AuditUnavailable         AUDIT_UNAVAILABLE: no record, no call
     │   ├── DelegationDenied         DELEGATION_DENIED
+    │   ├── ApprovalDenied           APPROVAL_DENIED, APPROVAL_TIMEOUT: a human said no, or nobody answered
     │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
     ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed
     │   ├── SandboxKilled            SANDBOX_TIMEOUT, SANDBOX_CPU, SANDBOX_MEMORY, SANDBOX_PIDS,
@@ -50,6 +51,8 @@ class ErrorCode(str, Enum):
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     DELEGATION_DENIED = "DELEGATION_DENIED"
+    APPROVAL_DENIED = "APPROVAL_DENIED"
+    APPROVAL_TIMEOUT = "APPROVAL_TIMEOUT"
     DISPATCH_REFUSED = "DISPATCH_REFUSED"
     TOOL_FAILED = "TOOL_FAILED"
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
@@ -155,6 +158,10 @@ class DelegationDenied(Denied):
     default_code = ErrorCode.DELEGATION_DENIED
 
 
+class ApprovalDenied(Denied):
+    default_code = ErrorCode.APPROVAL_DENIED
+
+
 class DispatchRefused(Denied):
     default_code = ErrorCode.DISPATCH_REFUSED
 
@@ -209,6 +216,8 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.AUDIT_UNAVAILABLE: AuditUnavailable,
     ErrorCode.DELEGATION_DENIED: DelegationDenied,
     ErrorCode.DISPATCH_REFUSED: DispatchRefused,
+    ErrorCode.APPROVAL_DENIED: ApprovalDenied,
+    ErrorCode.APPROVAL_TIMEOUT: ApprovalDenied,
     ErrorCode.TOOL_FAILED: ToolFailed,
     ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
     ErrorCode.SANDBOX_TIMEOUT: SandboxKilled,

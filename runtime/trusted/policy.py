@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError, ErrorCode, PolicyDenied
 from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
                          canonical_path)
+from .anomaly import AnomalyConfig
+from .approvals import ApprovalRule
 from .ledger import AgentQuota
 
 Effect = Literal["read", "write", "delete", "execute"]
@@ -127,11 +129,38 @@ class SandboxRule(_Strict):
 DEFAULT_BACKEND = "gvisor"  # the strongest isolation is the default; bwrap is chosen explicitly
 
 
+class ApprovalSpec(_Strict):
+    """A human must approve calls whose arguments match every rule in ``when`` (all calls if empty)."""
+
+    when: dict[str, ArgRule] = Field(default_factory=dict)
+    timeout_s: float = Field(default=300.0, gt=0, le=86400)
+
+
 class ToolRule(_Strict):
     effect: Effect
     args: dict[str, ArgRule] = Field(default_factory=dict)
-    approval: bool = False  # parked for a human decision (control-plane issue)
+    approval: bool | ApprovalSpec = False
     sandbox: SandboxRule | None = None
+
+    def approval_rule(self, tool: str) -> ApprovalRule | None:
+        if self.approval is False:
+            return None
+        spec = ApprovalSpec() if self.approval is True else self.approval
+        when = tuple((c.arg, c.check, c.param) for arg, rule in sorted(spec.when.items())
+                     for c in rule.caveats(tool, arg))
+        return ApprovalRule(tool, when, spec.timeout_s)
+
+
+class AnomalySpec(_Strict):
+    window_s: float = Field(default=60.0, gt=0)
+    rate_factor: float = Field(default=5.0, gt=1)
+    min_calls: int = Field(default=10, ge=1)
+    denial_burst: int = Field(default=5, ge=1)
+    quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
+
+    def config(self) -> AnomalyConfig:
+        return AnomalyConfig(window_s=self.window_s, rate_factor=self.rate_factor, min_calls=self.min_calls,
+                             denial_burst=self.denial_burst, quarantine_after=self.quarantine_after)
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -154,6 +183,10 @@ class Policy(_Strict):
     quotas: Quotas = Field(default_factory=Quotas)
     delegation: Delegation = Field(default_factory=Delegation)
     sandbox: SandboxRule = Field(default_factory=SandboxRule)
+    anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
+
+    def approval_rules(self) -> dict[str, ApprovalRule]:
+        return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}
 
     def root_caveats(self, *, job_id: str, now: float) -> list[Caveat]:
         """The caveats of this agent's root token. Every one narrows; together they are the policy."""

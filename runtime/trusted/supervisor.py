@@ -3,13 +3,18 @@
 A call goes through a short pipeline, each stage able only to deny::
 
     decode -> authenticate (request MAC, nonce) -> verify token (chain, seals, revocation)
-      -> canonicalise arguments -> evaluate caveats -> reserve quota
-      -> audit (write-ahead) -> dispatch (supervisor-MAC'd) -> settle -> audit outcome
+      -> canonicalise arguments -> evaluate caveats -> [park for human approval]
+      -> reserve quota -> audit (write-ahead) -> dispatch (supervisor-MAC'd) -> settle
+      -> audit outcome (withheld if the agent was revoked meanwhile)
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
 means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
+
+Alongside, the supervisor produces the signals an operator needs (``Observer``), counts
+violations per agent (``AnomalyDetector``) and quarantines an agent whose policy asks for
+it: every token it holds or was minted is revoked and an event asks the host to stop it.
 
 This module is plain Python: ``runtime.actors`` wraps it in a Ray actor and supplies a
 ``Dispatcher`` that talks to tool-worker actors.
@@ -28,10 +33,13 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 
-from ..errors import (AuditUnavailable, DelegationDenied, ErrorCode, InternalError, TokenRejected,
+from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError, TokenRejected,
                       ToolFailed, UnknownTool, WardenError)
+from .anomaly import AnomalyConfig, AnomalyDetector
+from .approvals import ApprovalRule, Approvals
 from .capability import CallContext, Caveat, KeyRing, VerifiedToken
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
+from .observe import NullObserver, Observer
 from .wire import ToolSpec, decode_envelope
 
 MAX_DETAIL_CHARS = 500
@@ -67,6 +75,18 @@ class AgentEntry:
     can_delegate_to: frozenset[str] = frozenset()
     delegate_caveats: tuple[Caveat, ...] = ()  # appended to any token delegated to this agent
     sandbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # tool or "*" -> {backend, limits}
+    approvals: dict[str, ApprovalRule] = field(default_factory=dict)  # tool -> when a human must approve
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    root_token_id: bytes | None = None  # revoked (with every token derived from it) on quarantine
+
+
+@dataclass
+class _Checked:
+    agent: str
+    tool: str
+    args: dict[str, Any]
+    vt: VerifiedToken
+    spec: ToolSpec
 
 
 @dataclass
@@ -84,7 +104,8 @@ class Supervisor:
                  dispatcher: Dispatcher, dispatch_key: bytes, clock: Callable[[], float] = time.time,
                  ledger: QuotaLedger | None = None, nonces: NonceWindow | None = None,
                  revocations: RevocationList | None = None, call_timeout_s: float = 120.0,
-                 credentials: dict[str, dict[str, str]] | None = None) -> None:
+                 credentials: dict[str, dict[str, str]] | None = None, observer: Observer | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.job_id = job_id
         self.keyring = keyring
         self.tools = dict(tools)
@@ -99,19 +120,53 @@ class Supervisor:
         self._credentials = dict(credentials or {})  # tool -> secrets, attached only to that tool's dispatch
         self.agents: dict[str, AgentEntry] = {}
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
+        self.observer: Observer = observer or NullObserver()
+        self.approvals = Approvals(clock)
+        self.anomaly = AnomalyDetector()
+        self.quarantined: set[str] = set()
+        self._on_event = on_event or (lambda _e: None)
 
     # ------------------------------------------------------------------ set-up
     def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:
         self.agents[entry.name] = entry
         self.ledger.configure(entry.name, quota)
+        self.anomaly.configure(entry.name, entry.anomaly)
 
+    # ------------------------------------------------------------------ operator actions
     def revoke_agent(self, agent: str, *, by: str = "operator") -> None:
+        """Kill switch: every token the agent holds is refused from now on, parked calls included."""
         self.revocations.revoke_agent(agent)
         self.audit.record("revoke", agent=agent, by=by)
+        self.approvals.deny_agent(agent, approver=by, reason="agent revoked")
 
     def revoke_token(self, token_id_or_tag: bytes, *, by: str = "operator") -> None:
         self.revocations.revoke(token_id_or_tag)
         self.audit.record("revoke", token_id=token_id_or_tag.hex(), by=by)
+
+    def quarantine(self, agent: str, *, reason: str) -> None:
+        """Revoke everything the agent holds or was minted (descendants included), ask the host to stop it."""
+        if agent in self.quarantined:
+            return
+        self.quarantined.add(agent)
+        entry = self.agents.get(agent)
+        if entry is not None and entry.root_token_id is not None:
+            self.revocations.revoke(entry.root_token_id)
+        self.revoke_agent(agent, by="quarantine")
+        self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent))
+        self.observer.quarantine(agent)
+        self._on_event({"event": "quarantine", "agent": agent, "reason": reason})
+
+    def decide_approval(self, approval_id: str, *, approve: bool, approver: str, reason: str = "") -> dict[str, Any]:
+        """A human's answer to one parked call. KeyError if unknown or already decided."""
+        return self.approvals.resolve(approval_id, approve=approve, approver=approver, reason=reason).public()
+
+    def _flag(self, agent: str, tool: str, flags: list[str]) -> None:
+        for kind in flags:
+            self.audit.record("anomaly", agent=agent, tool=tool, flag=kind, violations=self.anomaly.violations(agent))
+            self.observer.anomaly(agent, tool, kind)
+        if self.anomaly.should_quarantine(agent):
+            self.quarantine(agent, reason=f"{self.anomaly.violations(agent)} violations within "
+                                          f"{self.agents[agent].anomaly.window_s:g}s")
 
     # ------------------------------------------------------------------ stages
     def _authenticate(self, data: Any) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
@@ -136,20 +191,57 @@ class Supervisor:
                                 code=ErrorCode.WRONG_HOLDER, tool=tool)
         return body, entry, vt
 
-    def authorize(self, data: Any) -> _Allowed:
-        """Stages 1-5, pure and in-process. Raises a WardenError to deny."""
-        body, entry, vt = self._authenticate(data)
+    def _evaluate(self, body: dict[str, Any], entry: AgentEntry, vt: VerifiedToken) -> _Checked:
         tool = body["tool"]
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
         args = spec.canonical_args(body["args"])
         vt.evaluate(CallContext(entry.name, tool, spec.effect, args, self.clock(), self.job_id))
-        reservation = self.ledger.reserve(entry.name, vt.budgets, spec.cost, tool)
-        return _Allowed(secrets.token_hex(8), entry.name, tool, args, vt, reservation)
+        return _Checked(entry.name, tool, args, vt, spec)
 
-    def _deny(self, exc: Exception, data: Any) -> bytes:
-        """Record a denial and encode it for the agent. A bug (not a WardenError) still denies."""
+    def _reserve(self, c: _Checked) -> _Allowed:
+        reservation = self.ledger.reserve(c.agent, c.vt.budgets, c.spec.cost, c.tool)
+        for key, kind, limit in c.vt.budgets:
+            self.observer.budget(c.agent, kind, self.ledger.used(key), limit)
+        return _Allowed(secrets.token_hex(8), c.agent, c.tool, c.args, c.vt, reservation)
+
+    def authorize(self, data: Any) -> _Allowed:
+        """The in-process decision (no approval step). Raises a WardenError to deny."""
+        body, entry, vt = self._authenticate(data)
+        return self._reserve(self._evaluate(body, entry, vt))
+
+    async def _approval(self, c: _Checked) -> None:
+        """Park the call until a human decides; raise ApprovalDenied unless approved in time."""
+        rule = self.agents[c.agent].approvals.get(c.tool)
+        if rule is None or not rule.matches(c.args):
+            return
+        pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s)
+        self.audit.record("approval_requested", approval_id=pending.id, agent=c.agent, tool=c.tool, args=c.args,
+                          timeout_s=rule.timeout_s)
+        self.observer.approvals_pending(len(self.approvals))
+        try:
+            approved, approver, reason = await asyncio.wait_for(asyncio.shield(pending.future), rule.timeout_s)
+        except asyncio.TimeoutError:
+            approved, approver, reason = False, "(nobody)", f"no decision within {rule.timeout_s:g}s"
+        finally:
+            self.approvals.done(pending)
+            self.observer.approvals_pending(len(self.approvals))
+        self.audit.record("approval", approval_id=pending.id, agent=c.agent, tool=c.tool,
+                          decision="approve" if approved else "deny", approver=approver, reason=reason)
+        if not approved:
+            code = ErrorCode.APPROVAL_TIMEOUT if approver == "(nobody)" else ErrorCode.APPROVAL_DENIED
+            raise ApprovalDenied(f"approval {pending.id} denied by {approver}: {reason}", code=code, tool=c.tool)
+        # Time passed while parked: the token may have been revoked or have expired.
+        self.revocations.check(c.vt.chain_ids(), c.vt.holder, c.tool)
+        c.vt.check_time(self.clock())
+
+    def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
+              started: float | None = None) -> bytes:
+        """Record a denial and encode it for the agent. A bug (not a WardenError) still denies.
+
+        Only a denial of an *authenticated* agent counts as its violation: anyone can send a
+        request in another agent's name, and must not be able to get it quarantined that way."""
         if not isinstance(exc, WardenError):
             exc = InternalError(f"{type(exc).__name__}: {exc}"[:500])
         agent = tool = None
@@ -160,9 +252,13 @@ class Supervisor:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
         self.counts[(str(agent), str(tool), exc.code.value)] += 1
+        elapsed = time.perf_counter() - started if started is not None else 0.0
+        self.observer.decision(str(agent), str(tool), "deny", exc.code.value, elapsed)
         try:
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
                               reason=exc.reason)
+            if authenticated is not None:
+                self._flag(authenticated, str(tool), self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
             audit_exc.tool = exc.tool
             return _pack({"ok": False, "error": audit_exc.to_wire()})
@@ -173,10 +269,21 @@ class Supervisor:
         """Handle one encoded tool call; always returns an encoded result, never raises."""
         started = time.perf_counter()
         try:
-            ok = self.authorize(data)
+            body, entry, vt = self._authenticate(data)
         except Exception as exc:
-            return self._deny(exc, data)
-        authz_us = (time.perf_counter() - started) * 1e6
+            return self._deny(exc, data, started=started)
+        try:
+            self._flag(entry.name, body["tool"], self.anomaly.call(entry.name, body["tool"], self.clock()))
+            checked = self._evaluate(body, entry, vt)
+            if checked.tool in entry.approvals:
+                await self._approval(checked)
+                started = time.perf_counter()  # authorization time excludes the human's
+            ok = self._reserve(checked)
+        except Exception as exc:
+            return self._deny(exc, data, authenticated=entry.name, started=started)
+        authz_s = time.perf_counter() - started
+        authz_us = authz_s * 1e6
+        self.observer.decision(ok.agent, ok.tool, "allow", None, authz_s)
         try:
             self.audit.record("decision", decision="allow", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
                               args=ok.args, token_id=ok.vt.token_id.hex(), depth=ok.vt.depth,
@@ -218,6 +325,8 @@ class Supervisor:
                 # make its outcome read as a decision of the trusted core.
                 code = err.get("code") if err.get("code") in WORKER_CODES else ErrorCode.TOOL_FAILED.value
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
+            # Revoked while the call was in flight: the result is withheld from the agent.
+            self.revocations.check(ok.vt.chain_ids(), ok.vt.holder, ok.tool)
             reply = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
             outcome: dict[str, Any] = {"ok": True}
         except asyncio.TimeoutError:
@@ -238,6 +347,7 @@ class Supervisor:
             # The call ran but its outcome is not on record: do not hand back an unrecorded result.
             exc.tool = ok.tool
             return _pack({"ok": False, "error": exc.to_wire(), "call_id": ok.call_id})
+        self.observer.outcome(ok.agent, ok.tool, outcome["ok"], outcome.get("code"), time.perf_counter() - started)
         if not outcome["ok"]:
             self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
         return _pack(reply)
@@ -266,6 +376,11 @@ class Supervisor:
             return _pack({"ok": True, "token": child.token.encode()})
         except Exception as exc:
             return self._deny(exc, data)
+
+    def status(self) -> dict[str, Any]:
+        return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),
+                "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
+                "approvals_pending": self.approvals.list(), "stats": self.stats()}
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]
