@@ -12,6 +12,7 @@ prove possession with their own request key, and why actors are not given guessa
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import zlib
 from pathlib import Path
@@ -60,11 +61,17 @@ class SupervisorActor:
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
                  call_timeout_s: float, credentials: dict[str, dict[str, str]]) -> None:
+        from .metrics import PrometheusObserver
+
         self._audit = AuditLog(audit_path)
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
+        self._server: Any = None
         self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                                tools={t.name: t for t in tools}, audit=self._audit,
                                dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
-                               call_timeout_s=call_timeout_s, credentials=credentials)
+                               call_timeout_s=call_timeout_s, credentials=credentials,
+                               observer=self._observer, on_event=self._events.put_nowait)
         for entry, quota in agents:
             self._sup.register_agent(entry, quota)
         self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
@@ -79,9 +86,29 @@ class SupervisorActor:
     def stats(self) -> list[dict[str, Any]]:
         return self._sup.stats()
 
-    def close(self, status: str) -> int:
-        seq = self._audit.record("job_end", job=self._sup.job_id, status=status)
+    def status(self) -> dict[str, Any]:
+        return self._sup.status()
+
+    async def serve(self, host: str, port: int, operator_token: str) -> str:
+        """Start /metrics and the authenticated /control API; returns the base URL."""
+        from .control import control_routes
+        from .metrics import MetricsServer
+
+        self._server = MetricsServer(self._observer)
+        self._server.add_routes(control_routes(self._sup, operator_token))
+        bound_host, bound_port = await self._server.start(host, port)
+        return f"http://{bound_host}:{bound_port}"
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event for the job's host (e.g. a quarantine: stop that agent's actor)."""
+        return await self._events.get()
+
+    async def close(self, status: str) -> int:
+        seq = self._audit.record("job_end", job=self._sup.job_id, status=status,
+                                 quarantined=sorted(self._sup.quarantined))
         self._audit.close()
+        if self._server is not None:
+            await self._server.stop()
         return seq
 
 

@@ -5,16 +5,22 @@
     warden policy explain FILE          what a policy allows, as a table
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
+    warden status                       a running job's agents, quarantines, approvals, counts
+    warden approvals list|approve|deny  decide calls a policy parks for a human
+    warden revoke --agent A | --token T kill switch, effective before the next call
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from datetime import datetime
 from typing import Any, Sequence
 
+from .control import ControlError
 from .errors import WardenError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -67,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nresult of {name}:\n  {json.dumps(value, default=str)[:1500]}")
     for name, err in result.errors.items():
         print(f"\nagent {name} FAILED: {err}")
+    if result.quarantined:
+        print(f"\nQUARANTINED (tokens revoked, actor stopped): {', '.join(result.quarantined)}")
     chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
     print(f"\naudit log: {result.audit_log} ({result.audit_records} records, {chain})")
     print(f"verify it: warden audit verify {result.audit_log}")
@@ -159,9 +167,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.path)
     if report.ok:
-        print(f"{args.path}: ok, {report.records} records, chain intact")
+        segments = f"{report.segments} segment" + ("s" if report.segments != 1 else "")
+        print(f"{args.path}: ok, {report.records} records in {segments}, chain intact")
         return EXIT_OK
-    where = f" (first bad record: seq {report.first_bad_seq})" if report.first_bad_seq is not None else ""
+    where = ""
+    if report.first_bad_seq is not None:
+        where = f" (first bad record: seq {report.first_bad_seq} in {report.segment})"
     print(f"{args.path}: BROKEN{where}: {report.problem}", file=sys.stderr)
     return EXIT_FAIL
 
@@ -176,19 +187,112 @@ def _when(text: str | None) -> float | None:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from .trusted.audit import filter_records, format_record, read_records
+    from .trusted.audit import AuditFormatError, filter_records, format_record, read_records
 
     records = filter_records(read_records(args.path), agent=args.agent, tool=args.tool, decision=args.decision,
-                             since=_when(args.since), until=_when(args.until))
-    for rec in records:
-        if args.json:
-            print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
-        else:
-            print(format_record(rec))
+                             kind=args.kind, since=_when(args.since), until=_when(args.until))
+    try:
+        for rec in records:
+            if args.json:
+                print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+            else:
+                print(format_record(rec))
+    except (OSError, AuditFormatError) as exc:
+        print(f"warden: cannot read audit log {args.path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from .trusted.audit import AuditChainError, export_jsonl, verify
+
+    report = verify(args.path)
+    if not report.ok:
+        refused = "" if args.allow_broken else "; not exported (--allow-broken exports it anyway)"
+        print(f"{args.path}: BROKEN: {report.problem}{refused}", file=sys.stderr)
+        if not args.allow_broken:
+            return EXIT_FAIL
+    filters = dict(agent=args.agent, tool=args.tool, decision=args.decision, kind=args.kind,
+                   since=_when(args.since), until=_when(args.until))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        count = export_jsonl(args.path, out, allow_broken=args.allow_broken, **filters)
+    except AuditChainError as exc:  # broke after the check above
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        if args.out:
+            out.close()
+    print(f"exported {count} records" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
 # --------------------------------------------------------------------------- main
+
+
+# ----------------------------------------------------------------- operating a job
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .control import ControlClient, find_run
+
+    return ControlClient.from_run_dir(find_run(args.run, args.runs_dir))
+
+
+def _who(args: argparse.Namespace) -> str:
+    import getpass
+
+    return args.as_name or os.environ.get("WARDEN_OPERATOR") or getpass.getuser()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    st = client.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    print(f"job {st['job']} at {client.url}: agents {', '.join(st['agents'])}")
+    print(f"quarantined: {', '.join(st['quarantined']) or 'none'}; revoked: {', '.join(st['revoked_agents']) or 'none'}")
+    print(f"approvals pending: {len(st['approvals_pending'])}\n")
+    print(_table(summary_rows(st["stats"]), ["agent", "tool", "allowed", "denied", "codes"]))
+    return EXIT_OK
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    pending = _client(args).approvals()
+    if args.json:
+        print(json.dumps(pending, indent=2))
+    elif not pending:
+        print("no calls waiting for approval")
+    else:
+        now = time.time()
+        rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:80], f"{p['expires'] - now:.0f}s"]
+                for p in pending]
+        print(_table(rows, ["id", "agent", "tool", "arguments", "expires in"]))
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, approve: bool) -> int:
+    out = _client(args).decide(args.id, approve=approve, approver=_who(args), reason=args.reason or "")
+    d = out["decided"]
+    print(f"{'approved' if approve else 'denied'} {d['id']}: {d['agent']} -> {d['tool']} {json.dumps(d['args'])[:120]}"
+          f" (as {_who(args)})")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    if bool(args.agent) == bool(args.token):
+        print("warden revoke: give exactly one of --agent NAME or --token ID", file=sys.stderr)
+        return EXIT_USAGE
+    out = _client(args).revoke(agent=args.agent, token_id=args.token, by=_who(args))
+    print(f"revoked {'agent ' + out['revoked_agent'] if 'revoked_agent' in out else 'token ' + out['revoked_token']}"
+          f"; its next call is denied")
+    return EXIT_OK
+
+
+def _job_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", help="the job's run directory (holds control.json); default: the newest running job")
+    p.add_argument("--runs-dir", default="runs", help="where to look for running jobs (default: runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,14 +329,50 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path")
     ver.set_defaults(fn=cmd_audit_verify)
     show = aud.add_parser("show", help="print audit records, optionally filtered")
-    show.add_argument("path")
-    show.add_argument("--agent")
-    show.add_argument("--tool")
-    show.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
-    show.add_argument("--since", help="ISO time or UNIX seconds")
-    show.add_argument("--until", help="ISO time or UNIX seconds")
+    export = aud.add_parser("export", help="write records as JSON Lines for a SIEM; verifies first, "
+                            "exit 1 (and no export without --allow-broken) if the chain is broken")
+    for cmd in (show, export):
+        cmd.add_argument("path")
+        cmd.add_argument("--agent")
+        cmd.add_argument("--tool")
+        cmd.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
+        cmd.add_argument("--kind", help="record kind, such as call or outcome")
+        cmd.add_argument("--since", help="ISO time or UNIX seconds")
+        cmd.add_argument("--until", help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(fn=cmd_audit_show)
+    export.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    export.add_argument("--allow-broken", action="store_true", help="export a log whose chain does not verify")
+    export.set_defaults(fn=cmd_audit_export)
+    st = sub.add_parser("status", help="a running job's agents, quarantines, pending approvals and counts")
+    _job_target(st)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    appr = sub.add_parser("approvals", help="list, approve or deny calls parked for a human").add_subparsers(
+        dest="approvals_command", required=True, metavar="SUBCOMMAND")
+    lst = appr.add_parser("list", help="calls waiting for a decision")
+    _job_target(lst)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(fn=cmd_approvals_list)
+    for name, approve in (("approve", True), ("deny", False)):
+        one = appr.add_parser(name, help=f"{name} one parked call (that call only, never a wider token)")
+        one.add_argument("id", help="the id shown by 'warden approvals list'")
+        one.add_argument("--as", dest="as_name", help="approver name for the audit log (default: WARDEN_OPERATOR "
+                         "or the login name)")
+        one.add_argument("--reason", help="recorded in the audit log")
+        _job_target(one)
+        one.set_defaults(fn=lambda a, approve=approve: _decide(a, approve))
+
+    rev = sub.add_parser("revoke", help="revoke an agent (kill switch) or a token in a running job", description=(
+        "Takes effect before the agent's next call: its parked calls are denied, results of its in-flight "
+        "calls are withheld, and every later call is denied with TOKEN_REVOKED. Revoking a token id revokes "
+        "every token derived from it (delegations included)."))
+    rev.add_argument("--agent", help="agent name")
+    rev.add_argument("--token", help="token id (hex, as in the audit log's token_id)")
+    rev.add_argument("--as", dest="as_name", help="operator name for the audit log")
+    _job_target(rev)
+    rev.set_defaults(fn=cmd_revoke)
     return p
 
 
@@ -242,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except WardenError as exc:
         print(f"warden: {exc.code.value}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAIL
+    except ControlError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         print("warden: interrupted", file=sys.stderr)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .control import write_control_file
 from .errors import ConfigError, ErrorCode, WardenError
 from .tool import Tool, load_tools
 from .trusted import audit as audit_mod
@@ -87,6 +88,13 @@ class CredentialRef(_Strict):
     format: str = Field(default="{}", description="e.g. 'Bearer {}'")
 
 
+class ControlSpec(_Strict):
+    """Where the supervisor serves /metrics and the operator API (/control, token in control.json)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0: a free port, printed at start")
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str = ""
@@ -100,6 +108,7 @@ class JobSpec(_Strict):
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
     call_timeout_s: float = Field(default=120.0, gt=0)
     timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
+    control: ControlSpec = Field(default_factory=ControlSpec)
     runs_dir: str = Field(default="runs", description="relative to the current directory")
 
     @model_validator(mode="after")
@@ -203,6 +212,8 @@ class JobResult:
     audit_problem: str | None
     stats: list[dict[str, Any]]
     results: dict[str, Any] = field(default_factory=dict)
+    quarantined: list[str] = field(default_factory=list)
+    control_url: str = ""
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -260,8 +271,12 @@ def _check_placement(spec: JobSpec) -> None:
 
 
 async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
-                     progress: Callable[[str], None] = lambda _m: None) -> JobResult:
-    """Run a validated job on the Ray instance this process is connected to."""
+                     progress: Callable[[str], None] = lambda _m: None,
+                     before_teardown: Callable[[str], Awaitable[None]] | None = None) -> JobResult:
+    """Run a validated job on the Ray instance this process is connected to.
+
+    ``before_teardown(control_url)`` runs after the agents finished and before the supervisor
+    stops, e.g. to scrape its final metrics."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -313,6 +328,11 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             credentials=resolve_credentials(spec, dict(os.environ)))
         handles.append(supervisor)
         del keyring  # the driver keeps no key once the supervisor has them
+        operator_token = secrets.token_urlsafe(32)
+        control_url = await supervisor.serve.remote(spec.control.host, spec.control.port, operator_token)
+        control_file = write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id)
+        progress(f"metrics: {control_url}/metrics   operate: warden status --run {run_dir}")
+        del control_file
 
         progress(f"starting {len(spec.agents)} agent(s)")
         actors, classes = {}, {}
@@ -331,13 +351,26 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                                            for p in job.policies[a.name].delegation.can_delegate_to})
             for a in spec.agents])
 
+        quarantined: dict[str, str] = {}
+
+        async def watch_events() -> None:
+            while True:
+                event = await supervisor.next_event.remote()
+                if event.get("event") == "quarantine" and event["agent"] in actors:
+                    quarantined[event["agent"]] = event.get("reason", "")
+                    progress(f"QUARANTINE: agent {event['agent']!r} stopped ({event.get('reason')})")
+                    ray.kill(actors[event["agent"]])
+
+        watcher = asyncio.ensure_future(watch_events())
         progress(f"running entry agent(s): {', '.join(spec.entry)}")
         tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
         runs = {n: asyncio.ensure_future(_await(actors[n].run.remote(tasks[n]))) for n in spec.entry}
         await asyncio.wait(runs.values(), timeout=spec.timeout_s)
         results, errors = {}, {}
         for name, fut in runs.items():
-            if not fut.done():
+            if name in quarantined:
+                errors[name] = f"quarantined: {quarantined[name]}"
+            elif not fut.done():
                 fut.cancel()
                 errors[name] = f"timed out after {spec.timeout_s:g}s (job timeout_s)"
             elif fut.exception() is not None:
@@ -347,6 +380,9 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             else:
                 results[name] = fut.result()
 
+        watcher.cancel()
+        if before_teardown is not None:
+            await before_teardown(control_url)
         stats = await supervisor.stats.remote()
         await supervisor.close.remote("ok" if not errors else "failed")
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
@@ -357,6 +393,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     return JobResult(job=spec.name, job_id=job_id, ok=not errors and report.ok, run_dir=str(run_dir),
                      audit_log=str(audit_path), audit_ok=report.ok, audit_records=report.records,
                      audit_problem=report.problem, stats=stats, results=results, errors=errors,
+                     quarantined=sorted(quarantined), control_url=control_url,
                      seconds=round(time.monotonic() - started, 3))
 
 

@@ -108,7 +108,7 @@ class _LabelValues:
 
 
 def _seconds(value: object) -> float | None:
-    """A duration to observe, or None to skip one that is not a finite number."""
+    """A duration to observe (negative: a clock step, clamped to 0), or None to skip NaN/inf."""
     seconds = float(value)  # type: ignore[arg-type]
     if not math.isfinite(seconds):
         return None
@@ -170,12 +170,11 @@ class PrometheusObserver:
     # ------------------------------------------------------------------ Observer
     def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
         try:
-            a, t = self._agent(agent), self._tool(tool)
+            a, t, seconds = self._agent(agent), self._tool(tool), _seconds(authz_s)
             verdict = "allow" if decision == "allow" else "deny"  # anything else is not an allow
             self.calls.labels(self.job, a, t, verdict).inc()
             if verdict == "deny":
                 self.denials.labels(self.job, a, t, self._code(code)).inc()
-            seconds = _seconds(authz_s)
             if seconds is not None:
                 self.authorization_seconds.observe(seconds)
         except Exception:
@@ -183,13 +182,12 @@ class PrometheusObserver:
 
     def outcome(self, agent: str, tool: str, ok: bool, code: str | None, dispatch_s: float) -> None:
         try:
-            a, t = self._agent(agent), self._tool(tool)
+            a, t, seconds = self._agent(agent), self._tool(tool), _seconds(dispatch_s)
             result = "ok" if ok else self._code(code if code else _FAILED_WITHOUT_CODE)
             self.outcomes.labels(self.job, a, t, result).inc()
             cause = KILL_CAUSES.get(result)
             if cause is not None:
                 self.sandbox_kills.labels(self.job, cause).inc()
-            seconds = _seconds(dispatch_s)
             if seconds is not None:
                 self.dispatch_seconds.labels(self.job, t).observe(seconds)
         except Exception:

@@ -373,6 +373,7 @@ class Supervisor:
             self.audit.record("delegate", agent=entry.name, to=target, token_id=vt.token_id.hex(),
                               depth=child.depth, tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
             self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
+            self.observer.decision(entry.name, f"delegate:{target}", "allow", None, 0.0)
             return _pack({"ok": True, "token": child.token.encode()})
         except Exception as exc:
             return self._deny(exc, data)

@@ -91,3 +91,31 @@ def worker_mark() -> str | None:
 class MarkAgent(Agent):
     async def run(self, task: Any) -> Any:
         return await self.call("worker.mark")
+
+
+class CarefulAgent(Agent):
+    """Makes calls its policy parks for a human; reports what became of each."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        return {
+            "first": await _attempt(self.call("note.write", text="approve me")),
+            "second": await _attempt(self.call("note.write", text="deny me")),
+            "unattended": await _attempt(self.call("echo", text="nobody answers")),
+        }
+
+
+class RevokedAgent(Agent):
+    """Parks a call for approval (so it is in flight), then keeps calling after the operator revokes it."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        return {
+            "in_flight": await _attempt(self.call("note.write", text="waiting")),
+            "after": await _attempt(self.call("echo", text="still here?")),
+        }
+
+
+class RogueAgent(Agent):
+    """Keeps trying a tool its policy does not allow."""
+
+    async def run(self, task: Any) -> list[dict[str, Any]]:
+        return [await _attempt(self.call("note.write", text=f"try {i}")) for i in range(50)]
