@@ -60,10 +60,11 @@ class _ByAgent:
 class SupervisorActor:
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
-                 call_timeout_s: float, credentials: dict[str, dict[str, str]]) -> None:
+                 call_timeout_s: float, credentials: dict[str, dict[str, str]],
+                 audit_options: dict[str, Any] | None = None) -> None:
         from .metrics import PrometheusObserver
 
-        self._audit = AuditLog(audit_path)
+        self._audit = AuditLog(audit_path, **(audit_options or {}))
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
         self._server: Any = None

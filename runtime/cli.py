@@ -5,6 +5,7 @@
     warden policy explain FILE          what a policy allows, as a table
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
+    warden audit export PATH [--out F]  JSON Lines for a SIEM (verifies first)
     warden status                       a running job's agents, quarantines, approvals, counts
     warden approvals list|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A | --token T kill switch, effective before the next call

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -95,6 +95,13 @@ class ControlSpec(_Strict):
     port: int = Field(default=0, ge=0, le=65535, description="0: a free port, printed at start")
 
 
+class AuditSpec(_Strict):
+    """The job's audit log: segment size and when records reach the disk (see runtime.trusted.audit)."""
+
+    rotate_mb: float | None = Field(default=64.0, gt=0, description="start a new segment past this size")
+    fsync: Literal["never", "rotate", "always"] = "rotate"
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str = ""
@@ -109,6 +116,7 @@ class JobSpec(_Strict):
     call_timeout_s: float = Field(default=120.0, gt=0)
     timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
     control: ControlSpec = Field(default_factory=ControlSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
     runs_dir: str = Field(default="runs", description="relative to the current directory")
 
     @model_validator(mode="after")
@@ -324,6 +332,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
             job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
             tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
+            audit_options={"fsync": spec.audit.fsync,
+                           "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb else None},
             agents=entries, call_timeout_s=spec.call_timeout_s,
             credentials=resolve_credentials(spec, dict(os.environ)))
         handles.append(supervisor)
