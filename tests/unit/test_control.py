@@ -226,3 +226,45 @@ def test_back_pressure_is_not_a_violation():
     assert not det.should_quarantine("a")
     assert det.denial("a", "POLICY_DENIED", 0.0) == ["denial_burst"]
     assert det.should_quarantine("a") and not det.should_quarantine("a")  # once
+
+
+# ------------------------------------------------------------- the operator HTTP API
+
+
+def test_control_api_needs_the_operator_token_and_revokes_tokens(tmp_path):
+    from runtime.control import ControlClient, ControlError, control_routes, write_control_file
+    from runtime.metrics import MetricsServer
+
+    env = Env(approvals=APPROVE_GENERAL)
+
+    async def scenario():
+        server = MetricsServer()
+        server.add_routes(control_routes(env.sup, "s3cret-operator-token"))
+        host, port = await server.start("127.0.0.1", 0)
+        url = f"http://{host}:{port}"
+        write_control_file(tmp_path, url=url, token="s3cret-operator-token", job_id=JOB)
+        assert (tmp_path / "control.json").stat().st_mode & 0o777 == 0o600
+        good = ControlClient.from_run_dir(tmp_path)
+        bad = ControlClient(url, "guessed-token")
+        try:
+            with pytest.raises(ControlError, match="HTTP 401"):
+                await asyncio.to_thread(bad.revoke, agent="alice", by="mallory")
+            with pytest.raises(ControlError, match="HTTP 401"):
+                await asyncio.to_thread(bad.approvals)
+            assert "alice" not in env.sup.revocations.snapshot()["agents"]
+            status = await asyncio.to_thread(good.status)
+            assert status["agents"] == ["alice", "bob"]
+            out = await asyncio.to_thread(good.revoke, token_id=env.roots["bob"].hex(), by="erin")
+            assert out == {"revoked_token": env.roots["bob"].hex()}
+            with pytest.raises(ControlError, match="HTTP 404"):
+                await asyncio.to_thread(good.revoke, agent="nobody", by="erin")
+            with pytest.raises(ControlError, match="HTTP 400"):
+                await asyncio.to_thread(good.revoke, by="erin")
+            with pytest.raises(TokenRejected) as info:
+                await env.call("drop", agent="bob", channel="x")
+            assert info.value.code is ErrorCode.TOKEN_REVOKED
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    assert env.audit.of("revoke", by="erin")
