@@ -51,9 +51,14 @@ class _ByAgent:
             raise ValueError("a job needs at least one tool worker")
         self._workers = list(workers)
 
+    def _worker(self, agent: str) -> Any:
+        return self._workers[zlib.crc32(agent.encode()) % len(self._workers)]
+
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
-        worker = self._workers[zlib.crc32(agent.encode()) % len(self._workers)]
-        return await worker.execute.remote(message)
+        return await self._worker(agent).execute.remote(message)
+
+    async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
+        return await self._worker(agent).execute_batch.remote(messages)
 
 
 @ray.remote
@@ -83,6 +88,9 @@ class SupervisorActor:
 
     async def delegate(self, request: bytes) -> bytes:
         return await self._sup.delegate(request)
+
+    async def call_batch(self, request: bytes) -> bytes:
+        return await self._sup.call_batch(request)
 
     def stats(self) -> list[dict[str, Any]]:
         return self._sup.stats()
@@ -124,6 +132,9 @@ class ToolWorkerActor:
     async def execute(self, message: bytes) -> bytes:
         return await self._worker.execute(message)
 
+    async def execute_batch(self, messages: list[bytes]) -> list[bytes]:
+        return await self._worker.execute_batch(messages)
+
     def counters(self) -> dict[str, int]:
         return {"executed": self._worker.executed, "refused": self._worker.refused}
 
@@ -140,6 +151,9 @@ class _SupervisorClient:
 
     async def delegate(self, request: bytes) -> bytes:
         return await self._h.delegate.remote(request)
+
+    async def call_batch(self, request: bytes) -> bytes:
+        return await self._h.call_batch.remote(request)
 
 
 class _PeerClient:

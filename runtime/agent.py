@@ -18,15 +18,16 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol
 
-from .errors import DelegationDenied
+from .errors import DelegationDenied, WardenError
 from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
-from .protocol import decode_reply, encode_call, encode_delegate
+from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import Arg, CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
 
 
 class SupervisorClient(Protocol):
     async def call(self, request: bytes) -> bytes: ...
     async def delegate(self, request: bytes) -> bytes: ...
+    async def call_batch(self, request: bytes) -> bytes: ...
 
 
 class Peer(Protocol):
@@ -75,6 +76,20 @@ class Agent:
         request = encode_call(agent=self.name, token=self.token, tool=tool, args=args,
                               request_key=self._request_key)
         return decode_reply(await self._supervisor.call(request))["value"]
+
+    async def call_many(self, calls: Iterable[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Several calls in one message. Each is checked, audited and settled on its own; the
+        result list holds each value, or the typed error of that call (not raised)."""
+        calls = list(calls)
+        request = encode_batch(agent=self.name, token=self.token, calls=calls, request_key=self._request_key)
+        replies = decode_reply(await self._supervisor.call_batch(request))["batch"]
+        out: list[Any] = []
+        for reply in replies:
+            try:
+                out.append(check_reply(reply)["value"])
+            except WardenError as exc:
+                out.append(exc)
+        return out
 
     async def delegate(self, other: type["Agent"] | str, task: Any, *, tools: Iterable[str] | None = None,
                        max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,

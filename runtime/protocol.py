@@ -44,9 +44,20 @@ def encode_delegate(*, agent: str, token: bytes, to: str, request_key: bytes) ->
                          "nonce": os.urandom(16), "ts": time.time()}, request_key)
 
 
+def encode_batch(*, agent: str, token: bytes, calls: list[tuple[str, dict[str, Any]]], request_key: bytes) -> bytes:
+    """Several calls in one message: one MAC and nonce, each call still checked and audited on its own."""
+    return seal_request({"v": REQUEST_VERSION, "op": "batch", "agent": agent, "token": token,
+                         "batch": [{"tool": t, "args": a} for t, a in calls], "nonce": os.urandom(16),
+                         "ts": time.time()}, request_key)
+
+
 def decode_reply(raw: bytes) -> dict[str, Any]:
     """The reply as a map; a refusal or failure is raised as its typed error."""
-    reply = msgpack.unpackb(raw, raw=False)
+    return check_reply(msgpack.unpackb(raw, raw=False))
+
+
+def check_reply(reply: Any) -> dict[str, Any]:
+    """``reply`` if it is a success; else its typed error, raised."""
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         raise ToolFailed("malformed reply from the supervisor")
     if not reply["ok"]:

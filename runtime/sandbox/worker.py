@@ -107,6 +107,13 @@ class ToolWorker:
             return _error(ErrorCode.TOOL_FAILED, f"result is {len(out)} bytes > {MAX_RESULT_BYTES}")
         return out
 
+    async def execute_batch(self, messages: Any) -> list[bytes]:
+        """Several dispatches in one hop; each is checked (MAC, freshness, replay) on its own."""
+        if not isinstance(messages, list) or len(messages) > 256:
+            self.refused += 1
+            return [_error(ErrorCode.DISPATCH_REFUSED, "a batch is a list of at most 256 dispatches")]
+        return list(await asyncio.gather(*[self.execute(m) for m in messages]))
+
     async def _run(self, tool: Any, body: dict[str, Any]) -> Any:
         """``tool`` is a ``runtime.tool.Tool`` (duck-typed: this side does not import the trusted side)."""
         kwargs = dict(body["args"])

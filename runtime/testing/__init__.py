@@ -50,6 +50,10 @@ class InProcessDispatcher:
         self.messages.append(message)
         return await self.worker.execute(message)
 
+    async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
+        self.messages.extend(messages)
+        return await self.worker.execute_batch(messages)
+
 
 class InProcessSupervisorClient:
     def __init__(self, supervisor: Any) -> None:
@@ -60,6 +64,9 @@ class InProcessSupervisorClient:
 
     async def delegate(self, request: bytes) -> bytes:
         return await self.supervisor.delegate(request)
+
+    async def call_batch(self, request: bytes) -> bytes:
+        return await self.supervisor.call_batch(request)
 
 
 __all__ = ["FakeClock", "MemoryAudit", "InProcessDispatcher", "InProcessSupervisorClient", "ScriptedModel"]

@@ -33,14 +33,14 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 
-from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError, TokenRejected,
-                      ToolFailed, UnknownTool, WardenError)
+from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
+                      MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .capability import CallContext, Caveat, KeyRing, VerifiedToken
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
-from .wire import ToolSpec, decode_envelope
+from .wire import ToolSpec, batch_items, decode_envelope
 
 MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
@@ -97,6 +97,7 @@ class _Allowed:
     args: dict[str, Any]
     vt: VerifiedToken
     reservation: Reservation
+    dispatched_at: float | None = None
 
 
 class Supervisor:
@@ -169,9 +170,11 @@ class Supervisor:
                                           f"{self.agents[agent].anomaly.window_s:g}s")
 
     # ------------------------------------------------------------------ stages
-    def _authenticate(self, data: Any) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
+    def _authenticate(self, data: Any, op: str) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
         body_bytes, mac, body = decode_envelope(data)
         tool = body.get("tool")
+        if body["op"] != op:
+            raise MalformedRequest(f"a {body['op']!r} request sent to the {op!r} entry point", tool=tool)
         entry = self.agents.get(body["agent"])
         if entry is None:
             raise TokenRejected(f"unknown agent {body['agent']!r:.60}", code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
@@ -208,7 +211,7 @@ class Supervisor:
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
-        body, entry, vt = self._authenticate(data)
+        body, entry, vt = self._authenticate(data, "call")
         return self._reserve(self._evaluate(body, entry, vt))
 
     async def _approval(self, c: _Checked) -> None:
@@ -237,17 +240,17 @@ class Supervisor:
         c.vt.check_time(self.clock())
 
     def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
-              started: float | None = None) -> bytes:
+              started: float | None = None, tool: str | None = None) -> bytes:
         """Record a denial and encode it for the agent. A bug (not a WardenError) still denies.
 
         Only a denial of an *authenticated* agent counts as its violation: anyone can send a
         request in another agent's name, and must not be able to get it quarantined that way."""
         if not isinstance(exc, WardenError):
             exc = InternalError(f"{type(exc).__name__}: {exc}"[:500])
-        agent = tool = None
+        agent = None
         try:
             _, _, body = decode_envelope(data)
-            agent, tool = body.get("agent"), body.get("tool")
+            agent, tool = body.get("agent"), tool or body.get("tool")
         except WardenError:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
@@ -269,25 +272,63 @@ class Supervisor:
         """Handle one encoded tool call; always returns an encoded result, never raises."""
         started = time.perf_counter()
         try:
-            body, entry, vt = self._authenticate(data)
+            body, entry, vt = self._authenticate(data, "call")
         except Exception as exc:
             return self._deny(exc, data, started=started)
+        ok = await self._decide(body["tool"], body["args"], entry, vt, data, started)
+        if isinstance(ok, bytes):
+            return ok
+        return _pack(await self._settle(ok, await self._run_one(ok)))
+
+    async def call_batch(self, data: Any) -> bytes:
+        """Several calls under one MAC: each is decided, audited and settled on its own; the
+        allowed ones travel to the worker together. Replies come back in order."""
+        started = time.perf_counter()
         try:
-            self._flag(entry.name, body["tool"], self.anomaly.call(entry.name, body["tool"], self.clock()))
-            checked = self._evaluate(body, entry, vt)
+            body, entry, vt = self._authenticate(data, "batch")
+            items = batch_items(body)
+        except Exception as exc:
+            return self._deny(exc, data, started=started)
+        decided = [await self._decide(tool, args, entry, vt, data, started) for tool, args in items]
+        allowed = [d for d in decided if not isinstance(d, bytes)]
+        outcomes: dict[str, Any] = {}
+        if allowed:
+            messages = [self._message(ok) for ok in allowed]
+            dispatch_batch = getattr(self.dispatcher, "dispatch_batch", None)
+            try:
+                if dispatch_batch is not None:
+                    raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
+                else:
+                    raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])
+                outcomes = dict(zip((ok.call_id for ok in allowed), raws))
+            except Exception as exc:  # the whole hop failed: every allowed call reports it
+                outcomes = {ok.call_id: exc for ok in allowed}
+        replies = []
+        for d in decided:
+            if isinstance(d, bytes):
+                replies.append(msgpack.unpackb(d, raw=False))
+            else:
+                replies.append(await self._settle(d, outcomes[d.call_id]))
+        return _pack({"ok": True, "batch": replies})
+
+    async def _decide(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken, data: Any,
+                      started: float) -> "_Allowed | bytes":
+        """Stages 3-6 for one authenticated call: an allowed call on record, or an encoded denial."""
+        try:
+            self._flag(entry.name, tool, self.anomaly.call(entry.name, tool, self.clock()))
+            checked = self._evaluate({"tool": tool, "args": args}, entry, vt)
             if checked.tool in entry.approvals:
                 await self._approval(checked)
                 started = time.perf_counter()  # authorization time excludes the human's
             ok = self._reserve(checked)
         except Exception as exc:
-            return self._deny(exc, data, authenticated=entry.name, started=started)
+            return self._deny(exc, data, authenticated=entry.name, started=started, tool=tool)
         authz_s = time.perf_counter() - started
-        authz_us = authz_s * 1e6
         self.observer.decision(ok.agent, ok.tool, "allow", None, authz_s)
         try:
             self.audit.record("decision", decision="allow", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
                               args=ok.args, token_id=ok.vt.token_id.hex(), depth=ok.vt.depth,
-                              authz_us=round(authz_us, 1),
+                              authz_us=round(authz_s * 1e6, 1),
                               sandbox=self.sandbox_for(ok.agent, ok.tool)["backend"]
                               if self.tools[ok.tool].sandboxed else None)
         except AuditUnavailable as exc:
@@ -296,25 +337,40 @@ class Supervisor:
             self.counts[(ok.agent, ok.tool, exc.code.value)] += 1
             return _pack({"ok": False, "error": exc.to_wire()})
         self.counts[(ok.agent, ok.tool, "allow")] += 1
-        return await self._dispatch(ok)
+        return ok
 
     def sandbox_for(self, agent: str, tool: str) -> dict[str, Any]:
         """The backend and limits the agent's policy sets for this tool (fail-safe default: gVisor)."""
         entry = self.agents[agent].sandbox
         return entry.get(tool) or entry.get("*") or {"backend": DEFAULT_BACKEND, "limits": {}}
 
-    async def _dispatch(self, ok: _Allowed) -> bytes:
+    def _message(self, ok: _Allowed) -> bytes:
         body: dict[str, Any] = {"call_id": ok.call_id, "job": self.job_id, "agent": ok.agent, "tool": ok.tool,
                                 "args": ok.args, "deadline": self.clock() + self.call_timeout_s}
         if self.tools[ok.tool].sandboxed:
             body["sandbox"] = self.sandbox_for(ok.agent, ok.tool)
         if ok.tool in self._credentials:
             body["credentials"] = self._credentials[ok.tool]
-        message = sign_dispatch(self._dispatch_key, body)
-        started = time.perf_counter()
+        return sign_dispatch(self._dispatch_key, body)
+
+    async def _run_one(self, ok: _Allowed, message: bytes | None = None) -> Any:
+        """The worker's raw reply, or the exception the dispatch ended with."""
+        ok.dispatched_at = time.perf_counter()
+        try:
+            return await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message or self._message(ok), ok.agent),
+                                          self.call_timeout_s)
+        except Exception as exc:
+            return exc
+
+    async def _settle(self, ok: _Allowed, raw: Any) -> dict[str, Any]:
+        """Turn the worker's reply into the agent's, settle the quota, record the outcome."""
         cost = None
         try:
-            raw = await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message, ok.agent), self.call_timeout_s)
+            if isinstance(raw, asyncio.TimeoutError):
+                raise ToolFailed(f"no result within {self.call_timeout_s}s", tool=ok.tool,
+                                 code=ErrorCode.WORKER_UNAVAILABLE)
+            if isinstance(raw, BaseException):
+                raise raw
             result = msgpack.unpackb(raw, raw=False)
             if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
                 raise ToolFailed("worker returned a malformed result", tool=ok.tool)
@@ -327,12 +383,8 @@ class Supervisor:
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
             # Revoked while the call was in flight: the result is withheld from the agent.
             self.revocations.check(ok.vt.chain_ids(), ok.vt.holder, ok.tool)
-            reply = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
+            reply: dict[str, Any] = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
             outcome: dict[str, Any] = {"ok": True}
-        except asyncio.TimeoutError:
-            exc = ToolFailed(f"no result within {self.call_timeout_s}s", tool=ok.tool,
-                             code=ErrorCode.WORKER_UNAVAILABLE)
-            reply, outcome = self._failure(exc)
         except WardenError as exc:
             reply, outcome = self._failure(exc)
         except Exception as exc:  # worker died, result undecodable, ...
@@ -340,17 +392,18 @@ class Supervisor:
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
         finally:
             self.ledger.settle(ok.reservation, cost if isinstance(cost, (int, float)) else None)
+        elapsed = time.perf_counter() - (ok.dispatched_at or time.perf_counter())
         try:
             self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
-                              dispatch_ms=round((time.perf_counter() - started) * 1e3, 3), cost=cost, **outcome)
+                              dispatch_ms=round(elapsed * 1e3, 3), cost=cost, **outcome)
         except AuditUnavailable as exc:
             # The call ran but its outcome is not on record: do not hand back an unrecorded result.
             exc.tool = ok.tool
-            return _pack({"ok": False, "error": exc.to_wire(), "call_id": ok.call_id})
-        self.observer.outcome(ok.agent, ok.tool, outcome["ok"], outcome.get("code"), time.perf_counter() - started)
+            return {"ok": False, "error": exc.to_wire(), "call_id": ok.call_id}
+        self.observer.outcome(ok.agent, ok.tool, outcome["ok"], outcome.get("code"), elapsed)
         if not outcome["ok"]:
             self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
-        return _pack(reply)
+        return reply
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -362,7 +415,7 @@ class Supervisor:
     async def delegate(self, data: Any) -> bytes:
         """Re-bind a (possibly attenuated) token of the caller to another agent."""
         try:
-            body, entry, vt = self._authenticate(data)
+            body, entry, vt = self._authenticate(data, "delegate")
             vt.check_time(self.clock())
             target = body["to"]
             if target not in entry.can_delegate_to or target not in self.agents:

@@ -32,7 +32,9 @@ _BODY_FIELDS: dict[str, tuple[type, ...]] = {
     "args": (dict,), "nonce": (bytes,), "ts": (float, int), "to": (str,), "batch": (list,),
 }
 _REQUIRED = {"call": ("v", "op", "agent", "token", "tool", "args", "nonce", "ts"),
-             "delegate": ("v", "op", "agent", "token", "to", "nonce", "ts")}
+             "delegate": ("v", "op", "agent", "token", "to", "nonce", "ts"),
+             "batch": ("v", "op", "agent", "token", "batch", "nonce", "ts")}
+MAX_BATCH = 256
 
 
 def _unpack(data: bytes) -> Any:
@@ -149,3 +151,17 @@ class ToolSpec:
                 url_host(value)  # refuse ambiguous URLs before any caveat sees them
             out[name] = value
         return out
+
+
+def batch_items(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(tool, args)`` items of a batch request; each is then checked like a single call."""
+    items = body["batch"]
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise MalformedRequest(f"a batch holds 1 to {MAX_BATCH} calls, not {len(items)}", code=ErrorCode.TOO_LARGE)
+    out = []
+    for i, item in enumerate(items):
+        if (not isinstance(item, dict) or set(item) != {"tool", "args"} or not isinstance(item["tool"], str)
+                or not isinstance(item["args"], dict)):
+            raise MalformedRequest(f"batch item {i} is not {{tool: str, args: map}}")
+        out.append((item["tool"], item["args"]))
+    return out

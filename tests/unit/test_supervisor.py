@@ -866,3 +866,88 @@ def test_worker_cannot_report_a_trusted_core_code():
     assert info.value.code is ErrorCode.TOOL_FAILED
     outcome = env.audit.of("outcome", tool="impersonate")[-1]
     assert outcome["ok"] is False and outcome["code"] == "TOOL_FAILED"
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def test_batch_checks_audits_and_settles_each_call_on_its_own():
+    from runtime.protocol import encode_batch
+
+    env = Env()
+    env.add("a", CallBudget(3))
+    RAN.clear()
+    req = encode_batch(agent="a", token=env.tokens["a"], request_key=env.keys["a"], calls=[
+        ("read_doc", {"name": "x"}), ("nope", {}), ("read_doc", {"nam": "typo"}), ("explode", {"msg": "m"}),
+        ("read_doc", {"name": "y"}), ("read_doc", {"name": "over budget"})])
+    replies = decode_reply(asyncio.run(env.sup.call_batch(req)))["batch"]
+    assert [r["ok"] for r in replies] == [True, False, False, False, True, False]
+    assert replies[0]["value"] == {"name": "x", "limit": 10}
+    assert [r["error"]["code"] for r in replies if not r["ok"]] == ["UNKNOWN_TOOL", "MALFORMED", "TOOL_FAILED",
+                                                                     "BUDGET_EXHAUSTED"]
+    assert RAN == [("read_doc", "x"), ("explode", "m"), ("read_doc", "y")]
+    assert len(env.audit.of("decision", decision="allow")) == 3
+    assert len(env.audit.of("decision", decision="deny")) == 3
+    assert len(env.audit.of("outcome")) == 3
+    assert len(env.dispatcher.messages) == 3  # one hop, three individually signed dispatches
+
+
+def test_batch_replay_and_forgery_are_refused_whole():
+    from runtime.protocol import encode_batch
+
+    env = Env()
+    env.add("a")
+    req = encode_batch(agent="a", token=env.tokens["a"], request_key=env.keys["a"], calls=[("read_doc", {"name": "x"})])
+    decode_reply(asyncio.run(env.sup.call_batch(req)))
+    with pytest.raises(TokenRejected) as info:
+        decode_reply(asyncio.run(env.sup.call_batch(req)))
+    assert info.value.code is ErrorCode.REPLAY
+    forged = encode_batch(agent="a", token=env.tokens["a"], request_key=secrets.token_bytes(32),
+                          calls=[("read_doc", {"name": "x"})])
+    with pytest.raises(TokenRejected) as info:
+        decode_reply(asyncio.run(env.sup.call_batch(forged)))
+    assert info.value.code is ErrorCode.BAD_REQUEST_MAC
+
+
+@pytest.mark.parametrize("batch", [[], [{"tool": "read_doc"}], [{"tool": 1, "args": {}}], ["x"],
+                                   [{"tool": "read_doc", "args": {}, "extra": 1}]])
+def test_malformed_batches_are_denied(batch):
+    env = Env()
+    env.add("a")
+    body = {"v": 1, "op": "batch", "agent": "a", "token": env.tokens["a"], "batch": batch,
+            "nonce": secrets.token_bytes(16), "ts": time.time()}
+    with pytest.raises(MalformedRequest):
+        decode_reply(asyncio.run(env.sup.call_batch(seal_request(body, env.keys["a"]))))
+
+
+@pytest.mark.parametrize("entry_point, op", [("call", "batch"), ("call", "delegate"), ("call_batch", "call"),
+                                             ("delegate", "call")])
+def test_a_request_sent_to_the_wrong_entry_point_is_denied_not_crashed(entry_point, op):
+    env = Env()
+    env.add("a")
+    RAN.clear()
+    body = {"v": 1, "op": op, "agent": "a", "token": env.tokens["a"], "nonce": secrets.token_bytes(16),
+            "ts": time.time(), **{"call": {"tool": "read_doc", "args": {"name": "x"}},
+                                  "batch": {"batch": [{"tool": "read_doc", "args": {"name": "x"}}]},
+                                  "delegate": {"to": "b"}}[op]}
+    raw = asyncio.run(getattr(env.sup, entry_point)(seal_request(body, env.keys["a"])))
+    with pytest.raises(MalformedRequest):
+        decode_reply(raw)
+    assert RAN == []
+
+
+def test_agent_call_many_returns_values_and_typed_errors():
+    env = Env()
+    env.add("a")
+
+    class Batcher(Agent):
+        async def run(self, task):
+            return await self.call_many([("read_doc", {"name": "x"}), ("delete_doc", {"nam": "typo"})])
+
+    agent = Batcher()
+    agent._attach(name="a", token=env.tokens["a"], request_key=env.keys["a"],
+                  supervisor=InProcessSupervisorClient(env.sup), peers={}, tool_schemas=[], config={},
+                  clock=env.clock)
+    value, error = asyncio.run(agent.run(None))
+    assert value == {"name": "x", "limit": 10}
+    assert isinstance(error, MalformedRequest) and error.code is ErrorCode.MALFORMED
