@@ -98,6 +98,9 @@ class SupervisorActor:
     def status(self) -> dict[str, Any]:
         return self._sup.status()
 
+    def metrics_text(self) -> bytes:
+        return self._observer.render()
+
     async def serve(self, host: str, port: int, operator_token: str) -> str:
         """Start /metrics and the authenticated /control API; returns the base URL."""
         from .control import control_routes

@@ -9,6 +9,7 @@
     warden status                       a running job's agents, quarantines, approvals, counts
     warden approvals list|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A | --token T kill switch, effective before the next call
+    warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
 """
 
 from __future__ import annotations
@@ -291,6 +292,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    command = "warden bench " + args.suite + (" --quick" if args.quick else "")
+    return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command)
+
+
 def _job_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="the job's run directory (holds control.json); default: the newest running job")
     p.add_argument("--runs-dir", default="runs", help="where to look for running jobs (default: runs)")
@@ -345,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     export.add_argument("--allow-broken", action="store_true", help="export a log whose chain does not verify")
     export.set_defaults(fn=cmd_audit_export)
+    bench = sub.add_parser("bench", help="measure what the authorization and isolation cost", description=(
+        "Run benchmark suites: authz (in-process decision), e2e (direct Ray call vs supervised, 1/4/16 agents), "
+        "sandbox (gVisor and bubblewrap cold start and warm calls), cost (memory per agent, audit bytes per "
+        "call, latency over 10,000 calls), or all. Prints a table with targets met or MISSED and writes JSON "
+        "and PNG plots. Figures are medians over repeated runs with p99 and the spread between runs."))
+    bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "all"])
+    bench.add_argument("--quick", action="store_true", help="few repetitions: shows it works, figures are rough")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--out", default="benchmarks/results", help="where JSON and PNGs go (default: %(default)s)")
+    bench.set_defaults(fn=cmd_bench)
+
     st = sub.add_parser("status", help="a running job's agents, quarantines, pending approvals and counts")
     _job_target(st)
     st.add_argument("--json", action="store_true")

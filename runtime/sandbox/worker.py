@@ -49,6 +49,7 @@ class ToolWorker:
         self._clock = clock
         self._sandboxes = sandboxes
         self._seen: dict[str, float] = {}  # call_id -> deadline
+        self._next_prune = 0.0
         self.refused = 0
         self.executed = 0
 
@@ -80,7 +81,9 @@ class ToolWorker:
             raise DispatchRefused("dispatch past its deadline")
         if call_id in self._seen:
             raise DispatchRefused(f"dispatch {call_id} replayed")
-        self._seen = {c: d for c, d in self._seen.items() if d >= now}
+        if now >= self._next_prune:  # expired ids can no longer be replayed (their deadline passed)
+            self._seen = {c: d for c, d in self._seen.items() if d >= now}
+            self._next_prune = now + 10.0
         self._seen[call_id] = deadline
         return body
 

@@ -1,0 +1,162 @@
+"""``warden bench``: what the safety costs, measured on this machine.
+
+Suites (each a module with ``run(quick, progress) -> dict``):
+
+* ``authz``   the in-process decision (decode, verify, evaluate, reserve), 1/4/16 caveats
+* ``e2e``     a trivial tool called directly on a Ray actor vs through the supervisor, 1/4/16 agents
+* ``sandbox`` cold start and warm calls of gVisor and bubblewrap
+* ``cost``    supervisor memory per agent, audit bytes per call, latency from 10 to 10,000 calls
+
+Every figure is a median over repeated runs, with p99 and the spread between runs;
+comparisons are ratios measured side by side in the same run. Results go to
+``<out>/bench-<suite>.json`` and ``<out>/latest.json`` (all suites of the last run) and PNG
+plots to ``<out>/<suite>.png``. A missed target is reported as missed, never hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+SUITES = ("authz", "e2e", "sandbox", "cost")
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = "not installed"
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "kernel": platform.release(), "ray": ray_version,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def run_suites(names: list[str], *, quick: bool, progress: Callable[[str], None],
+               command: str = "") -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": command,
+                               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
+    for name in names:
+        progress(f"suite {name} ...")
+        started = time.monotonic()
+        suite = importlib.import_module(f"runtime.bench.{name}").run(quick=quick, progress=progress)
+        suite["seconds"] = round(time.monotonic() - started, 1)
+        results["suites"][name] = suite
+        progress(f"suite {name} done in {suite['seconds']}s")
+    return results
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = []
+    for suite in results["suites"].values():
+        for f in suite["figures"]:
+            spread = f.get("spread")
+            met = {True: "met", False: "MISSED", None: ""}[f.get("met")]
+            rows.append([f["suite"], f["name"], f["unit"], _fmt(f["p50"]), _fmt(f.get("p99")),
+                         f"{_fmt(spread[0])}..{_fmt(spread[1])}" if spread else "-", f.get("target") or "", met])
+    header = ["suite", "measure", "unit", "p50/value", "p99", "spread (run p50s)", "target", ""]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*header).rstrip(), line.format(*["-" * w for w in widths]).rstrip()]
+    out += [line.format(*r).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    """One PNG per suite: latency figures as bars with p99 whiskers, ratios/rates alongside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, suite in results["suites"].items():
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for f in suite["figures"]:
+            groups.setdefault(f["unit"], []).append(f)
+        cols = min(2, len(groups))
+        rows = (len(groups) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 0.5 + max(2.5, 0.32 * max(map(len, groups.values())))
+                                                      * rows), squeeze=False)
+        for ax in axes.flat[len(groups):]:
+            ax.set_visible(False)
+        for ax, (unit, figs) in zip(axes.flat, groups.items()):
+            labels = [f["name"] for f in figs]
+            values = [f["p50"] for f in figs]
+            errs = [max(0.0, (f.get("p99") or f["p50"]) - f["p50"]) for f in figs]
+            colors = ["tab:red" if f.get("met") is False else "tab:green" if f.get("met") else "tab:blue"
+                      for f in figs]
+            ax.barh(range(len(figs)), values, xerr=[[0.0] * len(errs), errs], color=colors, alpha=0.8,
+                    error_kw={"elinewidth": 1, "capsize": 2})
+            ax.set_yticks(range(len(figs)), labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{unit} (bar: p50 or value; whisker: p99)", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+        m = results["machine"]
+        fig.suptitle(f"warden bench {name} - {m['cpus']} CPU {m['cpu_model'][:40]}; "
+                     f"green met, red missed", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "") -> int:
+    names = list(SUITES) if suite == "all" else [suite]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    results = run_suites(names, quick=quick, progress=progress, command=command)
+    for name, suite_result in results["suites"].items():
+        (out_dir / f"bench-{name}.json").write_text(json.dumps(
+            {"machine": results["machine"], "quick": quick, "started": results["started"], **suite_result}, indent=2))
+        if suite_result.get("profile"):  # where the time goes, for whoever chases a missed target
+            (out_dir / f"{name}-profile.txt").write_text(suite_result["profile"])
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
+    pngs = plot(results, out_dir)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        m = results["machine"]
+        print(f"machine: {m['cpus']} CPU ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, "
+              f"Ray {m['ray']}, kernel {m['kernel']}{' (quick run)' if quick else ''}\n")
+        print(table(results))
+        for s in results["suites"].values():
+            for note in s.get("notes", []):
+                print(f"note ({s['suite']}): {note}")
+        missed = [f for s in results["suites"].values() for f in s["figures"] if f.get("met") is False]
+        if missed:
+            print(f"\n{len(missed)} target(s) MISSED; profiles of where the time goes: "
+                  + ", ".join(str(out_dir / f"{n}-profile.txt") for n, s in results["suites"].items()
+                              if s.get("profile")))
+        print(f"\nsaved {out_dir / 'latest.json'} and " + ", ".join(str(p) for p in pngs))
+    return 0

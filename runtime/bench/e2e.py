@@ -1,0 +1,147 @@
+"""Suite 2, e2e: the same trivial tool called directly on a Ray actor and through the supervisor.
+
+Both paths start in an agent actor and end in a worker actor on the same node:
+
+* direct: agent actor -> plain Ray actor running ``bench.noop`` (the plain-Ray baseline);
+* supervised: agent actor -> supervisor actor (decode, verify, evaluate, reserve, audit)
+  -> tool-worker actor (MAC check) -> back, with the audit log written to a real file;
+* batched: as supervised, ``batch`` calls per message, each still checked and audited.
+
+With 1, 4 and 16 concurrent agents the suite reports per-call latency (p50/p99 as seen by
+the agent), calls per second (all agents' calls / wall time) and the ratios, measured side by
+side in the same run; and the share of supervised latency spent in the authorization
+decision (the supervisor's own histogram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import shutil
+import statistics
+import tempfile
+import time
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable
+
+from ..trusted import audit
+from .stats import Figure, rate_figure, summarise
+
+CONCURRENCY = (1, 4, 16)
+BATCH = 16
+
+
+def _ray() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR", include_dashboard=False, resources={"warden_sandbox": 1000})
+    return ray
+
+
+async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
+    ray = _ray()
+    from ..actors import AgentActor, SupervisorActor, ToolWorkerActor
+    from ..tool import load_tools
+    from ..trusted.capability import Audience, Expires, KeyRing, Tools
+    from ..trusted.ledger import AgentQuota
+    from ..trusted.supervisor import AgentEntry
+
+    @ray.remote
+    class PlainWorker:
+        async def execute(self, x: int) -> int:
+            return tools["bench.noop"].fn(x)
+
+    job = f"bench-{secrets.token_hex(3)}"
+    tools = load_tools(["runtime.bench.tools"])
+    keyring, dispatch_key, master = KeyRing.generate(), secrets.token_bytes(32), secrets.token_bytes(32)
+    names = [f"agent{i}" for i in range(agents)]
+    entries, tokens = [], {}
+    for name in names:
+        key = hmac.new(master, name.encode(), sha256).digest()
+        entries.append((AgentEntry(name, key), AgentQuota()))
+        tokens[name] = keyring.mint(holder=name, caveats=[Audience(job), Expires(time.time() + 3600),
+                                                          Tools(("bench.noop",))]).encode()
+    run_dir = Path(tempfile.mkdtemp(prefix="warden-bench-"))
+    worker = ToolWorkerActor.options(num_cpus=0).remote(dispatch_key=dispatch_key,
+                                                        tool_modules=["runtime.bench.tools"], job_id=job,
+                                                        tool_config={"run_dir": str(run_dir)})
+    plain = PlainWorker.options(num_cpus=0).remote()
+    supervisor = SupervisorActor.options(num_cpus=0, max_concurrency=1000).remote(
+        job_id=job, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
+        tools=[t.spec for t in tools.values()], audit_path=str(run_dir / "audit.log"), workers=[worker],
+        agents=entries, call_timeout_s=60, credentials={}, audit_options={"fsync": "rotate"})
+    actors = [AgentActor.options(num_cpus=0, max_concurrency=100).remote(
+        cls_path="runtime.bench.tools:BenchAgent", name=name, token=tokens[name], request_key=e.request_key,
+        supervisor=supervisor, tool_schemas=[], config={}) for name, (e, _) in zip(names, entries)]
+    await asyncio.gather(*[a.connect.remote({}) for a in actors])
+    await plain.execute.remote(0)
+    return {"ray": ray, "plain": plain, "supervisor": supervisor, "worker": worker, "agents": actors,
+            "run_dir": run_dir}
+
+
+async def _measure(env: dict[str, Any], mode: str, n: int) -> tuple[list[float], float]:
+    task = {"mode": mode, "n": n, "batch": BATCH, "plain": env["plain"]}
+    started = time.perf_counter()
+    outs = await asyncio.gather(*[a.run.remote(task) for a in env["agents"]])
+    wall = time.perf_counter() - started
+    samples = [x for o in outs for x in o["samples_us"]]
+    return samples, len(samples) / wall
+
+
+async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    runs, n = (1, 30) if quick else (5, 200)
+    figures: list[Figure] = []
+    notes = [f"{runs} run(s) per figure; each agent makes {n} calls per run after a warm-up; batches of {BATCH}",
+             "latency is per call as the agent sees it (a batched call's latency is the message's / batch size)"]
+    for c in CONCURRENCY:
+        progress(f"e2e: {c} concurrent agent(s)")
+        env = await _setup(c)
+        try:
+            for mode in ("direct", "supervised", "batch"):
+                await _measure(env, mode, max(5, n // 10))  # warm-up: imports, connections, caches
+            lat: dict[str, list[list[float]]] = {m: [] for m in ("direct", "supervised", "batch")}
+            tput: dict[str, list[float]] = {m: [] for m in lat}
+            for r in range(runs):
+                for mode in lat:  # interleaved, so the machine's noise hits all three alike
+                    samples, rate = await _measure(env, mode, n)
+                    lat[mode].append(samples)
+                    tput[mode].append(rate)
+            await env["supervisor"].close.remote("ok")
+        finally:
+            for h in [env["supervisor"], env["worker"], env["plain"], *env["agents"]]:
+                env["ray"].kill(h)
+        # The supervisor's own measurement of each decision, from its audit log.
+        authz = sorted(r["authz_us"] for r in audit.read_records(env["run_dir"] / "audit.log")
+                       if r.get("decision") == "allow")
+        authz_p50_us = statistics.median(authz)
+        shutil.rmtree(env["run_dir"], ignore_errors=True)
+        direct = summarise("e2e", f"direct, {c} agent(s)", "us", lat["direct"], concurrency=c)
+        sup = summarise("e2e", f"supervised, {c} agent(s)", "us", lat["supervised"], concurrency=c)
+        bat = summarise("e2e", f"batched x{BATCH}, {c} agent(s)", "us", lat["batch"], concurrency=c)
+        ratio = sup.p50 / direct.p50
+        figures += [direct, sup, bat,
+                    Figure("e2e", f"supervised/direct p50, {c} agent(s)", "ratio", round(ratio, 3),
+                           target="<= 2.0", met=ratio <= 2.0, extra={"concurrency": c}),
+                    Figure("e2e", f"authorization share of supervised p50, {c} agent(s)", "%",
+                           round(100 * authz_p50_us / sup.p50, 3), target="<= 2 %",
+                           met=100 * authz_p50_us / sup.p50 <= 2.0,
+                           extra={"concurrency": c, "authz_p50_us": round(authz_p50_us, 2)})]
+        d_rate = rate_figure("e2e", f"direct throughput, {c} agent(s)", "calls/s", tput["direct"], concurrency=c)
+        s_rate = rate_figure("e2e", f"supervised throughput, {c} agent(s)", "calls/s", tput["supervised"],
+                             concurrency=c)
+        b_rate = rate_figure("e2e", f"batched throughput, {c} agent(s)", "calls/s", tput["batch"], concurrency=c)
+        s_ratio = s_rate.p50 / d_rate.p50
+        b_ratio = b_rate.p50 / d_rate.p50
+        figures += [d_rate, s_rate, b_rate,
+                    Figure("e2e", f"supervised/direct throughput, {c} agent(s)", "ratio", round(s_ratio, 3),
+                           target=">= 0.5", met=s_ratio >= 0.5, extra={"concurrency": c}),
+                    Figure("e2e", f"batched/direct throughput, {c} agent(s)", "ratio", round(b_ratio, 3),
+                           target=">= 1.0", met=b_ratio >= 1.0, extra={"concurrency": c})]
+    return {"suite": "e2e", "figures": [f.to_dict() for f in figures], "notes": notes}
+
+
+def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    return asyncio.run(_suite(quick, progress))

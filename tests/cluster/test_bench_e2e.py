@@ -1,0 +1,22 @@
+"""The e2e benchmark runs on the shared Ray instance (its figures are not asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.bench import e2e
+
+pytestmark = pytest.mark.cluster
+
+
+def test_e2e_quick_measures_every_path_side_by_side(ray_instance):
+    result = e2e.run(quick=True, progress=lambda _m: None)
+    names = {f["name"] for f in result["figures"]}
+    for c in e2e.CONCURRENCY:
+        for what in ("direct", "supervised", f"batched x{e2e.BATCH}"):
+            assert f"{what}, {c} agent(s)" in names
+        assert f"supervised/direct p50, {c} agent(s)" in names
+        assert f"authorization share of supervised p50, {c} agent(s)" in names
+        assert f"batched/direct throughput, {c} agent(s)" in names
+    for f in result["figures"]:
+        assert f["p50"] > 0
