@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import posixpath
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, NamedTuple, Union
 from urllib.parse import urlsplit
 
 import msgpack
@@ -53,8 +55,17 @@ EFFECTS = ("read", "write", "delete", "execute")
 _SHA = hashlib.sha256
 
 
-def _mac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, _SHA).digest()
+try:  # the OpenSSL HMAC that hmac.new wraps, called without the pure-Python wrapper around it
+    from _hashlib import hmac_new as _openssl_hmac
+except ImportError:  # pragma: no cover - a Python built without OpenSSL
+    _openssl_hmac = None
+
+
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    """``hmac.new(key, msg, sha256).digest()``, at about half the cost."""
+    if _openssl_hmac is None:  # pragma: no cover
+        return hmac.new(key, msg, _SHA).digest()
+    return _openssl_hmac(key, msg, digestmod=_SHA).digest()
 
 
 def _pack(obj: Any) -> bytes:
@@ -83,12 +94,32 @@ def path_is_under(path: str, root: str) -> bool:
 _HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
                    r"|[0-9a-f:.]+")  # DNS labels, or an IPv4/IPv6 literal (brackets already stripped)
 _URL_BAD = re.compile(r"[\x00-\x20\x7f-\U0010ffff\\]")
+# The common shape, read without urlsplit: http(s)://, a lower-case authority of name characters
+# only (no userinfo, port or brackets), then nothing or '/', '?' or '#' and the rest, with no
+# character _URL_BAD refuses. urlsplit ends the authority at the first of '/?#', so the group
+# is the host it would find. Each run is matched as (?=(X))\N, which cannot backtrack into X:
+# a long hostile URL costs one pass.
+_PLAIN_URL = re.compile(r"https?://(?=([a-z0-9_.-]+))\1(?:[/?#](?=([^\x00-\x20\x7f-\U0010ffff\\]*))\2)?")
 
 
 def url_host(value: Any) -> str:
     """The lower-case host of an http(s) URL; refuses anything ambiguous."""
-    if not isinstance(value, str) or len(value) > 4096 or _URL_BAD.search(value):
+    if not isinstance(value, str) or len(value) > 4096:
         raise PolicyDenied(f"not a usable URL: {value!r:.80}")
+    plain = _PLAIN_URL.fullmatch(value)
+    if plain is not None:
+        host = plain.group(1).rstrip(".")
+    elif _URL_BAD.search(value):
+        raise PolicyDenied(f"not a usable URL: {value!r:.80}")
+    else:
+        host = _split_host(value)
+    if not host or not _HOST.fullmatch(host):
+        raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address")
+    return host
+
+
+def _split_host(value: str) -> str:
+    """The host of an http(s) URL as urlsplit reads it, its port checked; PolicyDenied if malformed."""
     try:
         parts = urlsplit(value)  # raises ValueError on e.g. a malformed '[...]' host
     except ValueError as exc:
@@ -100,8 +131,6 @@ def url_host(value: Any) -> str:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
         raise PolicyDenied(f"malformed URL authority: {exc}") from None
-    if not host or not _HOST.fullmatch(host):
-        raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address")
     return host
 
 
@@ -188,7 +217,10 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     if kind == "exact":
         return None if _same(value, param) else f"{value!r:.80} != {param!r:.80}"
     if kind == "one_of":
-        return None if any(_same(value, p) for p in param) else f"{value!r:.80} not in {param!r:.200}"
+        for p in param:
+            if _same(value, p):
+                return None
+        return f"{value!r:.80} not in {param!r:.200}"
     if kind == "range":
         lo, hi = param
         if not _is_number(value) or value != value:  # NaN compares false with every bound
@@ -312,27 +344,46 @@ def decode_caveat(blob: bytes) -> Caveat:
     if not isinstance(v, list) or not v or not isinstance(v[0], str):
         raise ValueError("caveat is not [type, ...]")
     kind, args = v[0], v[1:]
-    if kind == "tools" and len(args) == 1:
-        return Tools(_str_tuple(args[0], "tools"))
-    if kind == "effects" and len(args) == 1:
-        effects = _str_tuple(args[0], "effects")
-        if not set(effects) <= set(EFFECTS):
-            raise ValueError(f"unknown effect in {effects}")
-        return Effects(effects)
-    if kind == "arg" and len(args) == 4:
-        tool, arg, check, param = args
-        if not (isinstance(tool, str) and isinstance(arg, str) and check in ARG_CHECKS):
-            raise ValueError("malformed arg caveat")
-        return Arg(tool, arg, check, _checked_param(check, param))
-    if kind in ("exp", "nbf", "cost") and len(args) == 1 and _is_number(args[0]):
-        return {"exp": Expires, "nbf": NotBefore, "cost": CostBudget}[kind](float(args[0]))
-    if kind in ("calls", "depth") and len(args) == 1 and type(args[0]) is int and args[0] >= 0:
-        return CallBudget(args[0]) if kind == "calls" else MaxDepth(args[0])
-    if kind == "aud" and len(args) == 1 and isinstance(args[0], str):
-        return Audience(args[0])
-    if kind == "holder" and len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], bytes):
-        return Holder(args[0], args[1])
-    raise ValueError(f"unknown or malformed caveat type {kind!r}")
+    parse = _CAVEAT_PARSERS.get(kind)
+    c = parse(args) if parse is not None else None
+    if c is None:
+        raise ValueError(f"unknown or malformed caveat type {kind!r}")
+    return c
+
+
+def _parse_effects(args: list[Any]) -> Effects | None:
+    if len(args) != 1:
+        return None
+    effects = _str_tuple(args[0], "effects")
+    if not set(effects) <= set(EFFECTS):
+        raise ValueError(f"unknown effect in {effects}")
+    return Effects(effects)
+
+
+def _parse_arg(args: list[Any]) -> Arg | None:
+    if len(args) != 4:
+        return None
+    tool, arg, check, param = args
+    if not (isinstance(tool, str) and isinstance(arg, str) and check in ARG_CHECKS):
+        raise ValueError("malformed arg caveat")
+    return Arg(tool, arg, check, _checked_param(check, param))
+
+
+# Each parser gets the caveat's fields after its type name, and returns the caveat, None when
+# the fields do not fit the type ("unknown or malformed"), or raises ValueError saying why.
+_CAVEAT_PARSERS: dict[str, Any] = {
+    "tools": lambda a: Tools(_str_tuple(a[0], "tools")) if len(a) == 1 else None,
+    "effects": _parse_effects,
+    "arg": _parse_arg,
+    "exp": lambda a: Expires(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
+    "nbf": lambda a: NotBefore(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
+    "cost": lambda a: CostBudget(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
+    "calls": lambda a: CallBudget(a[0]) if len(a) == 1 and type(a[0]) is int and a[0] >= 0 else None,
+    "depth": lambda a: MaxDepth(a[0]) if len(a) == 1 and type(a[0]) is int and a[0] >= 0 else None,
+    "aud": lambda a: Audience(a[0]) if len(a) == 1 and isinstance(a[0], str) else None,
+    "holder": lambda a: Holder(a[0], a[1]) if len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], bytes)
+    else None,
+}
 
 
 def _checked_param(check: str, param: Any) -> Any:
@@ -374,7 +425,7 @@ class Token:
             if isinstance(c, Holder):
                 raise TypeError("holder caveats are added by the supervisor (delegate), not by attenuation")
             blob = encode_caveat(c)
-            tag = _mac(tag, blob)
+            tag = hmac_sha256(tag, blob)
             blobs.append(blob)
         return Token(self.kid, self.token_id, tuple(blobs), tag, self.version)
 
@@ -413,6 +464,80 @@ class CallContext:
     job: str
 
 
+class EvaluationPlan(NamedTuple):
+    """A chain's caveats folded into one lookup per kind of check, built when the chain is verified.
+
+    Expiry and not-before become the tightest bound, tool and effect allow-lists their
+    intersection, audiences a set, and argument constraints are grouped by tool, so a call
+    costs one check per constraint on its own tool. ``allows`` holds exactly when every caveat
+    holds; it only answers yes or no, and a no is explained by walking the caveats in order
+    (``VerifiedToken.evaluate_in_order``). Attenuation only ever adds to a plan (``extended``).
+    """
+
+    not_before: float = -math.inf
+    not_after: float = math.inf
+    tools: frozenset[str] | None = None  # None: no Tools caveat on the chain
+    effects: frozenset[str] | None = None
+    audiences: frozenset[str] = frozenset()
+    arg_caveats: tuple[Arg, ...] = ()  # every Arg caveat, in chain order
+    args_by_tool: dict[str, tuple[Arg, ...]] | None = None  # a tool's own constraints and the '*' ones
+    any_tool_args: tuple[Arg, ...] = ()  # the '*' constraints alone: for tools with none of their own
+
+    def extended(self, caveats: Iterable[Caveat]) -> "EvaluationPlan":
+        """The plan of this chain with ``caveats`` appended."""
+        not_before, not_after = self.not_before, self.not_after
+        tools, effects, audiences = self.tools, self.effects, self.audiences
+        new_args: list[Arg] = []
+        for c in caveats:
+            if isinstance(c, Arg):
+                new_args.append(c)
+            elif isinstance(c, Expires):
+                if c.at < not_after:  # a NaN bound never fires, here as in check_time
+                    not_after = c.at
+            elif isinstance(c, NotBefore):
+                if c.at > not_before:
+                    not_before = c.at
+            elif isinstance(c, Tools):
+                tools = frozenset(c.names) if tools is None else tools.intersection(c.names)
+            elif isinstance(c, Effects):
+                effects = frozenset(c.effects) if effects is None else effects.intersection(c.effects)
+            elif isinstance(c, Audience):
+                audiences = audiences.union((c.job,))
+        if not new_args:
+            return EvaluationPlan(not_before, not_after, tools, effects, audiences, self.arg_caveats,
+                                  self.args_by_tool, self.any_tool_args)
+        arg_caveats = self.arg_caveats + tuple(new_args)
+        any_tool = tuple(c for c in arg_caveats if c.tool == "*")
+        by_tool: dict[str, tuple[Arg, ...]] = {}
+        for c in arg_caveats:
+            if c.tool != "*":
+                by_tool[c.tool] = by_tool.get(c.tool, any_tool) + (c,)
+        return EvaluationPlan(not_before, not_after, tools, effects, audiences, arg_caveats, by_tool, any_tool)
+
+    def allows(self, tool: str, effect: str, args: dict[str, Any], now: float, job: str) -> bool:
+        """True when every caveat holds for this call (holder and budgets are checked elsewhere)."""
+        if now > self.not_after or now < self.not_before:
+            return False
+        if self.tools is not None and tool not in self.tools:
+            return False
+        if self.effects is not None and effect not in self.effects:
+            return False
+        for audience in self.audiences:
+            if job != audience:
+                return False
+        by_tool = self.args_by_tool
+        for c in by_tool.get(tool, self.any_tool_args) if by_tool else self.any_tool_args:
+            if c.arg in args:
+                if check_arg(c.check, c.param, args[c.arg]) is not None:
+                    return False
+            elif c.tool != "*":
+                return False
+        return True
+
+
+_EMPTY_PLAN = EvaluationPlan()
+
+
 @dataclass(frozen=True)
 class VerifiedToken:
     """A token whose chain and holder seals checked out. Only ``KeyRing.verify`` makes one."""
@@ -424,6 +549,13 @@ class VerifiedToken:
     depth: int
     max_depth: int | None  # absolute, or None when unbounded
     budgets: tuple[tuple[bytes, str, float], ...] = field(default=())  # (ledger key, kind, limit)
+    plan: EvaluationPlan = field(default=_EMPTY_PLAN, repr=False, compare=False)
+    _chain_ids: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.plan is _EMPTY_PLAN and self.caveats:
+            object.__setattr__(self, "plan", _EMPTY_PLAN.extended(self.caveats))
+        object.__setattr__(self, "_chain_ids", (self.token.token_id, *self.tags))
 
     @property
     def token_id(self) -> bytes:
@@ -431,9 +563,14 @@ class VerifiedToken:
 
     def chain_ids(self) -> tuple[bytes, ...]:
         """Everything that can be revoked to kill this token: its id and every tag on its chain."""
-        return (self.token.token_id, *self.tags)
+        return self._chain_ids
 
     def check_time(self, now: float) -> None:
+        if now > self.plan.not_after or now < self.plan.not_before:
+            self._check_time_in_order(now)
+            raise TokenRejected("outside the token's validity period", code=ErrorCode.TOKEN_EXPIRED)
+
+    def _check_time_in_order(self, now: float) -> None:
         for c in self.caveats:
             if isinstance(c, Expires) and now > c.at:
                 raise TokenRejected(f"expired at {c.at:.3f}, now {now:.3f}", code=ErrorCode.TOKEN_EXPIRED)
@@ -442,10 +579,25 @@ class VerifiedToken:
 
     def evaluate(self, ctx: CallContext) -> None:
         """Raise unless every caveat holds for this call. Budgets are the quota ledger's job."""
+        self.evaluate_call(ctx.agent, ctx.tool, ctx.effect, ctx.args, ctx.now, ctx.job)
+
+    def evaluate_call(self, agent: str, tool: str, effect: str, args: dict[str, Any], now: float,
+                      job: str) -> None:
+        """``evaluate`` of the call these fields describe: the plan decides, the ordered walk explains a no."""
+        try:
+            allowed = agent == self.holder and self.plan.allows(tool, effect, args, now, job)
+        except Exception:  # whatever the plan tripped on, the ordered walk denies with its own error
+            allowed = False
+        if not allowed:
+            self.evaluate_in_order(CallContext(agent, tool, effect, args, now, job))
+            raise PolicyDenied("caveat plan denied a call its caveats allow", tool=tool)  # fail closed
+
+    def evaluate_in_order(self, ctx: CallContext) -> None:
+        """Each caveat in chain order, raising the error of the first that does not hold."""
         if ctx.agent != self.holder:
             raise TokenRejected(f"holder is {self.holder!r}, presented by {ctx.agent!r}",
                                 code=ErrorCode.WRONG_HOLDER, tool=ctx.tool)
-        self.check_time(ctx.now)
+        self._check_time_in_order(ctx.now)
         for c in self.caveats:
             if isinstance(c, Tools):
                 if ctx.tool not in c.names:
@@ -474,7 +626,16 @@ class VerifiedToken:
 
 
 class KeyRing:
-    """Holds the root keys (by key id) and the holder-seal key. Lives only in the TCB."""
+    """Holds the root keys (by key id) and the holder-seal key. Lives only in the TCB.
+
+    Two caches keep verification cheap, neither of which can make a chain verify that would
+    not: verified tokens by their exact bytes, and, per (key id, token id), the last few
+    verified tokens, so that a token extending one of them (an attenuated or delegated token)
+    has only its new caveats checked, starting from the verified tag they extend. Both hold
+    only tokens whose every tag and seal was checked, and both are cleared when a key is retired.
+    """
+
+    PREFIXES_PER_TOKEN_ID = 8
 
     def __init__(self, root_keys: dict[str, bytes], current_kid: str, holder_key: bytes,
                  *, cache_size: int = 4096) -> None:
@@ -483,8 +644,12 @@ class KeyRing:
         self._root = dict(root_keys)
         self.current_kid = current_kid
         self._holder_key = holder_key
-        self._cache: dict[bytes, VerifiedToken] = {}
+        self._cache: OrderedDict[bytes, VerifiedToken] = OrderedDict()
+        self._prefixes: OrderedDict[tuple[str, bytes], list[VerifiedToken]] = OrderedDict()
         self._cache_size = cache_size
+        # The prefix index holds at most cache_size tokens too, in families of a few.
+        self._family_size = max(1, min(self.PREFIXES_PER_TOKEN_ID, cache_size))
+        self._families = max(1, cache_size // self._family_size)
 
     @classmethod
     def generate(cls) -> "KeyRing":
@@ -511,21 +676,25 @@ class KeyRing:
             raise ValueError("cannot retire the current key")
         self._root.pop(kid, None)
         self._cache.clear()
+        self._prefixes.clear()
 
     def _seal(self, prev_tag: bytes, agent: str) -> bytes:
-        return _mac(self._holder_key, b"warden-holder\x00" + prev_tag + agent.encode())
+        return hmac_sha256(self._holder_key, b"warden-holder\x00" + prev_tag + agent.encode())
+
+    @staticmethod
+    def _first_tag(key: bytes, version: int, kid: str, token_id: bytes) -> bytes:
+        return hmac_sha256(key, _pack([version, kid, token_id]))
 
     def mint(self, *, holder: str, caveats: Iterable[Caveat] = ()) -> Token:
         """A root token for ``holder`` with ``caveats``."""
         kid, token_id = self.current_kid, secrets.token_bytes(16)
-        tag = _mac(self._root[kid], _pack([VERSION, kid, token_id]))
-        token = Token(kid, token_id, (), tag)
+        token = Token(kid, token_id, (), self._first_tag(self._root[kid], VERSION, kid, token_id))
         return self.bind(token, holder).attenuate(*caveats)
 
     def bind(self, token: Token, agent: str) -> Token:
         """Append a sealed holder caveat: the token now belongs to ``agent``."""
         blob = encode_caveat(Holder(agent, self._seal(token.tag, agent)))
-        return Token(token.kid, token.token_id, token.caveats + (blob,), _mac(token.tag, blob), token.version)
+        return Token(token.kid, token.token_id, token.caveats + (blob,), hmac_sha256(token.tag, blob), token.version)
 
     def verify(self, token: Token | bytes) -> VerifiedToken:
         """Check the tag chain, every holder seal and the delegation depth. Raises TokenRejected."""
@@ -541,12 +710,27 @@ class KeyRing:
         key = self._root.get(tok.kid)
         if key is None:
             raise TokenRejected(f"unknown key id {tok.kid!r}")
-        tag = _mac(key, _pack([tok.version, tok.kid, tok.token_id]))
-        caveats: list[Caveat] = []
-        tags: list[bytes] = []
-        holder, depth, max_depth = None, -1, None
-        budgets: list[tuple[bytes, str, float]] = []
-        for blob in tok.caveats:
+        vt = self._verify_chain(tok, key, self._verified_prefix(tok))
+        self._remember(raw, vt)
+        return vt
+
+    def _verify_chain(self, tok: Token, key: bytes, prefix: VerifiedToken | None) -> VerifiedToken:
+        """Verify ``tok``'s chain, from its header or from ``prefix``, a verified token its caveats extend."""
+        if prefix is None:
+            tag = self._first_tag(key, tok.version, tok.kid, tok.token_id)
+            caveats: list[Caveat] = []
+            tags: list[bytes] = []
+            holder, depth, max_depth = None, -1, None
+            budgets: list[tuple[bytes, str, float]] = []
+            plan = _EMPTY_PLAN
+        else:
+            tag = prefix.tags[-1]
+            caveats, tags = list(prefix.caveats), list(prefix.tags)
+            holder, depth, max_depth = prefix.holder, prefix.depth, prefix.max_depth
+            budgets = list(prefix.budgets)
+            plan = prefix.plan
+        start = len(caveats)
+        for blob in tok.caveats[start:]:
             try:
                 c = decode_caveat(blob)
             except Exception as exc:
@@ -558,7 +742,7 @@ class KeyRing:
             elif isinstance(c, MaxDepth):
                 limit = max(depth, 0) + c.depth
                 max_depth = limit if max_depth is None else min(max_depth, limit)
-            tag = _mac(tag, blob)
+            tag = hmac_sha256(tag, blob)
             caveats.append(c)
             tags.append(tag)
             if isinstance(c, (CallBudget, CostBudget)):
@@ -570,8 +754,43 @@ class KeyRing:
             raise TokenRejected("token names no holder")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
-        vt = VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets))
+        return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets),
+                             plan.extended(caveats[start:]))
+
+    def _verified_prefix(self, tok: Token) -> VerifiedToken | None:
+        """The longest remembered verified token whose caveats ``tok``'s begin with, if any.
+
+        Same key id, token id and caveat bytes mean the same tags up to there: what was
+        verified for that token holds for this one's prefix, and only the rest is checked.
+        """
+        family = self._prefixes.get((tok.kid, tok.token_id))
+        if not family:
+            return None
+        blobs, best = tok.caveats, None
+        for vt in family:
+            k = len(vt.caveats)
+            if k > len(blobs) or (best is not None and k <= len(best.caveats)):
+                continue
+            # Siblings share all but their last caveats: compare the last one first.
+            if blobs[k - 1] == vt.token.caveats[-1] and blobs[:k] == vt.token.caveats:
+                best = vt
+        if best is not None and best is not family[-1]:
+            family.remove(best)  # most recently extended last: a parent outlives its many children
+            family.append(best)
+        return best
+
+    def _remember(self, raw: bytes, vt: VerifiedToken) -> None:
         if len(self._cache) >= self._cache_size:
-            self._cache.pop(next(iter(self._cache)))
+            self._cache.popitem(last=False)
         self._cache[raw] = vt
-        return vt
+        key = (vt.token.kid, vt.token.token_id)
+        family = self._prefixes.get(key)
+        if family is None:
+            if len(self._prefixes) >= self._families:
+                self._prefixes.popitem(last=False)
+            family = self._prefixes[key] = []
+        else:
+            self._prefixes.move_to_end(key)
+        family.append(vt)
+        if len(family) > self._family_size:
+            del family[0]

@@ -37,7 +37,7 @@ from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorC
                       MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
-from .capability import CallContext, Caveat, KeyRing, VerifiedToken
+from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
 from .wire import ToolSpec, batch_items, decode_envelope
@@ -178,7 +178,7 @@ class Supervisor:
         entry = self.agents.get(body["agent"])
         if entry is None:
             raise TokenRejected(f"unknown agent {body['agent']!r:.60}", code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
-        good = hmac.new(entry.request_key, body_bytes, sha256).digest()
+        good = hmac_sha256(entry.request_key, body_bytes)
         if not hmac.compare_digest(good, mac):
             raise TokenRejected(f"request MAC does not match agent {entry.name!r}",
                                 code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
@@ -200,7 +200,7 @@ class Supervisor:
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
         args = spec.canonical_args(body["args"])
-        vt.evaluate(CallContext(entry.name, tool, spec.effect, args, self.clock(), self.job_id))
+        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         return _Checked(entry.name, tool, args, vt, spec)
 
     def _reserve(self, c: _Checked) -> _Allowed:

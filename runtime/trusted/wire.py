@@ -46,6 +46,9 @@ def _unpack(data: bytes) -> Any:
     )
 
 
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
 def check_depth(value: Any, depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise MalformedRequest(f"nested deeper than {MAX_DEPTH}")
@@ -53,10 +56,12 @@ def check_depth(value: Any, depth: int = 0) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise MalformedRequest("map keys must be strings")
-            check_depth(v, depth + 1)
+            if depth >= MAX_DEPTH or type(v) not in _SCALARS:  # a scalar within the limit needs no visit
+                check_depth(v, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            check_depth(v, depth + 1)
+            if depth >= MAX_DEPTH or type(v) not in _SCALARS:
+                check_depth(v, depth + 1)
     elif not isinstance(value, (str, bytes, int, float, bool)) and value is not None:
         raise MalformedRequest(f"unsupported value type {type(value).__name__}")
 
@@ -79,10 +84,40 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
         raise MalformedRequest(f"request does not decode: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise MalformedRequest("request body is not a map")
+    if not _plainly_well_formed(body):
+        _check_fields(body)
+    op = body["op"]
+    if not body.keys() >= _REQUIRED_KEYS[op]:
+        raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
+    if body["v"] != REQUEST_VERSION:
+        raise MalformedRequest(f"unsupported request version {body['v']}")
+    return bytes(body_bytes), mac, body
+
+
+_FIELD_TYPES = {name: frozenset(types) for name, types in _BODY_FIELDS.items()}  # exact: a bool is no int
+_REQUIRED_KEYS = {op: frozenset(fields) for op, fields in _REQUIRED.items()}
+
+
+def _plainly_well_formed(body: dict[str, Any]) -> bool:
+    """One pass over a body whose fields all have their exact types, for a known op.
+
+    False sends the body through ``_check_fields``, which reports the first fault in a fixed
+    order; a nesting fault raised here is the one that order would report first as well.
+    """
+    for name, value in body.items():
+        kind = type(value)
+        if kind not in _FIELD_TYPES.get(name, ()):
+            return False
+        if kind is dict or kind is list:
+            check_depth(value, 1)
+    return body.get("op") in _REQUIRED
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """The body checks in order (nesting, op, each field's name and type), raising at the first fault."""
     check_depth(body)
     op = body.get("op")
-    required = _REQUIRED.get(op) if isinstance(op, str) else None
-    if required is None:
+    if not isinstance(op, str) or op not in _REQUIRED:
         raise MalformedRequest(f"unknown op {op!r:.40}")
     for name, value in body.items():
         types = _BODY_FIELDS.get(name)
@@ -90,12 +125,6 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
             raise MalformedRequest(f"unknown field {name!r:.40}")
         if isinstance(value, bool) or not isinstance(value, types):
             raise MalformedRequest(f"field {name!r} has type {type(value).__name__}")
-    missing = [f for f in required if f not in body]
-    if missing:
-        raise MalformedRequest(f"missing fields {missing}")
-    if body["v"] != REQUEST_VERSION:
-        raise MalformedRequest(f"unsupported request version {body['v']}")
-    return bytes(body_bytes), mac, body
 
 
 # ------------------------------------------------------------------- tool parameters
@@ -127,8 +156,8 @@ class ToolSpec:
     sandboxed: bool = False  # runs code or touches the agent's workspace: needs a sandbox session
 
     def canonical_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(args) - set(self.params)
-        if unknown:
+        if not args.keys() <= self.params.keys():
+            unknown = set(args) - set(self.params)
             raise MalformedRequest(f"unknown arguments {sorted(unknown)}", tool=self.name)
         out: dict[str, Any] = {}
         for name, p in self.params.items():
