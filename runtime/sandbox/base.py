@@ -22,13 +22,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, Protocol
 
 from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable
 
 WORKSPACE = "/workspace"  # where the session's workspace appears inside every sandbox
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+# The interpreters the built-in tools use (python.exec, shell.exec). A backend keeps one of
+# each started ahead of the next call; they read their program from stdin, so nothing about
+# a call is decided before it arrives.
+WARM_ARGV = (("python3", "-I", "-"), ("/bin/sh", "-s"))
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,27 @@ def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     A parent-death signal (bwrap's ``--die-with-parent``) fires when the *thread* that forked
     the process exits, and a warm process outlives the call (and the executor thread) that
     started it; a dedicated thread that never exits keeps it alive exactly as long as the worker.
+    Never pass ``user``/``group``/``extra_groups`` or ``preexec_fn``: they make Python fork
+    instead of vfork, and a fork costs in proportion to the worker's memory.
     """
+    return spawn_soon(argv, **popen).result()
+
+
+def spawn_soon(argv: list[str], **popen: Any) -> "Future[subprocess.Popen[bytes]]":
+    """``spawn`` without waiting: for a warm process, so the call that asks for it returns now."""
     return _SPAWNER.submit(subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, process_group=0, close_fds=True, **popen).result()
+                           stderr=subprocess.PIPE, process_group=0, close_fds=True, **popen)
+
+
+def started(pending: "Future[subprocess.Popen[bytes]] | None") -> subprocess.Popen[bytes] | None:
+    """The process a ``spawn_soon`` started, or None if there is none or it could not start
+    (the call that wanted it then starts its own, and reports that one's failure)."""
+    if pending is None:
+        return None
+    try:
+        return pending.result()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # How a process that ran into an rlimit ends, as a sandbox wrapper reports it (128 + signal).

@@ -44,6 +44,14 @@ The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because 
 cgroup is sized from that call's limits; a call with a different ``memory_mb`` gets a new
 sandbox. Deleting a sandbox waits until the host reaps the Sentry, so ``close()`` can take
 over a second; ``close()`` returns only when no runsc process of the session is left.
+
+The rlimits are set by ``prlimit`` in every call, not once in the OCI spec
+(``process.rlimits``): this runsc hands limits given that way to every process but never
+arms the RLIMIT_CPU timer for them, so a busy loop would run on to the wall clock.
+
+Start-up. The read-only system mounts are declared local to the sandbox (mount hints), so
+the Sentry caches what it looked up there: a Python start-up does many such lookups. After a
+call the next interpreter of its kind is started without the call waiting for it.
 """
 
 from __future__ import annotations
@@ -57,19 +65,19 @@ import signal
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import (WORKSPACE, Limits, RunResult, classify_exit, require_binary, rlimit_args, sandbox_env, spawn,
-                   supervise)
+from .base import (WARM_ARGV, WORKSPACE, Limits, RunResult, classify_exit, require_binary, rlimit_args,
+                   sandbox_env, spawn, spawn_soon, started, supervise)
 
 try:
     import gvisor
 except ImportError:  # reported by check(), which names the package to install
     gvisor = None
 
-WARM_ARGV = (("python3", "-I", "-"), ("/bin/sh", "-s"))
 MAX_WARM = len(WARM_ARGV)
 # Processes of the sandbox's uid that are not the call's: init and the warm processes.
 RESIDENT_PIDS = 1 + MAX_WARM
@@ -84,6 +92,25 @@ _PROBED: set[str] = set()  # runsc binaries that started a probe sandbox in this
 
 def _unavailable(reason: str) -> SandboxUnavailable:
     return SandboxUnavailable(f"gvisor sandbox unavailable: {reason}"[:800], code=ErrorCode.SANDBOX_UNAVAILABLE)
+
+
+def _system_mount_hints(mounts: list[dict]) -> dict[str, str]:
+    """Mark the read-only system mounts (``/usr``, ``/bin``, ``/lib*``) as seen by this sandbox only.
+
+    runsc then caches what it looked up there instead of asking the gofer to revalidate every
+    path on every access, which is most of what a Python start-up costs under gVisor. Only
+    the mounts the sandbox cannot write get this: the workspace stays revalidated, because
+    the worker writes into it from the host (``fs.write``). What the sandbox can reach, and
+    that it cannot write there, is unchanged.
+    """
+    hints: dict[str, str] = {}
+    for i, m in enumerate(mounts):
+        if m.get("type") != "bind" or "ro" not in m.get("options", ()) or m.get("destination") == WORKSPACE:
+            continue
+        prefix = f"dev.gvisor.spec.mount.system{i}."
+        hints.update({prefix + "source": m["source"], prefix + "type": "bind", prefix + "share": "container",
+                      prefix + "options": "ro"})
+    return hints
 
 
 class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignore[misc]
@@ -104,6 +131,7 @@ class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignor
         spec["process"]["noNewPrivileges"] = True
         spec["linux"]["cgroupsPath"] = f"/{self.id}"
         spec["linux"]["resources"] = {"memory": {"limit": (self.memory_mb + SANDBOX_OVERHEAD_MB) << 20}}
+        spec.setdefault("annotations", {}).update(_system_mount_hints(spec["mounts"]))
         config.write_text(json.dumps(spec))
         return bundle
 
@@ -151,20 +179,20 @@ class GVisorSession:
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="warden-gvisor-"))
         self._lock = threading.Lock()  # one call at a time: the stray sweep assumes it
         self._box: _Sandbox | None = None
-        self._warm: dict[tuple, subprocess.Popen[bytes]] = {}
+        self._warm: dict[tuple, Future[subprocess.Popen[bytes]]] = {}  # started after a call, not waited for
         self._sweeper: threading.Thread | None = None
         self._retiring: list[threading.Thread] = []
         self._closed = False
 
-    def _sandbox(self, memory_mb: int) -> _Sandbox:
+    def _sandbox(self, limits: Limits) -> _Sandbox:
         if self._sweeper is not None:
             self._sweeper.join()
             self._sweeper = None
-        if self._box is not None and (self._box.broken or self._box.memory_mb != memory_mb):
+        if self._box is not None and (self._box.broken or self._box.memory_mb != limits.memory_mb):
             self._retire()
         if self._box is None:
             try:
-                self._box = _Sandbox(runsc=self._runsc, memory_mb=memory_mb, runtime_dir=self._runtime_dir,
+                self._box = _Sandbox(runsc=self._runsc, memory_mb=limits.memory_mb, runtime_dir=self._runtime_dir,
                                      sandbox_id=f"warden-{secrets.token_hex(8)}", network="none",
                                      env=sandbox_env(None), mounts=[gvisor.Mount.bind(str(self.workspace), WORKSPACE)],
                                      working_dir=WORKSPACE)
@@ -182,15 +210,17 @@ class GVisorSession:
         thread.start()
         self._retiring.append(thread)
 
-    def _spawn(self, box: _Sandbox, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    def _exec_argv(self, box: _Sandbox, argv: list[str], limits: Limits, env: Mapping[str, str]) -> list[str]:
         cmd = box.runsc_argv("exec", "--cwd", WORKSPACE)
         for k, v in env.items():
             cmd += ["--env", f"{k}={v}"]
-        cmd += [box.id, self._prlimit, *_rlimits(limits), "--", *argv]
-        return spawn(cmd, env={})
+        return [*cmd, box.id, self._prlimit, *_rlimits(limits), "--", *argv]
+
+    def _spawn(self, box: _Sandbox, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        return spawn(self._exec_argv(box, argv, limits, env), env={})
 
     def _take_warm(self, key: tuple) -> subprocess.Popen[bytes] | None:
-        proc = self._warm.pop(key, None)
+        proc = started(self._warm.pop(key, None))
         if proc is not None and proc.poll() is not None:
             return None
         return proc
@@ -199,15 +229,17 @@ class GVisorSession:
         if key in self._warm:
             return
         if len(self._warm) >= MAX_WARM:  # RESIDENT_PIDS assumes no more than this many
-            _stop(self._warm.pop(next(iter(self._warm))))
-        self._warm[key] = self._spawn(box, argv, limits, env)
+            oldest = started(self._warm.pop(next(iter(self._warm))))
+            if oldest is not None:
+                _stop(oldest)
+        self._warm[key] = spawn_soon(self._exec_argv(box, argv, limits, env), env={})
 
     def prewarm(self, argv: list[str], limits: Limits, env: Mapping[str, str] | None = None) -> None:
         full_env = sandbox_env(env)
         with self._lock:
             if self._closed:
                 return
-            box = self._sandbox(limits.memory_mb)
+            box = self._sandbox(limits)
             self._prewarm(box, _key(argv, limits, full_env), argv, limits, full_env)
 
     def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
@@ -217,7 +249,7 @@ class GVisorSession:
         with self._lock:
             if self._closed:
                 raise _unavailable("the session is closed")
-            box = self._sandbox(limits.memory_mb)
+            box = self._sandbox(limits)
             proc = self._take_warm(key) or self._spawn(box, argv, limits, full_env)
             # Opened before anyone can reap the process, so the sweep cannot miss its exit.
             self._sweeper = threading.Thread(target=_sweep, args=(box, os.pidfd_open(proc.pid)), daemon=True)
@@ -301,15 +333,17 @@ def _sweep(box: _Sandbox, pidfd: int) -> None:
             box.broken = True
 
 
-def _destroy(box: _Sandbox, warm: list[subprocess.Popen[bytes]], sweeper: threading.Thread | None) -> None:
+def _destroy(box: _Sandbox, warm: list[Future[subprocess.Popen[bytes]]], sweeper: threading.Thread | None) -> None:
     try:
         box.kill_all()  # first: it ends the call the sweeper may still be waiting for
     except (OSError, subprocess.SubprocessError):
         pass  # close() below kills and deletes it again
     if sweeper is not None:
         sweeper.join()
-    for proc in warm:
-        _stop(proc)
+    for pending in warm:
+        proc = started(pending)
+        if proc is not None:
+            _stop(proc)
     box.close()  # the bindings' kill + delete --force; waits until the Sentry is reaped
 
 

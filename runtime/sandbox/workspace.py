@@ -3,7 +3,9 @@
 A workspace is a host directory that appears as ``/workspace`` in that agent's sandboxes
 and nowhere else. When the worker runs as root it is a tmpfs of ``workspace_mb`` (a hard
 size limit: writes past it fail with ENOSPC); otherwise a plain directory whose files are
-capped per file by RLIMIT_FSIZE inside the sandbox.
+capped per file by RLIMIT_FSIZE inside the sandbox. The tmpfs is mounted with mount(2)
+directly: a new agent's sandbox waits for its workspace, and forking ``mount`` out of a
+large worker process costs more than the mount itself.
 
 ``resolve`` walks a sandbox path one component at a time with ``openat`` and
 ``O_NOFOLLOW``, so a symlink planted by model-written code (``/workspace/x -> /etc``) is
@@ -12,18 +14,38 @@ refused instead of followed, and ``..`` can never climb out.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import posixpath
 import shutil
 import stat
-import subprocess
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import ErrorCode, ToolFailed
 from .base import WORKSPACE
+
+
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MNT_DETACH = 0x2  # like ``umount -l``: a process still inside cannot keep the mount busy
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return libc
+
+
+def _mount_tmpfs(root: Path, size_mb: int) -> bool:
+    """A private tmpfs of ``size_mb`` on ``root``; False if this process may not mount."""
+    options = f"size={size_mb}m,mode=0700".encode()
+    return _libc().mount(b"tmpfs", os.fsencode(root), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) == 0
 
 
 class Workspace:
@@ -33,10 +55,8 @@ class Workspace:
         self.mounted = False
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
-        if os.geteuid() == 0 and shutil.which("mount"):
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700,nosuid,nodev",
-                                   "tmpfs", str(root)], capture_output=True)
-            self.mounted = done.returncode == 0
+        if os.geteuid() == 0:
+            self.mounted = _mount_tmpfs(root, size_mb)
 
     @property
     def size_limit(self) -> str:
@@ -44,7 +64,7 @@ class Workspace:
 
     def remove(self) -> None:
         if self.mounted:
-            subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
+            _libc().umount2(os.fsencode(self.root), _MNT_DETACH)
             self.mounted = False
         shutil.rmtree(self.root, ignore_errors=True)
 
