@@ -54,6 +54,16 @@ async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
         async def execute(self, x: int) -> int:
             return tools["bench.noop"].fn(x)
 
+    @ray.remote
+    class PlainRelay:
+        """An async actor that forwards to the plain worker and checks nothing."""
+
+        def __init__(self, worker: Any) -> None:
+            self.worker = worker
+
+        async def call(self, x: int) -> int:
+            return await self.worker.execute.remote(x)
+
     job = f"bench-{secrets.token_hex(3)}"
     tools = load_tools(["runtime.bench.tools"])
     keyring, dispatch_key, master = KeyRing.generate(), secrets.token_bytes(32), secrets.token_bytes(32)
@@ -69,6 +79,7 @@ async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
                                                         tool_modules=["runtime.bench.tools"], job_id=job,
                                                         tool_config={"run_dir": str(run_dir)})
     plain = PlainWorker.options(num_cpus=0).remote()
+    relay = PlainRelay.options(num_cpus=0).remote(plain)
     supervisor = SupervisorActor.options(num_cpus=0, max_concurrency=1000).remote(
         job_id=job, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
         tools=[t.spec for t in tools.values()], audit_path=str(run_dir / "audit.log"), workers=[worker],
@@ -78,12 +89,12 @@ async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
         supervisor=supervisor, tool_schemas=[], config={}) for name, (e, _) in zip(names, entries)]
     await asyncio.gather(*[a.connect.remote({}) for a in actors])
     await plain.execute.remote(0)
-    return {"ray": ray, "plain": plain, "supervisor": supervisor, "worker": worker, "agents": actors,
-            "run_dir": run_dir}
+    return {"ray": ray, "plain": plain, "relay": relay, "supervisor": supervisor, "worker": worker,
+            "agents": actors, "run_dir": run_dir}
 
 
 async def _measure(env: dict[str, Any], mode: str, n: int) -> tuple[list[float], float]:
-    task = {"mode": mode, "n": n, "batch": BATCH, "plain": env["plain"]}
+    task = {"mode": mode, "n": n, "batch": BATCH, "plain": env["plain"], "relay": env["relay"]}
     started = time.perf_counter()
     outs = await asyncio.gather(*[a.run.remote(task) for a in env["agents"]])
     wall = time.perf_counter() - started
@@ -95,14 +106,18 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
     runs, n = (1, 30) if quick else (5, 200)
     figures: list[Figure] = []
     notes = [f"{runs} run(s) per figure; each agent makes {n} calls per run after a warm-up; batches of {BATCH}",
+             "plain relay: an async Ray actor that forwards to the plain worker and checks nothing - the cost of "
+             "one more actor hop on this machine, which any mediating design pays; supervised/plain relay is "
+             "what Warden's checks, audit and MAC'd dispatch add on top of that hop",
              "latency is per call as the agent sees it (a batched call's latency is the message's / batch size)"]
     for c in CONCURRENCY:
         progress(f"e2e: {c} concurrent agent(s)")
         env = await _setup(c)
         try:
-            for mode in ("direct", "supervised", "batch"):
+            modes = ("direct", "relay", "supervised", "batch")
+            for mode in modes:
                 await _measure(env, mode, max(5, n // 10))  # warm-up: imports, connections, caches
-            lat: dict[str, list[list[float]]] = {m: [] for m in ("direct", "supervised", "batch")}
+            lat: dict[str, list[list[float]]] = {m: [] for m in modes}
             tput: dict[str, list[float]] = {m: [] for m in lat}
             for r in range(runs):
                 for mode in lat:  # interleaved, so the machine's noise hits all three alike
@@ -111,7 +126,7 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
                     tput[mode].append(rate)
             await env["supervisor"].close.remote("ok")
         finally:
-            for h in [env["supervisor"], env["worker"], env["plain"], *env["agents"]]:
+            for h in [env["supervisor"], env["worker"], env["plain"], env["relay"], *env["agents"]]:
                 env["ray"].kill(h)
         # The supervisor's own measurement of each decision, from its audit log.
         authz = sorted(r["authz_us"] for r in audit.read_records(env["run_dir"] / "audit.log")
@@ -121,10 +136,15 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
         direct = summarise("e2e", f"direct, {c} agent(s)", "us", lat["direct"], concurrency=c)
         sup = summarise("e2e", f"supervised, {c} agent(s)", "us", lat["supervised"], concurrency=c)
         bat = summarise("e2e", f"batched x{BATCH}, {c} agent(s)", "us", lat["batch"], concurrency=c)
+        rel = summarise("e2e", f"plain relay (no checks), {c} agent(s)", "us", lat["relay"], concurrency=c)
         ratio = sup.p50 / direct.p50
-        figures += [direct, sup, bat,
+        figures += [direct, rel, sup, bat,
                     Figure("e2e", f"supervised/direct p50, {c} agent(s)", "ratio", round(ratio, 3),
                            target="<= 2.0", met=ratio <= 2.0, extra={"concurrency": c}),
+                    Figure("e2e", f"plain relay/direct p50 (the floor of one more hop), {c} agent(s)", "ratio",
+                           round(rel.p50 / direct.p50, 3), extra={"concurrency": c}),
+                    Figure("e2e", f"supervised/plain relay p50 (Warden's own cost), {c} agent(s)", "ratio",
+                           round(sup.p50 / rel.p50, 3), extra={"concurrency": c}),
                     Figure("e2e", f"authorization share of supervised p50, {c} agent(s)", "%",
                            round(100 * authz_p50_us / sup.p50, 3), target="<= 2 %",
                            met=100 * authz_p50_us / sup.p50 <= 2.0,
