@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import zlib
-from pathlib import Path
 from typing import Any
 
 import ray

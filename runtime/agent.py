@@ -16,7 +16,7 @@ else. Everything the model proposes is just arguments to ``call``.
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from .errors import DelegationDenied, WardenError
 from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
@@ -166,5 +166,3 @@ class ToolCallingAgent(Agent):
             out["results"] = [m.get("content", "")[:600] for m in result.messages if m.get("role") == "tool"]
         return out
 
-
-AgentFactory = Callable[[], Awaitable[Agent]]

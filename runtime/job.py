@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .control import write_control_file
-from .errors import ConfigError, ErrorCode, WardenError
+from .errors import ConfigError, ErrorCode
 from .tool import Tool, load_tools
 from .trusted import audit as audit_mod
 from .trusted.capability import KeyRing
@@ -340,9 +340,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         del keyring  # the driver keeps no key once the supervisor has them
         operator_token = secrets.token_urlsafe(32)
         control_url = await supervisor.serve.remote(spec.control.host, spec.control.port, operator_token)
-        control_file = write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id)
+        write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id)
         progress(f"metrics: {control_url}/metrics   operate: warden status --run {run_dir}")
-        del control_file
 
         progress(f"starting {len(spec.agents)} agent(s)")
         actors, classes = {}, {}
