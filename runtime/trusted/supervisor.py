@@ -297,6 +297,9 @@ class Supervisor:
             dispatch_batch = getattr(self.dispatcher, "dispatch_batch", None)
             try:
                 if dispatch_batch is not None:
+                    sent = time.perf_counter()
+                    for ok in allowed:
+                        ok.dispatched_at = sent
                     raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
                 else:
                     raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])

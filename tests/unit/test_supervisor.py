@@ -889,6 +889,7 @@ def test_batch_checks_audits_and_settles_each_call_on_its_own():
     assert len(env.audit.of("decision", decision="allow")) == 3
     assert len(env.audit.of("decision", decision="deny")) == 3
     assert len(env.audit.of("outcome")) == 3
+    assert all(r["dispatch_ms"] > 0 for r in env.audit.of("outcome"))  # timed from the batched hop
     assert len(env.dispatcher.messages) == 3  # one hop, three individually signed dispatches
 
 
