@@ -13,13 +13,12 @@ prove possession with their own request key, and why actors are not given guessa
 from __future__ import annotations
 
 import asyncio
-import importlib
 import zlib
 from typing import Any
 
 import ray
 
-from .agent import Agent
+from .agent import load_agent_class
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing
 from .trusted.ledger import AgentQuota
@@ -28,17 +27,6 @@ from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
 from .sandbox.worker import ToolWorker
 from .tool import load_tools
-
-
-def import_object(path: str) -> Any:
-    """``"package.module:Name"`` -> the object."""
-    module, sep, attr = path.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"expected 'module:Name', got {path!r}")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _ByAgent:
@@ -172,10 +160,7 @@ class AgentActor:
                  tool_schemas: list[dict[str, Any]], config: dict[str, Any]) -> None:
         import time
 
-        cls = import_object(cls_path)
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise TypeError(f"{cls_path} is not an Agent subclass")
-        self._agent = cls()
+        self._agent = load_agent_class(cls_path)()
         self._attach = dict(name=name, token=token, request_key=request_key,
                             supervisor=_SupervisorClient(supervisor), tool_schemas=tool_schemas,
                             config=config, clock=time.time)

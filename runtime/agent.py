@@ -16,6 +16,7 @@ else. Everything the model proposes is just arguments to ``call``.
 from __future__ import annotations
 
 import contextvars
+import importlib
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from .errors import DelegationDenied, WardenError
@@ -138,6 +139,19 @@ class Agent:
             return await self.run(task)
         finally:
             _TOKEN.reset(reset)
+
+
+def load_agent_class(path: str) -> type[Agent]:
+    """``"package.module:Name"`` -> the Agent subclass it names. TypeError / ImportError otherwise."""
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise TypeError(f"expected 'module:Name', got {path!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Agent)):
+        raise TypeError(f"{path} is not a subclass of runtime.Agent")
+    return obj
 
 
 class ToolCallingAgent(Agent):

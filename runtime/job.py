@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib
 import os
 import secrets
 import sys
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .control import write_control_file
 from .errors import ConfigError, ErrorCode
+from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
 from .trusted import audit as audit_mod
 from .trusted.capability import KeyRing
@@ -140,6 +140,7 @@ class LoadedJob:
     base: Path
     policies: dict[str, Policy]
     tools: dict[str, Tool]
+    classes: dict[str, type[Agent]]  # agent name -> its class, imported and checked at load
 
 
 def load_job(path: str | Path) -> LoadedJob:
@@ -160,20 +161,15 @@ def load_job(path: str | Path) -> LoadedJob:
         lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.JOB_INVALID) from None
     base = path.resolve().parent
-    from .agent import Agent  # noqa: PLC0415 - keeps `import runtime.job` light
-
+    classes: dict[str, type[Agent]] = {}
     for a in spec.agents:
-        module, _, attr = a.cls.partition(":")
         try:
-            cls: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                cls = getattr(cls, part)
+            classes[a.name] = load_agent_class(a.cls)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: agent {a.name!r}: {exc}", code=ErrorCode.JOB_INVALID) from None
         except Exception as exc:
             raise ConfigError(f"{path}: agent {a.name!r}: cannot import {a.cls}: {type(exc).__name__}: {exc}",
                               code=ErrorCode.JOB_INVALID) from None
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise ConfigError(f"{path}: agent {a.name!r}: {a.cls} is not a subclass of runtime.Agent",
-                              code=ErrorCode.JOB_INVALID)
     policies = {a.name: load_policy(base / a.policy) for a in spec.agents}
     try:
         tools = load_tools(spec.tools)
@@ -194,7 +190,7 @@ def load_job(path: str | Path) -> LoadedJob:
     unknown = sorted(set(spec.credentials) - set(tools))
     if unknown:
         raise ConfigError(f"{path}: credentials for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
-    return LoadedJob(spec, base, policies, tools)
+    return LoadedJob(spec, base, policies, tools, classes)
 
 
 def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -288,7 +284,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .actors import AgentActor, SupervisorActor, ToolWorkerActor, import_object
+    from .actors import AgentActor, SupervisorActor, ToolWorkerActor
 
     spec = job.spec
     started = time.monotonic()
@@ -344,19 +340,17 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         progress(f"metrics: {control_url}/metrics   operate: warden status --run {run_dir}")
 
         progress(f"starting {len(spec.agents)} agent(s)")
-        actors, classes = {}, {}
+        actors = {}
         for a, (entry, _) in zip(spec.agents, entries):
-            cls_name = a.cls.rpartition(":")[2].rpartition(".")[2]
-            classes[a.name] = cls_name
             schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
-            declared = getattr(import_object(a.cls), "resources", {}) or {}
+            declared = job.classes[a.name].resources or {}
             actors[a.name] = AgentActor.options(**_actor_options(a.resources, declared, 0.1),
                                                 max_concurrency=100).remote(
                 cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
                 supervisor=supervisor, tool_schemas=schemas, config=a.config)
             handles.append(actors[a.name])
         await asyncio.gather(*[
-            actors[a.name].connect.remote({p: (classes[p], actors[p])
+            actors[a.name].connect.remote({p: (job.classes[p].__name__, actors[p])
                                            for p in job.policies[a.name].delegation.can_delegate_to})
             for a in spec.agents])
 

@@ -168,9 +168,6 @@ class SandboxPool:
         os.chmod(self._root, 0o711)
         return self._root
 
-    def _new_workspace(self, size_mb: int) -> Workspace:
-        return Workspace(self.root / f"ws-{secrets.token_hex(8)}", size_mb=size_mb)
-
     def handle(self, agent: str, backend: str, limits: Limits) -> SandboxHandle:
         with self._lock:
             if self._closed:
@@ -185,7 +182,7 @@ class SandboxPool:
                     self._workspaces[agent] = ws
                     self._sessions[(agent, backend)] = session
             if ws is None:
-                ws = self._new_workspace(limits.workspace_mb)
+                ws = _fresh_workspace(self.root, limits.workspace_mb)
                 self._workspaces[agent] = ws
             if session is None:
                 session = self._backend(backend).open(ws.root, workspace_mb=limits.workspace_mb, key=agent)
@@ -300,9 +297,14 @@ class SandboxPool:
             shutil.rmtree(self._root, ignore_errors=True)
 
 
+def _fresh_workspace(root: Path, size_mb: int) -> Workspace:
+    """A new, empty workspace under a random name (never an agent's name)."""
+    return Workspace(root / f"ws-{secrets.token_hex(8)}", size_mb=size_mb)
+
+
 def _make_spare(backend: Any, root: Path, limits: Limits) -> _Spare:
     """A ready session on a fresh workspace of its own, bound to no agent yet."""
-    ws = Workspace(root / f"ws-{secrets.token_hex(8)}", size_mb=limits.workspace_mb)
+    ws = _fresh_workspace(root, limits.workspace_mb)
     session = None
     try:
         session = backend.open(ws.root, workspace_mb=limits.workspace_mb, key=ws.root.name)
