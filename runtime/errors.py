@@ -45,6 +45,7 @@ class ErrorCode(str, Enum):
     BAD_REQUEST_MAC = "BAD_REQUEST_MAC"
     REPLAY = "REPLAY"
     DEPTH_EXCEEDED = "DEPTH_EXCEEDED"
+    WRONG_SHARD = "WRONG_SHARD"
     POLICY_DENIED = "POLICY_DENIED"
     RATE_LIMITED = "RATE_LIMITED"
     CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
@@ -62,6 +63,7 @@ class ErrorCode(str, Enum):
     SANDBOX_PIDS = "SANDBOX_PIDS"
     SANDBOX_OUTPUT = "SANDBOX_OUTPUT"
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
+    SUPERVISOR_UNAVAILABLE = "SUPERVISOR_UNAVAILABLE"
     POLICY_INVALID = "POLICY_INVALID"
     JOB_INVALID = "JOB_INVALID"
     INTERNAL = "INTERNAL"
@@ -184,6 +186,13 @@ class SandboxUnavailable(ToolFailed):
     default_code = ErrorCode.SANDBOX_UNAVAILABLE
 
 
+class SupervisorUnavailable(WardenError):
+    """The supervisor shard handling the call stopped (crashed or restarting) before it answered.
+    The call may or may not have run; it is never retried on the agent's behalf."""
+
+    default_code = ErrorCode.SUPERVISOR_UNAVAILABLE
+
+
 class ConfigError(WardenError):
     """A policy or job file that does not load. The job does not start."""
 
@@ -209,6 +218,7 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.BAD_REQUEST_MAC: TokenRejected,
     ErrorCode.REPLAY: TokenRejected,
     ErrorCode.DEPTH_EXCEEDED: TokenRejected,
+    ErrorCode.WRONG_SHARD: TokenRejected,
     ErrorCode.POLICY_DENIED: PolicyDenied,
     ErrorCode.RATE_LIMITED: QuotaExceeded,
     ErrorCode.CONCURRENCY_LIMIT: QuotaExceeded,
@@ -226,6 +236,7 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.SANDBOX_PIDS: SandboxKilled,
     ErrorCode.SANDBOX_OUTPUT: SandboxKilled,
     ErrorCode.SANDBOX_UNAVAILABLE: SandboxUnavailable,
+    ErrorCode.SUPERVISOR_UNAVAILABLE: SupervisorUnavailable,
     ErrorCode.POLICY_INVALID: ConfigError,
     ErrorCode.JOB_INVALID: ConfigError,
     ErrorCode.INTERNAL: InternalError,

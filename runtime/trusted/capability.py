@@ -452,6 +452,15 @@ class Token:
         return Token(kid, token_id, tuple(caveats), tag, version)
 
 
+def first_holder(raw: Any) -> str:
+    """The agent an (unverified) token was minted for; for routing only, never for a decision."""
+    tok = Token.decode(raw)
+    c = decode_caveat(tok.caveats[0]) if tok.caveats else None
+    if not isinstance(c, Holder):
+        raise TokenRejected("token does not start with a holder")
+    return c.agent
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """What a caveat is evaluated against: the canonicalised call."""
@@ -560,6 +569,11 @@ class VerifiedToken:
     @property
     def token_id(self) -> bytes:
         return self.token.token_id
+
+    @property
+    def root_holder(self) -> str:
+        """The agent the root token was minted for: the owner of every budget on the chain."""
+        return next(c.agent for c in self.caveats if isinstance(c, Holder))
 
     def chain_ids(self) -> tuple[bytes, ...]:
         """Everything that can be revoked to kill this token: its id and every tag on its chain."""
@@ -670,6 +684,17 @@ class KeyRing:
         self._root[kid] = secrets.token_bytes(32)
         self.current_kid = kid
         return kid
+
+    def add_key(self, kid: str, key: bytes) -> None:
+        """Install a key made elsewhere (rotation on a peer supervisor) as the current one."""
+        if not (isinstance(kid, str) and kid and isinstance(key, bytes) and len(key) >= 32):
+            raise ValueError("a key id and a key of at least 32 bytes")
+        self._root[kid] = key
+        self.current_kid = kid
+
+    @property
+    def kids(self) -> list[str]:
+        return sorted(self._root)
 
     def retire(self, kid: str) -> None:
         if kid == self.current_kid:

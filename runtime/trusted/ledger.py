@@ -121,6 +121,21 @@ class QuotaLedger:
         for key, amount in res.charges:
             self._used[key] -= amount
 
+    def recharge(self, agent: str, charges: Iterable[tuple[bytes, float]], projected_cost: float,
+                 cost_keys: Iterable[bytes]) -> Reservation:
+        """Re-apply a reservation from the journal of a restarted supervisor (no checks: it was allowed)."""
+        charges = tuple((bytes(k), float(a)) for k, a in charges)
+        self._inflight[agent] = self._inflight.get(agent, 0) + 1
+        for key, amount in charges:
+            self._used[key] = self._used.get(key, 0.0) + amount
+        return Reservation(agent, charges, float(projected_cost), tuple(bytes(k) for k in cost_keys))
+
+    def drain_buckets(self) -> None:
+        """After a restart: no agent starts with a full burst (the time it had them is unknown)."""
+        now = self._clock()
+        for bucket in self._buckets.values():
+            bucket.tokens, bucket.last = 0.0, now
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "used": {k.hex(): v for k, v in self._used.items()},
@@ -155,6 +170,10 @@ class NonceWindow:
         if now >= self._next_prune:
             self._prune(now)
         self._seen[key] = ts + self.window_s
+
+    def remember(self, agent: str, nonce: bytes, expires: float) -> None:
+        """Re-apply an accepted nonce from the journal of a restarted supervisor."""
+        self._seen[(agent, bytes(nonce))] = float(expires)
 
     def _prune(self, now: float) -> None:
         self._seen = {k: exp for k, exp in self._seen.items() if exp >= now}

@@ -34,13 +34,14 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
-                      MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
+                      MalformedRequest, SupervisorUnavailable, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
-from .wire import ToolSpec, batch_items, decode_envelope
+from .state import StateJournal
+from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 
 MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
@@ -66,6 +67,14 @@ def _pack(obj: Any) -> bytes:
 def sign_dispatch(key: bytes, body: dict[str, Any]) -> bytes:
     body_bytes = _pack(body)
     return _pack([body_bytes, hmac.new(key, body_bytes, sha256).digest()])
+
+
+def shard_of(agent: str, shards: int) -> int:
+    """The shard that owns ``agent``'s tokens: a stable hash, the same in every process."""
+    return int.from_bytes(sha256(agent.encode()).digest()[:8], "big") % shards
+
+
+PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key"})
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,8 @@ class Supervisor:
                  ledger: QuotaLedger | None = None, nonces: NonceWindow | None = None,
                  revocations: RevocationList | None = None, call_timeout_s: float = 120.0,
                  credentials: dict[str, dict[str, str]] | None = None, observer: Observer | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, shard: tuple[int, int] = (0, 1),
+                 journal: StateJournal | None = None, peer_key: bytes | None = None) -> None:
         self.job_id = job_id
         self.keyring = keyring
         self.tools = dict(tools)
@@ -126,6 +136,12 @@ class Supervisor:
         self.anomaly = AnomalyDetector()
         self.quarantined: set[str] = set()
         self._on_event = on_event or (lambda _e: None)
+        self.shard, self.shards = shard
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {shard} out of range")
+        self.journal = journal
+        self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
+        self._peer_key = peer_key
 
     # ------------------------------------------------------------------ set-up
     def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:
@@ -137,25 +153,160 @@ class Supervisor:
     def revoke_agent(self, agent: str, *, by: str = "operator") -> None:
         """Kill switch: every token the agent holds is refused from now on, parked calls included."""
         self.revocations.revoke_agent(agent)
+        self._journal("va", agent)
         self.audit.record("revoke", agent=agent, by=by)
         self.approvals.deny_agent(agent, approver=by, reason="agent revoked")
 
     def revoke_token(self, token_id_or_tag: bytes, *, by: str = "operator") -> None:
         self.revocations.revoke(token_id_or_tag)
+        self._journal("v", bytes(token_id_or_tag))
         self.audit.record("revoke", token_id=token_id_or_tag.hex(), by=by)
 
-    def quarantine(self, agent: str, *, reason: str) -> None:
-        """Revoke everything the agent holds or was minted (descendants included), ask the host to stop it."""
+    def quarantine(self, agent: str, *, reason: str, origin: int | None = None) -> None:
+        """Revoke everything the agent holds or was minted (descendants included), ask the host to stop it.
+
+        ``origin`` is the shard that decided it, when that is another one: this shard applies it
+        and does not announce it again."""
         if agent in self.quarantined:
             return
         self.quarantined.add(agent)
+        self._journal("q", agent)
         entry = self.agents.get(agent)
         if entry is not None and entry.root_token_id is not None:
             self.revocations.revoke(entry.root_token_id)
-        self.revoke_agent(agent, by="quarantine")
-        self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent))
+            self._journal("v", entry.root_token_id)
+        self.revoke_agent(agent, by="quarantine" if origin is None else f"quarantine on shard {origin}")
+        self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent),
+                          origin=self.shard if origin is None else origin)
         self.observer.quarantine(agent)
-        self._on_event({"event": "quarantine", "agent": agent, "reason": reason})
+        if origin is None:
+            self._on_event({"event": "quarantine", "agent": agent, "reason": reason, "shard": self.shard})
+
+    def add_key(self, kid: str, key: bytes, *, by: str = "operator") -> None:
+        """Key rotation: ``kid`` becomes the current root key (tokens under older keys still verify)."""
+        self.keyring.add_key(kid, key)
+        self._journal("k", kid, key)
+        self.audit.record("key_added", kid=kid, by=by)
+
+    def retire_key(self, kid: str, *, by: str = "operator") -> None:
+        """Every token under ``kid`` is refused from now on. ValueError for the current key."""
+        if kid == self.keyring.current_kid:
+            raise ValueError("cannot retire the current key; rotate first")
+        self.keyring.retire(kid)
+        self._journal("kr", kid)
+        self.audit.record("key_retired", kid=kid, by=by)
+
+    # ------------------------------------------------------------------ shards
+    def peer_message(self, op: str, **args: Any) -> bytes:
+        """A control change for the other shards, MAC'd with the key only shards hold."""
+        if self._peer_key is None:
+            raise InternalError("no peer key: this supervisor is not part of a sharded job")
+        return sign_dispatch(self._peer_key, {"op": op, "args": args, "job": self.job_id, "from": self.shard,
+                                              "nonce": secrets.token_bytes(16), "ts": self.clock()})
+
+    def apply_peer(self, message: Any) -> None:
+        """Apply a change another shard made (revocation, quarantine, key). Raises on anything forged."""
+        body_bytes, mac, body = decode_signed(message)
+        if self._peer_key is None or not hmac.compare_digest(hmac_sha256(self._peer_key, body_bytes), mac):
+            raise TokenRejected("peer message MAC does not verify", code=ErrorCode.BAD_REQUEST_MAC)
+        if body.get("job") != self.job_id or body.get("op") not in PEER_OPS:
+            raise MalformedRequest(f"peer message for job {body.get('job')!r:.80} op {body.get('op')!r:.40}")
+        self.nonces.check("(peer)", body["nonce"], float(body["ts"]))
+        self._journal("n", "(peer)", body["nonce"], float(body["ts"]) + self.nonces.window_s)
+        op, args, origin = body["op"], body["args"], int(body["from"])
+        by = f"{args.get('by', 'operator')} via shard {origin}"
+        if op == "revoke_agent":
+            self.revoke_agent(args["agent"], by=by)
+        elif op == "revoke_token":
+            self.revoke_token(bytes(args["token_id"]), by=by)
+        elif op == "quarantine":
+            self.quarantine(args["agent"], reason=args["reason"], origin=origin)
+        elif op == "add_key":
+            self.add_key(args["kid"], bytes(args["key"]), by=by)
+        else:
+            self.retire_key(args["kid"], by=by)
+
+    def _journal(self, *frame: Any) -> None:
+        """Record a state change, after it is made in memory (a compaction then snapshots it too)."""
+        if self.journal is not None:
+            self.journal.append(*frame)
+            if self.journal.size > self.journal.compact_bytes:
+                self.journal.compact(self._snapshot())
+
+    def _snapshot(self) -> list[Any]:
+        keys = self.keyring.to_secret_dict()
+        return ["snap", self.ledger.snapshot(), self.nonces.snapshot(), self.revocations.snapshot(),
+                {cid: [r.agent, [list(c) for c in r.charges], r.projected_cost, list(r.cost_keys)]
+                 for cid, r in self._open.items()},
+                sorted(self.quarantined), keys["root"], keys["kid"]]
+
+    def restore(self) -> int:
+        """Resume from the journal after a restart: the state as it was, and every call that was in
+        flight closed with SUPERVISOR_UNAVAILABLE (charged: it may have run). Returns that count."""
+        if self.journal is None:
+            return 0
+        frames = 0
+        for frame in self.journal.replay():
+            frames += 1
+            self._replay(frame)
+        if frames == 0:
+            return 0
+        self.ledger.drain_buckets()
+        inflight = dict(self._open)
+        self.audit.record("shard_restart", shard=self.shard, journal_frames=frames, inflight=len(inflight),
+                          quarantined=sorted(self.quarantined), revoked_agents=self.revocations.snapshot()["agents"])
+        for call_id, res in inflight.items():
+            self._close(call_id, res, None)
+            self.audit.record("outcome", call_id=call_id, agent=res.agent, ok=False,
+                              code=ErrorCode.SUPERVISOR_UNAVAILABLE.value,
+                              reason="the supervisor shard restarted while the call was in flight; it may have run")
+        return len(inflight)
+
+    def _replay(self, frame: list[Any]) -> None:
+        op, args = frame[0], frame[1:]
+        if op == "n":
+            self.nonces.remember(*args)
+        elif op == "r":
+            call_id, agent, charges, projected, cost_keys = args
+            self._open[call_id] = self.ledger.recharge(agent, charges, projected, cost_keys)
+        elif op in ("s", "x"):
+            res = self._open.pop(args[0], None)
+            if res is not None:
+                self.ledger.settle(res, args[1]) if op == "s" else self.ledger.release(res)
+        elif op == "v":
+            self.revocations.revoke(bytes(args[0]))
+        elif op == "va":
+            self.revocations.revoke_agent(args[0])
+        elif op == "q":
+            self.quarantined.add(args[0])
+        elif op == "k":
+            self.keyring.add_key(args[0], bytes(args[1]))
+        elif op == "kr":
+            self.keyring.retire(args[0])
+        elif op == "snap":
+            ledger, nonces, revocations, open_calls, quarantined, root, kid = args
+            self.ledger.restore(ledger)
+            self.nonces.restore(nonces)
+            self.revocations.restore(revocations)
+            self._open = {cid: self.ledger.recharge(a, ch, p, ck) for cid, (a, ch, p, ck) in open_calls.items()}
+            self.quarantined = set(quarantined)
+            for k, key in root.items():
+                if k not in self.keyring.kids:
+                    self.keyring.add_key(k, bytes(key))
+            self.keyring.current_kid = kid
+            for k in set(self.keyring.kids) - set(root):
+                self.keyring.retire(k)
+        else:
+            raise ValueError(f"unknown journal frame {op!r}")
+
+    def _close(self, call_id: str, res: Reservation, cost: float | None, *, refund: bool = False) -> None:
+        """End a reservation: settle it (the call ran, or may have) or refund it (it never ran)."""
+        self._open.pop(call_id, None)
+        if refund:
+            self.ledger.release(res)
+        else:
+            self.ledger.settle(res, cost)
+        self._journal("x" if refund else "s", call_id, cost)
 
     def decide_approval(self, approval_id: str, *, approve: bool, approver: str, reason: str = "") -> dict[str, Any]:
         """A human's answer to one parked call. KeyError if unknown or already decided."""
@@ -183,6 +334,8 @@ class Supervisor:
             raise TokenRejected(f"request MAC does not match agent {entry.name!r}",
                                 code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
         self.nonces.check(entry.name, body["nonce"], float(body["ts"]), tool)
+        if self.journal is not None:
+            self._journal("n", entry.name, body["nonce"], float(body["ts"]) + self.nonces.window_s)
         try:
             vt = self.keyring.verify(body["token"])
         except TokenRejected as exc:
@@ -192,6 +345,12 @@ class Supervisor:
         if vt.holder != entry.name:
             raise TokenRejected(f"token holder is {vt.holder!r}, request from {entry.name!r}",
                                 code=ErrorCode.WRONG_HOLDER, tool=tool)
+        if self.shards > 1 and shard_of(vt.root_holder, self.shards) != self.shard:
+            # Budgets of a chain live on the shard of its root agent only: deciding here would
+            # let a delegate spend them once per shard.
+            raise TokenRejected(f"token of {vt.root_holder!r} belongs to shard "
+                                f"{shard_of(vt.root_holder, self.shards)}, not {self.shard}",
+                                code=ErrorCode.WRONG_SHARD, tool=tool)
         return body, entry, vt
 
     def _evaluate(self, body: dict[str, Any], entry: AgentEntry, vt: VerifiedToken) -> _Checked:
@@ -205,9 +364,19 @@ class Supervisor:
 
     def _reserve(self, c: _Checked) -> _Allowed:
         reservation = self.ledger.reserve(c.agent, c.vt.budgets, c.spec.cost, c.tool)
+        call_id = secrets.token_hex(8)
+        if self.journal is not None:
+            self._open[call_id] = reservation
+            try:
+                self._journal("r", call_id, c.agent, [list(x) for x in reservation.charges],
+                              reservation.projected_cost, list(reservation.cost_keys))
+            except Exception:
+                self._open.pop(call_id, None)
+                self.ledger.release(reservation)
+                raise
         for key, kind, limit in c.vt.budgets:
             self.observer.budget(c.agent, kind, self.ledger.used(key), limit)
-        return _Allowed(secrets.token_hex(8), c.agent, c.tool, c.args, c.vt, reservation)
+        return _Allowed(call_id, c.agent, c.tool, c.args, c.vt, reservation)
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
@@ -335,7 +504,7 @@ class Supervisor:
                               sandbox=self.sandbox_for(ok.agent, ok.tool)["backend"]
                               if self.tools[ok.tool].sandboxed else None)
         except AuditUnavailable as exc:
-            self.ledger.release(ok.reservation)
+            self._close(ok.call_id, ok.reservation, None, refund=True)
             exc.tool = ok.tool
             self.counts[(ok.agent, ok.tool, exc.code.value)] += 1
             return _pack({"ok": False, "error": exc.to_wire()})
@@ -394,7 +563,7 @@ class Supervisor:
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
         finally:
-            self.ledger.settle(ok.reservation, cost if isinstance(cost, (int, float)) else None)
+            self._close(ok.call_id, ok.reservation, cost if isinstance(cost, (int, float)) else None)
         elapsed = time.perf_counter() - (ok.dispatched_at or time.perf_counter())
         try:
             self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,

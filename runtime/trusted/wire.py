@@ -66,8 +66,8 @@ def check_depth(value: Any, depth: int = 0) -> None:
         raise MalformedRequest(f"unsupported value type {type(value).__name__}")
 
 
-def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
-    """``(body_bytes, mac, body)`` of a request, or MalformedRequest."""
+def decode_signed(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
+    """``(body_bytes, mac, body)`` of any ``[body, mac]`` message, bounded; the body's fields unchecked."""
     if not isinstance(data, (bytes, bytearray)):
         raise MalformedRequest(f"request is {type(data).__name__}, not bytes")
     if len(data) > MAX_REQUEST_BYTES:
@@ -84,6 +84,12 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
         raise MalformedRequest(f"request does not decode: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise MalformedRequest("request body is not a map")
+    return bytes(body_bytes), mac, body
+
+
+def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
+    """``(body_bytes, mac, body)`` of a request, or MalformedRequest."""
+    body_bytes, mac, body = decode_signed(data)
     if not _plainly_well_formed(body):
         _check_fields(body)
     op = body["op"]
@@ -91,7 +97,7 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
         raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
     if body["v"] != REQUEST_VERSION:
         raise MalformedRequest(f"unsupported request version {body['v']}")
-    return bytes(body_bytes), mac, body
+    return body_bytes, mac, body
 
 
 _FIELD_TYPES = {name: frozenset(types) for name, types in _BODY_FIELDS.items()}  # exact: a bool is no int

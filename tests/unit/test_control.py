@@ -185,7 +185,7 @@ def test_denial_burst_is_flagged_and_quarantine_revokes_descendants():
     delegated = asyncio.run(scenario())
     assert env.audit.of("anomaly", agent="alice", flag="denial_burst")
     assert "alice" in env.sup.quarantined
-    assert env.events == [{"event": "quarantine", "agent": "alice", "reason": env.events[0]["reason"]}]
+    assert env.events == [{"event": "quarantine", "agent": "alice", "reason": env.events[0]["reason"], "shard": 0}]
     assert env.audit.of("quarantine", agent="alice")
     # Quarantine revoked alice's tokens and every token derived from them (bob's delegated one),
     # but not bob's own.

@@ -1,0 +1,89 @@
+"""A supervisor shard's durable state: an append-only journal of what changed.
+
+The supervisor appends one small msgpack frame per state change (a nonce accepted, a quota
+reserved, settled or refunded, a revocation, a quarantine, a key added or retired) before
+the change can matter to anyone: a nonce before the call is decided, a reservation before
+the call is dispatched. A restarted shard replays the journal and is where it was: no
+budget reset, no nonce accepted twice, no revocation forgotten. Calls that were reserved
+but never settled were in flight when the shard died; the supervisor closes them.
+
+Frames are written with one ``write(2)`` each, so a killed process leaves at most one torn
+frame at the end, which ``replay`` drops. When the journal grows past ``compact_bytes``
+the supervisor writes a snapshot frame into a fresh file and renames it over the old one.
+
+The file may hold key material (keys added by rotation): it is created 0600 and belongs
+on the trusted node, next to the audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+
+def _pack(frame: Any) -> bytes:
+    return msgpack.packb(frame, use_bin_type=True)
+
+
+class StateJournal:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False,
+                 compact_bytes: int = 16 << 20) -> None:
+        self.path = os.fspath(path)
+        self.compact_bytes = compact_bytes
+        self._fsync = fsync
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self._fd).st_size
+
+    def replay(self) -> Iterator[list[Any]]:
+        """Every whole frame on file, in order; a torn last frame is cut off."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1 << 20))
+        unpacker.feed(data)
+        good = 0
+        try:
+            for frame in unpacker:
+                if not isinstance(frame, list) or not frame:
+                    raise ValueError(f"journal frame at byte {good} is not a list")
+                good = unpacker.tell()
+                yield frame
+        except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, ValueError) as exc:
+            raise ValueError(f"state journal {self.path} corrupt at byte {good}: {exc}") from exc
+        if good < len(data):
+            log.warning("state journal %s: dropping a torn frame of %d bytes", self.path, len(data) - good)
+            os.truncate(self.path, good)
+            self.size = good
+
+    def append(self, *frame: Any) -> None:
+        data = _pack(list(frame))
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+        if self._fsync:
+            os.fsync(self._fd)
+        self.size += written
+
+    def compact(self, snapshot: list[Any]) -> None:
+        """Replace the journal with one frame holding the whole state."""
+        tmp = f"{self.path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = _pack(snapshot)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self.size = len(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
