@@ -13,16 +13,21 @@ prove possession with their own request key, and why actors are not given guessa
 from __future__ import annotations
 
 import asyncio
+import secrets
 import zlib
 from typing import Any
 
+import msgpack
 import ray
 
 from .agent import load_agent_class
+from .control import LocalOperator
+from .errors import SupervisorUnavailable
 from .trusted.audit import AuditLog
-from .trusted.capability import KeyRing
+from .trusted.capability import KeyRing, first_holder
 from .trusted.ledger import AgentQuota
-from .trusted.supervisor import AgentEntry, Supervisor
+from .trusted.state import StateJournal
+from .trusted.supervisor import AgentEntry, Supervisor, shard_of
 from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
 from .sandbox.worker import ToolWorker
@@ -48,37 +53,110 @@ class _ByAgent:
         return await self._worker(agent).execute_batch.remote(messages)
 
 
+PEER_TIMEOUT_S = 30.0
+
+
+async def _await(ref: Any) -> Any:
+    return await ref
+
+
 @ray.remote
 class SupervisorActor:
+    """One supervisor shard. With ``shard=(i, n)``, n > 1, it decides the calls of the agents
+    whose root tokens hash to i, and carries quarantines and operator changes to its peers
+    before it answers. Created with ``max_restarts``: a restarted instance replays its state
+    journal and, in a sharded job, refuses calls until the host has reconnected it to its peers
+    (which also brings it every change it missed)."""
+
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
                  call_timeout_s: float, credentials: dict[str, dict[str, str]],
-                 audit_options: dict[str, Any] | None = None) -> None:
+                 audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
+                 state_path: str | None = None, peer_key: bytes | None = None) -> None:
         from .metrics import PrometheusObserver
 
-        self._audit = AuditLog(audit_path, **(audit_options or {}))
+        audit_options = audit_options or {}
+        self._audit = AuditLog(audit_path, **audit_options)
+        journal = StateJournal(state_path, fsync=audit_options.get("fsync") == "always") if state_path else None
+        self.restarted = journal is not None and journal.size > 0
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
         self._server: Any = None
+        self._outbox: list[bytes] = []  # changes for the peers, sent before the current request is answered
         self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                                tools={t.name: t for t in tools}, audit=self._audit,
                                dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
                                call_timeout_s=call_timeout_s, credentials=credentials,
-                               observer=self._observer, on_event=self._events.put_nowait)
+                               observer=self._observer, on_event=self._event, shard=shard, journal=journal,
+                               peer_key=peer_key)
         for entry, quota in agents:
             self._sup.register_agent(entry, quota)
-        self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
-                           tools=sorted(t.name for t in tools))
+        if self.restarted:
+            self._sup.restore()
+        else:
+            self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
+                               tools=sorted(t.name for t in tools), shard=shard[0], shards=shard[1])
+        self._peers: list[Any] | None = [] if shard[1] == 1 else None  # None: not connected (yet)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        self._events.put_nowait(event)
+        if event.get("event") == "quarantine" and self._sup.shards > 1:
+            self._outbox.append(self._sup.peer_message("quarantine", agent=event["agent"], reason=event["reason"],
+                                                       by="anomaly"))
+
+    async def _flush(self) -> None:
+        """Carry pending changes to every peer; a peer that cannot take one gets it by sync when it reconnects."""
+        if not self._outbox or not self._peers:
+            return
+        messages, self._outbox = self._outbox, []
+        results = await asyncio.gather(*[asyncio.wait_for(_await(p.apply_peer.remote(m)), PEER_TIMEOUT_S)
+                                         for m in messages for p in self._peers], return_exceptions=True)
+        failed = [f"{type(r).__name__}: {r}"[:200] for r in results if isinstance(r, BaseException)]
+        if failed:
+            self._audit.record("peer_unreachable", shard=self._sup.shard, failures=failed)
+
+    def _ready(self, request: bytes) -> bytes | None:
+        if self._peers is None:
+            return self._sup.refuse(SupervisorUnavailable("this shard restarted and is not yet reconnected to "
+                                                          "its peers"), request)
+        return None
 
     async def call(self, request: bytes) -> bytes:
-        return await self._sup.call(request)
+        reply = self._ready(request) or await self._sup.call(request)
+        await self._flush()
+        return reply
 
     async def delegate(self, request: bytes) -> bytes:
-        return await self._sup.delegate(request)
+        reply = self._ready(request) or await self._sup.delegate(request)
+        await self._flush()
+        return reply
 
     async def call_batch(self, request: bytes) -> bytes:
-        return await self._sup.call_batch(request)
+        reply = self._ready(request) or await self._sup.call_batch(request)
+        await self._flush()
+        return reply
 
+    # ------------------------------------------------------------------ shards
+    async def connect(self, peers: list[Any]) -> bool:
+        """The other shards' handles, at start and again after a restart (then: catch up from them).
+        Returns whether this instance is a restarted one."""
+        if self.restarted:
+            for message in await asyncio.gather(*[p.sync_message.remote() for p in peers]):
+                self._sup.apply_peer(message)
+        self._peers = list(peers)
+        await self._flush()
+        return self.restarted
+
+    def sync_message(self) -> bytes:
+        return self._sup.sync_message()
+
+    def apply_peer(self, message: bytes) -> Any:
+        return self._sup.apply_peer(message)
+
+    def approvals(self) -> list[dict[str, Any]]:
+        return self._sup.approvals.list()
+
+    # ------------------------------------------------------------------ operating
     def stats(self) -> list[dict[str, Any]]:
         return self._sup.stats()
 
@@ -88,13 +166,20 @@ class SupervisorActor:
     def metrics_text(self) -> bytes:
         return self._observer.render()
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     async def serve(self, host: str, port: int, operator_token: str) -> str:
         """Start /metrics and the authenticated /control API; returns the base URL."""
         from .control import control_routes
         from .metrics import MetricsServer
 
+        if self._server is not None:
+            await self._server.stop()
         self._server = MetricsServer(self._observer)
-        self._server.add_routes(control_routes(self._sup, operator_token))
+        self._server.add_routes(control_routes(ShardOperator(self), operator_token))
         bound_host, bound_port = await self._server.start(host, port)
         return f"http://{bound_host}:{bound_port}"
 
@@ -102,13 +187,88 @@ class SupervisorActor:
         """The next event for the job's host (e.g. a quarantine: stop that agent's actor)."""
         return await self._events.get()
 
-    async def close(self, status: str) -> int:
+    async def close(self, status: str) -> dict[str, Any]:
+        """Write the last record, close the log and verify it here, on the node that holds it."""
+        from .trusted import audit as audit_mod
+
         seq = self._audit.record("job_end", job=self._sup.job_id, status=status,
-                                 quarantined=sorted(self._sup.quarantined))
+                                 quarantined=sorted(self._sup.quarantined), shard=self._sup.shard)
         self._audit.close()
+        if self._sup.journal is not None:
+            self._sup.journal.close()
         if self._server is not None:
             await self._server.stop()
-        return seq
+        report = audit_mod.verify(self._audit.path)
+        return {"seq": seq, "path": self._audit.path, "ok": report.ok, "records": report.records,
+                "problem": report.problem}
+
+
+class ShardOperator(LocalOperator):
+    """The operator API of one shard: changes are made here and carried to every peer before the
+    request is answered; status and approvals cover every shard."""
+
+    def __init__(self, actor: Any) -> None:
+        super().__init__(actor._sup)
+        self._actor = actor
+
+    @property
+    def _peers(self) -> list[Any]:
+        return self._actor._peers or []
+
+    async def _everywhere(self, op: str, **args: Any) -> None:
+        if self.sup.shards > 1:
+            self._actor._outbox.append(self.sup.peer_message(op, **args))
+            await self._actor._flush()
+
+    async def status(self) -> dict[str, Any]:
+        shards = [self.sup.status()] + list(await asyncio.gather(*[p.status.remote() for p in self._peers]))
+        counts: dict[tuple[str, str, str], int] = {}
+        for st in shards:
+            for row in st["stats"]:
+                key = (row["agent"], row["tool"], row["result"])
+                counts[key] = counts.get(key, 0) + row["count"]
+        return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": len(shards),
+                "keys": self.sup.keyring.kids, "current_key": self.sup.keyring.current_kid,
+                "quarantined": sorted({a for st in shards for a in st["quarantined"]}),
+                "revoked_agents": sorted({a for st in shards for a in st["revoked_agents"]}),
+                "approvals_pending": [p for st in shards for p in st["approvals_pending"]],
+                "stats": [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(counts.items())]}
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        return self.sup.approvals.list() + [a for lst in await asyncio.gather(
+            *[p.approvals.remote() for p in self._peers]) for a in lst]
+
+    async def decide(self, approval_id: str, **kw: Any) -> dict[str, Any]:
+        try:
+            return self.sup.decide_approval(approval_id, **kw)
+        except KeyError:
+            if not self._peers:
+                raise
+        for peer in self._peers:  # signed: an agent holding a shard handle cannot answer for a human
+            try:
+                return await peer.apply_peer.remote(self.sup.peer_message("decide", id=approval_id, **kw))
+            except Exception as exc:  # Ray re-raises the peer's KeyError as an instance of it
+                if not isinstance(exc, KeyError) and not isinstance(getattr(exc, "cause", None), KeyError):
+                    raise
+        raise KeyError(approval_id)
+
+    async def revoke_agent(self, agent: str, by: str) -> None:
+        self.sup.revoke_agent(agent, by=by)
+        await self._everywhere("revoke_agent", agent=agent, by=by)
+
+    async def revoke_token(self, token_id: bytes, by: str) -> None:
+        self.sup.revoke_token(token_id, by=by)
+        await self._everywhere("revoke_token", token_id=token_id, by=by)
+
+    async def rotate_key(self, by: str) -> str:
+        kid, key = secrets.token_hex(4), secrets.token_bytes(32)
+        self.sup.add_key(kid, key, by=by)
+        await self._everywhere("add_key", kid=kid, key=key, by=by)
+        return kid
+
+    async def retire_key(self, kid: str, by: str) -> None:
+        self.sup.retire_key(kid, by=by)
+        await self._everywhere("retire_key", kid=kid, by=by)
 
 
 @ray.remote
@@ -133,17 +293,44 @@ class ToolWorkerActor:
 
 
 class _SupervisorClient:
-    def __init__(self, handle: Any) -> None:
-        self._h = handle
+    """The agent's side of the supervisor: each request goes to the shard of its token's root
+    agent (the shard checks it: routing is not trusted). A shard that dies before answering is
+    reported as SUPERVISOR_UNAVAILABLE; the call is never resent."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self._hs = list(handles)
+        self._route: dict[bytes, Any] = {}
+
+    def _shard(self, request: bytes) -> Any:
+        if len(self._hs) == 1:
+            return self._hs[0]
+        try:
+            token = msgpack.unpackb(msgpack.unpackb(request, raw=False)[0], raw=False)["token"]
+            handle = self._route.get(token)
+            if handle is None:
+                handle = self._hs[shard_of(first_holder(token), len(self._hs))]
+                if len(self._route) > 1024:
+                    self._route.clear()
+                self._route[token] = handle
+            return handle
+        except Exception:
+            return self._hs[0]  # a malformed request: let a shard refuse it, on record
+
+    async def _send(self, method: str, request: bytes) -> bytes:
+        try:
+            return await getattr(self._shard(request), method).remote(request)
+        except ray.exceptions.RayActorError as exc:
+            err = SupervisorUnavailable(f"supervisor shard stopped before answering: {type(exc).__name__}")
+            return msgpack.packb({"ok": False, "error": err.to_wire()}, use_bin_type=True)
 
     async def call(self, request: bytes) -> bytes:
-        return await self._h.call.remote(request)
+        return await self._send("call", request)
 
     async def delegate(self, request: bytes) -> bytes:
-        return await self._h.delegate.remote(request)
+        return await self._send("delegate", request)
 
     async def call_batch(self, request: bytes) -> bytes:
-        return await self._h.call_batch.remote(request)
+        return await self._send("call_batch", request)
 
 
 class _PeerClient:
@@ -156,13 +343,13 @@ class _PeerClient:
 
 @ray.remote
 class AgentActor:
-    def __init__(self, *, cls_path: str, name: str, token: bytes, request_key: bytes, supervisor: Any,
+    def __init__(self, *, cls_path: str, name: str, token: bytes, request_key: bytes, supervisors: list[Any],
                  tool_schemas: list[dict[str, Any]], config: dict[str, Any]) -> None:
         import time
 
         self._agent = load_agent_class(cls_path)()
         self._attach = dict(name=name, token=token, request_key=request_key,
-                            supervisor=_SupervisorClient(supervisor), tool_schemas=tool_schemas,
+                            supervisor=_SupervisorClient(supervisors), tool_schemas=tool_schemas,
                             config=config, clock=time.time)
         self._agent._attach(peers={}, **self._attach)
 

@@ -9,12 +9,14 @@
     warden status                       a running job's agents, quarantines, approvals, counts
     warden approvals list|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A | --token T kill switch, effective before the next call
+    warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sys
@@ -78,6 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.quarantined:
         print(f"\nQUARANTINED (tokens revoked, actor stopped): {', '.join(result.quarantined)}")
     chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
+    if len(result.audit_logs) > 1:
+        chain = f"{len(result.audit_logs)} shard chains, " + ("all verified" if result.audit_ok else chain)
+    if result.restarts:
+        print(f"\nsupervisor shard restarts during the job: {result.restarts} (state restored from the journal)")
     print(f"\naudit log: {result.audit_log} ({result.audit_records} records, {chain})")
     print(f"verify it: warden audit verify {result.audit_log}")
     return EXIT_OK if result.ok else EXIT_FAIL
@@ -164,19 +170,43 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- audit
 
 
+def audit_chains(path: str) -> list[str]:
+    """The audit logs at ``path``: the file itself, or every shard's log in a run directory."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return [path]
+    logs = [p / "audit.log"] if (p / "audit.log").exists() else []
+    logs += sorted(p.glob("audit-[0-9]*.log"), key=lambda q: int(q.stem.split("-")[1]))
+    if not logs:
+        raise FileNotFoundError(f"{path}: no audit.log or audit-N.log in this directory")
+    return [str(q) for q in logs]
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .trusted.audit import verify
 
-    report = verify(args.path)
-    if report.ok:
-        segments = f"{report.segments} segment" + ("s" if report.segments != 1 else "")
-        print(f"{args.path}: ok, {report.records} records in {segments}, chain intact")
-        return EXIT_OK
-    where = ""
-    if report.first_bad_seq is not None:
-        where = f" (first bad record: seq {report.first_bad_seq} in {report.segment})"
-    print(f"{args.path}: BROKEN{where}: {report.problem}", file=sys.stderr)
-    return EXIT_FAIL
+    try:
+        chains = audit_chains(args.path)
+    except FileNotFoundError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    broken = 0
+    for path in chains:
+        report = verify(path)
+        if report.ok:
+            segments = f"{report.segments} segment" + ("s" if report.segments != 1 else "")
+            print(f"{path}: ok, {report.records} records in {segments}, chain intact")
+            continue
+        broken += 1
+        where = ""
+        if report.first_bad_seq is not None:
+            where = f" (first bad record: seq {report.first_bad_seq} in {report.segment})"
+        print(f"{path}: BROKEN{where}: {report.problem}", file=sys.stderr)
+    if len(chains) > 1:
+        print(f"{len(chains)} chains, {len(chains) - broken} intact" + (f", {broken} BROKEN" if broken else ""))
+    return EXIT_FAIL if broken else EXIT_OK
 
 
 def _when(text: str | None) -> float | None:
@@ -191,7 +221,20 @@ def _when(text: str | None) -> float | None:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from .trusted.audit import AuditFormatError, filter_records, format_record, read_records
 
-    records = filter_records(read_records(args.path), agent=args.agent, tool=args.tool, decision=args.decision,
+    try:
+        chains = audit_chains(args.path)
+    except FileNotFoundError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+    def tagged(path: str) -> Any:
+        name = os.path.basename(path)
+        for rec in read_records(path):
+            yield {**rec, "log": name} if len(chains) > 1 else rec
+
+    # Several shards: one stream in time order (each chain is already in order).
+    merged = heapq.merge(*[tagged(c) for c in chains], key=lambda r: r.get("ts", 0.0))
+    records = filter_records(merged, agent=args.agent, tool=args.tool, decision=args.decision,
                              kind=args.kind, since=_when(args.since), until=_when(args.until))
     try:
         for rec in records:
@@ -208,6 +251,16 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from .trusted.audit import AuditChainError, export_jsonl, verify
 
+    try:
+        chains = audit_chains(args.path)
+    except FileNotFoundError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if len(chains) > 1:  # one shard's chain after the other; each record has its time
+        status = EXIT_OK
+        for path in chains:
+            status = max(status, cmd_audit_export(argparse.Namespace(**{**vars(args), "path": path})))
+        return status
     report = verify(args.path)
     if not report.ok:
         refused = "" if args.allow_broken else "; not exported (--allow-broken exports it anyway)"
@@ -255,7 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"job {st['job']} at {client.url}: agents {', '.join(st['agents'])}")
     print(f"quarantined: {', '.join(st['quarantined']) or 'none'}; revoked: {', '.join(st['revoked_agents']) or 'none'}")
-    print(f"approvals pending: {len(st['approvals_pending'])}\n")
+    print(f"approvals pending: {len(st['approvals_pending'])}; supervisor shards: {st.get('shards', 1)}; "
+          f"root keys: {', '.join(st.get('keys', []))} (current {st.get('current_key', '?')})\n")
     print(_table(summary_rows(st["stats"]), ["agent", "tool", "allowed", "denied", "codes"]))
     return EXIT_OK
 
@@ -292,11 +346,41 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "retire" and not args.kid:
+        print("warden keys retire: give the key id to retire (see the audit log's key_added records)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    out = _client(args).keys(action=args.action, kid=args.kid, by=_who(args))
+    if args.action == "rotate":
+        print(f"new current key {out['current']} on every supervisor shard; tokens under older keys still "
+              "verify until those keys are retired")
+    else:
+        print(f"retired key {out['retired']} on every supervisor shard; every token under it is refused")
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     command = "warden bench " + args.suite + (" --quick" if args.quick else "")
-    return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command)
+    if args.shards:
+        if args.suite != "e2e":
+            print("warden bench: --shards applies to the e2e suite only", file=sys.stderr)
+            return EXIT_USAGE
+        command += " --shards " + ",".join(map(str, args.shards))
+    return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command,
+                      shards=args.shards)
+
+
+def _shard_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shard counts like 1,2,4, got {text!r}") from None
+    if not counts or any(not 1 <= c <= 64 for c in counts):
+        raise argparse.ArgumentTypeError("shard counts must be between 1 and 64")
+    return counts
 
 
 def _job_target(p: argparse.ArgumentParser) -> None:
@@ -362,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="few repetitions: shows it works, figures are rough")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", default="benchmarks/results", help="where JSON and PNGs go (default: %(default)s)")
+    bench.add_argument("--shards", type=_shard_counts, metavar="N,N,...",
+                       help="e2e only: instead of the 1/4/16-agent sweep, measure 16 agents against each number "
+                       "of supervisor shards (e.g. 1,2,4): throughput per shard count and the routing cost")
     bench.set_defaults(fn=cmd_bench)
 
     st = sub.add_parser("status", help="a running job's agents, quarantines, pending approvals and counts")
@@ -393,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("--as", dest="as_name", help="operator name for the audit log")
     _job_target(rev)
     rev.set_defaults(fn=cmd_revoke)
+
+    keys = sub.add_parser("keys", help="rotate or retire the root keys of a running job", description=(
+        "rotate: every supervisor shard gets a new current root key before this returns. retire KID: every "
+        "shard drops that key, so every token minted under it (and every delegation of one) is refused from "
+        "the next call on - an emergency stop for all agents holding such tokens. The current key cannot "
+        "be retired; rotate first."))
+    keys.add_argument("action", choices=["rotate", "retire"])
+    keys.add_argument("kid", nargs="?", help="retire: the key id")
+    keys.add_argument("--as", dest="as_name", help="operator name for the audit log")
+    _job_target(keys)
+    keys.set_defaults(fn=cmd_keys)
     return p
 
 

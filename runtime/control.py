@@ -6,6 +6,10 @@ The supervisor actor serves, next to ``/metrics``, a small authenticated HTTP AP
     GET  /control/approvals              parked calls waiting for a human
     POST /control/approvals/{id}         {"decision": "approve"|"deny", "approver": ..., "reason": ...}
     POST /control/revoke                 {"agent": NAME} or {"token_id": HEX}, plus {"by": ...}
+    POST /control/keys                   {"action": "rotate"} or {"action": "retire", "kid": KID}
+
+In a sharded job every shard serves the API; a change made through one reaches every other
+shard before the request is answered, and status and approvals cover all shards.
 
 Every request needs ``Authorization: Bearer <operator token>``. The driver generates the
 token at job start and writes it, with the address, to ``<run dir>/control.json`` (mode
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,9 +35,47 @@ CONTROL_FILE = "control.json"
 # --------------------------------------------------------------------- server side
 
 
-def control_routes(supervisor: Any, token: str) -> list[Any]:
-    """aiohttp routes bound to a live ``trusted.Supervisor``."""
+class LocalOperator:
+    """The operator's actions on one supervisor. A sharded job uses ``actors.ShardOperator``, which
+    has the same methods and also carries each change to every other shard before returning."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self.sup = supervisor
+
+    @property
+    def agents(self) -> dict[str, Any]:
+        return self.sup.agents
+
+    async def status(self) -> dict[str, Any]:
+        return self.sup.status()
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        return self.sup.approvals.list()
+
+    async def decide(self, approval_id: str, **kw: Any) -> dict[str, Any]:
+        return self.sup.decide_approval(approval_id, **kw)
+
+    async def revoke_agent(self, agent: str, by: str) -> None:
+        self.sup.revoke_agent(agent, by=by)
+
+    async def revoke_token(self, token_id: bytes, by: str) -> None:
+        self.sup.revoke_token(token_id, by=by)
+
+    async def rotate_key(self, by: str) -> str:
+        kid = secrets.token_hex(4)
+        self.sup.add_key(kid, secrets.token_bytes(32), by=by)
+        return kid
+
+    async def retire_key(self, kid: str, by: str) -> None:
+        self.sup.retire_key(kid, by=by)
+
+
+def control_routes(operator: Any, token: str) -> list[Any]:
+    """aiohttp routes bound to an operator (``LocalOperator`` or ``actors.ShardOperator``)."""
     from aiohttp import web
+
+    if not hasattr(operator, "rotate_key"):
+        operator = LocalOperator(operator)
 
     def authorized(request: web.Request) -> bool:
         given = request.headers.get("Authorization", "")
@@ -49,10 +92,10 @@ def control_routes(supervisor: Any, token: str) -> list[Any]:
         return wrapped
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(supervisor.status())
+        return web.json_response(await operator.status())
 
     async def approvals(request: web.Request) -> web.Response:
-        return web.json_response(supervisor.approvals.list())
+        return web.json_response(await operator.approvals())
 
     async def decide(request: web.Request) -> web.Response:
         body = await request.json()
@@ -60,8 +103,8 @@ def control_routes(supervisor: Any, token: str) -> list[Any]:
         if decision not in ("approve", "deny") or not approver:
             raise ValueError("need decision approve|deny and a non-empty approver")
         try:
-            decided = supervisor.decide_approval(request.match_info["id"], approve=decision == "approve",
-                                                 approver=approver[:64], reason=str(body.get("reason", ""))[:500])
+            decided = await operator.decide(request.match_info["id"], approve=decision == "approve",
+                                            approver=approver[:64], reason=str(body.get("reason", ""))[:500])
         except KeyError:
             return web.json_response({"error": "no such pending approval (unknown, decided or timed out)"},
                                      status=404)
@@ -72,24 +115,36 @@ def control_routes(supervisor: Any, token: str) -> list[Any]:
         by = str(body.get("by") or "operator")[:64]
         if body.get("agent"):
             agent = str(body["agent"])
-            if agent not in supervisor.agents:
+            if agent not in operator.agents:
                 return web.json_response({"error": f"no agent {agent!r} in this job"}, status=404)
-            supervisor.revoke_agent(agent, by=by)
+            await operator.revoke_agent(agent, by)
             return web.json_response({"revoked_agent": agent})
         if body.get("token_id"):
-            supervisor.revoke_token(bytes.fromhex(str(body["token_id"])), by=by)
+            await operator.revoke_token(bytes.fromhex(str(body["token_id"])), by)
             return web.json_response({"revoked_token": str(body["token_id"])})
         raise ValueError("need 'agent' or 'token_id'")
 
+    async def keys(request: web.Request) -> web.Response:
+        body = await request.json()
+        by = str(body.get("by") or "operator")[:64]
+        if body.get("action") == "rotate":
+            return web.json_response({"current": await operator.rotate_key(by)})
+        if body.get("action") == "retire" and body.get("kid"):
+            await operator.retire_key(str(body["kid"])[:64], by)
+            return web.json_response({"retired": str(body["kid"])})
+        raise ValueError("need action 'rotate', or action 'retire' with 'kid'")
+
     return [web.get("/control/status", guard(status)), web.get("/control/approvals", guard(approvals)),
-            web.post("/control/approvals/{id}", guard(decide)), web.post("/control/revoke", guard(revoke))]
+            web.post("/control/approvals/{id}", guard(decide)), web.post("/control/revoke", guard(revoke)),
+            web.post("/control/keys", guard(keys))]
 
 
-def write_control_file(run_dir: Path, *, url: str, token: str, job_id: str) -> Path:
+def write_control_file(run_dir: Path, *, url: str, token: str, job_id: str, urls: list[str] | None = None) -> Path:
+    """``url``: the first shard's API; ``urls``: every shard's (each serves the whole API and its own /metrics)."""
     path = run_dir / CONTROL_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url, "token": token, "job": job_id}, f)
+        json.dump({"url": url, "urls": urls or [url], "token": token, "job": job_id}, f)
     return path
 
 
@@ -101,8 +156,9 @@ class ControlError(Exception):
 
 
 class ControlClient:
-    def __init__(self, url: str, token: str, job: str = "") -> None:
+    def __init__(self, url: str, token: str, job: str = "", urls: list[str] | None = None) -> None:
         self.url, self._token, self.job = url.rstrip("/"), token, job
+        self.urls = [u.rstrip("/") for u in (urls or [url])]
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "ControlClient":
@@ -110,22 +166,26 @@ class ControlClient:
             info = json.loads((run_dir / CONTROL_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise ControlError(f"{run_dir}: no readable {CONTROL_FILE} ({exc})") from None
-        return cls(info["url"], info["token"], info.get("job", ""))
+        return cls(info["url"], info["token"], info.get("job", ""), info.get("urls"))
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Ask the first shard that answers (any shard serves the whole API)."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {self._token}",
-                                              "Content-Type": "application/json"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(req, timeout=10) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
-            raise ControlError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ControlError(f"cannot reach the job at {self.url} ({exc}); has it finished?") from None
+        unreachable = []
+        for url in self.urls:
+            req = urllib.request.Request(url + path, data=data, method=method,
+                                         headers={"Authorization": f"Bearer {self._token}",
+                                                  "Content-Type": "application/json"})
+            try:
+                with opener.open(req, timeout=30) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:300]
+                raise ControlError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                unreachable.append(f"{url} ({exc})")
+        raise ControlError(f"cannot reach the job at {', '.join(unreachable)}; has it finished?")
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/control/status")
@@ -139,6 +199,9 @@ class ControlClient:
 
     def revoke(self, *, agent: str | None = None, token_id: str | None = None, by: str) -> dict[str, Any]:
         return self._request("POST", "/control/revoke", {"agent": agent, "token_id": token_id, "by": by})
+
+    def keys(self, *, action: str, kid: str | None = None, by: str) -> dict[str, Any]:
+        return self._request("POST", "/control/keys", {"action": action, "kid": kid, "by": by})
 
 
 def find_run(run: str | None, runs_dir: str = "runs") -> Path:

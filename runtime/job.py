@@ -28,7 +28,6 @@ from .control import write_control_file
 from .errors import ConfigError, ErrorCode
 from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
-from .trusted import audit as audit_mod
 from .trusted.capability import KeyRing
 from .trusted.policy import Policy, load_policy
 from .trusted.supervisor import AgentEntry
@@ -53,17 +52,49 @@ class AgentSpec(_Strict):
     task: Any = None
 
 
-SANDBOX_RESOURCE = "warden_sandbox"
+TRUSTED_RESOURCE, AGENT_RESOURCE, SANDBOX_RESOURCE = "warden_trusted", "warden_agent", "warden_sandbox"
+LOCAL_ROLE_UNITS = 1000  # what a local Ray started by `warden run` advertises of each role
 _RUNTIME_ENV_KEYS = {"pip", "env_vars", "image_uri", "py_modules", "working_dir", "container"}
 
 
+class Role(_Strict):
+    """The custom Ray resource that marks the nodes of one role, and how much each actor takes."""
+
+    resource: str | None = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="null: no placement constraint")
+    amount: float = Field(default=1.0, gt=0)
+
+    def request(self, into: dict[str, float] | None = None) -> dict[str, float]:
+        res = dict(into or {})
+        if self.resource:
+            res[self.resource] = res.get(self.resource, 0) + self.amount
+        return res
+
+
+class PlacementSpec(_Strict):
+    """Three roles of node: trusted (supervisors, audit logs), agent (agent actors), sandbox (tool
+    workers; the nodes with runsc and bwrap). Each actor requests its role's resource."""
+
+    trusted: Role = Role(resource=TRUSTED_RESOURCE)
+    agent: Role = Role(resource=AGENT_RESOURCE)
+    sandbox: Role = Role(resource=SANDBOX_RESOURCE)
+
+    def local_resources(self) -> dict[str, float]:
+        return {r.resource: LOCAL_ROLE_UNITS for r in (self.trusted, self.agent, self.sandbox) if r.resource}
+
+
+class SupervisorSpec(_Strict):
+    """Supervisor shards: each agent's calls are decided by the shard its root token hashes to."""
+
+    shards: int = Field(default=1, ge=1, le=64)
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Ray restarts of a crashed shard")
+
+
 class WorkerSpec(_Strict):
-    """Tool-worker actors. They request ``sandbox_resource`` (one unit each), which only nodes
-    with the sandbox runtimes installed advertise, so they never land anywhere else."""
+    """Tool-worker actors. They request the sandbox role's resource, which only nodes with the
+    sandbox runtimes installed advertise, so they never land anywhere else."""
 
     count: int = Field(default=2, ge=1, le=256)
     num_cpus: float = Field(default=0.0, ge=0)
-    sandbox_resource: str | None = Field(default=SANDBOX_RESOURCE, description="null: no placement constraint")
     resources: dict[str, float] = Field(default_factory=dict)
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the workers")
 
@@ -73,12 +104,6 @@ class WorkerSpec(_Strict):
         if unknown:
             raise ValueError(f"runtime_env keys {unknown} not supported; use {sorted(_RUNTIME_ENV_KEYS)}")
         return self
-
-    def ray_resources(self) -> dict[str, float]:
-        res = dict(self.resources)
-        if self.sandbox_resource:
-            res[self.sandbox_resource] = res.get(self.sandbox_resource, 0) + 1
-        return res
 
 
 class CredentialRef(_Strict):
@@ -113,6 +138,8 @@ class JobSpec(_Strict):
     credentials: dict[str, dict[str, CredentialRef]] = Field(
         default_factory=dict, description="tool -> header name -> secret; attached by the supervisor per call")
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
+    supervisors: SupervisorSpec = Field(default_factory=SupervisorSpec)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
     call_timeout_s: float = Field(default=120.0, gt=0)
     timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
     control: ControlSpec = Field(default_factory=ControlSpec)
@@ -210,11 +237,13 @@ class JobResult:
     job_id: str
     ok: bool
     run_dir: str
-    audit_log: str
+    audit_log: str  # the log, or with several shards the run directory that holds one per shard
     audit_ok: bool
     audit_records: int
     audit_problem: str | None
     stats: list[dict[str, Any]]
+    audit_logs: list[str] = field(default_factory=list)
+    restarts: int = 0  # supervisor shard restarts seen during the job
     results: dict[str, Any] = field(default_factory=dict)
     quarantined: list[str] = field(default_factory=list)
     control_url: str = ""
@@ -247,7 +276,7 @@ async def _await(ref: Any) -> Any:
     return await ref
 
 
-def _ensure_ray(address: str | None) -> None:
+def _ensure_ray(address: str | None, placement: PlacementSpec | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -255,23 +284,28 @@ def _ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        # The local node has the sandbox runtimes (make setup installs them): advertise it.
-        ray.init(logging_level="WARNING", include_dashboard=False, resources={SANDBOX_RESOURCE: 1000})
+        # One machine plays every role (make setup installs the sandbox runtimes): advertise them all.
+        ray.init(logging_level="WARNING", include_dashboard=False,
+                 resources=(placement or PlacementSpec()).local_resources())
 
 
 def _check_placement(spec: JobSpec) -> None:
-    """Fail fast, not hang, when no node can host the tool workers."""
+    """Fail fast, not hang, when the cluster has too little of a role for this job's actors."""
     import ray
 
-    need = spec.workers.ray_resources()
     have = ray.cluster_resources()
-    short = {k: v * spec.workers.count for k, v in need.items() if have.get(k, 0) < v * spec.workers.count}
-    if short:
-        raise ConfigError(f"the cluster cannot place {spec.workers.count} tool worker(s): needs {short}, has "
-                          f"{ {k: have.get(k, 0) for k in short} }. Start sandbox nodes with "
-                          f"ray start --resources='{{\"{SANDBOX_RESOURCE}\": 100}}' (they need bwrap/runsc), "
-                          "or set workers.sandbox_resource / workers.count in the job file",
-                          code=ErrorCode.JOB_INVALID)
+    p = spec.placement
+    wants = [("tool worker", spec.workers.count, p.sandbox.request(spec.workers.resources), "sandbox", "bwrap/runsc"),
+             ("supervisor shard", spec.supervisors.shards, p.trusted.request(), "trusted", "the audit disk"),
+             ("agent", len(spec.agents), p.agent.request(), "agent", "agent code")]
+    for what, count, need, role, has in wants:
+        short = {k: v * count for k, v in need.items() if have.get(k, 0) < v * count}
+        if short:
+            name = getattr(p, role).resource
+            raise ConfigError(f"the cluster cannot place {count} {what}(s): needs {short}, has "
+                              f"{ {k: have.get(k, 0) for k in short} }. Start {role} nodes (with {has}) with "
+                              f"ray start --resources='{{\"{name}\": 1000}}', or change placement.{role} in "
+                              "the job file", code=ErrorCode.JOB_INVALID)
 
 
 async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
@@ -282,7 +316,6 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     ``before_teardown(control_url)`` runs after the agents finished and before the supervisor
     stops, e.g. to scrape its final metrics."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .actors import AgentActor, SupervisorActor, ToolWorkerActor
 
@@ -291,7 +324,6 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     job_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     run_dir = (Path.cwd() / (runs_dir or spec.runs_dir) / job_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
-    audit_path = run_dir / "audit.log"
 
     keyring = KeyRing.generate()
     request_master, dispatch_key = secrets.token_bytes(32), secrets.token_bytes(32)
@@ -311,11 +343,15 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         entries.append((entry, policy.agent_quota()))
 
     handles: list[Any] = []  # every actor this job starts; all are killed when it ends
+    n_shards = spec.supervisors.shards
+    audit_paths = [run_dir / ("audit.log" if n_shards == 1 else f"audit-{i}.log") for i in range(n_shards)]
+    restarts = 0
     try:
         tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
         progress(f"starting {spec.workers.count} tool worker(s)")
         _check_placement(spec)
-        options: dict[str, Any] = {"num_cpus": spec.workers.num_cpus, "resources": spec.workers.ray_resources()}
+        options: dict[str, Any] = {"num_cpus": spec.workers.num_cpus,
+                                   "resources": spec.placement.sandbox.request(spec.workers.resources)}
         if spec.workers.runtime_env:
             options["runtime_env"] = dict(spec.workers.runtime_env)
         workers = [ToolWorkerActor.options(**options)
@@ -323,31 +359,43 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                            tool_config=tool_config)
                    for _ in range(spec.workers.count)]
         handles.extend(workers)
-        # The audit log is a file on the driver's node: pin the supervisor there.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        supervisor = SupervisorActor.options(num_cpus=0, scheduling_strategy=here, max_concurrency=1000).remote(
-            job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
-            tools=[t.spec for t in job.tools.values()], audit_path=str(audit_path), workers=workers,
-            audit_options={"fsync": spec.audit.fsync,
-                           "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb else None},
-            agents=entries, call_timeout_s=spec.call_timeout_s,
-            credentials=resolve_credentials(spec, dict(os.environ)))
-        handles.append(supervisor)
-        del keyring  # the driver keeps no key once the supervisor has them
+        progress(f"starting {n_shards} supervisor shard(s)")
+        peer_key = secrets.token_bytes(32) if n_shards > 1 else None
+        shard_options = _supervisor_options(spec)
+        common = dict(job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
+                      tools=[t.spec for t in job.tools.values()], workers=workers, agents=entries,
+                      audit_options={"fsync": spec.audit.fsync,
+                                     "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb
+                                     else None},
+                      call_timeout_s=spec.call_timeout_s, credentials=resolve_credentials(spec, dict(os.environ)),
+                      peer_key=peer_key)
+        shards = [SupervisorActor.options(**shard_options).remote(
+            shard=(i, n_shards), audit_path=str(audit_paths[i]), state_path=str(run_dir / f"state-{i}.journal"),
+            **common) for i in range(n_shards)]
+        handles.extend(shards)
+        del keyring, common  # the driver keeps no key once the supervisors have them
+
+        def peers_of(i: int) -> list[Any]:
+            return [h for j, h in enumerate(shards) if j != i]
+
+        await asyncio.gather(*[sh.connect.remote(peers_of(i)) for i, sh in enumerate(shards)])
         operator_token = secrets.token_urlsafe(32)
-        control_url = await supervisor.serve.remote(spec.control.host, spec.control.port, operator_token)
-        write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id)
-        progress(f"metrics: {control_url}/metrics   operate: warden status --run {run_dir}")
+        urls = list(await asyncio.gather(*[sh.serve.remote(spec.control.host, spec.control.port if i == 0 else 0,
+                                                           operator_token) for i, sh in enumerate(shards)]))
+        control_url = urls[0]
+        write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id, urls=urls)
+        progress(f"metrics: {' '.join(u + '/metrics' for u in urls)}   operate: warden status --run {run_dir}")
 
         progress(f"starting {len(spec.agents)} agent(s)")
         actors = {}
         for a, (entry, _) in zip(spec.agents, entries):
             schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
             declared = job.classes[a.name].resources or {}
-            actors[a.name] = AgentActor.options(**_actor_options(a.resources, declared, 0.1),
-                                                max_concurrency=100).remote(
+            opts = _actor_options(a.resources, declared, 0.1)
+            opts["resources"] = spec.placement.agent.request(opts.get("resources"))
+            actors[a.name] = AgentActor.options(**opts, max_concurrency=100).remote(
                 cls_path=a.cls, name=a.name, token=tokens[a.name], request_key=entry.request_key,
-                supervisor=supervisor, tool_schemas=schemas, config=a.config)
+                supervisors=shards, tool_schemas=schemas, config=a.config)
             handles.append(actors[a.name])
         await asyncio.gather(*[
             actors[a.name].connect.remote({p: (job.classes[p].__name__, actors[p])
@@ -355,16 +403,32 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             for a in spec.agents])
 
         quarantined: dict[str, str] = {}
+        shard_errors: dict[str, str] = {}
 
-        async def watch_events() -> None:
+        async def watch(i: int) -> None:
+            """Act on a shard's events; when it restarted, serve its API again and reconnect it."""
+            nonlocal restarts
+            port = int(urls[i].rsplit(":", 1)[1])
             while True:
-                event = await supervisor.next_event.remote()
+                try:
+                    event = await shards[i].next_event.remote()
+                except ray.exceptions.ActorDiedError as exc:
+                    shard_errors[f"supervisor shard {i}"] = f"died for good: {exc}"[:500]
+                    progress(f"supervisor shard {i} DIED (out of restarts)")
+                    return
+                except ray.exceptions.RayActorError:
+                    restarts += 1
+                    progress(f"supervisor shard {i} stopped; Ray restarts it, reconnecting")
+                    await shards[i].serve.remote(spec.control.host, port, operator_token)
+                    await shards[i].connect.remote(peers_of(i))
+                    progress(f"supervisor shard {i} back (state restored from its journal)")
+                    continue
                 if event.get("event") == "quarantine" and event["agent"] in actors:
                     quarantined[event["agent"]] = event.get("reason", "")
                     progress(f"QUARANTINE: agent {event['agent']!r} stopped ({event.get('reason')})")
                     ray.kill(actors[event["agent"]])
 
-        watcher = asyncio.ensure_future(watch_events())
+        watchers = [asyncio.ensure_future(watch(i)) for i in range(n_shards)]
         progress(f"running entry agent(s): {', '.join(spec.entry)}")
         tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
         runs = {n: asyncio.ensure_future(_await(actors[n].run.remote(tasks[n]))) for n in spec.entry}
@@ -382,22 +446,51 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                 errors[name] = f"{type(cause).__name__}: {cause}"[:2000]
             else:
                 results[name] = fut.result()
+        errors.update(shard_errors)
 
-        watcher.cancel()
+        for w in watchers:
+            w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        stats = await supervisor.stats.remote()
-        await supervisor.close.remote("ok" if not errors else "failed")
+        stats = _merge_stats(await asyncio.gather(*[sh.stats.remote() for sh in shards]))
+        closed = await asyncio.gather(*[sh.close.remote("ok" if not errors else "failed") for sh in shards])
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:
             ray.kill(h)
-    report = audit_mod.verify(audit_path)
-    return JobResult(job=spec.name, job_id=job_id, ok=not errors and report.ok, run_dir=str(run_dir),
-                     audit_log=str(audit_path), audit_ok=report.ok, audit_records=report.records,
-                     audit_problem=report.problem, stats=stats, results=results, errors=errors,
-                     quarantined=sorted(quarantined), control_url=control_url,
-                     seconds=round(time.monotonic() - started, 3))
+    bad = [c for c in closed if not c["ok"]]
+    return JobResult(job=spec.name, job_id=job_id, ok=not errors and not bad, run_dir=str(run_dir),
+                     audit_log=str(audit_paths[0] if n_shards == 1 else run_dir), audit_ok=not bad,
+                     audit_records=sum(c["records"] for c in closed),
+                     audit_problem="; ".join(f"{c['path']}: {c['problem']}" for c in bad) or None,
+                     stats=stats, results=results, errors=errors, quarantined=sorted(quarantined),
+                     control_url=control_url, seconds=round(time.monotonic() - started, 3),
+                     audit_logs=[str(p) for p in audit_paths], restarts=restarts)
+
+
+def _supervisor_options(spec: JobSpec) -> dict[str, Any]:
+    """Ray options of a shard: on a trusted node (the driver's, when it is one: its audit log is
+    then where the driver runs), restarted by Ray on a crash, its calls never retried by Ray."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": spec.supervisors.max_restarts,
+                            "max_task_retries": 0, "resources": spec.placement.trusted.request()}
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == here), None)
+    role = spec.placement.trusted.resource
+    if node is not None and (role is None or node.get("Resources", {}).get(role, 0) > 0):
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=True)
+    return opts
+
+
+def _merge_stats(per_shard: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    counts: dict[tuple[str, str, str], int] = {}
+    for rows in per_shard:
+        for r in rows:
+            key = (r["agent"], r["tool"], r["result"])
+            counts[key] = counts.get(key, 0) + r["count"]
+    return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(counts.items())]
 
 
 def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Path | None = None,
@@ -409,5 +502,5 @@ def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Pat
     job = load_job(path)
     address = address or os.environ.get("RAY_ADDRESS")
     progress("connecting to Ray at " + address if address else "starting a local Ray")
-    _ensure_ray(address)
+    _ensure_ray(address, job.spec.placement)
     return asyncio.run(run_loaded(job, runs_dir=runs_dir, progress=progress))

@@ -49,14 +49,19 @@ def machine() -> dict[str, Any]:
 
 
 def run_suites(names: list[str], *, quick: bool, progress: Callable[[str], None],
-               command: str = "") -> dict[str, Any]:
+               command: str = "", shards: list[int] | None = None) -> dict[str, Any]:
+    """Run the named suites; ``shards`` turns e2e into its sweep over supervisor shard counts
+    (saved as suite ``e2e-shards``)."""
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": command,
                                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
     for name in names:
         progress(f"suite {name} ...")
         started = time.monotonic()
-        suite = importlib.import_module(f"runtime.bench.{name}").run(quick=quick, progress=progress)
+        extra = {"shards": shards} if name == "e2e" and shards else {}
+        suite = importlib.import_module(f"runtime.bench.{name}").run(quick=quick, progress=progress, **extra)
         suite["seconds"] = round(time.monotonic() - started, 1)
+        if extra:
+            name = suite["suite"] = "e2e-shards"
         results["suites"][name] = suite
         progress(f"suite {name} done in {suite['seconds']}s")
     return results
@@ -127,7 +132,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "") -> int:
+def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "",
+         shards: list[int] | None = None) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +141,7 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "")
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    results = run_suites(names, quick=quick, progress=progress, command=command)
+    results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards)
     for name, suite_result in results["suites"].items():
         (out_dir / f"bench-{name}.json").write_text(json.dumps(
             {"machine": results["machine"], "quick": quick, "started": results["started"], **suite_result}, indent=2))

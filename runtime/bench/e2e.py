@@ -37,7 +37,9 @@ def _ray() -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level="ERROR", include_dashboard=False, resources={"warden_sandbox": 1000})
+        from ..job import PlacementSpec
+
+        ray.init(logging_level="ERROR", include_dashboard=False, resources=PlacementSpec().local_resources())
     return ray
 
 
@@ -80,17 +82,34 @@ async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
                                                         tool_config={"run_dir": str(run_dir)})
     plain = PlainWorker.options(num_cpus=0).remote()
     relay = PlainRelay.options(num_cpus=0).remote(plain)
-    supervisor = SupervisorActor.options(num_cpus=0, max_concurrency=1000).remote(
+    peer_key = secrets.token_bytes(32) if shards > 1 else None
+    supervisors = [SupervisorActor.options(num_cpus=0, max_concurrency=1000).remote(
         job_id=job, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
-        tools=[t.spec for t in tools.values()], audit_path=str(run_dir / "audit.log"), workers=[worker],
-        agents=entries, call_timeout_s=60, credentials={}, audit_options={"fsync": "rotate"})
+        tools=[t.spec for t in tools.values()], audit_path=str(run_dir / f"audit-{i}.log"), workers=[worker],
+        agents=entries, call_timeout_s=60, credentials={}, audit_options={"fsync": "rotate"},
+        shard=(i, shards), state_path=str(run_dir / f"state-{i}.journal"), peer_key=peer_key)
+        for i in range(shards)]
+    await asyncio.gather(*[s.connect.remote([p for p in supervisors if p is not s]) for s in supervisors])
     actors = [AgentActor.options(num_cpus=0, max_concurrency=100).remote(
         cls_path="runtime.bench.tools:BenchAgent", name=name, token=tokens[name], request_key=e.request_key,
-        supervisor=supervisor, tool_schemas=[], config={}) for name, (e, _) in zip(names, entries)]
+        supervisors=supervisors, tool_schemas=[], config={}) for name, (e, _) in zip(names, entries)]
     await asyncio.gather(*[a.connect.remote({}) for a in actors])
     await plain.execute.remote(0)
-    return {"ray": ray, "plain": plain, "relay": relay, "supervisor": supervisor, "worker": worker,
+    return {"ray": ray, "plain": plain, "relay": relay, "supervisors": supervisors, "worker": worker,
             "agents": actors, "run_dir": run_dir}
+
+
+async def _teardown(env: dict[str, Any]) -> list[float]:
+    """Stop everything; the supervisors' own authorization times (us) of every allowed call."""
+    try:
+        await asyncio.gather(*[s.close.remote("ok") for s in env["supervisors"]])
+    finally:
+        for h in [*env["supervisors"], env["worker"], env["plain"], env["relay"], *env["agents"]]:
+            env["ray"].kill(h)
+    authz = sorted(r["authz_us"] for i in range(len(env["supervisors"]))
+                   for r in audit.read_records(env["run_dir"] / f"audit-{i}.log") if r.get("decision") == "allow")
+    shutil.rmtree(env["run_dir"], ignore_errors=True)
+    return authz
 
 
 async def _measure(env: dict[str, Any], mode: str, n: int) -> tuple[list[float], float]:
@@ -124,15 +143,10 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
                     samples, rate = await _measure(env, mode, n)
                     lat[mode].append(samples)
                     tput[mode].append(rate)
-            await env["supervisor"].close.remote("ok")
         finally:
-            for h in [env["supervisor"], env["worker"], env["plain"], env["relay"], *env["agents"]]:
-                env["ray"].kill(h)
-        # The supervisor's own measurement of each decision, from its audit log.
-        authz = sorted(r["authz_us"] for r in audit.read_records(env["run_dir"] / "audit.log")
-                       if r.get("decision") == "allow")
+            # The supervisor's own measurement of each decision, from its audit log.
+            authz = await _teardown(env)
         authz_p50_us = statistics.median(authz)
-        shutil.rmtree(env["run_dir"], ignore_errors=True)
         direct = summarise("e2e", f"direct, {c} agent(s)", "us", lat["direct"], concurrency=c)
         sup = summarise("e2e", f"supervised, {c} agent(s)", "us", lat["supervised"], concurrency=c)
         bat = summarise("e2e", f"batched x{BATCH}, {c} agent(s)", "us", lat["batch"], concurrency=c)
@@ -163,5 +177,62 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
     return {"suite": "e2e", "figures": [f.to_dict() for f in figures], "notes": notes}
 
 
-def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def routing_cost_us(shards: int, calls: int = 20000) -> float:
+    """What an agent pays to pick its shard (decode the request, hash the root agent), per call."""
+    from ..actors import _SupervisorClient
+    from ..protocol import encode_call
+    from ..trusted.capability import KeyRing
+
+    client = _SupervisorClient([object()] * shards)
+    token = KeyRing.generate().mint(holder="agent0").encode()
+    requests = [encode_call(agent="agent0", token=token, tool="bench.noop", args={"x": i}, request_key=b"k" * 32)
+                for i in range(calls)]
+    started = time.perf_counter()
+    for r in requests:
+        client._shard(r)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+async def _shard_suite(counts: list[int], quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    runs, n = (1, 30) if quick else (3, 200)
+    c = max(CONCURRENCY)
+    figures: list[Figure] = []
+    notes = [f"{c} concurrent agents, {runs} run(s) per figure, {n} calls per agent per run; every shard and "
+             "every agent on this machine, so more shards add processes, not cores",
+             "routing: the agent side decodes each request and hashes its token's root agent to pick the shard; "
+             "the shard checks it (WRONG_SHARD)"]
+    for s in counts:
+        progress(f"e2e: {s} supervisor shard(s), {c} agents")
+        env = await _setup(c, s)
+        try:
+            for mode in ("direct", "supervised"):
+                await _measure(env, mode, max(5, n // 10))
+            lat: dict[str, list[list[float]]] = {"direct": [], "supervised": []}
+            tput: dict[str, list[float]] = {"direct": [], "supervised": []}
+            for _ in range(runs):
+                for mode in lat:
+                    samples, rate = await _measure(env, mode, n)
+                    lat[mode].append(samples)
+                    tput[mode].append(rate)
+        finally:
+            await _teardown(env)
+        sup = summarise("e2e", f"supervised, {c} agents, {s} shard(s)", "us", lat["supervised"], concurrency=c,
+                        shards=s)
+        d_rate = rate_figure("e2e", f"direct throughput, {c} agents, {s} shard(s)", "calls/s", tput["direct"],
+                             concurrency=c, shards=s)
+        s_rate = rate_figure("e2e", f"supervised throughput, {c} agents, {s} shard(s)", "calls/s",
+                             tput["supervised"], concurrency=c, shards=s)
+        figures += [sup, d_rate, s_rate,
+                    Figure("e2e", f"supervised/direct throughput, {c} agents, {s} shard(s)", "ratio",
+                           round(s_rate.p50 / d_rate.p50, 3), extra={"concurrency": c, "shards": s}),
+                    Figure("e2e", f"shard routing on the agent side, {s} shard(s)", "us",
+                           round(routing_cost_us(s, 2000 if quick else 20000), 2), extra={"shards": s})]
+    return {"suite": "e2e", "figures": [f.to_dict() for f in figures], "notes": notes}
+
+
+def run(quick: bool = False, progress: Callable[[str], None] = print,
+        shards: list[int] | None = None) -> dict[str, Any]:
+    """The concurrency sweep, or with ``shards`` the sweep over supervisor shard counts."""
+    if shards:
+        return asyncio.run(_shard_suite(shards, quick, progress))
     return asyncio.run(_suite(quick, progress))

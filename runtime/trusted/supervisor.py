@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
-                      MalformedRequest, SupervisorUnavailable, TokenRejected, ToolFailed, UnknownTool, WardenError)
+                      MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256
@@ -74,7 +74,7 @@ def shard_of(agent: str, shards: int) -> int:
     return int.from_bytes(sha256(agent.encode()).digest()[:8], "big") % shards
 
 
-PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key"})
+PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key", "sync", "decide"})
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class Supervisor:
         return sign_dispatch(self._peer_key, {"op": op, "args": args, "job": self.job_id, "from": self.shard,
                                               "nonce": secrets.token_bytes(16), "ts": self.clock()})
 
-    def apply_peer(self, message: Any) -> None:
+    def apply_peer(self, message: Any) -> Any:
         """Apply a change another shard made (revocation, quarantine, key). Raises on anything forged."""
         body_bytes, mac, body = decode_signed(message)
         if self._peer_key is None or not hmac.compare_digest(hmac_sha256(self._peer_key, body_bytes), mac):
@@ -223,8 +223,38 @@ class Supervisor:
             self.quarantine(args["agent"], reason=args["reason"], origin=origin)
         elif op == "add_key":
             self.add_key(args["kid"], bytes(args["key"]), by=by)
-        else:
+        elif op == "retire_key":
             self.retire_key(args["kid"], by=by)
+        elif op == "decide":  # a human's answer that reached another shard first; KeyError if not parked here
+            return self.decide_approval(args["id"], approve=bool(args["approve"]), approver=args["approver"],
+                                        reason=args["reason"])
+        else:
+            self._merge(args, origin, by)
+        return None
+
+    def sync_message(self) -> bytes:
+        """Every revocation, quarantine and key of this shard, for a peer that restarted and may
+        have missed a change while it was down."""
+        rev, keys = self.revocations.snapshot(), self.keyring.to_secret_dict()
+        return self.peer_message("sync", ids=rev["ids"], agents=rev["agents"], quarantined=sorted(self.quarantined),
+                                 keys=keys["root"], kid=keys["kid"], by="sync")
+
+    def _merge(self, peer: dict[str, Any], origin: int, by: str) -> None:
+        """Adopt what a peer revoked, quarantined, added or retired that this shard has not."""
+        have = self.revocations.snapshot()
+        for token_id in {bytes(t) for t in peer["ids"]} - set(have["ids"]):
+            self.revoke_token(token_id, by=by)
+        for agent in set(peer["agents"]) - set(have["agents"]):
+            self.revoke_agent(agent, by=by)
+        for agent in set(peer["quarantined"]) - self.quarantined:
+            self.quarantine(agent, reason="quarantined on another shard", origin=origin)
+        keys = {k: bytes(v) for k, v in peer["keys"].items()}
+        for kid in sorted(set(keys) - set(self.keyring.kids)):
+            self.add_key(kid, keys[kid], by=by)
+        if peer["kid"] in keys and self.keyring.current_kid != peer["kid"]:
+            self.add_key(peer["kid"], keys[peer["kid"]], by=by)
+        for kid in set(self.keyring.kids) - set(keys):
+            self.retire_key(kid, by=by)
 
     def _journal(self, *frame: Any) -> None:
         """Record a state change, after it is made in memory (a compaction then snapshots it too)."""
@@ -407,6 +437,10 @@ class Supervisor:
         # Time passed while parked: the token may have been revoked or have expired.
         self.revocations.check(c.vt.chain_ids(), c.vt.holder, c.tool)
         c.vt.check_time(self.clock())
+
+    def refuse(self, exc: WardenError, data: Any) -> bytes:
+        """Deny a request for a reason outside the pipeline (e.g. the shard is not ready), on record."""
+        return self._deny(exc, data)
 
     def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
               started: float | None = None, tool: str | None = None) -> bytes:
@@ -606,7 +640,8 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),
                 "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
-                "approvals_pending": self.approvals.list(), "stats": self.stats()}
+                "approvals_pending": self.approvals.list(), "stats": self.stats(),
+                "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard}
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

@@ -140,7 +140,7 @@ def test_direct_call_to_tool_worker_is_refused(ray_instance, tmp_path):
 
 
 def test_warden_run_cli_json_against_the_running_cluster(ray_instance, tmp_path):
-    env = dict(os.environ, RAY_ADDRESS=ray_instance.address_info["address"])
+    env = dict(os.environ, RAY_ADDRESS=ray_instance.address)
     proc = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "jobs/demo.yaml", "--json", "--quiet",
                            "--runs-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -283,3 +283,25 @@ def test_unsharded_supervisors_have_no_peers():
     sup = Supervisor(job_id=JOB, keyring=KeyRing.generate(), tools={}, audit=None, dispatcher=None, dispatch_key=b"")
     with pytest.raises(Exception, match="not part of a sharded job"):
         sup.peer_message("revoke_agent", agent="x")
+
+
+def test_a_restarted_shard_catches_up_on_changes_it_missed(world):
+    shards, tokens = two_shards(world)
+    a_own = shard_of("alice", 2)
+    live, restarted = shards[1 - a_own], shards[a_own]
+    # While alice's shard was down, an operator used the other one.
+    live.sup.quarantine("alice", reason="burst")
+    live.sup.revoke_token(b"t" * 16)
+    old = live.sup.keyring.current_kid
+    live.sup.add_key("k2", secrets.token_bytes(32))
+    live.sup.retire_key(old)
+    restarted.crash_and_restart()
+    restarted.sup.apply_peer(live.sup.sync_message())
+    assert restarted.sup.quarantined == {"alice"} and restarted.events == []
+    assert restarted.sup.revocations.snapshot() == live.sup.revocations.snapshot()
+    assert restarted.sup.keyring.kids == ["k2"] and restarted.sup.keyring.current_kid == "k2"
+    with pytest.raises(TokenRejected):
+        asyncio.run(restarted.call("alice", tokens["alice"]))
+    # And it keeps what it learned across another restart.
+    restarted.crash_and_restart()
+    assert restarted.sup.quarantined == {"alice"} and restarted.sup.keyring.kids == ["k2"]
