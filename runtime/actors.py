@@ -161,15 +161,14 @@ class SupervisorActor:
         return self._sup.stats()
 
     def status(self) -> dict[str, Any]:
-        return self._sup.status()
+        """The shard's status, with where it runs (process and Ray node), for operators and tests."""
+        import os
+
+        return {**self._sup.status(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "restarted": self.restarted}
 
     def metrics_text(self) -> bytes:
         return self._observer.render()
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
     async def serve(self, host: str, port: int, operator_token: str) -> str:
         """Start /metrics and the authenticated /control API; returns the base URL."""
@@ -221,13 +220,15 @@ class ShardOperator(LocalOperator):
             await self._actor._flush()
 
     async def status(self) -> dict[str, Any]:
-        shards = [self.sup.status()] + list(await asyncio.gather(*[p.status.remote() for p in self._peers]))
+        shards = [self._actor.status()] + list(await asyncio.gather(*[p.status.remote() for p in self._peers]))
         counts: dict[tuple[str, str, str], int] = {}
         for st in shards:
             for row in st["stats"]:
                 key = (row["agent"], row["tool"], row["result"])
                 counts[key] = counts.get(key, 0) + row["count"]
-        return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": len(shards),
+        where = sorted(({k: st[k] for k in ("shard", "pid", "node_id", "restarted")} for st in shards),
+                       key=lambda w: w["shard"])
+        return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": where,
                 "keys": self.sup.keyring.kids, "current_key": self.sup.keyring.current_kid,
                 "quarantined": sorted({a for st in shards for a in st["quarantined"]}),
                 "revoked_agents": sorted({a for st in shards for a in st["revoked_agents"]}),

@@ -383,6 +383,12 @@ class Supervisor:
                                 code=ErrorCode.WRONG_SHARD, tool=tool)
         return body, entry, vt
 
+    def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
+        """For a call that waited (parked or in flight): still not revoked, its key still in the ring."""
+        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        if vt.token.kid not in self.keyring.kids:
+            raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
+
     def _evaluate(self, body: dict[str, Any], entry: AgentEntry, vt: VerifiedToken) -> _Checked:
         tool = body["tool"]
         spec = self.tools.get(tool)
@@ -434,8 +440,8 @@ class Supervisor:
         if not approved:
             code = ErrorCode.APPROVAL_TIMEOUT if approver == "(nobody)" else ErrorCode.APPROVAL_DENIED
             raise ApprovalDenied(f"approval {pending.id} denied by {approver}: {reason}", code=code, tool=c.tool)
-        # Time passed while parked: the token may have been revoked or have expired.
-        self.revocations.check(c.vt.chain_ids(), c.vt.holder, c.tool)
+        # Time passed while parked: the token may have been revoked, its key retired, or expired.
+        self._still_valid(c.vt, c.tool)
         c.vt.check_time(self.clock())
 
     def refuse(self, exc: WardenError, data: Any) -> bytes:
@@ -587,8 +593,8 @@ class Supervisor:
                 # make its outcome read as a decision of the trusted core.
                 code = err.get("code") if err.get("code") in WORKER_CODES else ErrorCode.TOOL_FAILED.value
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
-            # Revoked while the call was in flight: the result is withheld from the agent.
-            self.revocations.check(ok.vt.chain_ids(), ok.vt.holder, ok.tool)
+            # Revoked (or its key retired) while the call was in flight: the result is withheld.
+            self._still_valid(ok.vt, ok.tool)
             reply: dict[str, Any] = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
             outcome: dict[str, Any] = {"ok": True}
         except WardenError as exc:

@@ -52,7 +52,7 @@ class ChainAgent(Agent):
     """Delegates to its peer with a narrower token; the peer reports what it could do."""
 
     async def run(self, task: Any) -> Any:
-        return await self.delegate("peer", task, tools=["echo"], max_calls=2)
+        return await self.delegate(self.config.get("peer", "peer"), task, tools=["echo"], max_calls=2)
 
 
 class PeerAgent(Agent):
@@ -119,3 +119,51 @@ class RogueAgent(Agent):
 
     async def run(self, task: Any) -> list[dict[str, Any]]:
         return [await _attempt(self.call("note.write", text=f"try {i}")) for i in range(50)]
+
+
+@tool(effect="read", name="node.id")
+def node_id() -> str:
+    """The Ray node this tool worker runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+class NodeAgent(Agent):
+    """Reports the Ray node it runs on and the node of the tool worker that serves it."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        import ray
+
+        return {"agent": ray.get_runtime_context().get_node_id(), "worker": await self.call("node.id")}
+
+
+@tool(effect="write", name="load.mark")
+def load_mark(path: str, i: int) -> int:
+    """Append ``i`` to the file at ``path``: one line per time the tool really ran."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+class LoadAgent(Agent):
+    """``parallel`` loops of ``calls`` calls each; counts every outcome by code and never stops on one."""
+
+    async def run(self, task: Any) -> dict[str, int]:
+        import asyncio
+        from collections import Counter
+
+        codes: Counter[str] = Counter()
+
+        async def loop(k: int) -> None:
+            for j in range(task["calls"]):
+                try:
+                    await self.call("load.mark", path=task["path"], i=k * 100_000 + j)
+                    codes["ok"] += 1
+                except WardenError as exc:
+                    codes[exc.code.value] += 1
+                    if exc.code.value == "SUPERVISOR_UNAVAILABLE":
+                        await asyncio.sleep(0.05)  # a client backing off while its shard restarts
+
+        await asyncio.gather(*[loop(k) for k in range(task["parallel"])])
+        return dict(codes)

@@ -305,3 +305,22 @@ def test_a_restarted_shard_catches_up_on_changes_it_missed(world):
     # And it keeps what it learned across another restart.
     restarted.crash_and_restart()
     assert restarted.sup.quarantined == {"alice"} and restarted.sup.keyring.kids == ["k2"]
+
+
+def test_a_result_in_flight_when_its_key_is_retired_is_withheld(world):
+    shard, tokens = one_shard(world)
+
+    async def scenario() -> None:
+        GATE["open"] = asyncio.Event()
+        task = asyncio.create_task(shard.call("alice", tokens["alice"], "slow", text="late"))
+        while RAN != ["late"]:
+            await asyncio.sleep(0)
+        old = shard.sup.keyring.current_kid
+        shard.sup.add_key("k2", secrets.token_bytes(32))
+        shard.sup.retire_key(old)
+        GATE["open"].set()
+        with pytest.raises(TokenRejected) as info:
+            await task
+        assert info.value.code is ErrorCode.TOKEN_REVOKED
+
+    asyncio.run(scenario())
