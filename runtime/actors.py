@@ -97,6 +97,7 @@ class SupervisorActor:
             self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
                                tools=sorted(t.name for t in tools), shard=shard[0], shards=shard[1])
         self._peers: list[Any] | None = [] if shard[1] == 1 else None  # None: not connected (yet)
+        self._connected = False
 
     def _event(self, event: dict[str, Any]) -> None:
         self._events.put_nowait(event)
@@ -139,7 +140,11 @@ class SupervisorActor:
     # ------------------------------------------------------------------ shards
     async def connect(self, peers: list[Any]) -> bool:
         """The other shards' handles, at start and again after a restart (then: catch up from them).
-        Returns whether this instance is a restarted one."""
+        Returns whether this instance is a restarted one. Taken once per instance: the driver
+        connects it right after it starts, and nobody can later swap its peers for others."""
+        if self._connected:
+            raise RuntimeError("this shard is already connected to its peers")
+        self._connected = True
         if self.restarted:
             for message in await asyncio.gather(*[p.sync_message.remote() for p in peers]):
                 self._sup.apply_peer(message)

@@ -20,3 +20,13 @@ def test_e2e_quick_measures_every_path_side_by_side(ray_instance):
         assert f"batched/direct throughput, {c} agent(s)" in names
     for f in result["figures"]:
         assert f["p50"] > 0
+
+
+def test_e2e_shards_quick_reports_throughput_per_shard_count(ray_instance):
+    result = e2e.run(quick=True, progress=lambda _m: None, shards=[1, 2])
+    names = {f["name"] for f in result["figures"]}
+    for s in (1, 2):
+        assert f"supervised throughput, 16 agents, {s} shard(s)" in names
+        assert f"supervised/direct throughput, 16 agents, {s} shard(s)" in names
+        assert f"shard routing on the agent side, {s} shard(s)" in names
+    assert all(f["p50"] > 0 for f in result["figures"])
