@@ -928,3 +928,25 @@ def test_cli_show_kind_and_code(tmp_path, capsys):
     assert len(out) == 2 and all("code=POLICY_DENIED" in line for line in out)
     assert main(["audit", "show", str(tmp_path / "missing.log")]) == 1
     assert "cannot read audit log" in capsys.readouterr().err
+
+
+def test_cli_verify_and_show_every_shard_chain_of_a_run_directory(tmp_path, capsys):
+    clock = iter(float(t) for t in (1, 4, 5, 2, 3, 6))
+    for name, kinds in (("audit-0.log", ("a", "d", "e")), ("audit-1.log", ("b", "c", "f"))):
+        with AuditLog(tmp_path / name, clock=lambda: next(clock)) as log:
+            for kind in kinds:
+                log.record(kind)
+    assert main(["audit", "verify", str(tmp_path)]) == 0
+    assert "2 chains, 2 intact" in capsys.readouterr().out
+    assert main(["audit", "show", str(tmp_path), "--json"]) == 0
+    merged = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["kind"] for r in merged] == ["a", "b", "c", "d", "e", "f"]  # time order across the shards
+    assert [r["log"] for r in merged[:2]] == ["audit-0.log", "audit-1.log"]
+    flip(tmp_path / "audit-1.log", 30)
+    assert main(["audit", "verify", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "audit-0.log: ok" in captured.out and "1 BROKEN" in captured.out and "audit-1.log: BROKEN" in captured.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["audit", "verify", str(empty)]) == 1
+    assert "no audit.log or audit-N.log" in capsys.readouterr().err

@@ -25,3 +25,27 @@ def test_bench_json_output(tmp_path, capsys):
     assert main(["bench", "cost", "--quick", "--json", "--out", str(tmp_path)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert list(printed["suites"]) == ["cost"]
+
+
+def test_bench_shards_flag_is_checked_before_anything_runs(tmp_path, capsys):
+    import pytest
+
+    for bad in ("0", "1,x", "", "65"):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "e2e", "--shards", bad, "--out", str(tmp_path)])
+        assert info.value.code == 2
+        assert "shard counts" in capsys.readouterr().err
+    assert main(["bench", "cost", "--shards", "1,2", "--out", str(tmp_path)]) == 2
+    assert "--shards applies to the e2e suite only" in capsys.readouterr().err
+    assert not (tmp_path / "latest.json").exists()
+
+
+def test_shard_routing_cost_is_measured_without_ray():
+    from runtime.bench.e2e import routing_cost_us
+
+    assert routing_cost_us(1, 200) > 0 and routing_cost_us(4, 200) > 0
+
+
+def test_keys_retire_needs_a_key_id(capsys):
+    assert main(["keys", "retire", "--run", "nowhere"]) == 2
+    assert "give the key id" in capsys.readouterr().err

@@ -263,8 +263,24 @@ def test_control_api_needs_the_operator_token_and_revokes_tokens(tmp_path):
             with pytest.raises(TokenRejected) as info:
                 await env.call("drop", agent="bob", channel="x")
             assert info.value.code is ErrorCode.TOKEN_REVOKED
+            # Keys: rotate, refuse to retire the current one, retire the old one (alice's token dies).
+            old = env.keyring.current_kid
+            with pytest.raises(ControlError, match="HTTP 401"):
+                await asyncio.to_thread(bad.keys, action="rotate", by="mallory")
+            new = (await asyncio.to_thread(good.keys, action="rotate", by="erin"))["current"]
+            assert env.sup.keyring.current_kid == new != old
+            with pytest.raises(ControlError, match="HTTP 400"):
+                await asyncio.to_thread(good.keys, action="retire", kid=new, by="erin")
+            with pytest.raises(ControlError, match="HTTP 400"):
+                await asyncio.to_thread(good.keys, action="explode", by="erin")
+            assert await env.call("drop", channel="before") == "dropped before"
+            await asyncio.to_thread(good.keys, action="retire", kid=old, by="erin")
+            with pytest.raises(TokenRejected) as info:
+                await env.call("drop", channel="after")
+            assert info.value.code is ErrorCode.BAD_TOKEN
         finally:
             await server.stop()
 
     asyncio.run(scenario())
     assert env.audit.of("revoke", by="erin")
+    assert env.audit.of("key_added", by="erin") and env.audit.of("key_retired", by="erin")

@@ -67,3 +67,25 @@ def test_policy_effect_must_match_the_tool(tmp_path):
     (tmp_path / "p.yaml").write_text("agent: a\ntools:\n  chat.read: {effect: write}\n")
     with pytest.raises(ConfigError, match="has effect 'read', policy says 'write'"):
         load_job(path)
+
+
+def test_placement_and_shards_have_working_defaults_and_are_validated(tmp_path):
+    spec = load_job(write_job(tmp_path, GOOD)).spec
+    assert spec.supervisors.shards == 1 and spec.supervisors.max_restarts == 3
+    assert spec.placement.local_resources() == {"warden_trusted": 1000, "warden_agent": 1000,
+                                                "warden_sandbox": 1000}
+    assert spec.placement.sandbox.request({"gpu_box": 1}) == {"gpu_box": 1, "warden_sandbox": 1.0}
+    custom = GOOD + "supervisors: {shards: 4}\nplacement: {sandbox: {resource: gvisor_nodes, amount: 0.5}, " \
+                    "agent: {resource: null}}\n"
+    spec = load_job(write_job(tmp_path, custom)).spec
+    assert spec.supervisors.shards == 4
+    assert spec.placement.sandbox.request() == {"gvisor_nodes": 0.5} and spec.placement.agent.request() == {}
+    for bad, message in (("supervisors: {shards: 0}", "supervisors.shards"),
+                         ("supervisors: {shards: 65}", "supervisors.shards"),
+                         ("placement: {sandbox: {resource: 'bad name!'}}", "placement.sandbox.resource"),
+                         ("placement: {trusted: {resource: x, amount: 0}}", "placement.trusted.amount"),
+                         ("placement: {edge: {resource: x}}", "placement.edge"),
+                         ("workers: {sandbox_resource: x}", "workers.sandbox_resource")):
+        with pytest.raises(ConfigError) as info:
+            load_job(write_job(tmp_path, GOOD + bad + "\n"))
+        assert message in info.value.reason, info.value.reason
