@@ -21,7 +21,7 @@ import msgpack
 import ray
 
 from .agent import load_agent_class
-from .control import LocalOperator
+from .control import LocalOperator, merge_stats
 from .errors import SupervisorUnavailable
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing, first_holder
@@ -226,11 +226,6 @@ class ShardOperator(LocalOperator):
 
     async def status(self) -> dict[str, Any]:
         shards = [self._actor.status()] + list(await asyncio.gather(*[p.status.remote() for p in self._peers]))
-        counts: dict[tuple[str, str, str], int] = {}
-        for st in shards:
-            for row in st["stats"]:
-                key = (row["agent"], row["tool"], row["result"])
-                counts[key] = counts.get(key, 0) + row["count"]
         where = sorted(({k: st[k] for k in ("shard", "pid", "node_id", "restarted")} for st in shards),
                        key=lambda w: w["shard"])
         return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": where,
@@ -238,7 +233,7 @@ class ShardOperator(LocalOperator):
                 "quarantined": sorted({a for st in shards for a in st["quarantined"]}),
                 "revoked_agents": sorted({a for st in shards for a in st["revoked_agents"]}),
                 "approvals_pending": [p for st in shards for p in st["approvals_pending"]],
-                "stats": [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(counts.items())]}
+                "stats": merge_stats([st["stats"] for st in shards])}
 
     async def approvals(self) -> list[dict[str, Any]]:
         return self.sup.approvals.list() + [a for lst in await asyncio.gather(

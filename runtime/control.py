@@ -35,6 +35,16 @@ CONTROL_FILE = "control.json"
 # --------------------------------------------------------------------- server side
 
 
+def merge_stats(per_shard: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The (agent, tool, result) counts of several supervisor shards, summed."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for rows in per_shard:
+        for r in rows:
+            key = (r["agent"], r["tool"], r["result"])
+            counts[key] = counts.get(key, 0) + r["count"]
+    return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(counts.items())]
+
+
 class LocalOperator:
     """The operator's actions on one supervisor. A sharded job uses ``actors.ShardOperator``, which
     has the same methods and also carries each change to every other shard before returning."""

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .control import write_control_file
+from .control import merge_stats, write_control_file
 from .errors import ConfigError, ErrorCode
 from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
@@ -452,7 +452,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        stats = _merge_stats(await asyncio.gather(*[sh.stats.remote() for sh in shards]))
+        stats = merge_stats(await asyncio.gather(*[sh.stats.remote() for sh in shards]))
         closed = await asyncio.gather(*[sh.close.remote("ok" if not errors else "failed") for sh in shards])
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
@@ -482,15 +482,6 @@ def _supervisor_options(spec: JobSpec) -> dict[str, Any]:
     if node is not None and (role is None or node.get("Resources", {}).get(role, 0) > 0):
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=True)
     return opts
-
-
-def _merge_stats(per_shard: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    counts: dict[tuple[str, str, str], int] = {}
-    for rows in per_shard:
-        for r in rows:
-            key = (r["agent"], r["tool"], r["result"])
-            counts[key] = counts.get(key, 0) + r["count"]
-    return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(counts.items())]
 
 
 def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Path | None = None,

@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,16 +20,10 @@ from runtime.job import load_job, run_loaded
 from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of
 
-from .test_control_plane import Background
+from .test_control_plane import Background, warden
 
 pytestmark = pytest.mark.cluster
-ROOT = Path(__file__).resolve().parents[2]
 JOBS = Path(__file__).resolve().parent / "jobs"
-
-
-def warden(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
 
 
 def test_every_actor_runs_on_a_node_of_its_role_and_each_shard_decides_its_own_agents(ray_instance, runs_dir):
