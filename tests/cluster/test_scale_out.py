@@ -141,3 +141,20 @@ def test_a_shard_killed_under_load_loses_nothing_resets_nothing_and_runs_nothing
     assert len(ran) == len(set(ran))
     assert {int(i) for i in ran} <= {r["args"]["i"] for r in allowed.values()}
     assert len(ran) >= load["ok"]
+
+
+def test_a_quarantine_decided_on_one_shard_is_applied_on_the_other(ray_instance, runs_dir):
+    result = asyncio.run(run_loaded(load_job(JOBS / "sharded-quarantine.yaml"), runs_dir=runs_dir))
+    assert result.quarantined == ["quiet"] and not result.ok
+    run_dir = Path(result.run_dir)
+    deciding = list(audit.read_records(run_dir / "audit-1.log"))  # chain's shard: quiet worked under its token
+    other = list(audit.read_records(run_dir / "audit-0.log"))     # quiet's own shard
+    (q1,) = [r for r in deciding if r["kind"] == "quarantine"]
+    (q0,) = [r for r in other if r["kind"] == "quarantine"]
+    assert q1["agent"] == q0["agent"] == "quiet" and q1["origin"] == q0["origin"] == 1
+    assert [r for r in other if r["kind"] == "revoke" and r.get("agent") == "quiet"
+            and r["by"].startswith("quarantine on shard 1")]
+    # Applied on shard 0 before shard 1 answered the call that triggered it: any later call of
+    # quiet (before the driver stopped its actor) was decided after shard 0 had it, and denied.
+    later = [r for r in deciding if r["kind"] == "decision" and r.get("agent") == "quiet" and r["ts"] > q1["ts"]]
+    assert all(r.get("code") == "TOKEN_REVOKED" and r["ts"] > q0["ts"] for r in later)
