@@ -419,8 +419,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                 except ray.exceptions.RayActorError:
                     restarts += 1
                     progress(f"supervisor shard {i} stopped; Ray restarts it, reconnecting")
+                    await shards[i].connect.remote(peers_of(i))  # first: then its API can reach the peers
                     await shards[i].serve.remote(spec.control.host, port, operator_token)
-                    await shards[i].connect.remote(peers_of(i))
                     progress(f"supervisor shard {i} back (state restored from its journal)")
                     continue
                 if event.get("event") == "quarantine" and event["agent"] in actors:
