@@ -13,6 +13,7 @@ prove possession with their own request key, and why actors are not given guessa
 from __future__ import annotations
 
 import asyncio
+import hmac
 import secrets
 import zlib
 from typing import Any
@@ -21,8 +22,8 @@ import msgpack
 import ray
 
 from .agent import load_agent_class
-from .control import LocalOperator, merge_stats
-from .errors import SupervisorUnavailable
+from .control import LocalOperator, PeersBehind, merge_stats
+from .errors import InternalError, SupervisorUnavailable
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing, first_holder
 from .trusted.ledger import AgentQuota
@@ -66,14 +67,22 @@ class SupervisorActor:
     whose root tokens hash to i, and carries quarantines and operator changes to its peers
     before it answers. Created with ``max_restarts``: a restarted instance replays its state
     journal and, in a sharded job, refuses calls until the host has reconnected it to its peers
-    (which also brings it every change it missed)."""
+    (which also brings it every change it missed, and them every change it had not sent).
+
+    Agents hold this actor's handle (to call it), and Ray lets any handle holder call any
+    method: every method but ``call``/``delegate``/``call_batch`` and the MAC'd ``apply_peer``
+    takes ``host_secret``, which only the driver and the shards have."""
 
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
                  call_timeout_s: float, credentials: dict[str, dict[str, str]],
                  audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
-                 state_path: str | None = None, peer_key: bytes | None = None) -> None:
+                 state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"") -> None:
         from .metrics import PrometheusObserver
+
+        if len(host_secret) < 16:
+            raise ValueError("a supervisor shard needs a host secret of at least 16 bytes")
+        self._host_secret = host_secret
 
         audit_options = audit_options or {}
         self._audit = AuditLog(audit_path, **audit_options)
@@ -83,6 +92,7 @@ class SupervisorActor:
         self._observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
         self._server: Any = None
         self._outbox: list[bytes] = []  # changes for the peers, sent before the current request is answered
+        self._behind: set[int] = set()  # peers (by position) that missed a change: sent a full sync first
         self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                                tools={t.name: t for t in tools}, audit=self._audit,
                                dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
@@ -93,11 +103,17 @@ class SupervisorActor:
             self._sup.register_agent(entry, quota)
         if self.restarted:
             self._sup.restore()
+            for agent in sorted(self._sup.quarantined):  # the host may never have seen the first event
+                self._events.put_nowait({"event": "quarantine", "agent": agent, "shard": shard[0],
+                                         "reason": "quarantined (restored after a restart)"})
         else:
             self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
                                tools=sorted(t.name for t in tools), shard=shard[0], shards=shard[1])
         self._peers: list[Any] | None = [] if shard[1] == 1 else None  # None: not connected (yet)
-        self._connected = False
+
+    def _guard(self, secret: bytes) -> None:
+        if not (isinstance(secret, bytes) and hmac.compare_digest(secret, self._host_secret)):
+            raise PermissionError("this supervisor method is for the job's driver and its shards only")
 
     def _event(self, event: dict[str, Any]) -> None:
         self._events.put_nowait(event)
@@ -105,16 +121,22 @@ class SupervisorActor:
             self._outbox.append(self._sup.peer_message("quarantine", agent=event["agent"], reason=event["reason"],
                                                        by="anomaly"))
 
-    async def _flush(self) -> None:
-        """Carry pending changes to every peer; a peer that cannot take one gets it by sync when it reconnects."""
-        if not self._outbox or not self._peers:
-            return
+    async def _flush(self) -> list[str]:
+        """Carry pending changes to every peer. A peer that cannot take one is sent a full sync
+        (idempotent) before anything else from now on, until it takes it. Returns the failures."""
+        if not self._peers or not (self._outbox or self._behind):
+            return []
         messages, self._outbox = self._outbox, []
-        results = await asyncio.gather(*[asyncio.wait_for(_await(p.apply_peer.remote(m)), PEER_TIMEOUT_S)
-                                         for m in messages for p in self._peers], return_exceptions=True)
-        failed = [f"{type(r).__name__}: {r}"[:200] for r in results if isinstance(r, BaseException)]
+        sends = [(k, self._sup.sync_message()) for k in sorted(self._behind)]
+        sends += [(k, m) for m in messages for k in range(len(self._peers)) if k not in self._behind]
+        results = await asyncio.gather(*[asyncio.wait_for(_await(self._peers[k].apply_peer.remote(m)), PEER_TIMEOUT_S)
+                                         for k, m in sends], return_exceptions=True)
+        failed = {k: f"{type(r).__name__}: {r}"[:200] for (k, _), r in zip(sends, results)
+                  if isinstance(r, BaseException)}
+        self._behind = set(failed)
         if failed:
-            self._audit.record("peer_unreachable", shard=self._sup.shard, failures=failed)
+            self._audit.record("peer_unreachable", shard=self._sup.shard, failures=sorted(failed.values()))
+        return sorted(failed.values())
 
     def _ready(self, request: bytes) -> bytes | None:
         if self._peers is None:
@@ -122,64 +144,75 @@ class SupervisorActor:
                                                           "its peers"), request)
         return None
 
-    async def call(self, request: bytes) -> bytes:
-        reply = self._ready(request) or await self._sup.call(request)
+    async def _handle(self, entry: Any, request: bytes) -> bytes:
+        try:
+            reply = self._ready(request) or await entry(request)
+        except Exception as exc:  # the supervisor never raises by design; if it does, still deny
+            reply = self._sup.refuse(InternalError(f"{type(exc).__name__}: {exc}"[:300]), request)
         await self._flush()
         return reply
+
+    async def call(self, request: bytes) -> bytes:
+        return await self._handle(self._sup.call, request)
 
     async def delegate(self, request: bytes) -> bytes:
-        reply = self._ready(request) or await self._sup.delegate(request)
-        await self._flush()
-        return reply
+        return await self._handle(self._sup.delegate, request)
 
     async def call_batch(self, request: bytes) -> bytes:
-        reply = self._ready(request) or await self._sup.call_batch(request)
-        await self._flush()
-        return reply
+        return await self._handle(self._sup.call_batch, request)
 
     # ------------------------------------------------------------------ shards
-    async def connect(self, peers: list[Any]) -> bool:
-        """The other shards' handles, at start and again after a restart (then: catch up from them).
-        Returns whether this instance is a restarted one. Taken once per instance: the driver
-        connects it right after it starts, and nobody can later swap its peers for others."""
-        if self._connected:
-            raise RuntimeError("this shard is already connected to its peers")
-        self._connected = True
-        if self.restarted:
-            for message in await asyncio.gather(*[p.sync_message.remote() for p in peers]):
+    async def connect(self, secret: bytes, peers: list[Any]) -> bool:
+        """The other shards' handles, at start and again after a restart. A restarted shard first
+        takes from every peer what it missed and gives them what it had not sent (both are full,
+        idempotent syncs); only then does it take calls. Returns whether it is a restarted one."""
+        self._guard(secret)
+        if self.restarted and peers:
+            syncs = await asyncio.gather(*[asyncio.wait_for(_await(p.sync_message.remote(secret)), PEER_TIMEOUT_S)
+                                           for p in peers])
+            for message in syncs:
                 self._sup.apply_peer(message)
+            own = self._sup.sync_message()
+            await asyncio.gather(*[asyncio.wait_for(_await(p.apply_peer.remote(own)), PEER_TIMEOUT_S)
+                                   for p in peers])
         self._peers = list(peers)
         await self._flush()
         return self.restarted
 
-    def sync_message(self) -> bytes:
+    def sync_message(self, secret: bytes) -> bytes:
+        self._guard(secret)
         return self._sup.sync_message()
 
     def apply_peer(self, message: bytes) -> Any:
         return self._sup.apply_peer(message)
 
-    def approvals(self) -> list[dict[str, Any]]:
+    def approvals(self, secret: bytes) -> list[dict[str, Any]]:
+        self._guard(secret)
         return self._sup.approvals.list()
 
     # ------------------------------------------------------------------ operating
-    def stats(self) -> list[dict[str, Any]]:
+    def stats(self, secret: bytes) -> list[dict[str, Any]]:
+        self._guard(secret)
         return self._sup.stats()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, secret: bytes) -> dict[str, Any]:
         """The shard's status, with where it runs (process and Ray node), for operators and tests."""
         import os
 
+        self._guard(secret)
         return {**self._sup.status(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "restarted": self.restarted}
 
-    def metrics_text(self) -> bytes:
+    def metrics_text(self, secret: bytes) -> bytes:
+        self._guard(secret)
         return self._observer.render()
 
-    async def serve(self, host: str, port: int, operator_token: str) -> str:
+    async def serve(self, secret: bytes, host: str, port: int, operator_token: str) -> str:
         """Start /metrics and the authenticated /control API; returns the base URL."""
         from .control import control_routes
         from .metrics import MetricsServer
 
+        self._guard(secret)
         if self._server is not None:
             await self._server.stop()
         self._server = MetricsServer(self._observer)
@@ -187,14 +220,16 @@ class SupervisorActor:
         bound_host, bound_port = await self._server.start(host, port)
         return f"http://{bound_host}:{bound_port}"
 
-    async def next_event(self) -> dict[str, Any]:
+    async def next_event(self, secret: bytes) -> dict[str, Any]:
         """The next event for the job's host (e.g. a quarantine: stop that agent's actor)."""
+        self._guard(secret)
         return await self._events.get()
 
-    async def close(self, status: str) -> dict[str, Any]:
+    async def close(self, secret: bytes, status: str) -> dict[str, Any]:
         """Write the last record, close the log and verify it here, on the node that holds it."""
         from .trusted import audit as audit_mod
 
+        self._guard(secret)
         seq = self._audit.record("job_end", job=self._sup.job_id, status=status,
                                  quarantined=sorted(self._sup.quarantined), shard=self._sup.shard)
         self._audit.close()
@@ -219,13 +254,24 @@ class ShardOperator(LocalOperator):
     def _peers(self) -> list[Any]:
         return self._actor._peers or []
 
+    async def _ask(self, method: str) -> list[Any]:
+        secret = self._actor._host_secret
+        return list(await asyncio.gather(*[asyncio.wait_for(_await(getattr(p, method).remote(secret)), PEER_TIMEOUT_S)
+                                           for p in self._peers]))
+
     async def _everywhere(self, op: str, **args: Any) -> None:
         if self.sup.shards > 1:
+            if self._actor._peers is None:
+                raise PeersBehind("this shard restarted and is not reconnected yet; the change is made here "
+                                  "and reaches the others when it is")
             self._actor._outbox.append(self.sup.peer_message(op, **args))
-            await self._actor._flush()
+            failed = await self._actor._flush()
+            if failed:
+                raise PeersBehind(f"made here, but {len(failed)} peer shard(s) did not take it yet (they get it "
+                                  f"with the next change or when they reconnect): {failed[0]}")
 
     async def status(self) -> dict[str, Any]:
-        shards = [self._actor.status()] + list(await asyncio.gather(*[p.status.remote() for p in self._peers]))
+        shards = [self._actor.status(self._actor._host_secret)] + await self._ask("status")
         where = sorted(({k: st[k] for k in ("shard", "pid", "node_id", "restarted")} for st in shards),
                        key=lambda w: w["shard"])
         return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": where,
@@ -236,8 +282,7 @@ class ShardOperator(LocalOperator):
                 "stats": merge_stats([st["stats"] for st in shards])}
 
     async def approvals(self) -> list[dict[str, Any]]:
-        return self.sup.approvals.list() + [a for lst in await asyncio.gather(
-            *[p.approvals.remote() for p in self._peers]) for a in lst]
+        return self.sup.approvals.list() + [a for lst in await self._ask("approvals") for a in lst]
 
     async def decide(self, approval_id: str, **kw: Any) -> dict[str, Any]:
         try:
@@ -247,7 +292,9 @@ class ShardOperator(LocalOperator):
                 raise
         for peer in self._peers:  # signed: an agent holding a shard handle cannot answer for a human
             try:
-                return await peer.apply_peer.remote(self.sup.peer_message("decide", id=approval_id, **kw))
+                return await asyncio.wait_for(
+                    _await(peer.apply_peer.remote(self.sup.peer_message("decide", id=approval_id, **kw))),
+                    PEER_TIMEOUT_S)
             except Exception as exc:  # Ray re-raises the peer's KeyError as an instance of it
                 if not isinstance(exc, KeyError) and not isinstance(getattr(exc, "cause", None), KeyError):
                     raise
@@ -263,8 +310,8 @@ class ShardOperator(LocalOperator):
 
     async def rotate_key(self, by: str) -> str:
         kid, key = secrets.token_hex(4), secrets.token_bytes(32)
-        self.sup.add_key(kid, key, by=by)
-        await self._everywhere("add_key", kid=kid, key=key, by=by)
+        epoch = self.sup.add_key(kid, key, by=by)
+        await self._everywhere("add_key", kid=kid, key=key, epoch=epoch, by=by)
         return kid
 
     async def retire_key(self, kid: str, by: str) -> None:

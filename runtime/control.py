@@ -35,6 +35,10 @@ CONTROL_FILE = "control.json"
 # --------------------------------------------------------------------- server side
 
 
+class PeersBehind(Exception):
+    """A change was made on one supervisor shard but did not reach every other one (yet)."""
+
+
 def merge_stats(per_shard: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The (agent, tool, result) counts of several supervisor shards, summed."""
     counts: dict[tuple[str, str, str], int] = {}
@@ -99,6 +103,8 @@ def control_routes(operator: Any, token: str) -> list[Any]:
                 return await handler(request)
             except (ValueError, KeyError, TypeError) as exc:
                 return web.json_response({"error": f"bad request: {exc}"}, status=400)
+            except PeersBehind as exc:  # a peer shard did not take the change: say so, do not hide it
+                return web.json_response({"error": str(exc)}, status=503)
         return wrapped
 
     async def status(request: web.Request) -> web.Response:

@@ -361,6 +361,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         handles.extend(workers)
         progress(f"starting {n_shards} supervisor shard(s)")
         peer_key = secrets.token_bytes(32) if n_shards > 1 else None
+        host = secrets.token_bytes(32)  # the driver's and the shards' own: agents hold shard handles too
         shard_options = _supervisor_options(spec)
         common = dict(job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
                       tools=[t.spec for t in job.tools.values()], workers=workers, agents=entries,
@@ -368,7 +369,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                                      "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb
                                      else None},
                       call_timeout_s=spec.call_timeout_s, credentials=resolve_credentials(spec, dict(os.environ)),
-                      peer_key=peer_key)
+                      peer_key=peer_key, host_secret=host)
         shards = [SupervisorActor.options(**shard_options).remote(
             shard=(i, n_shards), audit_path=str(audit_paths[i]), state_path=str(run_dir / f"state-{i}.journal"),
             **common) for i in range(n_shards)]
@@ -378,9 +379,9 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         def peers_of(i: int) -> list[Any]:
             return [h for j, h in enumerate(shards) if j != i]
 
-        await asyncio.gather(*[sh.connect.remote(peers_of(i)) for i, sh in enumerate(shards)])
+        await asyncio.gather(*[sh.connect.remote(host, peers_of(i)) for i, sh in enumerate(shards)])
         operator_token = secrets.token_urlsafe(32)
-        urls = list(await asyncio.gather(*[sh.serve.remote(spec.control.host, spec.control.port if i == 0 else 0,
+        urls = list(await asyncio.gather(*[sh.serve.remote(host, spec.control.host, spec.control.port if i == 0 else 0,
                                                            operator_token) for i, sh in enumerate(shards)]))
         control_url = urls[0]
         write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id, urls=urls)
@@ -405,13 +406,29 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         quarantined: dict[str, str] = {}
         shard_errors: dict[str, str] = {}
 
+        async def reconnect(i: int, port: int, attempts: int = 20) -> str | None:
+            """Connect a restarted shard to its peers (first: then its API reaches them) and serve its
+            API again on the same port. A peer restarting at the same time is waited for."""
+            last = ""
+            for attempt in range(attempts):
+                try:
+                    await shards[i].connect.remote(host, peers_of(i))
+                    await shards[i].serve.remote(host, spec.control.host, port, operator_token)
+                    return None
+                except ray.exceptions.ActorDiedError as exc:
+                    return f"died for good: {exc}"[:500]
+                except Exception as exc:  # a peer restarting or slow: nothing to await but time
+                    last = f"{type(exc).__name__}: {exc}"[:300]
+                    await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+            return f"gave up after {attempts} attempts: {last}"
+
         async def watch(i: int) -> None:
             """Act on a shard's events; when it restarted, serve its API again and reconnect it."""
             nonlocal restarts
             port = int(urls[i].rsplit(":", 1)[1])
             while True:
                 try:
-                    event = await shards[i].next_event.remote()
+                    event = await shards[i].next_event.remote(host)
                 except ray.exceptions.ActorDiedError as exc:
                     shard_errors[f"supervisor shard {i}"] = f"died for good: {exc}"[:500]
                     progress(f"supervisor shard {i} DIED (out of restarts)")
@@ -419,8 +436,11 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                 except ray.exceptions.RayActorError:
                     restarts += 1
                     progress(f"supervisor shard {i} stopped; Ray restarts it, reconnecting")
-                    await shards[i].connect.remote(peers_of(i))  # first: then its API can reach the peers
-                    await shards[i].serve.remote(spec.control.host, port, operator_token)
+                    problem = await reconnect(i, port)
+                    if problem:
+                        shard_errors[f"supervisor shard {i}"] = problem
+                        progress(f"supervisor shard {i} could not be reconnected: {problem}")
+                        return
                     progress(f"supervisor shard {i} back (state restored from its journal)")
                     continue
                 if event.get("event") == "quarantine" and event["agent"] in actors:
@@ -452,8 +472,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        stats = merge_stats(await asyncio.gather(*[sh.stats.remote() for sh in shards]))
-        closed = await asyncio.gather(*[sh.close.remote("ok" if not errors else "failed") for sh in shards])
+        stats = merge_stats(await asyncio.gather(*[sh.stats.remote(host) for sh in shards]))
+        closed = await asyncio.gather(*[sh.close.remote(host, "ok" if not errors else "failed") for sh in shards])
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:

@@ -83,26 +83,27 @@ async def _setup(agents: int, shards: int = 1) -> dict[str, Any]:
     plain = PlainWorker.options(num_cpus=0).remote()
     relay = PlainRelay.options(num_cpus=0).remote(plain)
     peer_key = secrets.token_bytes(32) if shards > 1 else None
+    host = secrets.token_bytes(32)
     supervisors = [SupervisorActor.options(num_cpus=0, max_concurrency=1000).remote(
         job_id=job, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
         tools=[t.spec for t in tools.values()], audit_path=str(run_dir / f"audit-{i}.log"), workers=[worker],
         agents=entries, call_timeout_s=60, credentials={}, audit_options={"fsync": "rotate"},
-        shard=(i, shards), state_path=str(run_dir / f"state-{i}.journal"), peer_key=peer_key)
+        shard=(i, shards), state_path=str(run_dir / f"state-{i}.journal"), peer_key=peer_key, host_secret=host)
         for i in range(shards)]
-    await asyncio.gather(*[s.connect.remote([p for p in supervisors if p is not s]) for s in supervisors])
+    await asyncio.gather(*[s.connect.remote(host, [p for p in supervisors if p is not s]) for s in supervisors])
     actors = [AgentActor.options(num_cpus=0, max_concurrency=100).remote(
         cls_path="runtime.bench.tools:BenchAgent", name=name, token=tokens[name], request_key=e.request_key,
         supervisors=supervisors, tool_schemas=[], config={}) for name, (e, _) in zip(names, entries)]
     await asyncio.gather(*[a.connect.remote({}) for a in actors])
     await plain.execute.remote(0)
-    return {"ray": ray, "plain": plain, "relay": relay, "supervisors": supervisors, "worker": worker,
+    return {"ray": ray, "plain": plain, "relay": relay, "supervisors": supervisors, "worker": worker, "host": host,
             "agents": actors, "run_dir": run_dir}
 
 
 async def _teardown(env: dict[str, Any]) -> list[float]:
     """Stop everything; the supervisors' own authorization times (us) of every allowed call."""
     try:
-        await asyncio.gather(*[s.close.remote("ok") for s in env["supervisors"]])
+        await asyncio.gather(*[s.close.remote(env["host"], "ok") for s in env["supervisors"]])
     finally:
         for h in [*env["supervisors"], env["worker"], env["plain"], env["relay"], *env["agents"]]:
             env["ray"].kill(h)

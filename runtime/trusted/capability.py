@@ -685,12 +685,15 @@ class KeyRing:
         self.current_kid = kid
         return kid
 
-    def add_key(self, kid: str, key: bytes) -> None:
-        """Install a key made elsewhere (rotation on a peer supervisor) as the current one."""
+    def add_key(self, kid: str, key: bytes, *, current: bool = True) -> None:
+        """Install a key made elsewhere (rotation on a peer supervisor), by default as the current one."""
         if not (isinstance(kid, str) and kid and isinstance(key, bytes) and len(key) >= 32):
             raise ValueError("a key id and a key of at least 32 bytes")
+        if self._root.get(kid, key) != key:
+            raise ValueError(f"key id {kid!r} already names another key")
         self._root[kid] = key
-        self.current_kid = kid
+        if current:
+            self.current_kid = kid
 
     @property
     def kids(self) -> list[str]:

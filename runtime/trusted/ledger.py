@@ -122,12 +122,14 @@ class QuotaLedger:
             self._used[key] -= amount
 
     def recharge(self, agent: str, charges: Iterable[tuple[bytes, float]], projected_cost: float,
-                 cost_keys: Iterable[bytes]) -> Reservation:
-        """Re-apply a reservation from the journal of a restarted supervisor (no checks: it was allowed)."""
+                 cost_keys: Iterable[bytes], *, charged: bool = False) -> Reservation:
+        """Re-open a reservation from the journal of a restarted supervisor (no checks: it was allowed).
+        ``charged``: its charges are already in the restored totals (a snapshot), not to be added again."""
         charges = tuple((bytes(k), float(a)) for k, a in charges)
         self._inflight[agent] = self._inflight.get(agent, 0) + 1
-        for key, amount in charges:
-            self._used[key] = self._used.get(key, 0.0) + amount
+        if not charged:
+            for key, amount in charges:
+                self._used[key] = self._used.get(key, 0.0) + amount
         return Reservation(agent, charges, float(projected_cost), tuple(bytes(k) for k in cost_keys))
 
     def drain_buckets(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ from .observe import NullObserver, Observer
 from .state import StateJournal
 from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 
+log = logging.getLogger(__name__)
 MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
@@ -141,6 +143,8 @@ class Supervisor:
             raise ValueError(f"shard {shard} out of range")
         self.journal = journal
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
+        self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
+        self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         self._peer_key = peer_key
 
     # ------------------------------------------------------------------ set-up
@@ -182,16 +186,28 @@ class Supervisor:
         if origin is None:
             self._on_event({"event": "quarantine", "agent": agent, "reason": reason, "shard": self.shard})
 
-    def add_key(self, kid: str, key: bytes, *, by: str = "operator") -> None:
-        """Key rotation: ``kid`` becomes the current root key (tokens under older keys still verify)."""
-        self.keyring.add_key(kid, key)
-        self._journal("k", kid, key)
-        self.audit.record("key_added", kid=kid, by=by)
+    def add_key(self, kid: str, key: bytes, *, epoch: int | None = None, by: str = "operator") -> int:
+        """Key rotation: ``kid`` joins the ring, and becomes the current key unless a later rotation
+        (higher epoch) is already in force; tokens under older keys still verify. Returns the epoch."""
+        epoch = self.key_epoch + 1 if epoch is None else int(epoch)
+        if kid in self.retired:
+            raise ValueError(f"key {kid!r} was retired; a retired key never returns")
+        current = (epoch, kid) > (self.key_epoch, self.keyring.current_kid)
+        self._add_key(kid, key, epoch, current)
+        self._journal("k", kid, key, epoch, current)
+        self.audit.record("key_added", kid=kid, epoch=epoch, current=current, by=by)
+        return epoch
+
+    def _add_key(self, kid: str, key: bytes, epoch: int, current: bool) -> None:
+        self.keyring.add_key(kid, key, current=current)
+        if current:
+            self.key_epoch = epoch
 
     def retire_key(self, kid: str, *, by: str = "operator") -> None:
         """Every token under ``kid`` is refused from now on. ValueError for the current key."""
         if kid == self.keyring.current_kid:
             raise ValueError("cannot retire the current key; rotate first")
+        self.retired.add(kid)
         self.keyring.retire(kid)
         self._journal("kr", kid)
         self.audit.record("key_retired", kid=kid, by=by)
@@ -222,7 +238,7 @@ class Supervisor:
         elif op == "quarantine":
             self.quarantine(args["agent"], reason=args["reason"], origin=origin)
         elif op == "add_key":
-            self.add_key(args["kid"], bytes(args["key"]), by=by)
+            self.add_key(args["kid"], bytes(args["key"]), epoch=int(args["epoch"]), by=by)
         elif op == "retire_key":
             self.retire_key(args["kid"], by=by)
         elif op == "decide":  # a human's answer that reached another shard first; KeyError if not parked here
@@ -237,7 +253,8 @@ class Supervisor:
         have missed a change while it was down."""
         rev, keys = self.revocations.snapshot(), self.keyring.to_secret_dict()
         return self.peer_message("sync", ids=rev["ids"], agents=rev["agents"], quarantined=sorted(self.quarantined),
-                                 keys=keys["root"], kid=keys["kid"], by="sync")
+                                 keys=keys["root"], kid=keys["kid"], epoch=self.key_epoch,
+                                 retired=sorted(self.retired), by="sync")
 
     def _merge(self, peer: dict[str, Any], origin: int, by: str) -> None:
         """Adopt what a peer revoked, quarantined, added or retired that this shard has not."""
@@ -248,27 +265,39 @@ class Supervisor:
             self.revoke_agent(agent, by=by)
         for agent in set(peer["quarantined"]) - self.quarantined:
             self.quarantine(agent, reason="quarantined on another shard", origin=origin)
-        keys = {k: bytes(v) for k, v in peer["keys"].items()}
+        # Keys only move forward: a key either shard retired stays retired, and the current key is
+        # the one of the later rotation, so a stale or lagging peer cannot roll anything back.
+        retired = set(self.retired) | set(peer["retired"])
+        keys = {k: bytes(v) for k, v in peer["keys"].items() if k not in retired}
         for kid in sorted(set(keys) - set(self.keyring.kids)):
-            self.add_key(kid, keys[kid], by=by)
-        if peer["kid"] in keys and self.keyring.current_kid != peer["kid"]:
-            self.add_key(peer["kid"], keys[peer["kid"]], by=by)
-        for kid in set(self.keyring.kids) - set(keys):
-            self.retire_key(kid, by=by)
+            if kid != peer["kid"]:
+                self.add_key(kid, keys[kid], epoch=0, by=by)
+        if peer["kid"] in keys and (int(peer["epoch"]), peer["kid"]) > (self.key_epoch, self.keyring.current_kid):
+            self.add_key(peer["kid"], keys[peer["kid"]], epoch=int(peer["epoch"]), by=by)
+        for kid in sorted(set(peer["retired"]) - self.retired):
+            if kid in self.keyring.kids:
+                self.retire_key(kid, by=by)
+            else:
+                self.retired.add(kid)
+                self._journal("kr", kid)
 
     def _journal(self, *frame: Any) -> None:
-        """Record a state change, after it is made in memory (a compaction then snapshots it too)."""
+        """Record a state change, after it is made in memory (a compaction then snapshots it too).
+        A journal that cannot be written is like an audit log that cannot: the caller denies."""
         if self.journal is not None:
-            self.journal.append(*frame)
-            if self.journal.size > self.journal.compact_bytes:
-                self.journal.compact(self._snapshot())
+            try:
+                self.journal.append(*frame)
+                if self.journal.size > self.journal.compact_bytes:
+                    self.journal.compact(self._snapshot())
+            except OSError as exc:
+                raise AuditUnavailable(f"state journal {self.journal.path}: {exc}") from exc
 
     def _snapshot(self) -> list[Any]:
         keys = self.keyring.to_secret_dict()
         return ["snap", self.ledger.snapshot(), self.nonces.snapshot(), self.revocations.snapshot(),
                 {cid: [r.agent, [list(c) for c in r.charges], r.projected_cost, list(r.cost_keys)]
                  for cid, r in self._open.items()},
-                sorted(self.quarantined), keys["root"], keys["kid"]]
+                sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired)]
 
     def restore(self) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
@@ -308,22 +337,31 @@ class Supervisor:
         elif op == "va":
             self.revocations.revoke_agent(args[0])
         elif op == "q":
+            # With its revocations, even if the process died before their own frames were written.
             self.quarantined.add(args[0])
+            self.revocations.revoke_agent(args[0])
+            entry = self.agents.get(args[0])
+            if entry is not None and entry.root_token_id is not None:
+                self.revocations.revoke(entry.root_token_id)
         elif op == "k":
-            self.keyring.add_key(args[0], bytes(args[1]))
+            kid, key, epoch, current = args
+            self._add_key(kid, bytes(key), int(epoch), bool(current))
         elif op == "kr":
-            self.keyring.retire(args[0])
+            self.retired.add(args[0])
+            if args[0] in self.keyring.kids and args[0] != self.keyring.current_kid:
+                self.keyring.retire(args[0])
         elif op == "snap":
-            ledger, nonces, revocations, open_calls, quarantined, root, kid = args
-            self.ledger.restore(ledger)
+            ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired = args
+            self.ledger.restore(ledger)  # its totals include the open calls' charges
             self.nonces.restore(nonces)
             self.revocations.restore(revocations)
-            self._open = {cid: self.ledger.recharge(a, ch, p, ck) for cid, (a, ch, p, ck) in open_calls.items()}
+            self._open = {cid: self.ledger.recharge(a, ch, p, ck, charged=True)
+                          for cid, (a, ch, p, ck) in open_calls.items()}
             self.quarantined = set(quarantined)
             for k, key in root.items():
                 if k not in self.keyring.kids:
-                    self.keyring.add_key(k, bytes(key))
-            self.keyring.current_kid = kid
+                    self.keyring.add_key(k, bytes(key), current=False)
+            self.keyring.current_kid, self.key_epoch, self.retired = kid, int(epoch), set(retired)
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
         else:
@@ -336,7 +374,12 @@ class Supervisor:
             self.ledger.release(res)
         else:
             self.ledger.settle(res, cost)
-        self._journal("x" if refund else "s", call_id, cost)
+        try:
+            self._journal("x" if refund else "s", call_id, cost)
+        except AuditUnavailable as exc:
+            # Safe to go on: after a restart this call reads as in flight, so it stays charged; and
+            # the next request's nonce cannot be journaled either, so it is denied.
+            log.error("call %s closed but not journaled: %s", call_id, exc)
 
     def decide_approval(self, approval_id: str, *, approve: bool, approver: str, reason: str = "") -> dict[str, Any]:
         """A human's answer to one parked call. KeyError if unknown or already decided."""

@@ -167,3 +167,25 @@ class LoadAgent(Agent):
 
         await asyncio.gather(*[loop(k) for k in range(task["parallel"])])
         return dict(codes)
+
+
+class SneakyAgent(Agent):
+    """Agent code that reaches for its supervisor shards' handles and calls what is not for it."""
+
+    async def run(self, task: Any) -> dict[str, str]:
+        shard = self._supervisor._hs[0]  # the handle the runtime gave it to send calls
+        tried = {"status": lambda: shard.status.remote(b"guess" * 8),
+                 "serve": lambda: shard.serve.remote(b"guess" * 8, "127.0.0.1", 0, "mine"),
+                 "sync_message": lambda: shard.sync_message.remote(b"guess" * 8),
+                 "next_event": lambda: shard.next_event.remote(b"guess" * 8),
+                 "close": lambda: shard.close.remote(b"guess" * 8, "ok"),
+                 "apply_peer": lambda: shard.apply_peer.remote(b"\x92\xc4\x01x\xc4\x01y")}
+        out = {}
+        for name, attempt in tried.items():
+            try:
+                await attempt()
+                out[name] = "ALLOWED"
+            except Exception as exc:
+                cause = getattr(exc, "cause", exc)
+                out[name] = type(cause).__name__
+        return out

@@ -39,6 +39,10 @@ def test_every_actor_runs_on_a_node_of_its_role_and_each_shard_decides_its_own_a
     assert [s["node_id"] for s in where["shards"]] == [ray_instance.trusted] * 2
     assert result.results["nodes"] == {"agent": ray_instance.agent, "worker": ray_instance.sandbox}
     assert len({s["pid"] for s in where["shards"]}) == 2
+    # Agent code holds shard handles (to send calls) but cannot use them for anything else.
+    assert result.results["sneak"] == {"status": "PermissionError", "serve": "PermissionError",
+                                       "sync_message": "PermissionError", "next_event": "PermissionError",
+                                       "close": "PermissionError", "apply_peer": "MalformedRequest"}
 
     # The delegate (quiet, shard 0) spent the delegator's budget (chain, shard 1) on shard 1.
     assert (shard_of("chain", 2), shard_of("quiet", 2), shard_of("nodes", 2)) == (1, 0, 0)

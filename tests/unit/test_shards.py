@@ -324,3 +324,59 @@ def test_a_result_in_flight_when_its_key_is_retired_is_withheld(world):
         assert info.value.code is ErrorCode.TOKEN_REVOKED
 
     asyncio.run(scenario())
+
+
+def test_compaction_while_a_call_is_in_flight_charges_it_once(world):
+    shard, tokens = one_shard(world, compact_bytes=10 << 20)
+
+    async def scenario() -> None:
+        GATE["open"] = asyncio.Event()
+        task = asyncio.create_task(shard.call("alice", tokens["alice"], "slow", text="inflight"))
+        while RAN != ["inflight"]:
+            await asyncio.sleep(0)
+        shard.journal.compact(shard.sup._snapshot())  # what a full journal does at this moment
+        task.cancel()
+
+    asyncio.run(scenario())
+    shard.crash_and_restart()
+    assert list(shard.sup.ledger.snapshot()["used"].values()) == [1.0]  # one call, charged once
+    asyncio.run(shard.call("alice", tokens["alice"], text="2"))
+    asyncio.run(shard.call("alice", tokens["alice"], text="3"))
+    with pytest.raises(QuotaExceeded):
+        asyncio.run(shard.call("alice", tokens["alice"], text="4"))
+
+
+def test_a_quarantine_frame_alone_restores_its_revocations(world):
+    shard, tokens = one_shard(world)
+    shard.journal.append("q", "alice")  # the process died right after this frame
+    shard.crash_and_restart()
+    with pytest.raises(TokenRejected) as info:
+        asyncio.run(shard.call("alice", tokens["alice"]))
+    assert info.value.code is ErrorCode.TOKEN_REVOKED
+
+
+def test_a_stale_sync_cannot_bring_back_a_retired_key_or_roll_back_a_rotation(world):
+    shards, tokens = two_shards(world)
+    a, b = shards
+    stale = b.sup.sync_message()  # b before any rotation
+    old = a.sup.keyring.current_kid
+    a.sup.add_key("k2", secrets.token_bytes(32))
+    a.sup.retire_key(old)
+    a.sup.apply_peer(stale)
+    assert a.sup.keyring.kids == ["k2"] and a.sup.keyring.current_kid == "k2" and a.sup.retired == {old}
+    # And the other way: b catches up from a, and keeps it across a restart.
+    b.sup.apply_peer(a.sup.sync_message())
+    assert b.sup.keyring.kids == ["k2"] and b.sup.keyring.current_kid == "k2"
+    b.crash_and_restart()
+    assert b.sup.keyring.kids == ["k2"] and b.sup.key_epoch == 1 and old in b.sup.retired
+    with pytest.raises(ValueError, match="never returns"):
+        b.sup.add_key(old, secrets.token_bytes(32))
+
+
+def test_a_journal_that_cannot_be_written_denies(world):
+    shard, tokens = one_shard(world)
+    shard.journal.close()  # every write now fails with EBADF
+    with pytest.raises(Exception) as info:
+        asyncio.run(shard.call("alice", tokens["alice"]))
+    assert getattr(info.value, "code", None) is ErrorCode.AUDIT_UNAVAILABLE
+    assert RAN == []
