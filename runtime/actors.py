@@ -93,6 +93,7 @@ class SupervisorActor:
         self._server: Any = None
         self._outbox: list[bytes] = []  # changes for the peers, sent before the current request is answered
         self._behind: set[int] = set()  # peers (by position) that missed a change: sent a full sync first
+        self._flushing = asyncio.Lock()  # one flush at a time: when a caller's flush returns, its messages are out
         self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                                tools={t.name: t for t in tools}, audit=self._audit,
                                dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
@@ -124,6 +125,10 @@ class SupervisorActor:
     async def _flush(self) -> list[str]:
         """Carry pending changes to every peer. A peer that cannot take one is sent a full sync
         (idempotent) before anything else from now on, until it takes it. Returns the failures."""
+        async with self._flushing:
+            return await self._flush_now()
+
+    async def _flush_now(self) -> list[str]:
         if not self._peers or not (self._outbox or self._behind):
             return []
         messages, self._outbox = self._outbox, []
@@ -254,10 +259,13 @@ class ShardOperator(LocalOperator):
     def _peers(self) -> list[Any]:
         return self._actor._peers or []
 
-    async def _ask(self, method: str) -> list[Any]:
+    async def _ask(self, method: str) -> tuple[list[Any], list[str]]:
+        """Every reachable peer's answer, and what went wrong with the others."""
         secret = self._actor._host_secret
-        return list(await asyncio.gather(*[asyncio.wait_for(_await(getattr(p, method).remote(secret)), PEER_TIMEOUT_S)
-                                           for p in self._peers]))
+        answers = await asyncio.gather(*[asyncio.wait_for(_await(getattr(p, method).remote(secret)), PEER_TIMEOUT_S)
+                                         for p in self._peers], return_exceptions=True)
+        return ([a for a in answers if not isinstance(a, BaseException)],
+                [f"{type(a).__name__}: {a}"[:200] for a in answers if isinstance(a, BaseException)])
 
     async def _everywhere(self, op: str, **args: Any) -> None:
         if self.sup.shards > 1:
@@ -271,10 +279,12 @@ class ShardOperator(LocalOperator):
                                   f"with the next change or when they reconnect): {failed[0]}")
 
     async def status(self) -> dict[str, Any]:
-        shards = [self._actor.status(self._actor._host_secret)] + await self._ask("status")
+        others, unreachable = await self._ask("status")
+        shards = [self._actor.status(self._actor._host_secret)] + others
         where = sorted(({k: st[k] for k in ("shard", "pid", "node_id", "restarted")} for st in shards),
                        key=lambda w: w["shard"])
         return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": where,
+                "unreachable_shards": unreachable,
                 "keys": self.sup.keyring.kids, "current_key": self.sup.keyring.current_kid,
                 "quarantined": sorted({a for st in shards for a in st["quarantined"]}),
                 "revoked_agents": sorted({a for st in shards for a in st["revoked_agents"]}),
@@ -282,7 +292,8 @@ class ShardOperator(LocalOperator):
                 "stats": merge_stats([st["stats"] for st in shards])}
 
     async def approvals(self) -> list[dict[str, Any]]:
-        return self.sup.approvals.list() + [a for lst in await self._ask("approvals") for a in lst]
+        others, _ = await self._ask("approvals")  # calls parked on an unreachable shard died with it
+        return self.sup.approvals.list() + [a for lst in others for a in lst]
 
     async def decide(self, approval_id: str, **kw: Any) -> dict[str, Any]:
         try:

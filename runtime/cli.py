@@ -308,6 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"job {st['job']} at {client.url}: agents {', '.join(st['agents'])}")
     print(f"quarantined: {', '.join(st['quarantined']) or 'none'}; revoked: {', '.join(st['revoked_agents']) or 'none'}")
+    for problem in st.get("unreachable_shards", []):
+        print(f"UNREACHABLE supervisor shard: {problem}")
     print(f"approvals pending: {len(st['approvals_pending'])}; supervisor shards: {len(st.get('shards', [0]))}; "
           f"root keys: {', '.join(st.get('keys', []))} (current {st.get('current_key', '?')})\n")
     print(_table(summary_rows(st["stats"]), ["agent", "tool", "allowed", "denied", "codes"]))

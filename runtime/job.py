@@ -472,8 +472,12 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        stats = merge_stats(await asyncio.gather(*[sh.stats.remote(host) for sh in shards]))
-        closed = await asyncio.gather(*[sh.close.remote(host, "ok" if not errors else "failed") for sh in shards])
+        per_shard = await asyncio.gather(*[sh.stats.remote(host) for sh in shards], return_exceptions=True)
+        stats = merge_stats([s for s in per_shard if not isinstance(s, BaseException)])
+        closed = [c if not isinstance(c, BaseException) else _verify_here(audit_paths[i], c)
+                  for i, c in enumerate(await asyncio.gather(
+                      *[sh.close.remote(host, "ok" if not errors else "failed") for sh in shards],
+                      return_exceptions=True))]
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:
@@ -486,6 +490,17 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                      stats=stats, results=results, errors=errors, quarantined=sorted(quarantined),
                      control_url=control_url, seconds=round(time.monotonic() - started, 3),
                      audit_logs=[str(p) for p in audit_paths], restarts=restarts)
+
+
+def _verify_here(path: Path, why: BaseException) -> dict[str, Any]:
+    """A shard that could not close its own log (it died): verify what it left, if it is on this node."""
+    from .trusted import audit as audit_mod
+
+    if not path.exists():
+        return {"ok": False, "path": str(path), "records": 0,
+                "problem": f"shard did not close ({type(why).__name__}) and its log is not on this node"}
+    report = audit_mod.verify(path)
+    return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
 
 
 def _supervisor_options(spec: JobSpec) -> dict[str, Any]:

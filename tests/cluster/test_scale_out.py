@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runtime.control import ControlClient
+from runtime.control import ControlClient, ControlError
 from runtime.job import load_job, run_loaded
 from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of
@@ -162,3 +162,27 @@ def test_a_quarantine_decided_on_one_shard_is_applied_on_the_other(ray_instance,
     # quiet (before the driver stopped its actor) was decided after shard 0 had it, and denied.
     later = [r for r in deciding if r["kind"] == "decision" and r.get("agent") == "quiet" and r["ts"] > q1["ts"]]
     assert all(r.get("code") == "TOKEN_REVOKED" and r["ts"] > q0["ts"] for r in later)
+
+
+def test_a_change_that_cannot_reach_a_dead_shard_is_made_and_reported(ray_instance, runs_dir):
+    job = Background("sharded-peer-down.yaml", runs_dir)
+    run_dir = job.run_dir()
+    info = json.loads((run_dir / "control.json").read_text())
+    via_shard_0 = ControlClient(info["urls"][0], info["token"])
+    end = time.monotonic() + 60
+    while not via_shard_0.approvals():  # rev's call is parked on shard 0
+        assert time.monotonic() < end, "the call never parked"
+        time.sleep(0.05)  # another process's state: nothing to await
+    pids = {s["shard"]: s["pid"] for s in via_shard_0.status()["shards"]}
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(ControlError, match="HTTP 503") as info_:
+        via_shard_0.revoke(agent="rev", by="dan")
+    assert "did not take it" in str(info_.value)
+    assert via_shard_0.status()["unreachable_shards"]  # said, not hidden
+    result = job.join()
+    assert result.results["rev"]["in_flight"]["code"] == "APPROVAL_DENIED"  # made on shard 0 all the same
+    assert result.results["rev"]["after"]["code"] == "TOKEN_REVOKED"
+    assert "died for good" in result.errors["supervisor shard 1"] and not result.ok
+    assert result.audit_ok, result.audit_problem  # the dead shard's log verified by the driver
+    shard0 = list(audit.read_records(run_dir / "audit-0.log"))
+    assert [r for r in shard0 if r["kind"] == "peer_unreachable"]
