@@ -89,6 +89,14 @@ class Shard:
     async def call(self, agent: str, token: bytes, tool_name: str = "note", **args: Any) -> Any:
         return decode_reply(await self.sup.call(self.request(agent, token, tool_name, **args)))["value"]
 
+    async def slow_call_running(self, agent: str, token: bytes, text: str) -> "asyncio.Task[Any]":
+        """A call of ``slow`` that has been dispatched and is running in the tool, held at the gate."""
+        GATE["open"] = asyncio.Event()
+        task = asyncio.create_task(self.call(agent, token, "slow", text=text))
+        while text not in RAN:
+            await asyncio.sleep(0)
+        return task
+
     def request(self, agent: str, token: bytes, tool_name: str = "note", **args: Any) -> bytes:
         return encode_call(agent=agent, token=token, tool=tool_name, args=args or {"text": "x"},
                            request_key=self.request_keys[agent])
@@ -105,6 +113,15 @@ def world(tmp_path):
                                                CallBudget(3)])
         tokens[name], roots[name] = root.encode(), root.token_id
     return tmp_path, ring, request_keys, tokens, roots
+
+
+def assert_calls_left(shard: Shard, token: bytes, n: int) -> None:
+    """alice's 3-call budget has exactly ``n`` calls left on this shard."""
+    for i in range(n):
+        asyncio.run(shard.call("alice", token, text=f"left-{i}"))
+    with pytest.raises(QuotaExceeded) as info:
+        asyncio.run(shard.call("alice", token, text="one too many"))
+    assert info.value.code is ErrorCode.BUDGET_EXHAUSTED
 
 
 def one_shard(world, **kw) -> tuple[Shard, dict[str, bytes]]:
@@ -139,10 +156,7 @@ def test_a_call_in_flight_at_the_crash_is_closed_charged_and_on_record(world):
     shard, tokens = one_shard(world)
 
     async def start_slow() -> None:
-        GATE["open"] = asyncio.Event()
-        task = asyncio.create_task(shard.call("alice", tokens["alice"], "slow", text="inflight"))
-        while RAN != ["inflight"]:
-            await asyncio.sleep(0)
+        task = await shard.slow_call_running("alice", tokens["alice"], "inflight")
         task.cancel()  # the process dies here: no outcome is ever recorded by this instance
 
     asyncio.run(start_slow())
@@ -157,10 +171,7 @@ def test_a_call_in_flight_at_the_crash_is_closed_charged_and_on_record(world):
     shard.audit = AuditLog(shard.audit_path)
     shard.sup.audit = shard.audit
     # The in-flight call stays charged (it may have run): two calls left, not three.
-    asyncio.run(shard.call("alice", tokens["alice"], text="a"))
-    asyncio.run(shard.call("alice", tokens["alice"], text="b"))
-    with pytest.raises(QuotaExceeded):
-        asyncio.run(shard.call("alice", tokens["alice"], text="c"))
+    assert_calls_left(shard, tokens["alice"], 2)
 
 
 def test_revocation_quarantine_and_retired_keys_survive_a_restart(world):
@@ -311,10 +322,7 @@ def test_a_result_in_flight_when_its_key_is_retired_is_withheld(world):
     shard, tokens = one_shard(world)
 
     async def scenario() -> None:
-        GATE["open"] = asyncio.Event()
-        task = asyncio.create_task(shard.call("alice", tokens["alice"], "slow", text="late"))
-        while RAN != ["late"]:
-            await asyncio.sleep(0)
+        task = await shard.slow_call_running("alice", tokens["alice"], "late")
         old = shard.sup.keyring.current_kid
         shard.sup.add_key("k2", secrets.token_bytes(32))
         shard.sup.retire_key(old)
@@ -330,20 +338,14 @@ def test_compaction_while_a_call_is_in_flight_charges_it_once(world):
     shard, tokens = one_shard(world, compact_bytes=10 << 20)
 
     async def scenario() -> None:
-        GATE["open"] = asyncio.Event()
-        task = asyncio.create_task(shard.call("alice", tokens["alice"], "slow", text="inflight"))
-        while RAN != ["inflight"]:
-            await asyncio.sleep(0)
+        task = await shard.slow_call_running("alice", tokens["alice"], "inflight")
         shard.journal.compact(shard.sup._snapshot())  # what a full journal does at this moment
         task.cancel()
 
     asyncio.run(scenario())
     shard.crash_and_restart()
     assert list(shard.sup.ledger.snapshot()["used"].values()) == [1.0]  # one call, charged once
-    asyncio.run(shard.call("alice", tokens["alice"], text="2"))
-    asyncio.run(shard.call("alice", tokens["alice"], text="3"))
-    with pytest.raises(QuotaExceeded):
-        asyncio.run(shard.call("alice", tokens["alice"], text="4"))
+    assert_calls_left(shard, tokens["alice"], 2)
 
 
 def test_a_quarantine_frame_alone_restores_its_revocations(world):
