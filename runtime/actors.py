@@ -55,232 +55,290 @@ class _ByAgent:
 
 
 PEER_TIMEOUT_S = 30.0
+TEARDOWN_TIMEOUT_S = 60.0
 
 
 async def _await(ref: Any) -> Any:
     return await ref
 
 
-@ray.remote
-class SupervisorActor:
-    """One supervisor shard. With ``shard=(i, n)``, n > 1, it decides the calls of the agents
-    whose root tokens hash to i, and carries quarantines and operator changes to its peers
-    before it answers. Created with ``max_restarts``: a restarted instance replays its state
-    journal and, in a sharded job, refuses calls until the host has reconnected it to its peers
-    (which also brings it every change it missed, and them every change it had not sent).
-
-    Agents hold this actor's handle (to call it), and Ray lets any handle holder call any
-    method: every method but ``call``/``delegate``/``call_batch`` and the MAC'd ``apply_peer``
-    takes ``host_secret``, which only the driver and the shards have."""
+class Shard:
+    """One supervisor shard, in plain Python (``SupervisorActor`` is its Ray face). With
+    ``shard=(i, n)``, n > 1, it decides the calls made under tokens whose root agent hashes to i,
+    and carries quarantines and operator changes to its peers before it answers. A restarted
+    instance (Ray ``max_restarts``) replays its state journal and, in a sharded job, refuses
+    calls until the host has reconnected it to its peers; reconnecting pulls every peer's state
+    and pushes its own. Restarted where its journal is not (another node), it has lost its
+    state: it refuses every call for the rest of the job and says so."""
 
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
                  call_timeout_s: float, credentials: dict[str, dict[str, str]],
                  audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
-                 state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"") -> None:
+                 state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"",
+                 reconstructed: bool = False) -> None:
         from .metrics import PrometheusObserver
 
-        if len(host_secret) < 16:
-            raise ValueError("a supervisor shard needs a host secret of at least 16 bytes")
-        self._host_secret = host_secret
-
+        self.host_secret = host_secret
         audit_options = audit_options or {}
-        self._audit = AuditLog(audit_path, **audit_options)
+        self.audit = AuditLog(audit_path, **audit_options)
         journal = StateJournal(state_path, fsync=audit_options.get("fsync") == "always") if state_path else None
         self.restarted = journal is not None and journal.size > 0
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
+        # Ray restarted this actor, but its journal is empty: it came back on another node.
+        self.state_lost = reconstructed and journal is not None and not self.restarted
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.observer = PrometheusObserver(job_id, agents=[e.name for e, _ in agents], tools=[t.name for t in tools])
         self._server: Any = None
         self._outbox: list[bytes] = []  # changes for the peers, sent before the current request is answered
-        self._behind: set[int] = set()  # peers (by position) that missed a change: sent a full sync first
+        self._behind: set[int] = set()  # peers (by position) that missed a change: retried with a full sync
         self._flushing = asyncio.Lock()  # one flush at a time: when a caller's flush returns, its messages are out
-        self._sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
-                               tools={t.name: t for t in tools}, audit=self._audit,
-                               dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
-                               call_timeout_s=call_timeout_s, credentials=credentials,
-                               observer=self._observer, on_event=self._event, shard=shard, journal=journal,
-                               peer_key=peer_key)
+        self._retrying: asyncio.Task[None] | None = None
+        self.sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
+                              tools={t.name: t for t in tools}, audit=self.audit,
+                              dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
+                              call_timeout_s=call_timeout_s, credentials=credentials,
+                              observer=self.observer, on_event=self._event, shard=shard, journal=journal,
+                              peer_key=peer_key)
         for entry, quota in agents:
-            self._sup.register_agent(entry, quota)
-        if self.restarted:
-            self._sup.restore()
-            for agent in sorted(self._sup.quarantined):  # the host may never have seen the first event
-                self._events.put_nowait({"event": "quarantine", "agent": agent, "shard": shard[0],
-                                         "reason": "quarantined (restored after a restart)"})
+            self.sup.register_agent(entry, quota)
+        if self.state_lost:
+            self.audit.record("shard_state_lost", shard=shard[0],
+                              reason="restarted on a node without its state journal; refusing every call")
+        elif self.restarted:
+            self.sup.restore()
+            for agent in sorted(self.sup.quarantined):  # the host may never have seen the first event
+                self.events.put_nowait({"event": "quarantine", "agent": agent, "shard": shard[0],
+                                        "reason": "quarantined (restored after a restart)"})
         else:
-            self._audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
-                               tools=sorted(t.name for t in tools), shard=shard[0], shards=shard[1])
-        self._peers: list[Any] | None = [] if shard[1] == 1 else None  # None: not connected (yet)
-
-    def _guard(self, secret: bytes) -> None:
-        if not (isinstance(secret, bytes) and hmac.compare_digest(secret, self._host_secret)):
-            raise PermissionError("this supervisor method is for the job's driver and its shards only")
+            self.audit.record("job_start", job=job_id, agents=[e.name for e, _ in agents],
+                              tools=sorted(t.name for t in tools), shard=shard[0], shards=shard[1])
+        self.peers: list[Any] | None = [] if shard[1] == 1 and not self.state_lost else None  # None: not ready
 
     def _event(self, event: dict[str, Any]) -> None:
-        self._events.put_nowait(event)
-        if event.get("event") == "quarantine" and self._sup.shards > 1:
-            self._outbox.append(self._sup.peer_message("quarantine", agent=event["agent"], reason=event["reason"],
-                                                       by="anomaly"))
+        self.events.put_nowait(event)
+        if event.get("event") == "quarantine" and self.sup.shards > 1:
+            self._outbox.append(self.sup.peer_message("quarantine", agent=event["agent"], reason=event["reason"],
+                                                      by="anomaly"))
 
-    async def _flush(self) -> list[str]:
-        """Carry pending changes to every peer. A peer that cannot take one is sent a full sync
-        (idempotent) before anything else from now on, until it takes it. Returns the failures."""
-        async with self._flushing:
-            return await self._flush_now()
-
-    async def _flush_now(self) -> list[str]:
-        if not self._peers or not (self._outbox or self._behind):
+    # ------------------------------------------------------------------ changes for the peers
+    async def flush(self) -> list[str]:
+        """Carry this shard's pending changes to every peer; returns what failed. A peer that fails is
+        retried in the background with a full (idempotent) sync until it takes one."""
+        if not self._outbox:
             return []
-        messages, self._outbox = self._outbox, []
-        sends = [(k, self._sup.sync_message()) for k in sorted(self._behind)]
-        sends += [(k, m) for m in messages for k in range(len(self._peers)) if k not in self._behind]
-        results = await asyncio.gather(*[asyncio.wait_for(_await(self._peers[k].apply_peer.remote(m)), PEER_TIMEOUT_S)
+        async with self._flushing:
+            if not self.peers or not self._outbox:
+                return []  # not connected yet: kept, sent when it is
+            messages, self._outbox = self._outbox, []
+            sends = [(k, m) for m in messages for k in range(len(self.peers))]
+            failed = await self._send(sends)
+        return failed
+
+    async def _send(self, sends: list[tuple[int, bytes]]) -> list[str]:
+        assert self.peers is not None
+        results = await asyncio.gather(*[asyncio.wait_for(_await(self.peers[k].apply_peer.remote(m)), PEER_TIMEOUT_S)
                                          for k, m in sends], return_exceptions=True)
         failed = {k: f"{type(r).__name__}: {r}"[:200] for (k, _), r in zip(sends, results)
                   if isinstance(r, BaseException)}
-        self._behind = set(failed)
         if failed:
-            self._audit.record("peer_unreachable", shard=self._sup.shard, failures=sorted(failed.values()))
+            self._behind |= set(failed)
+            self.audit.record("peer_unreachable", shard=self.sup.shard, failures=sorted(failed.values()))
+            if self._retrying is None or self._retrying.done():
+                self._retrying = asyncio.ensure_future(self._catch_up())
         return sorted(failed.values())
 
-    def _ready(self, request: bytes) -> bytes | None:
-        if self._peers is None:
-            return self._sup.refuse(SupervisorUnavailable("this shard restarted and is not yet reconnected to "
-                                                          "its peers"), request)
-        return None
+    async def _catch_up(self) -> None:
+        """Send a full sync to every peer that missed a change, with backoff, until each took one."""
+        delay = 0.5
+        while self._behind and self.peers:
+            await asyncio.sleep(delay)  # a peer that is down: nothing to await but time
+            behind, self._behind = sorted(self._behind), set()
+            message = self.sup.sync_message()
+            results = await asyncio.gather(*[asyncio.wait_for(_await(self.peers[k].apply_peer.remote(message)),
+                                                              PEER_TIMEOUT_S) for k in behind],
+                                           return_exceptions=True)
+            self._behind |= {k for k, r in zip(behind, results) if isinstance(r, BaseException)}
+            delay = min(delay * 2, 30.0)
 
-    async def _handle(self, entry: Any, request: bytes) -> bytes:
+    # ------------------------------------------------------------------ calls
+    async def handle(self, op: str, request: bytes) -> bytes:
+        """One agent request (op: call, delegate or call_batch); always an encoded reply."""
         try:
-            reply = self._ready(request) or await entry(request)
+            if self.peers is None:
+                why = ("this shard restarted where its state is not; it refuses every call" if self.state_lost
+                       else "this shard restarted and is not yet reconnected to its peers")
+                reply = self.sup.refuse(SupervisorUnavailable(why), request)
+            else:
+                reply = await getattr(self.sup, op)(request)
         except Exception as exc:  # the supervisor never raises by design; if it does, still deny
-            reply = self._sup.refuse(InternalError(f"{type(exc).__name__}: {exc}"[:300]), request)
-        await self._flush()
+            reply = self.sup.refuse(InternalError(f"{type(exc).__name__}: {exc}"[:300]), request)
+        await self.flush()
         return reply
 
-    async def call(self, request: bytes) -> bytes:
-        return await self._handle(self._sup.call, request)
-
-    async def delegate(self, request: bytes) -> bytes:
-        return await self._handle(self._sup.delegate, request)
-
-    async def call_batch(self, request: bytes) -> bytes:
-        return await self._handle(self._sup.call_batch, request)
-
     # ------------------------------------------------------------------ shards
-    async def connect(self, secret: bytes, peers: list[Any]) -> bool:
-        """The other shards' handles, at start and again after a restart. A restarted shard first
-        takes from every peer what it missed and gives them what it had not sent (both are full,
-        idempotent syncs); only then does it take calls. Returns whether it is a restarted one."""
-        self._guard(secret)
+    async def connect(self, peers: list[Any]) -> dict[str, bool]:
+        """The other shards' handles, at start and again after a restart; a restarted shard first
+        pulls every peer's state and pushes its own (full, idempotent syncs), then takes calls."""
+        if self.state_lost:
+            return {"restarted": True, "state_lost": True}
         if self.restarted and peers:
-            syncs = await asyncio.gather(*[asyncio.wait_for(_await(p.sync_message.remote(secret)), PEER_TIMEOUT_S)
-                                           for p in peers])
+            syncs = await asyncio.gather(*[asyncio.wait_for(_await(p.sync_message.remote(self.host_secret)),
+                                                            PEER_TIMEOUT_S) for p in peers])
             for message in syncs:
-                self._sup.apply_peer(message)
-            own = self._sup.sync_message()
+                self.sup.apply_peer(message)
+            own = self.sup.sync_message()
             await asyncio.gather(*[asyncio.wait_for(_await(p.apply_peer.remote(own)), PEER_TIMEOUT_S)
                                    for p in peers])
-        self._peers = list(peers)
-        await self._flush()
-        return self.restarted
+        self.peers, self._behind = list(peers), set()
+        await self.flush()
+        return {"restarted": self.restarted, "state_lost": False}
 
-    def sync_message(self, secret: bytes) -> bytes:
-        self._guard(secret)
-        return self._sup.sync_message()
-
-    def apply_peer(self, message: bytes) -> Any:
-        return self._sup.apply_peer(message)
-
-    def approvals(self, secret: bytes) -> list[dict[str, Any]]:
-        self._guard(secret)
-        return self._sup.approvals.list()
-
-    # ------------------------------------------------------------------ operating
-    def stats(self, secret: bytes) -> list[dict[str, Any]]:
-        self._guard(secret)
-        return self._sup.stats()
-
-    def status(self, secret: bytes) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """The shard's status, with where it runs (process and Ray node), for operators and tests."""
         import os
 
-        self._guard(secret)
-        return {**self._sup.status(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "restarted": self.restarted}
+        return {**self.sup.status(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "restarted": self.restarted, "state_lost": self.state_lost}
 
-    def metrics_text(self, secret: bytes) -> bytes:
-        self._guard(secret)
-        return self._observer.render()
-
-    async def serve(self, secret: bytes, host: str, port: int, operator_token: str) -> str:
+    async def serve(self, host: str, port: int, operator_token: str) -> str:
         """Start /metrics and the authenticated /control API; returns the base URL."""
         from .control import control_routes
         from .metrics import MetricsServer
 
-        self._guard(secret)
         if self._server is not None:
             await self._server.stop()
-        self._server = MetricsServer(self._observer)
+        self._server = MetricsServer(self.observer)
         self._server.add_routes(control_routes(ShardOperator(self), operator_token))
         bound_host, bound_port = await self._server.start(host, port)
         return f"http://{bound_host}:{bound_port}"
 
-    async def next_event(self, secret: bytes) -> dict[str, Any]:
-        """The next event for the job's host (e.g. a quarantine: stop that agent's actor)."""
-        self._guard(secret)
-        return await self._events.get()
-
-    async def close(self, secret: bytes, status: str) -> dict[str, Any]:
+    async def close(self, status: str) -> dict[str, Any]:
         """Write the last record, close the log and verify it here, on the node that holds it."""
         from .trusted import audit as audit_mod
 
-        self._guard(secret)
-        seq = self._audit.record("job_end", job=self._sup.job_id, status=status,
-                                 quarantined=sorted(self._sup.quarantined), shard=self._sup.shard)
-        self._audit.close()
-        if self._sup.journal is not None:
-            self._sup.journal.close()
+        if self._retrying is not None:
+            self._retrying.cancel()
+        seq = self.audit.record("job_end", job=self.sup.job_id, status=status,
+                                quarantined=sorted(self.sup.quarantined), shard=self.sup.shard)
+        self.audit.close()
+        if self.sup.journal is not None:
+            self.sup.journal.close()
         if self._server is not None:
             await self._server.stop()
-        report = audit_mod.verify(self._audit.path)
-        return {"seq": seq, "path": self._audit.path, "ok": report.ok, "records": report.records,
+        report = audit_mod.verify(self.audit.path)
+        return {"seq": seq, "path": self.audit.path, "ok": report.ok, "records": report.records,
                 "problem": report.problem}
+
+
+@ray.remote
+class SupervisorActor:
+    """The Ray face of a ``Shard``. Ray lets whoever holds a handle call every method of an actor
+    class, underscored or not, and agents hold their shards' handles (to send calls). So this
+    class has exactly the methods below (a test checks the list): the agents' three, the MAC'd
+    ``apply_peer``, and the rest, which take a host secret only the driver and the shards have.
+    Everything runs on the actor's one event loop: the supervisor's state (parked calls, event
+    queue) is not thread-safe, so peer traffic gets no concurrency group of its own."""
+
+    def __init__(self, **kw: Any) -> None:
+        host_secret = kw.get("host_secret", b"")
+        if not isinstance(host_secret, bytes) or len(host_secret) < 16:
+            raise ValueError("a supervisor shard needs a host secret of at least 16 bytes")
+        self.shard = Shard(reconstructed=ray.get_runtime_context().was_current_actor_reconstructed, **kw)
+
+    async def call(self, request: bytes) -> bytes:
+        return await self.shard.handle("call", request)
+
+    async def delegate(self, request: bytes) -> bytes:
+        return await self.shard.handle("delegate", request)
+
+    async def call_batch(self, request: bytes) -> bytes:
+        return await self.shard.handle("call_batch", request)
+
+    def apply_peer(self, message: bytes) -> Any:
+        return self.shard.sup.apply_peer(message)
+
+    def sync_message(self, secret: bytes) -> bytes:
+        _guard(self.shard, secret)
+        return self.shard.sup.sync_message()
+
+    async def connect(self, secret: bytes, peers: list[Any]) -> dict[str, bool]:
+        _guard(self.shard, secret)
+        return await self.shard.connect(peers)
+
+    def status(self, secret: bytes) -> dict[str, Any]:
+        _guard(self.shard, secret)
+        return self.shard.status()
+
+    def approvals(self, secret: bytes) -> list[dict[str, Any]]:
+        _guard(self.shard, secret)
+        return self.shard.sup.approvals.list()
+
+    def stats(self, secret: bytes) -> list[dict[str, Any]]:
+        _guard(self.shard, secret)
+        return self.shard.sup.stats()
+
+    def metrics_text(self, secret: bytes) -> bytes:
+        _guard(self.shard, secret)
+        return self.shard.observer.render()
+
+    async def serve(self, secret: bytes, host: str, port: int, operator_token: str) -> str:
+        _guard(self.shard, secret)
+        return await self.shard.serve(host, port, operator_token)
+
+    async def next_event(self, secret: bytes) -> dict[str, Any]:
+        """The next event for the job's host (e.g. a quarantine: stop that agent's actor)."""
+        _guard(self.shard, secret)
+        return await self.shard.events.get()
+
+    async def close(self, secret: bytes, status: str) -> dict[str, Any]:
+        _guard(self.shard, secret)
+        return await self.shard.close(status)
+
+
+SUPERVISOR_METHODS = frozenset({"call", "delegate", "call_batch", "apply_peer", "sync_message", "connect", "status",
+                                "approvals", "stats", "metrics_text", "serve", "next_event", "close"})
+
+
+def _guard(shard: Shard, secret: Any) -> None:
+    if not (isinstance(secret, bytes) and hmac.compare_digest(secret, shard.host_secret)):
+        raise PermissionError("this supervisor method is for the job's driver and its shards only")
 
 
 class ShardOperator(LocalOperator):
     """The operator API of one shard: changes are made here and carried to every peer before the
     request is answered; status and approvals cover every shard."""
 
-    def __init__(self, actor: Any) -> None:
-        super().__init__(actor._sup)
-        self._actor = actor
+    def __init__(self, shard: Shard) -> None:
+        super().__init__(shard.sup)
+        self._shard = shard
 
     @property
     def _peers(self) -> list[Any]:
-        return self._actor._peers or []
+        return self._shard.peers or []
 
     async def _ask(self, method: str) -> tuple[list[Any], list[str]]:
         """Every reachable peer's answer, and what went wrong with the others."""
-        secret = self._actor._host_secret
+        secret = self._shard.host_secret
         answers = await asyncio.gather(*[asyncio.wait_for(_await(getattr(p, method).remote(secret)), PEER_TIMEOUT_S)
                                          for p in self._peers], return_exceptions=True)
         return ([a for a in answers if not isinstance(a, BaseException)],
                 [f"{type(a).__name__}: {a}"[:200] for a in answers if isinstance(a, BaseException)])
 
     async def _everywhere(self, op: str, **args: Any) -> None:
-        if self.sup.shards > 1:
-            if self._actor._peers is None:
-                raise PeersBehind("this shard restarted and is not reconnected yet; the change is made here "
-                                  "and reaches the others when it is")
-            self._actor._outbox.append(self.sup.peer_message(op, **args))
-            failed = await self._actor._flush()
-            if failed:
-                raise PeersBehind(f"made here, but {len(failed)} peer shard(s) did not take it yet (they get it "
-                                  f"with the next change or when they reconnect): {failed[0]}")
+        if self.sup.shards == 1:
+            return
+        self._shard._outbox.append(self.sup.peer_message(op, **args))
+        if self._shard.peers is None:
+            raise PeersBehind("made on this shard, which is not reconnected to its peers yet; they get it "
+                              "when it is")
+        failed = await self._shard.flush()
+        if failed:
+            raise PeersBehind(f"made here, but {len(failed)} peer shard(s) did not take it yet (they are sent "
+                              f"a full sync until they do): {failed[0]}")
 
     async def status(self) -> dict[str, Any]:
         others, unreachable = await self._ask("status")
-        shards = [self._actor.status(self._actor._host_secret)] + others
+        shards = [self._shard.status()] + others
         where = sorted(({k: st[k] for k in ("shard", "pid", "node_id", "restarted")} for st in shards),
                        key=lambda w: w["shard"])
         return {"job": self.sup.job_id, "agents": sorted(self.sup.agents), "shards": where,
@@ -301,6 +359,7 @@ class ShardOperator(LocalOperator):
         except KeyError:
             if not self._peers:
                 raise
+        silent = []
         for peer in self._peers:  # signed: an agent holding a shard handle cannot answer for a human
             try:
                 return await asyncio.wait_for(
@@ -308,7 +367,10 @@ class ShardOperator(LocalOperator):
                     PEER_TIMEOUT_S)
             except Exception as exc:  # Ray re-raises the peer's KeyError as an instance of it
                 if not isinstance(exc, KeyError) and not isinstance(getattr(exc, "cause", None), KeyError):
-                    raise
+                    silent.append(f"{type(exc).__name__}: {exc}"[:200])
+        if silent:
+            raise PeersBehind(f"approval {approval_id} is not parked on any shard that answered; "
+                              f"{len(silent)} did not answer: {silent[0]}")
         raise KeyError(approval_id)
 
     async def revoke_agent(self, agent: str, by: str) -> None:

@@ -317,7 +317,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     stops, e.g. to scrape its final metrics."""
     import ray
 
-    from .actors import AgentActor, SupervisorActor, ToolWorkerActor
+    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor
 
     spec = job.spec
     started = time.monotonic()
@@ -376,8 +376,10 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         handles.extend(shards)
         del keyring, common  # the driver keeps no key once the supervisors have them
 
+        dead: set[int] = set()  # shards out of restarts
+
         def peers_of(i: int) -> list[Any]:
-            return [h for j, h in enumerate(shards) if j != i]
+            return [h for j, h in enumerate(shards) if j != i and j not in dead]
 
         await asyncio.gather(*[sh.connect.remote(host, peers_of(i)) for i, sh in enumerate(shards)])
         operator_token = secrets.token_urlsafe(32)
@@ -407,20 +409,30 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         shard_errors: dict[str, str] = {}
 
         async def reconnect(i: int, port: int, attempts: int = 20) -> str | None:
-            """Connect a restarted shard to its peers (first: then its API reaches them) and serve its
-            API again on the same port. A peer restarting at the same time is waited for."""
+            """Connect a restarted shard to its peers (first: then its API reaches them), then serve
+            its API again on the same port. A peer restarting at the same time is waited for."""
             last = ""
             for attempt in range(attempts):
                 try:
-                    await shards[i].connect.remote(host, peers_of(i))
-                    await shards[i].serve.remote(host, spec.control.host, port, operator_token)
-                    return None
+                    state = await shards[i].connect.remote(host, peers_of(i))
+                    break
+                except ray.exceptions.RayTaskError as exc:  # raised inside the shard: a peer's trouble
+                    last = f"{type(exc).__name__}: {exc}"[:300]
                 except ray.exceptions.ActorDiedError as exc:
                     return f"died for good: {exc}"[:500]
-                except Exception as exc:  # a peer restarting or slow: nothing to await but time
+                except ray.exceptions.RayActorError as exc:  # restarting again
                     last = f"{type(exc).__name__}: {exc}"[:300]
-                    await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
-            return f"gave up after {attempts} attempts: {last}"
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))  # a peer coming back: nothing to await
+            else:
+                return f"not reconnected after {attempts} attempts: {last}"
+            if state["state_lost"]:
+                return ("restarted on a node without its state journal: it refuses every call (budgets, "
+                        "nonces and revocations cannot be trusted there)")
+            try:
+                await shards[i].serve.remote(host, spec.control.host, port, operator_token)
+            except Exception as exc:  # its calls work; its operator API does not
+                progress(f"supervisor shard {i}: operator API not served again: {type(exc).__name__}: {exc}")
+            return None
 
         async def watch(i: int) -> None:
             """Act on a shard's events; when it restarted, serve its API again and reconnect it."""
@@ -430,6 +442,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                 try:
                     event = await shards[i].next_event.remote(host)
                 except ray.exceptions.ActorDiedError as exc:
+                    dead.add(i)
                     shard_errors[f"supervisor shard {i}"] = f"died for good: {exc}"[:500]
                     progress(f"supervisor shard {i} DIED (out of restarts)")
                     return
@@ -443,7 +456,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                         return
                     progress(f"supervisor shard {i} back (state restored from its journal)")
                     continue
-                if event.get("event") == "quarantine" and event["agent"] in actors:
+                if event.get("event") == "quarantine" and event.get("agent") in actors:
                     quarantined[event["agent"]] = event.get("reason", "")
                     progress(f"QUARANTINE: agent {event['agent']!r} stopped ({event.get('reason')})")
                     ray.kill(actors[event["agent"]])
@@ -472,12 +485,17 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        per_shard = await asyncio.gather(*[sh.stats.remote(host) for sh in shards], return_exceptions=True)
+        per_shard = await asyncio.gather(*[asyncio.wait_for(_await(sh.stats.remote(host)), TEARDOWN_TIMEOUT_S)
+                                           for sh in shards], return_exceptions=True)
         stats = merge_stats([s for s in per_shard if not isinstance(s, BaseException)])
-        closed = [c if not isinstance(c, BaseException) else _verify_here(audit_paths[i], c)
-                  for i, c in enumerate(await asyncio.gather(
-                      *[sh.close.remote(host, "ok" if not errors else "failed") for sh in shards],
-                      return_exceptions=True))]
+        ended = await asyncio.gather(*[asyncio.wait_for(_await(sh.close.remote(host, "ok" if not errors else "failed")),
+                                                        TEARDOWN_TIMEOUT_S) for sh in shards], return_exceptions=True)
+        closed = []
+        for i, c in enumerate(ended):
+            if isinstance(c, BaseException):
+                errors.setdefault(f"supervisor shard {i}", f"did not close: {type(c).__name__}: {c}"[:500])
+                c = _verify_here(audit_paths[i], c)
+            closed.append(c)
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:

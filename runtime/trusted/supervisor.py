@@ -173,18 +173,22 @@ class Supervisor:
         and does not announce it again."""
         if agent in self.quarantined:
             return
+        # Every change in memory first, then the announcement; the records last (they may fail,
+        # and the quarantine must hold regardless). One "q" frame restores all of it on a restart.
         self.quarantined.add(agent)
-        self._journal("q", agent)
         entry = self.agents.get(agent)
         if entry is not None and entry.root_token_id is not None:
             self.revocations.revoke(entry.root_token_id)
-            self._journal("v", entry.root_token_id)
-        self.revoke_agent(agent, by="quarantine" if origin is None else f"quarantine on shard {origin}")
-        self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent),
-                          origin=self.shard if origin is None else origin)
+        self.revocations.revoke_agent(agent)
+        by = "quarantine" if origin is None else f"quarantine on shard {origin}"
+        self.approvals.deny_agent(agent, approver=by, reason="agent quarantined")
         self.observer.quarantine(agent)
         if origin is None:
             self._on_event({"event": "quarantine", "agent": agent, "reason": reason, "shard": self.shard})
+        self._journal("q", agent)
+        self.audit.record("revoke", agent=agent, by=by)
+        self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent),
+                          origin=self.shard if origin is None else origin)
 
     def add_key(self, kid: str, key: bytes, *, epoch: int | None = None, by: str = "operator") -> int:
         """Key rotation: ``kid`` joins the ring, and becomes the current key unless a later rotation

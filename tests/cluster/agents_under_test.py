@@ -179,7 +179,8 @@ class SneakyAgent(Agent):
                  "sync_message": lambda: shard.sync_message.remote(b"guess" * 8),
                  "next_event": lambda: shard.next_event.remote(b"guess" * 8),
                  "close": lambda: shard.close.remote(b"guess" * 8, "ok"),
-                 "apply_peer": lambda: shard.apply_peer.remote(b"\x92\xc4\x01x\xc4\x01y")}
+                 "apply_peer": lambda: shard.apply_peer.remote(b"\x92\xc4\x01x\xc4\x01y"),
+                 "_event": lambda: shard._event.remote({"event": "quarantine", "agent": "chain", "reason": "x"})}
         out = {}
         for name, attempt in tried.items():
             try:
