@@ -176,10 +176,13 @@ def test_a_change_that_cannot_reach_a_dead_shard_is_made_and_reported(ray_instan
         time.sleep(0.05)  # another process's state: nothing to await
     pids = {s["shard"]: s["pid"] for s in via_shard_0.status()["shards"]}
     os.kill(pids[1], signal.SIGKILL)
+    end = time.monotonic() + 60
+    while not via_shard_0.status()["unreachable_shards"]:  # said, not hidden
+        assert time.monotonic() < end, "the dead shard was never reported"
+        time.sleep(0.05)  # Ray noticing a dead process: nothing to await from here
     with pytest.raises(ControlError, match="HTTP 503") as info_:
         via_shard_0.revoke(agent="rev", by="dan")
     assert "did not take it" in str(info_.value)
-    assert via_shard_0.status()["unreachable_shards"]  # said, not hidden
     result = job.join()
     assert result.results["rev"]["in_flight"]["code"] == "APPROVAL_DENIED"  # made on shard 0 all the same
     assert result.results["rev"]["after"]["code"] == "TOKEN_REVOKED"
