@@ -284,3 +284,29 @@ def test_control_api_needs_the_operator_token_and_revokes_tokens(tmp_path):
     asyncio.run(scenario())
     assert env.audit.of("revoke", by="erin")
     assert env.audit.of("key_added", by="erin") and env.audit.of("key_retired", by="erin")
+
+
+def test_control_api_says_503_when_a_change_did_not_reach_every_shard():
+    from runtime.control import ControlClient, ControlError, LocalOperator, PeersBehind, control_routes
+    from runtime.metrics import MetricsServer
+
+    env = Env()
+
+    class OnePeerDown(LocalOperator):
+        async def revoke_agent(self, agent: str, by: str) -> None:
+            await super().revoke_agent(agent, by)
+            raise PeersBehind("made here, but 1 peer shard(s) did not take it yet")
+
+    async def scenario():
+        server = MetricsServer()
+        server.add_routes(control_routes(OnePeerDown(env.sup), "tok"))
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            client = ControlClient(f"http://{host}:{port}", "tok")
+            with pytest.raises(ControlError, match="HTTP 503.*did not take it"):
+                await asyncio.to_thread(client.revoke, agent="alice", by="erin")
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    assert "alice" in env.sup.revocations.snapshot()["agents"]  # made here all the same
