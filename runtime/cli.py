@@ -170,6 +170,10 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- audit
 
 
+class NoAuditLog(Exception):
+    """A directory given as an audit log holds none."""
+
+
 def audit_chains(path: str) -> list[str]:
     """The audit logs at ``path``: the file itself, or every shard's log in a run directory."""
     from pathlib import Path
@@ -180,18 +184,14 @@ def audit_chains(path: str) -> list[str]:
     logs = [p / "audit.log"] if (p / "audit.log").exists() else []
     logs += sorted(p.glob("audit-[0-9]*.log"), key=lambda q: int(q.stem.split("-")[1]))
     if not logs:
-        raise FileNotFoundError(f"{path}: no audit.log or audit-N.log in this directory")
+        raise NoAuditLog(f"{path}: no audit.log or audit-N.log in this directory")
     return [str(q) for q in logs]
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .trusted.audit import verify
 
-    try:
-        chains = audit_chains(args.path)
-    except FileNotFoundError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    chains = audit_chains(args.path)
     broken = 0
     for path in chains:
         report = verify(path)
@@ -221,11 +221,7 @@ def _when(text: str | None) -> float | None:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from .trusted.audit import AuditFormatError, filter_records, format_record, read_records
 
-    try:
-        chains = audit_chains(args.path)
-    except FileNotFoundError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    chains = audit_chains(args.path)
 
     def tagged(path: str) -> Any:
         name = os.path.basename(path)
@@ -251,11 +247,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from .trusted.audit import AuditChainError, export_jsonl, verify
 
-    try:
-        chains = audit_chains(args.path)
-    except FileNotFoundError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time
         status = EXIT_OK
         for path in chains:
@@ -503,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WardenError as exc:
         print(f"warden: {exc.code.value}: {exc.reason}", file=sys.stderr)
         return EXIT_FAIL
-    except ControlError as exc:
+    except (ControlError, NoAuditLog) as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
