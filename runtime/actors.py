@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
+import os
 import zlib
-from typing import Any
+from typing import Any, Awaitable
 
 import msgpack
 import ray
@@ -58,8 +58,22 @@ PEER_TIMEOUT_S = 30.0
 TEARDOWN_TIMEOUT_S = 60.0
 
 
-async def _await(ref: Any) -> Any:
+async def awaited(ref: Any) -> Any:
+    """A Ray object ref as a coroutine (for ``ensure_future`` and ``wait_for``)."""
     return await ref
+
+
+def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An audit log's verification, as the job's result reports it."""
+    from .trusted import audit as audit_mod
+
+    report = audit_mod.verify(path)
+    return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
+
+
+def within(ref: Any, timeout_s: float = PEER_TIMEOUT_S) -> Awaitable[Any]:
+    """A Ray call awaited for at most ``timeout_s`` (then ``asyncio.TimeoutError``)."""
+    return asyncio.wait_for(awaited(ref), timeout_s)
 
 
 class Shard:
@@ -136,8 +150,8 @@ class Shard:
 
     async def _send(self, sends: list[tuple[int, bytes]]) -> list[str]:
         assert self.peers is not None
-        results = await asyncio.gather(*[asyncio.wait_for(_await(self.peers[k].apply_peer.remote(m)), PEER_TIMEOUT_S)
-                                         for k, m in sends], return_exceptions=True)
+        results = await asyncio.gather(*[within(self.peers[k].apply_peer.remote(m)) for k, m in sends],
+                                       return_exceptions=True)
         failed = {k: f"{type(r).__name__}: {r}"[:200] for (k, _), r in zip(sends, results)
                   if isinstance(r, BaseException)}
         if failed:
@@ -154,8 +168,7 @@ class Shard:
             await asyncio.sleep(delay)  # a peer that is down: nothing to await but time
             behind, self._behind = sorted(self._behind), set()
             message = self.sup.sync_message()
-            results = await asyncio.gather(*[asyncio.wait_for(_await(self.peers[k].apply_peer.remote(message)),
-                                                              PEER_TIMEOUT_S) for k in behind],
+            results = await asyncio.gather(*[within(self.peers[k].apply_peer.remote(message)) for k in behind],
                                            return_exceptions=True)
             self._behind |= {k for k, r in zip(behind, results) if isinstance(r, BaseException)}
             delay = min(delay * 2, 30.0)
@@ -182,13 +195,11 @@ class Shard:
         if self.state_lost:
             return {"restarted": True, "state_lost": True}
         if self.restarted and peers:
-            syncs = await asyncio.gather(*[asyncio.wait_for(_await(p.sync_message.remote(self.host_secret)),
-                                                            PEER_TIMEOUT_S) for p in peers])
+            syncs = await asyncio.gather(*[within(p.sync_message.remote(self.host_secret)) for p in peers])
             for message in syncs:
                 self.sup.apply_peer(message)
             own = self.sup.sync_message()
-            await asyncio.gather(*[asyncio.wait_for(_await(p.apply_peer.remote(own)), PEER_TIMEOUT_S)
-                                   for p in peers])
+            await asyncio.gather(*[within(p.apply_peer.remote(own)) for p in peers])
         self.peers, self._behind = list(peers), set()
         await self.flush()
         return {"restarted": self.restarted, "state_lost": False}
@@ -214,8 +225,6 @@ class Shard:
 
     async def close(self, status: str) -> dict[str, Any]:
         """Write the last record, close the log and verify it here, on the node that holds it."""
-        from .trusted import audit as audit_mod
-
         if self._retrying is not None:
             self._retrying.cancel()
         seq = self.audit.record("job_end", job=self.sup.job_id, status=status,
@@ -225,9 +234,7 @@ class Shard:
             self.sup.journal.close()
         if self._server is not None:
             await self._server.stop()
-        report = audit_mod.verify(self.audit.path)
-        return {"seq": seq, "path": self.audit.path, "ok": report.ok, "records": report.records,
-                "problem": report.problem}
+        return {"seq": seq, **verified(self.audit.path)}
 
 
 @ray.remote
@@ -319,8 +326,8 @@ class ShardOperator(LocalOperator):
     async def _ask(self, method: str) -> tuple[list[Any], list[str]]:
         """Every reachable peer's answer, and what went wrong with the others."""
         secret = self._shard.host_secret
-        answers = await asyncio.gather(*[asyncio.wait_for(_await(getattr(p, method).remote(secret)), PEER_TIMEOUT_S)
-                                         for p in self._peers], return_exceptions=True)
+        answers = await asyncio.gather(*[within(getattr(p, method).remote(secret)) for p in self._peers],
+                                       return_exceptions=True)
         return ([a for a in answers if not isinstance(a, BaseException)],
                 [f"{type(a).__name__}: {a}"[:200] for a in answers if isinstance(a, BaseException)])
 
@@ -362,9 +369,7 @@ class ShardOperator(LocalOperator):
         silent = []
         for peer in self._peers:  # signed: an agent holding a shard handle cannot answer for a human
             try:
-                return await asyncio.wait_for(
-                    _await(peer.apply_peer.remote(self.sup.peer_message("decide", id=approval_id, **kw))),
-                    PEER_TIMEOUT_S)
+                return await within(peer.apply_peer.remote(self.sup.peer_message("decide", id=approval_id, **kw)))
             except Exception as exc:  # Ray re-raises the peer's KeyError as an instance of it
                 if not isinstance(exc, KeyError) and not isinstance(getattr(exc, "cause", None), KeyError):
                     silent.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -372,24 +377,6 @@ class ShardOperator(LocalOperator):
             raise PeersBehind(f"approval {approval_id} is not parked on any shard that answered; "
                               f"{len(silent)} did not answer: {silent[0]}")
         raise KeyError(approval_id)
-
-    async def revoke_agent(self, agent: str, by: str) -> None:
-        self.sup.revoke_agent(agent, by=by)
-        await self._everywhere("revoke_agent", agent=agent, by=by)
-
-    async def revoke_token(self, token_id: bytes, by: str) -> None:
-        self.sup.revoke_token(token_id, by=by)
-        await self._everywhere("revoke_token", token_id=token_id, by=by)
-
-    async def rotate_key(self, by: str) -> str:
-        kid, key = secrets.token_hex(4), secrets.token_bytes(32)
-        epoch = self.sup.add_key(kid, key, by=by)
-        await self._everywhere("add_key", kid=kid, key=key, epoch=epoch, by=by)
-        return kid
-
-    async def retire_key(self, kid: str, by: str) -> None:
-        self.sup.retire_key(kid, by=by)
-        await self._everywhere("retire_key", kid=kid, by=by)
 
 
 @ray.remote

@@ -51,7 +51,7 @@ def merge_stats(per_shard: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 class LocalOperator:
     """The operator's actions on one supervisor. A sharded job uses ``actors.ShardOperator``, which
-    has the same methods and also carries each change to every other shard before returning."""
+    carries each change to every other shard (``_everywhere``) and asks them for status."""
 
     def __init__(self, supervisor: Any) -> None:
         self.sup = supervisor
@@ -59,6 +59,9 @@ class LocalOperator:
     @property
     def agents(self) -> dict[str, Any]:
         return self.sup.agents
+
+    async def _everywhere(self, op: str, **args: Any) -> None:
+        """Carry a change made here to the other supervisors: there are none."""
 
     async def status(self) -> dict[str, Any]:
         return self.sup.status()
@@ -71,17 +74,21 @@ class LocalOperator:
 
     async def revoke_agent(self, agent: str, by: str) -> None:
         self.sup.revoke_agent(agent, by=by)
+        await self._everywhere("revoke_agent", agent=agent, by=by)
 
     async def revoke_token(self, token_id: bytes, by: str) -> None:
         self.sup.revoke_token(token_id, by=by)
+        await self._everywhere("revoke_token", token_id=token_id, by=by)
 
     async def rotate_key(self, by: str) -> str:
-        kid = secrets.token_hex(4)
-        self.sup.add_key(kid, secrets.token_bytes(32), by=by)
+        kid, key = secrets.token_hex(4), secrets.token_bytes(32)
+        epoch = self.sup.add_key(kid, key, by=by)
+        await self._everywhere("add_key", kid=kid, key=key, epoch=epoch, by=by)
         return kid
 
     async def retire_key(self, kid: str, by: str) -> None:
         self.sup.retire_key(kid, by=by)
+        await self._everywhere("retire_key", kid=kid, by=by)
 
 
 def control_routes(operator: Any, token: str) -> list[Any]:

@@ -272,10 +272,6 @@ def _actor_options(res: Resources | None, declared: dict[str, Any], default_cpus
     return opts
 
 
-async def _await(ref: Any) -> Any:
-    return await ref
-
-
 def _ensure_ray(address: str | None, placement: PlacementSpec | None = None) -> None:
     import ray
 
@@ -317,7 +313,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     stops, e.g. to scrape its final metrics."""
     import ray
 
-    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor
+    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor, awaited, within
 
     spec = job.spec
     started = time.monotonic()
@@ -464,7 +460,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         watchers = [asyncio.ensure_future(watch(i)) for i in range(n_shards)]
         progress(f"running entry agent(s): {', '.join(spec.entry)}")
         tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
-        runs = {n: asyncio.ensure_future(_await(actors[n].run.remote(tasks[n]))) for n in spec.entry}
+        runs = {n: asyncio.ensure_future(awaited(actors[n].run.remote(tasks[n]))) for n in spec.entry}
         await asyncio.wait(runs.values(), timeout=spec.timeout_s)
         results, errors = {}, {}
         for name, fut in runs.items():
@@ -485,11 +481,11 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
-        per_shard = await asyncio.gather(*[asyncio.wait_for(_await(sh.stats.remote(host)), TEARDOWN_TIMEOUT_S)
-                                           for sh in shards], return_exceptions=True)
+        per_shard = await asyncio.gather(*[within(sh.stats.remote(host), TEARDOWN_TIMEOUT_S) for sh in shards],
+                                         return_exceptions=True)
         stats = merge_stats([s for s in per_shard if not isinstance(s, BaseException)])
-        ended = await asyncio.gather(*[asyncio.wait_for(_await(sh.close.remote(host, "ok" if not errors else "failed")),
-                                                        TEARDOWN_TIMEOUT_S) for sh in shards], return_exceptions=True)
+        ended = await asyncio.gather(*[within(sh.close.remote(host, "ok" if not errors else "failed"),
+                                              TEARDOWN_TIMEOUT_S) for sh in shards], return_exceptions=True)
         closed = []
         for i, c in enumerate(ended):
             if isinstance(c, BaseException):
@@ -512,13 +508,12 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
 
 def _verify_here(path: Path, why: BaseException) -> dict[str, Any]:
     """A shard that could not close its own log (it died): verify what it left, if it is on this node."""
-    from .trusted import audit as audit_mod
+    from .actors import verified
 
     if not path.exists():
         return {"ok": False, "path": str(path), "records": 0,
                 "problem": f"shard did not close ({type(why).__name__}) and its log is not on this node"}
-    report = audit_mod.verify(path)
-    return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
+    return verified(path)
 
 
 def _supervisor_options(spec: JobSpec) -> dict[str, Any]:
