@@ -175,11 +175,7 @@ class Supervisor:
             return
         # Every change in memory first, then the announcement; the records last (they may fail,
         # and the quarantine must hold regardless). One "q" frame restores all of it on a restart.
-        self.quarantined.add(agent)
-        entry = self.agents.get(agent)
-        if entry is not None and entry.root_token_id is not None:
-            self.revocations.revoke(entry.root_token_id)
-        self.revocations.revoke_agent(agent)
+        self._quarantine_state(agent)
         by = "quarantine" if origin is None else f"quarantine on shard {origin}"
         self.approvals.deny_agent(agent, approver=by, reason="agent quarantined")
         self.observer.quarantine(agent)
@@ -189,6 +185,15 @@ class Supervisor:
         self.audit.record("revoke", agent=agent, by=by)
         self.audit.record("quarantine", agent=agent, reason=reason, violations=self.anomaly.violations(agent),
                           origin=self.shard if origin is None else origin)
+
+    def _quarantine_state(self, agent: str) -> None:
+        """What a quarantine changes, live and on replay: the agent and its root token (so every
+        token derived from it, delegations included) revoked."""
+        self.quarantined.add(agent)
+        entry = self.agents.get(agent)
+        if entry is not None and entry.root_token_id is not None:
+            self.revocations.revoke(entry.root_token_id)
+        self.revocations.revoke_agent(agent)
 
     def add_key(self, kid: str, key: bytes, *, epoch: int | None = None, by: str = "operator") -> int:
         """Key rotation: ``kid`` joins the ring, and becomes the current key unless a later rotation
@@ -341,12 +346,7 @@ class Supervisor:
         elif op == "va":
             self.revocations.revoke_agent(args[0])
         elif op == "q":
-            # With its revocations, even if the process died before their own frames were written.
-            self.quarantined.add(args[0])
-            self.revocations.revoke_agent(args[0])
-            entry = self.agents.get(args[0])
-            if entry is not None and entry.root_token_id is not None:
-                self.revocations.revoke(entry.root_token_id)
+            self._quarantine_state(args[0])
         elif op == "k":
             kid, key, epoch, current = args
             self._add_key(kid, bytes(key), int(epoch), bool(current))
