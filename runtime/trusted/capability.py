@@ -122,7 +122,7 @@ def url_origin(value: Any) -> tuple[str, str, int]:
     return scheme, canonical_host(host), DEFAULT_PORTS[scheme] if port is None else port
 
 
-@lru_cache(maxsize=4096)  # an IP address costs microseconds to parse; hosts repeat
+@lru_cache(maxsize=1024)  # an IP address costs microseconds to parse; hosts repeat
 def canonical_host(host: str) -> str:
     """A DNS name of non-empty labels (one trailing dot dropped) or an IP address as ipaddress writes it."""
     host = host[:-1] if host.endswith(".") else host
