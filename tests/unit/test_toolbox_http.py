@@ -10,6 +10,7 @@ to the origin they are bound to, never to the agent or the audit log."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import socket
 import ssl
@@ -278,10 +279,16 @@ def test_allow_private_networks_is_an_explicit_opt_in(server):
     assert rig.fetch(f"http://127.0.0.1:{server.port}/hello")["body"] == "v4"
 
 
-def test_malformed_http_config_fails_the_call_instead_of_guessing(server):
-    rig = Rig(("127.0.0.1",), http={"allow_private_network": True})  # a typo: not the opt-in
+@pytest.mark.parametrize("http, why", [
+    ({"allow_private_network": True}, "unknown keys"),  # a typo: not the opt-in
+    ({"allow_private_networks": "yes"}, "malformed"),
+    ({"resolver": "8.8.8.8"}, "malformed"),  # a resolver comes from Python, never from YAML
+    ({"timeout_s": 0}, "malformed"),
+])
+def test_malformed_http_config_fails_the_call_instead_of_guessing(server, http, why):
+    rig = Rig(("127.0.0.1",), http=http)
     exc = denied(lambda: rig.fetch(f"http://127.0.0.1:{server.port}/"), ToolFailed)
-    assert exc.code is ErrorCode.TOOL_FAILED and "unknown keys" in rig.last_outcome()["reason"]
+    assert exc.code is ErrorCode.TOOL_FAILED and why in rig.last_outcome()["reason"]
     assert server.seen == []
 
 
@@ -313,6 +320,32 @@ def test_a_rebinding_name_cannot_move_the_connection_to_a_private_address(twins)
     rig = Rig(("rebind.example",), http={"resolver": resolver})
     exc = denied(lambda: rig.fetch(f"http://rebind.example:{v4.port}/"), ToolFailed)
     assert exc.code is ErrorCode.EGRESS_REFUSED
+    assert resolver.lookups == [("rebind.example", v4.port)]
+    assert v4.seen == []
+
+
+def test_a_public_first_answer_pins_the_connection_to_that_public_address(twins, monkeypatch):
+    """The classic rebinding: a public address to the check, 127.0.0.1 afterwards. Every connect()
+    the process makes is recorded at the socket layer; one that leaves the machine is refused there
+    (this test must not reach the Internet), a loopback one goes through. The tool's only connect is
+    to the checked public address; the loopback server sees nothing."""
+    v4, _ = twins
+    v4.seen.clear()
+    connects: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def recording_connect(sock: socket.socket, address: Any) -> None:
+        connects.append(address[:2])
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            raise ConnectionRefusedError(f"test: no traffic off this machine ({address[0]})")
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
+    resolver = ScriptedResolver({"rebind.example": [["93.184.216.34"], ["127.0.0.1"]]})
+    rig = Rig(("rebind.example",), http={"resolver": resolver})
+    exc = denied(lambda: rig.fetch(f"http://rebind.example:{v4.port}/"), ToolFailed)
+    assert exc.code is ErrorCode.TOOL_FAILED and "ConnectionRefusedError" in rig.last_outcome()["reason"]
+    assert connects == [("93.184.216.34", v4.port)]
     assert resolver.lookups == [("rebind.example", v4.port)]
     assert v4.seen == []
 
