@@ -238,7 +238,7 @@ def load_job(path: str | Path) -> LoadedJob:
 
 def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, dict[str, str]]]:
     """tool -> header -> {"value": the secret, "origin": where it may go}, as the supervisor attaches them."""
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, dict[str, str]]] = {}
     for tool_name, headers in spec.credentials.items():
         for header, ref in headers.items():
             if ref.env not in environ:

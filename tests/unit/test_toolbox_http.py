@@ -136,7 +136,8 @@ class Rig:
         self.request_key = secrets.token_bytes(32)
         self.sup.register_agent(AgentEntry("a", self.request_key), AgentQuota())
         self.token = keyring.mint(holder="a", caveats=[
-            Audience(JOB), Expires(time.time() + 60), Tools(("http.fetch",)), Arg("http.fetch", "url", "url_host", hosts),
+            Audience(JOB), Expires(time.time() + 60), Tools(("http.fetch",)),
+            Arg("http.fetch", "url", "url_host", hosts),
         ]).encode()
 
     def raw(self, url: str, **args: Any) -> bytes:
