@@ -222,7 +222,7 @@ def test_private_addresses_are_refused_by_default(server):
     for url in (f"http://127.0.0.1:{server.port}/hello", f"http://0.0.0.0:{server.port}/hello",
                 f"http://[::ffff:127.0.0.1]:{server.port}/hello"):
         exc = denied(lambda: rig.fetch(url), ToolFailed)
-        assert exc.code is ErrorCode.EGRESS_REFUSED
+        assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
         assert "not a globally routable address" in rig.last_outcome()["reason"]
     assert server.seen == []  # each of them would have reached this loopback server
 
@@ -253,7 +253,7 @@ def test_a_name_that_resolves_to_a_private_address_is_refused(server, address):
     resolver = ScriptedResolver({"inside.example": [[address]]})
     rig = Rig(("inside.example",), http={"resolver": resolver})
     exc = denied(lambda: rig.fetch(f"http://inside.example:{server.port}/"), ToolFailed)
-    assert exc.code is ErrorCode.EGRESS_REFUSED
+    assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
     assert f"resolves to {address}" in rig.last_outcome()["reason"]
     assert resolver.lookups == [("inside.example", server.port)]
     assert server.seen == []
@@ -263,7 +263,7 @@ def test_one_private_address_in_an_answer_refuses_the_whole_answer(server):
     resolver = ScriptedResolver({"mixed.example": [["93.184.216.34", "127.0.0.1"]]})
     rig = Rig(("mixed.example",), http={"resolver": resolver})
     exc = denied(lambda: rig.fetch(f"http://mixed.example:{server.port}/"), ToolFailed)
-    assert exc.code is ErrorCode.EGRESS_REFUSED
+    assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
     assert server.seen == []
 
 
@@ -271,7 +271,7 @@ def test_a_resolver_answer_that_is_not_an_address_is_refused_even_when_private_i
     resolver = ScriptedResolver({"alias.example": [["localhost"]]})
     rig = Rig(("alias.example",), http={"allow_private_networks": True, "resolver": resolver})
     exc = denied(lambda: rig.fetch(f"http://alias.example:{server.port}/"), ToolFailed)
-    assert exc.code is ErrorCode.EGRESS_REFUSED
+    assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
     assert server.seen == []
 
 
@@ -306,7 +306,7 @@ def test_the_connection_goes_to_the_checked_address_not_a_second_answer(twins):
     resolver = ScriptedResolver({"rebind.example": [["127.0.0.1"], ["::1"]]})
     rig = Rig(("rebind.example",), http={"allow_private_networks": True, "resolver": resolver})
     reply = rig.fetch(f"http://rebind.example:{v4.port}/who")
-    assert reply["body"] == "v4"
+    assert reply["body"] == "v4" and rig.last_outcome()["ok"] is True
     assert resolver.lookups == [("rebind.example", v4.port)]
     assert v6.seen == []
     assert v4.seen[-1]["host"] == f"rebind.example:{v4.port}"  # the name, not the address, in Host
@@ -320,7 +320,7 @@ def test_a_rebinding_name_cannot_move_the_connection_to_a_private_address(twins)
     resolver = ScriptedResolver({"rebind.example": [["127.0.0.1"], ["93.184.216.34"]]})
     rig = Rig(("rebind.example",), http={"resolver": resolver})
     exc = denied(lambda: rig.fetch(f"http://rebind.example:{v4.port}/"), ToolFailed)
-    assert exc.code is ErrorCode.EGRESS_REFUSED
+    assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
     assert resolver.lookups == [("rebind.example", v4.port)]
     assert v4.seen == []
 
