@@ -87,7 +87,9 @@ class FetchSettings:
 
     @staticmethod
     def from_config(config: Any) -> "FetchSettings":
-        config = config if isinstance(config, dict) else {}
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise ToolFailed(f"tool_config.http must be a mapping, not {config!r:.80}")
         unknown = sorted(set(config) - set(FetchSettings.__dataclass_fields__))
         if unknown:
             raise ToolFailed(f"tool_config.http has unknown keys {unknown}")

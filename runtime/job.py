@@ -26,7 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .control import merge_stats, write_control_file
-from .errors import ConfigError, ErrorCode, PolicyDenied
+from .egress import FetchSettings
+from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
 from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
@@ -233,6 +234,10 @@ def load_job(path: str | Path) -> LoadedJob:
     unknown = sorted(set(spec.credentials) - set(tools))
     if unknown:
         raise ConfigError(f"{path}: credentials for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
+    try:  # http.fetch would refuse every call with it: say so now
+        FetchSettings.from_config(spec.tool_config.get("http"))
+    except ToolFailed as exc:
+        raise ConfigError(f"{path}: {exc.reason}", code=ErrorCode.JOB_INVALID) from None
     return LoadedJob(spec, base, policies, tools, classes)
 
 
