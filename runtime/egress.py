@@ -158,26 +158,28 @@ def _connection(origin: tuple[str, str, int], addresses: list[str], settings: Fe
     return conn
 
 
-def fetch(url: str, *, max_bytes: int, settings: FetchSettings, credentials: dict[str, Any]) -> dict[str, Any]:
-    """GET ``url``: status, headers (no Set-Cookie), the body's first ``max_bytes`` and whether there was more."""
+def fetch(url: str, *, max_bytes: int, settings: FetchSettings, credentials: dict[str, Any], method: str = "GET",
+          body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One request to ``url``: status, headers (no Set-Cookie), the body's first ``max_bytes`` and whether
+    there was more."""
     try:
         origin = url_origin(url)
     except PolicyDenied as exc:
         raise ToolFailed(exc.reason) from None
     addresses = checked_addresses(origin[1], origin[2], settings)
-    headers = {"User-Agent": USER_AGENT}
+    headers = {"User-Agent": USER_AGENT, **(headers or {})}
     headers.update({name: c["value"] for name, c in credentials.items() if _bound_to(c, origin)})
     parts = urlsplit(url)
     conn = None
     try:
         conn = _connection(origin, addresses, settings)
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
         resp = conn.getresponse()
-        status, resp_headers, body = resp.status, resp.getheaders(), resp.read(max_bytes + 1)
+        status, resp_headers, data = resp.status, resp.getheaders(), resp.read(max_bytes + 1)
     except (OSError, ValueError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError
         raise ToolFailed(f"fetch failed: {type(exc).__name__}: {exc}") from None
     finally:
         if conn is not None:
             conn.close()
     return {"status": status, "headers": {k: v for k, v in resp_headers if k.lower() != "set-cookie"},
-            "body": body[:max_bytes], "truncated": len(body) > max_bytes}
+            "body": data[:max_bytes], "truncated": len(data) > max_bytes}

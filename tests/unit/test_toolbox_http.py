@@ -55,6 +55,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:  # noqa: N802
+        data = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.seen.append({"path": self.path, "data": data, **{k.lower(): v for k, v in self.headers.items()}})
+        self.send_response(201)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
     def log_message(self, *args: Any) -> None:
         return None
 
@@ -124,24 +132,24 @@ class Rig:
     """Supervisor + tool worker with the real toolbox, a token for http.fetch limited to ``hosts``."""
 
     def __init__(self, hosts: tuple[str, ...], *, http: dict[str, Any] | None = None,
-                 credentials: dict[str, dict[str, str]] | None = None) -> None:
+                 credentials: dict[str, dict[str, str]] | None = None, tool: str = "http.fetch") -> None:
         keyring, key = KeyRing.generate(), secrets.token_bytes(32)
-        tools = load_tools(["runtime.toolbox"])
+        tools = load_tools(["runtime.toolbox", "agents.chat"])
+        self.tool = tool
         self.key, self.audit = key, MemoryAudit()
         self.worker = ToolWorker(dispatch_key=key, tools=tools, job=JOB, tool_config={"http": http or {}})
         self.dispatcher = InProcessDispatcher(self.worker)
         self.sup = Supervisor(job_id=JOB, keyring=keyring, tools={n: t.spec for n, t in tools.items()},
                               audit=self.audit, dispatcher=self.dispatcher, dispatch_key=key,
-                              credentials={"http.fetch": credentials} if credentials else {})
+                              credentials={tool: credentials} if credentials else {})
         self.request_key = secrets.token_bytes(32)
         self.sup.register_agent(AgentEntry("a", self.request_key), AgentQuota())
         self.token = keyring.mint(holder="a", caveats=[
-            Audience(JOB), Expires(time.time() + 60), Tools(("http.fetch",)),
-            Arg("http.fetch", "url", "url_host", hosts),
+            Audience(JOB), Expires(time.time() + 60), Tools((tool,)), Arg(tool, "url", "url_host", hosts),
         ]).encode()
 
     def raw(self, url: str, **args: Any) -> bytes:
-        req = encode_call(agent="a", token=self.token, tool="http.fetch", args={"url": url, **args},
+        req = encode_call(agent="a", token=self.token, tool=self.tool, args={"url": url, **args},
                           request_key=self.request_key)
         return asyncio.run(self.sup.call(req))
 
@@ -449,3 +457,21 @@ def test_a_job_credential_without_an_origin_does_not_load():
     with pytest.raises(ConfigError):
         resolve_credentials(ok, {})
 
+
+
+# ------------------------------------------------------------------ the demo's http.post shares the same egress
+
+
+def test_http_post_is_held_to_the_same_destination_checks(server):
+    resolver = ScriptedResolver({"hooks.example": [["127.0.0.1"], ["::1"]]})
+    rig = Rig(("hooks.example",), http={"resolver": resolver}, tool="http.post")
+    exc = denied(lambda: rig.fetch(f"http://hooks.example:{server.port}/hook", body="dump"), ToolFailed)
+    assert exc.code is ErrorCode.EGRESS_REFUSED and rig.last_outcome()["code"] == "EGRESS_REFUSED"
+    assert server.seen == []
+
+
+def test_http_post_sends_its_body_and_bound_credential_when_allowed(server):
+    rig = Rig(("127.0.0.1",), http={"allow_private_networks": True}, tool="http.post",
+              credentials={"Authorization": credential(f"http://127.0.0.1:{server.port}")})
+    assert rig.fetch(f"http://127.0.0.1:{server.port}/hook", body="summary") == {"status": 201, "body": "ok"}
+    assert server.seen[-1]["data"] == b"summary" and server.seen[-1]["authorization"] == SECRET
