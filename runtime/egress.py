@@ -95,7 +95,7 @@ class FetchSettings:
             raise ToolFailed(f"tool_config.http has unknown keys {unknown}")
         settings = FetchSettings(**config)
         if not (isinstance(settings.allow_private_networks, bool) and callable(settings.resolver)
-                and isinstance(settings.timeout_s, (int, float)) and settings.timeout_s > 0
+                and type(settings.timeout_s) in (int, float) and settings.timeout_s > 0
                 and (settings.ca_file is None or isinstance(settings.ca_file, str))):
             raise ToolFailed(f"tool_config.http is malformed: {config!r:.200}")
         return settings
