@@ -9,12 +9,13 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import dataclasses
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator
 
+from runtime.egress import FetchSettings, fetch
 from runtime.tool import URL, ToolContext, tool
 
 _SEED = Path(__file__).with_name("chat_seed.json")
@@ -90,9 +91,10 @@ def delete_channel(channel: str, *, ctx: ToolContext) -> dict[str, Any]:
 
 
 @tool(effect="write", name="http.post")
-def http_post(url: Annotated[str, URL], body: str, timeout_s: float = 10.0) -> dict[str, Any]:
+def http_post(url: Annotated[str, URL], body: str, timeout_s: float = 10.0, *, ctx: ToolContext) -> dict[str, Any]:
     """POST a text body to a URL (only to hosts the token allows)."""
-    data = body.encode()[:MAX_POST_BYTES]
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(req, timeout=min(timeout_s, 30.0)) as resp:
-        return {"status": resp.status, "body": resp.read(4096).decode("utf-8", "replace")}
+    settings = FetchSettings.from_config(ctx.config.get("http"))  # the same destination checks as http.fetch
+    settings = dataclasses.replace(settings, timeout_s=max(0.1, min(timeout_s, 30.0, settings.timeout_s)))
+    reply = fetch(url, method="POST", body=body.encode()[:MAX_POST_BYTES], headers={"Content-Type": "text/plain"},
+                  max_bytes=4096, settings=settings, credentials=ctx.credentials)
+    return {"status": reply["status"], "body": reply["body"].decode("utf-8", "replace")}

@@ -87,7 +87,7 @@ class Shard:
 
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
-                 call_timeout_s: float, credentials: dict[str, dict[str, str]],
+                 call_timeout_s: float, credentials: dict[str, dict[str, dict[str, str]]],
                  audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
                  state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"",
                  reconstructed: bool = False) -> None:

@@ -14,7 +14,8 @@
     │   ├── DelegationDenied         DELEGATION_DENIED
     │   ├── ApprovalDenied           APPROVAL_DENIED, APPROVAL_TIMEOUT: a human said no, or nobody answered
     │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
-    ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed
+    ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed;
+    │   │                            EGRESS_REFUSED: http.fetch refused a destination that is not public
     │   ├── SandboxKilled            SANDBOX_TIMEOUT, SANDBOX_CPU, SANDBOX_MEMORY, SANDBOX_PIDS,
     │   │                            SANDBOX_OUTPUT: a limit was breached; the process tree was killed
     │   └── SandboxUnavailable       SANDBOX_UNAVAILABLE: the policy's backend cannot run here
@@ -57,6 +58,7 @@ class ErrorCode(str, Enum):
     DISPATCH_REFUSED = "DISPATCH_REFUSED"
     TOOL_FAILED = "TOOL_FAILED"
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
+    EGRESS_REFUSED = "EGRESS_REFUSED"
     SANDBOX_TIMEOUT = "SANDBOX_TIMEOUT"
     SANDBOX_CPU = "SANDBOX_CPU"
     SANDBOX_MEMORY = "SANDBOX_MEMORY"
@@ -230,6 +232,7 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.APPROVAL_TIMEOUT: ApprovalDenied,
     ErrorCode.TOOL_FAILED: ToolFailed,
     ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
+    ErrorCode.EGRESS_REFUSED: ToolFailed,
     ErrorCode.SANDBOX_TIMEOUT: SandboxKilled,
     ErrorCode.SANDBOX_CPU: SandboxKilled,
     ErrorCode.SANDBOX_MEMORY: SandboxKilled,

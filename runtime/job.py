@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import re
 import secrets
 import sys
 import time
@@ -22,13 +23,14 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .control import merge_stats, write_control_file
-from .errors import ConfigError, ErrorCode
+from .egress import FetchSettings
+from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
 from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
-from .trusted.capability import KeyRing
+from .trusted.capability import KeyRing, url_origin
 from .trusted.policy import Policy, load_policy
 from .trusted.supervisor import AgentEntry
 
@@ -107,10 +109,25 @@ class WorkerSpec(_Strict):
 
 
 class CredentialRef(_Strict):
-    """A secret for a tool, read from the driver's environment at job start (never written in a job file)."""
+    """A secret for a tool, read from the driver's environment at job start (never written in a job file),
+    and the one origin (scheme, host, port) it may be sent to."""
 
     env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     format: str = Field(default="{}", description="e.g. 'Bearer {}'")
+    origin: str = Field(description="'https://host[:port]'; 'host[:port]' means https, plain http only if written")
+
+    @field_validator("origin")
+    @classmethod
+    def _canonical_origin(cls, v: str) -> str:
+        """``scheme://host:port`` with the port written out, so one origin has one spelling."""
+        v = v if "://" in v else "https://" + v
+        try:
+            scheme, host, port = url_origin(v)
+        except PolicyDenied as exc:
+            raise ValueError(exc.reason) from None
+        if not re.fullmatch(r"[a-z]+://[^/?#@]+/?", v, re.IGNORECASE):
+            raise ValueError(f"origin {v!r} must be scheme://host[:port], without user, path or query")
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 class ControlSpec(_Strict):
@@ -217,17 +234,22 @@ def load_job(path: str | Path) -> LoadedJob:
     unknown = sorted(set(spec.credentials) - set(tools))
     if unknown:
         raise ConfigError(f"{path}: credentials for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
+    try:  # http.fetch would refuse every call with it: say so now
+        FetchSettings.from_config(spec.tool_config.get("http"))
+    except ToolFailed as exc:
+        raise ConfigError(f"{path}: {exc.reason}", code=ErrorCode.JOB_INVALID) from None
     return LoadedJob(spec, base, policies, tools, classes)
 
 
-def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, dict[str, str]]]:
+    """tool -> header -> {"value": the secret, "origin": where it may go}, as the supervisor attaches them."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
     for tool_name, headers in spec.credentials.items():
         for header, ref in headers.items():
             if ref.env not in environ:
                 raise ConfigError(f"credential {header!r} of tool {tool_name!r} needs environment variable "
                                   f"{ref.env}, which is not set", code=ErrorCode.JOB_INVALID)
-            out.setdefault(tool_name, {})[header] = ref.format.format(environ[ref.env])
+            out.setdefault(tool_name, {})[header] = {"value": ref.format.format(environ[ref.env]), "origin": ref.origin}
     return out
 
 

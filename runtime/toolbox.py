@@ -5,23 +5,19 @@
 * ``fs.read`` / ``fs.write`` / ``fs.list`` work on the agent's workspace (``/workspace``);
   symlinks are never followed and nothing outside the workspace is reachable.
 * ``http.fetch`` runs in the tool worker, outside any code sandbox: the supervisor has
-  already checked the URL against the token's host allow-list; redirects are not followed
-  (a redirect could leave that list); private, loopback and link-local addresses are refused
-  unless the job's ``tool_config.http.allow_private_networks`` is true; the response is
-  capped. Credentials configured for it reach it from the trusted side per call, and never
-  enter a sandbox or an agent.
+  already checked the URL against the token's ``url_host`` allow-list; redirects are not
+  followed (a redirect could leave that list); the name is resolved once, every address that
+  is not globally routable is refused unless the job's ``tool_config.http.allow_private_networks``
+  is true, and the connection goes to exactly the checked address (``runtime.egress``); the
+  response is capped. Credentials reach it from the trusted side per call, only for their own
+  origin (scheme, host, port), and never enter a sandbox or an agent.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import urllib.error
-import urllib.request
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
-from .errors import ErrorCode, ToolFailed
+from .egress import FetchSettings, fetch
 from .sandbox.context import ToolContext
 from .tool import PATH, URL, tool
 
@@ -69,41 +65,10 @@ def fs_list(path: Annotated[str, PATH] = "/workspace", *, ctx: ToolContext) -> l
     return ctx.sandbox.workspace.list(path)
 
 
-def _check_destination(host: str, allow_private: bool) -> None:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise ToolFailed(f"cannot resolve {host!r}: {exc}") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not allow_private and (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                                  or ip.is_multicast or ip.is_unspecified):
-            raise ToolFailed(f"{host!r} resolves to {ip}, a non-public address; set "
-                             "tool_config.http.allow_private_networks to allow it", code=ErrorCode.TOOL_FAILED)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a redirect is returned to the caller as is, never followed
-
-
 @tool(effect="read", name="http.fetch")
 def http_fetch(url: Annotated[str, URL], max_bytes: int = 1 << 20, *, ctx: ToolContext) -> dict[str, Any]:
     """HTTP GET a URL (hosts limited by policy). Returns status, headers and the body as text."""
-    cfg = ctx.config.get("http", {}) if isinstance(ctx.config.get("http"), dict) else {}
-    host = urlsplit(url).hostname or ""
-    _check_destination(host, bool(cfg.get("allow_private_networks")))
+    settings = FetchSettings.from_config(ctx.config.get("http"))
     limit = max(0, min(int(max_bytes), MAX_FETCH_BYTES))
-    headers = {"User-Agent": "warden-http-fetch/1"}
-    headers.update({k: v for k, v in ctx.credentials.items() if isinstance(v, str)})
-    opener = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers=headers, method="GET")
-    try:
-        with opener.open(request, timeout=float(cfg.get("timeout_s", 15))) as resp:
-            status, resp_headers, body = resp.status, dict(resp.headers), resp.read(limit + 1)
-    except urllib.error.HTTPError as exc:  # 3xx (not followed), 4xx, 5xx: data, not a failure
-        status, resp_headers, body = exc.code, dict(exc.headers or {}), exc.read(limit + 1)
-    except (urllib.error.URLError, OSError) as exc:
-        raise ToolFailed(f"fetch failed: {exc}") from None
-    return {"status": status, "headers": {k: v for k, v in resp_headers.items() if k.lower() != "set-cookie"},
-            "body": _text(body[:limit]), "truncated": len(body) > limit}
+    reply = fetch(url, max_bytes=limit, settings=settings, credentials=ctx.credentials)
+    return {**reply, "body": _text(reply["body"])}

@@ -15,4 +15,5 @@ class ToolContext:
     job: str
     config: dict[str, Any] = field(default_factory=dict)
     sandbox: Any = None  # a SandboxHandle for sandboxed tools, else None
-    credentials: dict[str, str] = field(default_factory=dict)  # this tool's, from the trusted side; never to a sandbox
+    # this tool's, from the trusted side (header -> {"value", "origin"}: send value only to origin); never to a sandbox
+    credentials: dict[str, dict[str, str]] = field(default_factory=dict)

@@ -2,8 +2,9 @@
 
 ``FakeClock`` (time you move by hand), ``MemoryAudit`` (an audit sink in a list, which can
 be told to fail), ``InProcessDispatcher`` (a dispatcher that calls a ``ToolWorker``
-directly) and ``InProcessSupervisorClient`` (what an agent talks to in tests). Tests of the
-audit log itself use real files, not these.
+directly), ``InProcessSupervisorClient`` (what an agent talks to in tests) and
+``ScriptedResolver`` (a DNS that answers from a script: the rebinding attacker for
+``http.fetch``). Tests of the audit log itself use real files, not these.
 """
 
 from __future__ import annotations
@@ -69,4 +70,21 @@ class InProcessSupervisorClient:
         return await self.supervisor.call_batch(request)
 
 
-__all__ = ["FakeClock", "MemoryAudit", "InProcessDispatcher", "InProcessSupervisorClient", "ScriptedModel"]
+class ScriptedResolver:
+    """Answers each lookup of a name with the next answer of its script (the last one repeats),
+    like a DNS server whose records change between two queries; ``lookups`` records each query."""
+
+    def __init__(self, script: dict[str, list[list[str]]]) -> None:
+        self.script = {name: list(answers) for name, answers in script.items()}
+        self.lookups: list[tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append((host, port))
+        answers = self.script.get(host)
+        if not answers:
+            raise OSError(f"no such name: {host}")
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+
+__all__ = ["FakeClock", "MemoryAudit", "InProcessDispatcher", "InProcessSupervisorClient", "ScriptedModel",
+           "ScriptedResolver"]

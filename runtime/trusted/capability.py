@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import posixpath
 import re
@@ -91,56 +92,75 @@ def path_is_under(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
 
 
-_HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-                   r"|[0-9a-f:.]+")  # DNS labels, or an IPv4/IPv6 literal (brackets already stripped)
+_HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # labels
+_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label that makes a resolver read IPv4 ('127.1'): must be one
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _URL_BAD = re.compile(r"[\x00-\x20\x7f-\U0010ffff\\]")
-# The common shape, read without urlsplit: http(s)://, a lower-case authority of name characters
-# only (no userinfo, port or brackets), then nothing or '/', '?' or '#' and the rest, with no
-# character _URL_BAD refuses. urlsplit ends the authority at the first of '/?#', so the group
-# is the host it would find. Each run is matched as (?=(X))\N, which cannot backtrack into X:
-# a long hostile URL costs one pass.
-_PLAIN_URL = re.compile(r"https?://(?=([a-z0-9_.-]+))\1(?:[/?#](?=([^\x00-\x20\x7f-\U0010ffff\\]*))\2)?")
+# The common shape, read without urlsplit: http(s)://, a lower-case host of name characters only (no userinfo,
+# port or brackets), then nothing or one of '/?#' and a rest _URL_BAD accepts: the host urlsplit would find.
+# Each run is matched as (?=(X))\N, which cannot backtrack into X: a long hostile URL costs one pass.
+_PLAIN_URL = re.compile(r"(https?)://(?=([a-z0-9_.-]+))\2(?:[/?#](?=([^\x00-\x20\x7f-\U0010ffff\\]*))\3)?")
 
 
-def url_host(value: Any) -> str:
-    """The lower-case host of an http(s) URL; refuses anything ambiguous."""
+def url_origin(value: Any) -> tuple[str, str, int]:
+    """(scheme, canonical host, port) of an http(s) URL, the port defaulted by scheme; refuses anything ambiguous."""
     if not isinstance(value, str) or len(value) > 4096:
         raise PolicyDenied(f"not a usable URL: {value!r:.80}")
     plain = _PLAIN_URL.fullmatch(value)
     if plain is not None:
-        host = plain.group(1).rstrip(".")
+        scheme, host, port = plain.group(1), plain.group(2), None
     elif _URL_BAD.search(value):
         raise PolicyDenied(f"not a usable URL: {value!r:.80}")
     else:
-        host = _split_host(value)
-    if not host or not _HOST.fullmatch(host):
-        raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address")
-    return host
+        try:  # ValueError on e.g. a malformed '[...]' host, and from .port on a malformed port
+            parts = urlsplit(value)
+            scheme, host, port = parts.scheme, parts.hostname or "", parts.port
+        except ValueError as exc:
+            raise PolicyDenied(f"malformed URL: {exc}") from None
+        if scheme not in DEFAULT_PORTS:
+            raise PolicyDenied(f"URL scheme {scheme!r} not allowed")
+    return scheme, canonical_host(host), DEFAULT_PORTS[scheme] if port is None else port
 
 
-def _split_host(value: str) -> str:
-    """The host of an http(s) URL as urlsplit reads it, its port checked; PolicyDenied if malformed."""
+@lru_cache(maxsize=1024)  # an IP address costs microseconds to parse; hosts repeat
+def canonical_host(host: str) -> str:
+    """A DNS name of non-empty labels (one trailing dot dropped) or an IP address as ipaddress writes it."""
+    host = host[:-1] if host.endswith(".") else host
+    if _HOST.fullmatch(host) and not _NUMBER.fullmatch(host.rpartition(".")[2]):
+        return host
+    try:  # ipaddress accepts 'fe80::1%eth0', but a scope names an interface, not a host: refused
+        return str(ipaddress.ip_address(host if "%" not in host else ""))
+    except ValueError:
+        raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address") from None
+
+
+# A url_host entry: 'host' or '*.name' (any scheme and port), or 'http(s)://host-or-*.name[:port]' (port: default)
+_ORIGIN = re.compile(r"(https?)://(\*\.)?(\[[0-9a-f.]*:[0-9a-f:.]*\]|[^:/\[\]]*)(?::([0-9]{1,5}))?/?")
+
+
+@lru_cache(maxsize=1024)
+def host_pattern(pattern: str) -> tuple[str | None, bool, str, int | None]:
+    """(scheme or None, wildcard?, canonical host, port or None) of a url_host entry; ValueError if malformed."""
+    m = _ORIGIN.fullmatch(pattern.lower())
+    if "://" in pattern and not m:
+        raise ValueError(f"url_host entry {pattern!r:.80} is not host, *.name or http(s)://host[:port]")
+    scheme, wild, host = (m[1], bool(m[2]), m[3].strip("[]")) if m else (None, pattern[:2] == "*.", pattern.lower())
     try:
-        parts = urlsplit(value)  # raises ValueError on e.g. a malformed '[...]' host
-    except ValueError as exc:
-        raise PolicyDenied(f"malformed URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise PolicyDenied(f"URL scheme {parts.scheme!r} not allowed")
-    try:
-        host = (parts.hostname or "").rstrip(".")
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise PolicyDenied(f"malformed URL authority: {exc}") from None
-    return host
+        host = canonical_host(host[2:] if wild and not m else host)
+    except PolicyDenied as exc:
+        raise ValueError(f"url_host entry {pattern!r:.80}: {exc.reason}") from None
+    port = (int(m[4]) if m[4] else DEFAULT_PORTS[scheme]) if m else None
+    if (wild and (":" in host or _NUMBER.fullmatch(host.rpartition(".")[2]))) or (port or 0) > 65535:
+        raise ValueError(f"url_host entry {pattern!r:.80}: a wildcard over an IP address, or a port > 65535")
+    return scheme, wild, host, port
 
 
-def host_allowed(host: str, allowed: Iterable[str]) -> bool:
-    for pattern in allowed:
-        pattern = pattern.lower().rstrip(".")
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                return True
-        elif host == pattern:
+def url_allowed(origin: tuple[str, str, int], allowed: Iterable[str]) -> bool:
+    """Whether an entry of ``allowed`` matches ``url_origin``'s answer; '*.name' matches names below 'name'."""
+    scheme, host, port = origin
+    for p_scheme, wild, p_host, p_port in map(host_pattern, allowed):
+        if p_scheme in (None, scheme) and p_port in (None, port) and (
+                host.endswith("." + p_host) and ".." not in "." + host if wild else host == p_host):
             return True
     return False
 
@@ -235,8 +255,8 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     if kind == "path_under":
         return None if path_is_under(value, param) else f"{canonical_path(value)!r} not under {param!r}"
     if kind == "url_host":
-        host = url_host(value)
-        return None if host_allowed(host, param) else f"host {host!r} not in {list(param)!r}"
+        scheme, host, port = origin = url_origin(value)
+        return None if url_allowed(origin, param) else f"host {host!r} ({scheme}, port {port}) not in {list(param)!r}"
     if kind == "max_bytes":
         n = value_bytes(value)
         return None if n <= param else f"{n} bytes > max {param}"
@@ -390,6 +410,8 @@ def _checked_param(check: str, param: Any) -> Any:
     if check in ("one_of", "url_host"):
         if not isinstance(param, list):
             raise ValueError(f"{check} needs a list")
+        if check == "url_host" and not all(isinstance(p, str) and host_pattern(p) for p in param):
+            raise ValueError("url_host needs a list of strings")
         return tuple(param)
     if check == "range":
         ok = isinstance(param, list) and len(param) == 2

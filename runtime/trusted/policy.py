@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, ErrorCode, PolicyDenied
 from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
-                         canonical_path)
+                         canonical_path, host_pattern)
 from .anomaly import AnomalyConfig
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
@@ -41,7 +41,7 @@ class ArgRule(_Strict):
     max: float | None = None
     regex: str | None = None
     path_under: str | None = None
-    url_host: list[str] | None = None
+    url_host: list[Annotated[str, AfterValidator(lambda p: host_pattern(p) and p)]] | None = None  # checked at load
     max_bytes: int | None = Field(default=None, ge=0)
 
     @field_validator("regex")

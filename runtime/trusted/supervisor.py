@@ -38,7 +38,7 @@ from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorC
                       MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
-from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256
+from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256, url_origin
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
 from .state import StateJournal
@@ -51,7 +51,7 @@ DEFAULT_BACKEND = "gvisor"
 WORKER_CODES = frozenset(c.value for c in (
     ErrorCode.TOOL_FAILED, ErrorCode.WORKER_UNAVAILABLE, ErrorCode.DISPATCH_REFUSED, ErrorCode.SANDBOX_TIMEOUT,
     ErrorCode.SANDBOX_CPU, ErrorCode.SANDBOX_MEMORY, ErrorCode.SANDBOX_PIDS, ErrorCode.SANDBOX_OUTPUT,
-    ErrorCode.SANDBOX_UNAVAILABLE))
+    ErrorCode.SANDBOX_UNAVAILABLE, ErrorCode.EGRESS_REFUSED))
 
 
 class Dispatcher(Protocol):
@@ -116,7 +116,7 @@ class Supervisor:
                  dispatcher: Dispatcher, dispatch_key: bytes, clock: Callable[[], float] = time.time,
                  ledger: QuotaLedger | None = None, nonces: NonceWindow | None = None,
                  revocations: RevocationList | None = None, call_timeout_s: float = 120.0,
-                 credentials: dict[str, dict[str, str]] | None = None, observer: Observer | None = None,
+                 credentials: dict[str, dict[str, dict[str, str]]] | None = None, observer: Observer | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, shard: tuple[int, int] = (0, 1),
                  journal: StateJournal | None = None, peer_key: bytes | None = None) -> None:
         self.job_id = job_id
@@ -130,7 +130,7 @@ class Supervisor:
         self.nonces = nonces or NonceWindow(clock=clock)
         self.revocations = revocations or RevocationList()
         self.call_timeout_s = call_timeout_s
-        self._credentials = dict(credentials or {})  # tool -> secrets, attached only to that tool's dispatch
+        self._credentials = dict(credentials or {})  # tool -> header -> {value, origin}: only to that tool
         self.agents: dict[str, AgentEntry] = {}
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
         self.observer: Observer = observer or NullObserver()
@@ -608,8 +608,10 @@ class Supervisor:
                                 "args": ok.args, "deadline": self.clock() + self.call_timeout_s}
         if self.tools[ok.tool].sandboxed:
             body["sandbox"] = self.sandbox_for(ok.agent, ok.tool)
-        if ok.tool in self._credentials:
-            body["credentials"] = self._credentials[ok.tool]
+        if ok.tool in self._credentials:  # only those bound to the origin of every URL the call names
+            urls = {url_origin(v) for n, v in ok.args.items() if v and self.tools[ok.tool].params[n].format == "url"}
+            body["credentials"] = {h: c for h, c in self._credentials[ok.tool].items()
+                                   if all(url_origin(c["origin"]) == o for o in urls)}
         return sign_dispatch(self._dispatch_key, body)
 
     async def _run_one(self, ok: _Allowed, message: bytes | None = None) -> Any:

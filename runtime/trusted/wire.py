@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ErrorCode, MalformedRequest
-from .capability import canonical_path, url_host
+from .capability import canonical_path, url_origin
 
 MAX_REQUEST_BYTES = 1 << 20
 MAX_DEPTH = 16
@@ -183,7 +183,7 @@ class ToolSpec:
             if p.format == "path":
                 value = canonical_path(value)
             elif p.format == "url":
-                url_host(value)  # refuse ambiguous URLs before any caveat sees them
+                url_origin(value)  # refuse ambiguous URLs before any caveat sees them
             out[name] = value
         return out
 

@@ -35,6 +35,9 @@ from runtime.trusted.capability import (
     Tools,
     VerifiedToken,
     encode_caveat,
+    host_pattern,
+    url_allowed,
+    url_origin,
 )
 from runtime.trusted.ledger import RevocationList
 
@@ -664,6 +667,78 @@ def test_url_host_allows(kr, value):
 @pytest.mark.parametrize("value", URLS_DENIED, ids=repr)
 def test_url_host_denies(kr, value):
     assert_denied(arg_token(kr, "url_host", URL_HOSTS), call("t", args={"x": value}))
+
+
+# url_host entries with a scheme pin the scheme and the port (the scheme's default when none is written);
+# bare entries keep meaning "this host, any http(s) scheme, any port".
+ORIGIN_CASES = [
+    (("https://api.example.com",), "https://api.example.com/x", True),
+    (("https://api.example.com",), "https://api.example.com:443/x", True),
+    (("https://api.example.com",), "HTTPS://API.example.com./x", True),
+    (("https://api.example.com",), "http://api.example.com/x", False),
+    (("https://api.example.com",), "http://api.example.com:443/x", False),
+    (("https://api.example.com",), "https://api.example.com:8443/x", False),
+    (("https://api.example.com:8443",), "https://api.example.com:8443/", True),
+    (("https://api.example.com:8443",), "https://api.example.com/", False),
+    (("http://api.example.com",), "http://api.example.com:80/", True),
+    (("http://api.example.com",), "http://api.example.com:8080/", False),
+    (("https://*.example.org",), "https://a.b.example.org/", True),
+    (("https://*.example.org",), "https://example.org/", False),
+    (("https://*.example.org",), "http://a.example.org/", False),
+    (("https://[::1]:8443",), "https://[0:0::1]:8443/", True),
+    (("https://[::1]:8443",), "https://[::1]/", False),
+    (("example.com",), "http://example.com:8080/", True),
+    (("example.com",), "https://example.com/", True),
+    (("::1",), "http://[::1]:1/", True),
+    (("127.0.0.1",), "http://127.1/", False),  # not the same spelling, and not a plain host at all
+    (("*.cafe",), "http://..cafe/x", False),
+    (("*.cafe",), "http://.cafe/x", False),
+    (("*.cafe",), "http://a..cafe/x", False),
+    (("*.example",), "https://.example/", False),
+    (("*.example",), "https://example/", False),
+    (("*.example",), "https://a.example/", True),
+]
+
+
+@pytest.mark.parametrize("allowed,url,ok", ORIGIN_CASES)
+def test_url_host_entries_pin_scheme_and_port(kr, allowed, url, ok):
+    assert allowed_value(arg_token(kr, "url_host", allowed), url) is ok
+
+
+@pytest.mark.parametrize("url", ["http://..cafe/x", "http://.example/", "http://a..b/", "http://127.1/",
+                                 "http://0x7f.0.0.1/", "http://2130706433/", "http://[fe80::1%25eth0]/",
+                                 "http://1.2.3.04/", "http://a.b../"])
+def test_hosts_a_resolver_could_read_otherwise_are_refused(url):
+    with pytest.raises(PolicyDenied):
+        url_origin(url)
+
+
+def test_url_origin_canonicalises_host_and_port():
+    assert url_origin("HTTPS://API.Example.COM./p?q") == ("https", "api.example.com", 443)
+    assert url_origin("http://[0:0::ffff:7f00:1]:8080") == ("http", "::ffff:7f00:1", 8080)
+    assert url_origin("http://10.0.0.1/") == ("http", "10.0.0.1", 80)
+
+
+def test_a_wildcard_never_matches_an_empty_label_even_when_asked_directly():
+    assert not url_allowed(("https", ".example", 443), ("*.example",))
+    assert not url_allowed(("https", "example", 443), ("*.example",))
+    assert url_allowed(("https", "a.example", 443), ("*.example",))
+
+
+@pytest.mark.parametrize("entry", ["*", "*.", "..cafe", "*.*.example", "*.10.0.0.1", "*.[::1]", "https://*.[::1]",
+                                   "example.com:8080", "ftp://example.com", "https://example.com/path",
+                                   "https://u@example.com", "https://example.com:99999", "https://", "127.1",
+                                   "https://[not-v6]", "fe80::1%eth0"])
+def test_malformed_url_host_entries_are_refused(kr, entry):
+    with pytest.raises(ValueError):
+        host_pattern(entry)
+    bad = append_raw(kr.mint(holder="a", caveats=[]), pack(["arg", "t", "x", "url_host", [entry]]))
+    assert rejection(kr, bad.encode()) is ErrorCode.BAD_TOKEN  # a holder cannot append one either
+
+
+def test_url_host_entries_must_be_strings(kr):
+    bad = append_raw(kr.mint(holder="a", caveats=[]), pack(["arg", "t", "x", "url_host", [7]]))
+    assert rejection(kr, bad.encode()) is ErrorCode.BAD_TOKEN
 
 
 @pytest.mark.parametrize("value,ok", [("abc", True), ("abc1", False), ("1abc", False), ("abc\n", False),

@@ -53,6 +53,10 @@ def test_minimal_job_loads(tmp_path):
     (("policy: p.yaml", "policy: missing.yaml"), "cannot read policy"),
     (("tools: [agents.chat]", "tools: [agents.nope]"), "cannot load tools"),
     (("tools: [agents.chat]", "tools: [tests.cluster.agents_under_test]"), "names tool 'chat.read', which no module"),
+    (("task: t\n", "task: t\ntool_config: {http: {allow_private_network: true}}\n"), "tool_config.http has unknown keys"),
+    (("task: t\n", "task: t\ncredentials: {chat.read: {Authorization: {env: T}}}\n"), "origin"),
+    (("task: t\n", "task: t\ncredentials: {chat.read: {Authorization: {env: T, origin: 'https://a.example/v1'}}}\n"),
+     "without user, path or query"),
 ])
 def test_broken_job_files_do_not_start(tmp_path, change, message):
     path = write_job(tmp_path, GOOD.replace(*change))

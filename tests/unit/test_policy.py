@@ -178,6 +178,14 @@ BROKEN = {
                        ["at tools.t.args.p:", "at least one constraint"]),
     "negative_max_bytes": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {max_bytes: -1}\n",
                            ["at tools.t.args.p.max_bytes:", "greater than or equal to 0"]),
+    "url_host_empty_label": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      u: {url_host: ['..cafe']}\n",
+                             ["at tools.t.args.u.url_host.0:", "not a plain DNS name"]),
+    "url_host_port_without_scheme": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n"
+                                     "      u: {url_host: ['ok.example', 'api.example:8443']}\n",
+                                     ["at tools.t.args.u.url_host.1:"]),
+    "url_host_with_path": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n"
+                           "      u: {url_host: ['https://api.example/v1']}\n",
+                           ["at tools.t.args.u.url_host.0:", "http(s)://host[:port]"]),
     "unknown_top_level_key": ("agent: a\ntools: {t: {effect: read}}\nquota: {max_calls: 1}\n",
                               ["at quota: Extra inputs are not permitted"]),
     "non_mapping": ("- agent: a\n- tools: {}\n", ["a policy must be a YAML mapping, got list"]),
