@@ -1,0 +1,180 @@
+"""A tool call can never hold a worker past its deadline: calls stuck in a real blocking
+system call (``open`` of a FIFO nobody writes) are answered with a typed error in time,
+their threads are written off and counted, and other agents' calls keep running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from runtime.errors import ErrorCode
+from runtime.sandbox.threads import ToolThreads
+from runtime.sandbox.worker import ToolWorker
+from runtime.testing import FakeClock
+from runtime.tool import tool
+from runtime.trusted.supervisor import sign_dispatch
+
+KEY = bytes(range(32))
+JOB = "job-threads"
+
+
+@tool(effect="read", name="third.party.wait")
+def wait_for_writer(path: str) -> str:
+    """A badly written third-party tool: opens a FIFO and blocks until someone writes."""
+    fd = os.open(path, os.O_RDONLY)
+    os.close(fd)
+    return "released"
+
+
+@tool(effect="read", name="third.party.await")
+async def await_forever() -> None:
+    """An async tool that never finishes."""
+    await asyncio.Event().wait()
+
+
+@tool(effect="read")
+def echo(text: str) -> str:
+    """Echo."""
+    return text
+
+
+TOOLS = {t.name: t for t in (wait_for_writer, await_forever, echo)}
+
+
+class Fifos:
+    """FIFOs nobody writes to; ``release`` opens every write end, which unblocks their readers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.paths = tmp, []
+
+    def new(self) -> str:
+        path = self.tmp / f"fifo-{len(self.paths)}"
+        os.mkfifo(path)
+        self.paths.append(path)
+        return str(path)
+
+    def release(self) -> None:
+        for path in self.paths:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader is blocked on this one (its call never started)
+                continue
+
+
+@pytest.fixture
+def fifos(tmp_path):
+    f = Fifos(tmp_path)
+    yield f
+    f.release()
+
+
+def make_worker(clock: FakeClock, **threads: Any) -> ToolWorker:
+    return ToolWorker(dispatch_key=KEY, tools=TOOLS, job=JOB, clock=clock, threads=ToolThreads(**threads))
+
+
+def message(clock: FakeClock, agent: str, tool: str, args: dict[str, Any], within_s: float = 30.0) -> bytes:
+    return sign_dispatch(KEY, {"call_id": secrets.token_hex(8), "job": JOB, "agent": agent, "tool": tool,
+                               "args": args, "deadline": clock() + within_s})
+
+
+async def call(worker: ToolWorker, msg: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(await worker.execute(msg), raw=False)
+
+
+def blocked(clock: FakeClock, fifos: Fifos, agent: str, within_s: float = 0.5) -> bytes:
+    return message(clock, agent, "third.party.wait", {"path": fifos.new()}, within_s)
+
+
+def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos):
+    clock = FakeClock()
+    worker = make_worker(clock, size=2, max_stuck=16, max_stuck_per_agent=2)
+
+    async def scenario() -> None:
+        for round_ in range(3):  # six calls stuck in open(2), three times the pool's size
+            agents = [f"agent-{2 * round_}", f"agent-{2 * round_ + 1}"]
+            results = await asyncio.gather(*[call(worker, blocked(clock, fifos, a)) for a in agents])
+            for r in results:
+                assert r["ok"] is False and r["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value
+                assert "still running at its dispatch deadline" in r["error"]["reason"]
+        counts = worker.threads()
+        assert counts["stuck"] == 6 and counts["written_off"] == 6
+        assert counts["stuck_by_agent"] == {f"agent-{i}": 1 for i in range(6)}
+        # Another agent's call runs on a fresh thread: the stuck ones no longer count.
+        assert await call(worker, message(clock, "bob", "echo", {"text": "hi"})) == {
+            "ok": True, "value": "hi", "cost": None}
+
+    asyncio.run(scenario())
+    fifos.release()
+    assert worker._threads.wait_unstuck(30.0)
+    assert worker.threads()["stuck"] == 0 and worker.threads()["threads"] <= 2
+
+
+def test_an_agent_with_stuck_calls_is_refused_until_they_return(fifos):
+    clock = FakeClock()
+    worker = make_worker(clock, size=2, max_stuck=3, max_stuck_per_agent=2)
+
+    async def scenario() -> None:
+        stuck = await asyncio.gather(*[call(worker, blocked(clock, fifos, "mallory")) for _ in range(2)])
+        assert {r["error"]["code"] for r in stuck} == {ErrorCode.WORKER_UNAVAILABLE.value}
+        refused = await call(worker, message(clock, "mallory", "echo", {"text": "again"}))
+        assert refused["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value
+        assert "2 of this agent's calls" in refused["error"]["reason"]
+        assert (await call(worker, message(clock, "bob", "echo", {"text": "hi"})))["ok"] is True
+        # The worker-wide limit: one more stuck call from anyone and every blocking call is refused.
+        assert (await call(worker, blocked(clock, fifos, "eve")))["ok"] is False
+        everyone = await call(worker, message(clock, "bob", "echo", {"text": "hi"}))
+        assert everyone["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value
+        assert "3 in all" in everyone["error"]["reason"]
+
+    asyncio.run(scenario())
+    fifos.release()
+    assert worker._threads.wait_unstuck(30.0)
+
+    async def after() -> dict[str, Any]:
+        return await call(worker, message(clock, "mallory", "echo", {"text": "back"}))
+
+    assert asyncio.run(after())["value"] == "back"
+
+
+def test_a_call_waiting_for_a_thread_is_answered_at_its_deadline(fifos):
+    clock = FakeClock()
+    worker = make_worker(clock, size=1, max_stuck=4, max_stuck_per_agent=4)
+
+    async def bob_then_release() -> dict[str, Any]:
+        queued = await call(worker, message(clock, "bob", "echo", {"text": "hi"}, within_s=0.3))
+        fifos.release()  # alice's call returns in time
+        return queued
+
+    async def scenario() -> None:
+        # gather starts alice's call first: it takes the only thread, bob's waits in the queue.
+        running, queued = await asyncio.gather(call(worker, blocked(clock, fifos, "alice", within_s=5.0)),
+                                               bob_then_release())
+        assert queued["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value
+        assert "no free tool thread" in queued["error"]["reason"]
+        assert running == {"ok": True, "value": "released", "cost": None}
+
+    asyncio.run(scenario())
+    assert worker.threads()["stuck"] == 0
+
+
+def test_an_async_tool_past_its_deadline_is_cancelled_not_stuck():
+    clock = FakeClock()
+    worker = make_worker(clock)
+
+    async def scenario() -> dict[str, Any]:
+        return await call(worker, message(clock, "alice", "third.party.await", {}, within_s=0.3))
+
+    result = asyncio.run(scenario())
+    assert result["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value
+    assert worker.threads()["stuck"] == 0
+
+
+def test_thread_limits_are_checked():
+    with pytest.raises(ValueError):
+        ToolThreads(size=0)
