@@ -8,13 +8,15 @@ executor (``min(32, cpus + 4)`` threads, six on a 2-core machine), and bounds th
 
 * every call has a deadline; at it the caller gets an answer (``Overdue``), whether the
   call was still waiting for a thread or running;
+* one agent's calls occupy at most ``per_agent`` threads at once, running or stuck; its
+  other calls wait, and other agents' calls go past them;
 * a thread still running when its caller stopped waiting is written off as *stuck*: it no
   longer counts against ``size``, so a new thread takes its place and other agents' calls
   keep running; it ends when its call finally returns, and the result is dropped;
-* stuck threads are counted (``counts()``), per agent and in all. An agent with
-  ``max_stuck_per_agent`` of them, or a worker with ``max_stuck``, is refused further
-  blocking calls (WORKER_UNAVAILABLE) until some return, so no input can grow a worker's
-  threads past ``size + max_stuck``.
+* stuck threads are counted (``counts()``), per agent and in all. An agent whose
+  ``per_agent`` threads are all stuck, or a worker with ``max_stuck``, is refused further
+  blocking calls at once (WORKER_UNAVAILABLE) until some return; no replacement thread is
+  started past ``max_stuck``, so a worker never has more than ``size + max_stuck`` threads.
 
 Threads are daemons: a stuck one does not keep the worker process from exiting.
 """
@@ -50,11 +52,10 @@ class _Call:
 
 
 class ToolThreads:
-    def __init__(self, size: int = 16, *, max_stuck: int = 64, max_stuck_per_agent: int = 4,
-                 name: str = "warden-tool") -> None:
-        if size < 1 or max_stuck < 0 or max_stuck_per_agent < 0:
-            raise ValueError("size must be >= 1 and the stuck limits >= 0")
-        self.size, self.max_stuck, self.max_stuck_per_agent, self.name = size, max_stuck, max_stuck_per_agent, name
+    def __init__(self, size: int = 16, *, per_agent: int = 4, max_stuck: int = 64, name: str = "warden-tool") -> None:
+        if size < 1 or per_agent < 1 or max_stuck < 0:
+            raise ValueError("size and per_agent must be >= 1, max_stuck >= 0")
+        self.size, self.per_agent, self.max_stuck, self.name = size, per_agent, max_stuck, name
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._unstuck = threading.Condition(self._lock)
@@ -62,14 +63,15 @@ class ToolThreads:
         self._threads = 0  # alive, stuck ones included
         self._idle = 0  # waiting for a call
         self._waking = 0  # idle threads already notified, not yet awake
+        self._running: Counter[str] = Counter()  # per agent, not written off
         self._stuck: Counter[str] = Counter()
         self.written_off = 0  # threads ever written off
 
     def counts(self) -> dict[str, Any]:
         with self._lock:
             return {"threads": self._threads, "idle": self._idle, "queued": len(self._queue),
-                    "stuck": sum(self._stuck.values()), "stuck_by_agent": dict(self._stuck),
-                    "written_off": self.written_off, "size": self.size}
+                    "running": sum(self._running.values()), "stuck": sum(self._stuck.values()),
+                    "stuck_by_agent": dict(self._stuck), "written_off": self.written_off, "size": self.size}
 
     def wait_unstuck(self, timeout_s: float) -> bool:
         """Block until no thread is stuck (their calls returned); False if some still are after ``timeout_s``."""
@@ -84,7 +86,7 @@ class ToolThreads:
         with self._lock:
             self._refuse_if_stuck(owner)
             self._queue.append(call)
-            self._wake()
+            self._kick()
         try:
             return await asyncio.wait_for(asyncio.shield(call.future), max(0.0, timeout_s))
         except asyncio.TimeoutError:
@@ -92,23 +94,6 @@ class ToolThreads:
         finally:  # also when the caller is cancelled
             if not call.abandoned and not call.future.done():
                 self._abandon(call)
-
-    # ------------------------------------------------------------------ under the lock
-    def _refuse_if_stuck(self, owner: str) -> None:
-        total = sum(self._stuck.values())
-        if total >= self.max_stuck or self._stuck[owner] >= self.max_stuck_per_agent:
-            raise ToolFailed(f"refused: {self._stuck[owner]} of this agent's calls and {total} in all are stuck "
-                             f"in this worker past their deadline (limits {self.max_stuck_per_agent} per agent, "
-                             f"{self.max_stuck} in all)", code=ErrorCode.WORKER_UNAVAILABLE)
-
-    def _wake(self) -> None:
-        """A queued call gets an idle thread, or a new one while fewer than ``size`` are live."""
-        if self._idle > self._waking:
-            self._waking += 1
-            self._ready.notify()
-        elif self._threads - sum(self._stuck.values()) < self.size:
-            self._threads += 1
-            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
 
     def _abandon(self, call: _Call) -> bool:
         """The caller stops waiting; True if the call had started."""
@@ -119,23 +104,65 @@ class ToolThreads:
                 call.state = "dropped"
             elif call.state == "running":
                 call.stuck = True
+                _less(self._running, call.owner)
                 self._stuck[call.owner] += 1
                 self.written_off += 1
-                if self._queue:
-                    self._wake()  # its place among the live threads is free again
+                self._kick()  # its place among the live threads is free again
             return call.state != "dropped"
+
+    # ------------------------------------------------------------------ under the lock
+    def _refuse_if_stuck(self, owner: str) -> None:
+        total = sum(self._stuck.values())
+        if total >= self.max_stuck or self._stuck[owner] >= self.per_agent:
+            raise ToolFailed(f"refused: {self._stuck[owner]} of this agent's calls and {total} in all are stuck "
+                             f"in this worker past their deadline (limits {self.per_agent} per agent, "
+                             f"{self.max_stuck} in all)", code=ErrorCode.WORKER_UNAVAILABLE)
+
+    def _startable(self) -> int:
+        """Queued calls that could start now, each agent within its ``per_agent`` threads."""
+        room: dict[str, int] = {}
+        n = 0
+        for call in self._queue:
+            left = room.get(call.owner, self.per_agent - self._running[call.owner] - self._stuck[call.owner])
+            if left > 0:
+                n += 1
+            room[call.owner] = left - 1
+        return n
+
+    def _kick(self) -> None:
+        """Wake idle threads for the queued calls that can start, or start new ones while
+        fewer than ``size`` are live and fewer than ``max_stuck`` are stuck."""
+        wanted = self._startable() if self._queue else 0
+        while wanted > 0 and self._idle > self._waking:
+            self._waking += 1
+            self._ready.notify()
+            wanted -= 1
+        stuck = sum(self._stuck.values())
+        while wanted > 0 and self._threads - stuck < self.size and stuck < self.max_stuck:
+            self._threads += 1
+            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
+            wanted -= 1
+
+    def _next(self) -> _Call | None:
+        for call in self._queue:
+            if self._running[call.owner] + self._stuck[call.owner] < self.per_agent:
+                self._queue.remove(call)
+                call.state = "running"
+                self._running[call.owner] += 1
+                return call
+        return None
 
     # ------------------------------------------------------------------ the threads
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue:
+                call = self._next()
+                while call is None:
                     self._idle += 1
                     self._ready.wait()
                     self._idle -= 1
                     self._waking -= 1
-                call = self._queue.popleft()
-                call.state = "running"
+                    call = self._next()
             try:
                 outcome: tuple[bool, Any] = (True, call.fn())
             except BaseException as exc:  # handed to the caller, who reports it as the tool's failure
@@ -143,16 +170,24 @@ class ToolThreads:
             with self._lock:
                 call.state = "done"
                 if call.stuck:  # nobody waits for this result; the thread was replaced long ago
-                    self._stuck[call.owner] -= 1
-                    if not self._stuck[call.owner]:
-                        del self._stuck[call.owner]
+                    _less(self._stuck, call.owner)
                     self._threads -= 1
                     self._unstuck.notify_all()
+                    self._kick()  # the agent may start another call
                     return
+                _less(self._running, call.owner)
+                if self._queue:
+                    self._kick()  # the agent's queued calls may start on idle threads, not only on this one
             try:
                 call.loop.call_soon_threadsafe(_deliver, call, outcome)
             except RuntimeError:  # the caller's event loop has closed: there is nobody to answer
                 continue
+
+
+def _less(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _deliver(call: _Call, outcome: tuple[bool, Any]) -> None:

@@ -200,23 +200,22 @@ def fifo_in(root: Path, name: str) -> Path:
 
 
 def release(fifos: list[Path]) -> None:
-    """Open each write end: every reader still blocked in open(2) returns."""
+    """Open each FIFO read-write (never blocks): every reader still blocked in open(2) returns."""
     for path in fifos:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # a reader is blocked on each: this cannot fail
-        os.close(fd)
+        os.close(os.open(path, os.O_RDWR))
 
 
 def test_a_blocking_third_party_tool_is_answered_at_the_deadline_and_counted(tmp_path):
     """More agents stuck at once than the worker has threads; the bystander's sandboxed call still runs."""
-    e = Env(tmp_path, "bwrap", call_timeout_s=3.0, threads=ToolThreads(size=4, max_stuck=16, max_stuck_per_agent=2))
-    fifos = [fifo_in(tmp_path, f"fifo-{a}") for a in ATTACKERS]
+    e = Env(tmp_path, "bwrap", call_timeout_s=5.0, threads=ToolThreads(size=3, max_stuck=16, per_agent=2))
+    fifos = {a: fifo_in(tmp_path, f"fifo-{a}") for a in ATTACKERS}
     try:
-        async def everyone_at_once() -> list[Any]:
-            return await asyncio.gather(*[e.acall(a, "third.party.read_fifo", path=str(f))
-                                          for a, f in zip(ATTACKERS, fifos)])
+        async def at_once(agents: list[str]) -> list[Any]:
+            return await asyncio.gather(*[e.acall(a, "third.party.read_fifo", path=str(fifos[a])) for a in agents])
 
-        for err in asyncio.run(everyone_at_once()):
-            assert isinstance(err, WardenError) and err.code is ErrorCode.WORKER_UNAVAILABLE, err
+        for wave in (ATTACKERS[:3], ATTACKERS[3:]):  # each wave takes every live thread, and is written off
+            for err in asyncio.run(at_once(wave)):
+                assert isinstance(err, WardenError) and err.code is ErrorCode.WORKER_UNAVAILABLE, err
         counts = e.worker.threads()
         assert counts["stuck"] == len(ATTACKERS) > counts["size"]
         assert e.call(BYSTANDER, "python.exec", code="print(6 * 7)")["stdout"] == "42\n"
@@ -224,7 +223,7 @@ def test_a_blocking_third_party_tool_is_answered_at_the_deadline_and_counted(tmp
             last = e.outcomes(agent)[-1]
             assert last["ok"] is False and last["code"] == ErrorCode.WORKER_UNAVAILABLE.value
             assert "still running at its dispatch deadline" in last["reason"]
-        release(fifos)
+        release(list(fifos.values()))
         assert e.worker._threads.wait_unstuck(30.0)
         assert e.worker.threads()["stuck"] == 0
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,13 @@ KEY = bytes(range(32))
 JOB = "job-threads"
 
 
+ENTERED = threading.Semaphore(0)  # released by each blocking call as it starts
+
+
 @tool(effect="read", name="third.party.wait")
 def wait_for_writer(path: str) -> str:
     """A badly written third-party tool: opens a FIFO and blocks until someone writes."""
+    ENTERED.release()
     fd = os.open(path, os.O_RDONLY)
     os.close(fd)
     return "released"
@@ -48,10 +53,11 @@ TOOLS = {t.name: t for t in (wait_for_writer, await_forever, echo)}
 
 
 class Fifos:
-    """FIFOs nobody writes to; ``release`` opens every write end, which unblocks their readers."""
+    """FIFOs nobody writes to; ``release`` holds every one open read-write (which never blocks),
+    so a reader blocked in open(2) returns and a later one does not block."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self.paths = tmp, []
+        self.tmp, self.paths, self.held = tmp, [], []
 
     def new(self) -> str:
         path = self.tmp / f"fifo-{len(self.paths)}"
@@ -60,11 +66,11 @@ class Fifos:
         return str(path)
 
     def release(self) -> None:
-        for path in self.paths:
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # ENXIO: no reader is blocked on this one (its call never started)
-                continue
+        self.held += [os.open(p, os.O_RDWR) for p in self.paths[len(self.held):]]
+
+    def close(self) -> None:
+        for fd in self.held:
+            os.close(fd)
 
 
 @pytest.fixture
@@ -72,6 +78,7 @@ def fifos(tmp_path):
     f = Fifos(tmp_path)
     yield f
     f.release()
+    f.close()
 
 
 def make_worker(clock: FakeClock, **threads: Any) -> ToolWorker:
@@ -93,7 +100,7 @@ def blocked(clock: FakeClock, fifos: Fifos, agent: str, within_s: float = 0.5) -
 
 def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos):
     clock = FakeClock()
-    worker = make_worker(clock, size=2, max_stuck=16, max_stuck_per_agent=2)
+    worker = make_worker(clock, size=2, max_stuck=16, per_agent=2)
 
     async def scenario() -> None:
         for round_ in range(3):  # six calls stuck in open(2), three times the pool's size
@@ -117,7 +124,7 @@ def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos):
 
 def test_an_agent_with_stuck_calls_is_refused_until_they_return(fifos):
     clock = FakeClock()
-    worker = make_worker(clock, size=2, max_stuck=3, max_stuck_per_agent=2)
+    worker = make_worker(clock, size=2, max_stuck=3, per_agent=2)
 
     async def scenario() -> None:
         stuck = await asyncio.gather(*[call(worker, blocked(clock, fifos, "mallory")) for _ in range(2)])
@@ -142,9 +149,37 @@ def test_an_agent_with_stuck_calls_is_refused_until_they_return(fifos):
     assert asyncio.run(after())["value"] == "back"
 
 
+def test_one_agent_cannot_take_every_thread(fifos):
+    """A batch of blocking calls from one agent runs on at most ``per_agent`` threads; another
+    agent's call runs at once beside them, long before their deadline."""
+    clock = FakeClock()
+    worker = make_worker(clock, size=4, per_agent=2)
+
+    async def bob_then_release() -> dict[str, Any]:
+        for _ in range(2):  # mallory's first two calls are blocked in open(2)
+            await asyncio.to_thread(ENTERED.acquire)
+        result = await call(worker, message(clock, "bob", "echo", {"text": "hi"}))
+        counts = worker.threads()
+        assert (counts["running"], counts["queued"], counts["stuck"]) == (2, 8, 0)  # mallory's, still blocked
+        fifos.release()
+        return result
+
+    async def scenario() -> None:
+        batch = [blocked(clock, fifos, "mallory", within_s=60.0) for _ in range(10)]
+        mallory, bob = await asyncio.gather(worker.execute_batch(batch), bob_then_release())
+        assert bob == {"ok": True, "value": "hi", "cost": None}
+        assert [msgpack.unpackb(r, raw=False)["value"] for r in mallory] == ["released"] * 10
+
+    while ENTERED.acquire(blocking=False):  # left over from other tests
+        continue
+
+    asyncio.run(scenario())
+    assert worker.threads()["threads"] <= 4
+
+
 def test_a_call_waiting_for_a_thread_is_answered_at_its_deadline(fifos):
     clock = FakeClock()
-    worker = make_worker(clock, size=1, max_stuck=4, max_stuck_per_agent=4)
+    worker = make_worker(clock, size=1, max_stuck=4, per_agent=4)
 
     async def bob_then_release() -> dict[str, Any]:
         queued = await call(worker, message(clock, "bob", "echo", {"text": "hi"}, within_s=0.3))
