@@ -38,6 +38,7 @@ from ..errors import ErrorCode, ToolFailed
 from .base import WORKSPACE
 
 
+MAX_LIST_ENTRIES = 10_000
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MNT_DETACH = 0x2  # like ``umount -l``: a process still inside cannot keep the mount busy
@@ -128,13 +129,20 @@ class Workspace:
                 except OSError as exc:
                     raise _refusal(exc, name) from None
 
-    def list(self, path: str) -> list[dict[str, object]]:
+    def list(self, path: str, max_entries: int = MAX_LIST_ENTRIES) -> list[dict[str, object]]:
         """Entries with their type (file, dir, link, fifo, socket, device): ``lstat`` only, nothing is opened."""
         with self._dir_fd(self._parts(path)) as d:
+            names = []
+            with os.scandir(d) as entries:  # stops at the cap: a directory of a million files costs no more
+                for entry in entries:
+                    if len(names) == max_entries:
+                        raise ToolFailed(f"{path!r} has more than {max_entries} entries",
+                                         code=ErrorCode.SANDBOX_OUTPUT)
+                    names.append(entry.name)
             out = []
-            for name in sorted(os.listdir(d)):
+            for name in sorted(names):
                 st = _lstat(d, name, missing_ok=True)
-                if st is not None:  # removed by the sandbox between listdir and lstat
+                if st is not None:  # removed by the sandbox between scandir and lstat
                     out.append({"name": name, "type": _kind(st.st_mode), "bytes": st.st_size})
             return out
 

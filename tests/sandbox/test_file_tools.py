@@ -26,6 +26,7 @@ from runtime.sandbox.base import Limits
 from runtime.sandbox.pool import SandboxPool
 from runtime.sandbox.threads import ToolThreads
 from runtime.sandbox.worker import SANDBOX_GRACE_S, ToolWorker
+from runtime.sandbox.workspace import MAX_LIST_ENTRIES
 from runtime.tool import ToolContext, load_tools, tool
 from runtime.trusted import audit
 from runtime.trusted.capability import Audience, Expires, KeyRing
@@ -245,3 +246,16 @@ def test_a_blocking_sandboxed_tool_is_answered_at_its_wall_limit(tmp_path):
         assert e.worker._threads.wait_unstuck(30.0)
     finally:
         e.close()
+
+
+def test_listing_a_huge_directory_is_refused_at_the_cap(env):
+    # Made on the host: gVisor's file system is too slow to make 10,001 files within a 4 s wall limit.
+    many = env.workspace(BYSTANDER) / "many"
+    many.mkdir()
+    for i in range(MAX_LIST_ENTRIES + 1):
+        (many / str(i)).touch()
+    with pytest.raises(WardenError) as info:
+        env.call(BYSTANDER, "fs.list", path="/workspace/many")
+    assert info.value.code is ErrorCode.SANDBOX_OUTPUT
+    assert f"more than {MAX_LIST_ENTRIES} entries" in env.outcomes(BYSTANDER)[-1]["reason"]
+    assert [e["name"] for e in env.call(BYSTANDER, "fs.list")] == ["many"]
