@@ -24,12 +24,15 @@ Threads are daemons: a stuck one does not keep the worker process from exiting.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ErrorCode, ToolFailed
+
+_log = logging.getLogger(__name__)
 
 
 class Overdue(Exception):
@@ -108,7 +111,11 @@ class ToolThreads:
                 self._stuck[call.owner] += 1
                 self.written_off += 1
                 self._kick()  # its place among the live threads is free again
-            return call.state != "dropped"
+            stuck = sum(self._stuck.values())
+        if call.stuck:
+            _log.warning("a tool call of agent %r is still running past its deadline: its thread is written off "
+                         "(%d stuck in this worker)", call.owner, stuck)
+        return call.state != "dropped"
 
     # ------------------------------------------------------------------ under the lock
     def _refuse_if_stuck(self, owner: str) -> None:

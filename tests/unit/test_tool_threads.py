@@ -98,7 +98,7 @@ def blocked(clock: FakeClock, fifos: Fifos, agent: str, within_s: float = 0.5) -
     return message(clock, agent, "third.party.wait", {"path": fifos.new()}, within_s)
 
 
-def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos):
+def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos, caplog):
     clock = FakeClock()
     worker = make_worker(clock, size=2, max_stuck=16, per_agent=2)
 
@@ -112,6 +112,7 @@ def test_more_stuck_calls_than_threads_and_another_agent_still_runs(fifos):
         counts = worker.threads()
         assert counts["stuck"] == 6 and counts["written_off"] == 6
         assert counts["stuck_by_agent"] == {f"agent-{i}": 1 for i in range(6)}
+        assert caplog.text.count("its thread is written off") == 6  # said in the worker's log, once each
         # Another agent's call runs on a fresh thread: the stuck ones no longer count.
         assert await call(worker, message(clock, "bob", "echo", {"text": "hi"})) == {
             "ok": True, "value": "hi", "cost": None}
