@@ -18,7 +18,8 @@ executor (``min(32, cpus + 4)`` threads, six on a 2-core machine), and bounds th
   blocking calls at once (WORKER_UNAVAILABLE) until some return; no replacement thread is
   started past ``max_stuck``, so a worker never has more than ``size + max_stuck`` threads.
 
-Threads are daemons: a stuck one does not keep the worker process from exiting.
+Threads start on demand and end after ``IDLE_EXIT_S`` without a call, or at ``close()``.
+They are daemons: a stuck one does not keep the worker process from exiting.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Callable
 from ..errors import ErrorCode, ToolFailed
 
 _log = logging.getLogger(__name__)
+IDLE_EXIT_S = 60.0  # a thread idle this long ends; the pool grows again on demand
 
 
 class Overdue(Exception):
@@ -60,19 +62,18 @@ class ToolThreads:
             raise ValueError("size and per_agent must be >= 1, max_stuck >= 0")
         self.size, self.per_agent, self.max_stuck, self.name = size, per_agent, max_stuck, name
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
         self._unstuck = threading.Condition(self._lock)
         self._queue: deque[_Call] = deque()
         self._threads = 0  # alive, stuck ones included
-        self._idle = 0  # waiting for a call
-        self._waking = 0  # idle threads already notified, not yet awake
+        self._idle: list[threading.Event] = []  # one per thread waiting for a call; set = take one
+        self._closed = False
         self._running: Counter[str] = Counter()  # per agent, not written off
         self._stuck: Counter[str] = Counter()
         self.written_off = 0  # threads ever written off
 
     def counts(self) -> dict[str, Any]:
         with self._lock:
-            return {"threads": self._threads, "idle": self._idle, "queued": len(self._queue),
+            return {"threads": self._threads, "idle": len(self._idle), "queued": len(self._queue),
                     "running": sum(self._running.values()), "stuck": sum(self._stuck.values()),
                     "stuck_by_agent": dict(self._stuck), "written_off": self.written_off, "size": self.size}
 
@@ -87,6 +88,8 @@ class ToolThreads:
         loop = asyncio.get_running_loop()
         call = _Call(fn, owner, loop, loop.create_future())
         with self._lock:
+            if self._closed:
+                raise ToolFailed("the worker is shutting down", code=ErrorCode.WORKER_UNAVAILABLE)
             self._refuse_if_stuck(owner)
             self._queue.append(call)
             self._kick()
@@ -97,6 +100,13 @@ class ToolThreads:
         finally:  # also when the caller is cancelled
             if not call.abandoned and not call.future.done():
                 self._abandon(call)
+
+    def close(self) -> None:
+        """Idle threads end now, busy ones after their call; later calls are refused."""
+        with self._lock:
+            self._closed = True
+            for wake in self._idle:
+                wake.set()
 
     def _abandon(self, call: _Call) -> bool:
         """The caller stops waiting; True if the call had started."""
@@ -140,15 +150,32 @@ class ToolThreads:
         """Wake idle threads for the queued calls that can start, or start new ones while
         fewer than ``size`` are live and fewer than ``max_stuck`` are stuck."""
         wanted = self._startable() if self._queue else 0
-        while wanted > 0 and self._idle > self._waking:
-            self._waking += 1
-            self._ready.notify()
+        while wanted > 0 and self._idle:
+            self._idle.pop().set()  # the most recently idle first: the others age out
             wanted -= 1
         stuck = sum(self._stuck.values())
         while wanted > 0 and self._threads - stuck < self.size and stuck < self.max_stuck:
             self._threads += 1
             threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
             wanted -= 1
+
+    def _wait_for_call(self, wake: threading.Event) -> _Call | None:
+        """The next call this thread may run; None when the thread should end (idle too long, or closed)."""
+        while True:
+            with self._lock:
+                call = self._next()
+                if call is not None or self._closed:
+                    if call is None:
+                        self._threads -= 1
+                    return call
+                wake.clear()
+                self._idle.append(wake)
+            if not wake.wait(IDLE_EXIT_S):
+                with self._lock:
+                    if wake in self._idle:  # nobody handed it a call while it timed out: it ends
+                        self._idle.remove(wake)
+                        self._threads -= 1
+                        return None
 
     def _next(self) -> _Call | None:
         for call in self._queue:
@@ -161,15 +188,11 @@ class ToolThreads:
 
     # ------------------------------------------------------------------ the threads
     def _work(self) -> None:
+        wake = threading.Event()
         while True:
-            with self._lock:
-                call = self._next()
-                while call is None:
-                    self._idle += 1
-                    self._ready.wait()
-                    self._idle -= 1
-                    self._waking -= 1
-                    call = self._next()
+            call = self._wait_for_call(wake)
+            if call is None:
+                return
             try:
                 outcome: tuple[bool, Any] = (True, call.fn())
             except BaseException as exc:  # handed to the caller, who reports it as the tool's failure

@@ -184,6 +184,7 @@ class ToolWorker:
         return self._threads.counts()
 
     def close(self) -> None:
-        """End every agent's sandbox session and remove its workspace."""
+        """End every agent's sandbox session and remove its workspace, and let the tool threads go."""
+        self._threads.close()
         if self._sandboxes is not None:
             self._sandboxes.close()

@@ -211,6 +211,43 @@ def test_an_async_tool_past_its_deadline_is_cancelled_not_stuck():
     assert worker.threads()["stuck"] == 0
 
 
+def join_threads(prefix: str) -> None:
+    for t in threading.enumerate():
+        if t.name.startswith(prefix + "-"):
+            t.join(30.0)
+
+
+def test_idle_threads_end_and_the_pool_grows_again(monkeypatch):
+    from runtime.sandbox import threads as threads_module
+
+    monkeypatch.setattr(threads_module, "IDLE_EXIT_S", 0.05)
+    clock = FakeClock()
+    worker = make_worker(clock, name="idle-test")
+
+    async def one(text: str) -> dict[str, Any]:
+        return await call(worker, message(clock, "alice", "echo", {"text": text}))
+
+    assert asyncio.run(one("a"))["value"] == "a"
+    join_threads("idle-test")
+    assert worker.threads()["threads"] == 0
+    assert asyncio.run(one("b"))["value"] == "b"
+
+
+def test_close_lets_idle_threads_go_and_refuses_later_calls():
+    clock = FakeClock()
+    worker = make_worker(clock, name="close-test")
+
+    async def one() -> dict[str, Any]:
+        return await call(worker, message(clock, "alice", "echo", {"text": "x"}))
+
+    assert asyncio.run(one())["ok"] is True
+    worker.close()
+    join_threads("close-test")
+    assert worker.threads()["threads"] == 0
+    refused = asyncio.run(one())
+    assert refused["error"]["code"] == ErrorCode.WORKER_UNAVAILABLE.value and "shutting down" in refused["error"]["reason"]
+
+
 def test_thread_limits_are_checked():
     with pytest.raises(ValueError):
         ToolThreads(size=0)
