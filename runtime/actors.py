@@ -396,6 +396,10 @@ class ToolWorkerActor:
     def counters(self) -> dict[str, int]:
         return {"executed": self._worker.executed, "refused": self._worker.refused}
 
+    def threads(self) -> dict[str, Any]:
+        """Tool threads: live, idle, queued, and stuck in calls past their deadline (in all and per agent)."""
+        return self._worker.threads()
+
     def shutdown(self) -> None:
         self._worker.close()
 

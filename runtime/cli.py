@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "all"])
     bench.add_argument("--quick", action="store_true", help="few repetitions: shows it works, figures are rough")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
-    bench.add_argument("--out", default="benchmarks/results", help="where JSON and PNGs go (default: %(default)s)")
+    bench.add_argument("--out", help="where JSON and PNGs go (default: a new runs/bench-<UTC time>-<id>/; "
+                       "--out benchmarks/results replaces the committed figures)")
     bench.add_argument("--shards", type=_shard_counts, metavar="N,N,...",
                        help="e2e only: instead of the 1/4/16-agent sweep, measure 16 agents against each number "
                        "of supervisor shards (e.g. 1,2,4): throughput per shard count and the routing cost")

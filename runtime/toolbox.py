@@ -3,7 +3,8 @@
 * ``python.exec`` and ``shell.exec`` run model-written code in the calling agent's sandbox
   (backend and limits from its policy), never in a Ray worker process.
 * ``fs.read`` / ``fs.write`` / ``fs.list`` work on the agent's workspace (``/workspace``);
-  symlinks are never followed and nothing outside the workspace is reachable.
+  symlinks are never followed and nothing outside the workspace is reachable; only regular
+  files are read or written (a FIFO, socket or device node is refused without blocking).
 * ``http.fetch`` runs in the tool worker, outside any code sandbox: the supervisor has
   already checked the URL against the token's ``url_host`` allow-list; redirects are not
   followed (a redirect could leave that list); the name is resolved once, every address that

@@ -10,7 +10,9 @@ Suites (each a module with ``run(quick, progress) -> dict``):
 Every figure is a median over repeated runs, with p99 and the spread between runs;
 comparisons are ratios measured side by side in the same run. Results go to
 ``<out>/bench-<suite>.json`` and ``<out>/latest.json`` (all suites of the last run) and PNG
-plots to ``<out>/<suite>.png``. A missed target is reported as missed, never hidden.
+plots to ``<out>/<suite>.png``. ``<out>`` is a new ``runs/bench-<UTC time>-<id>/`` unless the
+caller names one: the committed figures in ``benchmarks/results/`` change only when a run is
+pointed there on purpose. A missed target is reported as missed, never hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib
 import json
 import os
 import platform
+import secrets
 import sys
 import time
 from datetime import datetime, timezone
@@ -132,14 +135,22 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "",
+def default_out_dir(runs_dir: str | Path = "runs") -> Path:
+    """A new directory for one run's results, named like a job's run directory."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(runs_dir) / f"bench-{stamp}-{secrets.token_hex(3)}"
+
+
+def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, command: str = "",
          shards: list[int] | None = None) -> int:
     names = list(SUITES) if suite == "all" else [suite]
-    out_dir = Path(out)
+    out_dir = Path(out) if out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    progress(f"results go to {out_dir}/")
 
     results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards)
     for name, suite_result in results["suites"].items():
@@ -150,7 +161,8 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str, command: str = "",
     (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
     pngs = plot(results, out_dir)
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))  # stdout stays pure JSON; where it was saved goes to stderr
+        progress(f"saved {out_dir / 'latest.json'}")
     else:
         m = results["machine"]
         print(f"machine: {m['cpus']} CPU ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, "

@@ -5,13 +5,20 @@ seen before, and its deadline has not passed. So an agent (or any other Ray proc
 calls a worker directly, replays a dispatch, or edits one is refused with
 DISPATCH_REFUSED, and nothing runs.
 
-Tools run here in-process for now; the sandbox backends (gVisor, bubblewrap) slot in at
-``_run``. Model-written code must never run in this process.
+Invariant: every call is answered by its deadline. A call's time is bounded by the
+dispatch's ``deadline`` and, for a sandboxed tool, by the policy's ``wall_s`` (plus
+``SANDBOX_GRACE_S`` for starting the sandbox); blocking tool functions run on the worker's
+own ``ToolThreads``, so a call that never returns is answered with a typed error in time,
+its thread is written off and counted (``threads()``), and other agents' calls keep running.
+
+Tools run in this process; model-written code never does: sandboxed tools hand it to the
+agent's sandbox session (``SandboxPool``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import inspect
 import time
@@ -21,13 +28,16 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..errors import DispatchRefused, ErrorCode, SandboxUnavailable, WardenError
+from ..errors import DispatchRefused, ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed, WardenError
 from .base import Limits
 from .context import ToolContext
 from .pool import SandboxPool
+from .threads import Overdue, ToolThreads
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20
+SANDBOX_GRACE_S = 10.0  # beyond wall_s, for starting a sandbox and killing one that overran
+REPLY_MARGIN_S = 1.0  # answer this much before the deadline (at most a tenth of the time), so the reply arrives in time
 
 
 def _pack(obj: Any) -> bytes:
@@ -41,13 +51,14 @@ def _error(code: ErrorCode, reason: str) -> bytes:
 class ToolWorker:
     def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
                  tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
-                 sandboxes: SandboxPool | None = None) -> None:
+                 sandboxes: SandboxPool | None = None, threads: ToolThreads | None = None) -> None:
         self._key = dispatch_key
         self._tools = tools
         self._job = job
         self._config = tool_config or {}
         self._clock = clock
         self._sandboxes = sandboxes
+        self._threads = threads or ToolThreads()
         self._seen: dict[str, float] = {}  # call_id -> deadline
         self._next_prune = 0.0
         self.refused = 0
@@ -119,24 +130,61 @@ class ToolWorker:
 
     async def _run(self, tool: Any, body: dict[str, Any]) -> Any:
         """``tool`` is a ``runtime.tool.Tool`` (duck-typed: this side does not import the trusted side)."""
-        kwargs = dict(body["args"])
-        handle = None
-        if tool.spec.sandboxed:
-            # Backend and limits come from the signed dispatch, i.e. from the agent's policy.
-            settings = body.get("sandbox")
-            if not isinstance(settings, dict) or self._sandboxes is None:
-                raise SandboxUnavailable("sandboxed tool dispatched without sandbox settings, or worker has no "
-                                         "sandbox pool", code=ErrorCode.SANDBOX_UNAVAILABLE)
-            limits = Limits.from_dict(settings.get("limits"))
-            handle = await asyncio.to_thread(self._sandboxes.handle, body["agent"], str(settings["backend"]), limits)
-        if tool.wants_ctx:
-            creds = body.get("credentials") if isinstance(body.get("credentials"), dict) else {}
-            kwargs["ctx"] = ToolContext(body["agent"], body["call_id"], self._job, self._config, handle, creds)
-        if inspect.iscoroutinefunction(tool.fn):
-            return await tool.fn(**kwargs)
-        return await asyncio.to_thread(tool.fn, **kwargs)
+        kwargs, agent, handle = dict(body["args"]), body["agent"], None
+        limits = self._limits(tool, body)
+        left_s = body["deadline"] - self._clock()
+        limit_s = left_s - min(REPLY_MARGIN_S, left_s / 10)
+        by_wall = limits is not None and limits.wall_s + SANDBOX_GRACE_S < limit_s
+        if by_wall:
+            limit_s = limits.wall_s + SANDBOX_GRACE_S
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + limit_s
+        try:
+            if limits is not None:
+                pool, backend = self._sandboxes, str(body["sandbox"]["backend"])
+                handle = await self._threads.run(lambda: pool.handle(agent, backend, limits),
+                                                 owner=agent, timeout_s=ends_at - loop.time())
+            if tool.wants_ctx:
+                creds = body.get("credentials") if isinstance(body.get("credentials"), dict) else {}
+                kwargs["ctx"] = ToolContext(agent, body["call_id"], self._job, self._config, handle, creds)
+            if not inspect.iscoroutinefunction(tool.fn):
+                return await self._threads.run(functools.partial(tool.fn, **kwargs), owner=agent,
+                                               timeout_s=ends_at - loop.time())
+            try:
+                return await asyncio.wait_for(tool.fn(**kwargs), ends_at - loop.time())
+            except asyncio.TimeoutError:
+                raise Overdue(started=True) from None
+        except Overdue as late:
+            raise self._overdue(body["tool"], late, limit_s, by_wall) from None
+
+    def _limits(self, tool: Any, body: dict[str, Any]) -> Limits | None:
+        """A sandboxed tool's limits; backend and limits come from the signed dispatch, i.e. the agent's policy."""
+        if not tool.spec.sandboxed:
+            return None
+        settings = body.get("sandbox")
+        if not isinstance(settings, dict) or self._sandboxes is None:
+            raise SandboxUnavailable("sandboxed tool dispatched without sandbox settings, or worker has no "
+                                     "sandbox pool", code=ErrorCode.SANDBOX_UNAVAILABLE)
+        return Limits.from_dict(settings.get("limits"))
+
+    def _overdue(self, tool: str, late: Overdue, limit_s: float, by_wall: bool) -> WardenError:
+        if not late.started:
+            return ToolFailed(f"no free tool thread within {limit_s:.1f}s ({self._threads.counts()['stuck']} "
+                              "stuck in this worker)", code=ErrorCode.WORKER_UNAVAILABLE, tool=tool)
+        what = f"wall limit {limit_s - SANDBOX_GRACE_S:g}s (+{SANDBOX_GRACE_S:g}s grace)" if by_wall \
+            else f"dispatch deadline ({limit_s:.1f}s)"
+        reason = (f"{tool} still running at its {what}: answered now; a blocked thread is written off "
+                  f"({self._threads.counts()['stuck']} stuck in this worker)")
+        if by_wall:
+            return SandboxKilled(reason, code=ErrorCode.SANDBOX_TIMEOUT, tool=tool)
+        return ToolFailed(reason, code=ErrorCode.WORKER_UNAVAILABLE, tool=tool)
+
+    def threads(self) -> dict[str, Any]:
+        """The worker's tool threads: live, idle, queued, stuck (in all and per agent), written off."""
+        return self._threads.counts()
 
     def close(self) -> None:
-        """End every agent's sandbox session and remove its workspace."""
+        """End every agent's sandbox session and remove its workspace, and let the tool threads go."""
+        self._threads.close()
         if self._sandboxes is not None:
             self._sandboxes.close()

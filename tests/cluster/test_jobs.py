@@ -136,6 +136,8 @@ def test_direct_call_to_tool_worker_is_refused(ray_instance, tmp_path):
     replayed = msgpack.unpackb(ray.get(worker.execute.remote(genuine)))
     assert replayed["error"]["code"] == "DISPATCH_REFUSED"
     assert ray.get(worker.counters.remote()) == {"executed": 1, "refused": 4}
+    threads = ray.get(worker.threads.remote())  # the worker's own tool threads; none stuck
+    assert threads["stuck"] == 0 and 1 <= threads["threads"] <= threads["size"]
     ray.kill(worker)
 
 

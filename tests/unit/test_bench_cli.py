@@ -23,8 +23,30 @@ def test_bench_cost_quick_writes_json_and_a_plot(tmp_path, capsys):
 
 def test_bench_json_output(tmp_path, capsys):
     assert main(["bench", "cost", "--quick", "--json", "--out", str(tmp_path)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout is the JSON alone
     assert list(printed["suites"]) == ["cost"]
+    assert f"saved {tmp_path / 'latest.json'}" in captured.err
+
+
+def test_bench_without_out_writes_under_runs_never_into_the_repository(tmp_path, monkeypatch, capsys):
+    """A smoke run must not overwrite the committed figures in benchmarks/results/."""
+    committed = tmp_path / "benchmarks" / "results"
+    committed.mkdir(parents=True)
+    (committed / "latest.json").write_text('{"committed": true}')
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["bench", "cost", "--quick"]) == 0
+    out = capsys.readouterr()
+    runs = sorted((tmp_path / "runs").glob("bench-*"))
+    assert len(runs) == 2  # one new directory per run: a second run does not overwrite the first
+    for run in runs:
+        assert json.loads((run / "latest.json").read_text())["suites"]["cost"]["figures"]
+        assert (run / "cost.png").exists()
+        assert f"results go to {run.relative_to(tmp_path)}/" in out.err
+        assert f"saved {run.relative_to(tmp_path) / 'latest.json'}" in out.out
+    assert sorted(p.name for p in committed.iterdir()) == ["latest.json"]
+    assert json.loads((committed / "latest.json").read_text()) == {"committed": True}
 
 
 def test_bench_shards_flag_is_checked_before_anything_runs(tmp_path, capsys):
