@@ -25,6 +25,7 @@ from ..errors import DispatchRefused, ErrorCode, SandboxUnavailable, WardenError
 from .base import Limits
 from .context import ToolContext
 from .pool import SandboxPool
+from .seen import DispatchJournal
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20
@@ -41,13 +42,14 @@ def _error(code: ErrorCode, reason: str) -> bytes:
 class ToolWorker:
     def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
                  tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
-                 sandboxes: SandboxPool | None = None) -> None:
+                 sandboxes: SandboxPool | None = None, journal: DispatchJournal | None = None) -> None:
         self._key = dispatch_key
         self._tools = tools
         self._job = job
         self._config = tool_config or {}
         self._clock = clock
         self._sandboxes = sandboxes
+        self._journal = journal  # accepted ids on disk: a restarted worker refuses them too
         self._seen: dict[str, float] = {}  # call_id -> deadline
         self._next_prune = 0.0
         self.refused = 0
@@ -84,6 +86,8 @@ class ToolWorker:
         if now >= self._next_prune:  # expired ids can no longer be replayed (their deadline passed)
             self._seen = {c: d for c, d in self._seen.items() if d >= now}
             self._next_prune = now + 10.0
+        if self._journal is not None:
+            self._journal.admit(call_id, deadline)
         self._seen[call_id] = deadline
         return body
 
