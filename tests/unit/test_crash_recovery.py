@@ -15,7 +15,7 @@ import ray
 
 from runtime.actors import _Placed, place
 from runtime.errors import DispatchRefused, ErrorCode, ToolFailed
-from runtime.sandbox.seen import DispatchJournal
+from runtime.sandbox.seen import DispatchJournal, boot_id
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock
 from runtime.tool import load_tools
@@ -124,21 +124,42 @@ def test_a_restart_without_the_record_refuses_everything_issued_before_it(tmp_pa
     assert _code(asyncio.run(elsewhere.execute(after))) == "ok"
 
 
+HEADER = f"boot {boot_id()}\n"
+
+
 @pytest.mark.parametrize("damage", ["c1 not-a-number\n", "\xff\xfe\n", "one-field\n"])
 def test_a_damaged_record_counts_as_lost(tmp_path, damage):
     clock, path = FakeClock(1000.0), tmp_path / "w.dispatches"
-    path.write_bytes(b"c0 1050.0\n" + damage.encode("latin-1"))
+    path.write_bytes((HEADER + "c0 1050.0\n" + damage).encode("latin-1"))
     journal = DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=clock)
     assert journal.lost
     with pytest.raises(DispatchRefused):
         journal.admit("c0", 1059.0)
 
 
-def test_expired_ids_are_dropped_from_the_record_at_restart(tmp_path):
+def test_a_record_from_before_a_reboot_counts_as_lost(tmp_path):
+    """Its tail may have been in the page cache when the machine went down."""
+    path = tmp_path / "w.dispatches"
+    path.write_text("boot 00000000-another-boot\nc0 1050.0\n")
+    journal = DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=FakeClock(1000.0))
+    assert journal.lost and journal.not_before_deadline == 1060.0
+    journal.admit("c1", 1060.0)  # issued after the restart
+
+
+def test_expired_ids_are_dropped_from_the_record(tmp_path, monkeypatch):
     clock, path = FakeClock(1000.0), tmp_path / "w.dispatches"
-    path.write_text("gone 999.0\nkept 1001.0\n")
+    path.write_text(HEADER + "gone 999.0\nkept 1001.0\n")
     DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=clock).close()
-    assert path.read_text() == "kept 1001.0\n"
+    assert path.read_text() == HEADER + "kept 1001.0\n"
+    monkeypatch.setattr("runtime.sandbox.seen.COMPACT_LINES", 3)
+    journal = DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=clock)
+    journal.admit("a", 1000.5)
+    journal.admit("b", 1100.0)
+    clock.advance(2)
+    journal.admit("c", 1100.0)  # the third line since the rewrite: a and kept have expired
+    assert path.read_text() == HEADER + "b 1100.0\nc 1100.0\n"
+    with pytest.raises(DispatchRefused):
+        journal.admit("b", 1100.0)
 
 
 def test_an_unrecordable_dispatch_is_refused(tmp_path):
