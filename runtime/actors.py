@@ -31,7 +31,7 @@ from .trusted.state import StateJournal
 from .trusted.supervisor import AgentEntry, Supervisor, shard_of
 from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
-from .sandbox.seen import DispatchJournal
+from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
 from .tool import load_tools
 
@@ -422,17 +422,21 @@ class ShardOperator(LocalOperator):
 @ray.remote
 class ToolWorkerActor:
     """A tool worker. The job restarts it on a crash (``workers.max_restarts``) with its calls
-    never retried by Ray; the new process starts with no sandbox session, and refuses every
-    dispatch its predecessor accepted (``sandbox.seen``: ids kept in ``run_dir``)."""
+    never retried by Ray; the new process removes its predecessor's workspaces, starts with no
+    sandbox session, and refuses every dispatch its predecessor accepted (``sandbox.restart``:
+    both are noted in ``run_dir``)."""
 
     def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
                  tool_config: dict[str, Any], index: int = 0, call_timeout_s: float = 120.0) -> None:
-        run_dir = tool_config.get("run_dir")
+        run_dir = Path(tool_config["run_dir"]) if tool_config.get("run_dir") else None
+        note = run_dir / f"worker-{index}.workspaces" if run_dir else None
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self._journal = DispatchJournal(Path(run_dir) / f"worker-{index}.dispatches" if run_dir else None,
+        self._reclaimed = reclaim_workspaces(note) if restarted and note else []
+        self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
                                         restarted=restarted, call_timeout_s=call_timeout_s)
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
-                                  tool_config=tool_config, sandboxes=SandboxPool(), journal=self._journal)
+                                  tool_config=tool_config, sandboxes=SandboxPool(workspace_root(note)),
+                                  journal=self._journal)
         self._restarted = restarted
 
     async def execute(self, message: bytes) -> bytes:
@@ -446,7 +450,8 @@ class ToolWorkerActor:
 
     def status(self) -> dict[str, Any]:
         """Where it runs and whether it is a restarted process, for operators and tests."""
-        return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost}
+        return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
+                "reclaimed_workspaces": len(self._reclaimed)}
 
     def shutdown(self) -> None:
         self._worker.close()

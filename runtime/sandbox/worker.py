@@ -25,7 +25,7 @@ from ..errors import DispatchRefused, ErrorCode, SandboxUnavailable, WardenError
 from .base import Limits
 from .context import ToolContext
 from .pool import SandboxPool
-from .seen import DispatchJournal
+from .restart import DispatchJournal
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20

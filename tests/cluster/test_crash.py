@@ -89,6 +89,8 @@ def test_a_tool_worker_killed_under_load_fails_its_in_flight_calls_once_and_its_
     run_dir = job.run_dir()
     _wait_for("a call held on hit's worker, under load", lambda: held.exists() and len(_lines(marks)) >= 20, job)
     victim = int(held.read_text())
+    old_root = Path((run_dir / "worker-0.workspaces").read_text())  # hit's worker, by placement
+    assert [ws for ws in old_root.iterdir()]  # hit's workspace (and the pool's spare) live here
     os.kill(victim, signal.SIGKILL)
     result = job.join()
 
@@ -110,6 +112,7 @@ def test_a_tool_worker_killed_under_load_fails_its_in_flight_calls_once_and_its_
     # The agent's workspace died with its worker: the new session started with an empty one.
     assert hit["wrote"]["ok"] and hit["read"]["code"] == "TOOL_FAILED"
     assert spared["read"] == {"ok": True, "value": "kept"}
+    assert not old_root.exists() and str(old_root) not in Path("/proc/mounts").read_text()  # removed on restart
     # Every allowed call has exactly one outcome record; the failures are the ones the agent saw.
     records = _records(run_dir)
     outcomes = _one_outcome_each(records)

@@ -5,6 +5,8 @@ worker from running a replay. The real crashes are in tests/cluster/test_crash.p
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import ray
 
 from runtime.actors import _Placed, place
 from runtime.errors import DispatchRefused, ErrorCode, ToolFailed
-from runtime.sandbox.seen import DispatchJournal, boot_id
+from runtime.sandbox.restart import WORKSPACES_PREFIX, DispatchJournal, boot_id, reclaim_workspaces, workspace_root
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock
 from runtime.tool import load_tools
@@ -151,7 +153,7 @@ def test_expired_ids_are_dropped_from_the_record(tmp_path, monkeypatch):
     path.write_text(HEADER + "gone 999.0\nkept 1001.0\n")
     DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=clock).close()
     assert path.read_text() == HEADER + "kept 1001.0\n"
-    monkeypatch.setattr("runtime.sandbox.seen.COMPACT_LINES", 3)
+    monkeypatch.setattr("runtime.sandbox.restart.COMPACT_LINES", 3)
     journal = DispatchJournal(path, restarted=True, call_timeout_s=60.0, clock=clock)
     journal.admit("a", 1000.5)
     journal.admit("b", 1100.0)
@@ -168,3 +170,36 @@ def test_an_unrecordable_dispatch_is_refused(tmp_path):
     with pytest.raises(DispatchRefused) as info:
         journal.admit("c1", 10.0)
     assert info.value.code is ErrorCode.DISPATCH_REFUSED
+
+
+# ---------------------------------------------------------------------------- a dead worker's workspaces
+def _mounted(path: Path) -> bool:
+    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def test_a_restarted_worker_removes_its_predecessors_workspaces(tmp_path):
+    from runtime.sandbox.workspace import Workspace
+
+    note = tmp_path / "worker-0.workspaces"
+    root = workspace_root(note)
+    ws = Workspace(root / "ws-1", size_mb=1)  # a tmpfs when run as root, as a worker does
+    ws.write("/workspace/secret.txt", b"agent data")
+    assert ws.mounted == _mounted(ws.root)
+    assert reclaim_workspaces(note) == ["ws-1"]
+    assert not root.exists() and not _mounted(ws.root)
+
+
+def test_a_note_naming_anything_but_a_workspace_root_of_ours_removes_nothing(tmp_path):
+    note, victim = tmp_path / "worker-0.workspaces", tmp_path / "keep"
+    victim.mkdir()
+    (victim / "f").write_text("x")
+    link = Path(tempfile.gettempdir()) / f"{WORKSPACES_PREFIX}link-{os.getpid()}"
+    link.symlink_to(victim)
+    try:
+        for named in (victim, link, Path("/"), Path(tempfile.gettempdir()) / "warden-ws-../keep", "no such"):
+            note.write_text(str(named))
+            assert reclaim_workspaces(note) == []
+        assert (victim / "f").read_text() == "x"
+    finally:
+        link.unlink()
+    assert reclaim_workspaces(tmp_path / "missing-note") == []

@@ -1,6 +1,8 @@
-"""The call ids a tool worker accepted, on its node's disk, so a restart cannot reopen a replay.
+"""What a restarted tool worker takes over from the process that died: which dispatches it must
+refuse, and which workspaces it must remove.
 
-Invariant: a dispatch accepted by one incarnation of a tool-worker actor is refused by every
+The call ids a tool worker accepted are kept on its node's disk, so a restart cannot reopen a
+replay. Invariant: a dispatch accepted by one incarnation of a tool-worker actor is refused by every
 later incarnation (Ray restarts a crashed worker with an empty memory). Each accepted call id
 is appended, with its deadline, before the tool runs; ``write`` has returned by then, so a
 killed process (SIGKILL, the OOM killer) loses nothing: the page cache outlives it. A restarted
@@ -10,11 +12,19 @@ Where the record cannot be trusted whole (the worker came back on another node, 
 rebooted since it was written so its tail may be gone with the page cache, or it is damaged),
 the restarted worker cannot know what its predecessor ran: it refuses every dispatch issued
 before it started (deadline < start + the supervisor's call timeout), and takes only new ones.
+
+Workspaces of a dead worker (tmpfs mounts, when it ran as root) outlive it and hold the agents'
+files in memory: the worker notes its workspace root beside the record, and its successor
+unmounts and removes what is under it, after checking the note names a directory of ours.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TextIO
@@ -104,3 +114,36 @@ class DispatchJournal:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+WORKSPACES_PREFIX = "warden-ws-"
+
+
+def workspace_root(note: Path | None) -> Path:
+    """A fresh private directory for this worker's workspaces, named in ``note`` for a successor."""
+    root = Path(tempfile.mkdtemp(prefix=WORKSPACES_PREFIX))
+    if note is not None:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(str(root), encoding="utf-8")
+    return root
+
+
+def reclaim_workspaces(note: Path) -> list[str]:
+    """Unmount and remove the workspaces of the dead worker that wrote ``note``; returns what was
+    removed. Only a directory of ours in the temp dir, named like ours, is touched: the note is a
+    file in the run directory, and a path written there must not choose what gets deleted."""
+    try:
+        root = Path(note.read_text(encoding="utf-8").strip())
+        info = os.lstat(root)
+    except (OSError, ValueError):
+        return []
+    if (root.parent != Path(tempfile.gettempdir()) or not root.name.startswith(WORKSPACES_PREFIX)
+            or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()):
+        return []
+    removed = []
+    for ws in sorted(root.iterdir()):
+        if not ws.is_symlink() and os.path.ismount(ws):
+            subprocess.run(["umount", "-l", str(ws)], capture_output=True, check=False, env={})
+        removed.append(ws.name)
+    shutil.rmtree(root, ignore_errors=True)
+    return removed
