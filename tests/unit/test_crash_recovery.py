@@ -80,6 +80,16 @@ def test_a_dead_worker_fails_its_call_once_then_its_agents_move_to_the_least_loa
     assert [len(w.seen) for w in workers] == [2, 4, 2]
 
 
+def test_worker_restarts_are_bounded_in_the_job_file():
+    from pydantic import ValidationError
+
+    from runtime.job import WorkerSpec
+
+    assert WorkerSpec().max_restarts == 3 and WorkerSpec(max_restarts=0).max_restarts == 0
+    with pytest.raises(ValidationError):
+        WorkerSpec(max_restarts=-1)  # Ray's "forever": a worker that crashes on every call would never stop
+
+
 def test_an_agent_unknown_at_start_is_placed_on_the_least_loaded_worker():
     workers = [_FakeWorker(i) for i in range(2)]
     d = _Placed(workers, {"a": 0, "b": 0, "c": 1})
