@@ -95,6 +95,7 @@ class _Placed:
 
 PEER_TIMEOUT_S = 30.0
 TEARDOWN_TIMEOUT_S = 60.0
+SETTLE_MARGIN_S = 5.0  # beyond the call timeout, for a call's last records once its dispatch ended
 
 
 async def awaited(ref: Any) -> Any:
@@ -147,6 +148,9 @@ class Shard:
         self._behind: set[int] = set()  # peers (by position) that missed a change: retried with a full sync
         self._flushing = asyncio.Lock()  # one flush at a time: when a caller's flush returns, its messages are out
         self._retrying: asyncio.Task[None] | None = None
+        self._in_flight = 0  # agent requests being handled: closing waits for them (their outcome records)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                               tools={t.name: t for t in tools}, audit=self.audit,
                               dispatcher=_Placed(workers, placement), dispatch_key=dispatch_key,
@@ -216,6 +220,16 @@ class Shard:
     # ------------------------------------------------------------------ calls
     async def handle(self, op: str, request: bytes) -> bytes:
         """One agent request (op: call, delegate or call_batch); always an encoded reply."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._handle(op, request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _handle(self, op: str, request: bytes) -> bytes:
         try:
             if self.peers is None:
                 why = ("this shard restarted where its state is not; it refuses every call" if self.state_lost
@@ -263,10 +277,21 @@ class Shard:
         bound_host, bound_port = await self._server.start(host, port)
         return f"http://{bound_host}:{bound_port}"
 
+    async def settle(self) -> None:
+        """Let the calls still in flight finish on record (an agent that died, or timed out, may
+        have left some): parked ones are denied now, dispatched ones end within the call timeout."""
+        for agent in sorted(self.sup.agents):
+            self.sup.approvals.deny_agent(agent, approver="(job end)", reason="the job ended before a decision")
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.sup.call_timeout_s + SETTLE_MARGIN_S)
+        except asyncio.TimeoutError:  # a bug, not a slow tool: dispatches are bounded by the call timeout
+            self.audit.record("calls_unsettled", shard=self.sup.shard, count=self._in_flight)
+
     async def close(self, status: str) -> dict[str, Any]:
         """Write the last record, close the log and verify it here, on the node that holds it."""
         if self._retrying is not None:
             self._retrying.cancel()
+        await self.settle()
         seq = self.audit.record("job_end", job=self.sup.job_id, status=status,
                                 quarantined=sorted(self.sup.quarantined), shard=self.sup.shard)
         self.audit.close()

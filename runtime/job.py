@@ -479,11 +479,15 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
+        for actor in actors.values():  # no new calls (an agent that timed out may still be calling)
+            ray.kill(actor)
         per_shard = await asyncio.gather(*[within(sh.stats.remote(host), TEARDOWN_TIMEOUT_S) for sh in shards],
                                          return_exceptions=True)
         stats = merge_stats([s for s in per_shard if not isinstance(s, BaseException)])
+        # Closing first lets calls still in flight end on record (bounded by the call timeout).
         ended = await asyncio.gather(*[within(sh.close.remote(host, "ok" if not errors else "failed"),
-                                              TEARDOWN_TIMEOUT_S) for sh in shards], return_exceptions=True)
+                                              TEARDOWN_TIMEOUT_S + spec.call_timeout_s) for sh in shards],
+                                     return_exceptions=True)
         closed = []
         for i, c in enumerate(ended):
             if isinstance(c, BaseException):

@@ -156,7 +156,7 @@ class LoadAgent(Agent):
         codes: Counter[str] = Counter()
 
         async def loop(k: int) -> None:
-            for j in range(task["calls"]):
+            for j in range(task.get("calls", 0)):
                 try:
                     await self.call("load.mark", path=task["path"], i=k * 100_000 + j)
                     codes["ok"] += 1
@@ -241,7 +241,7 @@ class CrashLoadAgent(Agent):
         codes: Counter[str] = Counter()
 
         async def loop(k: int) -> None:
-            for j in range(task["calls"]):
+            for j in range(task.get("calls", 0)):
                 try:
                     await self.call("crash.mark", path=task["path"], i=k * 100_000 + j)
                     codes["ok"] += 1
@@ -251,7 +251,7 @@ class CrashLoadAgent(Agent):
                         await asyncio.sleep(0.05)  # a client backing off while its shard restarts
 
         held = [_attempt(self.call("crash.hold", path=task["hold"]))] if task.get("hold") else []
-        done = await asyncio.gather(*held, *[loop(k) for k in range(task["parallel"])])
+        done = await asyncio.gather(*held, *[loop(k) for k in range(task.get("parallel", 0))])
         if held:
             out["hold"] = done[0]
         if task.get("workspace"):

@@ -174,6 +174,29 @@ def test_a_restarted_worker_refuses_a_replay_of_what_its_predecessor_ran(ray_ins
     ray.kill(worker)
 
 
+def test_a_killed_agents_call_in_flight_still_ends_on_record(ray_instance, tmp_path):
+    """The agent dies while its call is on the worker; the others finish first. The job waits
+    for that call to end (here at its 5 s call timeout) before it closes the log."""
+    held, pid_file = tmp_path / "held.pid", tmp_path / "doomed.pid"
+    job_file = _job(tmp_path, "agent-crash", workers={"count": 2}, call_timeout_s=5, agents={
+        "doomed": {"hold": str(held), "pid_file": str(pid_file)},
+        "other": {"calls": 20, "parallel": 1, "path": str(tmp_path / "other.marks")}})
+    job = Background(str(job_file), tmp_path / "runs")
+    run_dir = job.run_dir()
+    _wait_for("doomed's call held on its worker", held.exists, job)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    result = job.join()
+
+    assert result.failures == {"doomed": "AGENT_DIED"} and "AGENT_DIED" in result.errors["doomed"]
+    assert result.results["other"]["codes"] == {"ok": 20}
+    records = _records(run_dir)
+    outcomes = _one_outcome_each(records)
+    (held_call,) = [r for r in outcomes.values() if r["agent"] == "doomed"]
+    assert held_call["tool"] == "crash.hold" and held_call["code"] == "WORKER_UNAVAILABLE"
+    assert [r["kind"] for r in records].index("job_end") > [r["kind"] for r in records].index("outcome")
+    assert result.audit_ok, result.audit_problem
+
+
 def test_chaos_a_worker_an_agent_and_a_shard_killed_in_turn_under_load(ray_instance, tmp_path):
     """One job, three kills: nothing runs twice, every allowed call has exactly one outcome, the
     chains verify, and every agent that was not killed finishes."""
