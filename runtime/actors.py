@@ -111,6 +111,20 @@ def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
 
 
+def unsettled_calls(path: str) -> dict[str, str]:
+    """The allowed calls an audit log has no outcome for (call id -> agent): what a restarted
+    shard must still close on record (the process may have died between its journal and its log)."""
+    from .trusted.audit import read_records
+
+    open_calls: dict[str, str] = {}
+    for rec in read_records(path):
+        if rec.get("kind") == "decision" and rec.get("decision") == "allow":
+            open_calls[rec["call_id"]] = rec["agent"]
+        elif rec.get("kind") == "outcome":
+            open_calls.pop(rec.get("call_id"), None)
+    return open_calls
+
+
 def within(ref: Any, timeout_s: float = PEER_TIMEOUT_S) -> Awaitable[Any]:
     """A Ray call awaited for at most ``timeout_s`` (then ``asyncio.TimeoutError``)."""
     return asyncio.wait_for(awaited(ref), timeout_s)
@@ -163,7 +177,7 @@ class Shard:
             self.audit.record("shard_state_lost", shard=shard[0],
                               reason="restarted on a node without its state journal; refusing every call")
         elif self.restarted:
-            self.sup.restore()
+            self.sup.restore(unsettled_calls(audit_path))
             for agent in sorted(self.sup.quarantined):  # the host may never have seen the first event
                 self.events.put_nowait({"event": "quarantine", "agent": agent, "shard": shard[0],
                                         "reason": "quarantined (restored after a restart)"})

@@ -23,6 +23,8 @@ from runtime.testing import FakeClock
 from runtime.tool import load_tools
 from runtime.trusted.supervisor import sign_dispatch
 
+from test_shards import RAN, assert_calls_left, one_shard, world  # noqa: F401  (world: a fixture)
+
 KEY = bytes(range(32))
 
 
@@ -213,3 +215,69 @@ def test_a_note_naming_anything_but_a_workspace_root_of_ours_removes_nothing(tmp
     finally:
         link.unlink()
     assert reclaim_workspaces(tmp_path / "missing-note") == []
+
+
+# ---------------------------------------------------------------------------- a shard killed between its two files
+class Killed(BaseException):
+    """The process dying at this instruction (nothing after it runs; ``except Exception`` does not see it)."""
+
+
+def _killed_at(shard: Any, kind: str) -> None:
+    record = shard.audit.record
+
+    def dying(k: str, **fields: Any) -> int:
+        if k == kind:
+            raise Killed(k)
+        return record(k, **fields)
+
+    shard.audit.record = dying
+
+
+@pytest.fixture
+def reading_restore(monkeypatch):
+    """Restart as ``runtime.actors.Shard`` does: the audit log read for calls with no outcome."""
+    from runtime.actors import unsettled_calls
+    from runtime.trusted.supervisor import Supervisor
+
+    restore = Supervisor.restore
+    monkeypatch.setattr(Supervisor, "restore", lambda self: restore(self, unsettled_calls(self.audit.path)))
+
+
+def _outcomes(path: str) -> list[dict[str, Any]]:
+    from runtime.trusted import audit
+
+    return [r for r in audit.read_records(path) if r["kind"] == "outcome"]
+
+
+def test_killed_after_reserving_before_the_decision_record_the_call_is_refunded_not_recorded(world,
+                                                                                               reading_restore):
+    from runtime.trusted import audit
+
+
+    shard, tokens = one_shard(world)
+    _killed_at(shard, "decision")  # the reservation is in the journal; the decision never reached the log
+    with pytest.raises(Killed):
+        asyncio.run(shard.call("alice", tokens["alice"], text="never dispatched"))
+    assert shard.crash_and_restart() == 1
+    assert _outcomes(shard.audit_path) == []  # no outcome without a decision
+    assert_calls_left(shard, tokens["alice"], 3)  # it never reached a worker: refunded
+    assert audit.verify(shard.audit_path).ok
+
+
+def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_once(world, reading_restore):
+    from runtime.trusted import audit
+
+
+    shard, tokens = one_shard(world)
+    _killed_at(shard, "outcome")  # the call ran and was settled in the journal; its outcome never reached the log
+    with pytest.raises(Killed):
+        asyncio.run(shard.call("alice", tokens["alice"], text="ran"))
+    assert RAN == ["ran"]
+    assert shard.crash_and_restart() == 0  # nothing open in the journal...
+    (outcome,) = _outcomes(shard.audit_path)  # ...but the log is told what became of the call
+    allowed = [r for r in audit.read_records(shard.audit_path) if r["kind"] == "decision"]
+    assert outcome["call_id"] == allowed[0]["call_id"] and outcome["code"] == "SUPERVISOR_UNAVAILABLE"
+    shard.crash_and_restart()
+    assert len(_outcomes(shard.audit_path)) == 1  # a second restart does not write it again
+    assert_calls_left(shard, tokens["alice"], 2)  # it ran: charged
+    assert audit.verify(shard.audit_path).ok
