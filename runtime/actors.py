@@ -484,7 +484,7 @@ class ToolWorkerActor:
     async def execute_batch(self, messages: list[bytes]) -> list[bytes]:
         return await self._worker.execute_batch(messages)
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, int]:
         return {"executed": self._worker.executed, "refused": self._worker.refused}
 
     def status(self) -> dict[str, Any]:
