@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import zlib
+from pathlib import Path
 from typing import Any, Awaitable
 
 import msgpack
@@ -23,7 +23,7 @@ import ray
 
 from .agent import load_agent_class
 from .control import LocalOperator, PeersBehind, merge_stats
-from .errors import InternalError, SupervisorUnavailable
+from .errors import ErrorCode, InternalError, SupervisorUnavailable, ToolFailed
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing, first_holder
 from .trusted.ledger import AgentQuota
@@ -31,31 +31,71 @@ from .trusted.state import StateJournal
 from .trusted.supervisor import AgentEntry, Supervisor, shard_of
 from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
+from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
 from .tool import load_tools
 
 
-class _ByAgent:
-    """Dispatcher over tool-worker actors: an agent's calls always go to the same worker, so its
-    sandbox session stays warm and its workspace lives in one place."""
+def place(agents: list[str], workers: int) -> dict[str, int]:
+    """Each agent, in order, on the tool worker with the fewest agents so far (ties: the lowest
+    index): n agents spread evenly over the workers, whatever their names."""
+    home: dict[str, int] = {}
+    for agent in agents:
+        home[agent] = _least_loaded(home, range(workers))
+    return home
 
-    def __init__(self, workers: list[Any]) -> None:
+
+def _least_loaded(home: dict[str, int], live: Any) -> int:
+    load = {i: 0 for i in live}
+    for i in home.values():
+        if i in load:
+            load[i] += 1
+    return min(load, key=lambda i: (load[i], i))
+
+
+class _Placed:
+    """Dispatcher over tool-worker actors. Each agent has a home worker (``place``, the same in
+    every shard), so its sandbox session and workspace live in one place. A worker that crashes
+    is restarted by Ray: calls sent meanwhile wait for it (within the call's deadline) and run
+    on the new process. A worker out of restarts is dead: its agents move, one call later, to the
+    live worker with the fewest agents. A dispatch is sent once and never again: a call in
+    flight when its worker died ends WORKER_UNAVAILABLE (the tool may have acted)."""
+
+    def __init__(self, workers: list[Any], home: dict[str, int] | None = None) -> None:
         if not workers:
             raise ValueError("a job needs at least one tool worker")
         self._workers = list(workers)
+        self._home = {a: i for a, i in (home or {}).items() if 0 <= i < len(self._workers)}
+        self._dead: set[int] = set()
 
-    def _worker(self, agent: str) -> Any:
-        return self._workers[zlib.crc32(agent.encode()) % len(self._workers)]
+    def _worker(self, agent: str) -> int:
+        i = self._home.get(agent)
+        if i is None or i in self._dead:
+            live = [k for k in range(len(self._workers)) if k not in self._dead]
+            if not live:
+                raise ToolFailed("every tool worker of the job is dead (out of restarts)",
+                                 code=ErrorCode.WORKER_UNAVAILABLE)
+            i = self._home[agent] = _least_loaded(self._home, live)
+        return i
+
+    async def _send(self, agent: str, method: str, payload: Any) -> Any:
+        i = self._worker(agent)
+        try:
+            return await getattr(self._workers[i], method).remote(payload)
+        except ray.exceptions.ActorDiedError:
+            self._dead.add(i)  # for good; this call is not resent (it may have run)
+            raise
 
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
-        return await self._worker(agent).execute.remote(message)
+        return await self._send(agent, "execute", message)
 
     async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
-        return await self._worker(agent).execute_batch.remote(messages)
+        return await self._send(agent, "execute_batch", messages)
 
 
 PEER_TIMEOUT_S = 30.0
 TEARDOWN_TIMEOUT_S = 60.0
+SETTLE_MARGIN_S = 5.0  # beyond the call timeout, for a call's last records once its dispatch ended
 
 
 async def awaited(ref: Any) -> Any:
@@ -69,6 +109,20 @@ def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     report = audit_mod.verify(path)
     return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
+
+
+def unsettled_calls(path: str) -> dict[str, str]:
+    """The allowed calls an audit log has no outcome for (call id -> agent): what a restarted
+    shard must still close on record (the process may have died between its journal and its log)."""
+    from .trusted.audit import read_records
+
+    open_calls: dict[str, str] = {}
+    for rec in read_records(path):
+        if rec.get("kind") == "decision" and rec.get("decision") == "allow":
+            open_calls[rec["call_id"]] = rec["agent"]
+        elif rec.get("kind") == "outcome":
+            open_calls.pop(rec.get("call_id"), None)
+    return open_calls
 
 
 def within(ref: Any, timeout_s: float = PEER_TIMEOUT_S) -> Awaitable[Any]:
@@ -87,6 +141,7 @@ class Shard:
 
     def __init__(self, *, job_id: str, keys: dict[str, Any], dispatch_key: bytes, tools: list[ToolSpec],
                  audit_path: str, workers: list[Any], agents: list[tuple[AgentEntry, AgentQuota]],
+                 placement: dict[str, int] | None = None,
                  call_timeout_s: float, credentials: dict[str, dict[str, dict[str, str]]],
                  audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
                  state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"",
@@ -107,9 +162,12 @@ class Shard:
         self._behind: set[int] = set()  # peers (by position) that missed a change: retried with a full sync
         self._flushing = asyncio.Lock()  # one flush at a time: when a caller's flush returns, its messages are out
         self._retrying: asyncio.Task[None] | None = None
+        self._in_flight = 0  # agent requests being handled: closing waits for them (their outcome records)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                               tools={t.name: t for t in tools}, audit=self.audit,
-                              dispatcher=_ByAgent(workers), dispatch_key=dispatch_key,
+                              dispatcher=_Placed(workers, placement), dispatch_key=dispatch_key,
                               call_timeout_s=call_timeout_s, credentials=credentials,
                               observer=self.observer, on_event=self._event, shard=shard, journal=journal,
                               peer_key=peer_key)
@@ -119,7 +177,7 @@ class Shard:
             self.audit.record("shard_state_lost", shard=shard[0],
                               reason="restarted on a node without its state journal; refusing every call")
         elif self.restarted:
-            self.sup.restore()
+            self.sup.restore(unsettled_calls(audit_path))
             for agent in sorted(self.sup.quarantined):  # the host may never have seen the first event
                 self.events.put_nowait({"event": "quarantine", "agent": agent, "shard": shard[0],
                                         "reason": "quarantined (restored after a restart)"})
@@ -176,6 +234,16 @@ class Shard:
     # ------------------------------------------------------------------ calls
     async def handle(self, op: str, request: bytes) -> bytes:
         """One agent request (op: call, delegate or call_batch); always an encoded reply."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._handle(op, request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _handle(self, op: str, request: bytes) -> bytes:
         try:
             if self.peers is None:
                 why = ("this shard restarted where its state is not; it refuses every call" if self.state_lost
@@ -223,10 +291,21 @@ class Shard:
         bound_host, bound_port = await self._server.start(host, port)
         return f"http://{bound_host}:{bound_port}"
 
+    async def settle(self) -> None:
+        """Let the calls still in flight finish on record (an agent that died, or timed out, may
+        have left some): parked ones are denied now, dispatched ones end within the call timeout."""
+        for agent in sorted(self.sup.agents):
+            self.sup.approvals.deny_agent(agent, approver="(job end)", reason="the job ended before a decision")
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.sup.call_timeout_s + SETTLE_MARGIN_S)
+        except asyncio.TimeoutError:  # a bug, not a slow tool: dispatches are bounded by the call timeout
+            self.audit.record("calls_unsettled", shard=self.sup.shard, count=self._in_flight)
+
     async def close(self, status: str) -> dict[str, Any]:
         """Write the last record, close the log and verify it here, on the node that holds it."""
         if self._retrying is not None:
             self._retrying.cancel()
+        await self.settle()
         seq = self.audit.record("job_end", job=self.sup.job_id, status=status,
                                 quarantined=sorted(self.sup.quarantined), shard=self.sup.shard)
         self.audit.close()
@@ -381,11 +460,23 @@ class ShardOperator(LocalOperator):
 
 @ray.remote
 class ToolWorkerActor:
+    """A tool worker. The job restarts it on a crash (``workers.max_restarts``) with its calls
+    never retried by Ray; the new process removes its predecessor's workspaces, starts with no
+    sandbox session, and refuses every dispatch its predecessor accepted (``sandbox.restart``:
+    both are noted in ``run_dir``)."""
+
     def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
-                 tool_config: dict[str, Any]) -> None:
-        pool = SandboxPool()
+                 tool_config: dict[str, Any], index: int = 0, call_timeout_s: float = 120.0) -> None:
+        run_dir = Path(tool_config["run_dir"]) if tool_config.get("run_dir") else None
+        note = run_dir / f"worker-{index}.workspaces" if run_dir else None
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._reclaimed = reclaim_workspaces(note) if restarted and note else []
+        self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
+                                        restarted=restarted, call_timeout_s=call_timeout_s)
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
-                                  tool_config=tool_config, sandboxes=pool)
+                                  tool_config=tool_config, sandboxes=SandboxPool(workspace_root(note)),
+                                  journal=self._journal)
+        self._restarted = restarted
 
     async def execute(self, message: bytes) -> bytes:
         return await self._worker.execute(message)
@@ -399,9 +490,14 @@ class ToolWorkerActor:
     def threads(self) -> dict[str, Any]:
         """Tool threads: live, idle, queued, and stuck in calls past their deadline (in all and per agent)."""
         return self._worker.threads()
+    def status(self) -> dict[str, Any]:
+        """Where it runs and whether it is a restarted process, for operators and tests."""
+        return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
+                "reclaimed_workspaces": len(self._reclaimed)}
 
     def shutdown(self) -> None:
         self._worker.close()
+        self._journal.close()
 
 
 class _SupervisorClient:

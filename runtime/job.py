@@ -96,6 +96,7 @@ class WorkerSpec(_Strict):
     sandbox runtimes installed advertise, so they never land anywhere else."""
 
     count: int = Field(default=2, ge=1, le=256)
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Ray restarts of a crashed tool worker")
     num_cpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the workers")
@@ -270,6 +271,7 @@ class JobResult:
     quarantined: list[str] = field(default_factory=list)
     control_url: str = ""
     errors: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # entry agent -> AGENT_FAILED, AGENT_DIED, ...
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,7 +337,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     stops, e.g. to scrape its final metrics."""
     import ray
 
-    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor, awaited, within
+    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor, awaited, place, within
 
     spec = job.spec
     started = time.monotonic()
@@ -368,14 +370,16 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         tool_config = dict(spec.tool_config, run_dir=str(run_dir), job_base=str(job.base))
         progress(f"starting {spec.workers.count} tool worker(s)")
         _check_placement(spec)
-        options: dict[str, Any] = {"num_cpus": spec.workers.num_cpus,
+        # Restarted on a crash; a call in flight then is never retried (the tool may have acted).
+        options: dict[str, Any] = {"num_cpus": spec.workers.num_cpus, "max_restarts": spec.workers.max_restarts,
+                                   "max_task_retries": 0,
                                    "resources": spec.placement.sandbox.request(spec.workers.resources)}
         if spec.workers.runtime_env:
             options["runtime_env"] = dict(spec.workers.runtime_env)
         workers = [ToolWorkerActor.options(**options)
                    .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
-                           tool_config=tool_config)
-                   for _ in range(spec.workers.count)]
+                           tool_config=tool_config, index=i, call_timeout_s=spec.call_timeout_s)
+                   for i in range(spec.workers.count)]
         handles.extend(workers)
         progress(f"starting {n_shards} supervisor shard(s)")
         peer_key = secrets.token_bytes(32) if n_shards > 1 else None
@@ -383,6 +387,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         shard_options = _supervisor_options(spec)
         common = dict(job_id=job_id, keys=keyring.to_secret_dict(), dispatch_key=dispatch_key,
                       tools=[t.spec for t in job.tools.values()], workers=workers, agents=entries,
+                      placement=place([a.name for a in spec.agents], len(workers)),
                       audit_options={"fsync": spec.audit.fsync,
                                      "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb
                                      else None},
@@ -484,30 +489,27 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
         runs = {n: asyncio.ensure_future(awaited(actors[n].run.remote(tasks[n]))) for n in spec.entry}
         await asyncio.wait(runs.values(), timeout=spec.timeout_s)
-        results, errors = {}, {}
+        results, errors, failures = {}, {}, {}
         for name, fut in runs.items():
-            if name in quarantined:
-                errors[name] = f"quarantined: {quarantined[name]}"
-            elif not fut.done():
-                fut.cancel()
-                errors[name] = f"timed out after {spec.timeout_s:g}s (job timeout_s)"
-            elif fut.exception() is not None:
-                exc = fut.exception()
-                cause = getattr(exc, "cause", None) or exc
-                errors[name] = f"{type(cause).__name__}: {cause}"[:2000]
-            else:
+            if fut.done() and fut.exception() is None and name not in quarantined:
                 results[name] = fut.result()
+            else:
+                failures[name], errors[name] = _failure(fut, quarantined.get(name), spec.timeout_s)
         errors.update(shard_errors)
 
         for w in watchers:
             w.cancel()
         if before_teardown is not None:
             await before_teardown(control_url)
+        for actor in actors.values():  # no new calls (an agent that timed out may still be calling)
+            ray.kill(actor)
         per_shard = await asyncio.gather(*[within(sh.stats.remote(host), TEARDOWN_TIMEOUT_S) for sh in shards],
                                          return_exceptions=True)
         stats = merge_stats([s for s in per_shard if not isinstance(s, BaseException)])
+        # Closing first lets calls still in flight end on record (bounded by the call timeout).
         ended = await asyncio.gather(*[within(sh.close.remote(host, "ok" if not errors else "failed"),
-                                              TEARDOWN_TIMEOUT_S) for sh in shards], return_exceptions=True)
+                                              TEARDOWN_TIMEOUT_S + spec.call_timeout_s) for sh in shards],
+                                     return_exceptions=True)
         closed = []
         for i, c in enumerate(ended):
             if isinstance(c, BaseException):
@@ -523,9 +525,26 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                      audit_log=str(audit_paths[0] if n_shards == 1 else run_dir), audit_ok=not bad,
                      audit_records=sum(c["records"] for c in closed),
                      audit_problem="; ".join(f"{c['path']}: {c['problem']}" for c in bad) or None,
-                     stats=stats, results=results, errors=errors, quarantined=sorted(quarantined),
+                     stats=stats, results=results, errors=errors, failures=failures,
+                     quarantined=sorted(quarantined),
                      control_url=control_url, seconds=round(time.monotonic() - started, 3),
                      audit_logs=[str(p) for p in audit_paths], restarts=restarts)
+
+
+def _failure(run: "asyncio.Future[Any]", quarantine: str | None, timeout_s: float) -> tuple[str, str]:
+    """Why an entry agent has no result: its code and the message the job reports."""
+    import ray
+
+    if quarantine is not None:
+        return "AGENT_QUARANTINED", f"quarantined: {quarantine}"
+    if not run.done():
+        run.cancel()
+        return "AGENT_TIMEOUT", f"timed out after {timeout_s:g}s (job timeout_s)"
+    exc = run.exception()
+    if isinstance(exc, ray.exceptions.RayActorError):  # the process, not the agent's code: killed, OOM, node lost
+        return "AGENT_DIED", f"AGENT_DIED: the agent's actor stopped before it finished ({type(exc).__name__})"
+    cause = getattr(exc, "cause", None) or exc
+    return "AGENT_FAILED", f"{type(cause).__name__}: {cause}"[:2000]
 
 
 def _verify_here(path: Path, why: BaseException) -> dict[str, Any]:

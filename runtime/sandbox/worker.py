@@ -33,6 +33,7 @@ from .base import Limits
 from .context import ToolContext
 from .pool import SandboxPool
 from .threads import Overdue, ToolThreads
+from .restart import DispatchJournal
 
 MAX_DISPATCH_BYTES = 2 << 20
 MAX_RESULT_BYTES = 8 << 20
@@ -51,7 +52,8 @@ def _error(code: ErrorCode, reason: str) -> bytes:
 class ToolWorker:
     def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
                  tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
-                 sandboxes: SandboxPool | None = None, threads: ToolThreads | None = None) -> None:
+                 sandboxes: SandboxPool | None = None, threads: ToolThreads | None = None,
+                 journal: DispatchJournal | None = None) -> None:
         self._key = dispatch_key
         self._tools = tools
         self._job = job
@@ -59,6 +61,7 @@ class ToolWorker:
         self._clock = clock
         self._sandboxes = sandboxes
         self._threads = threads or ToolThreads()
+        self._journal = journal  # accepted ids on disk: a restarted worker refuses them too
         self._seen: dict[str, float] = {}  # call_id -> deadline
         self._next_prune = 0.0
         self.refused = 0
@@ -95,6 +98,8 @@ class ToolWorker:
         if now >= self._next_prune:  # expired ids can no longer be replayed (their deadline passed)
             self._seen = {c: d for c, d in self._seen.items() if d >= now}
             self._next_prune = now + 10.0
+        if self._journal is not None:
+            self._journal.admit(call_id, deadline)
         self._seen[call_id] = deadline
         return body
 

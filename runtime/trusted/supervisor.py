@@ -308,9 +308,12 @@ class Supervisor:
                  for cid, r in self._open.items()},
                 sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired)]
 
-    def restore(self) -> int:
+    def restore(self, unsettled: dict[str, str] | None = None) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
-        flight closed with SUPERVISOR_UNAVAILABLE (charged: it may have run). Returns that count."""
+        flight closed with SUPERVISOR_UNAVAILABLE (charged: it may have run). Returns that count.
+        ``unsettled``: the allowed calls the audit log has no outcome for (call id -> agent), read
+        from it by the caller. Journal and log are two files: a call open in the journal but not
+        allowed on record never reached a worker (refunded); one settled without its outcome gets it."""
         if self.journal is None:
             return 0
         frames = 0
@@ -324,8 +327,11 @@ class Supervisor:
         self.audit.record("shard_restart", shard=self.shard, journal_frames=frames, inflight=len(inflight),
                           quarantined=sorted(self.quarantined), revoked_agents=self.revocations.snapshot()["agents"])
         for call_id, res in inflight.items():
-            self._close(call_id, res, None)
-            self.audit.record("outcome", call_id=call_id, agent=res.agent, ok=False,
+            self._close(call_id, res, None, refund=unsettled is not None and call_id not in unsettled)
+        if unsettled is None:  # the log not read: take every open call as allowed on record
+            unsettled = {c: r.agent for c, r in inflight.items()}
+        for call_id, agent in unsettled.items():
+            self.audit.record("outcome", call_id=call_id, agent=agent, ok=False,
                               code=ErrorCode.SUPERVISOR_UNAVAILABLE.value,
                               reason="the supervisor shard restarted while the call was in flight; it may have run")
         return len(inflight)

@@ -156,7 +156,7 @@ class LoadAgent(Agent):
         codes: Counter[str] = Counter()
 
         async def loop(k: int) -> None:
-            for j in range(task["calls"]):
+            for j in range(task.get("calls", 0)):
                 try:
                     await self.call("load.mark", path=task["path"], i=k * 100_000 + j)
                     codes["ok"] += 1
@@ -190,3 +190,77 @@ class SneakyAgent(Agent):
                 cause = getattr(exc, "cause", exc)
                 out[name] = type(cause).__name__
         return out
+
+
+@tool(effect="read", name="worker.pid")
+def worker_pid() -> int:
+    """The process id of the tool worker that ran this call."""
+    import os
+
+    return os.getpid()
+
+
+@tool(effect="write", name="crash.mark")
+def crash_mark(path: str, i: int) -> int:
+    """Append ``i`` and this worker's pid to the file at ``path``: one line per time the tool really ran."""
+    import os
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{i} {os.getpid()}\n")
+    return i
+
+
+@tool(effect="write", name="crash.hold")
+async def crash_hold(path: str) -> None:
+    """Write this worker's pid to ``path``, then hold the call until the worker is killed (or the deadline)."""
+    import asyncio
+    import os
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    await asyncio.Event().wait()
+
+
+class CrashLoadAgent(Agent):
+    """Load for the crash tests: ``parallel`` loops of ``calls`` calls of crash.mark, counted by outcome.
+    With ``hold``: one call that stays in flight on the agent's worker (the test kills that worker).
+    With ``workspace``: a file written to the agent's workspace first and read back at the end.
+    With ``pid_file``: the agent actor's own pid, written at start (the test may kill it)."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        import asyncio
+        import os
+        from collections import Counter
+
+        if task.get("pid_file"):
+            with open(task["pid_file"], "w", encoding="utf-8") as f:
+                f.write(str(os.getpid()))
+        out: dict[str, Any] = {}
+        if task.get("workspace"):
+            out["wrote"] = await _attempt(self.call("fs.write", path="/workspace/keep.txt", content="kept"))
+        codes: Counter[str] = Counter()
+
+        async def loop(k: int) -> None:
+            for j in range(task.get("calls", 0)):
+                try:
+                    await self.call("crash.mark", path=task["path"], i=k * 100_000 + j)
+                    codes["ok"] += 1
+                except WardenError as exc:
+                    codes[exc.code.value] += 1
+                    if exc.code.value == "SUPERVISOR_UNAVAILABLE":
+                        await asyncio.sleep(0.05)  # a client backing off while its shard restarts
+
+        held = [_attempt(self.call("crash.hold", path=task["hold"]))] if task.get("hold") else []
+        done = await asyncio.gather(*held, *[loop(k) for k in range(task.get("parallel", 0))])
+        if held:
+            out["hold"] = done[0]
+        if task.get("workspace"):
+            out["read"] = await _attempt(self.call("fs.read", path="/workspace/keep.txt"))
+        return {**out, "codes": dict(codes)}
+
+
+class PidAgent(Agent):
+    """The pid of the tool worker behind each of ``task`` calls."""
+
+    async def run(self, task: Any) -> list[int]:
+        return [await self.call("worker.pid") for _ in range(int(task))]

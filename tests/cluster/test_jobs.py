@@ -159,6 +159,7 @@ def test_a_hanging_and_a_crashing_agent_fail_the_job_but_not_the_audit(ray_insta
     assert not result.ok
     assert result.errors["sleepy"] == "timed out after 3s (job timeout_s)"
     assert "agent bug" in result.errors["crashy"]
+    assert result.failures == {"sleepy": "AGENT_TIMEOUT", "crashy": "AGENT_FAILED"}
     assert result.audit_ok
     assert records(result)[-1]["kind"] == "job_end" and records(result)[-1]["status"] == "failed"
 
