@@ -219,7 +219,8 @@ def _when(text: str | None) -> float | None:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from .trusted.audit import AuditFormatError, filter_records, format_record, read_records
+    from .auditlog import filter_records, format_record
+    from .trusted.audit import AuditFormatError, read_records
 
     chains = audit_chains(args.path)
 
@@ -245,7 +246,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from .trusted.audit import AuditChainError, export_jsonl, verify
+    from .auditlog import AuditChainError, export_jsonl
+    from .trusted.audit import verify
 
     chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time
