@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 # Back-pressure, not misbehaviour: a well-behaved agent can hit these.
-NOT_VIOLATIONS = frozenset({"RATE_LIMITED", "CONCURRENCY_LIMIT", "APPROVAL_TIMEOUT"})
+NOT_VIOLATIONS = frozenset({"RATE_LIMITED", "CONCURRENCY_LIMIT", "APPROVAL_TIMEOUT", "APPROVAL_QUEUE_FULL"})
 
 
 @dataclass(frozen=True)

@@ -21,29 +21,15 @@ class Observer(Protocol):
     def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
         """Use of one budget ("calls" or "cost") of the agent's token chain after a reservation."""
 
-    def approvals_pending(self, count: int) -> None: ...
+    def approvals_pending(self, count: int) -> None:
+        """Calls parked until a human decides, over all agents."""
 
     def anomaly(self, agent: str, tool: str, kind: str) -> None:
         """kind: "rate" (above the agent/tool baseline) or "denial_burst"."""
 
-    def quarantine(self, agent: str) -> None: ...
-
-
-class NullObserver:
-    def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
-        return None
-
-    def outcome(self, agent: str, tool: str, ok: bool, code: str | None, dispatch_s: float) -> None:
-        return None
-
-    def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
-        return None
-
-    def approvals_pending(self, count: int) -> None:
-        return None
-
-    def anomaly(self, agent: str, tool: str, kind: str) -> None:
-        return None
-
     def quarantine(self, agent: str) -> None:
-        return None
+        """The agent was quarantined."""
+
+
+class NullObserver(Observer):
+    """Reports nothing: every method is the protocol's own, which does nothing."""

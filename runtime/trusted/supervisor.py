@@ -3,14 +3,19 @@
 A call goes through a short pipeline, each stage able only to deny::
 
     decode -> authenticate (request MAC, nonce) -> verify token (chain, seals, revocation)
-      -> canonicalise arguments -> evaluate caveats -> [park for human approval]
-      -> reserve quota -> audit (write-ahead) -> dispatch (supervisor-MAC'd) -> settle
+      -> [per item of a batch: revocation again] -> canonicalise arguments -> evaluate caveats
+      -> reserve quota -> [park for human approval] -> audit (write-ahead)
+      -> [batch: revocation again] -> dispatch (supervisor-MAC'd) -> settle
       -> audit outcome (withheld if the agent was revoked meanwhile)
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
 means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
+A call parks for approval holding its reservation (rate and concurrency limits bound parking),
+at most ``max_parked`` per agent. Counts are kept under names the supervisor knows: a request
+whose MAC does not verify counts as ``UNAUTHENTICATED``, a tool nobody registered as
+``OTHER_TOOL``, so invented names cost no memory and move nobody else's figures.
 
 Alongside, the supervisor produces the signals an operator needs (``Observer``), counts
 violations per agent (``AnomalyDetector``) and quarantines an agent whose policy asks for
@@ -35,10 +40,10 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
-                      MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
+                      MalformedRequest, QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
-from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256
+from .capability import Caveat, Holder, KeyRing, VerifiedToken, hmac_sha256
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
 from .state import StateJournal
@@ -47,6 +52,7 @@ from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 log = logging.getLogger(__name__)
 MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
+UNAUTHENTICATED, OTHER_TOOL = "(unauthenticated)", "(other)"  # the count series of names not vouched for
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
 WORKER_CODES = frozenset(c.value for c in (
     ErrorCode.TOOL_FAILED, ErrorCode.WORKER_UNAVAILABLE, ErrorCode.DISPATCH_REFUSED, ErrorCode.SANDBOX_TIMEOUT,
@@ -71,6 +77,11 @@ def sign_dispatch(key: bytes, body: dict[str, Any]) -> bytes:
     return _pack([body_bytes, hmac.new(key, body_bytes, sha256).digest()])
 
 
+def holder_id(agent: str) -> bytes:
+    """Revoking this id revokes every token ``agent`` ever held and all derived from them (cascade)."""
+    return b"holder\x00" + agent.encode()
+
+
 def shard_of(agent: str, shards: int) -> int:
     """The shard that owns ``agent``'s tokens: a stable hash, the same in every process."""
     return int.from_bytes(sha256(agent.encode()).digest()[:8], "big") % shards
@@ -88,7 +99,8 @@ class AgentEntry:
     sandbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # tool or "*" -> {backend, limits}
     approvals: dict[str, ApprovalRule] = field(default_factory=dict)  # tool -> when a human must approve
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
-    root_token_id: bytes | None = None  # revoked (with every token derived from it) on quarantine
+    root_token_id: bytes | None = None  # for reference: a quarantine revokes every token the agent held
+    max_parked: int = 8  # calls parked for approval at once; one more is APPROVAL_QUEUE_FULL
 
 
 @dataclass
@@ -146,6 +158,9 @@ class Supervisor:
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         self._peer_key = peer_key
+        self._parked: Counter[str] = Counter()  # agent -> calls parked for approval now
+        if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
+            audit.redact(v for creds in self._credentials.values() for v in creds.values())
 
     # ------------------------------------------------------------------ set-up
     def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:
@@ -154,11 +169,15 @@ class Supervisor:
         self.anomaly.configure(entry.name, entry.anomaly)
 
     # ------------------------------------------------------------------ operator actions
-    def revoke_agent(self, agent: str, *, by: str = "operator") -> None:
-        """Kill switch: every token the agent holds is refused from now on, parked calls included."""
+    def revoke_agent(self, agent: str, *, by: str = "operator", cascade: bool = False) -> None:
+        """Kill switch: every token the agent holds is refused from now on, parked calls included.
+        ``cascade``: so is every token derived from one it held, delegated onwards, whoever holds it."""
         self.revocations.revoke_agent(agent)
         self._journal("va", agent)
-        self.audit.record("revoke", agent=agent, by=by)
+        if cascade:
+            self.revocations.revoke(holder_id(agent))
+            self._journal("v", holder_id(agent))
+        self.audit.record("revoke", agent=agent, by=by, cascade=cascade)
         self.approvals.deny_agent(agent, approver=by, reason="agent revoked")
 
     def revoke_token(self, token_id_or_tag: bytes, *, by: str = "operator") -> None:
@@ -187,12 +206,10 @@ class Supervisor:
                           origin=self.shard if origin is None else origin)
 
     def _quarantine_state(self, agent: str) -> None:
-        """What a quarantine changes, live and on replay: the agent and its root token (so every
-        token derived from it, delegations included) revoked."""
+        """What a quarantine changes, live and on replay: the agent revoked, with every token derived
+        from one it held (its root token's delegations, and what it was delegated and passed on)."""
         self.quarantined.add(agent)
-        entry = self.agents.get(agent)
-        if entry is not None and entry.root_token_id is not None:
-            self.revocations.revoke(entry.root_token_id)
+        self.revocations.revoke(holder_id(agent))
         self.revocations.revoke_agent(agent)
 
     def add_key(self, kid: str, key: bytes, *, epoch: int | None = None, by: str = "operator") -> int:
@@ -241,7 +258,7 @@ class Supervisor:
         op, args, origin = body["op"], body["args"], int(body["from"])
         by = f"{args.get('by', 'operator')} via shard {origin}"
         if op == "revoke_agent":
-            self.revoke_agent(args["agent"], by=by)
+            self.revoke_agent(args["agent"], by=by, cascade=bool(args.get("cascade")))
         elif op == "revoke_token":
             self.revoke_token(bytes(args["token_id"]), by=by)
         elif op == "quarantine":
@@ -418,7 +435,7 @@ class Supervisor:
         except TokenRejected as exc:
             exc.tool = tool
             raise
-        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        self._still_valid(vt, tool)
         if vt.holder != entry.name:
             raise TokenRejected(f"token holder is {vt.holder!r}, request from {entry.name!r}",
                                 code=ErrorCode.WRONG_HOLDER, tool=tool)
@@ -431,8 +448,9 @@ class Supervisor:
         return body, entry, vt
 
     def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
-        """For a call that waited (parked or in flight): still not revoked, its key still in the ring."""
-        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        """Not revoked (by an id on its chain, its holder, or an agent that held it), its key in the ring."""
+        holders = tuple(holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
+        self.revocations.check(vt.chain_ids() + holders, vt.holder, tool)
         if vt.token.kid not in self.keyring.kids:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
@@ -466,20 +484,25 @@ class Supervisor:
         body, entry, vt = self._authenticate(data, "call")
         return self._reserve(self._evaluate(body, entry, vt))
 
-    async def _approval(self, c: _Checked) -> None:
-        """Park the call until a human decides; raise ApprovalDenied unless approved in time."""
-        rule = self.agents[c.agent].approvals.get(c.tool)
+    async def _approval(self, c: _Allowed) -> None:
+        """Park the reserved call until a human decides; raise ApprovalDenied unless approved in time."""
+        rule, limit = self.agents[c.agent].approvals.get(c.tool), self.agents[c.agent].max_parked
         if rule is None or not rule.matches(c.args):
             return
+        if self._parked[c.agent] >= limit:
+            raise QuotaExceeded(f"parked={self._parked[c.agent]}, limit={limit}", tool=c.tool,
+                                code=ErrorCode.APPROVAL_QUEUE_FULL)
         pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s)
-        self.audit.record("approval_requested", approval_id=pending.id, agent=c.agent, tool=c.tool, args=c.args,
-                          timeout_s=rule.timeout_s)
-        self.observer.approvals_pending(len(self.approvals))
+        self._parked[c.agent] += 1
         try:
+            self.audit.record("approval_requested", approval_id=pending.id, call_id=c.call_id, agent=c.agent,
+                              tool=c.tool, args=c.args, timeout_s=rule.timeout_s)
+            self.observer.approvals_pending(len(self.approvals))
             approved, approver, reason = await asyncio.wait_for(asyncio.shield(pending.future), rule.timeout_s)
         except asyncio.TimeoutError:
             approved, approver, reason = False, "(nobody)", f"no decision within {rule.timeout_s:g}s"
         finally:
+            self._parked[c.agent] -= 1
             self.approvals.done(pending)
             self.observer.approvals_pending(len(self.approvals))
         self.audit.record("approval", approval_id=pending.id, agent=c.agent, tool=c.tool,
@@ -503,25 +526,33 @@ class Supervisor:
         request in another agent's name, and must not be able to get it quarantined that way."""
         if not isinstance(exc, WardenError):
             exc = InternalError(f"{type(exc).__name__}: {exc}"[:500])
-        agent = None
+        agent, who = None, UNAUTHENTICATED  # counted under an agent only if its MAC vouches for it (no replay)
         try:
-            _, _, body = decode_envelope(data)
-            agent, tool = body.get("agent"), tool or body.get("tool")
+            body_bytes, mac, body = decode_envelope(data)
+            agent, tool, entry = body.get("agent"), tool or body.get("tool"), self.agents.get(body.get("agent"))
+            if entry and exc.code is not ErrorCode.REPLAY and hmac.compare_digest(
+                    hmac_sha256(entry.request_key, body_bytes), mac):
+                who = entry.name
         except WardenError:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
-        self.counts[(str(agent), str(tool), exc.code.value)] += 1
+        label = self._label(tool)
+        self.counts[(who, label, exc.code.value)] += 1
         elapsed = time.perf_counter() - started if started is not None else 0.0
-        self.observer.decision(str(agent), str(tool), "deny", exc.code.value, elapsed)
+        self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason)
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED)
             if authenticated is not None:
-                self._flag(authenticated, str(tool), self.anomaly.denial(authenticated, exc.code.value, self.clock()))
+                self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
             audit_exc.tool = exc.tool
             return _pack({"ok": False, "error": audit_exc.to_wire()})
         return _pack({"ok": False, "error": exc.to_wire()})
+
+    def _label(self, tool: str | None) -> str:
+        """The name a tool is counted under: its own if registered, else one bucket for all others."""
+        return str(tool) if tool is None or tool in self.tools else OTHER_TOOL
 
     # ------------------------------------------------------------------ entry points
     async def call(self, data: Any) -> bytes:
@@ -546,8 +577,14 @@ class Supervisor:
         except Exception as exc:
             return self._deny(exc, data, started=started)
         decided = [await self._decide(tool, args, entry, vt, data, started) for tool, args in items]
-        allowed = [d for d in decided if not isinstance(d, bytes)]
         outcomes: dict[str, Any] = {}
+        for d in decided:  # revoked (or quarantined by a later item) since its decision: not dispatched
+            if isinstance(d, _Allowed):
+                try:
+                    self._still_valid(d.vt, d.tool)
+                except TokenRejected as exc:
+                    outcomes[d.call_id] = exc
+        allowed = [d for d in decided if isinstance(d, _Allowed) and d.call_id not in outcomes]
         if allowed:
             messages = [self._message(ok) for ok in allowed]
             dispatch_batch = getattr(self.dispatcher, "dispatch_batch", None)
@@ -559,9 +596,9 @@ class Supervisor:
                     raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
                 else:
                     raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])
-                outcomes = dict(zip((ok.call_id for ok in allowed), raws))
+                outcomes.update(zip((ok.call_id for ok in allowed), raws))
             except Exception as exc:  # the whole hop failed: every allowed call reports it
-                outcomes = {ok.call_id: exc for ok in allowed}
+                outcomes.update({ok.call_id: exc for ok in allowed})
         replies = []
         for d in decided:
             if isinstance(d, bytes):
@@ -573,14 +610,17 @@ class Supervisor:
     async def _decide(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken, data: Any,
                       started: float) -> "_Allowed | bytes":
         """Stages 3-6 for one authenticated call: an allowed call on record, or an encoded denial."""
+        ok, label = None, self._label(tool)
         try:
-            self._flag(entry.name, tool, self.anomaly.call(entry.name, tool, self.clock()))
-            checked = self._evaluate({"tool": tool, "args": args}, entry, vt)
-            if checked.tool in entry.approvals:
-                await self._approval(checked)
+            self._flag(entry.name, label, self.anomaly.call(entry.name, label, self.clock()))
+            self._still_valid(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
+            ok = self._reserve(self._evaluate({"tool": tool, "args": args}, entry, vt))
+            if ok.tool in entry.approvals:
+                await self._approval(ok)
                 started = time.perf_counter()  # authorization time excludes the human's
-            ok = self._reserve(checked)
         except Exception as exc:
+            if ok is not None:  # denied while parked: it never ran
+                self._close(ok.call_id, ok.reservation, None, refund=True)
             return self._deny(exc, data, authenticated=entry.name, started=started, tool=tool)
         authz_s = time.perf_counter() - started
         self.observer.decision(ok.agent, ok.tool, "allow", None, authz_s)
@@ -649,12 +689,14 @@ class Supervisor:
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
-        finally:
-            self._close(ok.call_id, ok.reservation, cost if isinstance(cost, (int, float)) else None)
+        finally:  # a call never dispatched (revoked first) is refunded
+            self._close(ok.call_id, ok.reservation, cost if isinstance(cost, (int, float)) else None,
+                        refund=ok.dispatched_at is None)
         elapsed = time.perf_counter() - (ok.dispatched_at or time.perf_counter())
         try:
             self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
-                              dispatch_ms=round(elapsed * 1e3, 3), cost=cost, **outcome)
+                              dispatched=ok.dispatched_at is not None, dispatch_ms=round(elapsed * 1e3, 3),
+                              cost=cost, **outcome)
         except AuditUnavailable as exc:
             # The call ran but its outcome is not on record: do not hand back an unrecorded result.
             exc.tool = ok.tool
