@@ -293,8 +293,8 @@ def test_control_api_says_503_when_a_change_did_not_reach_every_shard():
     env = Env()
 
     class OnePeerDown(LocalOperator):
-        async def revoke_agent(self, agent: str, by: str) -> None:
-            await super().revoke_agent(agent, by)
+        async def revoke_agent(self, agent: str, by: str, cascade: bool = False) -> None:
+            await super().revoke_agent(agent, by, cascade)
             raise PeersBehind("made here, but 1 peer shard(s) did not take it yet")
 
     async def scenario():
