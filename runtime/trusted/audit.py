@@ -14,42 +14,25 @@ written, whatever its keys are called, so it cannot hide an argument either. Red
 by its sha256) are only a top-level field the writing code names as a secret, and any string
 holding a value passed to ``redact`` (the credentials the supervisor attaches to dispatches).
 
-Segments: segment 0 is the file ``<path>``, then come ``<path>.1``, ``<path>.2``, ... With
-``rotate_bytes`` set, a record that would take the current segment past it starts the next
-one (a segment holds at least one record). Seq and chain run on across segments, so the
-segments concatenated are exactly a single-file log. Other files named ``<path>.<number>``
-would be read as segments; archive old segments by copying, never by removing them. Each
-segment is a sequence of frames and nothing else::
+Segments: ``<path>``, then ``<path>.1``, ``<path>.2``, ... (a record that would take a segment
+past ``rotate_bytes`` starts the next; seq and chain run on across them, so the segments
+concatenated are a single-file log; archive old ones by copying, never by removing them). A
+segment is frames and nothing else, ``prev`` being the previous record's digest (zeros first)::
 
-    frame  = length:u32 big-endian | body:length bytes | digest:32 bytes
-    body   = msgpack map {"seq": int, "ts": float, "prev": bytes(32), "kind": str, **fields}
-    digest = sha256(body)
+    frame = length:u32 big-endian | body = msgpack {"seq", "ts", "prev", "kind", **fields} | sha256(body)
+    head  = b"WAH2" | segment:u32 | records:u64 | digest of the last record   (file <path>.head)
 
-``seq`` counts from 0 by one; ``prev`` is the previous record's digest (zeros for record 0),
-and it is inside the body, so each digest covers the whole chain up to that record.
+The head is rewritten in place after each append, so a cut-off tail is told from a short log.
+The frame is written first: a crash leaves the head behind the log (accepted if its digest
+matches, and brought up to date on open), never ahead. Any chain problem, a missing segment, a
+head ahead of the log, or no head beside a non-empty log makes ``AuditLog`` refuse to open:
+appending after a cut would seal it into the chain.
 
-Head file ``<path>.head``, one per log, 48 bytes rewritten in place (pwrite at offset 0) after
-each append; ``segment`` is the index of the segment holding the last record::
-
-    head = b"WAH2" | segment:u32 | records:u64 | digest of the last record (zeros if none)
-
-A chain that ends at record 9 looks like one whose last records or last segment were cut off;
-the head tells them apart. Any other magic is rejected (``WAH1`` is the older single-file
-head). The frame is written before the head, so a crash leaves the head behind the log, never
-ahead: a head behind the log whose digest matches the record it names is accepted, and
-brought up to date on open. Any chain problem, a missing segment, a head ahead of the log, or
-no head beside a non-empty log makes ``AuditLog`` refuse to open.
-
-fsync policy (``fsync=``; ``True`` means "always", ``False`` "never"). A process crash loses
-nothing acknowledged under any policy; what survives a power loss or kernel crash::
-
-    "never"   (default) what the OS had flushed. The head may reach the disk before the
-              records it counts: the log then reports truncation and will not reopen.
-    "rotate"  a segment and the head are fsync'd when the segment is closed (on rotation and
-              on ``close``), before the next segment file is created and made durable in its
-              directory: closed segments survive; the open one is as under "never".
-    "always"  each record, then the head, is fsync'd before ``record`` returns: every
-              acknowledged record survives and the head on disk is never ahead of the log.
+fsync policy (``True`` = "always", ``False`` = "never"); a process crash loses nothing
+acknowledged under any of them; after a power loss: "never" (default) keeps what the OS had
+flushed (a head ahead of its records then reads as truncation); "rotate" fsyncs a segment and
+the head when the segment is closed, before the next is created (closed segments survive);
+"always" fsyncs each record, then the head, before ``record`` returns.
 """
 
 from __future__ import annotations
@@ -233,8 +216,7 @@ class AuditLog:
         return report.records, last_hash
 
     def redact(self, values: Iterable[str]) -> None:
-        """Values never to store (credentials the supervisor attaches to dispatches): a field
-        holding one, at any depth, is replaced by a marker with its hash."""
+        """Values never to store (credentials): a string holding one is replaced by its hash."""
         with self._lock:
             self._secrets = tuple(sorted({*self._secrets, *(v for v in values if isinstance(v, str) and v)}))
 

@@ -12,10 +12,9 @@ Invariants: every exception on the way to ``dispatch`` becomes a denial with a t
 and an audit record; nothing is dispatched without a decision record on disk (audit down
 means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
-A call parks for approval holding its reservation (rate and concurrency limits bound parking),
-at most ``max_parked`` per agent. Counts are kept under names the supervisor knows: a request
-whose MAC does not verify counts as ``UNAUTHENTICATED``, a tool nobody registered as
-``OTHER_TOOL``, so invented names cost no memory and move nobody else's figures.
+A call parks for approval holding its reservation, at most ``max_parked`` per agent. Counts use
+names the supervisor vouches for: a request whose MAC does not verify is ``UNAUTHENTICATED``, a
+tool nobody registered ``OTHER_TOOL``; invented names cost no memory, move nobody's figures.
 
 Alongside, the supervisor produces the signals an operator needs (``Observer``), counts
 violations per agent (``AnomalyDetector``) and quarantines an agent whose policy asks for
@@ -43,6 +42,7 @@ from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorC
                       MalformedRequest, QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
+from .audit import AuditSink
 from .capability import Caveat, Holder, KeyRing, VerifiedToken, hmac_sha256
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
@@ -62,10 +62,6 @@ WORKER_CODES = frozenset(c.value for c in (
 
 class Dispatcher(Protocol):
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes: ...
-
-
-class AuditSink(Protocol):
-    def record(self, kind: str, **fields: Any) -> int: ...
 
 
 def _pack(obj: Any) -> bytes:
@@ -104,15 +100,6 @@ class AgentEntry:
 
 
 @dataclass
-class _Checked:
-    agent: str
-    tool: str
-    args: dict[str, Any]
-    vt: VerifiedToken
-    spec: ToolSpec
-
-
-@dataclass
 class _Allowed:
     call_id: str
     agent: str
@@ -131,34 +118,22 @@ class Supervisor:
                  credentials: dict[str, dict[str, str]] | None = None, observer: Observer | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, shard: tuple[int, int] = (0, 1),
                  journal: StateJournal | None = None, peer_key: bytes | None = None) -> None:
-        self.job_id = job_id
-        self.keyring = keyring
-        self.tools = dict(tools)
-        self.audit = audit
-        self.dispatcher = dispatcher
-        self._dispatch_key = dispatch_key
-        self.clock = clock
-        self.ledger = ledger or QuotaLedger()
-        self.nonces = nonces or NonceWindow(clock=clock)
-        self.revocations = revocations or RevocationList()
-        self.call_timeout_s = call_timeout_s
-        self._credentials = dict(credentials or {})  # tool -> secrets, attached only to that tool's dispatch
-        self.agents: dict[str, AgentEntry] = {}
-        self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
-        self.observer: Observer = observer or NullObserver()
-        self.approvals = Approvals(clock)
-        self.anomaly = AnomalyDetector()
-        self.quarantined: set[str] = set()
-        self._on_event = on_event or (lambda _e: None)
         self.shard, self.shards = shard
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {shard} out of range")
-        self.journal = journal
+        self.job_id, self.keyring, self.tools, self.audit, self.clock = job_id, keyring, dict(tools), audit, clock
+        self.dispatcher, self._dispatch_key, self.call_timeout_s = dispatcher, dispatch_key, call_timeout_s
+        self.journal, self._peer_key, self._on_event = journal, peer_key, on_event or (lambda _e: None)
+        self.ledger, self.nonces = ledger or QuotaLedger(), nonces or NonceWindow(clock=clock)
+        self.revocations, self.approvals = revocations or RevocationList(), Approvals(clock)
+        self.anomaly, self.observer = AnomalyDetector(), observer or NullObserver()
+        self._credentials = dict(credentials or {})  # tool -> secrets, attached only to that tool's dispatch
+        self.agents: dict[str, AgentEntry] = {}
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
+        self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
-        self._peer_key = peer_key
-        self._parked: Counter[str] = Counter()  # agent -> calls parked for approval now
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
             audit.redact(v for creds in self._credentials.values() for v in creds.values())
 
@@ -454,46 +429,44 @@ class Supervisor:
         if vt.token.kid not in self.keyring.kids:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
-    def _evaluate(self, body: dict[str, Any], entry: AgentEntry, vt: VerifiedToken) -> _Checked:
-        tool = body["tool"]
+    def _evaluate(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken) -> tuple[dict[str, Any], float]:
+        """The canonical arguments, once every caveat holds for them, and the tool's projected cost."""
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
-        args = spec.canonical_args(body["args"])
+        args = spec.canonical_args(args)
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
-        return _Checked(entry.name, tool, args, vt, spec)
+        return args, spec.cost
 
-    def _reserve(self, c: _Checked) -> _Allowed:
-        reservation = self.ledger.reserve(c.agent, c.vt.budgets, c.spec.cost, c.tool)
+    def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float) -> _Allowed:
+        reservation = self.ledger.reserve(agent, vt.budgets, cost, tool)
         call_id = secrets.token_hex(8)
         if self.journal is not None:
             self._open[call_id] = reservation
             try:
-                self._journal("r", call_id, c.agent, [list(x) for x in reservation.charges],
+                self._journal("r", call_id, agent, [list(x) for x in reservation.charges],
                               reservation.projected_cost, list(reservation.cost_keys))
             except Exception:
                 self._open.pop(call_id, None)
                 self.ledger.release(reservation)
                 raise
-        for key, kind, limit in c.vt.budgets:
-            self.observer.budget(c.agent, kind, self.ledger.used(key), limit)
-        return _Allowed(call_id, c.agent, c.tool, c.args, c.vt, reservation)
+        for key, kind, limit in vt.budgets:
+            self.observer.budget(agent, kind, self.ledger.used(key), limit)
+        return _Allowed(call_id, agent, tool, args, vt, reservation)
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
         body, entry, vt = self._authenticate(data, "call")
-        return self._reserve(self._evaluate(body, entry, vt))
+        return self._reserve(entry.name, body["tool"], vt, *self._evaluate(body["tool"], body["args"], entry, vt))
 
     async def _approval(self, c: _Allowed) -> None:
         """Park the reserved call until a human decides; raise ApprovalDenied unless approved in time."""
         rule, limit = self.agents[c.agent].approvals.get(c.tool), self.agents[c.agent].max_parked
         if rule is None or not rule.matches(c.args):
             return
-        if self._parked[c.agent] >= limit:
-            raise QuotaExceeded(f"parked={self._parked[c.agent]}, limit={limit}", tool=c.tool,
-                                code=ErrorCode.APPROVAL_QUEUE_FULL)
+        if (parked := sum(p["agent"] == c.agent for p in self.approvals.list())) >= limit:
+            raise QuotaExceeded(f"parked={parked}, limit={limit}", tool=c.tool, code=ErrorCode.APPROVAL_QUEUE_FULL)
         pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s)
-        self._parked[c.agent] += 1
         try:
             self.audit.record("approval_requested", approval_id=pending.id, call_id=c.call_id, agent=c.agent,
                               tool=c.tool, args=c.args, timeout_s=rule.timeout_s)
@@ -502,7 +475,6 @@ class Supervisor:
         except asyncio.TimeoutError:
             approved, approver, reason = False, "(nobody)", f"no decision within {rule.timeout_s:g}s"
         finally:
-            self._parked[c.agent] -= 1
             self.approvals.done(pending)
             self.observer.approvals_pending(len(self.approvals))
         self.audit.record("approval", approval_id=pending.id, agent=c.agent, tool=c.tool,
@@ -614,7 +586,7 @@ class Supervisor:
         try:
             self._flag(entry.name, label, self.anomaly.call(entry.name, label, self.clock()))
             self._still_valid(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
-            ok = self._reserve(self._evaluate({"tool": tool, "args": args}, entry, vt))
+            ok = self._reserve(entry.name, tool, vt, *self._evaluate(tool, args, entry, vt))
             if ok.tool in entry.approvals:
                 await self._approval(ok)
                 started = time.perf_counter()  # authorization time excludes the human's

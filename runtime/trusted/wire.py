@@ -7,8 +7,8 @@ Tool arguments are checked against the tool's declared parameters (unknown or mi
 names are refused, defaults are filled in, paths and URLs are canonicalised), so that the
 caveats are evaluated on exactly the values the tool will receive.
 
-Agent and tool names are at most ``MAX_NAME_CHARS`` characters: the supervisor counts and
-audits requests by name, so a long invented name must not cost it more than a short one.
+Names (agent, tool) are at most ``MAX_NAME_CHARS`` characters: the supervisor counts and audits
+by name, so an invented name must cost no more than a real one.
 
 Threats: oversized or deeply nested messages meant to exhaust the supervisor; type
 confusion (``True`` for ``1``, a list for a string); a check on one spelling of a path and
