@@ -234,7 +234,7 @@ def test_invented_tool_names_do_not_grow_the_supervisor(tmp_path):
     observer = PrometheusObserver(JOB, agents=["a"], tools=list(TOOLS))
     w = World(tmp_path, {"a": {}}, observer=observer)
     sup = w.sups[0]
-    huge = [w.request("a", f"{i}" + "x" * 500_000, key=key) for i in range(40)
+    huge = [w.request("a", f"{i:02d}" + "x" * 999_998, key=key) for i in range(40)  # 1 MB names, as in the issue
             for key in (w.keys["a"], secrets.token_bytes(32))]
     many = [w.request("a", f"tool-{i}-{secrets.token_hex(8)}") for i in range(500)]
     for req in huge:
@@ -246,7 +246,7 @@ def test_invented_tool_names_do_not_grow_the_supervisor(tmp_path):
     series = parse_metrics(observer_text(observer))
     tools = {value for _, labels in series for name, value in labels if name == "tool"}
     assert tools <= {*TOOLS, OTHER_TOOL, "None"}
-    # 40 MB of names offered; none of it stored, in memory or in the log.
+    # 80 MB of names offered (half with a good MAC); none of it stored, in memory or in the log.
     assert os.path.getsize(w.audit_path()) < 300_000
     records = w.records(kind="decision", code="MALFORMED")
     assert len(records) == 80 and all(r["tool"] is None for r in records)
