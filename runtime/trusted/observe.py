@@ -21,15 +21,13 @@ class Observer(Protocol):
     def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
         """Use of one budget ("calls" or "cost") of the agent's token chain after a reservation."""
 
-    def approvals_pending(self, count: int) -> None:
-        """Calls parked until a human decides, over all agents."""
+    def approvals_pending(self, count: int) -> None: ...
 
     def anomaly(self, agent: str, tool: str, kind: str) -> None:
         """kind: "rate" (above the agent/tool baseline) or "denial_burst"."""
 
-    def quarantine(self, agent: str) -> None:
-        """The agent was quarantined."""
+    def quarantine(self, agent: str) -> None: ...
 
 
 class NullObserver(Observer):
-    """Reports nothing: every method is the protocol's own, which does nothing."""
+    """Reports nothing: every method is the protocol's own, which does nothing (and returns None)."""

@@ -135,7 +135,8 @@ class Supervisor:
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
-            audit.redact(v for creds in self._credentials.values() for v in creds.values())
+            audit.redact(c["value"] if isinstance(c, dict) else c  # {value, origin} where bound to an origin
+                         for creds in self._credentials.values() for c in creds.values())
 
     # ------------------------------------------------------------------ set-up
     def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:

@@ -348,7 +348,8 @@ def test_parked_calls_are_capped_and_refunded_when_denied(tmp_path, quota, max_p
 
 
 def test_the_model_cannot_hide_an_argument_and_attached_credentials_never_reach_the_log(tmp_path):
-    w = World(tmp_path, {"a": {}}, credentials={"post": {"Authorization": CREDENTIAL}})
+    w = World(tmp_path, {"a": {}},
+              credentials={"post": {"Authorization": {"value": CREDENTIAL, "origin": "https://api.example:443"}}})
     body = {"token": "exfiltrated-customer-list", "password": "hunter2", "n": [1, 2]}
     refused(w.call("a", "post", body=body), ToolFailed, ErrorCode.TOOL_FAILED)
     assert RAN == [("post", body)]
