@@ -344,6 +344,18 @@ def test_parked_calls_are_capped_and_refunded_when_denied(tmp_path, quota, max_p
     assert len(w.records(kind="decision", decision="deny", code="APPROVAL_DENIED")) == parked
 
 
+def test_the_parked_cap_is_a_policy_quota():
+    from runtime.errors import ConfigError
+    from runtime.trusted.policy import parse_policy
+
+    tools = {"t": {"effect": "write", "approval": True}}
+    assert parse_policy({"agent": "a", "tools": tools}).quotas.max_parked == 8
+    assert parse_policy({"agent": "a", "tools": tools, "quotas": {"max_parked": 2}}).quotas.max_parked == 2
+    with pytest.raises(ConfigError) as info:
+        parse_policy({"agent": "a", "tools": tools, "quotas": {"max_parked": 0}})
+    assert info.value.code is ErrorCode.POLICY_INVALID
+
+
 # -------------------------------- item 14 (and 18): what is redacted in the log, and what is not
 
 
