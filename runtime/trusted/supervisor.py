@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import secrets
 import time
@@ -411,7 +412,7 @@ class Supervisor:
         except TokenRejected as exc:
             exc.tool = tool
             raise
-        self._still_valid(vt, tool)
+        self._check_revoked(vt, tool)
         if vt.holder != entry.name:
             raise TokenRejected(f"token holder is {vt.holder!r}, request from {entry.name!r}",
                                 code=ErrorCode.WRONG_HOLDER, tool=tool)
@@ -423,10 +424,14 @@ class Supervisor:
                                 code=ErrorCode.WRONG_SHARD, tool=tool)
         return body, entry, vt
 
+    def _check_revoked(self, vt: VerifiedToken, tool: str) -> None:
+        """Not revoked by an id on its chain, its holder, nor an agent that held it (read only if any id is)."""
+        holders = (holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
+        self.revocations.check(itertools.chain(vt.chain_ids(), holders), vt.holder, tool)
+
     def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
-        """Not revoked (by an id on its chain, its holder, or an agent that held it), its key in the ring."""
-        holders = tuple(holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
-        self.revocations.check(vt.chain_ids() + holders, vt.holder, tool)
+        """For a call that waited (parked, in flight): still not revoked, its key still in the ring."""
+        self._check_revoked(vt, tool)
         if vt.token.kid not in self.keyring.kids:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
@@ -487,10 +492,6 @@ class Supervisor:
         self._still_valid(c.vt, c.tool)
         c.vt.check_time(self.clock())
 
-    def refuse(self, exc: WardenError, data: Any) -> bytes:
-        """Deny a request for a reason outside the pipeline (e.g. the shard is not ready), on record."""
-        return self._deny(exc, data)
-
     def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
               started: float | None = None, tool: str | None = None) -> bytes:
         """Record a denial and encode it for the agent. A bug (not a WardenError) still denies.
@@ -509,7 +510,7 @@ class Supervisor:
         except WardenError:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
-        label = self._label(tool)
+        label = str(tool) if tool is None or tool in self.tools else OTHER_TOOL
         self.counts[(who, label, exc.code.value)] += 1
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
@@ -523,9 +524,7 @@ class Supervisor:
             return _pack({"ok": False, "error": audit_exc.to_wire()})
         return _pack({"ok": False, "error": exc.to_wire()})
 
-    def _label(self, tool: str | None) -> str:
-        """The name a tool is counted under: its own if registered, else one bucket for all others."""
-        return str(tool) if tool is None or tool in self.tools else OTHER_TOOL
+    refuse = _deny  # a request denied for a reason outside the pipeline (the shard is not ready), on record
 
     # ------------------------------------------------------------------ entry points
     async def call(self, data: Any) -> bytes:
@@ -583,10 +582,10 @@ class Supervisor:
     async def _decide(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken, data: Any,
                       started: float) -> "_Allowed | bytes":
         """Stages 3-6 for one authenticated call: an allowed call on record, or an encoded denial."""
-        ok, label = None, self._label(tool)
+        ok, label = None, tool if tool in self.tools else OTHER_TOOL  # one count series for invented names
         try:
             self._flag(entry.name, label, self.anomaly.call(entry.name, label, self.clock()))
-            self._still_valid(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
+            self._check_revoked(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
             ok = self._reserve(entry.name, tool, vt, *self._evaluate(tool, args, entry, vt))
             if ok.tool in entry.approvals:
                 await self._approval(ok)

@@ -101,7 +101,7 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
         raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
     if body["v"] != REQUEST_VERSION:
         raise MalformedRequest(f"unsupported request version {body['v']}")
-    if max(len(body.get(name, "")) for name in ("agent", "tool", "to")) > MAX_NAME_CHARS:
+    if max(len(body["agent"]), len(body.get("tool", "")), len(body.get("to", ""))) > MAX_NAME_CHARS:
         raise MalformedRequest(f"an agent or tool name longer than {MAX_NAME_CHARS} characters")
     return body_bytes, mac, body
 
