@@ -149,11 +149,11 @@ class Supervisor:
     def revoke_agent(self, agent: str, *, by: str = "operator", cascade: bool = False) -> None:
         """Kill switch: every token the agent holds is refused from now on, parked calls included.
         ``cascade``: so is every token derived from one it held, delegated onwards, whoever holds it."""
-        self.revocations.revoke_agent(agent)
-        self._journal("va", agent)
-        if cascade:
+        if cascade:  # first: it covers every token the agent holds too, should the next frame be lost
             self.revocations.revoke(holder_id(agent))
             self._journal("v", holder_id(agent))
+        self.revocations.revoke_agent(agent)
+        self._journal("va", agent)
         self.audit.record("revoke", agent=agent, by=by, cascade=cascade)
         self.approvals.deny_agent(agent, approver=by, reason="agent revoked")
 
