@@ -8,7 +8,8 @@ back-pressure) and flags are violations; ``quarantine_after`` violations inside 
 quarantine the agent, when the policy asks for it.
 
 Invariant: the signals come from the orchestrator's own observations, so an agent cannot
-suppress them. State is small and per agent (so it shards with the agent).
+suppress them. State is per agent (so it shards with the agent) and per tool the supervisor
+registered (it names every other one ``OTHER_TOOL``), so invented names cannot grow it.
 """
 
 from __future__ import annotations
