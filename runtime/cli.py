@@ -140,7 +140,8 @@ def explain(policy: Any) -> str:
               _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox (if it runs code)"]),
               "", "quotas:"]
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
-                 f"concurrent: {q.max_concurrent or 'unlimited'}; calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
+                 f"concurrent: {q.max_concurrent or 'unlimited'}; parked for approval: {q.max_parked}; "
+                 f"calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
                  f"cost: {q.max_cost if q.max_cost is not None else 'unlimited'}; token lifetime: {q.ttl_s:g}s")
     a = policy.anomaly
     lines.append(f"anomaly: flag > {a.rate_factor:g}x baseline calls or {a.denial_burst} denials per {a.window_s:g}s; "
