@@ -8,7 +8,7 @@
     warden audit export PATH [--out F]  JSON Lines for a SIEM (verifies first)
     warden status                       a running job's agents, quarantines, approvals, counts
     warden approvals list|approve|deny  decide calls a policy parks for a human
-    warden revoke --agent A | --token T kill switch, effective before the next call
+    warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
 """
@@ -140,7 +140,8 @@ def explain(policy: Any) -> str:
               _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox (if it runs code)"]),
               "", "quotas:"]
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
-                 f"concurrent: {q.max_concurrent or 'unlimited'}; calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
+                 f"concurrent: {q.max_concurrent or 'unlimited'}; parked for approval: {q.max_parked}; "
+                 f"calls: {q.max_calls if q.max_calls is not None else 'unlimited'}; "
                  f"cost: {q.max_cost if q.max_cost is not None else 'unlimited'}; token lifetime: {q.ttl_s:g}s")
     a = policy.anomaly
     lines.append(f"anomaly: flag > {a.rate_factor:g}x baseline calls or {a.denial_burst} denials per {a.window_s:g}s; "
@@ -219,7 +220,8 @@ def _when(text: str | None) -> float | None:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from .trusted.audit import AuditFormatError, filter_records, format_record, read_records
+    from .auditlog import filter_records, format_record
+    from .trusted.audit import AuditFormatError, read_records
 
     chains = audit_chains(args.path)
 
@@ -245,7 +247,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from .trusted.audit import AuditChainError, export_jsonl, verify
+    from .auditlog import AuditChainError, export_jsonl
+    from .trusted.audit import verify
 
     chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time
@@ -334,9 +337,14 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if bool(args.agent) == bool(args.token):
         print("warden revoke: give exactly one of --agent NAME or --token ID", file=sys.stderr)
         return EXIT_USAGE
-    out = _client(args).revoke(agent=args.agent, token_id=args.token, by=_who(args))
-    print(f"revoked {'agent ' + out['revoked_agent'] if 'revoked_agent' in out else 'token ' + out['revoked_token']}"
-          f"; its next call is denied")
+    if args.cascade and not args.agent:
+        print("warden revoke: --cascade goes with --agent (a token id already revokes its descendants)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    out = _client(args).revoke(agent=args.agent, token_id=args.token, by=_who(args), cascade=args.cascade)
+    what = f"agent {out['revoked_agent']}" if "revoked_agent" in out else f"token {out['revoked_token']}"
+    also = ", and every token derived from one it held" if out.get("cascade") else ""
+    print(f"revoked {what}{also}; its next call is denied")
     return EXIT_OK
 
 
@@ -469,8 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     rev = sub.add_parser("revoke", help="revoke an agent (kill switch) or a token in a running job", description=(
         "Takes effect before the agent's next call: its parked calls are denied, results of its in-flight "
         "calls are withheld, and every later call is denied with TOKEN_REVOKED. Revoking a token id revokes "
-        "every token derived from it (delegations included)."))
+        "every token derived from it (delegations included). Revoking an agent leaves its delegates working "
+        "under what it gave them, unless --cascade."))
     rev.add_argument("--agent", help="agent name")
+    rev.add_argument("--cascade", action="store_true", help="with --agent: also revoke every token derived from "
+                     "one the agent held (its own and those it was delegated), on every supervisor shard")
     rev.add_argument("--token", help="token id (hex, as in the audit log's token_id)")
     rev.add_argument("--as", dest="as_name", help="operator name for the audit log")
     _job_target(rev)

@@ -5,7 +5,7 @@ The supervisor actor serves, next to ``/metrics``, a small authenticated HTTP AP
     GET  /control/status                 job, agents, quarantined and revoked agents, counts
     GET  /control/approvals              parked calls waiting for a human
     POST /control/approvals/{id}         {"decision": "approve"|"deny", "approver": ..., "reason": ...}
-    POST /control/revoke                 {"agent": NAME} or {"token_id": HEX}, plus {"by": ...}
+    POST /control/revoke                 {"agent": NAME[, "cascade": true]} or {"token_id": HEX}, plus {"by": ...}
     POST /control/keys                   {"action": "rotate"} or {"action": "retire", "kid": KID}
 
 In a sharded job every shard serves the API; a change made through one reaches every other
@@ -72,9 +72,10 @@ class LocalOperator:
     async def decide(self, approval_id: str, **kw: Any) -> dict[str, Any]:
         return self.sup.decide_approval(approval_id, **kw)
 
-    async def revoke_agent(self, agent: str, by: str) -> None:
-        self.sup.revoke_agent(agent, by=by)
-        await self._everywhere("revoke_agent", agent=agent, by=by)
+    async def revoke_agent(self, agent: str, by: str, cascade: bool = False) -> None:
+        """``cascade``: every token derived from one the agent held is revoked too, whoever holds it."""
+        self.sup.revoke_agent(agent, by=by, cascade=cascade)
+        await self._everywhere("revoke_agent", agent=agent, by=by, cascade=cascade)
 
     async def revoke_token(self, token_id: bytes, by: str) -> None:
         self.sup.revoke_token(token_id, by=by)
@@ -140,8 +141,11 @@ def control_routes(operator: Any, token: str) -> list[Any]:
             agent = str(body["agent"])
             if agent not in operator.agents:
                 return web.json_response({"error": f"no agent {agent!r} in this job"}, status=404)
-            await operator.revoke_agent(agent, by)
-            return web.json_response({"revoked_agent": agent})
+            cascade = body.get("cascade", False)
+            if not isinstance(cascade, bool):
+                raise ValueError("'cascade' must be true or false")
+            await operator.revoke_agent(agent, by, cascade)
+            return web.json_response({"revoked_agent": agent, "cascade": cascade})
         if body.get("token_id"):
             await operator.revoke_token(bytes.fromhex(str(body["token_id"])), by)
             return web.json_response({"revoked_token": str(body["token_id"])})
@@ -220,8 +224,10 @@ class ControlClient:
         return self._request("POST", f"/control/approvals/{approval_id}",
                              {"decision": "approve" if approve else "deny", "approver": approver, "reason": reason})
 
-    def revoke(self, *, agent: str | None = None, token_id: str | None = None, by: str) -> dict[str, Any]:
-        return self._request("POST", "/control/revoke", {"agent": agent, "token_id": token_id, "by": by})
+    def revoke(self, *, agent: str | None = None, token_id: str | None = None, by: str,
+               cascade: bool = False) -> dict[str, Any]:
+        return self._request("POST", "/control/revoke", {"agent": agent, "token_id": token_id, "by": by,
+                                                         "cascade": cascade})
 
     def keys(self, *, action: str, kid: str | None = None, by: str) -> dict[str, Any]:
         return self._request("POST", "/control/keys", {"action": action, "kid": kid, "by": by})

@@ -9,7 +9,8 @@
     │   │                            BAD_REQUEST_MAC, REPLAY, DEPTH_EXCEEDED
     │   ├── PolicyDenied             POLICY_DENIED: a caveat does not hold
     │   ├── QuotaExceeded            RATE_LIMITED (.retry_after_s), CONCURRENCY_LIMIT,
-    │   │                            BUDGET_EXHAUSTED
+    │   │                            BUDGET_EXHAUSTED, APPROVAL_QUEUE_FULL (the agent has
+    │   │                            as many calls parked for approval as it may)
     │   ├── AuditUnavailable         AUDIT_UNAVAILABLE: no record, no call
     │   ├── DelegationDenied         DELEGATION_DENIED
     │   ├── ApprovalDenied           APPROVAL_DENIED, APPROVAL_TIMEOUT: a human said no, or nobody answered
@@ -51,6 +52,7 @@ class ErrorCode(str, Enum):
     RATE_LIMITED = "RATE_LIMITED"
     CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+    APPROVAL_QUEUE_FULL = "APPROVAL_QUEUE_FULL"
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     DELEGATION_DENIED = "DELEGATION_DENIED"
     APPROVAL_DENIED = "APPROVAL_DENIED"
@@ -151,7 +153,7 @@ class QuotaExceeded(Denied):
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]
-        return self.code is ErrorCode.RATE_LIMITED or self.code is ErrorCode.CONCURRENCY_LIMIT
+        return self.code in (ErrorCode.RATE_LIMITED, ErrorCode.CONCURRENCY_LIMIT, ErrorCode.APPROVAL_QUEUE_FULL)
 
 
 class AuditUnavailable(Denied):
@@ -225,6 +227,7 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.RATE_LIMITED: QuotaExceeded,
     ErrorCode.CONCURRENCY_LIMIT: QuotaExceeded,
     ErrorCode.BUDGET_EXHAUSTED: QuotaExceeded,
+    ErrorCode.APPROVAL_QUEUE_FULL: QuotaExceeded,
     ErrorCode.AUDIT_UNAVAILABLE: AuditUnavailable,
     ErrorCode.DELEGATION_DENIED: DelegationDenied,
     ErrorCode.DISPATCH_REFUSED: DispatchRefused,

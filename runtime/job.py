@@ -356,7 +356,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         key = hmac.new(request_master, a.name.encode(), sha256).digest()
         entry = AgentEntry(a.name, key, frozenset(policy.delegation.can_delegate_to),
                            tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings(),
-                           policy.approval_rules(), policy.anomaly.config(), root.token_id)
+                           policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked)
         for tool_name in policy.unsandboxed_tools():
             progress(f"WARNING: agent {a.name!r} runs {'its tools' if tool_name == '*' else tool_name!r} "
                      f"UNSANDBOXED (policy {a.policy}: unsandboxed: true)")

@@ -8,7 +8,8 @@ back-pressure) and flags are violations; ``quarantine_after`` violations inside 
 quarantine the agent, when the policy asks for it.
 
 Invariant: the signals come from the orchestrator's own observations, so an agent cannot
-suppress them. State is small and per agent (so it shards with the agent).
+suppress them. State is per agent (so it shards with the agent) and per tool the supervisor
+registered (it names every other one ``OTHER_TOOL``), so invented names cannot grow it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 # Back-pressure, not misbehaviour: a well-behaved agent can hit these.
-NOT_VIOLATIONS = frozenset({"RATE_LIMITED", "CONCURRENCY_LIMIT", "APPROVAL_TIMEOUT"})
+NOT_VIOLATIONS = frozenset({"RATE_LIMITED", "CONCURRENCY_LIMIT", "APPROVAL_TIMEOUT", "APPROVAL_QUEUE_FULL"})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Human approval of single calls.
 
-Invariants: a call that a policy marks for approval is parked before any quota is reserved
-or anything dispatched, and goes on only after a human approved *that call* (by its id); an
+Invariants: a call that a policy marks for approval is parked after its quota is reserved and
+before anything is dispatched, and goes on only after a human approved *that call* (by id); an
 approval never widens a token or covers a second call. No answer before the timeout, a
 denial, or a revocation of the agent all mean deny. Every request and every decision, with
 the approver's name, is written to the audit log by the supervisor.

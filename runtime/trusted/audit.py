@@ -9,46 +9,30 @@ Threat: someone with access to the host files (an operator covering tracks, a pr
 the sandboxes, a bad disk, a crash) changes what the log says happened. The chain is unkeyed,
 so an attacker who rewrites the whole log *and* the head consistently is not caught: publish
 ``last_hash`` elsewhere (metrics, a remote store) to anchor it. Agents only choose field
-values, which are size-capped and have secret-named keys redacted, so a model can neither
-flood the log nor make it hold a credential; ``format_record`` escapes control characters so
-a field cannot forge lines on a terminal.
+values, which are size-capped, so a model cannot flood the log; what it writes is logged as
+written, whatever its keys are called, so it cannot hide an argument either. Redacted (replaced
+by its sha256) are only a top-level field the writing code names as a secret, and any string
+holding a value passed to ``redact`` (the credentials the supervisor attaches to dispatches).
 
-Segments: segment 0 is the file ``<path>``, then come ``<path>.1``, ``<path>.2``, ... With
-``rotate_bytes`` set, a record that would take the current segment past it starts the next
-one (a segment holds at least one record). Seq and chain run on across segments, so the
-segments concatenated are exactly a single-file log. Other files named ``<path>.<number>``
-would be read as segments; archive old segments by copying, never by removing them. Each
-segment is a sequence of frames and nothing else::
+Segments: ``<path>``, then ``<path>.1``, ``<path>.2``, ... (a record that would take a segment
+past ``rotate_bytes`` starts the next; seq and chain run on across them, so the segments
+concatenated are a single-file log; archive old ones by copying, never by removing them). A
+segment is frames and nothing else, ``prev`` being the previous record's digest (zeros first)::
 
-    frame  = length:u32 big-endian | body:length bytes | digest:32 bytes
-    body   = msgpack map {"seq": int, "ts": float, "prev": bytes(32), "kind": str, **fields}
-    digest = sha256(body)
+    frame = length:u32 big-endian | body = msgpack {"seq", "ts", "prev", "kind", **fields} | sha256(body)
+    head  = b"WAH2" | segment:u32 | records:u64 | digest of the last record   (file <path>.head)
 
-``seq`` counts from 0 by one; ``prev`` is the previous record's digest (zeros for record 0),
-and it is inside the body, so each digest covers the whole chain up to that record.
+The head is rewritten in place after each append, so a cut-off tail is told from a short log.
+The frame is written first: a crash leaves the head behind the log (accepted if its digest
+matches, and brought up to date on open), never ahead. Any chain problem, a missing segment, a
+head ahead of the log, or no head beside a non-empty log makes ``AuditLog`` refuse to open:
+appending after a cut would seal it into the chain.
 
-Head file ``<path>.head``, one per log, 48 bytes rewritten in place (pwrite at offset 0) after
-each append; ``segment`` is the index of the segment holding the last record::
-
-    head = b"WAH2" | segment:u32 | records:u64 | digest of the last record (zeros if none)
-
-A chain that ends at record 9 looks like one whose last records or last segment were cut off;
-the head tells them apart. Any other magic is rejected (``WAH1`` is the older single-file
-head). The frame is written before the head, so a crash leaves the head behind the log, never
-ahead: a head behind the log whose digest matches the record it names is accepted, and
-brought up to date on open. Any chain problem, a missing segment, a head ahead of the log, or
-no head beside a non-empty log makes ``AuditLog`` refuse to open.
-
-fsync policy (``fsync=``; ``True`` means "always", ``False`` "never"). A process crash loses
-nothing acknowledged under any policy; what survives a power loss or kernel crash::
-
-    "never"   (default) what the OS had flushed. The head may reach the disk before the
-              records it counts: the log then reports truncation and will not reopen.
-    "rotate"  a segment and the head are fsync'd when the segment is closed (on rotation and
-              on ``close``), before the next segment file is created and made durable in its
-              directory: closed segments survive; the open one is as under "never".
-    "always"  each record, then the head, is fsync'd before ``record`` returns: every
-              acknowledged record survives and the head on disk is never ahead of the log.
+fsync policy (``True`` = "always", ``False`` = "never"); a process crash loses nothing
+acknowledged under any of them; after a power loss: "never" (default) keeps what the OS had
+flushed (a head ahead of its records then reads as truncation); "rotate" fsyncs a segment and
+the head when the segment is closed, before the next is created (closed segments survive);
+"always" fsyncs each record, then the head, before ``record`` returns.
 """
 
 from __future__ import annotations
@@ -56,44 +40,38 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
-import json
 import logging
-import math
 import os
 import re
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol, TextIO
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
 
 import msgpack
 
 from ..errors import AuditUnavailable
 
-__all__ = ["FSYNC_POLICIES", "AuditChainError", "AuditFormatError", "AuditLog", "AuditSink",
-           "VerifyReport", "export_jsonl", "filter_records", "format_record", "read_records",
-           "segment_path", "verify"]
+__all__ = ["FSYNC_POLICIES", "AuditFormatError", "AuditLog", "AuditSink", "VerifyReport", "read_records",
+           "read_with_digests", "segment_path", "verify"]
 
 log = logging.getLogger(__name__)
 
 ZERO_HASH = bytes(32)
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 PREVIEW_LEN = 256
-REDACTED = "[REDACTED]"
 HEAD_MISSING = "head file missing: cannot rule out truncation"
 FSYNC_POLICIES = ("never", "rotate", "always")
 _HEAD = struct.Struct(">4sIQ32s")
 _HEAD_MAGIC = b"WAH2"
 _LEN = struct.Struct(">I")
-_RESERVED = frozenset({"seq", "ts", "prev", "kind"})
+RESERVED = frozenset({"seq", "ts", "prev", "kind"})
 _SECRET_WORDS = ("apikey", "token", "secret", "password", "passwd", "authorization",
                  "credential", "privatekey")
 _ID_KEY = re.compile(r"(?:^|[_\-. ])ids?$|[a-z0-9](?:Id|ID)s?$")
 _MAX_DEPTH = 64
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class AuditFormatError(ValueError):
@@ -123,34 +101,39 @@ class VerifyReport:
 
 
 def _is_secret(key: str, value: Any) -> bool:
+    """A field the writing code named as a secret, whatever its type (counters like max_tokens aside)."""
     norm = re.sub(r"[^a-z0-9]", "", key.lower())
     if not any(word in norm for word in _SECRET_WORDS):
         return False
     if _ID_KEY.search(key):  # token_id, keyId: identifiers are what the log is meant to carry
         return False
-    # max_tokens=100 is a count, not a credential
     return not (norm.endswith("tokens") and type(value) is int)
 
 
-def _scrub(value: Any, depth: int = 0) -> Any:
-    """Plain msgpack-able copy of ``value`` with secret-named keys redacted at any depth."""
+def _redacted(value: Any) -> dict[str, Any]:
+    """What stands in for a secret: its hash, to match it against a value known elsewhere."""
+    return {"redacted": True, "sha256": hashlib.sha256(msgpack.packb(value, use_bin_type=True)).hexdigest()}
+
+
+def _scrub(value: Any, secrets: tuple[str, ...] = (), depth: int = 0) -> Any:
+    """Plain msgpack-able copy of ``value``; a string holding one of ``secrets`` is redacted. Keys
+    nested in a field are chosen by whoever filled it (a model, for tool arguments): never a reason."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"value nested deeper than {_MAX_DEPTH}")
     if isinstance(value, Enum):  # ErrorCode and friends are logged by value
         value = value.value
-    if value is None or isinstance(value, (str, bool, int, float, bytes)):
+    if isinstance(value, (str, bytes, bytearray)):
+        value = bytes(value) if isinstance(value, bytearray) else value
+        hit = any((s if isinstance(value, str) else s.encode()) in value for s in secrets)
+        return _redacted(value) if hit else value
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    if isinstance(value, bytearray):
-        return bytes(value)
     if isinstance(value, (list, tuple)):
-        return [_scrub(v, depth + 1) for v in value]
+        return [_scrub(v, secrets, depth + 1) for v in value]
     if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"dict key {k!r} is not a str")
-            out[k] = REDACTED if _is_secret(k, v) else _scrub(v, depth + 1)
-        return out
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("dict keys must be str")
+        return {k: _scrub(v, secrets, depth + 1) for k, v in value.items()}
     raise TypeError(f"{type(value).__name__} is not an audit field type")
 
 
@@ -200,6 +183,7 @@ class AuditLog:
         self._fd = self._head_fd = self._lock_fd = -1
         self._segment = self._segment_bytes = 0
         self._broken: str | None = None
+        self._secrets: tuple[str, ...] = ()
         try:
             self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -230,6 +214,11 @@ class AuditLog:
         if fresh and self._fsync != "never":
             self._fsync_dir()
         return report.records, last_hash
+
+    def redact(self, values: Iterable[str]) -> None:
+        """Values never to store (credentials): a string holding one is replaced by its hash."""
+        with self._lock:
+            self._secrets = tuple(sorted({*self._secrets, *(v for v in values if isinstance(v, str) and v)}))
 
     @property
     def last_seq(self) -> int:
@@ -299,11 +288,12 @@ class AuditLog:
     def _body(self, seq: int, kind: str, fields: dict[str, Any]) -> bytes:
         if not isinstance(kind, str) or not kind:
             raise ValueError("kind must be a non-empty str")
-        if _RESERVED & fields.keys():
-            raise ValueError(f"reserved field names {sorted(_RESERVED & fields.keys())}")
+        if RESERVED & fields.keys():
+            raise ValueError(f"reserved field names {sorted(RESERVED & fields.keys())}")
         rec = {"seq": seq, "ts": float(self._clock()), "prev": self._last_hash, "kind": kind}
         for k, v in fields.items():
-            rec[k] = REDACTED if _is_secret(k, v) else _cap(_scrub(v), self._max_field_bytes)
+            v = _scrub(v, self._secrets)
+            rec[k] = _redacted(v) if _is_secret(k, v) else _cap(v, self._max_field_bytes)
         body = msgpack.packb(rec, use_bin_type=True)
         if len(body) > MAX_RECORD_BYTES:
             raise ValueError(f"record is {len(body)} bytes, limit {MAX_RECORD_BYTES}")
@@ -368,7 +358,7 @@ def _decode(body: bytes, offset: int) -> dict[str, Any]:
     return rec
 
 
-def _read(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+def read_with_digests(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:
     """(record, stored digest) from every segment file that exists, in segment order."""
     for index in sorted({0, *_segment_indices(path)}):  # a missing <path> raises, as it should
         seg = segment_path(path, index)
@@ -384,7 +374,7 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Yield each record, segment by segment in file order. Checks framing and decoding, not the
     chain (that is ``verify``): yields every good record, then raises ``AuditFormatError`` at the
     first bad frame."""
-    return (rec for rec, _ in _read(os.fspath(path)))
+    return (rec for rec, _ in read_with_digests(os.fspath(path)))
 
 
 def _read_head(path: str) -> tuple[int, int, bytes] | str:
@@ -493,116 +483,3 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         return _scan(os.fspath(path))[0]
     except Exception as exc:
         return VerifyReport(False, 0, None, f"verify failed: {exc}")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = value.hex() if isinstance(value, bytes) else value if isinstance(value, str) else repr(value)
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _agent(rec: dict[str, Any]) -> Any:
-    return rec.get("agent", rec.get("agent_id"))
-
-
-def format_record(rec: dict[str, Any]) -> str:
-    """One readable line: time (UTC, ISO), #seq, kind, agent, tool, decision, code, other fields."""
-    try:
-        when = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).isoformat(timespec="milliseconds")
-        when = when.replace("+00:00", "Z")
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
-        when = "?"
-    parts = [when, f"#{_short(rec.get('seq', '?'))}", _short(rec.get("kind", "?"))]
-    for key, value in (("agent", _agent(rec)), ("tool", rec.get("tool")),
-                       ("decision", rec.get("decision")), ("code", rec.get("code"))):
-        if value is not None:
-            parts.append(f"{key}={_short(value)}")
-    shown = _RESERVED | {"agent", "agent_id", "tool", "decision", "code"}
-    parts += [f"{_short(k, 30)}={_short(v)}" for k, v in rec.items() if k not in shown]
-    return " ".join(parts)
-
-
-def _epoch(when: float | datetime | None) -> float | None:
-    return when.timestamp() if isinstance(when, datetime) else when
-
-
-def _matcher(agent: str | None = None, tool: str | None = None, decision: str | None = None,
-             since: float | datetime | None = None, until: float | datetime | None = None,
-             kind: str | None = None) -> Callable[[dict[str, Any]], bool]:
-    lo, hi = _epoch(since), _epoch(until)
-
-    def match(rec: dict[str, Any]) -> bool:
-        ts = rec.get("ts", 0.0)
-        return ((agent is None or _agent(rec) == agent) and (tool is None or rec.get("tool") == tool)
-                and (decision is None or decision in (rec.get("decision"), rec.get("code")))
-                and (kind is None or rec.get("kind") == kind)
-                and (lo is None or ts >= lo) and (hi is None or ts < hi))
-    return match
-
-
-def filter_records(records: Iterable[dict[str, Any]], agent: str | None = None,
-                   tool: str | None = None, decision: str | None = None,
-                   since: float | datetime | None = None,
-                   until: float | datetime | None = None,
-                   kind: str | None = None) -> Iterator[dict[str, Any]]:
-    """Records matching every given criterion; ``since`` inclusive, ``until`` exclusive
-    (epoch seconds or aware datetimes). ``agent`` matches field ``agent`` or ``agent_id``;
-    ``decision`` matches field ``decision`` ("allow", "deny") or ``code`` ("POLICY_DENIED")."""
-    return filter(_matcher(agent, tool, decision, since, until, kind), records)
-
-
-class AuditChainError(ValueError):
-    """``export_jsonl`` refused a log that does not verify; ``report`` says why."""
-
-    def __init__(self, path: str, report: VerifyReport) -> None:
-        super().__init__(f"audit log {path} does not verify ({report.problem}); refusing to "
-                         "export it (allow_broken=True exports what can be read)")
-        self.report = report
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # JSON has no NaN or infinity
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {(k.hex() if isinstance(k, bytes) else k): _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def export_jsonl(path: str | os.PathLike[str], out: TextIO, *, allow_broken: bool = False,
-                 **filters: Any) -> int:
-    """Write the records matching ``filters`` (the criteria of ``filter_records``) to ``out``
-    as JSON Lines for a SIEM, and return how many were written. One object per record::
-
-        {"seq": int, "ts": float, "prev": hex, "kind": str, "hash": hex, "fields": {...}}
-
-    ``hash`` is the record's digest (the next record's ``prev``); bytes anywhere are hex.
-    The log is verified first and ``AuditChainError`` raised if it does not verify, before
-    anything is written; only the records verified are exported (not ones appended since).
-    With ``allow_broken=True`` a broken log is exported up to its first unreadable frame.
-    """
-    path = os.fspath(path)
-    match = _matcher(**filters)  # unknown filters fail here, before anything is written
-    report = verify(path)
-    if not report.ok and not allow_broken:
-        raise AuditChainError(path, report)
-    pairs = _read(path)
-    if report.ok:
-        pairs = itertools.islice(pairs, report.records)
-    count = 0
-    try:
-        for rec, digest in pairs:
-            if match(rec):
-                fields = {k: v for k, v in rec.items() if k not in _RESERVED}
-                line = {"seq": rec["seq"], "ts": rec["ts"], "prev": rec["prev"], "kind": rec["kind"],
-                        "hash": digest, "fields": fields}
-                out.write(json.dumps(_jsonable(line), allow_nan=False) + "\n")
-                count += 1
-    except AuditFormatError as exc:
-        if report.ok:
-            raise
-        log.warning("export of broken audit log %s stopped: %s", path, exc)
-    return count

@@ -29,21 +29,5 @@ class Observer(Protocol):
     def quarantine(self, agent: str) -> None: ...
 
 
-class NullObserver:
-    def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
-        return None
-
-    def outcome(self, agent: str, tool: str, ok: bool, code: str | None, dispatch_s: float) -> None:
-        return None
-
-    def budget(self, agent: str, kind: str, used: float, limit: float) -> None:
-        return None
-
-    def approvals_pending(self, count: int) -> None:
-        return None
-
-    def anomaly(self, agent: str, tool: str, kind: str) -> None:
-        return None
-
-    def quarantine(self, agent: str) -> None:
-        return None
+class NullObserver(Observer):
+    """Reports nothing: every method is the protocol's own, which does nothing (and returns None)."""

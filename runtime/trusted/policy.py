@@ -166,6 +166,7 @@ class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
     burst: int = Field(default=10, ge=1)
     max_concurrent: int | None = Field(default=8, ge=1)
+    max_parked: int = Field(default=8, ge=1)  # calls waiting for human approval at once
     max_calls: int | None = Field(default=None, ge=0)
     max_cost: float | None = Field(default=None, ge=0)
     ttl_s: float = Field(default=3600.0, gt=0)

@@ -26,10 +26,6 @@ import msgpack
 log = logging.getLogger(__name__)
 
 
-def _pack(frame: Any) -> bytes:
-    return msgpack.packb(frame, use_bin_type=True)
-
-
 class StateJournal:
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False,
                  compact_bytes: int = 16 << 20) -> None:
@@ -60,7 +56,7 @@ class StateJournal:
             self.size = good
 
     def append(self, *frame: Any) -> None:
-        data = _pack(list(frame))
+        data = msgpack.packb(list(frame), use_bin_type=True)
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
@@ -73,7 +69,7 @@ class StateJournal:
         tmp = f"{self.path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            data = _pack(snapshot)
+            data = msgpack.packb(snapshot, use_bin_type=True)
             os.write(fd, data)
             os.fsync(fd)
         finally:

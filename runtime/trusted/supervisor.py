@@ -3,14 +3,18 @@
 A call goes through a short pipeline, each stage able only to deny::
 
     decode -> authenticate (request MAC, nonce) -> verify token (chain, seals, revocation)
-      -> canonicalise arguments -> evaluate caveats -> [park for human approval]
-      -> reserve quota -> audit (write-ahead) -> dispatch (supervisor-MAC'd) -> settle
+      -> [per item of a batch: revocation again] -> canonicalise arguments -> evaluate caveats
+      -> reserve quota -> [park for human approval] -> audit (write-ahead)
+      -> [batch: revocation again] -> dispatch (supervisor-MAC'd) -> settle
       -> audit outcome (withheld if the agent was revoked meanwhile)
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
 means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
+A call parks for approval holding its reservation, at most ``max_parked`` per agent. Counts use
+names the supervisor vouches for: a request whose MAC does not verify is ``UNAUTHENTICATED``, a
+tool nobody registered ``OTHER_TOOL``; invented names cost no memory, move nobody's figures.
 
 Alongside, the supervisor produces the signals an operator needs (``Observer``), counts
 violations per agent (``AnomalyDetector``) and quarantines an agent whose policy asks for
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import secrets
 import time
@@ -35,10 +40,11 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
-                      MalformedRequest, TokenRejected, ToolFailed, UnknownTool, WardenError)
+                      MalformedRequest, QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
-from .capability import Caveat, KeyRing, VerifiedToken, hmac_sha256, url_origin
+from .audit import AuditSink
+from .capability import Caveat, Holder, KeyRing, VerifiedToken, hmac_sha256, url_origin
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
 from .state import StateJournal
@@ -47,6 +53,7 @@ from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 log = logging.getLogger(__name__)
 MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
+UNAUTHENTICATED, OTHER_TOOL = "(unauthenticated)", "(other)"  # the count series of names not vouched for
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
 WORKER_CODES = frozenset(c.value for c in (
     ErrorCode.TOOL_FAILED, ErrorCode.WORKER_UNAVAILABLE, ErrorCode.DISPATCH_REFUSED, ErrorCode.SANDBOX_TIMEOUT,
@@ -58,10 +65,6 @@ class Dispatcher(Protocol):
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes: ...
 
 
-class AuditSink(Protocol):
-    def record(self, kind: str, **fields: Any) -> int: ...
-
-
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -69,6 +72,11 @@ def _pack(obj: Any) -> bytes:
 def sign_dispatch(key: bytes, body: dict[str, Any]) -> bytes:
     body_bytes = _pack(body)
     return _pack([body_bytes, hmac.new(key, body_bytes, sha256).digest()])
+
+
+def holder_id(agent: str) -> bytes:
+    """Revoking this id revokes every token ``agent`` ever held and all derived from them (cascade)."""
+    return b"holder\x00" + agent.encode()
 
 
 def shard_of(agent: str, shards: int) -> int:
@@ -88,16 +96,8 @@ class AgentEntry:
     sandbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # tool or "*" -> {backend, limits}
     approvals: dict[str, ApprovalRule] = field(default_factory=dict)  # tool -> when a human must approve
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
-    root_token_id: bytes | None = None  # revoked (with every token derived from it) on quarantine
-
-
-@dataclass
-class _Checked:
-    agent: str
-    tool: str
-    args: dict[str, Any]
-    vt: VerifiedToken
-    spec: ToolSpec
+    root_token_id: bytes | None = None  # for reference: a quarantine revokes every token the agent held
+    max_parked: int = 8  # calls parked for approval at once; one more is APPROVAL_QUEUE_FULL
 
 
 @dataclass
@@ -119,33 +119,25 @@ class Supervisor:
                  credentials: dict[str, dict[str, dict[str, str]]] | None = None, observer: Observer | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, shard: tuple[int, int] = (0, 1),
                  journal: StateJournal | None = None, peer_key: bytes | None = None) -> None:
-        self.job_id = job_id
-        self.keyring = keyring
-        self.tools = dict(tools)
-        self.audit = audit
-        self.dispatcher = dispatcher
-        self._dispatch_key = dispatch_key
-        self.clock = clock
-        self.ledger = ledger or QuotaLedger()
-        self.nonces = nonces or NonceWindow(clock=clock)
-        self.revocations = revocations or RevocationList()
-        self.call_timeout_s = call_timeout_s
-        self._credentials = dict(credentials or {})  # tool -> header -> {value, origin}: only to that tool
-        self.agents: dict[str, AgentEntry] = {}
-        self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
-        self.observer: Observer = observer or NullObserver()
-        self.approvals = Approvals(clock)
-        self.anomaly = AnomalyDetector()
-        self.quarantined: set[str] = set()
-        self._on_event = on_event or (lambda _e: None)
         self.shard, self.shards = shard
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {shard} out of range")
-        self.journal = journal
+        self.job_id, self.keyring, self.tools, self.audit, self.clock = job_id, keyring, dict(tools), audit, clock
+        self.dispatcher, self._dispatch_key, self.call_timeout_s = dispatcher, dispatch_key, call_timeout_s
+        self.journal, self._peer_key, self._on_event = journal, peer_key, on_event or (lambda _e: None)
+        self.ledger, self.nonces = ledger or QuotaLedger(), nonces or NonceWindow(clock=clock)
+        self.revocations, self.approvals = revocations or RevocationList(), Approvals(clock)
+        self.anomaly, self.observer = AnomalyDetector(), observer or NullObserver()
+        self._credentials = dict(credentials or {})  # tool -> header -> {value, origin}: only to that tool
+        self.agents: dict[str, AgentEntry] = {}
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
+        self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
-        self._peer_key = peer_key
+        if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
+            audit.redact(c["value"] if isinstance(c, dict) else c  # {value, origin} where bound to an origin
+                         for creds in self._credentials.values() for c in creds.values())
 
     # ------------------------------------------------------------------ set-up
     def register_agent(self, entry: AgentEntry, quota: AgentQuota) -> None:
@@ -154,11 +146,15 @@ class Supervisor:
         self.anomaly.configure(entry.name, entry.anomaly)
 
     # ------------------------------------------------------------------ operator actions
-    def revoke_agent(self, agent: str, *, by: str = "operator") -> None:
-        """Kill switch: every token the agent holds is refused from now on, parked calls included."""
+    def revoke_agent(self, agent: str, *, by: str = "operator", cascade: bool = False) -> None:
+        """Kill switch: every token the agent holds is refused from now on, parked calls included.
+        ``cascade``: so is every token derived from one it held, delegated onwards, whoever holds it."""
+        if cascade:  # first: it covers every token the agent holds too, should the next frame be lost
+            self.revocations.revoke(holder_id(agent))
+            self._journal("v", holder_id(agent))
         self.revocations.revoke_agent(agent)
         self._journal("va", agent)
-        self.audit.record("revoke", agent=agent, by=by)
+        self.audit.record("revoke", agent=agent, by=by, cascade=cascade)
         self.approvals.deny_agent(agent, approver=by, reason="agent revoked")
 
     def revoke_token(self, token_id_or_tag: bytes, *, by: str = "operator") -> None:
@@ -187,12 +183,10 @@ class Supervisor:
                           origin=self.shard if origin is None else origin)
 
     def _quarantine_state(self, agent: str) -> None:
-        """What a quarantine changes, live and on replay: the agent and its root token (so every
-        token derived from it, delegations included) revoked."""
+        """What a quarantine changes, live and on replay: the agent revoked, with every token derived
+        from one it held (its root token's delegations, and what it was delegated and passed on)."""
         self.quarantined.add(agent)
-        entry = self.agents.get(agent)
-        if entry is not None and entry.root_token_id is not None:
-            self.revocations.revoke(entry.root_token_id)
+        self.revocations.revoke(holder_id(agent))
         self.revocations.revoke_agent(agent)
 
     def add_key(self, kid: str, key: bytes, *, epoch: int | None = None, by: str = "operator") -> int:
@@ -241,7 +235,7 @@ class Supervisor:
         op, args, origin = body["op"], body["args"], int(body["from"])
         by = f"{args.get('by', 'operator')} via shard {origin}"
         if op == "revoke_agent":
-            self.revoke_agent(args["agent"], by=by)
+            self.revoke_agent(args["agent"], by=by, cascade=bool(args.get("cascade")))
         elif op == "revoke_token":
             self.revoke_token(bytes(args["token_id"]), by=by)
         elif op == "quarantine":
@@ -424,7 +418,7 @@ class Supervisor:
         except TokenRejected as exc:
             exc.tool = tool
             raise
-        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        self._check_revoked(vt, tool)
         if vt.holder != entry.name:
             raise TokenRejected(f"token holder is {vt.holder!r}, request from {entry.name!r}",
                                 code=ErrorCode.WRONG_HOLDER, tool=tool)
@@ -436,52 +430,59 @@ class Supervisor:
                                 code=ErrorCode.WRONG_SHARD, tool=tool)
         return body, entry, vt
 
+    def _check_revoked(self, vt: VerifiedToken, tool: str) -> None:
+        """Not revoked by an id on its chain, its holder, nor an agent that held it (read only if any id is)."""
+        holders = (holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
+        self.revocations.check(itertools.chain(vt.chain_ids(), holders), vt.holder, tool)
+
     def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
-        """For a call that waited (parked or in flight): still not revoked, its key still in the ring."""
-        self.revocations.check(vt.chain_ids(), vt.holder, tool)
+        """For a call that waited (parked, in flight): still not revoked, its key still in the ring."""
+        self._check_revoked(vt, tool)
         if vt.token.kid not in self.keyring.kids:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
-    def _evaluate(self, body: dict[str, Any], entry: AgentEntry, vt: VerifiedToken) -> _Checked:
-        tool = body["tool"]
+    def _evaluate(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken) -> tuple[dict[str, Any], float]:
+        """The canonical arguments, once every caveat holds for them, and the tool's projected cost."""
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
-        args = spec.canonical_args(body["args"])
+        args = spec.canonical_args(args)
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
-        return _Checked(entry.name, tool, args, vt, spec)
+        return args, spec.cost
 
-    def _reserve(self, c: _Checked) -> _Allowed:
-        reservation = self.ledger.reserve(c.agent, c.vt.budgets, c.spec.cost, c.tool)
+    def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float) -> _Allowed:
+        reservation = self.ledger.reserve(agent, vt.budgets, cost, tool)
         call_id = secrets.token_hex(8)
         if self.journal is not None:
             self._open[call_id] = reservation
             try:
-                self._journal("r", call_id, c.agent, [list(x) for x in reservation.charges],
+                self._journal("r", call_id, agent, [list(x) for x in reservation.charges],
                               reservation.projected_cost, list(reservation.cost_keys))
             except Exception:
                 self._open.pop(call_id, None)
                 self.ledger.release(reservation)
                 raise
-        for key, kind, limit in c.vt.budgets:
-            self.observer.budget(c.agent, kind, self.ledger.used(key), limit)
-        return _Allowed(call_id, c.agent, c.tool, c.args, c.vt, reservation)
+        for key, kind, limit in vt.budgets:
+            self.observer.budget(agent, kind, self.ledger.used(key), limit)
+        return _Allowed(call_id, agent, tool, args, vt, reservation)
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
         body, entry, vt = self._authenticate(data, "call")
-        return self._reserve(self._evaluate(body, entry, vt))
+        return self._reserve(entry.name, body["tool"], vt, *self._evaluate(body["tool"], body["args"], entry, vt))
 
-    async def _approval(self, c: _Checked) -> None:
-        """Park the call until a human decides; raise ApprovalDenied unless approved in time."""
-        rule = self.agents[c.agent].approvals.get(c.tool)
+    async def _approval(self, c: _Allowed) -> None:
+        """Park the reserved call until a human decides; raise ApprovalDenied unless approved in time."""
+        rule, limit = self.agents[c.agent].approvals.get(c.tool), self.agents[c.agent].max_parked
         if rule is None or not rule.matches(c.args):
             return
+        if (parked := sum(p["agent"] == c.agent for p in self.approvals.list())) >= limit:
+            raise QuotaExceeded(f"parked={parked}, limit={limit}", tool=c.tool, code=ErrorCode.APPROVAL_QUEUE_FULL)
         pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s)
-        self.audit.record("approval_requested", approval_id=pending.id, agent=c.agent, tool=c.tool, args=c.args,
-                          timeout_s=rule.timeout_s)
-        self.observer.approvals_pending(len(self.approvals))
         try:
+            self.audit.record("approval_requested", approval_id=pending.id, call_id=c.call_id, agent=c.agent,
+                              tool=c.tool, args=c.args, timeout_s=rule.timeout_s)
+            self.observer.approvals_pending(len(self.approvals))
             approved, approver, reason = await asyncio.wait_for(asyncio.shield(pending.future), rule.timeout_s)
         except asyncio.TimeoutError:
             approved, approver, reason = False, "(nobody)", f"no decision within {rule.timeout_s:g}s"
@@ -497,10 +498,6 @@ class Supervisor:
         self._still_valid(c.vt, c.tool)
         c.vt.check_time(self.clock())
 
-    def refuse(self, exc: WardenError, data: Any) -> bytes:
-        """Deny a request for a reason outside the pipeline (e.g. the shard is not ready), on record."""
-        return self._deny(exc, data)
-
     def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
               started: float | None = None, tool: str | None = None) -> bytes:
         """Record a denial and encode it for the agent. A bug (not a WardenError) still denies.
@@ -509,25 +506,31 @@ class Supervisor:
         request in another agent's name, and must not be able to get it quarantined that way."""
         if not isinstance(exc, WardenError):
             exc = InternalError(f"{type(exc).__name__}: {exc}"[:500])
-        agent = None
+        agent, who = None, UNAUTHENTICATED  # counted under an agent only if its MAC vouches for it (no replay)
         try:
-            _, _, body = decode_envelope(data)
-            agent, tool = body.get("agent"), tool or body.get("tool")
+            body_bytes, mac, body = decode_envelope(data)
+            agent, tool, entry = body.get("agent"), tool or body.get("tool"), self.agents.get(body.get("agent"))
+            if entry and exc.code is not ErrorCode.REPLAY and hmac.compare_digest(
+                    hmac_sha256(entry.request_key, body_bytes), mac):
+                who = entry.name
         except WardenError:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
-        self.counts[(str(agent), str(tool), exc.code.value)] += 1
+        label = str(tool) if tool is None or tool in self.tools else OTHER_TOOL
+        self.counts[(who, label, exc.code.value)] += 1
         elapsed = time.perf_counter() - started if started is not None else 0.0
-        self.observer.decision(str(agent), str(tool), "deny", exc.code.value, elapsed)
+        self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason)
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED)
             if authenticated is not None:
-                self._flag(authenticated, str(tool), self.anomaly.denial(authenticated, exc.code.value, self.clock()))
+                self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
             audit_exc.tool = exc.tool
             return _pack({"ok": False, "error": audit_exc.to_wire()})
         return _pack({"ok": False, "error": exc.to_wire()})
+
+    refuse = _deny  # a request denied for a reason outside the pipeline (the shard is not ready), on record
 
     # ------------------------------------------------------------------ entry points
     async def call(self, data: Any) -> bytes:
@@ -552,8 +555,14 @@ class Supervisor:
         except Exception as exc:
             return self._deny(exc, data, started=started)
         decided = [await self._decide(tool, args, entry, vt, data, started) for tool, args in items]
-        allowed = [d for d in decided if not isinstance(d, bytes)]
         outcomes: dict[str, Any] = {}
+        for d in decided:  # revoked (or quarantined by a later item) since its decision: not dispatched
+            if isinstance(d, _Allowed):
+                try:
+                    self._still_valid(d.vt, d.tool)
+                except TokenRejected as exc:
+                    outcomes[d.call_id] = exc
+        allowed = [d for d in decided if isinstance(d, _Allowed) and d.call_id not in outcomes]
         if allowed:
             messages = [self._message(ok) for ok in allowed]
             dispatch_batch = getattr(self.dispatcher, "dispatch_batch", None)
@@ -565,9 +574,9 @@ class Supervisor:
                     raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
                 else:
                     raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])
-                outcomes = dict(zip((ok.call_id for ok in allowed), raws))
+                outcomes.update(zip((ok.call_id for ok in allowed), raws))
             except Exception as exc:  # the whole hop failed: every allowed call reports it
-                outcomes = {ok.call_id: exc for ok in allowed}
+                outcomes.update({ok.call_id: exc for ok in allowed})
         replies = []
         for d in decided:
             if isinstance(d, bytes):
@@ -579,14 +588,17 @@ class Supervisor:
     async def _decide(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken, data: Any,
                       started: float) -> "_Allowed | bytes":
         """Stages 3-6 for one authenticated call: an allowed call on record, or an encoded denial."""
+        ok, label = None, tool if tool in self.tools else OTHER_TOOL  # one count series for invented names
         try:
-            self._flag(entry.name, tool, self.anomaly.call(entry.name, tool, self.clock()))
-            checked = self._evaluate({"tool": tool, "args": args}, entry, vt)
-            if checked.tool in entry.approvals:
-                await self._approval(checked)
+            self._flag(entry.name, label, self.anomaly.call(entry.name, label, self.clock()))
+            self._check_revoked(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
+            ok = self._reserve(entry.name, tool, vt, *self._evaluate(tool, args, entry, vt))
+            if ok.tool in entry.approvals:
+                await self._approval(ok)
                 started = time.perf_counter()  # authorization time excludes the human's
-            ok = self._reserve(checked)
         except Exception as exc:
+            if ok is not None:  # denied while parked: it never ran
+                self._close(ok.call_id, ok.reservation, None, refund=True)
             return self._deny(exc, data, authenticated=entry.name, started=started, tool=tool)
         authz_s = time.perf_counter() - started
         self.observer.decision(ok.agent, ok.tool, "allow", None, authz_s)
@@ -657,12 +669,14 @@ class Supervisor:
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
-        finally:
-            self._close(ok.call_id, ok.reservation, cost if isinstance(cost, (int, float)) else None)
+        finally:  # a call never dispatched (revoked first) is refunded
+            self._close(ok.call_id, ok.reservation, cost if isinstance(cost, (int, float)) else None,
+                        refund=ok.dispatched_at is None)
         elapsed = time.perf_counter() - (ok.dispatched_at or time.perf_counter())
         try:
             self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
-                              dispatch_ms=round(elapsed * 1e3, 3), cost=cost, **outcome)
+                              dispatched=ok.dispatched_at is not None, dispatch_ms=round(elapsed * 1e3, 3),
+                              cost=cost, **outcome)
         except AuditUnavailable as exc:
             # The call ran but its outcome is not on record: do not hand back an unrecorded result.
             exc.tool = ok.tool

@@ -7,6 +7,9 @@ Tool arguments are checked against the tool's declared parameters (unknown or mi
 names are refused, defaults are filled in, paths and URLs are canonicalised), so that the
 caveats are evaluated on exactly the values the tool will receive.
 
+Names (agent, tool) are at most ``MAX_NAME_CHARS`` characters: the supervisor counts and audits
+by name, so an invented name must cost no more than a real one.
+
 Threats: oversized or deeply nested messages meant to exhaust the supervisor; type
 confusion (``True`` for ``1``, a list for a string); a check on one spelling of a path and
 use of another.
@@ -35,6 +38,7 @@ _REQUIRED = {"call": ("v", "op", "agent", "token", "tool", "args", "nonce", "ts"
              "delegate": ("v", "op", "agent", "token", "to", "nonce", "ts"),
              "batch": ("v", "op", "agent", "token", "batch", "nonce", "ts")}
 MAX_BATCH = 256
+MAX_NAME_CHARS = 128
 
 
 def _unpack(data: bytes) -> Any:
@@ -97,6 +101,8 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
         raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
     if body["v"] != REQUEST_VERSION:
         raise MalformedRequest(f"unsupported request version {body['v']}")
+    if max(len(body["agent"]), len(body.get("tool", "")), len(body.get("to", ""))) > MAX_NAME_CHARS:
+        raise MalformedRequest(f"an agent or tool name longer than {MAX_NAME_CHARS} characters")
     return body_bytes, mac, body
 
 
@@ -196,7 +202,7 @@ def batch_items(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for i, item in enumerate(items):
         if (not isinstance(item, dict) or set(item) != {"tool", "args"} or not isinstance(item["tool"], str)
-                or not isinstance(item["args"], dict)):
+                or not isinstance(item["args"], dict) or len(item["tool"]) > MAX_NAME_CHARS):
             raise MalformedRequest(f"batch item {i} is not {{tool: str, args: map}}")
         out.append((item["tool"], item["args"]))
     return out

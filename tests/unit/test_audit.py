@@ -16,18 +16,9 @@ import pytest
 
 from runtime.cli import main
 from runtime.errors import AuditUnavailable, ErrorCode
+from runtime.auditlog import AuditChainError, export_jsonl, filter_records, format_record
 from runtime.trusted import audit
-from runtime.trusted.audit import (
-    AuditChainError,
-    AuditFormatError,
-    AuditLog,
-    export_jsonl,
-    filter_records,
-    format_record,
-    read_records,
-    segment_path,
-    verify,
-)
+from runtime.trusted.audit import AuditFormatError, AuditLog, read_records, segment_path, verify
 
 
 class FakeClock:
@@ -352,27 +343,46 @@ def test_fsync_mode_writes_a_valid_log(tmp_path):
     assert verify(tmp_path / "a.log").records == 3
 
 
-def test_secret_named_keys_are_redacted_at_any_depth(tmp_path):
+def _hash(value) -> dict:
+    return {"redacted": True, "sha256": hashlib.sha256(msgpack.packb(value, use_bin_type=True)).hexdigest()}
+
+
+def test_secret_named_fields_are_redacted_whatever_their_type(tmp_path):
     path = tmp_path / "a.log"
     with AuditLog(path) as log:
-        log.record(
-            "call", api_key="sk-top", token_id="tok-123", max_tokens=100,
-            args={"headers": {"Authorization": "Bearer sk-auth", "X-Api-Key": "sk-hdr"},
-                  "items": [{"PASSWORD": "hunter2", "user": "bob"}],
-                  "nested": {"deeper": {"clientSecret": "sk-deep", "private_key": b"sk-pk"}},
-                  "accessToken": "sk-camel", "db_credentials": {"u": "x"}, "apiKeyId": "k1",
-                  "token_ids": ["t1", "t2"]},
-        )
+        log.record("call", api_key="sk-top", password=48213907, secret=[7, 7, 7], client_secret={"pin": 1234},
+                   auth_token=0.5, privateKey=b"pk-bytes", token_id="tok-123", max_tokens=100, total_tokens=7,
+                   apiKeyId="k1", token_ids=["t1", "t2"])
     rec = next(read_records(path))
-    assert rec["api_key"] == "[REDACTED]"
-    assert rec["token_id"] == "tok-123" and rec["max_tokens"] == 100
-    args = rec["args"]
-    assert args["headers"] == {"Authorization": "[REDACTED]", "X-Api-Key": "[REDACTED]"}
-    assert args["items"] == [{"PASSWORD": "[REDACTED]", "user": "bob"}]
-    assert args["nested"]["deeper"] == {"clientSecret": "[REDACTED]", "private_key": "[REDACTED]"}
-    assert args["accessToken"] == "[REDACTED]" and args["db_credentials"] == "[REDACTED]"
-    assert args["apiKeyId"] == "k1" and args["token_ids"] == ["t1", "t2"]
-    assert b"sk-" not in path.read_bytes() and b"hunter2" not in path.read_bytes()
+    for name, value in [("api_key", "sk-top"), ("password", 48213907), ("secret", [7, 7, 7]),
+                        ("client_secret", {"pin": 1234}), ("auth_token", 0.5), ("privateKey", b"pk-bytes")]:
+        assert rec[name] == _hash(value), name  # gone, but a known value can be matched by its hash
+    assert rec["token_id"] == "tok-123" and rec["apiKeyId"] == "k1" and rec["token_ids"] == ["t1", "t2"]
+    assert rec["max_tokens"] == 100 and rec["total_tokens"] == 7  # counters, not credentials
+    raw = path.read_bytes()
+    assert b"sk-top" not in raw and b"pk-bytes" not in raw and msgpack.packb(48213907) not in raw
+
+
+def test_keys_inside_a_field_are_logged_as_written(tmp_path):
+    # A model chooses the keys of its arguments: naming one "token" must not hide it from the log.
+    path = tmp_path / "a.log"
+    args = {"token": "exfiltrated-data", "headers": {"Authorization": "not-a-credential"},
+            "items": [{"PASSWORD": "hunter2"}], "nested": {"deeper": {"clientSecret": b"raw"}}}
+    with AuditLog(path) as log:
+        log.record("decision", args=args)
+    assert next(read_records(path))["args"] == args
+
+
+def test_values_given_to_redact_are_redacted_at_any_depth(tmp_path):
+    path = tmp_path / "a.log"
+    with AuditLog(path) as log:
+        log.redact(["sk-live-4242", "", None])  # empty and non-str values are ignored
+        log.record("outcome", reason="HTTP 401 for header Bearer sk-live-4242",
+                   args={"q": ["ok", {"h": b"x-sk-live-4242-y"}], "n": 4242})
+    rec = next(read_records(path))
+    assert rec["reason"] == _hash("HTTP 401 for header Bearer sk-live-4242")
+    assert rec["args"] == {"q": ["ok", {"h": _hash(b"x-sk-live-4242-y")}], "n": 4242}
+    assert b"sk-live" not in path.read_bytes()
 
 
 def test_oversized_field_is_replaced_by_a_marker(tmp_path):
@@ -380,7 +390,7 @@ def test_oversized_field_is_replaced_by_a_marker(tmp_path):
     big = "x" * 10_000
     with AuditLog(path, max_field_bytes=1024) as log:
         log.record("outcome", small="ok", output=big, blob=b"\x00" * 2000,
-                   args={"data": "y" * 2000, "password": "sk-hidden" * 300})
+                   args={"data": "y" * 2000}, password="sk-hidden" * 300)
     rec = next(read_records(path))
     assert rec["small"] == "ok"
     packed = msgpack.packb(big, use_bin_type=True)
@@ -388,7 +398,8 @@ def test_oversized_field_is_replaced_by_a_marker(tmp_path):
                              "sha256": hashlib.sha256(packed).hexdigest(), "preview": "x" * 256}
     assert rec["blob"]["preview"] == b"\x00" * 256 and rec["blob"]["truncated"]
     assert rec["args"]["truncated"] and isinstance(rec["args"]["preview"], str)
-    assert b"sk-hidden" not in path.read_bytes()  # redaction happens before the cap
+    assert rec["password"] == _hash("sk-hidden" * 300)  # redaction happens before the cap
+    assert b"sk-hidden" not in path.read_bytes()
     assert verify(path).ok
 
 

@@ -293,8 +293,8 @@ def test_control_api_says_503_when_a_change_did_not_reach_every_shard():
     env = Env()
 
     class OnePeerDown(LocalOperator):
-        async def revoke_agent(self, agent: str, by: str) -> None:
-            await super().revoke_agent(agent, by)
+        async def revoke_agent(self, agent: str, by: str, cascade: bool = False) -> None:
+            await super().revoke_agent(agent, by, cascade)
             raise PeersBehind("made here, but 1 peer shard(s) did not take it yet")
 
     async def scenario():
@@ -310,3 +310,28 @@ def test_control_api_says_503_when_a_change_did_not_reach_every_shard():
 
     asyncio.run(scenario())
     assert "alice" in env.sup.revocations.snapshot()["agents"]  # made here all the same
+
+
+def test_revoke_cascade_is_an_agent_option_and_a_boolean(tmp_path, capsys):
+    from runtime.cli import EXIT_USAGE, main
+    from runtime.control import ControlClient, ControlError, control_routes
+    from runtime.metrics import MetricsServer
+
+    assert main(["revoke", "--token", "ab" * 16, "--cascade", "--run", str(tmp_path)]) == EXIT_USAGE
+    assert "--cascade goes with --agent" in capsys.readouterr().err
+    env = Env()
+
+    async def scenario():
+        server = MetricsServer()
+        server.add_routes(control_routes(env.sup, "tok"))
+        host, port = await server.start("127.0.0.1", 0)
+        client = ControlClient(f"http://{host}:{port}", "tok")
+        try:
+            with pytest.raises(ControlError, match="HTTP 400.*cascade"):
+                await asyncio.to_thread(client._request, "POST", "/control/revoke",
+                                        {"agent": "alice", "cascade": "yes", "by": "erin"})
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    assert "alice" not in env.sup.revocations.snapshot()["agents"]  # a malformed request changes nothing

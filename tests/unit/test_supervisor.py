@@ -408,7 +408,7 @@ def test_token_for_another_job(env):
 def test_revoked_agent(env):
     env.add("b")
     env.sup.revoke_agent("a", by="test")
-    assert env.audit.records[-1] == {"seq": 0, "kind": "revoke", "agent": "a", "by": "test"}
+    assert env.audit.records[-1] == {"seq": 0, "kind": "revoke", "agent": "a", "by": "test", "cascade": False}
     env.denied(env.call("a", "read_doc", name="x"), TokenRejected, ErrorCode.TOKEN_REVOKED)
     assert env.value("b", "read_doc", name="y")["name"] == "y"
     assert RAN == [("read_doc", "y")]
@@ -718,9 +718,9 @@ def test_stats_count_decisions(env):
     env.call("b", "read_doc")
     env.call("a", "explode", msg="m")
     assert env.sup.stats() == [
+        {"agent": "a", "tool": "(other)", "result": "UNKNOWN_TOOL", "count": 1},  # one bucket for invented names
         {"agent": "a", "tool": "explode", "result": "TOOL_FAILED", "count": 1},
         {"agent": "a", "tool": "explode", "result": "allow", "count": 1},
-        {"agent": "a", "tool": "nope", "result": "UNKNOWN_TOOL", "count": 1},
         {"agent": "a", "tool": "read_doc", "result": "allow", "count": 2},
         {"agent": "b", "tool": "read_doc", "result": "MALFORMED", "count": 1},
     ]

@@ -1,0 +1,139 @@
+"""Reading an audit log for people and other systems: one-line format, filters, JSON Lines export.
+
+Nothing here writes a log or decides a call, so it lives outside the trusted core: it runs in the
+operator's CLI (``warden audit show|export``), on logs ``runtime.trusted.audit`` wrote and
+verifies. Field values were chosen partly by agents (so by models): ``format_record`` escapes
+control characters so that a field cannot forge lines on a terminal, and ``export_jsonl``
+exports only what verified, unless told to export a broken log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from .trusted.audit import RESERVED, AuditFormatError, VerifyReport, read_with_digests, verify
+
+__all__ = ["AuditChainError", "export_jsonl", "filter_records", "format_record"]
+
+log = logging.getLogger(__name__)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value.hex() if isinstance(value, bytes) else value if isinstance(value, str) else repr(value)
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _agent(rec: dict[str, Any]) -> Any:
+    return rec.get("agent", rec.get("agent_id"))
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    """One readable line: time (UTC, ISO), #seq, kind, agent, tool, decision, code, other fields."""
+    try:
+        when = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).isoformat(timespec="milliseconds")
+        when = when.replace("+00:00", "Z")
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        when = "?"
+    parts = [when, f"#{_short(rec.get('seq', '?'))}", _short(rec.get("kind", "?"))]
+    for key, value in (("agent", _agent(rec)), ("tool", rec.get("tool")),
+                       ("decision", rec.get("decision")), ("code", rec.get("code"))):
+        if value is not None:
+            parts.append(f"{key}={_short(value)}")
+    shown = RESERVED | {"agent", "agent_id", "tool", "decision", "code"}
+    parts += [f"{_short(k, 30)}={_short(v)}" for k, v in rec.items() if k not in shown]
+    return " ".join(parts)
+
+
+def _epoch(when: float | datetime | None) -> float | None:
+    return when.timestamp() if isinstance(when, datetime) else when
+
+
+def _matcher(agent: str | None = None, tool: str | None = None, decision: str | None = None,
+             since: float | datetime | None = None, until: float | datetime | None = None,
+             kind: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    lo, hi = _epoch(since), _epoch(until)
+
+    def match(rec: dict[str, Any]) -> bool:
+        ts = rec.get("ts", 0.0)
+        return ((agent is None or _agent(rec) == agent) and (tool is None or rec.get("tool") == tool)
+                and (decision is None or decision in (rec.get("decision"), rec.get("code")))
+                and (kind is None or rec.get("kind") == kind)
+                and (lo is None or ts >= lo) and (hi is None or ts < hi))
+    return match
+
+
+def filter_records(records: Iterable[dict[str, Any]], agent: str | None = None,
+                   tool: str | None = None, decision: str | None = None,
+                   since: float | datetime | None = None,
+                   until: float | datetime | None = None,
+                   kind: str | None = None) -> Iterator[dict[str, Any]]:
+    """Records matching every given criterion; ``since`` inclusive, ``until`` exclusive
+    (epoch seconds or aware datetimes). ``agent`` matches field ``agent`` or ``agent_id``;
+    ``decision`` matches field ``decision`` ("allow", "deny") or ``code`` ("POLICY_DENIED")."""
+    return filter(_matcher(agent, tool, decision, since, until, kind), records)
+
+
+class AuditChainError(ValueError):
+    """``export_jsonl`` refused a log that does not verify; ``report`` says why."""
+
+    def __init__(self, path: str, report: VerifyReport) -> None:
+        super().__init__(f"audit log {path} does not verify ({report.problem}); refusing to "
+                         "export it (allow_broken=True exports what can be read)")
+        self.report = report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN or infinity
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {(k.hex() if isinstance(k, bytes) else k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def export_jsonl(path: str | os.PathLike[str], out: TextIO, *, allow_broken: bool = False,
+                 **filters: Any) -> int:
+    """Write the records matching ``filters`` (the criteria of ``filter_records``) to ``out``
+    as JSON Lines for a SIEM, and return how many were written. One object per record::
+
+        {"seq": int, "ts": float, "prev": hex, "kind": str, "hash": hex, "fields": {...}}
+
+    ``hash`` is the record's digest (the next record's ``prev``); bytes anywhere are hex.
+    The log is verified first and ``AuditChainError`` raised if it does not verify, before
+    anything is written; only the records verified are exported (not ones appended since).
+    With ``allow_broken=True`` a broken log is exported up to its first unreadable frame.
+    """
+    path = os.fspath(path)
+    match = _matcher(**filters)  # unknown filters fail here, before anything is written
+    report = verify(path)
+    if not report.ok and not allow_broken:
+        raise AuditChainError(path, report)
+    pairs = read_with_digests(path)
+    if report.ok:
+        pairs = itertools.islice(pairs, report.records)
+    count = 0
+    try:
+        for rec, digest in pairs:
+            if match(rec):
+                fields = {k: v for k, v in rec.items() if k not in RESERVED}
+                line = {"seq": rec["seq"], "ts": rec["ts"], "prev": rec["prev"], "kind": rec["kind"],
+                        "hash": digest, "fields": fields}
+                out.write(json.dumps(_jsonable(line), allow_nan=False) + "\n")
+                count += 1
+    except AuditFormatError as exc:
+        if report.ok:
+            raise
+        log.warning("export of broken audit log %s stopped: %s", path, exc)
+    return count
