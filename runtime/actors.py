@@ -53,6 +53,9 @@ def _least_loaded(home: dict[str, int], live: Any) -> int:
     return min(load, key=lambda i: (load[i], i))
 
 
+PROBE_TIMEOUT_S = 60.0  # how long later calls wait for a failed tool worker to answer again
+
+
 class _Placed:
     """Dispatcher over tool-worker actors. Each agent has a home worker (``place``, the same in
     every shard), so its sandbox session and workspace live in one place. A worker that crashes
@@ -67,6 +70,7 @@ class _Placed:
         self._workers = list(workers)
         self._home = {a: i for a, i in (home or {}).items() if 0 <= i < len(self._workers)}
         self._dead: set[int] = set()
+        self._suspect: dict[int, asyncio.Future[None] | None] = {}  # failed a call: probe before the next
 
     def _worker(self, agent: str) -> int:
         i = self._home.get(agent)
@@ -80,11 +84,49 @@ class _Placed:
 
     async def _send(self, agent: str, method: str, payload: Any) -> Any:
         i = self._worker(agent)
+        if i in self._suspect:
+            await self._healthy(i)
+            i = self._worker(agent)
         try:
             return await getattr(self._workers[i], method).remote(payload)
         except ray.exceptions.ActorDiedError:
             self._dead.add(i)  # for good; this call is not resent (it may have run)
             raise
+        except ray.exceptions.RayActorError:
+            self._suspect.setdefault(i, None)  # restarting, or dead and not yet noticed by Ray
+            raise
+
+    async def _healthy(self, i: int) -> None:
+        """After worker ``i`` failed a call, the next calls wait for one shared probe to answer.
+
+        Until Ray notices a death, a call sent to the dead process fails like the one in flight
+        did, and must not be resent (it may have run); a probe runs no tool, so it is the one
+        thing safe to repeat. It ends when the restarted process answers, or the worker is dead
+        for good (its agents then move)."""
+        probe = self._suspect.get(i)
+        if probe is None:
+            probe = self._suspect[i] = asyncio.ensure_future(self._probe(i))
+        try:
+            await asyncio.shield(probe)
+        finally:
+            if probe.done() and self._suspect.get(i) is probe:
+                del self._suspect[i]
+
+    async def _probe(self, i: int) -> None:
+        delay_s, give_up = 0.02, asyncio.get_running_loop().time() + PROBE_TIMEOUT_S
+        while True:
+            try:
+                await self._workers[i].counters.remote()
+                return
+            except ray.exceptions.ActorDiedError:
+                self._dead.add(i)
+                return
+            except ray.exceptions.RayActorError:
+                if asyncio.get_running_loop().time() > give_up:
+                    return  # the next call then reports the worker's state itself
+                # Ray gives no event for "restarted"; each probe is one cheap call, backing off.
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
 
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
         return await self._send(agent, "execute", message)

@@ -40,7 +40,7 @@ class _Method:
     def __init__(self, worker: "_FakeWorker", name: str) -> None:
         self._worker, self._name = worker, name
 
-    def remote(self, payload: Any) -> Any:
+    def remote(self, payload: Any = None) -> Any:
         return self._worker.call(self._name, payload)
 
 
@@ -80,6 +80,42 @@ def test_a_dead_worker_fails_its_call_once_then_its_agents_move_to_the_least_loa
             asyncio.run(d.dispatch("t", b"y", agent))
         assert info.value.code is ErrorCode.WORKER_UNAVAILABLE
     assert [len(w.seen) for w in workers] == [2, 4, 2]
+
+
+class _RestartingWorker(_FakeWorker):
+    """Dies under a call; Ray has not noticed yet for the next ``unnoticed`` calls (each fails
+    as the one in flight did), then the restarted process answers."""
+
+    def __init__(self, index: int, unnoticed: int) -> None:
+        super().__init__(index)
+        self.counters, self.unnoticed, self.probes = _Method(self, "counters"), unnoticed, 0
+
+    async def call(self, method: str, payload: Any) -> Any:
+        if method == "counters":
+            self.probes += 1
+        else:
+            self.seen.append(payload)
+        if self.dead:
+            self.unnoticed -= 1
+            self.dead = self.unnoticed >= 0
+            raise ray.exceptions.ActorUnavailableError("unavailable", b"x" * 16)
+        return (self.index, payload)
+
+
+def test_after_a_worker_failed_a_call_later_calls_wait_for_a_probe_and_are_sent_once():
+    async def scenario() -> list[Any]:
+        worker = _RestartingWorker(0, unnoticed=3)
+        d = _Placed([worker], {"a": 0, "b": 0})
+        worker.dead = True
+        with pytest.raises(ray.exceptions.RayActorError):
+            await d.dispatch("t", b"in-flight", "a")  # fails once, never resent
+        replies = await asyncio.gather(d.dispatch("t", b"m1", "a"), d.dispatch("t", b"m2", "b"))
+        return [replies, worker.seen, worker.probes]
+
+    replies, seen, probes = asyncio.run(scenario())
+    assert replies == [(0, b"m1"), (0, b"m2")]
+    assert seen == [b"in-flight", b"m1", b"m2"]  # nothing sent twice, nothing sent to the dead process
+    assert probes == 4  # three failed while Ray had not noticed, one shared probe answered
 
 
 def test_worker_restarts_are_bounded_in_the_job_file():
