@@ -178,7 +178,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     failed = 0
     for cases in args.cases:
         report = run_cases(args.file, cases)
-        print(report.format(verbose=args.verbose), file=sys.stdout if report.ok else sys.stderr)
+        print(report.format(verbose=args.verbose))
         failed += not report.ok
     return EXIT_FAIL if failed else EXIT_OK
 
