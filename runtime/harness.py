@@ -26,6 +26,7 @@ or ``False`` per call (default: not approved, so ``APPROVAL_DENIED``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
 import secrets
@@ -52,6 +53,9 @@ from .trusted.supervisor import Supervisor
 __all__ = ["Decision", "PolicyHarness"]
 
 APPROVER = "policy-test"
+# The records written while the current request is decided (a request runs in its own context).
+_WRITTEN: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("warden_harness_records",
+                                                                                      default=None)
 
 
 @dataclass
@@ -203,10 +207,8 @@ class PolicyHarness:
     async def acall(self, agent: str, tool: str, args: Mapping[str, Any] | None = None, *,
                     token: bytes | None = None, approve: bool | None = None) -> Decision:
         body = {"op": "call", "tool": tool, "args": dict(args or {})}
-        start = len(self.records)
         self._answers[agent] = bool(approve)
-        raw = await self.supervisor.call(self._request(agent, body, token))
-        return self._decision(agent, tool, raw, self.records[start:])
+        return await self._send(agent, tool, self.supervisor.call, self._request(agent, body, token))
 
     def delegate(self, agent: str, to: str, *, token: bytes | None = None, tools: Iterable[str] | None = None,
                  max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,
@@ -217,9 +219,19 @@ class PolicyHarness:
         narrowing = narrowing_caveats(now=self.clock(), tools=tools, max_calls=max_calls, max_cost=max_cost,
                                       ttl_s=ttl_s, max_depth=max_depth, args=args, caveats=caveats)
         narrowed = Token.decode(token or self.token(agent)).attenuate(*narrowing).encode()
-        start = len(self.records)
-        raw = self._run(self.supervisor.delegate(self._request(agent, {"op": "delegate", "to": to}, narrowed)))
-        return self._decision(agent, f"delegate:{to}", raw, self.records[start:])
+        request = self._request(agent, {"op": "delegate", "to": to}, narrowed)
+        return self._run(self._send(agent, f"delegate:{to}", self.supervisor.delegate, request))
+
+    async def _send(self, agent: str, tool: str, entry: Callable[[bytes], Any], request: bytes) -> Decision:
+        """One request; the records it wrote are told apart from those of concurrent requests by
+        the context they were written in (each request runs in its own)."""
+        mine: list[dict[str, Any]] = []
+        reset = _WRITTEN.set(mine)
+        try:
+            raw = await entry(request)
+        finally:
+            _WRITTEN.reset(reset)
+        return self._decision(agent, tool, raw, mine)
 
     def _request(self, agent: str, body: dict[str, Any], token: bytes | None) -> bytes:
         """The real wire format, MAC'd with the agent's own key; timestamped by the harness's clock."""
@@ -252,6 +264,9 @@ class PolicyHarness:
 
     def _seen(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        mine = _WRITTEN.get()
+        if mine is not None:
+            mine.append(record)
         if record["kind"] == "approval_requested":  # the human of a job, answering at once
             approve = self._answers.get(record["agent"], False)
             asyncio.get_running_loop().call_soon(self._answer, record["approval_id"], approve)

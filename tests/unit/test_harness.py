@@ -5,6 +5,7 @@ Also the two pieces it is built on: ``register_agent`` (the job driver's registr
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -325,3 +326,25 @@ def test_the_tools_of_a_module_by_name():
         d = h.call("a", "fs.read", {"path": "/w/../etc/passwd"})
         assert d.code == "POLICY_DENIED" and "'/etc/passwd' not under '/w'" in d.reason
         assert h.call("a", "fs.read", {"path": "/w/x"}).audit["sandbox"] == "gvisor"  # the policy's, on record
+
+
+@tool(effect="read", name="notes.wait")
+async def notes_wait(ms: int) -> str:
+    """Waits."""
+    await asyncio.sleep(ms / 1000)
+    return "done"
+
+
+def test_concurrent_calls_meet_the_concurrency_limit():
+    policy = {"agent": "w", "tools": {"notes.wait": {"effect": "read"}}, "quotas": {"max_concurrent": 1}}
+
+    async def two_at_once(h: PolicyHarness) -> list[str]:
+        # The first call holds its slot until its tool returns; the second arrives meanwhile.
+        first = asyncio.ensure_future(h.acall("w", "notes.wait", {"ms": 200}))
+        await asyncio.sleep(0)
+        second = await h.acall("w", "notes.wait", {"ms": 0})
+        return [(await first).result, second.result]
+
+    with PolicyHarness([notes_wait]) as h:
+        h.add_agent(policy)
+        assert asyncio.run(two_at_once(h)) == ["allow", "CONCURRENCY_LIMIT"]
