@@ -14,6 +14,7 @@ from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_
 from .policy_cases import CasesReport, run_cases
 from .registry import Registration, register_agent
 from .tool import PATH, URL, Tool, ToolContext, tool
+from .trusted.policy import Policy, load_policy
 
 __all__ = [
     "Agent", "ToolCallingAgent",
@@ -23,5 +24,5 @@ __all__ = [
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
     "PATH", "URL", "Tool", "ToolContext", "tool",
-    "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
+    "Policy", "load_policy", "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
 ]

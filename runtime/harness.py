@@ -56,6 +56,7 @@ APPROVER = "policy-test"
 # The records written while the current request is decided (a request runs in its own context).
 _WRITTEN: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("warden_harness_records",
                                                                                       default=None)
+_APPROVE: contextvars.ContextVar[bool] = contextvars.ContextVar("warden_harness_approve", default=False)
 
 
 @dataclass
@@ -146,7 +147,6 @@ class PolicyHarness:
         self.audit_path = self.dir / "audit.log"
         self.records: list[dict[str, Any]] = []  # as the supervisor wrote them (the file redacts secret fields)
         self._log = AuditLog(self.audit_path)
-        self._answers: dict[str, bool] = {}
         self._loop = asyncio.new_event_loop()
         self.agents: dict[str, Registration] = {}
         self.policies: dict[str, Policy] = {}
@@ -207,8 +207,7 @@ class PolicyHarness:
     async def acall(self, agent: str, tool: str, args: Mapping[str, Any] | None = None, *,
                     token: bytes | None = None, approve: bool | None = None) -> Decision:
         body = {"op": "call", "tool": tool, "args": dict(args or {})}
-        self._answers[agent] = bool(approve)
-        return await self._send(agent, tool, self.supervisor.call, self._request(agent, body, token))
+        return await self._send(agent, tool, self.supervisor.call, self._request(agent, body, token), bool(approve))
 
     def delegate(self, agent: str, to: str, *, token: bytes | None = None, tools: Iterable[str] | None = None,
                  max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,
@@ -222,15 +221,17 @@ class PolicyHarness:
         request = self._request(agent, {"op": "delegate", "to": to}, narrowed)
         return self._run(self._send(agent, f"delegate:{to}", self.supervisor.delegate, request))
 
-    async def _send(self, agent: str, tool: str, entry: Callable[[bytes], Any], request: bytes) -> Decision:
+    async def _send(self, agent: str, tool: str, entry: Callable[[bytes], Any], request: bytes,
+                    approve: bool = False) -> Decision:
         """One request; the records it wrote are told apart from those of concurrent requests by
-        the context they were written in (each request runs in its own)."""
+        the context they were written in (each request runs in its own), and so is its approval."""
         mine: list[dict[str, Any]] = []
-        reset = _WRITTEN.set(mine)
+        reset = _WRITTEN.set(mine), _APPROVE.set(approve)
         try:
             raw = await entry(request)
         finally:
-            _WRITTEN.reset(reset)
+            _WRITTEN.reset(reset[0])
+            _APPROVE.reset(reset[1])
         return self._decision(agent, tool, raw, mine)
 
     def _request(self, agent: str, body: dict[str, Any], token: bytes | None) -> bytes:
@@ -268,8 +269,7 @@ class PolicyHarness:
         if mine is not None:
             mine.append(record)
         if record["kind"] == "approval_requested":  # the human of a job, answering at once
-            approve = self._answers.get(record["agent"], False)
-            asyncio.get_running_loop().call_soon(self._answer, record["approval_id"], approve)
+            asyncio.get_running_loop().call_soon(self._answer, record["approval_id"], _APPROVE.get())
 
     def _answer(self, approval_id: str, approve: bool) -> None:
         why = "approved by the test" if approve else "the test did not approve this call (approve=True does)"
@@ -309,7 +309,11 @@ def _tools(tools: Iterable[Tool | str] | Mapping[str, Tool]) -> dict[str, Tool]:
         return dict(tools)
     out: dict[str, Tool] = {}
     for t in tools:
-        found = load_tools([t]) if isinstance(t, str) else {t.name: t}
+        try:
+            found = load_tools([t]) if isinstance(t, str) else {t.name: t}
+        except Exception as exc:  # a module that does not import, or defines a tool twice
+            raise ConfigError(f"cannot load tools from {t!r}: {type(exc).__name__}: {exc}",
+                              code=ErrorCode.JOB_INVALID) from None
         for name, tool_obj in found.items():
             if out.get(name, tool_obj) is not tool_obj:
                 raise ConfigError(f"tool {name!r} given twice", code=ErrorCode.JOB_INVALID)

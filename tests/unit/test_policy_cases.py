@@ -183,3 +183,13 @@ def test_the_warden_command_exits_1_on_a_mismatch(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "case 1 'posts anywhere'" in done.stdout and "'random' != 'summaries'" in done.stdout
+
+
+def test_tool_modules_that_do_not_import_are_named(tmp_path):
+    cases = write(tmp_path, """\
+        tools: [no_such_tools_module]
+        cases:
+          - {call: chat.read, expect: allow}
+        """)
+    problem = run_cases(LEAD, cases).results[0].problem
+    assert "could not run: JOB_INVALID: cannot load tools from 'no_such_tools_module'" in problem
