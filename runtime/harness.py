@@ -94,8 +94,9 @@ class Decision:
     def __str__(self) -> str:
         if not self.allowed:
             return f"{self.agent} -> {self.tool}: {self.code} ({self.reason})"
-        failed = f"; tool failed: {self.outcome_code} ({(self.outcome or {}).get('reason')})" if self.outcome_code else ""
-        return f"{self.agent} -> {self.tool}: allow{failed}"
+        if self.outcome_code:
+            return f"{self.agent} -> {self.tool}: allow; tool failed: {self.outcome_code} ({self.outcome['reason']})"
+        return f"{self.agent} -> {self.tool}: allow"
 
 
 class _TeeAudit:
@@ -156,7 +157,8 @@ class PolicyHarness:
                                  clock=self.clock, sandboxes=sandboxes)
         self.supervisor = Supervisor(job_id=job_id, keyring=KeyRing.generate(),
                                      tools={n: t.spec for n, t in self.tools.items()},
-                                     audit=_TeeAudit(self._log, self._seen), dispatcher=InProcessDispatcher(self.worker),
+                                     audit=_TeeAudit(self._log, self._seen),
+                                     dispatcher=InProcessDispatcher(self.worker),
                                      dispatch_key=dispatch_key, clock=self.clock, ledger=QuotaLedger(clock=self.clock),
                                      call_timeout_s=call_timeout_s)
 

@@ -217,21 +217,26 @@ def _run_step(h: PolicyHarness, step: Step, default_agent: str) -> str:
     The first mismatch, readable, or "" if every decision matched."""
     h.advance(step.advance_s)
     caller, token, delegated = _delegate(h, step, step.caller or default_agent)
+    if delegated is not None:  # the step ends at a delegation
+        problem = _mismatch(step.expected(1), step.reason, delegated)
+        return problem and _diff(step, delegated, problem, "")
     for rep in range(1, step.repeat + 1):
-        d = delegated if delegated is not None else h.call(caller, str(step.call), step.args, token=token,
-                                                          approve=step.approve)
+        d = h.call(caller, str(step.call), step.args, token=token, approve=step.approve)
         problem = _mismatch(step.expected(rep), step.reason, d)
         if problem:
-            count = f" (call {rep} of {step.repeat})" if step.repeat > 1 and delegated is None else ""
-            args = json.dumps(step.args, sort_keys=True, default=str) if delegated is None else ""
-            via = " (delegated by " + " -> ".join([step.caller or default_agent, *[x.to for x in step.delegate]]) + ")" \
-                if step.delegate and delegated is None else ""
-            return (f"{d.agent} -> {d.tool} {args}{count}{via}\n"
-                    f"expected: {step.expected(rep)}" + (f" with reason containing {step.reason!r}" if step.reason else "")
-                    + f"\ngot:      {d.result}\n{problem}")
-        if delegated is not None:
-            break
+            what = json.dumps(step.args, sort_keys=True, default=str)
+            if step.repeat > 1:
+                what += f" (call {rep} of {step.repeat})"
+            if step.delegate:
+                what += f" (delegated by {' -> '.join([step.caller or default_agent, *[x.to for x in step.delegate]])})"
+            return _diff(step, d, problem, what, rep)
     return ""
+
+
+def _diff(step: Step, d: Decision, problem: str, what: str, rep: int = 1) -> str:
+    """Which request, what was expected, what the supervisor decided, and why."""
+    wanted = step.expected(rep) + (f" with reason containing {step.reason!r}" if step.reason else "")
+    return f"{d.agent} -> {d.tool} {what}".rstrip() + f"\nexpected: {wanted}\ngot:      {d.result}\n{problem}"
 
 
 def _delegate(h: PolicyHarness, step: Step, caller: str) -> tuple[str, bytes | None, Decision | None]:
@@ -257,6 +262,7 @@ def _mismatch(expect: str, reason: str | None, d: Decision) -> str:
     if good and (reason is None or d.allowed or reason in (d.reason or "")):  # a reason is a denial's
         return ""
     if d.allowed:
-        failed = f"; the tool then failed: {d.outcome_code}: {(d.outcome or {}).get('reason')}" if d.outcome_code else ""
+        failed = f"; the tool then failed: {d.outcome_code}: {(d.outcome or {}).get('reason')}" \
+            if d.outcome_code else ""
         return f"reason:   allowed (audit record #{(d.audit or {}).get('seq')}){failed}"
     return f"reason:   {d.reason}"

@@ -193,3 +193,22 @@ def test_tool_modules_that_do_not_import_are_named(tmp_path):
         """)
     problem = run_cases(LEAD, cases).results[0].problem
     assert "could not run: JOB_INVALID: cannot load tools from 'no_such_tools_module'" in problem
+
+
+def test_run_tools_runs_the_real_tools_and_a_failure_code_can_be_expected(tmp_path):
+    cases = write(tmp_path, """\
+        tools: [agents.chat]
+        run_tools: true
+        cases:
+          - name: the real chat tool deletes a seeded message
+            steps:
+              - {call: chat.delete_message, args: {channel: random, message_id: 2}, expect: allow}
+              - {call: chat.delete_message, args: {channel: random, message_id: 2}, expect: TOOL_FAILED}
+          - {name: any denial, call: chat.delete_message, args: {channel: general, message_id: 1}, expect: deny}
+          - {name: not a denial, call: chat.delete_message, args: {channel: random, message_id: 999}, expect: deny}
+        """)
+    report = run_cases(ROOT / "policies" / "moderator.yaml", cases)
+    assert [r.ok for r in report.results] == [True, True, False]
+    problem = report.results[2].problem
+    assert "expected: deny" in problem and "got:      allow" in problem
+    assert "the tool then failed: TOOL_FAILED: KeyError" in problem
