@@ -115,7 +115,10 @@ def _stub_tool(real: Tool, stub: Any) -> Tool:
     """``real``'s contract with ``stub`` as its body: a callable gets the checked arguments (and
     ``ctx`` if it asks for it), anything else is returned as the value. No sandbox is started."""
     if callable(stub):
-        wants_ctx = "ctx" in inspect.signature(stub).parameters
+        try:
+            wants_ctx = "ctx" in inspect.signature(stub).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: it gets the arguments only
+            wants_ctx = False
         fn = stub
     else:
         wants_ctx, fn = False, (lambda **_args: stub)

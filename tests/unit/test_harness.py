@@ -348,3 +348,13 @@ def test_concurrent_calls_meet_the_concurrency_limit():
     with PolicyHarness([notes_wait]) as h:
         h.add_agent(policy)
         assert asyncio.run(two_at_once(h)) == ["allow", "CONCURRENCY_LIMIT"]
+
+
+def test_a_stub_may_ask_for_the_tool_context():
+    def post(folder: str, text: str, ctx) -> dict:
+        return {"agent": ctx.agent, "job": ctx.job, "folder": folder}
+
+    with PolicyHarness(TOOLS, stubs={"notes.write": post}, job_id="j-ctx") as h:
+        h.add_agent(WRITER)
+        d = h.call("writer", "notes.write", {"folder": "drafts", "text": "x"})
+    assert d.value == {"agent": "writer", "job": "j-ctx", "folder": "drafts"}
