@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and the decision it must get; exit 1 with expected vs got and the reason on a mismatch")
     test.add_argument("file", metavar="FILE", help="the policy under test")
     test.add_argument("--cases", action="append", required=True, metavar="CASES.yaml",
-                      help="case file (repeatable); see runtime/policy_cases.py for the format")
+                      help="case file (repeatable); format: README, Testing policies")
     test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     test.set_defaults(fn=cmd_policy_test)
 
