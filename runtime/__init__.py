@@ -9,8 +9,12 @@ from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDe
                      InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
+from .harness import Decision, PolicyHarness
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
+from .policy_cases import CasesReport, run_cases
+from .registry import Registration, register_agent
 from .tool import PATH, URL, Tool, ToolContext, tool
+from .trusted.policy import Policy, load_policy
 
 __all__ = [
     "Agent", "ToolCallingAgent",
@@ -20,4 +24,5 @@ __all__ = [
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
     "PATH", "URL", "Tool", "ToolContext", "tool",
+    "Policy", "load_policy", "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
 ]

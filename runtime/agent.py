@@ -101,21 +101,8 @@ class Agent:
         ``args`` maps "tool.arg" to a check, e.g. ``{"chat.read.channel": {"one_of": ["general"]}}``.
         """
         target = self._resolve_peer(other)
-        narrowing: list[Caveat] = list(caveats)
-        if tools is not None:
-            narrowing.append(Tools(tuple(tools)))
-        if max_calls is not None:
-            narrowing.append(CallBudget(max_calls))
-        if max_cost is not None:
-            narrowing.append(CostBudget(max_cost))
-        if ttl_s is not None:
-            narrowing.append(Expires(self._clock() + ttl_s))
-        if max_depth is not None:
-            narrowing.append(MaxDepth(max_depth))
-        for key, check in (args or {}).items():
-            tool, _, arg = key.rpartition(".")
-            for kind, param in check.items():
-                narrowing.append(Arg(tool, arg, kind, tuple(param) if isinstance(param, list) else param))
+        narrowing = narrowing_caveats(now=self._clock(), tools=tools, max_calls=max_calls, max_cost=max_cost,
+                                      ttl_s=ttl_s, max_depth=max_depth, args=args, caveats=caveats)
         token = Token.decode(self.token).attenuate(*narrowing).encode()
         request = encode_delegate(agent=self.name, token=token, to=target, request_key=self._request_key)
         delegated = decode_reply(await self._supervisor.delegate(request))["token"]
@@ -139,6 +126,28 @@ class Agent:
             return await self.run(task)
         finally:
             _TOKEN.reset(reset)
+
+
+def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_calls: int | None = None,
+                      max_cost: float | None = None, ttl_s: float | None = None, max_depth: int | None = None,
+                      args: dict[str, dict[str, Any]] | None = None, caveats: Iterable[Caveat] = ()) -> list[Caveat]:
+    """The caveats ``Agent.delegate`` appends to a token before handing it on (each only narrows)."""
+    narrowing: list[Caveat] = list(caveats)
+    if tools is not None:
+        narrowing.append(Tools(tuple(tools)))
+    if max_calls is not None:
+        narrowing.append(CallBudget(max_calls))
+    if max_cost is not None:
+        narrowing.append(CostBudget(max_cost))
+    if ttl_s is not None:
+        narrowing.append(Expires(now + ttl_s))
+    if max_depth is not None:
+        narrowing.append(MaxDepth(max_depth))
+    for key, check in (args or {}).items():
+        tool, _, arg = key.rpartition(".")
+        for kind, param in check.items():
+            narrowing.append(Arg(tool, arg, kind, tuple(param) if isinstance(param, list) else param))
+    return narrowing
 
 
 def load_agent_class(path: str) -> type[Agent]:

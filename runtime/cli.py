@@ -3,6 +3,7 @@
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden policy check FILE...         validate policies (exit 1 on any error)
     warden policy explain FILE          what a policy allows, as a table
+    warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
     warden audit export PATH [--out F]  JSON Lines for a SIEM (verifies first)
@@ -166,6 +167,21 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     print(explain(load_policy(args.file)))
     return EXIT_OK
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .policy_cases import run_cases
+
+    if str(Path.cwd()) not in sys.path:  # tool modules are imported by name from the project directory
+        sys.path.insert(0, str(Path.cwd()))
+    failed = 0
+    for cases in args.cases:
+        report = run_cases(args.file, cases)
+        print(report.format(verbose=args.verbose))
+        failed += not report.ok
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 # -------------------------------------------------------------------------- audit
@@ -417,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp = pol.add_parser("explain", help="print what a policy allows")
     exp.add_argument("file", metavar="FILE")
     exp.set_defaults(fn=cmd_policy_explain)
+    test = pol.add_parser("test", help="run test cases against a policy, in-process (no Ray): each case is a call "
+                          "and the decision it must get; exit 1 with expected vs got and the reason on a mismatch")
+    test.add_argument("file", metavar="FILE", help="the policy under test")
+    test.add_argument("--cases", action="append", required=True, metavar="CASES.yaml",
+                      help="case file (repeatable); format: README, Testing policies")
+    test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    test.set_defaults(fn=cmd_policy_test)
 
     aud = sub.add_parser("audit", help="verify or read audit logs").add_subparsers(
         dest="audit_command", required=True, metavar="SUBCOMMAND")

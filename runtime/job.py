@@ -32,7 +32,7 @@ from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
 from .trusted.policy import Policy, load_policy
-from .trusted.supervisor import AgentEntry
+from .registry import register_agent
 
 
 class _Strict(BaseModel):
@@ -350,17 +350,13 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     now = time.time()
     tokens, entries = {}, []
     for a in spec.agents:
-        policy = job.policies[a.name]
-        root = keyring.mint(holder=a.name, caveats=policy.root_caveats(job_id=job_id, now=now))
-        tokens[a.name] = root.encode()
-        key = hmac.new(request_master, a.name.encode(), sha256).digest()
-        entry = AgentEntry(a.name, key, frozenset(policy.delegation.can_delegate_to),
-                           tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings(),
-                           policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked)
-        for tool_name in policy.unsandboxed_tools():
+        reg = register_agent(keyring, job.policies[a.name], job_id=job_id, now=now, name=a.name,
+                             request_key=hmac.new(request_master, a.name.encode(), sha256).digest())
+        tokens[a.name] = reg.token
+        for tool_name in reg.unsandboxed_tools:
             progress(f"WARNING: agent {a.name!r} runs {'its tools' if tool_name == '*' else tool_name!r} "
                      f"UNSANDBOXED (policy {a.policy}: unsandboxed: true)")
-        entries.append((entry, policy.agent_quota()))
+        entries.append((reg.entry, reg.quota))
 
     handles: list[Any] = []  # every actor this job starts; all are killed when it ends
     n_shards = spec.supervisors.shards

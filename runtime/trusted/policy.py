@@ -249,14 +249,16 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
 
 
-def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
+def load_policy(source: str | Path | dict[str, Any]) -> Policy:
+    """A file (``Path``, or ``str`` on one line), YAML text (a ``str`` with a line break or a
+    leading ``{``) or a dict: all through ``parse_policy``."""
+    inline = isinstance(source, dict) or isinstance(source, str) and ("\n" in source or source.lstrip()[:1] == "{")
+    where = f"<policy {type(source).__name__}>" if inline else str(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = source if isinstance(source, dict) else yaml.safe_load(
+            source if inline else Path(source).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
-    try:
-        data = yaml.safe_load(text)
+        raise ConfigError(f"{where}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
-    return parse_policy(data, source=str(path))
+        raise ConfigError(f"{where}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
+    return parse_policy(data, source=where)
