@@ -221,11 +221,6 @@ def test_a_newline_does_not_make_a_when_regex_miss(rig):
     assert RAN == []
 
 
-def nan_time_request(rig: Rig, agent: str, nonce: bytes) -> bytes:
-    body = {"v": REQUEST_VERSION, "op": "call", "agent": agent, "token": rig.tokens[agent], "tool": "run",
-            "args": {"cmd": "ls"}, "nonce": nonce, "ts": math.nan}
-    return seal_request(body, rig.keys[agent])
-
 
 @pytest.mark.parametrize("ts", [math.nan, math.inf, -math.inf])
 def test_a_request_time_that_is_not_finite_is_refused_as_replay(rig, ts):
