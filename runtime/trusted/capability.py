@@ -21,7 +21,8 @@ Invariants kept here:
 
 Threats: a model (or anything that read a prompt or a log) copying, editing, truncating,
 re-targeting or forging a token; prefix tricks on paths (``/data/../etc``, ``/database``
-vs ``/data``) and hosts (``good.com@evil.com``) in arguments.
+vs ``/data``) and hosts (``good.com@evil.com``) in arguments; a pattern or value chosen
+to make a check slow (regexes run on RE2, linear in the input, with bounded sizes).
 """
 
 from __future__ import annotations

@@ -289,6 +289,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("channel: {path_under: /data}", "path_under needs a parameter declared PATH"),  # chat.read's channel is raw
     ("channel: {url_host: [example.com]}", "url_host needs a parameter declared URL"),
     ("chanel: {one_of: [general]}", "has no such parameter"),
+    ("channel: {regex: '(gen)\\1'}", "not valid RE2 syntax"),  # a backreference: the token check refuses it
 ])
 def test_job_start_refuses_a_policy_rule_the_tools_parameters_make_wrong(tmp_path, monkeypatch, rule, fragment):
     monkeypatch.chdir(ROOT)
@@ -300,7 +301,7 @@ def test_job_start_refuses_a_policy_rule_the_tools_parameters_make_wrong(tmp_pat
     with pytest.raises(ConfigError) as info:
         load_job(job)
     assert info.value.code is ErrorCode.POLICY_INVALID
-    assert fragment in info.value.reason and "policy of 'a'" in info.value.reason
+    assert fragment in info.value.reason and "at tools.chat.read.args.chan" in info.value.reason
 
 
 # ---------------------------------------------------------------------- 17. a rule that constrains nothing
