@@ -163,6 +163,31 @@ def test_plan_allows_exactly_what_the_caveat_walk_allows(first, later, ctx):
     assert_plan_agrees(vt, ctx)
 
 
+FIXED = [  # (caveats, call, allowed): cases a random draw may miss
+    ([Tools(("fs.read", "fs.write")), Tools(("fs.write", "http.get"))], ("fs.read", "read", {}), False),
+    ([Tools(("fs.read", "fs.write")), Tools(("fs.write", "http.get"))], ("fs.write", "write", {}), True),
+    ([Effects(("read", "write")), Effects(("read",))], ("fs.write", "write", {}), False),
+    ([Audience("job-1"), Audience("job-1")], ("fs.read", "read", {}), True),
+    ([Audience("job-1"), Audience("job-2")], ("fs.read", "read", {}), False),
+    ([Arg("*", "n", "range", (0, 5))], ("fs.read", "read", {}), True),  # '*' constraints bind only if present
+    ([Arg("fs.read", "n", "range", (0, 5))], ("fs.read", "read", {}), False),  # a tool's own are required
+    ([Arg("fs.read", "n", "range", (0, 5))], ("fs.write", "write", {}), True),
+    ([Arg("fs.write", "n", "exact", 1), Arg("*", "n", "range", (0, 5))], ("fs.read", "read", {"n": 9}), False),
+    ([Arg("fs.read", "n", "range", (0, 5)), Arg("fs.read", "n", "range", (3, 9))], ("fs.read", "read", {"n": 2}), False),
+    ([Arg("fs.read", "n", "range", (None, 5))], ("fs.read", "read", {"n": math.nan}), False),
+    ([Expires(50.0)], ("fs.read", "read", {}), True),  # the call is at 50.0: inclusive
+    ([NotBefore(50.0), Expires(49.0)], ("fs.read", "read", {}), False),
+]
+
+
+@pytest.mark.parametrize("caveats,call,allowed", FIXED)
+def test_plan_decides_fixed_cases_like_the_walk(caveats, call, allowed):
+    vt = KR.verify(KR.mint(holder="a", caveats=caveats))
+    ctx = CallContext("a", *call, 50.0, "job-1")
+    assert_plan_agrees(vt, ctx)
+    assert (decision(vt, ctx) is None) is allowed
+
+
 @SETTINGS
 @given(caveats=st.lists(caveat, max_size=6), ctx=calls)
 def test_a_directly_built_verified_token_gets_the_same_plan(caveats, ctx):
