@@ -383,6 +383,9 @@ def test_every_refusal_names_the_tool_and_says_why_with_values(clock):
     assert late.tool == "t" and "outside window 120" in late.reason
     short = replay_error(lambda: window.check("a", b"x", clock(), "t"))
     assert short.tool == "t" and "shorter than 12 bytes" in short.reason
+    window.check("a", NONCE, clock())
+    again = replay_error(lambda: window.check("a", NONCE, clock(), "t"))
+    assert again.tool == "t" and again.reason == "nonce already used"
     revoked = RevocationList()
     revoked.revoke_agent("a")
     revoked.revoke(b"tag")
