@@ -178,8 +178,9 @@ def _regex(pattern: str) -> Any:
         raise ValueError(f"a regex is a string of at most {MAX_REGEX_CHARS} characters")
     try:
         compiled = re2.compile(pattern.encode("utf-8"), _RE2_OPTIONS)
-    except Exception as exc:  # re2.error, or a pattern with lone surrogates
-        raise ValueError(f"regex {pattern!r:.80} is not valid RE2 syntax: {exc}") from None
+    except Exception as exc:  # re2.error (its message in bytes), or a pattern with lone surrogates
+        why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"regex {pattern!r:.80} is not valid RE2 syntax: {why}") from None
     if compiled.programsize > MAX_REGEX_PROGRAM:
         raise ValueError(f"regex {pattern!r:.80} compiles to {compiled.programsize} RE2 instructions "
                          f"> {MAX_REGEX_PROGRAM}")
@@ -212,15 +213,13 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     """None if ``value`` satisfies the check, else the reason it does not.
 
     A value the check cannot judge (NaN or a non-number for a range, a non-string for a regex,
-    path or URL, a path not in canonical form) raises instead: a denial for a caveat, a
-    match for an approval rule."""
-    if kind == "exact":
-        return None if _same(value, param) else f"{value!r:.80} != {param!r:.80}"
-    if kind == "one_of":
-        for p in param:
-            if _same(value, p):
-                return None
-        return f"{value!r:.80} not in {param!r:.200}"
+    path or URL, a path not in canonical form, a type none of the ``exact``/``one_of`` values
+    has) raises instead: a denial for a caveat, a match for an approval rule."""
+    if kind in ("exact", "one_of"):
+        options = (param,) if kind == "exact" else param
+        if not any(type(value) is type(p) for p in options):  # a string against numbers, say: no judgement
+            raise PolicyDenied(f"{type(value).__name__} {value!r:.80} is not comparable with {param!r:.200}")
+        return None if any(_same(value, p) for p in options) else f"{value!r:.80} is not {param!r:.200}"
     if kind == "range":
         lo, hi = param
         if not _is_number(value) or value != value:  # NaN compares false with every bound

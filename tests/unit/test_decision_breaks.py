@@ -214,6 +214,14 @@ def test_approval_when_asks_exactly_for_calls_every_rule_matches_or_cannot_judge
     assert rule.matches(args) is asks
 
 
+@pytest.mark.parametrize("args,asks", [({"to": "them"}, True), ({"to": "me"}, False), ({"to": 5}, True),
+                                       ({"to": ["them"]}, True), ({"to": None}, True), ({"n": 1000}, True),
+                                       ({"n": 999}, False), ({"n": 1000.0}, True), ({"n": "1000"}, True)])
+def test_approval_when_exact_and_one_of_ask_for_a_value_of_another_type(args, asks):
+    rule = approval("{when: {to: {one_of: [them, us]}, n: {exact: 1000}}}")
+    assert rule.matches(args) is asks
+
+
 def test_approval_when_regex_matches_over_newlines_and_asks_for_what_it_cannot_read():
     rule = approval("{when: {cmd: {regex: 'rm .*'}}}")
     assert rule.matches({"cmd": "rm -rf /"}) and rule.matches({"cmd": "rm x\ny"})
