@@ -8,6 +8,7 @@ or noticed only when a random property-test run happened to draw the right examp
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -259,3 +260,50 @@ def test_the_nonce_window_prunes_what_has_left_it():
     with pytest.raises(TokenRejected) as info:
         window.check("a", b"\x00" * 16, clock() - 121)  # a pruned nonce is still refused: its time is too old
     assert info.value.code is ErrorCode.REPLAY
+
+
+# ----------------------------------------------------------------------- parked calls
+
+
+def test_parked_calls_are_listed_oldest_first_with_their_window_and_decided_one_by_one():
+    from runtime.trusted.approvals import Approvals
+
+    async def go() -> None:
+        clock = FakeClock(100.0)
+        approvals = Approvals(clock)
+        first = approvals.park("a", "t", {"x": 1}, 30.0)
+        clock.advance(5)
+        second = approvals.park("b", "u", {}, 10.0)
+        assert len(first.id) == 12 and first.id != second.id
+        listed = approvals.list()
+        assert listed == [{"id": first.id, "agent": "a", "tool": "t", "args": {"x": 1}, "created": 100.0,
+                           "expires": 130.0},
+                          {"id": second.id, "agent": "b", "tool": "u", "args": {}, "created": 105.0, "expires": 115.0}]
+        clock.now = 50.0  # a third call parked "earlier" (a clock step back) is listed first
+        third = approvals.park("a", "t", {}, 1.0)
+        assert [p["id"] for p in approvals.list()] == [third.id, first.id, second.id]
+        approvals.resolve(first.id, approve=True, approver="ops", reason="ok")
+        assert first.future.result() == (True, "ops", "ok")
+        with pytest.raises(KeyError) as info:
+            approvals.resolve(first.id, approve=False, approver="ops")  # decided: never twice
+        assert info.value.args == (first.id,)
+        approvals.done(first)
+        approvals.done(first)  # idempotent
+        assert len(approvals) == 2
+
+    asyncio.run(go())
+
+
+def test_denying_an_agent_denies_only_its_own_undecided_calls():
+    from runtime.trusted.approvals import Approvals
+
+    async def go() -> None:
+        approvals = Approvals(FakeClock())
+        mine, decided, other = (approvals.park(a, "t", {}, 30.0) for a in ("a", "a", "b"))
+        approvals.resolve(decided.id, approve=True, approver="ops")
+        hit = approvals.deny_agent("a", approver="kill-switch", reason="revoked")
+        assert hit == [mine]
+        assert mine.future.result() == (False, "kill-switch", "revoked")
+        assert decided.future.result() == (True, "ops", "") and not other.future.done()
+
+    asyncio.run(go())
