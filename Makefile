@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # Debian packages the sandboxes need: bubblewrap (bwrap), runsc (gVisor), util-linux (prlimit).
 SYSTEM_PACKAGES = bubblewrap runsc util-linux
 
-.PHONY: setup system-deps demo test test-unit test-sandbox test-cluster clean
+.PHONY: setup system-deps demo test test-unit test-sandbox test-cluster mutate clean
 
 setup: system-deps $(STAMP)
 
@@ -41,5 +41,10 @@ test-sandbox: setup    ## the isolation tests, on both sandbox backends
 test-cluster: setup    ## tests on one shared real Ray instance
 	$(VENV)/bin/pytest -q tests/cluster
 
+mutate: setup          ## mutation testing of runtime/trusted/ against tests/unit; MUTANTS='runtime.trusted.ledger*' for one module
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --quiet -e '.[mutate]'
+	$(VENV)/bin/mutmut run --max-children $(or $(MUTATE_JOBS),2) $(if $(MUTANTS),"$(MUTANTS)")
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis mutants

@@ -94,12 +94,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from .trusted.policy import load_policy
+    from .tool import load_tools
+    from .trusted.policy import check_policy_tools, load_policy
 
     failed = 0
+    sys.path.insert(0, os.getcwd())  # tool modules are named as a job names them, from where warden runs
+    try:
+        tools = {n: t.spec for n, t in load_tools(args.tools).items()}
+    except Exception as exc:
+        print(f"cannot load tools {args.tools}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     for path in args.files:
         try:
             p = load_policy(path)
+            check_policy_tools(p, tools, source=path)
             print(f"{path}: ok (agent {p.agent}, {len(p.tools)} tools)")
         except WardenError as exc:
             failed += 1
@@ -429,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True, metavar="SUBCOMMAND")
     check = pol.add_parser("check", help="validate policy files; exit 1 with a precise message on any error")
     check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--tools", action="append", default=[], metavar="MODULE",
+                       help="also check the rules against these modules' tools (parameters exist; path_under/url_host "
+                       "only on PATH/URL parameters), as job start does; repeatable")
     check.set_defaults(fn=cmd_policy_check)
     exp = pol.add_parser("explain", help="print what a policy allows")
     exp.add_argument("file", metavar="FILE")

@@ -31,7 +31,7 @@ from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
 from .agent import Agent, load_agent_class
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
-from .trusted.policy import Policy, load_policy
+from .trusted.policy import Policy, check_policy_tools, load_policy
 from .registry import register_agent
 
 
@@ -229,6 +229,7 @@ def load_job(path: str | Path) -> LoadedJob:
             if t.spec.effect != rule.effect:
                 raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, "
                                   f"policy says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
+        check_policy_tools(policy, {n: t.spec for n, t in tools.items()}, source=f"policy of {agent!r}")
         unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
         if unknown:
             raise ConfigError(f"policy of {agent!r} delegates to unknown agents {unknown}", code=ErrorCode.JOB_INVALID)

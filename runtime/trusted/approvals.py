@@ -30,14 +30,15 @@ class ApprovalRule:
     timeout_s: float = 300.0
 
     def matches(self, args: dict[str, Any]) -> bool:
+        """True unless a ``when`` check judged the call's value and found it outside the rule.
+
+        A value a check cannot judge (missing, NaN, wrong type) matches: ask a human (fail safe)."""
         for arg, kind, param in self.when:
-            if arg not in args:
-                return True  # cannot tell: ask a human (fail safe)
             try:
-                if check_arg(kind, param, args[arg]) is not None:
+                if arg in args and check_arg(kind, param, args[arg]) is not None:
                     return False
             except Exception:
-                return True  # an argument the check cannot read: ask a human
+                continue
         return True
 
 

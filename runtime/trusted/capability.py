@@ -21,7 +21,8 @@ Invariants kept here:
 
 Threats: a model (or anything that read a prompt or a log) copying, editing, truncating,
 re-targeting or forging a token; prefix tricks on paths (``/data/../etc``, ``/database``
-vs ``/data``) and hosts (``good.com@evil.com``) in arguments.
+vs ``/data``) and hosts (``good.com@evil.com``) in arguments; a pattern or value chosen
+to make a check slow (regexes run on RE2, linear in the input, with bounded sizes).
 """
 
 from __future__ import annotations
@@ -40,12 +41,7 @@ from typing import Any, Iterable, NamedTuple, Union
 from urllib.parse import urlsplit
 
 import msgpack
-
-try:  # the regex parser moved in 3.11; both expose the same parse tree
-    from re import _constants as _sre_constants, _parser as _sre_parser  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _sre_constants  # type: ignore[no-redef]
-    import sre_parse as _sre_parser  # type: ignore[no-redef]
+import re2
 
 from ..errors import ErrorCode, PolicyDenied, TokenRejected
 
@@ -177,45 +173,46 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@lru_cache(maxsize=1024)
-def _regex(pattern: str) -> re.Pattern[str]:
-    """Compile a constraint pattern, refusing the shapes that backtrack catastrophically.
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
-    Any holder can append a regex caveat offline, so a pattern is attacker-chosen input to
-    the supervisor: a quantified group that itself contains a quantifier (``(a+)+``) is
-    refused, as are patterns over 512 characters.
+
+MAX_REGEX_CHARS = 512
+MAX_REGEX_PROGRAM = 1000  # RE2 instructions: a check costs at most (program size x input bytes) steps
+MAX_REGEX_INPUT_BYTES = 64 * 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.dot_nl = True  # '.' matches a newline too: a newline is no way out of a pattern
+_RE2_OPTIONS.never_capture = True
+_RE2_OPTIONS.log_errors = False
+_RE2_OPTIONS.max_mem = 1 << 20  # per compiled pattern; past it RE2 falls back to its (still linear) NFA
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> Any:
+    """Compile a constraint pattern with RE2, which matches in time linear in the input.
+
+    Any holder can append a regex caveat offline, so a pattern is attacker-chosen input to the
+    supervisor: its length and compiled size are bounded. ValueError if it is refused.
     """
-    if len(pattern) > 512:
-        raise ValueError("regex longer than 512 characters")
-    compiled = re.compile(pattern)
-    if _nested_repeat(_sre_parser.parse(pattern), inside=False):
-        raise ValueError(f"regex {pattern!r} nests quantifiers (catastrophic backtracking)")
+    if not isinstance(pattern, str) or len(pattern) > MAX_REGEX_CHARS:
+        raise ValueError(f"a regex is a string of at most {MAX_REGEX_CHARS} characters")
+    try:
+        compiled = re2.compile(pattern.encode("utf-8"), _RE2_OPTIONS)
+    except Exception as exc:  # re2.error (its message in bytes), or a pattern with lone surrogates
+        why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"regex {pattern!r:.80} is not valid RE2 syntax: {why}") from None
+    if compiled.programsize > MAX_REGEX_PROGRAM:
+        raise ValueError(f"regex {pattern!r:.80} compiles to {compiled.programsize} RE2 instructions "
+                         f"> {MAX_REGEX_PROGRAM}")
     return compiled
 
 
-_REPEATS = tuple(getattr(_sre_constants, n) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
-                 if hasattr(_sre_constants, n))
-
-
-def _nested_repeat(items: Any, inside: bool) -> bool:
-    for op, av in items:
-        if op in _REPEATS:
-            low, high, sub = av
-            repeats = high is _sre_constants.MAXREPEAT or high > 1
-            if repeats and inside:
-                return True
-            if _nested_repeat(sub, inside or repeats):
-                return True
-        elif op is _sre_constants.SUBPATTERN:
-            if _nested_repeat(av[-1], inside):
-                return True
-        elif op is _sre_constants.BRANCH:
-            if any(_nested_repeat(branch, inside) for branch in av[1]):
-                return True
-        elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
-            if _nested_repeat(av[1], inside):
-                return True
-    return False
+def _regex_reason(pattern: str, value: Any) -> str | None:
+    """None if ``value`` is a string the pattern matches in full; PolicyDenied if it cannot be judged."""
+    data = value.encode("utf-8") if isinstance(value, str) else None  # lone surrogates: ValueError
+    if data is None or len(data) > MAX_REGEX_INPUT_BYTES:
+        raise PolicyDenied(f"not a string of at most {MAX_REGEX_INPUT_BYTES} UTF-8 bytes: {value!r:.80}")
+    return None if _regex(pattern).fullmatch(data) else f"{value!r:.80} does not match {pattern!r}"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -233,27 +230,29 @@ ARG_CHECKS = ("exact", "one_of", "range", "regex", "path_under", "url_host", "ma
 
 
 def check_arg(kind: str, param: Any, value: Any) -> str | None:
-    """None if ``value`` satisfies the check, else the reason it does not."""
-    if kind == "exact":
-        return None if _same(value, param) else f"{value!r:.80} != {param!r:.80}"
-    if kind == "one_of":
-        for p in param:
-            if _same(value, p):
-                return None
-        return f"{value!r:.80} not in {param!r:.200}"
+    """None if ``value`` satisfies the check, else the reason it does not.
+
+    A value the check cannot judge (NaN or a non-number for a range, a non-string for a regex,
+    path or URL, a path not in canonical form, a type none of the ``exact``/``one_of`` values
+    has) raises instead: a denial for a caveat, a match for an approval rule."""
+    if kind in ("exact", "one_of"):
+        options = (param,) if kind == "exact" else param
+        if not any(type(value) is type(p) for p in options):  # a string against numbers, say: no judgement
+            raise PolicyDenied(f"{type(value).__name__} {value!r:.80} is not comparable with {param!r:.200}")
+        return None if any(_same(value, p) for p in options) else f"{value!r:.80} is not {param!r:.200}"
     if kind == "range":
         lo, hi = param
         if not _is_number(value) or value != value:  # NaN compares false with every bound
-            return f"{value!r:.80} is not a number"
+            raise PolicyDenied(f"{value!r:.80} is not a number")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return f"{value!r} outside [{lo}, {hi}]"
         return None
     if kind == "regex":
-        if not isinstance(value, str) or len(value) > 65536:
-            return "not a string of at most 64 KiB"
-        return None if _regex(param).fullmatch(value) else f"{value!r:.80} does not match {param!r}"
+        return _regex_reason(param, value)
     if kind == "path_under":
-        return None if path_is_under(value, param) else f"{canonical_path(value)!r} not under {param!r}"
+        if canonical_path(value) != value:  # the tool would get another spelling than the one checked
+            raise PolicyDenied(f"path {value!r:.80} is not in canonical form (a parameter without PATH?)")
+        return None if path_is_under(value, param) else f"{value!r} not under {param!r}"
     if kind == "url_host":
         scheme, host, port = origin = url_origin(value)
         return None if url_allowed(origin, param) else f"host {host!r} ({scheme}, port {port}) not in {list(param)!r}"
@@ -395,9 +394,9 @@ _CAVEAT_PARSERS: dict[str, Any] = {
     "tools": lambda a: Tools(_str_tuple(a[0], "tools")) if len(a) == 1 else None,
     "effects": _parse_effects,
     "arg": _parse_arg,
-    "exp": lambda a: Expires(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
-    "nbf": lambda a: NotBefore(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
-    "cost": lambda a: CostBudget(float(a[0])) if len(a) == 1 and _is_number(a[0]) else None,
+    "exp": lambda a: Expires(float(a[0])) if len(a) == 1 and _finite(a[0]) else None,
+    "nbf": lambda a: NotBefore(float(a[0])) if len(a) == 1 and _finite(a[0]) else None,
+    "cost": lambda a: CostBudget(float(a[0])) if len(a) == 1 and _finite(a[0]) and a[0] >= 0 else None,
     "calls": lambda a: CallBudget(a[0]) if len(a) == 1 and type(a[0]) is int and a[0] >= 0 else None,
     "depth": lambda a: MaxDepth(a[0]) if len(a) == 1 and type(a[0]) is int and a[0] >= 0 else None,
     "aud": lambda a: Audience(a[0]) if len(a) == 1 and isinstance(a[0], str) else None,
@@ -415,8 +414,8 @@ def _checked_param(check: str, param: Any) -> Any:
         return tuple(param)
     if check == "range":
         ok = isinstance(param, list) and len(param) == 2
-        if not ok or not all(p is None or _is_number(p) for p in param):
-            raise ValueError("range needs [min|null, max|null]")
+        if not ok or not all(p is None or (_is_number(p) and p == p) for p in param):  # a NaN bound holds for all
+            raise ValueError("range needs [min|null, max|null], numbers and not NaN")
         return tuple(param)
     if check in ("regex", "path_under") and not isinstance(param, str):
         raise ValueError(f"{check} needs a string")
@@ -483,26 +482,14 @@ def first_holder(raw: Any) -> str:
     return c.agent
 
 
-@dataclass(frozen=True, slots=True)
-class CallContext:
-    """What a caveat is evaluated against: the canonicalised call."""
-
-    agent: str
-    tool: str
-    effect: str
-    args: dict[str, Any]
-    now: float
-    job: str
-
-
 class EvaluationPlan(NamedTuple):
     """A chain's caveats folded into one lookup per kind of check, built when the chain is verified.
 
     Expiry and not-before become the tightest bound, tool and effect allow-lists their
     intersection, audiences a set, and argument constraints are grouped by tool, so a call
-    costs one check per constraint on its own tool. ``allows`` holds exactly when every caveat
-    holds; it only answers yes or no, and a no is explained by walking the caveats in order
-    (``VerifiedToken.evaluate_in_order``). Attenuation only ever adds to a plan (``extended``).
+    costs one check per constraint on its own tool. ``check`` passes exactly when every caveat
+    holds (the unit tests hold it to a caveat-by-caveat walk). Attenuation only ever adds to a
+    plan (``extended``).
     """
 
     not_before: float = -math.inf
@@ -523,7 +510,7 @@ class EvaluationPlan(NamedTuple):
             if isinstance(c, Arg):
                 new_args.append(c)
             elif isinstance(c, Expires):
-                if c.at < not_after:  # a NaN bound never fires, here as in check_time
+                if c.at < not_after:
                     not_after = c.at
             elif isinstance(c, NotBefore):
                 if c.at > not_before:
@@ -545,25 +532,27 @@ class EvaluationPlan(NamedTuple):
                 by_tool[c.tool] = by_tool.get(c.tool, any_tool) + (c,)
         return EvaluationPlan(not_before, not_after, tools, effects, audiences, arg_caveats, by_tool, any_tool)
 
-    def allows(self, tool: str, effect: str, args: dict[str, Any], now: float, job: str) -> bool:
-        """True when every caveat holds for this call (holder and budgets are checked elsewhere)."""
-        if now > self.not_after or now < self.not_before:
-            return False
+    def check(self, tool: str, effect: str, args: dict[str, Any], job: str) -> None:
+        """Raise the typed error of a caveat that does not hold (time and holder are checked before)."""
+        if self.audiences and self.audiences != {job}:
+            raise TokenRejected(f"audience {sorted(self.audiences)}, job is {job!r}",
+                                code=ErrorCode.WRONG_AUDIENCE, tool=tool)
         if self.tools is not None and tool not in self.tools:
-            return False
+            raise PolicyDenied(f"tool {tool!r} not in {sorted(self.tools)}", tool=tool)
         if self.effects is not None and effect not in self.effects:
-            return False
-        for audience in self.audiences:
-            if job != audience:
-                return False
+            raise PolicyDenied(f"effect {effect!r} not in {sorted(self.effects)}", tool=tool)
         by_tool = self.args_by_tool
         for c in by_tool.get(tool, self.any_tool_args) if by_tool else self.any_tool_args:
-            if c.arg in args:
-                if check_arg(c.check, c.param, args[c.arg]) is not None:
-                    return False
-            elif c.tool != "*":
-                return False
-        return True
+            if c.arg not in args:
+                if c.tool == "*":
+                    continue
+                raise PolicyDenied(f"argument {c.arg!r} required by a {c.check} constraint", tool=tool)
+            try:
+                why = check_arg(c.check, c.param, args[c.arg])
+            except Exception as exc:  # a value the check cannot judge is denied
+                why = getattr(exc, "reason", None) or f"cannot be checked ({type(exc).__name__})"
+            if why is not None:
+                raise PolicyDenied(f"argument {c.arg!r}: {why}", tool=tool)
 
 
 _EMPTY_PLAN = EvaluationPlan()
@@ -602,63 +591,20 @@ class VerifiedToken:
         return self._chain_ids
 
     def check_time(self, now: float) -> None:
-        if now > self.plan.not_after or now < self.plan.not_before:
-            self._check_time_in_order(now)
-            raise TokenRejected("outside the token's validity period", code=ErrorCode.TOKEN_EXPIRED)
-
-    def _check_time_in_order(self, now: float) -> None:
-        for c in self.caveats:
-            if isinstance(c, Expires) and now > c.at:
-                raise TokenRejected(f"expired at {c.at:.3f}, now {now:.3f}", code=ErrorCode.TOKEN_EXPIRED)
-            if isinstance(c, NotBefore) and now < c.at:
-                raise TokenRejected(f"not before {c.at:.3f}, now {now:.3f}", code=ErrorCode.TOKEN_NOT_YET_VALID)
-
-    def evaluate(self, ctx: CallContext) -> None:
-        """Raise unless every caveat holds for this call. Budgets are the quota ledger's job."""
-        self.evaluate_call(ctx.agent, ctx.tool, ctx.effect, ctx.args, ctx.now, ctx.job)
+        if not now <= self.plan.not_after:  # written so that a NaN clock reads as expired
+            raise TokenRejected(f"expired at {self.plan.not_after:.3f}, now {now:.3f}", code=ErrorCode.TOKEN_EXPIRED)
+        if now < self.plan.not_before:
+            raise TokenRejected(f"not before {self.plan.not_before:.3f}, now {now:.3f}",
+                                code=ErrorCode.TOKEN_NOT_YET_VALID)
 
     def evaluate_call(self, agent: str, tool: str, effect: str, args: dict[str, Any], now: float,
                       job: str) -> None:
-        """``evaluate`` of the call these fields describe: the plan decides, the ordered walk explains a no."""
-        try:
-            allowed = agent == self.holder and self.plan.allows(tool, effect, args, now, job)
-        except Exception:  # whatever the plan tripped on, the ordered walk denies with its own error
-            allowed = False
-        if not allowed:
-            self.evaluate_in_order(CallContext(agent, tool, effect, args, now, job))
-            raise PolicyDenied("caveat plan denied a call its caveats allow", tool=tool)  # fail closed
-
-    def evaluate_in_order(self, ctx: CallContext) -> None:
-        """Each caveat in chain order, raising the error of the first that does not hold."""
-        if ctx.agent != self.holder:
-            raise TokenRejected(f"holder is {self.holder!r}, presented by {ctx.agent!r}",
-                                code=ErrorCode.WRONG_HOLDER, tool=ctx.tool)
-        self._check_time_in_order(ctx.now)
-        for c in self.caveats:
-            if isinstance(c, Tools):
-                if ctx.tool not in c.names:
-                    raise PolicyDenied(f"tool {ctx.tool!r} not in {list(c.names)}", tool=ctx.tool)
-            elif isinstance(c, Effects):
-                if ctx.effect not in c.effects:
-                    raise PolicyDenied(f"effect {ctx.effect!r} not in {list(c.effects)}", tool=ctx.tool)
-            elif isinstance(c, Arg):
-                if c.tool != ctx.tool and c.tool != "*":
-                    continue
-                if c.arg not in ctx.args:
-                    if c.tool == "*":
-                        continue
-                    raise PolicyDenied(f"argument {c.arg!r} required by a {c.check} constraint", tool=ctx.tool)
-                try:
-                    why = check_arg(c.check, c.param, ctx.args[c.arg])
-                except PolicyDenied as exc:
-                    why = exc.reason
-                if why is not None:
-                    raise PolicyDenied(f"argument {c.arg!r}: {why}", tool=ctx.tool)
-            elif isinstance(c, Audience):
-                if ctx.job != c.job:
-                    raise TokenRejected(f"audience {c.job!r}, job is {ctx.job!r}",
-                                        code=ErrorCode.WRONG_AUDIENCE, tool=ctx.tool)
-            # Expires/NotBefore: check_time; budgets: quota ledger; Holder/MaxDepth: verify.
+        """Raise unless every caveat holds for this (canonicalised) call. Budgets are the quota ledger's job."""
+        if agent != self.holder:
+            raise TokenRejected(f"holder is {self.holder!r}, presented by {agent!r}",
+                                code=ErrorCode.WRONG_HOLDER, tool=tool)
+        self.check_time(now)
+        self.plan.check(tool, effect, args, job)
 
 
 class KeyRing:
@@ -675,9 +621,13 @@ class KeyRing:
 
     def __init__(self, root_keys: dict[str, bytes], current_kid: str, holder_key: bytes,
                  *, cache_size: int = 4096) -> None:
-        if current_kid not in root_keys:
-            raise ValueError(f"current key id {current_kid!r} not in the key ring")
-        self._root = dict(root_keys)
+        if current_kid not in root_keys or not (isinstance(holder_key, bytes) and len(holder_key) >= 32):
+            raise ValueError("the current key id must be in the ring, and the holder key at least 32 bytes")
+        if type(cache_size) is not int or cache_size < 0:
+            raise ValueError("cache_size is a count of tokens, 0 for none")
+        self._root: dict[str, bytes] = {}
+        for kid, key in root_keys.items():
+            self.add_key(kid, key, current=False)
         self.current_kid = current_kid
         self._holder_key = holder_key
         self._cache: OrderedDict[bytes, VerifiedToken] = OrderedDict()
@@ -830,6 +780,8 @@ class KeyRing:
         return best
 
     def _remember(self, raw: bytes, vt: VerifiedToken) -> None:
+        if self._cache_size == 0:
+            return
         if len(self._cache) >= self._cache_size:
             self._cache.popitem(last=False)
         self._cache[raw] = vt

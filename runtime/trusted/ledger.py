@@ -6,8 +6,8 @@ Invariants:
   denied call charges nothing. Budgets are keyed by the tag that follows the budget caveat
   in a token's chain; a delegated token shares its parent's prefix, so a delegate's call is
   charged to every budget up its chain without any extra bookkeeping.
-* ``NonceWindow`` accepts each (agent, nonce) once, and only with a timestamp inside the
-  window, so a captured request cannot be replayed later.
+* ``NonceWindow`` accepts each (agent, nonce) once, and only with a finite timestamp inside
+  the window, so a captured request cannot be replayed later.
 * ``RevocationList`` holds token ids and chain tags; a token is revoked when any id on its
   chain is, which revokes every descendant of a revoked parent.
 
@@ -161,7 +161,7 @@ class NonceWindow:
 
     def check(self, agent: str, nonce: bytes, ts: float, tool: str | None = None) -> None:
         now = self._clock()
-        if abs(now - ts) > self.window_s:
+        if not abs(now - ts) <= self.window_s:  # a NaN or infinite time is outside every window
             raise TokenRejected(f"request time {ts:.3f} outside window {self.window_s}s of {now:.3f}",
                                 code=ErrorCode.REPLAY, tool=tool)
         if len(nonce) < 12:

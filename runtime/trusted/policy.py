@@ -11,7 +11,6 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,10 +19,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ..errors import ConfigError, ErrorCode, PolicyDenied
 from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
-                         canonical_path, host_pattern)
+                         canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .anomaly import AnomalyConfig
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
+from .wire import ToolSpec
 
 Effect = Literal["read", "write", "delete", "execute"]
 
@@ -44,16 +44,6 @@ class ArgRule(_Strict):
     url_host: list[Annotated[str, AfterValidator(lambda p: host_pattern(p) and p)]] | None = None  # checked at load
     max_bytes: int | None = Field(default=None, ge=0)
 
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"regex does not compile: {exc}") from None
-        return v
-
     @field_validator("path_under")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
@@ -67,9 +57,16 @@ class ArgRule(_Strict):
             raise ValueError(exc.reason) from None
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "ArgRule":
-        if not self.model_fields_set:
-            raise ValueError("an argument rule needs at least one constraint")
+    def _each_key_constrains(self) -> "ArgRule":
+        """Every key given becomes a caveat the token check accepts; one that would not is an error."""
+        empty = sorted(k for k in self.model_fields_set if k != "exact" and getattr(self, k) is None)
+        if empty or not self.model_fields_set:
+            raise ValueError(f"a rule needs at least one key, each with a value (empty: {empty})")
+        for c in self.caveats("tool", "arg"):
+            try:
+                decode_caveat(encode_caveat(c))
+            except Exception as exc:  # what the token parser would refuse at every call
+                raise ValueError(f"{c.check}: {exc}") from None
         return self
 
     def caveats(self, tool: str, arg: str) -> list[Arg]:
@@ -230,6 +227,32 @@ class Policy(_Strict):
     def agent_quota(self) -> AgentQuota:
         q = self.quotas
         return AgentQuota(rate_per_s=q.rate_per_s, burst=q.burst, max_concurrent=q.max_concurrent)
+
+
+_CANONICAL_FORMAT = {"path_under": "path", "url_host": "url"}  # rule -> the parameter format it needs
+
+
+def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
+    """Refuse argument and approval rules that the named tools' parameters make wrong.
+
+    A rule on a parameter the tool lacks would deny every call; a path or URL rule on a
+    parameter the tool does not canonicalise (``PATH``/``URL``) would check one spelling while
+    the tool opens another. Tools not in ``tools`` are not checked here. Raises ConfigError.
+    """
+    errors = []
+    for name, rule in sorted(policy.tools.items()):
+        spec = tools.get(name)
+        when = rule.approval.when if isinstance(rule.approval, ApprovalSpec) else {}
+        for where, rules in (("args", rule.args), ("approval.when", when)):
+            for arg, arg_rule in sorted(rules.items()) if spec is not None else ():
+                param = spec.params.get(arg)
+                wrong = [f"{check} needs a parameter declared {fmt.upper()}" for check, fmt in _CANONICAL_FORMAT.items()
+                         if check in arg_rule.model_fields_set and param is not None and param.format != fmt]
+                missing = [f"tool {name!r} has no such parameter ({sorted(spec.params)})"]
+                for why in wrong if param is not None else missing:
+                    errors.append(f"  at tools.{name}.{where}.{arg}: {why}")
+    if errors:
+        raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
 
 
 def _where(loc: tuple[Any, ...]) -> str:

@@ -315,3 +315,82 @@ def test_revocation_list_snapshot_restore():
     revoked_error(lambda: restored.check([b"token-id"], "a"))
     revoked_error(lambda: restored.check([b"unrelated"], "rogue"))
     restored.check([b"unrelated"], "a")
+
+
+# ------------------------------------------ cases mutation testing showed unpinned (make mutate)
+
+
+@pytest.mark.parametrize("actual", [0.0, 0.5])
+def test_settle_corrects_to_an_actual_cost_of_zero_or_below_one(clock, actual):
+    ledger = ledger_with(clock)
+    ledger.settle(ledger.reserve("a", ((KEY_B, "cost", 10.0),), 4.0), actual_cost=actual)
+    assert ledger.used(KEY_B) == actual
+
+
+def test_a_recharged_reservation_is_in_flight_and_settles_and_releases_like_a_new_one(clock):
+    ledger = ledger_with(clock, max_concurrent=1)
+    res = ledger.recharge("a", [(KEY_A, 1.0), (KEY_B, 4.0)], 4.0, [KEY_B])
+    assert (ledger.inflight("a"), ledger.used(KEY_A), ledger.used(KEY_B)) == (1, 1.0, 4.0)
+    quota_error(lambda: ledger.reserve("a", (), 1.0), ErrorCode.CONCURRENCY_LIMIT)
+    ledger.settle(res, actual_cost=1.5)
+    assert (ledger.inflight("a"), ledger.used(KEY_B)) == (0, 1.5)
+    again = ledger.recharge("a", [(KEY_A, 1.0)], 1.0, [], charged=True)  # already in the restored totals
+    assert ledger.used(KEY_A) == 1.0 and again.projected_cost == 1.0
+    ledger.release(again)
+    assert (ledger.inflight("a"), ledger.used(KEY_A)) == (0, 0.0)
+    fresh = QuotaLedger(clock=clock)  # an agent the restarted ledger has not configured yet
+    fresh.recharge("b", [], 0.0, [])
+    fresh.recharge("b", [], 0.0, [])
+    assert fresh.inflight("b") == 2
+
+
+def test_after_a_restart_no_agent_has_a_burst_left(clock):
+    ledger = ledger_with(clock, rate_per_s=2.0, burst=5)
+    ledger.drain_buckets()
+    quota_error(lambda: ledger.reserve("a", (), 1.0), ErrorCode.RATE_LIMITED)
+    clock.advance(0.5)  # one token back at 2/s
+    ledger.settle(ledger.reserve("a", (), 1.0))
+    quota_error(lambda: ledger.reserve("a", (), 1.0), ErrorCode.RATE_LIMITED)
+
+
+def test_restoring_an_empty_snapshot_starts_empty(clock):
+    ledger, window, revoked = QuotaLedger(clock=clock), NonceWindow(clock=clock), RevocationList()
+    ledger.restore({})
+    window.restore({})
+    revoked.restore({})
+    assert ledger.snapshot() == {"used": {}, "buckets": {}} and window.snapshot() == {"seen": []}
+    assert revoked.snapshot() == {"ids": [], "agents": []}
+
+
+def test_every_refusal_names_the_tool_and_says_why_with_values(clock):
+    """The agent sees the code and tool; the audit log gets the reason with the values that decided."""
+    unknown = quota_error(lambda: QuotaLedger(clock=clock).reserve("x", (), 1.0, "t"), ErrorCode.BUDGET_EXHAUSTED)
+    assert unknown.tool == "t" and "'x' has no quota" in unknown.reason
+    rate = ledger_with(clock, rate_per_s=2.0, burst=1)
+    rate.settle(rate.reserve("a", (), 1.0))
+    exc = quota_error(lambda: rate.reserve("a", (), 1.0, "t"), ErrorCode.RATE_LIMITED)
+    assert exc.tool == "t" and exc.reason == "rate 2.0/s burst 1 exceeded" and exc.retry_after_s == 0.5
+    clock.advance(0.123456)  # retry_after is rounded to 0.1 ms: (1 - 0.246912) / 2
+    assert quota_error(lambda: rate.reserve("a", (), 1.0), ErrorCode.RATE_LIMITED).retry_after_s == 0.3765
+    busy = ledger_with(clock, max_concurrent=1)
+    busy.reserve("a", (), 1.0)
+    exc = quota_error(lambda: busy.reserve("a", (), 1.0, "t"), ErrorCode.CONCURRENCY_LIMIT)
+    assert exc.tool == "t" and exc.reason == "concurrent=1, limit=1"
+    spent = ledger_with(clock)
+    exc = quota_error(lambda: spent.reserve("a", ((KEY_A, "calls", 0.0),), 1.0, "t"), ErrorCode.BUDGET_EXHAUSTED)
+    assert exc.tool == "t" and exc.reason == "calls=0+1, limit=0"
+    window = NonceWindow(window_s=120, clock=clock)
+    late = replay_error(lambda: window.check("a", NONCE, clock() - 121, "t"))
+    assert late.tool == "t" and "outside window 120" in late.reason
+    short = replay_error(lambda: window.check("a", b"x", clock(), "t"))
+    assert short.tool == "t" and short.reason == "nonce shorter than 12 bytes"
+    window.check("a", NONCE, clock())
+    again = replay_error(lambda: window.check("a", NONCE, clock(), "t"))
+    assert again.tool == "t" and again.reason == "nonce already used"
+    revoked = RevocationList()
+    revoked.revoke_agent("a")
+    revoked.revoke(b"tag")
+    for holder, why in (("a", "agent 'a' revoked"), ("b", "token or an ancestor revoked")):
+        with pytest.raises(TokenRejected) as info:
+            revoked.check([b"tag"], holder, "t")
+        assert info.value.code is ErrorCode.TOKEN_REVOKED and info.value.tool == "t" and info.value.reason == why
