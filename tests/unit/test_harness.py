@@ -173,7 +173,7 @@ def test_defaults_are_filled_in_before_the_caveats(h):
 def test_a_denial_carries_its_reason_but_the_agent_is_told_only_the_code(h):
     d = h.call("writer", "notes.write", {"folder": "inbox", "text": "hi"})
     assert not d.allowed and d.code == "POLICY_DENIED" and d.result == "POLICY_DENIED"
-    assert "'inbox' != 'drafts'" in d.reason
+    assert "'inbox' is not 'drafts'" in d.reason
     assert isinstance(d.error, PolicyDenied) and d.error.code is ErrorCode.POLICY_DENIED
     assert d.error.reason == "POLICY_DENIED" and d.error.tool == "notes.write"  # no values reach the agent
     assert d.audit["decision"] == "deny" and d.audit["reason"] == d.reason

@@ -67,7 +67,7 @@ def test_a_mismatch_is_exit_1_with_case_expected_got_and_reason(tmp_path, capsys
     assert f"FAIL {cases}: case 2 'wrongly thinks it may post to general'" in out
     assert 'lead -> chat.post {"channel": "general", "text": "hi"}' in out
     assert "expected: allow\n" in out and "got:      POLICY_DENIED\n" in out
-    assert "reason:   argument 'channel': 'general' != 'summaries'" in out
+    assert "reason:   argument 'channel': 'general' is not 'summaries'" in out
     assert "case 3 'wrongly thinks reading summaries is a rate limit'" in out
     assert "expected: RATE_LIMITED" in out
     assert "case 1" not in out
@@ -96,7 +96,7 @@ def test_a_reason_that_does_not_match_fails(tmp_path):
     assert not report.ok
     problem = report.results[0].problem
     assert "expected: POLICY_DENIED with reason containing 'max_bytes'" in problem
-    assert "got:      POLICY_DENIED" in problem and "'general' != 'summaries'" in problem
+    assert "got:      POLICY_DENIED" in problem and "'general' is not 'summaries'" in problem
 
 
 def test_repeated_calls_name_the_call_that_differed(tmp_path):
@@ -182,7 +182,7 @@ def test_the_warden_command_exits_1_on_a_mismatch(tmp_path):
     done = subprocess.run([sys.executable, "-m", "runtime.cli", "policy", "test", LEAD, "--cases", str(cases)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
-    assert "case 1 'posts anywhere'" in done.stdout and "'random' != 'summaries'" in done.stdout
+    assert "case 1 'posts anywhere'" in done.stdout and "'random' is not 'summaries'" in done.stdout
 
 
 def test_tool_modules_that_do_not_import_are_named(tmp_path):
