@@ -10,6 +10,15 @@ What every backend must guarantee (each is tested against both): no network at a
 the variables the tool passes); ``/proc`` shows only the sandbox; a read-only root with
 writes only in the workspace; CPU, wall time, memory, process count and output bounded;
 the worker process survives any breach and the next call works.
+
+Which limit a call breached is the worker's finding, never the program's claim (``attribute``):
+a sandboxed program chooses its own output, exit status and even the signal it dies by, so
+only what the worker observes names a limit: its wall clock and output count
+(``supervise``), host cgroup counters the sandbox cannot reach, and ``wait4``'s CPU time of
+a tree it reaped. A program that merely fails gets its exit status back.
+
+The worker reaps its own children (``Reaper``): it is their subreaper, so the orphans a
+sandbox leaves never depend on the host's pid 1, which in many containers does not reap.
 """
 
 from __future__ import annotations

@@ -1,17 +1,34 @@
-"""bubblewrap backend: Linux namespaces plus rlimits, the fastest isolation we have.
+"""bubblewrap backend: Linux namespaces plus cgroups and rlimits, the fastest isolation we have.
 
 Each command runs as::
 
-    setpriv (uid) -> prlimit (cpu, as, nproc, fsize, nofile, core) -> bwrap --unshare-all ... -> argv
+    sh (joins the call's cgroups) -> setpriv (uid) -> prlimit (cpu, nproc, fsize, nofile, core)
+        -> bwrap --unshare-all --as-pid-1 ... -> argv
 
 started with an empty environment, as an unprivileged host uid of its own (when the worker
 runs as root; ``setpriv`` switches real, effective and saved ids and drops supplementary
 groups and every capability before anything else runs), in a new session. bwrap gives it
 new user, pid, network, ipc, uts and cgroup namespaces, a read-only ``/usr`` (with the
-usual ``/bin``, ``/lib`` links), a private
-``/proc``, ``/dev`` and ``/tmp``, and the session's workspace at ``/workspace``; nothing
-else of the host file system exists inside. ``--die-with-parent`` and the pid namespace
-mean that killing bwrap kills every process the command started.
+usual ``/bin``, ``/lib`` links), a private ``/proc``, ``/dev`` and a ``/tmp`` tmpfs of at
+most ``memory_mb``, and the session's workspace at ``/workspace``; nothing else of the host
+file system exists inside. ``--die-with-parent`` and the pid namespace mean that killing
+bwrap kills every process the command started.
+
+The command is the namespace's pid 1 (``--as-pid-1``), bwrap's own child, so bwrap reaps it
+and exits with its status: no namespace init is left behind as an orphan on every call (it
+was, and under a host init that does not reap, those zombies filled the uid's process limit
+after some 30 calls), and the worker's ``wait4`` of bwrap includes the CPU time of every
+process of the call.
+
+Limits, when the worker runs as root: each call gets cgroups of its own (``cgroup.py``),
+joined before anything runs: memory (``memory_mb``, ``/tmp`` included, since tmpfs pages are
+charged to the cgroup that writes them), pids (``max_pids`` plus bwrap) and CPU accounting.
+The worker watches their counters while the call runs and kills on a breach: an OOM kill is
+``memory``, a refused fork ``pids``, CPU time over ``cpu_s`` ``cpu``. RLIMIT_CPU and
+RLIMIT_NPROC stay as backstops above those limits; there is no RLIMIT_AS (the memory cgroup
+bounds what is resident, and an address-space refusal could not be told from a program
+printing ``MemoryError``). Without root there are no cgroups: RLIMIT_AS, RLIMIT_NPROC and
+RLIMIT_CPU bound the call, and only a CPU kill the rusage corroborates is named.
 
 RLIMIT_NPROC counts processes per host uid, and root is exempt from it; that is why the
 command runs under a uid derived from the session and never as root. The uid is switched by

@@ -11,25 +11,33 @@ the session's workspace read-write at ``/workspace``, and ``sandbox_env()`` as i
 environment. Its init is ``sleep infinity``; every call is one ``runsc exec`` into it,
 so a call after the first pays no sandbox start-up. Two sessions never share a sandbox.
 
-Each limit, and the mechanism that enforces it (measured on Debian's runsc 20221219):
+Each limit, the mechanism that enforces it, and what the worker observes to name it (never
+the program's output or exit status; measured on Debian's runsc 20221219). The host cgroup
+exists only when the worker runs as root (the bindings skip cgroups otherwise):
 
 ==============  ===========================================================  ==========
 limit           mechanism                                                    reported
 ==============  ===========================================================  ==========
-cpu_s           RLIMIT_CPU set by ``prlimit`` inside; the Sentry sends        "cpu"
-                SIGXCPU at the soft and SIGKILL at the hard limit
-memory_mb       RLIMIT_AS per process (the Sentry refuses the mapping:        "memory"
-                MemoryError); the whole sandbox (processes, ``/tmp``, the
-                Sentry itself) also sits in a host memory cgroup of
-                ``memory_mb + SANDBOX_OVERHEAD_MB`` (OCI
-                ``linux.resources.memory``); breaching that kills the sandbox.
-                The bindings skip cgroups unless run as root: then only
-                RLIMIT_AS holds
+cpu_s           the sandbox cgroup's CPU time since the call began (its       "cpu"
+                processes and the Sentry's work for them), read by the
+                worker every 50 ms; over ``cpu_s`` it kills. RLIMIT_CPU
+                inside stays as a backstop at ``CPU_BACKSTOP_FACTOR`` times
+                the limit: gVisor's own CPU count, which the rlimit uses,
+                ran 30% ahead of the host's on a busy machine. Without a
+                cgroup: RLIMIT_CPU at the limit, and no cause is named
+memory_mb       the whole sandbox (processes, ``/tmp``, the Sentry) sits in    "memory"
+                a host memory cgroup of ``memory_mb + SANDBOX_OVERHEAD_MB``
+                (OCI ``linux.resources.memory``); breaching it kills the
+                sandbox, and its ``oom_kill`` counter says so. Without a
+                cgroup: RLIMIT_AS per process (MemoryError: the program's
+                own failure, as far as the worker can tell)
 max_pids        RLIMIT_NPROC, which the Sentry counts per uid across the      "pids"
-                sandbox, so the resident init and warm processes are added.
-                A pids cgroup is no use: it counts the Sentry's host threads
-                and runsc cannot even start under a small one
-workspace_mb    RLIMIT_FSIZE per file (EFBIG)                                 exit code
+                sandbox, so the resident init and warm processes are added,
+                and one more: the worker counts the call's processes
+                (``runsc ps``, every ``PIDS_WATCH_S``) and kills above
+                ``max_pids``. A host pids cgroup is no use: it counts the
+                Sentry's host threads and runsc cannot start under a small one
+workspace_mb    the workspace tmpfs (ENOSPC), else RLIMIT_FSIZE per file      exit code
 wall_s          ``supervise()``; the breach kills every process in the        "timeout"
                 sandbox (``runsc kill --all``)
 output bytes    ``supervise()``, killed the same way                          "output"
@@ -42,8 +50,9 @@ next call creates a new one (the workspace persists on the host, ``/tmp`` does n
 process left behind holding the call's stdout would otherwise also keep the call waiting.
 The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because its memory
 cgroup is sized from that call's limits; a call with a different ``memory_mb`` gets a new
-sandbox. Deleting a sandbox waits until the host reaps the Sentry, so ``close()`` can take
-over a second; ``close()`` returns only when no runsc process of the session is left.
+sandbox. Deleting a sandbox waits until the Sentry is reaped (by this worker, which is the
+subreaper of what runsc starts: see ``base.Reaper``), so ``close()`` can take over a second;
+``close()`` returns only when no runsc process of the session is left.
 
 The rlimits are set by ``prlimit`` in every call, not once in the OCI spec
 (``process.rlimits``): this runsc hands limits given that way to every process but never
