@@ -130,6 +130,15 @@ def _observed(cgroup: CallCgroup | None, limits: Limits, rusage_cpu_s: float | N
                     pids=f"processes > {limits.max_pids}: {refused} fork(s) refused" if refused else "")
 
 
+def _scratch_mounts(limits: Limits) -> list[str]:
+    """Memory-backed places a call can write: ``/tmp`` and ``/dev/shm``, each a tmpfs of at
+    most ``memory_mb`` (their pages are charged to the call's memory cgroup, so together they
+    count against ``memory_mb`` too), and ``/dev`` itself read-only (bwrap makes it an
+    unbounded tmpfs)."""
+    size = str(limits.memory_mb << 20)
+    return ["--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
+
+
 class BwrapSession:
     backend = "bwrap"
 
@@ -153,7 +162,7 @@ class BwrapSession:
                 [self._setpriv, f"--reuid={self._uid}", f"--regid={self._uid}", "--clear-groups", "--"])
         sandbox = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
                    "--cap-drop", "ALL", "--hostname", "sandbox", *self._system_binds, "--proc", "/proc",
-                   "--dev", "/dev", "--size", str(limits.memory_mb << 20), "--tmpfs", "/tmp",
+                   "--dev", "/dev", *_scratch_mounts(limits),
                    "--bind", str(self.workspace), WORKSPACE, "--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
         for k, v in env.items():
             sandbox += ["--setenv", k, v]

@@ -72,11 +72,19 @@ def test_cpu_spent_in_a_child_is_the_calls_cpu(env):
                   {ErrorCode.SANDBOX_CPU})
 
 
-def test_filling_tmp_is_a_memory_breach(env):
-    # /tmp is memory: bounded, and counted in the sandbox's memory limit. The program even
-    # swallows the error; the kernel's kill is what the worker reports.
-    assert_killed(env, "i = 0\ntry:\n    while True:\n        open(f'/tmp/f{i}', 'wb').write(b'x' * (8 << 20))\n"
-                       "        i += 1\nexcept OSError:\n    pass\nprint(i)", {ErrorCode.SANDBOX_MEMORY})
+@pytest.mark.parametrize("scratch", ["/tmp", "/dev/shm", "/dev"])
+def test_filling_memory_backed_files_is_a_memory_breach(env, backend_name, scratch):
+    # /tmp and /dev/shm are memory: bounded, and counted in the sandbox's memory limit (/dev
+    # itself is read-only under bwrap). The program even swallows the error; the kernel's
+    # kill is what the worker reports.
+    code = (f"import os\ni = 0\ntry:\n    os.makedirs('{scratch}/fill', exist_ok=True)\n    while True:\n"
+            f"        open(f'{scratch}/fill/f{{i}}', 'wb').write(b'x' * (8 << 20))\n        i += 1\n"
+            "except OSError as e:\n    print('STOPPED', i, e.errno)")
+    if scratch == "/dev" and backend_name == "bwrap":
+        out = env.py(code)
+        assert out["stdout"].startswith("STOPPED 0 30"), out  # EROFS
+        return
+    assert_killed(env, code, {ErrorCode.SANDBOX_MEMORY})
 
 
 def test_processes_held_past_the_limit_are_a_pids_breach(env):
