@@ -31,7 +31,7 @@ ROOT = Path("/sys/fs/cgroup")
 # start a child inside a cgroup without fork + preexec_fn, which costs in proportion to the
 # worker's memory (see ``base.spawn``).
 _JOIN_SH = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
-_RMDIR_TRIES = 50
+_RMDIR_TRIES = 20
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -171,4 +171,5 @@ class CallCgroup:
                 # A killed process leaves its cgroup a moment after its parent saw it die.
                 self.kill()
                 time.sleep(0.01 * (attempt + 1))
+        _log.warning("warden: cgroup %s still busy; left behind", self.pids_dir.name)
         return False
