@@ -156,7 +156,8 @@ class BwrapSession:
         if cgroup is None:
             rlimits = rlimit_args(limits)
         else:  # the cgroup bounds memory, processes and CPU, and says when they were breached
-            rlimits = rlimit_args(limits, address_space=False, nproc=NPROC_BACKSTOP * (limits.max_pids + 1),
+            nproc = NPROC_BACKSTOP * (limits.max_pids + 1) + 2 * len(WARM_ARGV)  # + the warm bwrap/program pairs
+            rlimits = rlimit_args(limits, address_space=False, nproc=nproc,
                                   cpu_s=cpu_limit_s(limits) + CPU_BACKSTOP_S)
         drop = ([] if self._uid is None else
                 [self._setpriv, f"--reuid={self._uid}", f"--regid={self._uid}", "--clear-groups", "--"])

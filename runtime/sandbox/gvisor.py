@@ -49,8 +49,8 @@ process in the sandbox is killed at once and the sandbox is deleted in the backg
 next call creates a new one (the workspace persists on the host, ``/tmp`` does not). A
 process left behind holding the call's stdout would otherwise also keep the call waiting.
 The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because its memory
-cgroup is sized from that call's limits; a call with a different ``memory_mb`` gets a new
-sandbox. Deleting a sandbox waits until the Sentry is reaped (by this worker, which is the
+cgroup is sized from that call's limits; a call with a different ``memory_mb`` or
+``max_pids`` gets a new sandbox. Deleting a sandbox waits until the Sentry is reaped (by this worker, which is the
 subreaper of what runsc starts: see ``base.Reaper``), so ``close()`` can take over a second;
 ``close()`` returns only when no runsc process of the session is left.
 
@@ -130,9 +130,12 @@ def _system_mount_hints(mounts: list[dict]) -> dict[str, str]:
 class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignore[misc]
     """The bindings' sandbox, plus what they do not do: a memory cgroup, kill-all, ps."""
 
-    def __init__(self, *, runsc: str, memory_mb: int, runtime_dir: Path, **kwargs) -> None:
+    def __init__(self, *, runsc: str, memory_mb: int, runtime_dir: Path, max_pids: int = 0, **kwargs) -> None:
         self.runsc = runsc
         self.memory_mb = memory_mb
+        # The Sentry keeps RLIMIT_NPROC per uid, for the whole sandbox: once a call lowered it,
+        # a call with a higher ``max_pids`` cannot raise it again, so that call needs a new sandbox.
+        self.max_pids = max_pids
         self.state_dir = str(runtime_dir / "state")
         self.broken = False  # set once its processes were killed; it is never used again
         super().__init__(runtime_dir=str(runtime_dir), **kwargs)
@@ -214,11 +217,13 @@ class GVisorSession:
         if self._sweeper is not None:
             self._sweeper.join()
             self._sweeper = None
-        if self._box is not None and (self._box.broken or self._box.memory_mb != limits.memory_mb):
+        if self._box is not None and (self._box.broken or self._box.memory_mb != limits.memory_mb
+                                      or self._box.max_pids != limits.max_pids):
             self._retire()
         if self._box is None:
             try:
-                self._box = _Sandbox(runsc=self._runsc, memory_mb=limits.memory_mb, runtime_dir=self._runtime_dir,
+                self._box = _Sandbox(runsc=self._runsc, memory_mb=limits.memory_mb, max_pids=limits.max_pids,
+                                     runtime_dir=self._runtime_dir,
                                      sandbox_id=f"warden-{secrets.token_hex(8)}", network="none",
                                      env=sandbox_env(None), mounts=[gvisor.Mount.bind(str(self.workspace), WORKSPACE)],
                                      working_dir=WORKSPACE)

@@ -274,3 +274,16 @@ def test_close_is_idempotent_and_leaves_no_runsc_process(backend, tmp_path):
     assert not Path(runtime_dir).exists()
     with pytest.raises(SandboxUnavailable):
         s.run(PY, stdin=b"print(1)", limits=LIMITS)
+
+
+def test_a_higher_max_pids_after_a_lower_one_gets_its_limit(backend, tmp_path):
+    # The Sentry keeps RLIMIT_NPROC per uid for the whole sandbox and a call cannot raise it
+    # again once an earlier call lowered it: such a call gets a sandbox of its own.
+    s = backend.open(tmp_path, workspace_mb=16, key="agent-c")
+    try:
+        for max_pids in (2, 6, 2):
+            limits = Limits(cpu_s=1, wall_s=60, memory_mb=LIMITS.memory_mb, max_pids=max_pids, workspace_mb=16)
+            r = s.run(SH, stdin=b"ls /workspace; echo done", limits=limits)  # two processes
+            assert (r.exit_code, r.killed) == (0, None), r
+    finally:
+        s.close()

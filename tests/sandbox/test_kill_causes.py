@@ -115,3 +115,15 @@ def test_empty_files_cannot_exhaust_the_workspace_inodes(tmp_path, backend_name)
         assert_next_call_works(env)
     finally:
         env.close()
+
+
+def test_a_one_process_limit_still_runs_a_call(tmp_path, backend_name):
+    # The warm interpreters waiting under the same host uid (bwrap) or in the same sandbox
+    # (gVisor) are not the call's processes.
+    env = Env(tmp_path, backend_name, {**LIMITS, "max_pids": 1})
+    try:
+        for _ in range(3):
+            assert_next_call_works(env)
+        assert_killed(env, "import os\nos.fork()\nimport time\ntime.sleep(60)", {ErrorCode.SANDBOX_PIDS})
+    finally:
+        env.close()
