@@ -125,9 +125,10 @@ def _observed(cgroup: CallCgroup | None, limits: Limits, rusage_cpu_s: float | N
     if cgroup is None:
         return Observed(cpu_s=rusage_cpu_s)
     kills, refused = cgroup.oom_kills(), cgroup.forks_refused()
-    return Observed(cpu_s=cgroup.cpu_s(), cpu_watched=True,
-                    memory=f"memory > {limits.memory_mb} MiB (processes and /tmp): {kills} killed" if kills else "",
-                    pids=f"processes > {limits.max_pids}: {refused} fork(s) refused" if refused else "")
+    memory = f"memory > {limits.memory_mb} MiB (processes, /tmp, /dev/shm): {kills} killed"
+    pids = f"processes > {limits.max_pids}: {refused} fork(s) refused"
+    return Observed(cpu_s=cgroup.cpu_s(), cpu_watched=True, memory=memory if kills else "",
+                    pids=pids if refused else "")
 
 
 def _scratch_mounts(limits: Limits) -> list[str]:

@@ -34,7 +34,8 @@ def test_an_orphan_comes_to_the_worker_and_is_reaped():
     REAPER.start()
     # A process in a session of its own (as a sandbox's is) starts a child and exits at once:
     # the child is an orphan, handed to this process (the subreaper), not to the host's pid 1.
-    parent = subprocess.run(["setsid", "sh", "-c", "sleep 1 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+    parent = subprocess.run(["setsid", "sh", "-c", "sleep 1 >/dev/null 2>&1 & echo $!"],
+                            capture_output=True, text=True)
     orphan = int(parent.stdout)
     assert int(open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()
     assert wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), 30), "the orphan was never reaped"
