@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.errors import ErrorCode
+from runtime.errors import ErrorCode, SandboxKilled
 from runtime.trusted import audit
 
+from .conftest import require_backend
 from .harness import LIMITS, Env, assert_killed, assert_next_call_works
 
 MAX_PIDS = 8
@@ -125,5 +126,24 @@ def test_a_one_process_limit_still_runs_a_call(tmp_path, backend_name):
         for _ in range(3):
             assert_next_call_works(env)
         assert_killed(env, "import os\nos.fork()\nimport time\ntime.sleep(60)", {ErrorCode.SANDBOX_PIDS})
+    finally:
+        env.close()
+
+
+def test_without_cgroups_a_chosen_exit_status_is_still_not_a_limit(tmp_path, monkeypatch):
+    # A worker that may not make cgroups (not root) falls back to rlimits: they still bound
+    # the call, and the worker still believes only what it measured (wait4's CPU time).
+    from runtime.sandbox import bwrap
+
+    require_backend("bwrap")
+    monkeypatch.setattr(bwrap.CallCgroup, "create", classmethod(lambda cls, **kw: None))
+    env = Env(tmp_path, "bwrap", {**LIMITS, "max_pids": MAX_PIDS})
+    try:
+        for code, status in FORGERIES.values():
+            out = env.py(code)
+            assert out["exit_code"] == status and env.outcomes()[-1]["ok"] is True
+        with pytest.raises(SandboxKilled) as info:  # a loop is stopped by RLIMIT_CPU, well before the wall clock
+            env.py("while True:\n    pass")
+        assert info.value.code is ErrorCode.SANDBOX_CPU  # killed at the limit, and wait4 saw the CPU time
     finally:
         env.close()
