@@ -11,25 +11,34 @@ the session's workspace read-write at ``/workspace``, and ``sandbox_env()`` as i
 environment. Its init is ``sleep infinity``; every call is one ``runsc exec`` into it,
 so a call after the first pays no sandbox start-up. Two sessions never share a sandbox.
 
-Each limit, and the mechanism that enforces it (measured on Debian's runsc 20221219):
+Each limit, the mechanism that enforces it, and what the worker observes to name it (never
+the program's output or exit status; measured on Debian's runsc 20221219). The host cgroup
+exists only when the worker runs as root (the bindings skip cgroups otherwise):
 
 ==============  ===========================================================  ==========
 limit           mechanism                                                    reported
 ==============  ===========================================================  ==========
-cpu_s           RLIMIT_CPU set by ``prlimit`` inside; the Sentry sends        "cpu"
-                SIGXCPU at the soft and SIGKILL at the hard limit
-memory_mb       RLIMIT_AS per process (the Sentry refuses the mapping:        "memory"
-                MemoryError); the whole sandbox (processes, ``/tmp``, the
-                Sentry itself) also sits in a host memory cgroup of
-                ``memory_mb + SANDBOX_OVERHEAD_MB`` (OCI
-                ``linux.resources.memory``); breaching that kills the sandbox.
-                The bindings skip cgroups unless run as root: then only
-                RLIMIT_AS holds
+cpu_s           the sandbox cgroup's CPU time since the call began (its       "cpu"
+                processes and the Sentry's work for them), read by the
+                worker every 50 ms; over ``cpu_s`` it kills. RLIMIT_CPU
+                inside stays as a backstop at ``CPU_BACKSTOP_FACTOR`` times
+                the limit: gVisor's own CPU count, which the rlimit uses,
+                ran up to twice as fast as the host's on a busy machine.
+                Without a cgroup: RLIMIT_CPU at the limit, and no cause is
+                named
+memory_mb       the whole sandbox (processes, ``/tmp``, the Sentry) sits in    "memory"
+                a host memory cgroup of ``memory_mb + SANDBOX_OVERHEAD_MB``
+                (OCI ``linux.resources.memory``); breaching it kills the
+                sandbox, and its ``oom_kill`` counter says so. Without a
+                cgroup: RLIMIT_AS per process (MemoryError: the program's
+                own failure, as far as the worker can tell)
 max_pids        RLIMIT_NPROC, which the Sentry counts per uid across the      "pids"
-                sandbox, so the resident init and warm processes are added.
-                A pids cgroup is no use: it counts the Sentry's host threads
-                and runsc cannot even start under a small one
-workspace_mb    RLIMIT_FSIZE per file (EFBIG)                                 exit code
+                sandbox, so the resident init and warm processes are added,
+                and one more: the worker counts the call's processes
+                (``runsc ps``, every ``PIDS_WATCH_S``) and kills above
+                ``max_pids``. A host pids cgroup is no use: it counts the
+                Sentry's host threads and runsc cannot start under a small one
+workspace_mb    the workspace tmpfs (ENOSPC), else RLIMIT_FSIZE per file      exit code
 wall_s          ``supervise()``; the breach kills every process in the        "timeout"
                 sandbox (``runsc kill --all``)
 output bytes    ``supervise()``, killed the same way                          "output"
@@ -41,9 +50,10 @@ process in the sandbox is killed at once and the sandbox is deleted in the backg
 next call creates a new one (the workspace persists on the host, ``/tmp`` does not). A
 process left behind holding the call's stdout would otherwise also keep the call waiting.
 The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because its memory
-cgroup is sized from that call's limits; a call with a different ``memory_mb`` gets a new
-sandbox. Deleting a sandbox waits until the host reaps the Sentry, so ``close()`` can take
-over a second; ``close()`` returns only when no runsc process of the session is left.
+cgroup is sized from that call's limits; a call with a different ``memory_mb`` or
+``max_pids`` gets a new sandbox. Deleting a sandbox waits until the Sentry is reaped (by this worker, which is the
+subreaper of what runsc starts: see ``base.Reaper``), so ``close()`` can take over a second;
+``close()`` returns only when no runsc process of the session is left.
 
 The rlimits are set by ``prlimit`` in every call, not once in the OCI spec
 (``process.rlimits``): this runsc hands limits given that way to every process but never
@@ -65,13 +75,15 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable
-from .base import (WARM_ARGV, WORKSPACE, Limits, RunResult, classify_exit, require_binary, rlimit_args,
-                   sandbox_env, spawn, spawn_soon, started, supervise)
+from . import cgroup
+from .base import (REAPER, WARM_ARGV, WORKSPACE, Limits, Observed, RunResult, Watch, attribute, cpu_breach,
+                   cpu_limit_s, require_binary, rlimit_args, sandbox_env, spawn, spawn_soon, started, supervise)
 
 try:
     import gvisor
@@ -85,8 +97,12 @@ RESIDENT_PIDS = 1 + MAX_WARM
 SANDBOX_OVERHEAD_MB = 128
 RUNSC_TIMEOUT_S = 30
 
-# How runsc exec reports a process killed by a signal: 128 + signal.
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
+# How often a running call's processes are counted (``runsc ps`` costs a runsc start).
+PIDS_WATCH_S = 0.25
+# Where the worker watches CPU time, RLIMIT_CPU inside is only a backstop this many times
+# the limit: gVisor's own count, which the rlimit uses, runs ahead of the host's when busy
+# (up to twice as fast here, at a load average of 30 on 2 cores).
+CPU_BACKSTOP_FACTOR = 4
 _PROBED: set[str] = set()  # runsc binaries that started a probe sandbox in this process
 
 
@@ -116,12 +132,16 @@ def _system_mount_hints(mounts: list[dict]) -> dict[str, str]:
 class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignore[misc]
     """The bindings' sandbox, plus what they do not do: a memory cgroup, kill-all, ps."""
 
-    def __init__(self, *, runsc: str, memory_mb: int, runtime_dir: Path, **kwargs) -> None:
+    def __init__(self, *, runsc: str, memory_mb: int, runtime_dir: Path, max_pids: int = 0, **kwargs) -> None:
         self.runsc = runsc
         self.memory_mb = memory_mb
+        # The Sentry keeps RLIMIT_NPROC per uid, for the whole sandbox: once a call lowered it,
+        # a call with a higher ``max_pids`` cannot raise it again, so that call needs a new sandbox.
+        self.max_pids = max_pids
         self.state_dir = str(runtime_dir / "state")
         self.broken = False  # set once its processes were killed; it is never used again
         super().__init__(runtime_dir=str(runtime_dir), **kwargs)
+        self.cgroup = self.cgroup_dirs()
 
     def _create_bundle(self) -> str:
         bundle = super()._create_bundle()
@@ -156,18 +176,29 @@ class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignor
         rows = [line.split() for line in ps.stdout.decode(errors="replace").splitlines()[1:]]
         return [" ".join(r) for r in rows if len(r) >= 3 and r[1] != "1" and r[2] == "1"]
 
+    def call_processes(self) -> int | None:
+        """How many processes the running call has: its own (started by ``runsc exec``) and
+        every descendant, wherever re-parented; None if the sandbox is gone. Init (pid 1) and
+        the warm interpreters (also children of ``runsc exec``, parent pid 0) are not the call's."""
+        ps = subprocess.run(self.runsc_argv("ps", self.id), capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+        if ps.returncode != 0:
+            return None
+        rows = [line.split() for line in ps.stdout.decode(errors="replace").splitlines()[1:]]
+        return 1 + sum(1 for r in rows if len(r) >= 3 and r[1] != "1" and r[2] != "0")
+
+    def cgroup_dirs(self) -> "tuple[Path, Path] | None":
+        """(memory, CPU) directories of the sandbox's host cgroup, or None if it has none
+        (the bindings make one only as root)."""
+        memory_dir, cpu_dir = cgroup.named(self.id)
+        return (memory_dir, cpu_dir) if memory_dir.is_dir() else None
+
     def oom_killed(self) -> bool:
         """Whether the host killed the sandbox for breaching its memory cgroup."""
-        for path in (_CGROUP_ROOT / "memory" / self.id / "memory.oom_control",  # cgroup v1
-                     _CGROUP_ROOT / self.id / "memory.events"):                  # cgroup v2
-            try:
-                for line in path.read_text().splitlines():
-                    name, _, value = line.partition(" ")
-                    if name == "oom_kill" and int(value) > 0:
-                        return True
-            except (OSError, ValueError):
-                continue
-        return False
+        return self.cgroup is not None and cgroup.oom_kills(self.cgroup[0]) > 0
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the whole sandbox (its processes and the gVisor kernel) has used so far."""
+        return None if self.cgroup is None else cgroup.cpu_seconds(self.cgroup[1])
 
 
 class GVisorSession:
@@ -188,11 +219,13 @@ class GVisorSession:
         if self._sweeper is not None:
             self._sweeper.join()
             self._sweeper = None
-        if self._box is not None and (self._box.broken or self._box.memory_mb != limits.memory_mb):
+        if self._box is not None and (self._box.broken or self._box.memory_mb != limits.memory_mb
+                                      or self._box.max_pids != limits.max_pids):
             self._retire()
         if self._box is None:
             try:
-                self._box = _Sandbox(runsc=self._runsc, memory_mb=limits.memory_mb, runtime_dir=self._runtime_dir,
+                self._box = _Sandbox(runsc=self._runsc, memory_mb=limits.memory_mb, max_pids=limits.max_pids,
+                                     runtime_dir=self._runtime_dir,
                                      sandbox_id=f"warden-{secrets.token_hex(8)}", network="none",
                                      env=sandbox_env(None), mounts=[gvisor.Mount.bind(str(self.workspace), WORKSPACE)],
                                      working_dir=WORKSPACE)
@@ -214,7 +247,7 @@ class GVisorSession:
         cmd = box.runsc_argv("exec", "--cwd", WORKSPACE)
         for k, v in env.items():
             cmd += ["--env", f"{k}={v}"]
-        return [*cmd, box.id, self._prlimit, *_rlimits(limits), "--", *argv]
+        return [*cmd, box.id, self._prlimit, *_rlimits(limits, cgroup=box.cgroup is not None), "--", *argv]
 
     def _spawn(self, box: _Sandbox, argv: list[str], limits: Limits, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         return spawn(self._exec_argv(box, argv, limits, env), env={})
@@ -262,21 +295,22 @@ class GVisorSession:
                     box.broken = True  # retired below; the bindings' close() kills it again
                 _stop(proc, wait=False)
 
+            cpu_before_s = box.cpu_s()
             try:
-                code, out, err, wall, killed, detail = supervise(proc, stdin=stdin, limits=limits, kill=kill)
+                ex = supervise(proc, stdin=stdin, limits=limits, kill=kill, watch=_watch(box, limits, cpu_before_s))
             except BaseException:
                 kill()
                 self._retire()
                 raise
-            if killed is None:
-                killed, detail = _classify(code, err, limits, sandbox_oom=box.oom_killed())
+            seen = _observed(box, limits, cpu_before_s)
+            killed, detail = (ex.killed, ex.detail) if ex.killed else attribute(ex.code, seen, limits)
             if killed is not None:
                 if not box.broken:
                     box.kill_all()
                 self._retire()
             elif tuple(argv) in WARM_ARGV and not box.broken:
                 self._prewarm(box, key, argv, limits, full_env)  # the next call of this kind starts warm
-        return RunResult(code, out, err, wall, killed, detail, self.backend)
+        return RunResult(ex.code, ex.stdout, ex.stderr, ex.wall_s, killed, detail, self.backend, cpu_s=seen.cpu_s)
 
     def close(self) -> None:
         with self._lock:
@@ -294,8 +328,14 @@ def _key(argv: list[str], limits: Limits, env: Mapping[str, str]) -> tuple:
     return (tuple(argv), limits, tuple(sorted(env.items())))
 
 
-def _rlimits(limits: Limits) -> list[str]:
-    return rlimit_args(limits, extra_pids=RESIDENT_PIDS)
+def _rlimits(limits: Limits, *, cgroup: bool) -> list[str]:
+    """One process over ``max_pids`` (the watch sees it and kills the call). Where the
+    sandbox has a host cgroup, the worker enforces memory and CPU time from it and says when
+    they were breached: no address-space limit then, and RLIMIT_CPU only as a backstop."""
+    if not cgroup:
+        return rlimit_args(limits, extra_pids=RESIDENT_PIDS + 1)
+    return rlimit_args(limits, extra_pids=RESIDENT_PIDS + 1, address_space=False,
+                       cpu_s=CPU_BACKSTOP_FACTOR * cpu_limit_s(limits) + 1)
 
 
 def _stop(proc: subprocess.Popen[bytes], *, wait: bool = True) -> None:
@@ -347,11 +387,44 @@ def _destroy(box: _Sandbox, warm: list[Future[subprocess.Popen[bytes]]], sweeper
     box.close()  # the bindings' kill + delete --force; waits until the Sentry is reaped
 
 
-def _classify(code: int | None, stderr: bytes, limits: Limits, *, sandbox_oom: bool) -> tuple[str | None, str]:
-    """``classify_exit``, plus the sandbox-wide memory cgroup only gVisor has."""
-    if sandbox_oom:
-        return "memory", f"sandbox memory > {limits.memory_mb} MiB + {SANDBOX_OVERHEAD_MB} MiB overhead"
-    return classify_exit(code, stderr, limits)
+def _memory_breach(limits: Limits) -> str:
+    return f"sandbox memory > {limits.memory_mb} MiB + {SANDBOX_OVERHEAD_MB} MiB overhead"
+
+
+def _watch(box: _Sandbox, limits: Limits, cpu_before_s: float | None) -> Watch:
+    """What the worker looks at while a call runs: the memory cgroup, the sandbox's CPU time
+    since the call began, and (every ``PIDS_WATCH_S``) how many processes the call has:
+    RLIMIT_NPROC lets it have one more than ``max_pids``, so a breach can be seen."""
+    next_count_at = [time.monotonic() + PIDS_WATCH_S]
+
+    def seen() -> tuple[str, str] | None:
+        observed = _observed(box, limits, cpu_before_s)
+        if observed.memory:
+            return "memory", observed.memory
+        if (breach := cpu_breach(observed.cpu_s, limits)) is not None:
+            return breach
+        if time.monotonic() < next_count_at[0]:
+            return None
+        next_count_at[0] = time.monotonic() + PIDS_WATCH_S
+        try:
+            count = box.call_processes()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if count is not None and count > limits.max_pids:
+            return "pids", f"processes {count} > {limits.max_pids}"
+        return None
+
+    return seen
+
+
+def _observed(box: _Sandbox, limits: Limits, cpu_before_s: float | None) -> Observed:
+    """What the worker saw of a call: the memory cgroup, and the sandbox's CPU time since the
+    call began (its processes and the gVisor kernel's work for them: gVisor's own count,
+    which its RLIMIT_CPU uses, runs ahead of the host's on a busy machine)."""
+    after = box.cpu_s()
+    cpu_s = None if after is None or cpu_before_s is None else after - cpu_before_s
+    return Observed(cpu_s=cpu_s, cpu_watched=cpu_s is not None,
+                    memory=_memory_breach(limits) if box.oom_killed() else "")
 
 
 class GVisorBackend:
@@ -364,6 +437,7 @@ class GVisorBackend:
     def check(self) -> None:
         runsc = require_binary("runsc", "runsc", self.name)
         prlimit = require_binary("prlimit", "util-linux", self.name)
+        REAPER.start()  # runsc leaves its sandbox and gofer processes to us
         if gvisor is None:
             raise _unavailable("the Python bindings are missing; install the pip package 'gvisor' (pip install gvisor)")
         if runsc not in _PROBED:  # a probe costs a sandbox start and teardown (over a second)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import ErrorCode, SandboxUnavailable, WardenError
-from .base import WARM_ARGV, Limits, RunResult, rlimit_args, sandbox_env, supervise
+from .base import REAPER, WARM_ARGV, Limits, Observed, RunResult, attribute, rlimit_args, sandbox_env, spawn, supervise
 from .workspace import Workspace
 
 BACKENDS = ("gvisor", "bwrap", "none")
@@ -74,10 +74,11 @@ class UnsandboxedSession:
     def run(self, argv: list[str], *, stdin: bytes = b"", limits: Limits,
             env: Mapping[str, str] | None = None) -> RunResult:
         full = ["prlimit", *[a for a in rlimit_args(limits) if not a.startswith("--nproc")], "--", *argv]
-        proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=sandbox_env(env), cwd=self.workspace, process_group=0)
-        code, out, err, wall, killed, detail = supervise(proc, stdin=stdin, limits=limits)
-        return RunResult(code, out, err, wall, killed, detail, self.backend)
+        proc = spawn(full, env=sandbox_env(env), cwd=self.workspace)
+        ex = supervise(proc, stdin=stdin, limits=limits)
+        # prlimit execs the program, so wait4 saw it and every descendant it reaped.
+        killed, detail = (ex.killed, ex.detail) if ex.killed else attribute(ex.code, Observed(cpu_s=ex.cpu_s), limits)
+        return RunResult(ex.code, ex.stdout, ex.stderr, ex.wall_s, killed, detail, self.backend, cpu_s=ex.cpu_s)
 
     def prewarm(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -90,7 +91,7 @@ class UnsandboxedBackend:
     name = "none"
 
     def check(self) -> None:
-        return None
+        REAPER.start()  # a tool's daemon is this worker's to reap, not the host's
 
     def open(self, workspace: Path, *, workspace_mb: int, key: str = "") -> UnsandboxedSession:
         print(f"warden: WARNING: running tools of {key!r} UNSANDBOXED (policy says unsandboxed: true)",

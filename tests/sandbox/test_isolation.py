@@ -4,74 +4,23 @@ fails or is killed with its typed error, the audit log records it, and the next 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runtime.errors import ErrorCode, SandboxKilled, SandboxUnavailable
-from runtime.protocol import decode_reply, encode_call
+from runtime.errors import ErrorCode, SandboxUnavailable
 from runtime.sandbox.pool import SandboxPool
-from runtime.sandbox.worker import ToolWorker
-from runtime.tool import load_tools
 from runtime.trusted import audit
-from runtime.trusted.capability import Audience, Expires, KeyRing
-from runtime.trusted.ledger import AgentQuota
-from runtime.trusted.supervisor import AgentEntry, Supervisor
 
-JOB = "job-isolation"
-LIMITS = {"cpu_s": 1, "wall_s": 4, "memory_mb": 256, "max_pids": 32, "max_output_bytes": 64 * 1024,
-          "workspace_mb": 16}
+from .harness import LIMITS, Env, assert_killed, assert_next_call_works
+
 CANARY_ENV = "WARDEN_CANARY_SECRET"
-
-
-class Env:
-    """A supervisor writing a real audit file, dispatching to a real worker with real sandboxes."""
-
-    def __init__(self, tmp: Path, backend: str) -> None:
-        self.audit_path = tmp / "audit.log"
-        self.audit = audit.AuditLog(self.audit_path)
-        self.keyring = KeyRing.generate()
-        tools = load_tools(["runtime.toolbox"])
-        dispatch_key = secrets.token_bytes(32)
-        self.pool = SandboxPool()
-        self.worker = ToolWorker(dispatch_key=dispatch_key, tools=tools, job=JOB, sandboxes=self.pool)
-
-        class Direct:
-            async def dispatch(_, tool: str, message: bytes, agent: str = "") -> bytes:
-                return await self.worker.execute(message)
-
-        self.sup = Supervisor(job_id=JOB, keyring=self.keyring, tools={n: t.spec for n, t in tools.items()},
-                              audit=self.audit, dispatcher=Direct(), dispatch_key=dispatch_key)
-        self.keys: dict[str, bytes] = {}
-        self.tokens: dict[str, bytes] = {}
-        for agent in ("alice", "bob"):
-            self.keys[agent] = secrets.token_bytes(32)
-            self.sup.register_agent(AgentEntry(agent, self.keys[agent],
-                                               sandbox={"*": {"backend": backend, "limits": LIMITS}}), AgentQuota())
-            self.tokens[agent] = self.keyring.mint(holder=agent, caveats=[Audience(JOB), Expires(time.time() + 600)]
-                                                   ).encode()
-
-    def call(self, tool: str, agent: str = "alice", **args: Any) -> Any:
-        req = encode_call(agent=agent, token=self.tokens[agent], tool=tool, args=args, request_key=self.keys[agent])
-        return decode_reply(asyncio.run(self.sup.call(req)))["value"]
-
-    def py(self, code: str, agent: str = "alice") -> dict[str, Any]:
-        return self.call("python.exec", agent=agent, code=code)
-
-    def outcomes(self) -> list[dict[str, Any]]:
-        return [r for r in audit.read_records(self.audit_path) if r["kind"] == "outcome"]
-
-    def close(self) -> None:
-        self.worker.close()
-        self.audit.close()
 
 
 @pytest.fixture
@@ -81,22 +30,6 @@ def env(tmp_path, backend_name, monkeypatch):
     yield e
     e.close()
     assert audit.verify(e.audit_path).ok
-
-
-def assert_next_call_works(env: Env) -> None:
-    out = env.py("print(6 * 7)")
-    assert (out["exit_code"], out["stdout"]) == (0, "42\n")
-
-
-def assert_killed(env: Env, code: str, expected: set[ErrorCode]) -> SandboxKilled:
-    with pytest.raises(SandboxKilled) as info:
-        env.py(code)
-    assert info.value.code in expected, info.value
-    last = env.outcomes()[-1]
-    assert last["ok"] is False and last["code"] == info.value.code.value
-    assert "limit breached" in last["reason"]
-    assert_next_call_works(env)
-    return info.value
 
 
 @pytest.fixture
@@ -192,8 +125,7 @@ def test_workspace_size_is_limited(env):
 
 
 def test_fork_bomb_is_contained(env):
-    assert_killed(env, "import os\nwhile True:\n    os.fork()",
-                  {ErrorCode.SANDBOX_PIDS, ErrorCode.SANDBOX_TIMEOUT, ErrorCode.SANDBOX_CPU})
+    assert_killed(env, "import os\nwhile True:\n    os.fork()", {ErrorCode.SANDBOX_PIDS})
 
 
 def test_memory_bomb_is_contained(env):
@@ -201,11 +133,15 @@ def test_memory_bomb_is_contained(env):
 
 
 def test_infinite_loop_is_contained(env):
-    assert_killed(env, "while True:\n    pass", {ErrorCode.SANDBOX_CPU, ErrorCode.SANDBOX_TIMEOUT})
+    assert_killed(env, "while True:\n    pass", {ErrorCode.SANDBOX_CPU})
 
 
-def test_sleeping_forever_is_contained_by_the_wall_clock(env):
-    assert_killed(env, "import time\ntime.sleep(3600)", {ErrorCode.SANDBOX_TIMEOUT})
+def test_sleeping_forever_is_contained_by_the_wall_clock(tmp_path, backend_name):
+    env = Env(tmp_path, backend_name, {**LIMITS, "wall_s": 2})
+    try:
+        assert_killed(env, "import time\ntime.sleep(3600)", {ErrorCode.SANDBOX_TIMEOUT})
+    finally:
+        env.close()
 
 
 def test_huge_output_is_contained(env):
