@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from .errors import ErrorCode, ToolFailed
 from .egress import FetchSettings, fetch
 from .sandbox.context import ToolContext
 from .tool import PATH, URL, tool
 
 MAX_FETCH_BYTES = 4 << 20
 MAX_FILE_BYTES = 4 << 20
+FAILURE_TAIL_BYTES = 400  # of a failed program's stderr, in its TOOL_FAILED reason (the agent sees it)
 
 
 def _text(data: bytes) -> str:
@@ -31,20 +33,23 @@ def _text(data: bytes) -> str:
 
 
 def _exec(ctx: ToolContext, argv: list[str], stdin: bytes, tool_name: str) -> dict[str, Any]:
-    result = ctx.sandbox.run(argv, stdin=stdin, tool=tool_name)
+    result = ctx.sandbox.run(argv, stdin=stdin, tool=tool_name)  # a breached limit raises SANDBOX_*
+    if result.exit_code != 0:  # the program's own failure, whatever it printed or exited with
+        tail = _text(result.stderr[-FAILURE_TAIL_BYTES:] or result.stdout[-FAILURE_TAIL_BYTES:]).strip()
+        raise ToolFailed(f"exit status {result.exit_code}: {tail}", code=ErrorCode.TOOL_FAILED, tool=tool_name)
     return {"exit_code": result.exit_code, "stdout": _text(result.stdout), "stderr": _text(result.stderr),
             "wall_ms": round(result.wall_s * 1e3, 1), "backend": result.backend}
 
 
 @tool(effect="execute", name="python.exec", sandboxed=True)
 def python_exec(code: str, *, ctx: ToolContext) -> dict[str, Any]:
-    """Run Python code in the sandbox; returns exit code, stdout and stderr."""
+    """Run Python code in the sandbox; returns stdout and stderr (a non-zero exit is TOOL_FAILED)."""
     return _exec(ctx, ["python3", "-I", "-"], code.encode(), "python.exec")
 
 
 @tool(effect="execute", name="shell.exec", sandboxed=True)
 def shell_exec(command: str, *, ctx: ToolContext) -> dict[str, Any]:
-    """Run a POSIX shell command in the sandbox; returns exit code, stdout and stderr."""
+    """Run a POSIX shell command in the sandbox; returns stdout and stderr (a non-zero exit is TOOL_FAILED)."""
     return _exec(ctx, ["/bin/sh", "-s"], command.encode(), "shell.exec")
 
 

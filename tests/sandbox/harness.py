@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import pytest
 
-from runtime.errors import ErrorCode, SandboxKilled
+from runtime.errors import ErrorCode, SandboxKilled, ToolFailed
 from runtime.protocol import decode_reply, encode_call
 from runtime.sandbox.base import _children, _state_and_session
 from runtime.sandbox.pool import SandboxPool
@@ -75,6 +75,20 @@ class Env:
     def close(self) -> None:
         self.worker.close()
         self.audit.close()
+
+
+def assert_program_failed(env: Env, status: int, code: str | None = None, *, tool: str = "python.exec",
+                          **args: Any) -> str:
+    """The program ran and failed on its own: TOOL_FAILED with its exit status (never a limit),
+    on record as such. Returns what the agent is told of it (the stderr tail)."""
+    with pytest.raises(ToolFailed) as info:
+        env.call(tool, **(args or {"code": code}))
+    assert info.value.code is ErrorCode.TOOL_FAILED, info.value
+    detail = getattr(info.value, "detail", "")
+    assert detail.startswith(f"exit status {status}:"), detail
+    last = env.outcomes()[-1]
+    assert (last["ok"], last["code"]) == (False, "TOOL_FAILED") and "limit breached" not in last["reason"]
+    return detail
 
 
 def assert_next_call_works(env: Env) -> None:

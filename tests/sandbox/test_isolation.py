@@ -18,7 +18,7 @@ from runtime.errors import ErrorCode, SandboxUnavailable
 from runtime.sandbox.pool import SandboxPool
 from runtime.trusted import audit
 
-from .harness import LIMITS, Env, assert_killed, assert_next_call_works
+from .harness import LIMITS, Env, assert_killed, assert_next_call_works, assert_program_failed
 
 CANARY_ENV = "WARDEN_CANARY_SECRET"
 
@@ -54,16 +54,16 @@ def test_sandboxed_code_runs(env):
 def test_no_network_even_to_host_loopback(env, listening_port):
     with socket.create_connection(("127.0.0.1", listening_port), timeout=5):
         pass  # the port is really open on the host
-    out = env.py(f"import socket\ns = socket.create_connection(('127.0.0.1', {listening_port}), timeout=3)\n"
-                 "print('CONNECTED')")
-    assert out["exit_code"] != 0 and "CONNECTED" not in out["stdout"]
-    out = env.py("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\nprint('CONNECTED')")
-    assert out["exit_code"] != 0 and "CONNECTED" not in out["stdout"]
+    told = assert_program_failed(env, 1, f"import socket\ns = socket.create_connection(('127.0.0.1', {listening_port}),"
+                                         " timeout=3)\nprint('CONNECTED')")
+    assert "CONNECTED" not in told and "Error" in told
+    told = assert_program_failed(env, 1, "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n"
+                                         "print('CONNECTED')")
+    assert "CONNECTED" not in told and "Error" in told
 
 
 def test_no_dns(env):
-    out = env.py("import socket; print(socket.getaddrinfo('example.com', 443))")
-    assert out["exit_code"] != 0 and "gaierror" in out["stderr"]
+    assert "gaierror" in assert_program_failed(env, 1, "import socket; print(socket.getaddrinfo('example.com', 443))")
 
 
 def test_no_host_secrets(env):
