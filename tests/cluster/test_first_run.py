@@ -55,7 +55,11 @@ def _start_second_ray() -> SecondRay:
                "--min-worker-port", str(first_worker), "--max-worker-port", str(first_worker + 39),
                "--num-cpus", "1", "--resources", json.dumps({MARKER_RESOURCE: 1}),
                "--include-dashboard", "false", "--disable-usage-stats"]
-    env = {**_clean_env(), marker.split("=")[0]: marker.split("=")[1], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    token = base / "auth_token"  # its own token: token authentication on, as a user's Ray should have it
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**_clean_env(), marker.split("=")[0]: marker.split("=")[1], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     out = open(base / "ray-start.out", "wb")
     proc = subprocess.Popen(command, cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -197,3 +201,21 @@ def test_artifacts_are_copied_into_the_run_directory_size_capped_and_path_checke
     assert "larger than" in reasons["/workspace/out/big.bin"]  # 2 MB against max_mb: 1
     assert reasons["/workspace/missing.txt"] == "missing"
     assert result.artifacts_lost == []
+
+
+# ------------------------------------------------------------------------ item 17: model keys on a cluster
+
+
+def test_a_variable_in_the_environment_of_ray_start_reaches_actors_and_not_from_the_submitter(second_ray):
+    """What the README tells users to do with model keys under `ray job submit`: the nodes'
+    `ray start` environment reaches the actors (where `api_key_env` is read); the driver's
+    own environment does not, so nothing secret needs to go into the runtime env."""
+    name, value = second_ray.marker.split("=")
+    program = (f"import os, ray\nos.environ['WARDEN_TEST_DRIVER_ONLY'] = 'x'\nray.init(address={second_ray.address!r})\n"
+               "@ray.remote(num_cpus=0)\nclass A:\n    def env(self, k):\n        return os.environ.get(k)\n"
+               f"a = A.remote()\nprint(ray.get(a.env.remote({name!r})), ray.get(a.env.remote('WARDEN_TEST_DRIVER_ONLY')))\n")
+    env = {**_clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(second_ray.base / "auth_token")}
+    proc = subprocess.run([sys.executable, "-c", program], cwd=tempfile.gettempdir(), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [value, "None"]

@@ -154,3 +154,38 @@ def test_cli_json_commands_print_parseable_json(tmp_path, capsys):
 
     assert main(["bench", "cost", "--quick", "--json", "--out", str(tmp_path)]) == 0
     assert list(json.loads(capsys.readouterr().out)["suites"]) == ["cost"]
+
+
+# ------------------------------------------------------------------ the README's own job example
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(marker)
+    return text[start:text.index("```", start)]
+
+
+def test_the_readme_job_example_validates_and_its_script_plays():
+    import asyncio
+
+    import yaml
+
+    from runtime.agent import ToolCallingAgent, load_agent_class
+    from runtime.llm import ScriptedModel, model_from_config, run_tool_loop
+
+    spec = JobSpec.model_validate(yaml.safe_load(_readme_block("# jobs/my-job.yaml")))
+    (agent,) = spec.agents
+    assert load_agent_class(agent.cls) is ToolCallingAgent
+    assert spec.artifacts.paths == ["/workspace/report.md"]
+    model = model_from_config(agent.config["model"])
+    assert isinstance(model, ScriptedModel)
+    seen: list[tuple[str, dict]] = []
+
+    async def call_tool(name: str, args: dict) -> str:
+        seen.append((name, args))
+        return f"<{name}>"
+
+    result = asyncio.run(run_tool_loop(model, task=spec.task, tools=[], call_tool=call_tool,
+                                       system=agent.config["system"], max_turns=agent.config["max_turns"]))
+    assert [n for n, _ in seen] == ["fs.write", "fs.read", "fs.list"]
+    assert result.answer == "Done. Read back: <fs.read>\n<fs.list>"
