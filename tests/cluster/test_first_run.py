@@ -104,6 +104,13 @@ def second_ray():
         _stop(second)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+
+
 def _warden(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "warden"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S)
@@ -219,3 +226,39 @@ def test_a_variable_in_the_environment_of_ray_start_reaches_actors_and_not_from_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [value, "None"]
+
+
+def test_artifacts_of_an_agent_whose_worker_died_are_reported_lost(ray_instance, runs_dir, tmp_path):
+    """Two agents, each on its own worker (no restarts); one worker is SIGKILLed after the agents
+    finished, before collection: the other agent's file is kept, the loss is named."""
+    import signal as sig
+
+    import yaml
+
+    def agent(name: str) -> dict:
+        steps = [{"call": "fs.write", "args": {"path": "/workspace/keep.txt", "content": f"from {name}"}},
+                 {"call": "crash.mark", "args": {"path": str(tmp_path / f"{name}.pid"), "i": 0}},
+                 {"answer": "done"}]
+        return {"name": name, "class": "runtime:ToolCallingAgent", "policy": str(JOBS / "keeper-policy.yaml"),
+                "config": {"model": {"kind": "scripted", "steps": steps}}}
+
+    job_file = tmp_path / "keepers.yaml"
+    job_file.write_text(yaml.safe_dump({
+        "name": "keepers", "task": "keep", "entry": ["a", "b"],
+        "tools": ["runtime.toolbox", "tests.cluster.agents_under_test"],
+        "workers": {"count": 2, "max_restarts": 0}, "artifacts": {"paths": ["keep.txt"]},
+        "agents": [agent("a"), agent("b")]}))
+
+    async def kill_a_worker(_url: str) -> None:
+        pid = int((tmp_path / "a.pid").read_text().split()[1])  # "i pid", written by the tool in the worker
+        os.kill(pid, sig.SIGKILL)
+        while _alive(pid):
+            await asyncio.sleep(0.05)  # nothing to await on another process's death
+
+    result = asyncio.run(run_loaded(load_job(job_file), runs_dir=runs_dir, before_teardown=kill_a_worker))
+    assert result.failures == {} and result.audit_ok
+    assert (tmp_path / "a.pid").read_text().split()[1] != (tmp_path / "b.pid").read_text().split()[1]
+    kept = Path(result.run_dir) / "artifacts"
+    assert (kept / "b" / "keep.txt").read_text() == "from b" and not (kept / "a").exists()
+    assert set(result.artifacts) == {"b"}
+    assert len(result.artifacts_lost) == 1 and "are lost" in result.artifacts_lost[0]
