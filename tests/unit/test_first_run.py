@@ -189,3 +189,25 @@ def test_the_readme_job_example_validates_and_its_script_plays():
                                        system=agent.config["system"], max_turns=agent.config["max_turns"]))
     assert [n for n, _ in seen] == ["fs.write", "fs.read", "fs.list"]
     assert result.answer == "Done. Read back: <fs.read>\n<fs.list>"
+
+
+def test_every_command_with_json_writes_its_document_to_the_json_stream():
+    """While a --json command runs, sys.stdout is stderr (see json_only_stdout): a command that
+    printed its document with a plain print() would put it on stderr. Each must use args.json_out."""
+    import argparse
+    import inspect
+
+    from runtime.cli import build_parser
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    with_json = [p for p in parsers(build_parser()) if any("--json" in a.option_strings for a in p._actions)]
+    assert len(with_json) >= 5
+    for p in with_json:
+        fn = p._defaults["fn"]
+        assert "json_out" in inspect.getsource(fn), f"{p.prog}: write the JSON to args.json_out"
