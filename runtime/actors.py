@@ -537,6 +537,10 @@ class ToolWorkerActor:
         return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
                 "reclaimed_workspaces": len(self._reclaimed)}
 
+    def artifacts(self, proof: bytes, paths: list[str], max_bytes: int, max_files: int) -> dict[str, Any]:
+        """The job's artifacts from every workspace of this process (the driver's proof required)."""
+        return self._worker.artifacts(proof, paths, max_bytes=max_bytes, max_files=max_files)
+
     def shutdown(self) -> None:
         self._worker.close()
         self._journal.close()

@@ -22,8 +22,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 from .control import ControlError
 from .errors import WardenError
@@ -65,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_job(args.job, address=args.address, runs_dir=args.runs_dir, progress=progress)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str), file=args.json_out)
         return EXIT_OK if result.ok else EXIT_FAIL
     status = "ok" if result.ok else "FAILED"
     print(f"\nWarden job {result.job} ({result.job_id}): {status} in {result.seconds:.1f}s\n")
@@ -85,6 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         chain = f"{len(result.audit_logs)} shard chains, " + ("all verified" if result.audit_ok else chain)
     if result.restarts:
         print(f"\nsupervisor shard restarts during the job: {result.restarts} (state restored from the journal)")
+    for name, kept in sorted(result.artifacts.items()):
+        print(f"\nartifacts of {name}: {kept['files']} file(s), {kept['bytes']} bytes in {kept['dir']}"
+              + "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in kept["skipped"]))
+    for lost in result.artifacts_lost:
+        print(f"\nartifacts LOST: {lost}")
     print(f"\naudit log: {result.audit_log} ({result.audit_records} records, {chain})")
     print(f"verify it: warden audit verify {result.audit_log}")
     return EXIT_OK if result.ok else EXIT_FAIL
@@ -261,7 +267,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     try:
         for rec in records:
             if args.json:
-                print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+                print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)),
+                      file=args.json_out)
             else:
                 print(format_record(rec))
     except (OSError, AuditFormatError) as exc:
@@ -323,7 +330,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     st = client.status()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(st, indent=2), file=args.json_out)
         return EXIT_OK
     print(f"job {st['job']} at {client.url}: agents {', '.join(st['agents'])}")
     print(f"quarantined: {', '.join(st['quarantined']) or 'none'}; revoked: {', '.join(st['revoked_agents']) or 'none'}")
@@ -338,7 +345,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_approvals_list(args: argparse.Namespace) -> int:
     pending = _client(args).approvals()
     if args.json:
-        print(json.dumps(pending, indent=2))
+        print(json.dumps(pending, indent=2), file=args.json_out)
     elif not pending:
         print("no calls waiting for approval")
     else:
@@ -396,7 +403,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         command += " --shards " + ",".join(map(str, args.shards))
     return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command,
-                      shards=args.shards)
+                      shards=args.shards, json_out=args.json_out)
 
 
 def _shard_counts(text: str) -> list[int]:
@@ -534,8 +541,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextmanager
+def json_only_stdout(enabled: bool) -> Iterator[TextIO]:
+    """With ``--json`` the standard output carries the JSON document and nothing else.
+
+    Ray prints into the driver's stdout on its own (worker output forwarded by ``log_to_driver``,
+    "(raylet) A worker died ..." from its log monitor, leftovers at shutdown), from threads and
+    from child processes that inherit file descriptor 1. So while the command runs, descriptor 1
+    and ``sys.stdout`` point at stderr; the document goes to a duplicate of the original stdout
+    (the stream this yields), which is restored at the end.
+    """
+    if not enabled:
+        yield sys.stdout
+        return
+    original = sys.stdout
+    original.flush()
+    try:
+        fd = original.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): Python level only
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    doc = os.fdopen(os.dup(saved), "w", encoding="utf-8") if saved is not None else original
+    if fd is not None:
+        sys.stderr.flush()
+        os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = sys.stderr
+    try:
+        yield doc
+    finally:
+        doc.flush()
+        sys.stdout = original
+        if saved is not None:
+            doc.close()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _stop_private_ray() -> None:
+    """A private Ray this command started ends before stdout is handed back (Ray prints at shutdown)."""
+    job = sys.modules.get("runtime.job")
+    if job is not None:
+        job.stop_private_ray()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with json_only_stdout(bool(getattr(args, "json", False))) as args.json_out:
+        try:
+            return _dispatch(args)
+        finally:
+            _stop_private_ray()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args))
     except WardenError as exc:

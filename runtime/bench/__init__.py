@@ -26,7 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 SUITES = ("authz", "e2e", "sandbox", "cost")
 
@@ -142,7 +142,7 @@ def default_out_dir(runs_dir: str | Path = "runs") -> Path:
 
 
 def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, command: str = "",
-         shards: list[int] | None = None) -> int:
+         shards: list[int] | None = None, json_out: TextIO | None = None) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     out_dir = Path(out) if out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
     (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
     pngs = plot(results, out_dir)
     if as_json:
-        print(json.dumps(results, indent=2))  # stdout stays pure JSON; where it was saved goes to stderr
+        print(json.dumps(results, indent=2), file=json_out or sys.stdout)  # JSON alone; the rest to stderr
         progress(f"saved {out_dir / 'latest.json'}")
     else:
         m = results["machine"]

@@ -36,10 +36,9 @@ BATCH = 16
 def _ray() -> Any:
     import ray
 
-    if not ray.is_initialized():
-        from ..job import PlacementSpec
+    from ..job import ensure_ray
 
-        ray.init(logging_level="ERROR", include_dashboard=False, resources=PlacementSpec().local_resources())
+    ensure_ray(None)  # a private local Ray: never another one that runs on this machine
     return ray
 
 
