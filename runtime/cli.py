@@ -55,6 +55,25 @@ def summary_rows(stats: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def print_digest(logs: list[str], shown_as: str) -> None:
+    """The reason of every denial and failure, and the agents an operator revoked, from the audit log."""
+    from .auditlog import digest_run
+    from .trusted.audit import AuditFormatError, read_records
+
+    try:
+        digest = digest_run([rec for path in logs for rec in read_records(path)])
+    except (OSError, AuditFormatError) as exc:
+        print(f"\nreasons not read ({exc}); see: warden audit show {shown_as} --decision deny")
+        return
+    if digest.failures:
+        print("\nwhy calls were denied or failed (from the audit log):")
+        rows = [[agent, tool, code, str(n), reason] for agent, tool, code, reason, n in digest.failures]
+        print(_table(rows, ["agent", "tool", "code", "times", "reason"]))
+    if digest.revoked:
+        print("\nREVOKED by an operator (every later call denied): "
+              + ", ".join(f"{agent} (by {by})" for agent, by in sorted(digest.revoked.items())))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .job import run_job
 
@@ -77,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nresult of {name}:\n  {json.dumps(value, default=str)[:1500]}")
     for name, err in result.errors.items():
         print(f"\nagent {name} FAILED: {err}")
+    print_digest(result.audit_logs or [result.audit_log], result.audit_log)
     if result.quarantined:
         print(f"\nQUARANTINED (tokens revoked, actor stopped): {', '.join(result.quarantined)}")
     chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
@@ -318,8 +338,8 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
     elif not pending:
         print("no calls waiting for approval")
     else:
-        now = time.time()
-        rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:80], f"{p['expires'] - now:.0f}s"]
+        now, width = time.time(), None if args.full else 80
+        rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:width], f"{p['expires'] - now:.0f}s"]
                 for p in pending]
         print(_table(rows, ["id", "agent", "tool", "arguments", "expires in"]))
     return EXIT_OK
@@ -391,6 +411,8 @@ def _job_target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .auditlog import KINDS
+
     p = argparse.ArgumentParser(prog="warden", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run 'warden COMMAND --help' for the options of a command.")
@@ -429,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in (show, export):
         cmd.add_argument("path")
         cmd.add_argument("--agent")
-        cmd.add_argument("--tool")
+        cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
         cmd.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
-        cmd.add_argument("--kind", help="record kind, such as call or outcome")
+        cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
         cmd.add_argument("--since", help="ISO time or UNIX seconds")
         cmd.add_argument("--until", help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -464,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = appr.add_parser("list", help="calls waiting for a decision")
     _job_target(lst)
     lst.add_argument("--json", action="store_true")
+    lst.add_argument("--full", action="store_true", help="show every argument in full (default: the first 80 "
+                     "characters); decide on what you have read")
     lst.set_defaults(fn=cmd_approvals_list)
     for name, approve in (("approve", True), ("deny", False)):
         one = appr.add_parser(name, help=f"{name} one parked call (that call only, never a wider token)")
