@@ -126,8 +126,14 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
-def explain(policy: Any) -> str:
+def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
+            delegates: dict[str, Any] | None = None) -> str:
+    """What ``policy`` allows, as text. ``sandboxed``: tool name -> whether it runs code in a sandbox
+    (tools not in it are shown as "if it runs code"); ``delegates``: the policies of the agents it may
+    delegate to, by agent name, to show what each would hold."""
     from .trusted.policy import ArgRule
+
+    sandboxed = sandboxed or {}
 
     def rule_text(r: ArgRule) -> str:
         return ", ".join(f"{k}={getattr(r, k)!r}" for k in sorted(r.model_fields_set))
@@ -148,16 +154,21 @@ def explain(policy: Any) -> str:
         backend = settings.get(tool, settings["*"])["backend"]
         return "UNSANDBOXED" if backend == "none" else backend
 
+    def sandbox_of(tool: str) -> str:
+        if tool not in sandboxed:
+            return f"{where(tool)} (if it runs code)"
+        return where(tool) if sandboxed[tool] else "none (runs no code)"
+
     rows = []
     for name, rule in sorted(policy.tools.items()):
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
-        rows.append([name, rule.effect, constraints, approval_text(rule), where(name)])
+        rows.append([name, rule.effect, constraints, approval_text(rule), sandbox_of(name)])
     q, d = policy.quotas, policy.delegation
     lines = [f"agent: {policy.agent}"]
     if policy.description:
         lines.append(f"  {policy.description}")
     lines += ["", "allowed tools (everything else is denied):",
-              _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox (if it runs code)"]),
+              _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox"]),
               "", "quotas:"]
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
                  f"concurrent: {q.max_concurrent or 'unlimited'}; parked for approval: {q.max_parked}; "
@@ -168,23 +179,68 @@ def explain(policy: Any) -> str:
                  + (f"QUARANTINE after {a.quarantine_after} violations" if a.quarantine_after else "never quarantine"))
     lines.append("delegation:")
     lines.append(f"  may delegate to: {', '.join(d.can_delegate_to) or 'nobody'}; max depth: {d.max_depth}")
-    lines.append("sandbox limits per call:")
-    for tool, conf in sorted(settings.items()):
+    lines += [f"  {line}" for line in delegate_rights(policy, delegates or {})]
+    lines.append(f"  delegated to {policy.agent}, a token holds at most the tools above that the delegator holds")
+    no_code = all(sandboxed.get(t) is False for t in policy.tools)
+    lines.append("sandbox limits per call:" + (" none (no tool of this policy runs code)" if no_code else ""))
+    for tool, conf in sorted(settings.items()) if not no_code else ():
+        if sandboxed.get(tool) is False:
+            continue  # runs no code: no sandbox, no limits
         limits = Limits.from_dict(conf["limits"])
         text = ", ".join(f"{k}={getattr(limits, k)}" for k in Limits.__dataclass_fields__)
         label = "default" if tool == "*" else tool
         lines.append(f"  {label}: {where(tool)}; {text}")
-    unsandboxed = policy.unsandboxed_tools()
+    unsandboxed = [t for t in policy.unsandboxed_tools() if sandboxed.get(t) is not False]
+    if no_code and "*" in unsandboxed:
+        unsandboxed.remove("*")  # every tool it names runs no code
     if unsandboxed:
         lines += ["", "!!! UNSANDBOXED: " + ("every code-running tool without its own sandbox.backend" if "*" in unsandboxed else
                   ", ".join(unsandboxed)) + " run WITHOUT an OS sandbox (rlimits only) !!!"]
     return "\n".join(lines)
 
 
+def delegate_rights(policy: Any, delegates: dict[str, Any]) -> list[str]:
+    """Per agent ``policy`` may delegate to: the tools a delegation can hand it at most (both policies
+    must allow a tool; argument constraints of both apply; calls are charged to the delegator too)."""
+    lines = []
+    for name in policy.delegation.can_delegate_to:
+        other = delegates.get(name)
+        if other is None:
+            lines.append(f"{name} gets at most the tools both policies allow (its policy not given: --job JOB)")
+            continue
+        both = sorted(t for t, r in policy.tools.items() if t in other.tools and other.tools[t].effect == r.effect)
+        lacking = sorted(set(other.tools) - set(policy.tools))
+        lines.append(f"{name} gets at most: {', '.join(both) or 'NOTHING (every delegation is DELEGATION_DENIED)'}"
+                     + (f"; never {', '.join(lacking)} ({policy.agent} does not hold it)" if lacking else ""))
+        lines.append(f"  under the argument constraints of both policies; its calls count against {policy.agent}'s "
+                     "budgets too")
+    return lines
+
+
 def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from .tool import load_tools
     from .trusted.policy import load_policy
 
-    print(explain(load_policy(args.file)))
+    policy = load_policy(args.file)
+    if args.job:
+        from .job import load_job
+
+        if os.getcwd() not in sys.path:  # as ``warden run``: a job's modules are imported from here
+            sys.path.insert(0, os.getcwd())
+        job = load_job(args.job)
+        tools, delegates = job.tools, job.policies
+    else:  # the built-in tools; delegates' policies found beside this one
+        from pathlib import Path
+
+        tools, delegates = load_tools(["runtime.toolbox"]), {}
+        for path in sorted(Path(args.file).parent.glob("*.y*ml")):
+            try:
+                other = load_policy(path)
+            except WardenError:
+                continue  # not a policy, or a broken one: ``policy check`` reports it
+            if other.agent in policy.delegation.can_delegate_to:
+                delegates.setdefault(other.agent, other)
+    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates))
     return EXIT_OK
 
 
@@ -436,8 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = pol.add_parser("check", help="validate policy files; exit 1 with a precise message on any error")
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(fn=cmd_policy_check)
-    exp = pol.add_parser("explain", help="print what a policy allows")
+    exp = pol.add_parser("explain", help="print what a policy allows, and what its delegates would get")
     exp.add_argument("file", metavar="FILE")
+    exp.add_argument("--job", help="the job file that uses this policy: its tools and the delegates' policies "
+                     "(default: the built-in tools, and delegates' policies in the same directory)")
     exp.set_defaults(fn=cmd_policy_explain)
 
     aud = sub.add_parser("audit", help="verify or read audit logs").add_subparsers(

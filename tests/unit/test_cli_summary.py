@@ -110,3 +110,55 @@ def test_approvals_list_full_shows_every_argument(monkeypatch, capsys):
     assert "THE-END" not in capsys.readouterr().out
     assert main(["approvals", "list", "--full"]) == 0
     assert "THE-END" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- policy explain
+
+
+def policy(agent: str, tools: dict, delegate_to: tuple[str, ...] = ()):
+    from runtime.trusted.policy import parse_policy
+
+    return parse_policy({"agent": agent, "tools": {t: {"effect": e} for t, e in tools.items()},
+                         "delegation": {"can_delegate_to": list(delegate_to), "max_depth": 1}})
+
+
+def test_explain_shows_no_sandbox_for_tools_that_never_use_one():
+    from runtime.cli import explain
+
+    p = policy("mixed", {"chat.read": "read", "python.exec": "execute", "mystery": "read"})
+    rows = {line.split()[0]: line for line in explain(
+        p, sandboxed={"chat.read": False, "python.exec": True}).splitlines() if line.split()}
+    assert rows["chat.read"].endswith("none (runs no code)")
+    assert rows["python.exec"].endswith("gvisor")
+    assert rows["mystery"].endswith("gvisor (if it runs code)")
+    text = explain(policy("talker", {"chat.read": "read"}), sandboxed={"chat.read": False})
+    assert "sandbox limits per call: none (no tool of this policy runs code)" in text
+    assert "cpu_s=" not in text
+
+
+def test_explain_shows_a_delegates_effective_rights():
+    from runtime.cli import explain
+
+    lead = policy("lead", {"chat.read": "read", "chat.post": "write"}, delegate_to=("helper", "mute", "far"))
+    helper = policy("helper", {"chat.read": "read", "http.post": "write"})
+    mute = policy("mute", {"http.post": "write"})
+    text = explain(lead, delegates={"helper": helper, "mute": mute})
+    assert "helper gets at most: chat.read; never http.post (lead does not hold it)" in text
+    assert "mute gets at most: NOTHING (every delegation is DELEGATION_DENIED)" in text
+    assert "far gets at most the tools both policies allow (its policy not given: --job JOB)" in text
+    assert "its calls count against lead's budgets too" in text
+
+
+def test_policy_explain_finds_delegates_policies_beside_the_file(capsys):
+    assert main(["policy", "explain", str(ROOT / "policies" / "lead.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "summarizer gets at most: chat.list_channels, chat.read; never http.post" in out
+
+
+def test_policy_explain_with_the_job_knows_which_tools_run_code(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["policy", "explain", "policies/analyst.yaml", "--job", "jobs/demo.yaml"]) == 0
+    assert "python.exec  execute" in capsys.readouterr().out
+    assert main(["policy", "explain", "policies/lead.yaml", "--job", "jobs/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "none (runs no code)" in out and "if it runs code" not in out
