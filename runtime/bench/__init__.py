@@ -197,7 +197,8 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
         noise = [f["name"] for s in results["suites"].values() for f in s["figures"] if is_noise(f, quick)]
         if noise:
             print(f"\n--quick: {len(noise)} timed figure(s) are noise (fewer than 3 runs, or run p50s more than "
-                  f"{NOISE_SPREAD:.0%} apart), targets included: {', '.join(noise)}. Run without --quick to quote them.")
+                  f"{NOISE_SPREAD:.0%} apart), targets included: {', '.join(noise)}. "
+                  "Run without --quick to quote them.")
         for line in headline(results):
             print(f"\n{line}")
         missed = [f for s in results["suites"].values() for f in s["figures"] if f.get("met") is False]

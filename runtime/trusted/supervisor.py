@@ -688,12 +688,10 @@ class Supervisor:
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
-        # to_wire carries a TOOL_FAILED's reason (the tool's own message, untrusted data) as detail.
         return {"ok": False, "error": exc.to_wire()}, {"ok": False, "code": exc.code.value, "reason": exc.reason}
 
     async def delegate(self, data: Any) -> bytes:
-        """Re-bind a (possibly attenuated) token of the caller to another agent. A delegation that
-        hands on no tool, or one the caller does not hold, is the caller's DELEGATION_DENIED."""
+        """Re-bind a (possibly attenuated) token of the caller to another agent (see ``_granted``)."""
         entry = target = None
         try:
             body, entry, vt = self._authenticate(data, "delegate")
@@ -706,7 +704,8 @@ class Supervisor:
             child = self.keyring.verify(self.keyring.bind(narrowed, target))
             granted = self._granted(vt, child, target)
             self.audit.record("delegate", agent=entry.name, to=target, tool=f"delegate:{target}", tools=granted,
-                              token_id=vt.token_id.hex(), depth=child.depth, tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
+                              token_id=vt.token_id.hex(), depth=child.depth,
+                              tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
             self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
             self.observer.decision(entry.name, f"delegate:{target}", "allow", None, 0.0)
             return _pack({"ok": True, "token": child.token.encode()})
@@ -714,22 +713,19 @@ class Supervisor:
             return self._deny(exc, data, authenticated=entry and entry.name, tool=target and f"delegate:{target}")
 
     def _granted(self, vt: VerifiedToken, child: VerifiedToken, target: str) -> list[str]:
-        """The tools ``child`` hands on, once sure that each tool the caller named (after the last
-        holder caveat) was held where it was named, and that at least one is left for ``target``."""
+        """The tools ``child`` hands on; DELEGATION_DENIED, the caller's, if none or if it named one it did not hold."""
         own = max(i for i, c in enumerate(vt.caveats) if isinstance(c, Holder))
         named = {t for i, c in enumerate(vt.caveats) if i > own and isinstance(c, Tools)
                  for t in set(c.names) - self._tools_of(vt.caveats[:i]) if t in self.tools}
         granted = sorted(self._tools_of(child.caveats))
         if named or not granted:
-            raise DelegationDenied(f"delegation to {target!r} names {sorted(named)}, not held; "
-                                   f"it would hand on {granted}"[:500])
+            raise DelegationDenied(f"delegation to {target!r} names {sorted(named)}, not held; it hands on {granted}")
         return granted
 
     def _tools_of(self, caveats: Any) -> set[str]:
         """The registered tools that every Tools and Effects caveat among ``caveats`` lets through."""
-        return {t for t, spec in self.tools.items() if all(
-            t in c.names if isinstance(c, Tools) else spec.effect in c.effects if isinstance(c, Effects) else True
-            for c in caveats)}
+        return {t for t, spec in self.tools.items() if all(t in c.names for c in caveats if isinstance(c, Tools))
+                and all(spec.effect in c.effects for c in caveats if isinstance(c, Effects))}
 
     def status(self) -> dict[str, Any]:
         return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),

@@ -1011,7 +1011,7 @@ def test_delegation_that_leaves_the_delegate_no_tool_is_denied(team):
     with pytest.raises(DelegationDenied):
         asyncio.run(lead.run("doc"))
     rec = team.audit.of("decision", decision="deny", code="DELEGATION_DENIED")[-1]
-    assert rec["agent"] == "a" and "would hand on []" in rec["reason"]
+    assert rec["agent"] == "a" and "it hands on []" in rec["reason"]
     assert team.audit.of("decision", agent="b") == [] and RAN == []  # the delegate never ran
 
 
