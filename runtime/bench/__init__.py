@@ -82,6 +82,20 @@ def is_noise(figure: dict[str, Any], quick: bool) -> bool:
     return figure.get("runs", 1) < 3 or not spread or p50 == 0 or (spread[1] - spread[0]) / p50 > NOISE_SPREAD
 
 
+def noise_notes(results: dict[str, Any]) -> list[str]:
+    """Per suite, which of a --quick run's timed figures are noise (see ``is_noise``): not to be quoted."""
+    notes = []
+    for name, suite in results["suites"].items():
+        timed = [f for f in suite["figures"] if f["unit"] in TIMED_UNITS]
+        noise = [f["name"] for f in timed if is_noise(f, results["quick"])]
+        if noise:
+            some = f"{len(noise)} of {len(timed)} ({'; '.join(noise)})"
+            which = f"all {len(timed)}" if len(noise) == len(timed) else some
+            notes.append(f"--quick: {which} timed figures of {name} are noise (fewer than 3 runs, or run medians more "
+                         f"than {NOISE_SPREAD:.0%} apart), targets included; run without --quick to quote them")
+    return notes
+
+
 def headline(results: dict[str, Any]) -> list[str]:
     """What a person asks first: how many milliseconds does Warden add to each call, and how sure is that."""
     lines = []
@@ -194,13 +208,10 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
         for s in results["suites"].values():
             for note in s.get("notes", []):
                 print(f"note ({s['suite']}): {note}")
-        noise = [f["name"] for s in results["suites"].values() for f in s["figures"] if is_noise(f, quick)]
-        if noise:
-            print(f"\n--quick: {len(noise)} timed figure(s) are noise (fewer than 3 runs, or run p50s more than "
-                  f"{NOISE_SPREAD:.0%} apart), targets included: {', '.join(noise)}. "
-                  "Run without --quick to quote them.")
-        for line in headline(results):
+        for line in noise_notes(results):
             print(f"\n{line}")
+        if headline(results):
+            print("\n" + "\n".join(headline(results)))
         missed = [f for s in results["suites"].values() for f in s["figures"] if f.get("met") is False]
         if missed:
             print(f"\n{len(missed)} target(s) MISSED; profiles of where the time goes: "

@@ -97,3 +97,19 @@ def test_bench_says_how_many_ms_warden_adds_and_when_a_quick_figure_is_noise():
     assert not rows["supervised, 1 agent(s)"].endswith("(noise)")
     results["quick"] = False
     assert headline(results)[0].endswith("(supervised vs direct Ray call, p50)")
+
+
+def test_quick_noise_is_summed_up_per_suite():
+    from runtime.bench import noise_notes
+
+    steady = _fig("steady", "us", 500.0, 5, (490.0, 520.0))
+    wobbly = _fig("wobbly", "us", 500.0, 5, (300.0, 700.0))
+    one_run = _fig("one run", "ratio", 2.0, 1, None)
+    results = {"quick": True, "suites": {"authz": {"figures": [steady, wobbly]}, "e2e": {"figures": [one_run]}}}
+    assert noise_notes(results) == [
+        "--quick: 1 of 2 (wobbly) timed figures of authz are noise (fewer than 3 runs, or run medians more than "
+        "20% apart), targets included; run without --quick to quote them",
+        "--quick: all 1 timed figures of e2e are noise (fewer than 3 runs, or run medians more than 20% apart), "
+        "targets included; run without --quick to quote them"]
+    results["quick"] = False
+    assert noise_notes(results) == []
