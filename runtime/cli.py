@@ -61,7 +61,7 @@ def print_digest(logs: list[str], shown_as: str) -> None:
     from .trusted.audit import AuditFormatError, read_records
 
     try:
-        digest = digest_run([rec for path in logs for rec in read_records(path)])
+        digest = digest_run(rec for path in logs for rec in read_records(path))  # streamed: logs can be large
     except (OSError, AuditFormatError) as exc:
         print(f"\nreasons not read ({exc}); see: warden audit show {shown_as} --decision deny")
         return
@@ -236,7 +236,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         for path in sorted(Path(args.file).parent.glob("*.y*ml")):
             try:
                 other = load_policy(path)
-            except WardenError:
+            except (WardenError, ValueError):
                 continue  # not a policy, or a broken one: ``policy check`` reports it
             if other.agent in policy.delegation.can_delegate_to:
                 delegates.setdefault(other.agent, other)
