@@ -34,6 +34,7 @@ from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
 from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
+from .tool import load_tools
 
 
 def _was_restarted() -> bool:
@@ -42,7 +43,6 @@ def _was_restarted() -> bool:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "This API is deprecated", DeprecationWarning, r"ray\.runtime_context")
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-from .tool import load_tools
 
 
 def place(agents: list[str], workers: int) -> dict[str, int]:
