@@ -27,8 +27,8 @@ A denial shows the agent only ``code`` and ``tool`` (``public()``); the audit lo
 ``reason``, the full explanation with values ("calls=11, limit=10"). Mistakes of the agent's
 own making (``MALFORMED``, ``TOO_LARGE``: "unknown arguments ['colour']") and a tool's own
 error message (``TOOL_FAILED``) also travel as ``detail``, capped at ``MAX_DETAIL_CHARS``: they
-hold nothing of the policy, and an agent cannot correct what it is not told. Errors cross the Ray boundary as
-plain data (``to_wire`` / ``from_wire``), never as pickled exceptions.
+hold nothing of the policy, and an agent cannot correct what it is not told. Errors cross the
+Ray boundary as plain data (``to_wire`` / ``from_wire``), never as pickled exceptions.
 """
 
 from __future__ import annotations
