@@ -7,7 +7,7 @@
     warden audit show PATH [filters]    print audit records
     warden audit export PATH [--out F]  JSON Lines for a SIEM (verifies first)
     warden status                       a running job's agents, quarantines, approvals, counts
-    warden approvals list|approve|deny  decide calls a policy parks for a human
+    warden approvals list [--full]|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
