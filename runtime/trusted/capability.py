@@ -134,6 +134,13 @@ def canonical_host(host: str) -> str:
         raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address") from None
 
 
+def host_value(value: Any) -> str:
+    """A bare host ('www.example.com': no scheme, port or path), lower-cased and then as ``canonical_host``."""
+    if not isinstance(value, str) or not value.isascii() or len(value) > 255:
+        raise PolicyDenied(f"not a usable host: {value!r:.80}")
+    return canonical_host(value.lower())
+
+
 # A url_host entry: 'host' or '*.name' (any scheme and port), or 'http(s)://host-or-*.name[:port]' (port: default)
 _ORIGIN = re.compile(r"(https?)://(\*\.)?(\[[0-9a-f.]*:[0-9a-f:.]*\]|[^:/\[\]]*)(?::([0-9]{1,5}))?/?")
 
@@ -219,9 +226,9 @@ def _nested_repeat(items: Any, inside: bool) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that does not let True stand for 1 or 1.0 for 1, also inside lists and maps."""
+    """Equality that does not let True stand for 1, also inside lists and maps; numbers by value (2 == 2.0)."""
     if type(a) is not type(b):
-        return False
+        return _is_number(a) and _is_number(b) and a == b
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -254,8 +261,9 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
         return None if _regex(param).fullmatch(value) else f"{value!r:.80} does not match {param!r}"
     if kind == "path_under":
         return None if path_is_under(value, param) else f"{canonical_path(value)!r} not under {param!r}"
-    if kind == "url_host":
-        scheme, host, port = origin = url_origin(value)
+    if kind == "url_host":  # a URL, or a host as a HOST parameter holds it (entries with a scheme never match)
+        bare = isinstance(value, str) and "://" not in value
+        scheme, host, port = origin = (None, canonical_host(value), None) if bare else url_origin(value)
         return None if url_allowed(origin, param) else f"host {host!r} ({scheme}, port {port}) not in {list(param)!r}"
     if kind == "max_bytes":
         n = value_bytes(value)
