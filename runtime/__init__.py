@@ -10,7 +10,8 @@ from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDe
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
-from .tool import PATH, URL, Tool, ToolContext, tool
+from .schema import SchemaError
+from .tool import HOST, PATH, URL, Tool, ToolContext, tool, tool_from_schema
 
 __all__ = [
     "Agent", "ToolCallingAgent",
@@ -19,5 +20,5 @@ __all__ = [
     "TokenRejected", "ToolFailed",
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
-    "PATH", "URL", "Tool", "ToolContext", "tool",
+    "HOST", "PATH", "URL", "SchemaError", "Tool", "ToolContext", "tool", "tool_from_schema",
 ]
