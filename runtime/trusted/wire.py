@@ -159,19 +159,23 @@ class ParamSpec:
 
 def conform(p: ParamSpec, value: Any, where: str) -> Any:
     """``value`` in its canonical form (the one the tool receives) if it fits ``p``; else MalformedRequest."""
-    if value is None and p.nullable:
-        return None
-    if type(value) is int and p.type == "number":
+    kind = type(value)
+    if kind is int and p.type == "number":
         value = float(value)  # a number compares and reaches the tool as a float, 2200 as 2200.0
-    elif type(value) is float and p.type == "integer" and value.is_integer() and abs(value) <= 2 ** 53:
+    elif kind is float and p.type == "integer" and value.is_integer() and abs(value) <= 2 ** 53:
         value = int(value)
-    if (type(value) is bool and p.type in ("integer", "number")) or not isinstance(value, _JSON_TYPES.get(p.type, ())):
-        raise MalformedRequest(f"argument {where!r} must be {p.type}, got {type(value).__name__}")
-    value = _FORMATS[p.format](value) if p.format else value
+    elif value is None and p.nullable:
+        return None
+    if (kind is bool and p.type in ("integer", "number")) or not isinstance(value, _JSON_TYPES.get(p.type, ())):
+        raise MalformedRequest(f"argument {where!r} must be {p.type}, got {kind.__name__}")
+    if p.format:
+        value = _FORMATS[p.format](value)
+    if p.items is None and p.fields is None and not p.checks and p.enum is None:
+        return value
     if p.items is not None:
         value = [conform(p.items, v, f"{where}[{i}]") for i, v in enumerate(value)]
     value = conform_fields(p.fields, value, where + ".") if p.fields is not None else value
-    why = next((w for kind, param in p.checks if (w := check_arg(kind, param, value))), None)
+    why = next((w for check, param in p.checks if (w := check_arg(check, param, value))), None)
     if why or (p.enum is not None and check_arg("one_of", p.enum, value)):
         raise MalformedRequest(f"argument {where!r}: {why or f'{value!r:.80} not in {list(p.enum or ())!r:.200}'}")
     return value
