@@ -9,7 +9,7 @@ silently skipped:
 - enforced: ``type`` (one type, or one type and ``"null"``), ``enum``, ``const``,
   ``properties`` / ``required`` (an object takes exactly its declared properties:
   ``additionalProperties`` may only be absent or ``false``; an object without ``properties``
-  takes any keys), ``items`` (one schema), ``default`` (checked at declaration), ``minimum`` /
+  takes any keys, except at the top, where it means a tool without arguments), ``items`` (one schema), ``default`` (checked at declaration), ``minimum`` /
   ``maximum``, integer ``exclusiveMinimum`` / ``exclusiveMaximum``, ``minLength`` /
   ``maxLength``, ``anyOf`` / ``oneOf`` of one schema and ``{"type": "null"}`` (an optional
   value, as pydantic writes it), ``$ref`` to ``#/$defs/...`` or ``#/definitions/...``
@@ -136,7 +136,8 @@ def _fields(schema: dict[str, Any], defs: dict[str, Any], where: str, depth: int
         raise SchemaError(f"{where or 'the schema'}: additionalProperties other than false is not supported "
                           "(undeclared keys are refused)")
     props = {} if props is None else props
-    if not isinstance(props, dict) or not isinstance(required, list) or not set(required) <= set(props):
+    if (not isinstance(props, dict) or not isinstance(required, list)
+            or not all(isinstance(r, str) and r in props for r in required)):
         raise SchemaError(f"{where or 'the schema'}: required names a property that is not declared")
     prefix = f"{where}." if where else ""
     return {name: _spec(sub, defs, prefix + name, depth + 1, name in required) for name, sub in props.items()}

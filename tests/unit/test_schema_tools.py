@@ -325,6 +325,7 @@ BAD_SCHEMAS = [
     ({"type": "object", "properties": {"a": {"type": "string", "items": {"type": "string"}}}}, "items"),
     ({"type": "object", "properties": {"a": {"type": "array", "items": [{"type": "string"}]}}}, "schema"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "required"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"]]}, "required"),
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
     ({"type": "array", "items": {"type": "string"}}, "object"),
     ({"type": ["object", "null"], "properties": {}}, "object"),
@@ -370,3 +371,13 @@ def test_annotations_pass_and_unknown_formats_are_not_enforced():
     assert spec.canonical_args({"host": "API.Example.com"}) == {"host": "api.example.com"}
     with pytest.raises(PolicyDenied):
         spec.canonical_args({"site": "ftp://x.example/"})  # uri: http(s) only, as URL parameters
+
+
+def test_a_top_level_object_without_properties_takes_no_arguments_and_a_nested_one_any_keys():
+    t = tool_from_schema("t", {"type": "object", "properties": {"meta": {"type": "object"}}}, lambda **kw: None,
+                         effect="read")
+    assert t.spec.canonical_args({"meta": {"any": [1], "keys": None}}) == {"meta": {"any": [1], "keys": None}}
+    bare = tool_from_schema("u", {"type": "object"}, lambda: None, effect="read")
+    assert bare.spec.canonical_args({}) == {}
+    with pytest.raises(MalformedRequest):
+        bare.spec.canonical_args({"x": 1})
