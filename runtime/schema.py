@@ -19,7 +19,9 @@ silently skipped:
   ``examples``, ``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly``,
   ``writeOnly``, and any other ``format`` (``email``, ``date-time``, ...), as JSON Schema
   itself treats ``format`` by default;
-- refused at declaration: everything else (``pattern``, ``allOf``, other ``anyOf`` /
+- refused at declaration: everything else; a caller may name some validation keywords in
+  ``unenforced`` (``UNENFORCEABLE``: ``pattern``, ``minItems``, ...) to pass them to the model
+  knowingly unchecked, and the rest (``pattern``, ``allOf``, other ``anyOf`` /
   ``oneOf``, ``not``, ``if``, ``minItems``, ``uniqueItems``, ``multipleOf``,
   ``patternProperties``, ``additionalProperties: true`` beside ``properties``, remote
   ``$ref``, ...).
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 from .errors import WardenError
 from .trusted.wire import MAX_DEPTH, ParamSpec, conform
@@ -46,18 +48,35 @@ class SchemaError(ValueError):
     """A JSON Schema that uses something Warden does not enforce, or is malformed."""
 
 
-def params_from_schema(schema: Any) -> dict[str, ParamSpec]:
-    """The parameters of a tool whose arguments ``schema`` (an object schema) describes."""
+# Validation keywords a caller may knowingly leave to the tool (``unenforced=``): none changes a value's shape.
+UNENFORCEABLE = frozenset({"pattern", "minItems", "maxItems", "uniqueItems", "multipleOf", "minProperties",
+                           "maxProperties"})
+
+
+class _Context(NamedTuple):
+    defs: dict[str, Any]
+    unenforced: frozenset[str]
+
+
+def params_from_schema(schema: Any, unenforced: Iterable[str] = ()) -> dict[str, ParamSpec]:
+    """The parameters of a tool whose arguments ``schema`` (an object schema) describes.
+
+    ``unenforced`` names keywords of ``UNENFORCEABLE`` that the caller accepts are passed to the
+    model but not checked by Warden; any other keyword outside the subset is still an error.
+    """
     if not isinstance(schema, dict):
         raise SchemaError("a tool's schema must be a JSON object")
+    unenforced = frozenset(unenforced)
+    if not unenforced <= UNENFORCEABLE:
+        raise SchemaError(f"unenforced may name only {sorted(UNENFORCEABLE)}, not {sorted(unenforced - UNENFORCEABLE)}")
     defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
-    spec = _spec(schema, defs, "", 0)
+    spec = _spec(schema, _Context(defs, unenforced), "", 0)
     if spec.type != "object" or spec.nullable:
         raise SchemaError("a tool's schema must be {\"type\": \"object\", \"properties\": {...}}")
     return dict(spec.fields or {})
 
 
-def _spec(schema: Any, defs: dict[str, Any], where: str, depth: int, required: bool = True) -> ParamSpec:
+def _spec(schema: Any, ctx: _Context, where: str, depth: int, required: bool = True) -> ParamSpec:
     at = where or "the schema"
     if depth > MAX_DEPTH:
         raise SchemaError(f"{at}: nested deeper than {MAX_DEPTH} (or a recursive $ref)")
@@ -66,18 +85,18 @@ def _spec(schema: Any, defs: dict[str, Any], where: str, depth: int, required: b
     if not isinstance(schema, dict):
         raise SchemaError(f"{at}: a schema must be a JSON object, not {schema!r:.60}")
     schema, or_null = _optional(schema, at)
-    unknown = set(schema) - _ANNOTATIONS - _ENFORCED
+    unknown = set(schema) - _ANNOTATIONS - _ENFORCED - ctx.unenforced
     if unknown:
         raise SchemaError(f"{at}: {sorted(unknown)} not supported (Warden would not enforce it)")
     if "$ref" in schema:
-        spec = _spec(_resolve(schema, defs, at), defs, where, depth + 1)
+        spec = _spec(_resolve(schema, ctx.defs, at), ctx, where, depth + 1)
     else:
         kind, nullable = _type(schema, at)
         fmt = _FORMATS.get(schema.get("format")) if kind == "string" else None
-        items = _spec(schema["items"], defs, f"{where}[]", depth + 1) if "items" in schema else None
+        items = _spec(schema["items"], ctx, f"{where}[]", depth + 1) if "items" in schema else None
         if items is not None and kind != "array":
             raise SchemaError(f"{at}: 'items' on a {kind}")
-        spec = ParamSpec(kind, required, None, fmt, nullable, None, items, _fields(schema, defs, where, depth, kind),
+        spec = ParamSpec(kind, required, None, fmt, nullable, None, items, _fields(schema, ctx, where, depth, kind),
                          _checks(schema, kind, at))
         spec = _with_enum(spec, schema, at)
     spec = replace(spec, required=required, nullable=spec.nullable or or_null)
@@ -124,7 +143,7 @@ def _type(schema: dict[str, Any], at: str) -> tuple[str, bool]:
     return rest[0], len(kinds) == 2
 
 
-def _fields(schema: dict[str, Any], defs: dict[str, Any], where: str, depth: int,
+def _fields(schema: dict[str, Any], ctx: _Context, where: str, depth: int,
             kind: str) -> dict[str, ParamSpec] | None:
     extra = schema.get("additionalProperties")  # None: not given
     props, required = schema.get("properties"), schema.get("required", [])
@@ -140,7 +159,7 @@ def _fields(schema: dict[str, Any], defs: dict[str, Any], where: str, depth: int
             or not all(isinstance(r, str) and r in props for r in required)):
         raise SchemaError(f"{where or 'the schema'}: required names a property that is not declared")
     prefix = f"{where}." if where else ""
-    return {name: _spec(sub, defs, prefix + name, depth + 1, name in required) for name, sub in props.items()}
+    return {name: _spec(sub, ctx, prefix + name, depth + 1, name in required) for name, sub in props.items()}
 
 
 def _checks(schema: dict[str, Any], kind: str, at: str) -> tuple[tuple[str, Any], ...]:

@@ -23,7 +23,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, get_args, get_origin
+from typing import Annotated, Any, Callable, Iterable, get_args, get_origin
 
 from .sandbox.context import ToolContext
 from .schema import SchemaError, params_from_schema
@@ -135,14 +135,16 @@ def tool(*, effect: str, name: str | None = None, cost: float = 1.0,
 
 
 def tool_from_schema(name: str, schema: dict[str, Any], fn: Callable[..., Any], *, effect: str,
-                     description: str | None = None, cost: float = 1.0, sandboxed: bool = False) -> Tool:
+                     description: str | None = None, cost: float = 1.0, sandboxed: bool = False,
+                     unenforced: Iterable[str] = ()) -> Tool:
     """Declare a tool from a JSON Schema of its arguments and a callable that takes them as keywords.
 
     ``schema`` is an object schema (``{"type": "object", "properties": {...}, "required": [...]}``,
     the shape of an MCP ``inputSchema`` or an OpenAI function's ``parameters``); the model sees
     it as given. The supervisor checks and canonicalises every call against it as it does a
     ``@tool`` function's parameters; what of JSON Schema is enforced is in ``runtime.schema``,
-    and anything else is a ``SchemaError`` here. ``fn`` gets the canonical arguments as keyword
+    and anything else is a ``SchemaError`` here, unless named in ``unenforced`` (a few
+    validation keywords such as ``pattern``: the model sees them, nothing checks them). ``fn`` gets the canonical arguments as keyword
     arguments (an optional argument the call left out and that has no default is left out),
     plus ``ctx`` if it has a parameter of that name. Put the returned ``Tool`` at the top level
     of a module named in the job's ``tools:``, as you would a ``@tool`` function.
@@ -152,7 +154,7 @@ def tool_from_schema(name: str, schema: dict[str, Any], fn: Callable[..., Any], 
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
     try:
-        params = params_from_schema(schema)
+        params = params_from_schema(schema, unenforced)
     except SchemaError as exc:
         raise SchemaError(f"tool {name}: {exc}") from None
     wants_ctx = _check_callable(name, fn, params)

@@ -381,3 +381,18 @@ def test_a_top_level_object_without_properties_takes_no_arguments_and_a_nested_o
     assert bare.spec.canonical_args({}) == {}
     with pytest.raises(MalformedRequest):
         bare.spec.canonical_args({"x": 1})
+
+
+def test_unenforced_keywords_are_named_by_the_caller_and_only_validation_ones():
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                               "stops": {"type": "array", "items": {"type": "string"},
+                                                         "maxItems": 3}}}
+    t = tool_from_schema("t", schema, lambda **kw: None, effect="read", unenforced=["pattern", "maxItems"])
+    assert t.spec.canonical_args({"code": "xyz1", "stops": ["a"] * 5}) == {"code": "xyz1", "stops": ["a"] * 5}
+    with pytest.raises(MalformedRequest):  # the rest is still enforced
+        t.spec.canonical_args({"stops": [1]})
+    with pytest.raises(SchemaError, match="maxItems"):
+        tool_from_schema("t", schema, lambda **kw: None, effect="read", unenforced=["pattern"])
+    with pytest.raises(SchemaError, match="unenforced"):
+        tool_from_schema("t", {"type": "object", "properties": {"a": {"allOf": []}}}, lambda **kw: None,
+                         effect="read", unenforced=["allOf"])
