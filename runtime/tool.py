@@ -84,6 +84,8 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
     if origin is list and get_args(annotation):  # list[int]: every item is checked (and canonicalised) too
         items, schema["items"] = _param(get_args(annotation)[0], inspect.Parameter.empty)
     required = default is inspect.Parameter.empty
+    if json_type == "number" and type(default) is int:
+        default = float(default)  # as the supervisor would make a passed value: x: float = 1 gives 1.0
     spec = ParamSpec(type=json_type, required=required, default=None if required else default, format=fmt,
                      nullable=optional, items=items)
     if not required and default is not None:

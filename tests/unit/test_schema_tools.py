@@ -396,3 +396,30 @@ def test_unenforced_keywords_are_named_by_the_caller_and_only_validation_ones():
     with pytest.raises(SchemaError, match="unenforced"):
         tool_from_schema("t", {"type": "object", "properties": {"a": {"allOf": []}}}, lambda **kw: None,
                          effect="read", unenforced=["allOf"])
+
+
+def test_a_float_parameter_default_is_a_float_too():
+    @tool(effect="read")
+    def scale(factor: float = 1) -> float:
+        """Scale."""
+        return factor
+
+    assert scale.spec.canonical_args({}) == {"factor": 1.0} and type(scale.spec.canonical_args({})["factor"]) is float
+    assert scale.schema["function"]["parameters"]["properties"]["factor"]["default"] == 1.0
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("example.com", True), ("EXAMPLE.com.", True), ("a.good.org", True), ("https://example.com/x", True),
+    ("pinned.example", False), ("https://pinned.example/", True), ("example.com:443", False),
+    ("user@example.com", False), ("example.com/x", False), ("evil.com", False), ("a" * 300 + ".example.com", False),
+    (7, False), (None, False), (["example.com"], False),
+])
+def test_url_host_on_an_unannotated_value_reads_a_bare_host_as_a_host(value, ok):
+    from runtime.trusted.capability import check_arg
+
+    entries = ("example.com", "*.good.org", "https://pinned.example")
+    try:
+        why = check_arg("url_host", entries, value)
+    except PolicyDenied as exc:
+        why = exc.reason
+    assert (why is None) is ok, why
