@@ -16,6 +16,7 @@ use of another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -140,6 +141,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,), "any": (str, int, float, bool, list, dict, type(None)),
 }
+_PLAIN = {"string": str, "integer": int, "number": float, "boolean": bool}
 # url: refuse ambiguous URLs before any caveat sees them (the URL itself is passed on as written)
 _FORMATS = {"path": canonical_path, "url": lambda v: url_origin(v) and v, "host": host_value}
 
@@ -156,6 +158,12 @@ class ParamSpec:
     fields: dict[str, ParamSpec] | None = None  # an object's keys: exactly these, checked like arguments
     checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: schema bounds and lengths
 
+    @cached_property
+    def plain(self) -> type | None:
+        """The type of the values taken as they are (no conversion, format or nested check), if any."""
+        bare = not (self.format or self.items or self.fields is not None or self.checks or self.enum is not None)
+        return _PLAIN.get(self.type) if bare else None
+
 
 def conform(p: ParamSpec, value: Any, where: str) -> Any:
     """``value`` in its canonical form (the one the tool receives) if it fits ``p``; else MalformedRequest."""
@@ -170,12 +178,10 @@ def conform(p: ParamSpec, value: Any, where: str) -> Any:
         raise MalformedRequest(f"argument {where!r} must be {p.type}, got {kind.__name__}")
     if p.format:
         value = _FORMATS[p.format](value)
-    if p.items is None and p.fields is None and not p.checks and p.enum is None:
-        return value
     if p.items is not None:
         value = [conform(p.items, v, f"{where}[{i}]") for i, v in enumerate(value)]
     value = conform_fields(p.fields, value, where + ".") if p.fields is not None else value
-    why = next((w for check, param in p.checks if (w := check_arg(check, param, value))), None)
+    why = p.checks and next((w for check, param in p.checks if (w := check_arg(check, param, value))), None)
     if why or (p.enum is not None and check_arg("one_of", p.enum, value)):
         raise MalformedRequest(f"argument {where!r}: {why or f'{value!r:.80} not in {list(p.enum or ())!r:.200}'}")
     return value
@@ -187,7 +193,8 @@ def conform_fields(params: dict[str, ParamSpec], args: dict[str, Any], where: st
     out: dict[str, Any] = {}
     for name, p in params.items():
         if name in args:
-            out[name] = conform(p, args[name], where + name)
+            value = args[name]
+            out[name] = value if type(value) is p.plain else conform(p, value, where + name)
         elif p.required:
             raise MalformedRequest(f"missing argument {where + name!r}")
         elif p.default is not None or p.nullable:
