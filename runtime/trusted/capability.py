@@ -261,9 +261,9 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
         return None if _regex(param).fullmatch(value) else f"{value!r:.80} does not match {param!r}"
     if kind == "path_under":
         return None if path_is_under(value, param) else f"{canonical_path(value)!r} not under {param!r}"
-    if kind == "url_host":  # a URL, or a host as a HOST parameter holds it (entries with a scheme never match)
-        bare = isinstance(value, str) and "://" not in value
-        scheme, host, port = origin = (None, host_value(value), None) if bare else url_origin(value)
+    if kind == "url_host":  # a URL, or a host in the form a HOST parameter holds it (no entry with a scheme matches)
+        bare = isinstance(value, str) and "://" not in value and host_value(value) == value
+        scheme, host, port = origin = (None, value, None) if bare else url_origin(value)
         return None if url_allowed(origin, param) else f"host {host!r} ({scheme}, port {port}) not in {list(param)!r}"
     if kind == "max_bytes":
         n = value_bytes(value)
