@@ -183,7 +183,7 @@ def _checks(schema: dict[str, Any], kind: str, at: str) -> tuple[tuple[str, Any]
     if "minLength" in schema or long is not None:
         if kind != "string" or not all(type(n) is int and n >= 0 for n in (short, long or 0)):
             raise SchemaError(f"{at}: minLength / maxLength need a string type and non-negative integers")
-        checks.append(("regex", f"(?s).{{{short},{'' if long is None else long}}}"))
+        checks.append(("range", (short, long)))  # on a string: its length in code points
     return tuple(checks)
 
 

@@ -156,7 +156,7 @@ class ParamSpec:
     enum: tuple[Any, ...] | None = None  # the canonical value must be one of these (compared as ``exact``)
     items: ParamSpec | None = None  # an array's items
     fields: dict[str, ParamSpec] | None = None  # an object's keys: exactly these, checked like arguments
-    checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: schema bounds and lengths
+    checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: bounds, of a string's length
 
     @cached_property
     def plain(self) -> type | None:
@@ -176,12 +176,12 @@ def conform(p: ParamSpec, value: Any, where: str) -> Any:
         return None
     if (kind is bool and p.type in ("integer", "number")) or not isinstance(value, _JSON_TYPES.get(p.type, ())):
         raise MalformedRequest(f"argument {where!r} must be {p.type}, got {kind.__name__}")
-    if p.format:
-        value = _FORMATS[p.format](value)
+    value = _FORMATS[p.format](value) if p.format else value
     if p.items is not None:
         value = [conform(p.items, v, f"{where}[{i}]") for i, v in enumerate(value)]
     value = conform_fields(p.fields, value, where + ".") if p.fields is not None else value
-    why = p.checks and next((w for check, param in p.checks if (w := check_arg(check, param, value))), None)
+    measure = len(value) if kind is str else value  # a string's bounds are on its length in code points
+    why = p.checks and next((w for check, param in p.checks if (w := check_arg(check, param, measure))), None)
     if why or (p.enum is not None and check_arg("one_of", p.enum, value)):
         raise MalformedRequest(f"argument {where!r}: {why or f'{value!r:.80} not in {list(p.enum or ())!r:.200}'}")
     return value

@@ -424,3 +424,13 @@ def test_url_host_reads_a_bare_host_in_canonical_form_as_a_host(value, ok):
     except PolicyDenied as exc:
         why = exc.reason
     assert (why is None) is ok, why
+
+
+def test_string_lengths_count_code_points_and_any_length_bound_loads():
+    schema = {"type": "object", "properties": {"t": {"type": "string", "minLength": 2, "maxLength": 100000}}}
+    spec = tool_from_schema("t", schema, lambda **kw: None, effect="read").spec
+    assert spec.canonical_args({"t": "\u00e9\u00e9"}) == {"t": "\u00e9\u00e9"}  # 2 code points, 4 bytes
+    assert spec.canonical_args({"t": "x" * 100000})["t"] == "x" * 100000
+    for bad in ("\u00e9", "x" * 100001):
+        with pytest.raises(MalformedRequest):
+            spec.canonical_args({"t": bad})
