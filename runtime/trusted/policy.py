@@ -229,7 +229,7 @@ class Policy(_Strict):
         return AgentQuota(rate_per_s=q.rate_per_s, burst=q.burst, max_concurrent=q.max_concurrent)
 
 
-_CANONICAL_FORMAT = {"path_under": "path", "url_host": "url"}  # rule -> the parameter format it needs
+_CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # rule -> the formats it needs
 
 
 def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
@@ -246,8 +246,9 @@ def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: st
         for where, rules in (("args", rule.args), ("approval.when", when)):
             for arg, arg_rule in sorted(rules.items()) if spec is not None else ():
                 param = spec.params.get(arg)
-                wrong = [f"{check} needs a parameter declared {fmt.upper()}" for check, fmt in _CANONICAL_FORMAT.items()
-                         if check in arg_rule.model_fields_set and param is not None and param.format != fmt]
+                wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)}"
+                         for check, fmts in _CANONICAL_FORMAT.items()
+                         if check in arg_rule.model_fields_set and param is not None and param.format not in fmts]
                 missing = [f"tool {name!r} has no such parameter ({sorted(spec.params)})"]
                 for why in wrong if param is not None else missing:
                     errors.append(f"  at tools.{name}.{where}.{arg}: {why}")
