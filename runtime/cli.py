@@ -660,10 +660,15 @@ def json_only_stdout(enabled: bool) -> Iterator[TextIO]:
 
 
 def _stop_private_ray() -> None:
-    """A private Ray this command started ends before stdout is handed back (Ray prints at shutdown)."""
+    """Before stdout is handed back: a private Ray this command started ends, and a cluster it
+    connected to is disconnected from (Ray prints at shutdown, and forwards worker output to a
+    connected driver until it disconnects)."""
     job = sys.modules.get("runtime.job")
     if job is not None:
         job.stop_private_ray()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # a connected driver only disconnects: the cluster runs on
 
 
 def main(argv: Sequence[str] | None = None) -> int:
