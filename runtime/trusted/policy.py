@@ -11,6 +11,8 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 
 from __future__ import annotations
 
+from collections import Counter
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,8 +20,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, ErrorCode, PolicyDenied
-from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
-                         canonical_path, decode_caveat, encode_caveat, host_pattern)
+from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
+                         Expires, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .anomaly import AnomalyConfig
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
@@ -43,6 +45,9 @@ class ArgRule(_Strict):
     path_under: str | None = None
     url_host: list[Annotated[str, AfterValidator(lambda p: host_pattern(p) and p)]] | None = None  # checked at load
     max_bytes: int | None = Field(default=None, ge=0)
+    each: ArgRule | None = None  # a rule every item of a list argument must satisfy
+    min_items: int | None = Field(default=None, ge=0)
+    max_items: int | None = Field(default=None, ge=0)
 
     @field_validator("path_under")
     @classmethod
@@ -85,6 +90,10 @@ class ArgRule(_Strict):
             out.append(Arg(tool, arg, "url_host", tuple(self.url_host)))
         if self.max_bytes is not None:
             out.append(Arg(tool, arg, "max_bytes", self.max_bytes))
+        if self.each is not None:
+            out += [Arg(tool, arg, "each", (c.check, c.param)) for c in self.each.caveats(tool, arg)]
+        if self.min_items is not None or self.max_items is not None:
+            out.append(Arg(tool, arg, "items", (self.min_items, self.max_items)))
         return out
 
 
@@ -183,6 +192,20 @@ class Policy(_Strict):
     sandbox: SandboxRule = Field(default_factory=SandboxRule)
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
 
+    @model_validator(mode="after")
+    def _fits_a_token(self) -> "Policy":
+        """A root token over the size or caveat limit would be BAD_TOKEN at every call: refuse it now."""
+        caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
+        n = len(KeyRing.generate().mint(holder=self.agent, caveats=caveats).encode())
+        if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
+            size: Counter[str] = Counter()
+            for c in (c for c in caveats if isinstance(c, Arg)):
+                size[f"tools.{c.tool}.args.{c.arg}"] += len(encode_caveat(c))
+            big = ", ".join(f"{k} ({v} bytes)" for k, v in size.most_common(3))
+            raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
+                             f" and {MAX_CAVEATS}); the biggest rules: {big or 'none'}")
+        return self
+
     def approval_rules(self) -> dict[str, ApprovalRule]:
         return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}
 
@@ -236,23 +259,32 @@ def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: st
     """Refuse argument and approval rules that the named tools' parameters make wrong.
 
     A rule on a parameter the tool lacks would deny every call; a path or URL rule on a
-    parameter the tool does not canonicalise (``PATH``/``URL``) would check one spelling while
-    the tool opens another. Tools not in ``tools`` are not checked here. Raises ConfigError.
+    parameter the tool does not canonicalise (``PATH``/``URL``; never a list's items) would check
+    one spelling while the tool opens another; a list rule on a scalar denies every call. Tools
+    not in ``tools`` are not checked here. Raises ConfigError.
     """
     errors = []
     for name, rule in sorted(policy.tools.items()):
-        spec = tools.get(name)
         when = rule.approval.when if isinstance(rule.approval, ApprovalSpec) else {}
-        for where, rules in (("args", rule.args), ("approval.when", when)):
-            for arg, arg_rule in sorted(rules.items()) if spec is not None else ():
-                param = spec.params.get(arg)
-                wrong = [f"{check} needs a parameter declared {fmt.upper()}" for check, fmt in _CANONICAL_FORMAT.items()
-                         if check in arg_rule.model_fields_set and param is not None and param.format != fmt]
-                missing = [f"tool {name!r} has no such parameter ({sorted(spec.params)})"]
-                for why in wrong if param is not None else missing:
-                    errors.append(f"  at tools.{name}.{where}.{arg}: {why}")
+        for where, rules in (("args", rule.args), ("approval.when", when)) if name in tools else ():
+            errors += [f"  at tools.{name}.{where}.{arg}: {why}" for arg, arg_rule in sorted(rules.items())
+                       for why in _param_errors(tools[name], arg, arg_rule)]
     if errors:
         raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
+
+
+def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
+    param = spec.params.get(arg)
+    if param is None:
+        near = get_close_matches(arg, spec.params, 1)
+        return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")]
+    inner = rule.each.model_fields_set if rule.each is not None else set()
+    wrong = [f"{check} needs a parameter declared {fmt.upper()}" for check, fmt in _CANONICAL_FORMAT.items()
+             if check in rule.model_fields_set and param.format != fmt or check in inner]
+    if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
+        wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
+    return wrong
 
 
 def _where(loc: tuple[Any, ...]) -> str:
