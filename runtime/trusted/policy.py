@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -291,6 +291,20 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+def _model_in(t: Any) -> Any:
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else next(filter(None, map(_model_in, get_args(t))), None)
+
+
+def explain_error(model: type[BaseModel], err: Any) -> str:
+    """pydantic's message; for a key the model does not have, the field it most likely meant."""
+    for part in err["loc"][:-1]:  # a list index or dict key keeps the model of the items
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        model = _model_in(field.annotation) if field else model
+    fields = [f.alias or k for k, f in model.model_fields.items()] if err["type"] == "extra_forbidden" and model else []
+    near = get_close_matches(str(err["loc"][-1]), fields, 1) if fields else []
+    return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
+
+
 def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
@@ -299,8 +313,7 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: {len(exc.errors())} error(s)"]
-        for err in exc.errors():
-            lines.append(f"  at {_where(err['loc'])}: {err['msg']}")
+        lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
 
 
