@@ -416,19 +416,16 @@ def _checked_param(check: str, param: Any) -> Any:
         if not (isinstance(param, list) and len(param) == 2 and param[0] in ARG_CHECKS[:-2]):
             raise ValueError("each needs [check, param], the check not each/items")
         return param[0], _checked_param(*param)
-    if check == "items" and not (isinstance(param, list) and len(param) == 2 and all(
-            p is None or (type(p) is int and p >= 0) for p in param)):
-        raise ValueError("items needs [min|null, max|null], non-negative integers")
-    if check in ("one_of", "url_host", "items"):
+    if check in ("one_of", "url_host"):
         if not isinstance(param, list):
             raise ValueError(f"{check} needs a list")
         if check == "url_host" and not all(isinstance(p, str) and host_pattern(p) for p in param):
             raise ValueError("url_host needs a list of strings")
         return tuple(param)
-    if check == "range":
+    if check in ("range", "items"):  # items: bounds on the number of items
         ok = isinstance(param, list) and len(param) == 2
         if not ok or not all(p is None or (_is_number(p) and p == p) for p in param):  # a NaN bound holds for all
-            raise ValueError("range needs [min|null, max|null], numbers and not NaN")
+            raise ValueError(f"{check} needs [min|null, max|null], numbers and not NaN")
         return tuple(param)
     if check in ("regex", "path_under") and not isinstance(param, str):
         raise ValueError(f"{check} needs a string")

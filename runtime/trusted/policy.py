@@ -55,7 +55,7 @@ class ArgRule(_Strict):
         if v is None:
             return None
         if not v.startswith("/"):
-            _fail("path_under must be absolute")
+            raise ValueError("path_under must be absolute")
         try:
             return canonical_path(v)
         except PolicyDenied as exc:  # not a ValueError: pydantic would let it escape as a denial
@@ -95,10 +95,6 @@ class ArgRule(_Strict):
         if self.min_items is not None or self.max_items is not None:
             out.append(Arg(tool, arg, "items", (self.min_items, self.max_items)))
         return out
-
-
-def _fail(msg: str) -> Any:
-    raise ValueError(msg)
 
 
 class SandboxRule(_Strict):
@@ -165,8 +161,7 @@ class AnomalySpec(_Strict):
     quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
 
     def config(self) -> AnomalyConfig:
-        return AnomalyConfig(window_s=self.window_s, rate_factor=self.rate_factor, min_calls=self.min_calls,
-                             denial_burst=self.denial_burst, quarantine_after=self.quarantine_after)
+        return AnomalyConfig(**self.model_dump())
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -198,12 +193,10 @@ class Policy(_Strict):
         caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
         n = len(KeyRing.generate().mint(holder=self.agent, caveats=caveats).encode())
         if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
-            size: Counter[str] = Counter()
-            for c in (c for c in caveats if isinstance(c, Arg)):
-                size[f"tools.{c.tool}.args.{c.arg}"] += len(encode_caveat(c))
-            big = ", ".join(f"{k} ({v} bytes)" for k, v in size.most_common(3))
+            size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
+                           for _byte in encode_caveat(c))  # one count per encoded byte
             raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
-                             f" and {MAX_CAVEATS}); the biggest rules: {big or 'none'}")
+                             f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
         return self
 
     def approval_rules(self) -> dict[str, ApprovalRule]:
@@ -211,16 +204,8 @@ class Policy(_Strict):
 
     def root_caveats(self, *, job_id: str, now: float) -> list[Caveat]:
         """The caveats of this agent's root token. Every one narrows; together they are the policy."""
-        caveats: list[Caveat] = [
-            Audience(job_id),
-            Expires(now + self.quotas.ttl_s),
-            Tools(tuple(sorted(self.tools))),
-            Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
-            MaxDepth(self.delegation.max_depth),
-        ]
-        for tool, rule in sorted(self.tools.items()):
-            for arg, arg_rule in sorted(rule.args.items()):
-                caveats.extend(arg_rule.caveats(tool, arg))
+        aud, tools, effects, *args = self.delegate_caveats(job_id=job_id)
+        caveats = [aud, Expires(now + self.quotas.ttl_s), tools, effects, MaxDepth(self.delegation.max_depth), *args]
         if self.quotas.max_calls is not None:
             caveats.append(CallBudget(self.quotas.max_calls))
         if self.quotas.max_cost is not None:
@@ -258,10 +243,9 @@ _CANONICAL_FORMAT = {"path_under": "path", "url_host": "url"}  # rule -> the par
 def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
     """Refuse argument and approval rules that the named tools' parameters make wrong.
 
-    A rule on a parameter the tool lacks would deny every call; a path or URL rule on a
-    parameter the tool does not canonicalise (``PATH``/``URL``; never a list's items) would check
-    one spelling while the tool opens another; a list rule on a scalar denies every call. Tools
-    not in ``tools`` are not checked here. Raises ConfigError.
+    A rule on a parameter the tool lacks, or a list rule on a scalar, would deny every call; a path
+    or URL rule on a parameter the tool does not canonicalise (``PATH``/``URL``; never a list's
+    items) would check one spelling while the tool opens another. Raises ConfigError.
     """
     errors = []
     for name, rule in sorted(policy.tools.items()):
@@ -291,17 +275,16 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _model_in(t: Any) -> Any:
-    return t if isinstance(t, type) and issubclass(t, BaseModel) else next(filter(None, map(_model_in, get_args(t))), None)
+def _model_in(t: Any) -> Any:  # the pydantic model inside an annotation such as 'dict[str, ArgRule] | None'
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else next(filter(None, map(_model_in, get_args(t))), 0)
 
 
 def explain_error(model: type[BaseModel], err: Any) -> str:
     """pydantic's message; for a key the model does not have, the field it most likely meant."""
     for part in err["loc"][:-1]:  # a list index or dict key keeps the model of the items
-        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
-        model = _model_in(field.annotation) if field else model
-    fields = [f.alias or k for k, f in model.model_fields.items()] if err["type"] == "extra_forbidden" and model else []
-    near = get_close_matches(str(err["loc"][-1]), fields, 1) if fields else []
+        model = _model_in(model.model_fields[part].annotation) if model and part in model.model_fields else model
+    fields = model.model_fields.items() if model and err["type"] == "extra_forbidden" and err["loc"] else ()
+    near = get_close_matches(str(err["loc"][-1]), [f.alias or k for k, f in fields], 1) if fields else []
     return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
 
 
