@@ -276,7 +276,8 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 
 def _model_in(t: Any) -> Any:  # the pydantic model inside an annotation such as 'dict[str, ArgRule] | None'
-    return t if isinstance(t, type) and issubclass(t, BaseModel) else next(filter(None, map(_model_in, get_args(t))), 0)
+    is_model = isinstance(t, type) and issubclass(t, BaseModel)
+    return t if is_model else next(filter(None, map(_model_in, get_args(t))), None)
 
 
 def explain_error(model: type[BaseModel], err: Any) -> str:
