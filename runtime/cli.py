@@ -141,7 +141,8 @@ def explain(policy: Any) -> str:
     from .trusted.policy import ArgRule
 
     def rule_text(r: ArgRule) -> str:
-        return ", ".join(f"{k}={getattr(r, k)!r}" for k in sorted(r.model_fields_set))
+        return ", ".join(f"each({rule_text(r.each)})" if k == "each" and r.each else f"{k}={getattr(r, k)!r}"
+                         for k in sorted(r.model_fields_set))
 
     from .sandbox.base import Limits
 
