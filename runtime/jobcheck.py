@@ -3,9 +3,10 @@
 Each check adds readable lines to one list instead of stopping at the first problem, so a new
 user fixes a job in one round: the file's keys (a misspelt key names the one it meant), agent
 classes (an import error says which directory modules are imported from), policies against the
-job's tools and their parameters, every environment variable the job reads (``credentials``,
-a model's ``api_key_env``), and what a local Ray could never place. ``warden run`` runs the same
-checks first, so a missing model key fails at start, not after the other agents have run.
+job's tools and their parameters, delegated tokens that would exceed the token limits, every
+environment variable the job reads (``credentials``, a model's ``api_key_env``), and what a
+local Ray could never place. ``warden run`` runs the same checks first, so a missing model key
+fails at start, not after the other agents have run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .errors import WardenError
 from .agent import load_agent_class
 from .llm import model_from_config
 from .tool import load_tools
-from .trusted.policy import check_policy_tools, explain_error, load_policy
+from .trusted.capability import MAX_CAVEATS, MAX_TOKEN_BYTES, KeyRing
+from .trusted.policy import Policy, check_policy_tools, explain_error, load_policy
 
 
 def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, local: bool = True) -> list[str]:
@@ -81,11 +83,11 @@ def _tools(modules: list[str], problems: list[str]) -> dict[str, Any] | None:
 
 
 def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | None, modules: list[str]) -> list[str]:
-    out, names = [], {a.get("name") for a in agents}
+    out, names, loaded = [], {a.get("name") for a in agents}, {}
     for a in agents:
         source = f"policy of {a.get('name')!r}"
         try:
-            policy = load_policy(base / str(a.get("policy", "")))
+            policy = loaded[a.get("name")] = load_policy(base / str(a.get("policy", "")))
         except WardenError as exc:
             out.append(exc.reason)
             continue
@@ -101,6 +103,20 @@ def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | 
             check_policy_tools(policy, tools, source=source)
         except WardenError as exc:
             out.append(exc.reason)
+    return out + _delegated_sizes(loaded)
+
+
+def _delegated_sizes(policies: dict[str, Policy]) -> list[str]:
+    """A delegated token is the delegator's token plus the delegate's rules: it must fit a token too."""
+    ring, out = KeyRing.generate(), []
+    for name, policy in policies.items():
+        root = ring.mint(holder=name, caveats=policy.root_caveats(job_id="j" * 96, now=0.0))
+        for to in (t for t in policy.delegation.can_delegate_to if t in policies):
+            child = ring.bind(root.attenuate(*policies[to].delegate_caveats(job_id="j" * 96)), to)
+            if len(child.encode()) > MAX_TOKEN_BYTES or len(child.caveats) > MAX_CAVEATS:
+                out.append(f"policy of {name!r}: a token delegated to {to!r} would be {len(child.encode())} bytes "
+                           f"with {len(child.caveats)} caveats (limits {MAX_TOKEN_BYTES} and {MAX_CAVEATS}): "
+                           "every delegation would fail; narrow the rules of one of the two")
     return out
 
 

@@ -110,3 +110,15 @@ def test_policy_check_tools_must_cover_the_policy(tmp_path):
     assert out.returncode == 1
     assert "tool 'chat.nope' is defined by none of ['agents.chat']" in out.stderr
     assert "did you mean 'channel'?" in out.stderr
+
+
+def test_a_delegation_whose_token_would_be_too_big_is_reported(tmp_path):
+    names = [f"user{i:04d}" for i in range(1000)]  # each policy fits alone; the two together do not
+    rule = f"{{one_of: {names}}}"
+    lead = f"agent: a\ntools:\n  chat.read: {{effect: read, args: {{channel: {rule}}}}}\n" \
+           "delegation: {can_delegate_to: [b], max_depth: 1}\n"
+    helper = f"agent: b\ntools:\n  chat.post: {{effect: write, args: {{channel: {rule}}}}}\n"
+    job = JOB.replace("policy: p.yaml}", "policy: p.yaml}\n  - {name: b, class: \"agents.demo:LeadAgent\", policy: q.yaml}")
+    out = warden("job", "check", str(write(tmp_path, job, lead, helper)))
+    assert out.returncode == 1
+    assert "policy of 'a': a token delegated to 'b' would be" in out.stderr
