@@ -10,6 +10,7 @@ from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDe
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
 from .harness import Decision, PolicyHarness
+from .jobcheck import check_job
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
 from .policy_cases import CasesReport, run_cases
 from .registry import Registration, register_agent
@@ -25,4 +26,5 @@ __all__ = [
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
     "PATH", "URL", "Tool", "ToolContext", "tool",
     "Policy", "load_policy", "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
+    "check_job",
 ]
