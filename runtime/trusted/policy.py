@@ -54,9 +54,7 @@ class ArgRule(_Strict):
     def _absolute(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        if not v.startswith("/"):
-            raise ValueError("path_under must be absolute")
-        try:
+        try:  # refuses a relative path too
             return canonical_path(v)
         except PolicyDenied as exc:  # not a ValueError: pydantic would let it escape as a denial
             raise ValueError(exc.reason) from None
@@ -214,12 +212,10 @@ class Policy(_Strict):
 
     def delegate_caveats(self, *, job_id: str) -> list[Caveat]:
         """What a token delegated *to* this agent is narrowed by: it never exceeds this policy."""
-        caveats: list[Caveat] = [Audience(job_id), Tools(tuple(sorted(self.tools))),
-                                 Effects(tuple(sorted({r.effect for r in self.tools.values()})))]
-        for tool, rule in sorted(self.tools.items()):
-            for arg, arg_rule in sorted(rule.args.items()):
-                caveats.extend(arg_rule.caveats(tool, arg))
-        return caveats
+        return [Audience(job_id), Tools(tuple(sorted(self.tools))),
+                Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
+                *(c for tool, rule in sorted(self.tools.items()) for arg, r in sorted(rule.args.items())
+                  for c in r.caveats(tool, arg))]
 
     def sandbox_settings(self) -> dict[str, dict[str, Any]]:
         """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
@@ -233,8 +229,7 @@ class Policy(_Strict):
         return sorted(t for t, s in self.sandbox_settings().items() if s["backend"] == "none")
 
     def agent_quota(self) -> AgentQuota:
-        q = self.quotas
-        return AgentQuota(rate_per_s=q.rate_per_s, burst=q.burst, max_concurrent=q.max_concurrent)
+        return AgentQuota(**self.quotas.model_dump(include={"rate_per_s", "burst", "max_concurrent"}))
 
 
 _CANONICAL_FORMAT = {"path_under": "path", "url_host": "url"}  # rule -> the parameter format it needs

@@ -175,7 +175,7 @@ BROKEN = {
     "regex_does_not_compile": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      q: {regex: '([a-'}\n",
                                ["at tools.t.args.q:", "not valid RE2 syntax"]),
     "relative_path_under": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {path_under: data}\n",
-                            ["at tools.t.args.p.path_under:", "path_under must be absolute"]),
+                            ["at tools.t.args.p.path_under:", "path must be absolute"]),
     "unusable_path_under": ('agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {path_under: "/da\\0ta"}\n',
                             ["at tools.t.args.p.path_under:", "not a usable path"]),
     "empty_arg_rule": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {}\n",
