@@ -49,8 +49,9 @@ def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, loc
         problems += [f"{path}: at {'.'.join(map(str, e['loc'])) or '(top)'}: {explain_error(JobSpec, e)}"
                      for e in exc.errors()]
         spec = None
-    agents = [a for a in data.get("agents") or [] if isinstance(a, dict)]
-    modules = [m for m in data.get("tools") or [] if isinstance(m, str)]
+    lists = {k: v if isinstance(v, list) else [] for k, v in data.items()}  # a wrong type: reported above
+    agents = [a for a in lists.get("agents", []) if isinstance(a, dict)]
+    modules = [m for m in lists.get("tools", []) if isinstance(m, str)]
     problems += _agent_classes(agents)
     tools = _tools(modules, problems)
     problems += _policies(path.resolve().parent, agents, tools, modules)

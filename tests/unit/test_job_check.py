@@ -122,3 +122,15 @@ def test_a_delegation_whose_token_would_be_too_big_is_reported(tmp_path):
     out = warden("job", "check", str(write(tmp_path, job, lead, helper)))
     assert out.returncode == 1
     assert "policy of 'a': a token delegated to 'b' would be" in out.stderr
+
+
+def test_wrong_shapes_are_problems_not_crashes(tmp_path):
+    from runtime import check_job
+
+    for text, fragment in [("name: j\nagents: 5\ntools: agents.chat\ncredentials: 3\n", "at agents: Input should be"),
+                           ("- a\n", "a job file must be a YAML mapping"), ("a: [\n", "cannot read the job file")]:
+        (tmp_path / "j.yaml").write_text(text)
+        problems = check_job(tmp_path / "j.yaml", environ={})
+        assert problems and any(fragment in p for p in problems), problems
+    assert check_job(tmp_path / "missing.yaml") == [f"{tmp_path / 'missing.yaml'}: cannot read the job file: "
+                                                    "No such file or directory"]
