@@ -258,9 +258,10 @@ def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
         near = get_close_matches(arg, spec.params, 1)
         return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
                 + (f" (did you mean {near[0]!r}?)" if near else "")]
-    inner = rule.each.model_fields_set if rule.each is not None else set()
-    wrong = [f"{check} needs a parameter declared {fmt.upper()}" for check, fmt in _CANONICAL_FORMAT.items()
-             if check in rule.model_fields_set and param.format != fmt or check in inner]
+    inner, items = rule.each.model_fields_set if rule.each else set(), getattr(param, "items", None)  # item spec
+    wrong = [f"{check} needs a parameter declared {fmt.upper()} (in each: its items)" for check, fmt in
+             _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format != fmt
+             or check in inner and getattr(items, "format", None) != fmt]
     if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
         wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
     return wrong
