@@ -14,7 +14,8 @@ from .jobcheck import check_job
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
 from .policy_cases import CasesReport, run_cases
 from .registry import Registration, register_agent
-from .tool import PATH, URL, Tool, ToolContext, tool
+from .schema import SchemaError
+from .tool import HOST, PATH, URL, Tool, ToolContext, tool, tool_from_schema
 from .trusted.policy import Policy, load_policy
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
     "TokenRejected", "ToolFailed",
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
-    "PATH", "URL", "Tool", "ToolContext", "tool",
+    "HOST", "PATH", "URL", "SchemaError", "Tool", "ToolContext", "tool", "tool_from_schema",
     "Policy", "load_policy", "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
     "check_job",
 ]

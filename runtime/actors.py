@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Awaitable
 
@@ -34,6 +35,14 @@ from .sandbox.pool import SandboxPool
 from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
 from .tool import load_tools
+
+
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor. Ray's ``was_current_actor_reconstructed`` reads Ray's own
+    deprecated ``actor_id`` and prints a RayDeprecationWarning in every actor; that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This API is deprecated", DeprecationWarning, r"ray\.runtime_context")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def place(agents: list[str], workers: int) -> dict[str, int]:
@@ -371,7 +380,7 @@ class SupervisorActor:
         host_secret = kw.get("host_secret", b"")
         if not isinstance(host_secret, bytes) or len(host_secret) < 16:
             raise ValueError("a supervisor shard needs a host secret of at least 16 bytes")
-        self.shard = Shard(reconstructed=ray.get_runtime_context().was_current_actor_reconstructed, **kw)
+        self.shard = Shard(reconstructed=_was_restarted(), **kw)
 
     async def call(self, request: bytes) -> bytes:
         return await self.shard.handle("call", request)
@@ -511,7 +520,7 @@ class ToolWorkerActor:
                  tool_config: dict[str, Any], index: int = 0, call_timeout_s: float = 120.0) -> None:
         run_dir = Path(tool_config["run_dir"]) if tool_config.get("run_dir") else None
         note = run_dir / f"worker-{index}.workspaces" if run_dir else None
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        restarted = _was_restarted()
         self._reclaimed = reclaim_workspaces(note) if restarted and note else []
         self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
                                         restarted=restarted, call_timeout_s=call_timeout_s)
@@ -536,6 +545,10 @@ class ToolWorkerActor:
         """Where it runs and whether it is a restarted process, for operators and tests."""
         return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
                 "reclaimed_workspaces": len(self._reclaimed)}
+
+    def artifacts(self, proof: bytes, paths: list[str], max_bytes: int, max_files: int) -> dict[str, Any]:
+        """The job's artifacts from every workspace of this process (the driver's proof required)."""
+        return self._worker.artifacts(proof, paths, max_bytes=max_bytes, max_files=max_files)
 
     def shutdown(self) -> None:
         self._worker.close()

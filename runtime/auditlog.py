@@ -15,14 +15,20 @@ import logging
 import math
 import os
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from .trusted.audit import RESERVED, AuditFormatError, VerifyReport, read_with_digests, verify
 
-__all__ = ["AuditChainError", "export_jsonl", "filter_records", "format_record"]
+__all__ = ["KINDS", "AuditChainError", "RunDigest", "digest_run", "export_jsonl", "filter_records", "format_record"]
 
 log = logging.getLogger(__name__)
+# Every kind of record Warden writes (a unit test keeps this list in step with the code).
+KINDS = ("anomaly", "approval", "approval_requested", "calls_unsettled", "decision", "delegate", "job_end",
+         "job_start", "key_added", "key_retired", "outcome", "peer_unreachable", "quarantine", "revoke",
+         "shard_restart", "shard_state_lost")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -34,6 +40,13 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def _agent(rec: dict[str, Any]) -> Any:
     return rec.get("agent", rec.get("agent_id"))
+
+
+def _tool(rec: dict[str, Any]) -> Any:
+    """A delegation's records read as tool ``delegate:TARGET`` (older logs name only ``to``)."""
+    if rec.get("kind") == "delegate" and "tool" not in rec:
+        return f"delegate:{rec.get('to')}"
+    return rec.get("tool")
 
 
 def format_record(rec: dict[str, Any]) -> str:
@@ -64,7 +77,7 @@ def _matcher(agent: str | None = None, tool: str | None = None, decision: str | 
 
     def match(rec: dict[str, Any]) -> bool:
         ts = rec.get("ts", 0.0)
-        return ((agent is None or _agent(rec) == agent) and (tool is None or rec.get("tool") == tool)
+        return ((agent is None or _agent(rec) == agent) and (tool is None or _tool(rec) == tool)
                 and (decision is None or decision in (rec.get("decision"), rec.get("code")))
                 and (kind is None or rec.get("kind") == kind)
                 and (lo is None or ts >= lo) and (hi is None or ts < hi))
@@ -137,3 +150,28 @@ def export_jsonl(path: str | os.PathLike[str], out: TextIO, *, allow_broken: boo
             raise
         log.warning("export of broken audit log %s stopped: %s", path, exc)
     return count
+
+
+@dataclass
+class RunDigest:
+    """What a run summary reports from the audit log, beyond the counts."""
+
+    failures: list[tuple[str, str, str, str, int]] = field(default_factory=list)  # agent, tool, code, reason, n
+    revoked: dict[str, str] = field(default_factory=dict)  # agent -> who revoked it (operator, not quarantine)
+
+
+def digest_run(records: Iterable[dict[str, Any]], *, reason_chars: int = 240) -> RunDigest:
+    """The reason of every denial and failed outcome (grouped, most frequent first) and the agents
+    an operator revoked. Reasons are the audit log's, with values: for the operator, not the agent."""
+    failures: Counter[tuple[str, str, str, str]] = Counter()
+    revoked: dict[str, str] = {}
+    for rec in records:
+        kind = rec.get("kind")
+        if (kind == "decision" and rec.get("decision") == "deny") or (kind == "outcome" and rec.get("ok") is False):
+            who = _short(_agent(rec), 40) + ("" if rec.get("authenticated", True) else " (unauthenticated)")
+            failures[(who, _short(rec.get("tool") or "-", 60), _short(rec.get("code", "?"), 40),
+                      _short(rec.get("reason", ""), reason_chars))] += 1
+        elif kind == "revoke" and rec.get("agent") and not str(rec.get("by", "")).startswith("quarantine"):
+            revoked.setdefault(_short(rec["agent"], 40), _short(rec.get("by", "operator"), 40))
+    ordered = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))
+    return RunDigest([(*key, n) for key, n in ordered], revoked)

@@ -9,7 +9,7 @@
     warden audit show PATH [filters]    print audit records
     warden audit export PATH [--out F]  JSON Lines for a SIEM (verifies first)
     warden status                       a running job's agents, quarantines, approvals, counts
-    warden approvals list|approve|deny  decide calls a policy parks for a human
+    warden approvals list [--full]|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
@@ -23,8 +23,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 from .control import ControlError
 from .errors import WardenError
@@ -69,6 +70,25 @@ def cmd_job_check(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def print_digest(logs: list[str], shown_as: str) -> None:
+    """The reason of every denial and failure, and the agents an operator revoked, from the audit log."""
+    from .auditlog import digest_run
+    from .trusted.audit import AuditFormatError, read_records
+
+    try:
+        digest = digest_run(rec for path in logs for rec in read_records(path))  # streamed: logs can be large
+    except (OSError, AuditFormatError) as exc:
+        print(f"\nreasons not read ({exc}); see: warden audit show {shown_as} --decision deny")
+        return
+    if digest.failures:
+        print("\nwhy calls were denied or failed (from the audit log):")
+        rows = [[agent, tool, code, str(n), reason] for agent, tool, code, reason, n in digest.failures]
+        print(_table(rows, ["agent", "tool", "code", "times", "reason"]))
+    if digest.revoked:
+        print("\nREVOKED by an operator (every later call denied): "
+              + ", ".join(f"{agent} (by {by})" for agent, by in sorted(digest.revoked.items())))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .job import run_job
 
@@ -81,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_job(args.job, address=args.address, runs_dir=args.runs_dir, progress=progress)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str), file=args.json_out)
         return EXIT_OK if result.ok else EXIT_FAIL
     status = "ok" if result.ok else "FAILED"
     print(f"\nWarden job {result.job} ({result.job_id}): {status} in {result.seconds:.1f}s\n")
@@ -94,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nresult of {name}:\n  {json.dumps(value, default=str)[:1500]}")
     for name, err in result.errors.items():
         print(f"\nagent {name} FAILED: {err}")
+    print_digest(result.audit_logs or [result.audit_log], result.audit_log)
     if result.quarantined:
         print(f"\nQUARANTINED (tokens revoked, actor stopped): {', '.join(result.quarantined)}")
     chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
@@ -101,6 +122,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         chain = f"{len(result.audit_logs)} shard chains, " + ("all verified" if result.audit_ok else chain)
     if result.restarts:
         print(f"\nsupervisor shard restarts during the job: {result.restarts} (state restored from the journal)")
+    for name, kept in sorted(result.artifacts.items()):
+        print(f"\nartifacts of {name}: {kept['files']} file(s), {kept['bytes']} bytes in {kept['dir']}"
+              + "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in kept["skipped"]))
+    for lost in result.artifacts_lost:
+        print(f"\nartifacts LOST: {lost}")
     print(f"\naudit log: {result.audit_log} ({result.audit_records} records, {chain})")
     print(f"verify it: warden audit verify {result.audit_log}")
     return EXIT_OK if result.ok else EXIT_FAIL
@@ -137,8 +163,14 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
-def explain(policy: Any) -> str:
+def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
+            delegates: dict[str, Any] | None = None) -> str:
+    """What ``policy`` allows, as text. ``sandboxed``: tool name -> whether it runs code in a sandbox
+    (tools not in it are shown as "if it runs code"); ``delegates``: the policies of the agents it may
+    delegate to, by agent name, to show what each would hold."""
     from .trusted.policy import ArgRule
+
+    sandboxed = sandboxed or {}
 
     def rule_text(r: ArgRule) -> str:
         return ", ".join(f"each({rule_text(r.each)})" if k == "each" and r.each else f"{k}={getattr(r, k)!r}"
@@ -160,16 +192,21 @@ def explain(policy: Any) -> str:
         backend = settings.get(tool, settings["*"])["backend"]
         return "UNSANDBOXED" if backend == "none" else backend
 
+    def sandbox_of(tool: str) -> str:
+        if tool not in sandboxed:
+            return f"{where(tool)} (if it runs code)"
+        return where(tool) if sandboxed[tool] else "none (runs no code)"
+
     rows = []
     for name, rule in sorted(policy.tools.items()):
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
-        rows.append([name, rule.effect, constraints, approval_text(rule), where(name)])
+        rows.append([name, rule.effect, constraints, approval_text(rule), sandbox_of(name)])
     q, d = policy.quotas, policy.delegation
     lines = [f"agent: {policy.agent}"]
     if policy.description:
         lines.append(f"  {policy.description}")
     lines += ["", "allowed tools (everything else is denied):",
-              _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox (if it runs code)"]),
+              _table(rows, ["tool", "effect", "argument constraints", "approval", "sandbox"]),
               "", "quotas:"]
     lines.append(f"  rate: {f'{q.rate_per_s}/s, burst {q.burst}' if q.rate_per_s else 'unlimited'}; "
                  f"concurrent: {q.max_concurrent or 'unlimited'}; parked for approval: {q.max_parked}; "
@@ -180,23 +217,68 @@ def explain(policy: Any) -> str:
                  + (f"QUARANTINE after {a.quarantine_after} violations" if a.quarantine_after else "never quarantine"))
     lines.append("delegation:")
     lines.append(f"  may delegate to: {', '.join(d.can_delegate_to) or 'nobody'}; max depth: {d.max_depth}")
-    lines.append("sandbox limits per call:")
-    for tool, conf in sorted(settings.items()):
+    lines += [f"  {line}" for line in delegate_rights(policy, delegates or {})]
+    lines.append(f"  delegated to {policy.agent}, a token holds at most the tools above that the delegator holds")
+    no_code = all(sandboxed.get(t) is False for t in policy.tools)
+    lines.append("sandbox limits per call:" + (" none (no tool of this policy runs code)" if no_code else ""))
+    for tool, conf in sorted(settings.items()) if not no_code else ():
+        if sandboxed.get(tool) is False:
+            continue  # runs no code: no sandbox, no limits
         limits = Limits.from_dict(conf["limits"])
         text = ", ".join(f"{k}={getattr(limits, k)}" for k in Limits.__dataclass_fields__)
         label = "default" if tool == "*" else tool
         lines.append(f"  {label}: {where(tool)}; {text}")
-    unsandboxed = policy.unsandboxed_tools()
+    unsandboxed = [t for t in policy.unsandboxed_tools() if sandboxed.get(t) is not False]
+    if no_code and "*" in unsandboxed:
+        unsandboxed.remove("*")  # every tool it names runs no code
     if unsandboxed:
         lines += ["", "!!! UNSANDBOXED: " + ("every code-running tool without its own sandbox.backend" if "*" in unsandboxed else
                   ", ".join(unsandboxed)) + " run WITHOUT an OS sandbox (rlimits only) !!!"]
     return "\n".join(lines)
 
 
+def delegate_rights(policy: Any, delegates: dict[str, Any]) -> list[str]:
+    """Per agent ``policy`` may delegate to: the tools a delegation can hand it at most (both policies
+    must allow a tool; argument constraints of both apply; calls are charged to the delegator too)."""
+    lines = []
+    for name in policy.delegation.can_delegate_to:
+        other = delegates.get(name)
+        if other is None:
+            lines.append(f"{name} gets at most the tools both policies allow (its policy not given: --job JOB)")
+            continue
+        both = sorted(t for t, r in policy.tools.items() if t in other.tools and other.tools[t].effect == r.effect)
+        lacking = sorted(set(other.tools) - set(policy.tools))
+        lines.append(f"{name} gets at most: {', '.join(both) or 'NOTHING (every delegation is DELEGATION_DENIED)'}"
+                     + (f"; never {', '.join(lacking)} ({policy.agent} does not hold it)" if lacking else ""))
+        lines.append(f"  under the argument constraints of both policies; its calls count against {policy.agent}'s "
+                     "budgets too")
+    return lines
+
+
 def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from .tool import load_tools
     from .trusted.policy import load_policy
 
-    print(explain(load_policy(args.file)))
+    policy = load_policy(args.file)
+    if args.job:
+        from .job import load_job
+
+        if os.getcwd() not in sys.path:  # as ``warden run``: a job's modules are imported from here
+            sys.path.insert(0, os.getcwd())
+        job = load_job(args.job)
+        tools, delegates = job.tools, job.policies
+    else:  # the built-in tools; delegates' policies found beside this one
+        from pathlib import Path
+
+        tools, delegates = load_tools(["runtime.toolbox"]), {}
+        for path in sorted(Path(args.file).parent.glob("*.y*ml")):
+            try:
+                other = load_policy(path)
+            except (WardenError, ValueError):
+                continue  # not a policy, or a broken one: ``policy check`` reports it
+            if other.agent in policy.delegation.can_delegate_to:
+                delegates.setdefault(other.agent, other)
+    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates))
     return EXIT_OK
 
 
@@ -284,7 +366,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     try:
         for rec in records:
             if args.json:
-                print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+                print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)),
+                      file=args.json_out)
             else:
                 print(format_record(rec))
     except (OSError, AuditFormatError) as exc:
@@ -346,7 +429,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     st = client.status()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(st, indent=2), file=args.json_out)
         return EXIT_OK
     print(f"job {st['job']} at {client.url}: agents {', '.join(st['agents'])}")
     print(f"quarantined: {', '.join(st['quarantined']) or 'none'}; revoked: {', '.join(st['revoked_agents']) or 'none'}")
@@ -361,12 +444,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_approvals_list(args: argparse.Namespace) -> int:
     pending = _client(args).approvals()
     if args.json:
-        print(json.dumps(pending, indent=2))
+        print(json.dumps(pending, indent=2), file=args.json_out)
     elif not pending:
         print("no calls waiting for approval")
     else:
-        now = time.time()
-        rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:80], f"{p['expires'] - now:.0f}s"]
+        now, width = time.time(), None if args.full else 80
+        rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:width], f"{p['expires'] - now:.0f}s"]
                 for p in pending]
         print(_table(rows, ["id", "agent", "tool", "arguments", "expires in"]))
     return EXIT_OK
@@ -419,7 +502,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         command += " --shards " + ",".join(map(str, args.shards))
     return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command,
-                      shards=args.shards)
+                      shards=args.shards, json_out=args.json_out)
 
 
 def _shard_counts(text: str) -> list[int]:
@@ -438,6 +521,8 @@ def _job_target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .auditlog import KINDS
+
     p = argparse.ArgumentParser(prog="warden", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run 'warden COMMAND --help' for the options of a command.")
@@ -472,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also check the rules against these modules' tools (parameters exist; path_under/url_host "
                        "only on PATH/URL parameters), as job start does; repeatable")
     check.set_defaults(fn=cmd_policy_check)
-    exp = pol.add_parser("explain", help="print what a policy allows")
+    exp = pol.add_parser("explain", help="print what a policy allows, and what its delegates would get")
     exp.add_argument("file", metavar="FILE")
+    exp.add_argument("--job", help="the job file that uses this policy: its tools and the delegates' policies "
+                     "(default: the built-in tools, and delegates' policies in the same directory)")
     exp.set_defaults(fn=cmd_policy_explain)
     test = pol.add_parser("test", help="run test cases against a policy, in-process (no Ray): each case is a call "
                           "and the decision it must get; exit 1 with expected vs got and the reason on a mismatch")
@@ -494,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in (show, export):
         cmd.add_argument("path")
         cmd.add_argument("--agent")
-        cmd.add_argument("--tool")
+        cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
         cmd.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
-        cmd.add_argument("--kind", help="record kind, such as call or outcome")
+        cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
         cmd.add_argument("--since", help="ISO time or UNIX seconds")
         cmd.add_argument("--until", help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -529,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = appr.add_parser("list", help="calls waiting for a decision")
     _job_target(lst)
     lst.add_argument("--json", action="store_true")
+    lst.add_argument("--full", action="store_true", help="show every argument in full (default: the first 80 "
+                     "characters); decide on what you have read")
     lst.set_defaults(fn=cmd_approvals_list)
     for name, approve in (("approve", True), ("deny", False)):
         one = appr.add_parser(name, help=f"{name} one parked call (that call only, never a wider token)")
@@ -565,8 +654,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextmanager
+def json_only_stdout(enabled: bool) -> Iterator[TextIO]:
+    """With ``--json`` the standard output carries the JSON document and nothing else.
+
+    Ray prints into the driver's stdout on its own (worker output forwarded by ``log_to_driver``,
+    "(raylet) A worker died ..." from its log monitor, leftovers at shutdown), from threads and
+    from child processes that inherit file descriptor 1. So while the command runs, descriptor 1
+    and ``sys.stdout`` point at stderr; the document goes to a duplicate of the original stdout
+    (the stream this yields), which is restored at the end.
+    """
+    if not enabled:
+        yield sys.stdout
+        return
+    original = sys.stdout
+    original.flush()
+    try:
+        fd = original.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): Python level only
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    doc = os.fdopen(os.dup(saved), "w", encoding="utf-8") if saved is not None else original
+    if fd is not None:
+        sys.stderr.flush()
+        os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = sys.stderr
+    try:
+        yield doc
+    finally:
+        doc.flush()
+        sys.stdout = original
+        if saved is not None:
+            doc.close()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _stop_private_ray() -> None:
+    """A private Ray this command started ends before stdout is handed back (Ray prints at shutdown)."""
+    job = sys.modules.get("runtime.job")
+    if job is not None:
+        job.stop_private_ray()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with json_only_stdout(bool(getattr(args, "json", False))) as args.json_out:
+        try:
+            return _dispatch(args)
+        finally:
+            _stop_private_ray()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args))
     except WardenError as exc:

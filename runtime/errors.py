@@ -23,9 +23,12 @@
     ├── ConfigError                  POLICY_INVALID, JOB_INVALID: a file that does not load
     └── InternalError                INTERNAL: a bug; still a denial, never an allow
 
-The agent sees only ``code`` and ``tool`` (``public()``); the audit log gets ``reason``,
-the full explanation with values ("calls=11, limit=10"). Errors cross the Ray boundary as
-plain data (``to_wire`` / ``from_wire``), never as pickled exceptions.
+A denial shows the agent only ``code`` and ``tool`` (``public()``); the audit log gets
+``reason``, the full explanation with values ("calls=11, limit=10"). Mistakes of the agent's
+own making (``MALFORMED``, ``TOO_LARGE``: "unknown arguments ['colour']") and a tool's own
+error message (``TOOL_FAILED``) also travel as ``detail``, capped at ``MAX_DETAIL_CHARS``: they
+hold nothing of the policy, and an agent cannot correct what it is not told. Errors cross the
+Ray boundary as plain data (``to_wire`` / ``from_wire``), never as pickled exceptions.
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ class ErrorCode(str, Enum):
     INTERNAL = "INTERNAL"
 
 
+MAX_DETAIL_CHARS = 500
+# The codes whose reason reaches the agent: none of them is a decision of the policy.
+DETAIL_CODES = frozenset({ErrorCode.MALFORMED, ErrorCode.TOO_LARGE, ErrorCode.TOOL_FAILED})
+
+
 class WardenError(Exception):
     """Base of every Warden error. ``reason`` is for the audit log, not for the agent."""
 
@@ -91,6 +99,7 @@ class WardenError(Exception):
         self.reason = reason or self.code.value
         self.tool = tool
         self.retry_after_s = retry_after_s
+        self.detail: str | None = None  # set on the agent's side from the reply (see DETAIL_CODES)
         super().__init__(self.reason)
 
     def __str__(self) -> str:
@@ -98,10 +107,12 @@ class WardenError(Exception):
         return f"{self.code.value}{where}: {self.reason}"
 
     def public(self) -> str:
-        """What an agent (and so the model) may see: the code and the tool, no values."""
+        """What an agent (and so the model) may see: the code and the tool, no policy values;
+        for the codes of ``DETAIL_CODES``, the detail the reply carried."""
         where = f" on tool '{self.tool}'" if self.tool else ""
         extra = f"; retry after {self.retry_after_s:.3f}s" if self.retry_after_s else ""
-        return f"{self.code.value}{where}{extra}"
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.code.value}{where}{extra}{detail}"
 
     def to_wire(self, *, with_reason: bool = False) -> dict[str, Any]:
         wire: dict[str, Any] = {"code": self.code.value, "tool": self.tool}
@@ -109,6 +120,8 @@ class WardenError(Exception):
             wire["retry_after_s"] = self.retry_after_s
         if with_reason:
             wire["reason"] = self.reason
+        if self.code in DETAIL_CODES:
+            wire["detail"] = self.reason[:MAX_DETAIL_CHARS]
         return wire
 
     @staticmethod
@@ -118,12 +131,15 @@ class WardenError(Exception):
         except ValueError:
             code = ErrorCode.INTERNAL
         cls = _CLASS_OF_CODE.get(code, InternalError)
-        return cls(
-            str(wire.get("reason") or code.value),
+        exc = cls(
+            str(wire.get("reason") or wire.get("detail") or code.value),
             code=code,
             tool=wire.get("tool"),
             retry_after_s=wire.get("retry_after_s"),
         )
+        if code in DETAIL_CODES and wire.get("detail"):
+            exc.detail = str(wire["detail"])[:MAX_DETAIL_CHARS]
+        return exc
 
 
 class Denied(WardenError):

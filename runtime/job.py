@@ -10,11 +10,15 @@ and closes and verifies the audit log.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hmac
 import os
+import posixpath
 import re
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +29,7 @@ from typing import Any, Awaitable, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .artifacts import collect_artifacts
 from .control import merge_stats, write_control_file
 from .egress import FetchSettings
 from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
@@ -146,6 +151,29 @@ class AuditSpec(_Strict):
     fsync: Literal["never", "rotate", "always"] = "rotate"
 
 
+class ArtifactSpec(_Strict):
+    """Workspace paths kept when the job ends: copied to ``<run dir>/artifacts/<agent>/``."""
+
+    paths: list[str] = Field(default_factory=list, description="files or directories; relative: to /workspace")
+    max_mb: float = Field(default=16.0, gt=0, le=1024, description="all of one agent's files together")
+    max_files: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("paths")
+    @classmethod
+    def _in_workspace(cls, paths: list[str]) -> list[str]:
+        out = []
+        for path in paths:
+            norm = posixpath.normpath(posixpath.join("/workspace", path)) if "\0" not in path else ""
+            if norm != "/workspace" and not norm.startswith("/workspace/"):
+                raise ValueError(f"artifact path {path!r} is not under /workspace")
+            out.append(norm)
+        return out
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * (1 << 20))
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str = ""
@@ -163,6 +191,7 @@ class JobSpec(_Strict):
     timeout_s: float = Field(default=3600.0, gt=0, description="the whole job; unfinished agents then fail")
     control: ControlSpec = Field(default_factory=ControlSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    artifacts: ArtifactSpec = Field(default_factory=ArtifactSpec)
     runs_dir: str = Field(default="runs", description="relative to the current directory")
 
     @model_validator(mode="after")
@@ -274,6 +303,8 @@ class JobResult:
     control_url: str = ""
     errors: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # entry agent -> AGENT_FAILED, AGENT_DIED, ...
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent -> dir, files, bytes, skipped
+    artifacts_lost: list[str] = field(default_factory=list)  # workers that could not be asked
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,17 +329,45 @@ def _actor_options(res: Resources | None, declared: dict[str, Any], default_cpus
     return opts
 
 
-def _ensure_ray(address: str | None, placement: PlacementSpec | None = None) -> None:
+def ensure_ray(address: str | None, placement: PlacementSpec | None = None) -> None:
+    """Connect to the Ray cluster at ``address``; with none (or ``"local"``), start a private one.
+
+    A private Ray never attaches to, or collides with, another Ray on this machine (a user's own
+    ``ray start``, another job's, or a stale ``/tmp/ray/ray_current_cluster`` left by a dead one):
+    it is started with ``address="local"``, which never looks for an existing cluster, in a temp
+    dir of its own (session files, sockets, logs), with every port picked free by Ray. Its one
+    node advertises all three role resources. It ends with this process (``stop_private_ray``).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if address:
+    if address and address != LOCAL_ADDRESS:
         ray.init(address=address, logging_level="WARNING")
-    else:
-        # One machine plays every role (make setup installs the sandbox runtimes): advertise them all.
-        ray.init(logging_level="WARNING", include_dashboard=False,
-                 resources=(placement or PlacementSpec()).local_resources())
+        return
+    # Unix socket paths must stay short (about 107 bytes): under /tmp, not a long $TMPDIR.
+    temp_dir = tempfile.mkdtemp(prefix="warden-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    _PRIVATE_RAY.append(temp_dir)
+    atexit.register(stop_private_ray)
+    ray.init(address=LOCAL_ADDRESS, _temp_dir=temp_dir, include_dashboard=False, logging_level="WARNING",
+             resources=(placement or PlacementSpec()).local_resources())
+
+
+_ensure_ray = ensure_ray  # the name it had before
+LOCAL_ADDRESS = "local"
+_PRIVATE_RAY: list[str] = []  # temp dir of the private Ray this process started, if any
+
+
+def stop_private_ray() -> None:
+    """Shut down the private Ray ``ensure_ray`` started (not a cluster it connected to) and
+    remove its temp dir; nothing otherwise."""
+    if not _PRIVATE_RAY:
+        return
+    import ray
+
+    ray.shutdown()
+    while _PRIVATE_RAY:
+        shutil.rmtree(_PRIVATE_RAY.pop(), ignore_errors=True)
 
 
 def _check_placement(spec: JobSpec) -> None:
@@ -514,6 +573,13 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                 errors.setdefault(f"supervisor shard {i}", f"did not close: {type(c).__name__}: {c}"[:500])
                 c = _verify_here(audit_paths[i], c)
             closed.append(c)
+        artifacts, artifacts_lost = {}, []
+        if spec.artifacts.paths:  # before the workers close the workspaces
+            progress(f"collecting artifacts {spec.artifacts.paths}")
+            artifacts, artifacts_lost = await collect_artifacts(
+                workers, paths=spec.artifacts.paths, max_bytes=spec.artifacts.max_bytes,
+                max_files=spec.artifacts.max_files, dispatch_key=dispatch_key, job_id=job_id,
+                agents=[a.name for a in spec.agents], run_dir=run_dir, timeout_s=TEARDOWN_TIMEOUT_S)
         await asyncio.gather(*[w.shutdown.remote() for w in workers], return_exceptions=True)
     finally:
         for h in handles:
@@ -526,7 +592,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                      stats=stats, results=results, errors=errors, failures=failures,
                      quarantined=sorted(quarantined),
                      control_url=control_url, seconds=round(time.monotonic() - started, 3),
-                     audit_logs=[str(p) for p in audit_paths], restarts=restarts)
+                     audit_logs=[str(p) for p in audit_paths], restarts=restarts,
+                     artifacts=artifacts, artifacts_lost=artifacts_lost)
 
 
 def _failure(run: "asyncio.Future[Any]", quarantine: str | None, timeout_s: float) -> tuple[str, str]:
@@ -573,15 +640,17 @@ def _supervisor_options(spec: JobSpec) -> dict[str, Any]:
 
 def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Path | None = None,
             progress: Callable[[str], None] = lambda _m: None) -> JobResult:
-    """Load, validate and run a job; connects to ``address`` (or RAY_ADDRESS) or starts a local Ray."""
+    """Load, validate and run a job; connects to ``address`` (or RAY_ADDRESS) or starts a private local
+    Ray (``ensure_ray``)."""
     # Example agents and tools are imported by module name from the project directory.
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     address = address or os.environ.get("RAY_ADDRESS")
-    problems = check_job(path, local=not address)  # all of them, before Ray starts or any agent runs
+    problems = check_job(path, local=not address or address == LOCAL_ADDRESS)  # all, before Ray or any agent
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s)\n" + "\n".join(problems), code=ErrorCode.JOB_INVALID)
     job = load_job(path)
-    progress("connecting to Ray at " + address if address else "starting a local Ray")
-    _ensure_ray(address, job.spec.placement)
+    progress("connecting to Ray at " + address if address and address != LOCAL_ADDRESS
+             else "starting a private local Ray (--address or RAY_ADDRESS to use a cluster)")
+    ensure_ray(address, job.spec.placement)
     return asyncio.run(run_loaded(job, runs_dir=runs_dir, progress=progress))

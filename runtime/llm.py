@@ -16,19 +16,25 @@ hands every proposed call to ``call_tool`` (in Warden, the trusted supervisor). 
   never ``str(e)``, which carries audit-only values;
 - tool results are size-capped before they enter the context;
 - the API key never appears in an error message or repr, and is never sent to another
-  host (redirects are not followed; the environment's proxy settings are not used).
+  host (redirects are not followed; the environment's proxy settings are not used);
+- tool names on the wire match ``^[a-zA-Z0-9_-]{1,64}$`` (``ToolNames``): Warden's dotted
+  names are mapped one to one and mapped back on the way in, so the rest of Warden only
+  ever sees its own names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import itertools
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, NamedTuple, Protocol, Union
+from typing import Any, Awaitable, Callable, Iterable, Literal, NamedTuple, Protocol, Union
 
 MAX_TOOL_RESULT_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -96,6 +102,68 @@ def parse_arguments(raw: Any) -> tuple[dict[str, Any], str | None]:
     return value, None
 
 
+API_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what the OpenAI API accepts as a function name
+_NOT_API = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+class ToolNames:
+    """Warden tool names <-> function names the OpenAI API accepts, one to one over a set of tools.
+
+    A name that fits ``API_TOOL_NAME`` keeps itself. Any other has each character outside
+    ``[a-zA-Z0-9_-]`` replaced by ``_`` and is cut to 64 (``chat.read`` -> ``chat_read``);
+    if another tool already has that name, it becomes its first 55 characters, ``_`` and 8 hex
+    digits of a SHA-256 of the Warden name. Names that fit are placed first, the others in
+    sorted order, so the mapping depends only on the set of names (the same every turn) and no
+    two tools share a wire name. ``from_api`` maps back; a wire name no tool has comes back
+    unchanged, and the supervisor refuses it like any unknown tool (``UNKNOWN_TOOL``).
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = sorted(set(names))
+        self._to_api = {n: n for n in names if API_TOOL_NAME.fullmatch(n)}
+        for name in names:
+            if name not in self._to_api:
+                self._to_api[name] = self._free(name, set(self._to_api.values()))
+        self._from_api = {api: name for name, api in self._to_api.items()}
+
+    @staticmethod
+    def _free(name: str, taken: set[str]) -> str:
+        api = _NOT_API.sub("_", name)[:64] or "_"
+        for i in itertools.count():
+            if api not in taken:
+                return api
+            digest = hashlib.sha256(f"{i}:{name}".encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            api = f"{_NOT_API.sub('_', name)[:55]}_{digest}"
+        raise AssertionError("unreachable")
+
+    def to_api(self, name: str) -> str:
+        """The wire name of a tool (of a name no tool has, as in a model's bogus call: a fitting name no tool uses)."""
+        return self._to_api.get(name) or self._free(name, set(self._from_api))
+
+    def from_api(self, name: str) -> str:
+        return self._from_api.get(name, name)
+
+    def tools(self, tools: list[dict]) -> list[dict]:
+        """``tools`` with their wire names (copies; the caller's schemas are not touched)."""
+        return [{**t, "function": {**t["function"], "name": self.to_api(t["function"]["name"])}} for t in tools]
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """``messages`` with the wire names in assistant tool calls (copies where a name changes)."""
+        out = []
+        for m in messages:
+            calls = m.get("tool_calls") if isinstance(m, dict) else None
+            if isinstance(calls, list):
+                m = {**m, "tool_calls": [self._call(c) for c in calls]}
+            out.append(m)
+        return out
+
+    def _call(self, call: Any) -> Any:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            return call
+        return {**call, "function": {**fn, "name": self.to_api(fn["name"])}}
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
         return None  # a redirect would carry the Authorization header to another URL
@@ -145,14 +213,19 @@ class OpenAIChatModel:
         return f"OpenAIChatModel(url={self.url!r}, model={self.model!r})"
 
     async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn:
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        names = ToolNames(t["function"]["name"] for t in tools)
+        body: dict[str, Any] = {"model": self.model, "messages": names.messages(messages),
+                                "temperature": self.temperature}
         if tools:
-            body["tools"] = tools
+            body["tools"] = names.tools(tools)
             body["tool_choice"] = "auto"
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         data = await asyncio.to_thread(self._post, json.dumps(body).encode())
-        return self._parse(data)
+        turn = self._parse(data)
+        for call in turn.tool_calls:
+            call.name = names.from_api(call.name) if call.name else call.name
+        return turn
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text

@@ -62,8 +62,5 @@ def check_reply(reply: Any) -> dict[str, Any]:
         raise ToolFailed("malformed reply from the supervisor")
     if not reply["ok"]:
         err = reply.get("error") or {}
-        exc = WardenError.from_wire(err)
-        if err.get("detail"):
-            exc.detail = str(err["detail"])  # type: ignore[attr-defined]
-        raise exc
+        raise WardenError.from_wire(err)  # with its detail, for the codes that carry one
     return reply

@@ -6,28 +6,36 @@
 
 The signature gives two things: the OpenAI function-calling schema the model sees, and
 the ``ToolSpec`` the supervisor checks arguments against. Parameters annotated
-``Annotated[str, PATH]`` or ``Annotated[str, URL]`` are canonicalised by the supervisor
-before any caveat is evaluated. A keyword-only parameter ``ctx: ToolContext`` is not part
-of the schema: the tool worker fills it in.
+``Annotated[str, PATH]``, ``Annotated[str, URL]`` or ``Annotated[str, HOST]`` are
+canonicalised by the supervisor before any caveat is evaluated. A keyword-only parameter
+``ctx: ToolContext`` is not part of the schema: the tool worker fills it in.
+
+A tool whose parameters are a JSON Schema (an MCP ``inputSchema``, an OpenAI function's
+``parameters``) is declared with ``tool_from_schema``; ``runtime.schema`` says which part
+of JSON Schema is enforced.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, get_args, get_origin
+from typing import Annotated, Any, Callable, Iterable, get_args, get_origin
 
 from .sandbox.context import ToolContext
+from .schema import SchemaError, params_from_schema
 from .trusted.capability import EFFECTS
 from .trusted.wire import ParamSpec, ToolSpec
 
-__all__ = ["PATH", "URL", "Tool", "ToolContext", "tool", "tools_in_module", "load_tools"]
+__all__ = ["HOST", "PATH", "URL", "SchemaError", "Tool", "ToolContext", "tool", "tool_from_schema",
+           "tools_in_module", "load_tools"]
 
 PATH = "path"
 URL = "url"
+HOST = "host"  # a bare host name or IP address ('www.example.com'), lower-cased and checked like a URL's host
 
 _JSON_OF: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
                             list: "array", dict: "object", Any: "any"}
@@ -52,7 +60,7 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
     fmt = None
     if get_origin(annotation) is Annotated:
         base, *meta = get_args(annotation)
-        fmt = next((m for m in meta if m in (PATH, URL)), None)
+        fmt = next((m for m in meta if m in (PATH, URL, HOST)), None)
         annotation = base
     optional = False
     if get_origin(annotation) in (typing.Union, types.UnionType):
@@ -70,9 +78,16 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
         schema["description"] = "absolute path"
     elif fmt == URL:
         schema["format"] = "uri"
+    elif fmt == HOST:
+        schema["format"] = "hostname"
+    items = None
+    if origin is list and get_args(annotation):  # list[int]: every item is checked (and canonicalised) too
+        items, schema["items"] = _param(get_args(annotation)[0], inspect.Parameter.empty)
     required = default is inspect.Parameter.empty
+    if json_type == "number" and type(default) is int:
+        default = float(default)  # as the supervisor would make a passed value: x: float = 1 gives 1.0
     spec = ParamSpec(type=json_type, required=required, default=None if required else default, format=fmt,
-                     nullable=optional)
+                     nullable=optional, items=items)
     if not required and default is not None:
         schema["default"] = default
     return spec, schema
@@ -119,6 +134,55 @@ def tool(*, effect: str, name: str | None = None, cost: float = 1.0,
         return Tool(fn, ToolSpec(tool_name, effect, params, cost, doc, sandboxed), schema, wants_ctx)
 
     return wrap
+
+
+def tool_from_schema(name: str, schema: dict[str, Any], fn: Callable[..., Any], *, effect: str,
+                     description: str | None = None, cost: float = 1.0, sandboxed: bool = False,
+                     unenforced: Iterable[str] = ()) -> Tool:
+    """Declare a tool from a JSON Schema of its arguments and a callable that takes them as keywords.
+
+    ``schema`` is an object schema (``{"type": "object", "properties": {...}, "required": [...]}``,
+    the shape of an MCP ``inputSchema`` or an OpenAI function's ``parameters``); the model sees
+    it as given. The supervisor checks and canonicalises every call against it as it does a
+    ``@tool`` function's parameters; what of JSON Schema is enforced is in ``runtime.schema``,
+    and anything else is a ``SchemaError`` here, unless named in ``unenforced`` (a few
+    validation keywords such as ``pattern``: the model sees them, nothing checks them). ``fn`` gets the canonical arguments as keyword
+    arguments (an optional argument the call left out and that has no default is left out),
+    plus ``ctx`` if it has a parameter of that name. Put the returned ``Tool`` at the top level
+    of a module named in the job's ``tools:``, as you would a ``@tool`` function.
+    """
+    if not isinstance(name, str) or not name:
+        raise SchemaError("a tool needs a non-empty name")
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
+    try:
+        params = params_from_schema(schema, unenforced)
+    except SchemaError as exc:
+        raise SchemaError(f"tool {name}: {exc}") from None
+    wants_ctx = _check_callable(name, fn, params)
+    if sandboxed and not wants_ctx:
+        raise TypeError(f"tool {name}: a sandboxed tool needs a 'ctx' parameter")
+    if description is None:
+        description = schema.get("description") or (inspect.getdoc(fn) or "").split("\n\n")[0]
+    openai = {"type": "function", "function": {"name": name, "description": description,
+                                               "parameters": copy.deepcopy(schema)}}
+    return Tool(fn, ToolSpec(name, effect, params, cost, description, sandboxed), openai, wants_ctx)
+
+
+def _check_callable(name: str, fn: Callable[..., Any], params: dict[str, ParamSpec]) -> bool:
+    """Whether ``fn`` wants ``ctx``; TypeError if it cannot be called with every argument the schema allows."""
+    if not callable(fn):
+        raise TypeError(f"tool {name}: {fn!r:.60} is not callable")
+    sig = inspect.signature(fn)
+    named = {n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if "ctx" in params:
+        raise SchemaError(f"tool {name}: an argument may not be called 'ctx' (the tool context)")
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()) and set(params) - set(named):
+        raise TypeError(f"tool {name}: {fn.__name__} takes no argument {sorted(set(params) - set(named))}")
+    needed = {n for n, p in named.items() if p.default is p.empty and n != "ctx"}
+    if needed - {n for n, p in params.items() if p.required or p.default is not None or p.nullable}:
+        raise TypeError(f"tool {name}: {fn.__name__} needs {sorted(needed)}, which the schema does not require")
+    return "ctx" in named
 
 
 def tools_in_module(module: str) -> list[Tool]:

@@ -26,7 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 SUITES = ("authz", "e2e", "sandbox", "cost")
 
@@ -70,6 +70,42 @@ def run_suites(names: list[str], *, quick: bool, progress: Callable[[str], None]
     return results
 
 
+TIMED_UNITS = frozenset({"us", "ms", "calls/s", "ratio", "%"})
+NOISE_SPREAD = 0.2  # run p50s further apart than this share of the median: the machine, not Warden
+
+
+def is_noise(figure: dict[str, Any], quick: bool) -> bool:
+    """A --quick timing that says nothing: fewer than 3 runs, or runs that disagree by over 20 %."""
+    if not quick or figure["unit"] not in TIMED_UNITS:
+        return False
+    spread, p50 = figure.get("spread"), abs(figure["p50"])
+    return figure.get("runs", 1) < 3 or not spread or p50 == 0 or (spread[1] - spread[0]) / p50 > NOISE_SPREAD
+
+
+def noise_notes(results: dict[str, Any]) -> list[str]:
+    """Per suite, which of a --quick run's timed figures are noise (see ``is_noise``): not to be quoted."""
+    notes = []
+    for name, suite in results["suites"].items():
+        timed = [f for f in suite["figures"] if f["unit"] in TIMED_UNITS]
+        noise = [f["name"] for f in timed if is_noise(f, results["quick"])]
+        if noise:
+            some = f"{len(noise)} of {len(timed)} ({'; '.join(noise)})"
+            which = f"all {len(timed)}" if len(noise) == len(timed) else some
+            notes.append(f"--quick: {which} timed figures of {name} are noise (fewer than 3 runs, or run medians more "
+                         f"than {NOISE_SPREAD:.0%} apart), targets included; run without --quick to quote them")
+    return notes
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """What a person asks first: how many milliseconds does Warden add to each call, and how sure is that."""
+    lines = []
+    for f in (f for s in results["suites"].values() for f in s["figures"] if f.get("extra", {}).get("added_per_call")):
+        noise = " (--quick: noise, do not quote; run without --quick)" if is_noise(f, results["quick"]) else ""
+        lines.append(f"Warden adds {f['p50']:.3f} ms per call with {f['extra']['concurrency']} agent(s) "
+                     f"(supervised vs direct Ray call, p50){noise}")
+    return lines
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -84,6 +120,7 @@ def table(results: dict[str, Any]) -> str:
         for f in suite["figures"]:
             spread = f.get("spread")
             met = {True: "met", False: "MISSED", None: ""}[f.get("met")]
+            met += " (noise)" if is_noise(f, results.get("quick", False)) else ""
             rows.append([f["suite"], f["name"], f["unit"], _fmt(f["p50"]), _fmt(f.get("p99")),
                          f"{_fmt(spread[0])}..{_fmt(spread[1])}" if spread else "-", f.get("target") or "", met])
     header = ["suite", "measure", "unit", "p50/value", "p99", "spread (run p50s)", "target", ""]
@@ -142,7 +179,7 @@ def default_out_dir(runs_dir: str | Path = "runs") -> Path:
 
 
 def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, command: str = "",
-         shards: list[int] | None = None) -> int:
+         shards: list[int] | None = None, json_out: TextIO | None = None) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     out_dir = Path(out) if out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +198,7 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
     (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
     pngs = plot(results, out_dir)
     if as_json:
-        print(json.dumps(results, indent=2))  # stdout stays pure JSON; where it was saved goes to stderr
+        print(json.dumps(results, indent=2), file=json_out or sys.stdout)  # JSON alone; the rest to stderr
         progress(f"saved {out_dir / 'latest.json'}")
     else:
         m = results["machine"]
@@ -171,6 +208,10 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
         for s in results["suites"].values():
             for note in s.get("notes", []):
                 print(f"note ({s['suite']}): {note}")
+        for line in noise_notes(results):
+            print(f"\n{line}")
+        if headline(results):
+            print("\n" + "\n".join(headline(results)))
         missed = [f for s in results["suites"].values() for f in s["figures"] if f.get("met") is False]
         if missed:
             print(f"\n{len(missed)} target(s) MISSED; profiles of where the time goes: "

@@ -36,10 +36,9 @@ BATCH = 16
 def _ray() -> Any:
     import ray
 
-    if not ray.is_initialized():
-        from ..job import PlacementSpec
+    from ..job import ensure_ray
 
-        ray.init(logging_level="ERROR", include_dashboard=False, resources=PlacementSpec().local_resources())
+    ensure_ray(None)  # a private local Ray: never another one that runs on this machine
     return ray
 
 
@@ -154,6 +153,9 @@ async def _suite(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]
         rel = summarise("e2e", f"plain relay (no checks), {c} agent(s)", "us", lat["relay"], concurrency=c)
         ratio = sup.p50 / direct.p50
         figures += [direct, rel, sup, bat,
+                    Figure("e2e", f"added per call by Warden (supervised - direct p50), {c} agent(s)", "ms",
+                           round((sup.p50 - direct.p50) / 1000, 3), runs=runs, n=sup.n,
+                           extra={"concurrency": c, "added_per_call": True}),
                     Figure("e2e", f"supervised/direct p50, {c} agent(s)", "ratio", round(ratio, 3),
                            target="<= 2.0", met=ratio <= 2.0, extra={"concurrency": c}),
                     Figure("e2e", f"plain relay/direct p50 (the floor of one more hop), {c} agent(s)", "ratio",

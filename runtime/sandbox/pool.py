@@ -269,6 +269,11 @@ class SandboxPool:
             return not refiller.is_alive()
         return True
 
+    def workspaces(self) -> dict[str, Workspace]:
+        """agent -> its workspace, for collecting a job's artifacts before ``close``."""
+        with self._lock:
+            return dict(self._workspaces)
+
     def spare_count(self, backend: str, limits: Limits) -> int:
         with self._lock:
             return len(self._spares.get((backend, limits), ()))

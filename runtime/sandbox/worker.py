@@ -29,6 +29,7 @@ from typing import Any, Callable
 import msgpack
 
 from ..errors import DispatchRefused, ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed, WardenError
+from .artifacts import collect
 from .base import Limits
 from .context import ToolContext
 from .pool import SandboxPool
@@ -43,6 +44,11 @@ REPLY_MARGIN_S = 1.0  # answer this much before the deadline (at most a tenth of
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def artifacts_proof(dispatch_key: bytes, job: str) -> bytes:
+    """What the driver shows a worker to collect a job's artifacts (derived from the dispatch key)."""
+    return hmac.new(dispatch_key, b"artifacts:" + job.encode(), sha256).digest()
 
 
 def _error(code: ErrorCode, reason: str) -> bytes:
@@ -183,6 +189,17 @@ class ToolWorker:
         if by_wall:
             return SandboxKilled(reason, code=ErrorCode.SANDBOX_TIMEOUT, tool=tool)
         return ToolFailed(reason, code=ErrorCode.WORKER_UNAVAILABLE, tool=tool)
+
+    def artifacts(self, proof: bytes, paths: list[str], *, max_bytes: int, max_files: int) -> dict[str, Any]:
+        """Every agent's ``paths`` (``sandbox.artifacts.collect``), for the job's driver only: ``proof``
+        is ``artifacts_proof(dispatch key, job)``, which no agent holds (workspaces are private)."""
+        if not isinstance(proof, bytes) or not hmac.compare_digest(proof, artifacts_proof(self._key, self._job)):
+            self.refused += 1
+            raise DispatchRefused("artifacts asked for without the driver's proof")
+        if self._sandboxes is None:
+            return {}
+        return {agent: collect(ws, list(paths), max_bytes=max_bytes, max_files=max_files)
+                for agent, ws in self._sandboxes.workspaces().items()}
 
     def threads(self) -> dict[str, Any]:
         """The worker's tool threads: live, idle, queued, stuck (in all and per agent), written off."""

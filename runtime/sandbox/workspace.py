@@ -9,7 +9,9 @@ large worker process costs more than the mount itself.
 
 File access walks a sandbox path one component at a time with ``openat`` and
 ``O_NOFOLLOW``, so a symlink planted by model-written code (``/workspace/x -> /etc``) is
-refused instead of followed, and ``..`` can never climb out.
+refused instead of followed, and ``..`` can never climb out. A write makes missing parent
+directories one ``mkdirat`` at a time, each then opened the same way, so a link raced in
+place of a new directory is refused too.
 
 Nothing here can block on what sandboxed code left in the workspace. Only regular files
 are read or written: a FIFO, socket or device node is refused, checked with ``lstat``
@@ -89,11 +91,15 @@ class Workspace:
         return [p for p in norm[len(WORKSPACE):].split("/") if p]
 
     @contextmanager
-    def _dir_fd(self, parts: list[str]) -> Iterator[int]:
+    def _dir_fd(self, parts: list[str], *, create: bool = False) -> Iterator[int]:
+        """The directory ``parts`` names, walked without following a link; ``create`` makes missing
+        ones (mode 0700, owned like the workspace), each opened the same way once made."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for part in parts:
                 try:
+                    if create:
+                        self._mkdir_at(fd, part)
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     raise _refusal(exc, part) from None
@@ -102,6 +108,25 @@ class Workspace:
             yield fd
         finally:
             os.close(fd)
+
+    def _mkdir_at(self, d: int, name: str) -> None:
+        """mkdirat: a name that exists (a directory, or a link the caller's no-follow open refuses) is left as it is."""
+        try:
+            os.mkdir(name, 0o700, dir_fd=d)
+        except FileExistsError:
+            return
+        owner = os.stat(self.root)
+        os.chown(name, owner.st_uid, owner.st_gid, dir_fd=d, follow_symlinks=False)
+
+    def kind(self, path: str) -> str | None:
+        """What ``path`` is (file, dir, link, fifo, socket, device), from ``lstat``; None if missing."""
+        parts = self._parts(path)
+        if not parts:
+            return "dir"
+        *dirs, name = parts
+        with self._dir_fd(dirs) as d:
+            st = _lstat(d, name, missing_ok=True)
+        return None if st is None else _kind(st.st_mode)
 
     def read(self, path: str, max_bytes: int) -> bytes:
         *dirs, name = self._parts(path) or [""]
@@ -115,10 +140,11 @@ class Workspace:
         return data
 
     def write(self, path: str, data: bytes) -> int:
+        """Create or replace a regular file; missing parent directories are made (never through a link)."""
         *dirs, name = self._parts(path) or [""]
         if not name:
             raise ToolFailed(f"{path!r} names the workspace itself")
-        with self._dir_fd(dirs) as d:
+        with self._dir_fd(dirs, create=True) as d:
             existing = _lstat(d, name, missing_ok=True)
             if existing is not None:
                 _regular_or_refuse(path, existing)

@@ -130,6 +130,13 @@ def canonical_host(host: str) -> str:
         raise PolicyDenied(f"URL host {host!r:.80} is not a plain DNS name or IP address") from None
 
 
+def host_value(value: Any) -> str:
+    """A bare host ('www.example.com': no scheme, port or path), lower-cased and then as ``canonical_host``."""
+    if not isinstance(value, str) or not value.isascii() or len(value) > 255:
+        raise PolicyDenied(f"not a usable host: {value!r:.80}")
+    return canonical_host(value.lower())
+
+
 # A url_host entry: 'host' or '*.name' (any scheme and port), or 'http(s)://host-or-*.name[:port]' (port: default)
 _ORIGIN = re.compile(r"(https?)://(\*\.)?(\[[0-9a-f.]*:[0-9a-f:.]*\]|[^:/\[\]]*)(?::([0-9]{1,5}))?/?")
 
@@ -216,9 +223,9 @@ def _regex_reason(pattern: str, value: Any) -> str | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that does not let True stand for 1 or 1.0 for 1, also inside lists and maps."""
+    """Equality that does not let True stand for 1, also inside lists and maps; numbers by value (2 == 2.0)."""
     if type(a) is not type(b):
-        return False
+        return _is_number(a) and _is_number(b) and a == b
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -237,7 +244,7 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     has) raises instead: a denial for a caveat, a match for an approval rule."""
     if kind in ("exact", "one_of"):
         options = (param,) if kind == "exact" else param
-        if not any(type(value) is type(p) for p in options):  # a string against numbers, say: no judgement
+        if not any(type(value) is type(p) or _is_number(value) and _is_number(p) for p in options):  # no judgement
             raise PolicyDenied(f"{type(value).__name__} {value!r:.80} is not comparable with {param!r:.200}")
         return None if any(_same(value, p) for p in options) else f"{value!r:.80} is not {param!r:.200}"
     if kind == "range":
@@ -253,8 +260,9 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
         if canonical_path(value) != value:  # the tool would get another spelling than the one checked
             raise PolicyDenied(f"path {value!r:.80} is not in canonical form (a parameter without PATH?)")
         return None if path_is_under(value, param) else f"{value!r} not under {param!r}"
-    if kind == "url_host":
-        scheme, host, port = origin = url_origin(value)
+    if kind == "url_host":  # a URL, or a host in the form a HOST parameter holds it (no entry with a scheme matches)
+        bare = isinstance(value, str) and "://" not in value and host_value(value) == value
+        scheme, host, port = origin = (None, value, None) if bare else url_origin(value)
         return None if url_allowed(origin, param) else f"host {host!r} ({scheme}, port {port}) not in {list(param)!r}"
     if kind == "max_bytes":
         n = value_bytes(value)

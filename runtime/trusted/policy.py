@@ -232,7 +232,7 @@ class Policy(_Strict):
         return AgentQuota(**self.quotas.model_dump(include={"rate_per_s", "burst", "max_concurrent"}))
 
 
-_CANONICAL_FORMAT = {"path_under": "path", "url_host": "url"}  # rule -> the parameter format it needs
+_CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # rule -> the formats it needs
 
 
 def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
@@ -259,9 +259,9 @@ def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
         return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
                 + (f" (did you mean {near[0]!r}?)" if near else "")]
     inner, items = rule.each.model_fields_set if rule.each else set(), getattr(param, "items", None)  # item spec
-    wrong = [f"{check} needs a parameter declared {fmt.upper()} (in each: its items)" for check, fmt in
-             _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format != fmt
-             or check in inner and getattr(items, "format", None) != fmt]
+    wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)} (in each: its items)"
+             for check, fmts in _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format not in fmts
+             or check in inner and getattr(items, "format", None) not in fmts]
     if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
         wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
     return wrong

@@ -44,14 +44,13 @@ from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorC
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
-from .capability import Caveat, Holder, KeyRing, VerifiedToken, hmac_sha256, url_origin
+from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from .observe import NullObserver, Observer
 from .state import StateJournal
 from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 
 log = logging.getLogger(__name__)
-MAX_DETAIL_CHARS = 500
 DEFAULT_BACKEND = "gvisor"
 UNAUTHENTICATED, OTHER_TOOL = "(unauthenticated)", "(other)"  # the count series of names not vouched for
 # The codes a tool worker may put on a failed result; anything else becomes TOOL_FAILED.
@@ -516,7 +515,8 @@ class Supervisor:
         except WardenError:
             pass  # an undecodable request: the record's code says so
         tool = tool or exc.tool
-        label = str(tool) if tool is None or tool in self.tools else OTHER_TOOL
+        known = tool is None or tool in self.tools or tool.startswith("delegate:") and tool[9:] in self.agents
+        label = str(tool) if known else OTHER_TOOL
         self.counts[(who, label, exc.code.value)] += 1
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
@@ -688,13 +688,11 @@ class Supervisor:
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
-        wire = exc.to_wire()
-        if exc.code is ErrorCode.TOOL_FAILED:
-            wire["detail"] = exc.reason[:MAX_DETAIL_CHARS]  # the tool's own message: untrusted data
-        return {"ok": False, "error": wire}, {"ok": False, "code": exc.code.value, "reason": exc.reason}
+        return {"ok": False, "error": exc.to_wire()}, {"ok": False, "code": exc.code.value, "reason": exc.reason}
 
     async def delegate(self, data: Any) -> bytes:
-        """Re-bind a (possibly attenuated) token of the caller to another agent."""
+        """Re-bind a (possibly attenuated) token of the caller to another agent (see ``_granted``)."""
+        entry = target = None
         try:
             body, entry, vt = self._authenticate(data, "delegate")
             vt.check_time(self.clock())
@@ -704,13 +702,30 @@ class Supervisor:
                                        f"allowed: {sorted(entry.can_delegate_to)}")
             narrowed = vt.token.attenuate(*self.agents[target].delegate_caveats)
             child = self.keyring.verify(self.keyring.bind(narrowed, target))
-            self.audit.record("delegate", agent=entry.name, to=target, token_id=vt.token_id.hex(),
-                              depth=child.depth, tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
+            granted = self._granted(vt, child, target)
+            self.audit.record("delegate", agent=entry.name, to=target, tool=f"delegate:{target}", tools=granted,
+                              token_id=vt.token_id.hex(), depth=child.depth,
+                              tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
             self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
             self.observer.decision(entry.name, f"delegate:{target}", "allow", None, 0.0)
             return _pack({"ok": True, "token": child.token.encode()})
         except Exception as exc:
-            return self._deny(exc, data)
+            return self._deny(exc, data, authenticated=entry and entry.name, tool=target and f"delegate:{target}")
+
+    def _granted(self, vt: VerifiedToken, child: VerifiedToken, target: str) -> list[str]:
+        """The tools ``child`` hands on; DELEGATION_DENIED, the caller's, if none or if it named one it did not hold."""
+        own = max(i for i, c in enumerate(vt.caveats) if isinstance(c, Holder))
+        named = {t for i, c in enumerate(vt.caveats) if i > own and isinstance(c, Tools)
+                 for t in set(c.names) - self._tools_of(vt.caveats[:i]) if t in self.tools}
+        granted = sorted(self._tools_of(child.caveats))
+        if named or not granted:
+            raise DelegationDenied(f"delegation to {target!r} names {sorted(named)}, not held; it hands on {granted}")
+        return granted
+
+    def _tools_of(self, caveats: Any) -> set[str]:
+        """The registered tools that every Tools and Effects caveat among ``caveats`` lets through."""
+        return {t for t, spec in self.tools.items() if all(t in c.names for c in caveats if isinstance(c, Tools))
+                and all(spec.effect in c.effects for c in caveats if isinstance(c, Effects))}
 
     def status(self) -> dict[str, Any]:
         return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),

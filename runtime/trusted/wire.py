@@ -4,8 +4,9 @@ Invariants: nothing from an agent is unpickled or trusted for its shape. A reque
 msgpack ``[body, mac]`` no larger than ``MAX_REQUEST_BYTES``, whose body is a map of
 known fields with known types, nested no deeper than ``MAX_DEPTH``, with string keys only.
 Tool arguments are checked against the tool's declared parameters (unknown or missing
-names are refused, defaults are filled in, paths and URLs are canonicalised), so that the
-caveats are evaluated on exactly the values the tool will receive.
+names are refused, defaults are filled in, numbers take the declared type, paths, URLs and
+hosts are canonicalised, array items and object fields are checked the same way), so that
+the caveats are evaluated on exactly the values the tool will receive.
 
 Names (agent, tool) are at most ``MAX_NAME_CHARS`` characters: the supervisor counts and audits
 by name, so an invented name must cost no more than a real one.
@@ -18,12 +19,13 @@ use of another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import msgpack
 
 from ..errors import ErrorCode, MalformedRequest
-from .capability import canonical_path, url_origin
+from .capability import canonical_path, check_arg, host_value, url_origin
 
 MAX_REQUEST_BYTES = 1 << 20
 MAX_DEPTH = 16
@@ -145,15 +147,65 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,), "any": (str, int, float, bool, list, dict, type(None)),
 }
+_PLAIN = {"string": str, "integer": int, "number": float, "boolean": bool}
+# url: refuse ambiguous URLs before any caveat sees them (the URL itself is passed on as written)
+_FORMATS = {"path": canonical_path, "url": lambda v: url_origin(v) and v, "host": host_value}
 
 
 @dataclass(frozen=True)
 class ParamSpec:
     type: str = "any"  # a JSON schema type name, or "any"
     required: bool = True
-    default: Any = None
-    format: str | None = None  # "path" or "url": canonicalised before evaluation
+    default: Any = None  # None on an optional, non-nullable parameter: left out when the call omits it
+    format: str | None = None  # "path", "url" or "host": canonicalised before evaluation
     nullable: bool = False  # None is accepted as well as ``type`` (an ``X | None`` parameter)
+    enum: tuple[Any, ...] | None = None  # the canonical value must be one of these (compared as ``exact``)
+    items: ParamSpec | None = None  # an array's items
+    fields: dict[str, ParamSpec] | None = None  # an object's keys: exactly these, checked like arguments
+    checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: bounds, of a string's length
+
+    @cached_property
+    def plain(self) -> type | None:
+        """The type of the values taken as they are (no conversion, format or nested check), if any."""
+        bare = not (self.format or self.items or self.fields is not None or self.checks or self.enum is not None)
+        return _PLAIN.get(self.type) if bare else None
+
+
+def conform(p: ParamSpec, value: Any, where: str) -> Any:
+    """``value`` in its canonical form (the one the tool receives) if it fits ``p``; else MalformedRequest."""
+    kind = type(value)
+    if kind is int and p.type == "number":
+        value = float(value)  # a number compares and reaches the tool as a float, 2200 as 2200.0
+    elif kind is float and p.type == "integer" and value.is_integer() and abs(value) <= 2 ** 53:
+        value = int(value)
+    elif value is None and p.nullable:
+        return None
+    if (kind is bool and p.type in ("integer", "number")) or not isinstance(value, _JSON_TYPES.get(p.type, ())):
+        raise MalformedRequest(f"argument {where!r} must be {p.type}, got {kind.__name__}")
+    value = _FORMATS[p.format](value) if p.format else value
+    if p.items is not None:
+        value = [conform(p.items, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    value = conform_fields(p.fields, value, where + ".") if p.fields is not None else value
+    measure = len(value) if kind is str else value  # a string's bounds are on its length in code points
+    why = p.checks and next((w for check, param in p.checks if (w := check_arg(check, param, measure))), None)
+    if why or (p.enum is not None and check_arg("one_of", p.enum, value)):
+        raise MalformedRequest(f"argument {where!r}: {why or f'{value!r:.80} not in {list(p.enum or ())!r:.200}'}")
+    return value
+
+
+def conform_fields(params: dict[str, ParamSpec], args: dict[str, Any], where: str = "") -> dict[str, Any]:
+    if not args.keys() <= params.keys():
+        raise MalformedRequest(f"unknown arguments {sorted(where + k for k in set(args) - set(params))}")
+    out: dict[str, Any] = {}
+    for name, p in params.items():
+        if name in args:
+            value = args[name]
+            out[name] = value if type(value) is p.plain else conform(p, value, where + name)
+        elif p.required:
+            raise MalformedRequest(f"missing argument {where + name!r}")
+        elif p.default is not None or p.nullable:
+            out[name] = p.default
+    return out
 
 
 @dataclass(frozen=True)
@@ -168,30 +220,10 @@ class ToolSpec:
     sandboxed: bool = False  # runs code or touches the agent's workspace: needs a sandbox session
 
     def canonical_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        if not args.keys() <= self.params.keys():
-            unknown = set(args) - set(self.params)
-            raise MalformedRequest(f"unknown arguments {sorted(unknown)}", tool=self.name)
-        out: dict[str, Any] = {}
-        for name, p in self.params.items():
-            if name not in args:
-                if p.required:
-                    raise MalformedRequest(f"missing argument {name!r}", tool=self.name)
-                out[name] = p.default
-                continue
-            value = args[name]
-            if value is None and p.nullable:
-                out[name] = None
-                continue
-            types = _JSON_TYPES.get(p.type, ())
-            if (isinstance(value, bool) and p.type in ("integer", "number")) or not isinstance(value, types):
-                raise MalformedRequest(f"argument {name!r} must be {p.type}, got {type(value).__name__}",
-                                       tool=self.name)
-            if p.format == "path":
-                value = canonical_path(value)
-            elif p.format == "url":
-                url_origin(value)  # refuse ambiguous URLs before any caveat sees them
-            out[name] = value
-        return out
+        try:
+            return conform_fields(self.params, args)
+        except MalformedRequest as exc:
+            raise MalformedRequest(exc.reason, code=exc.code, tool=self.name) from None
 
 
 def batch_items(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

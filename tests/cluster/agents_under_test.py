@@ -264,3 +264,29 @@ class PidAgent(Agent):
 
     async def run(self, task: Any) -> list[int]:
         return [await self.call("worker.pid") for _ in range(int(task))]
+
+
+class NoisyAgent(Agent):
+    """Makes Ray print into the driver's stdout: its own prints (forwarded by log_to_driver) and a
+    task whose worker process dies ("(raylet) A worker died or was killed ...")."""
+
+    async def run(self, task: Any) -> dict[str, Any]:
+        import os
+        import sys
+
+        import ray
+
+        print("NOISE-STDOUT from the agent actor", flush=True)
+        print("NOISE-STDERR from the agent actor", file=sys.stderr, flush=True)
+
+        @ray.remote(num_cpus=0, max_retries=0)
+        def die() -> None:
+            print("NOISE-TASK about to die", flush=True)
+            os._exit(1)
+
+        try:
+            await die.remote()
+            died = False
+        except ray.exceptions.WorkerCrashedError:
+            died = True
+        return {"echo": await self.call("echo", text="still here"), "task_worker_died": died}

@@ -18,8 +18,9 @@ def test_e2e_quick_measures_every_path_side_by_side(ray_instance):
         assert f"supervised/direct p50, {c} agent(s)" in names
         assert f"authorization share of supervised p50, {c} agent(s)" in names
         assert f"batched/direct throughput, {c} agent(s)" in names
+        assert f"added per call by Warden (supervised - direct p50), {c} agent(s)" in names
     for f in result["figures"]:
-        assert f["p50"] > 0
+        assert f["p50"] > 0 or f["extra"].get("added_per_call")  # a difference of two noisy medians
 
 
 def test_e2e_shards_quick_reports_throughput_per_shard_count(ray_instance):

@@ -303,6 +303,9 @@ def test_ray_job_submit_runs_a_warden_job_whose_logs_hold_the_summary(head, tmp_
     assert len(audit_lines) == 1 and audit_lines[0].endswith("records, chain verified)"), context
     # The job's own results are in the logs too: its denials happened on the cluster.
     assert "POLICY_DENIEDx1" in logs.stdout and "UNKNOWN_TOOLx1" in logs.stdout, context
+    reasons = logs.stdout.split("why calls were denied or failed (from the audit log):")[-1]
+    assert "unknown arguments ['txt']" in reasons and "tool 'note.write' not in ['echo']" in reasons, context
+    assert "DeprecationWarning" not in logs.stdout + logs.stderr, context
 
     # The audit log landed where --runs-dir said, and it verifies outside the job as well.
     audit_log = Path(audit_lines[0][len("audit log: "):].rsplit(" (", 1)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from runtime.cli import main
 
@@ -71,3 +72,44 @@ def test_shard_routing_cost_is_measured_without_ray():
 def test_keys_retire_needs_a_key_id(capsys):
     assert main(["keys", "retire", "--run", "nowhere"]) == 2
     assert "give the key id" in capsys.readouterr().err
+
+
+def _fig(name, unit, p50, runs, spread, **extra):
+    return {"suite": "e2e", "name": name, "unit": unit, "p50": p50, "p99": None, "spread": spread,
+            "runs": runs, "target": None, "met": None, "extra": extra}
+
+
+def test_bench_says_how_many_ms_warden_adds_and_when_a_quick_figure_is_noise():
+    from runtime.bench import headline, is_noise, table
+
+    added = _fig("added per call by Warden (supervised - direct p50), 1 agent(s)", "ms", 0.412, 1, None,
+                 concurrency=1, added_per_call=True)
+    steady = _fig("supervised, 1 agent(s)", "us", 500.0, 5, (490.0, 520.0))
+    wobbly = _fig("supervised, 4 agent(s)", "us", 500.0, 5, (300.0, 700.0))
+    memory = _fig("memory per agent", "KiB", 12.0, 1, None)
+    results = {"quick": True, "suites": {"e2e": {"figures": [added, steady, wobbly, memory]}}}
+    assert [is_noise(f, True) for f in (added, steady, wobbly, memory)] == [True, False, True, False]
+    assert not is_noise(added, False)  # a full run is judged by its targets, not flagged
+    assert headline(results) == ["Warden adds 0.412 ms per call with 1 agent(s) (supervised vs direct Ray call, "
+                                 "p50) (--quick: noise, do not quote; run without --quick)"]
+    rows = {re.split(r"\s{2,}", line)[1]: line for line in table(results).splitlines()[2:]}
+    assert rows["supervised, 4 agent(s)"].endswith("(noise)")
+    assert not rows["supervised, 1 agent(s)"].endswith("(noise)")
+    results["quick"] = False
+    assert headline(results)[0].endswith("(supervised vs direct Ray call, p50)")
+
+
+def test_quick_noise_is_summed_up_per_suite():
+    from runtime.bench import noise_notes
+
+    steady = _fig("steady", "us", 500.0, 5, (490.0, 520.0))
+    wobbly = _fig("wobbly", "us", 500.0, 5, (300.0, 700.0))
+    one_run = _fig("one run", "ratio", 2.0, 1, None)
+    results = {"quick": True, "suites": {"authz": {"figures": [steady, wobbly]}, "e2e": {"figures": [one_run]}}}
+    assert noise_notes(results) == [
+        "--quick: 1 of 2 (wobbly) timed figures of authz are noise (fewer than 3 runs, or run medians more than "
+        "20% apart), targets included; run without --quick to quote them",
+        "--quick: all 1 timed figures of e2e are noise (fewer than 3 runs, or run medians more than 20% apart), "
+        "targets included; run without --quick to quote them"]
+    results["quick"] = False
+    assert noise_notes(results) == []

@@ -660,7 +660,7 @@ URLS_DENIED = [
     "ftp://example.com", "https://good.org", "https://evil.com\\@example.com", "https://example.com /x",
     "https://example.com/\nx", "https://exa mple.com", "javascript:alert(1)", "https://evil.com#@example.com",
     "https://.good.org", "https://evilgood.org", "https://example.com:99999/", "http://[::1",
-    "http://[not-an-ip]/", "https:example.com", "http:///example.com", "//example.com/x", "example.com",
+    "http://[not-an-ip]/", "https:example.com", "http:///example.com", "//example.com/x",
     "https://exa\u200bmple.com", "https://\U0001d41e\U0001d431.good.org/", "https://example.com\t/",
     "", None, 7, b"https://example.com/",
 ]
@@ -792,17 +792,18 @@ def test_range(kr, param, value, ok):
 
 
 @pytest.mark.parametrize("param,value,ok", [
-    (1, 1, True), (1, True, False), (1, 1.0, False), (1, "1", False),
-    (True, True, True), (True, 1, False), (1.0, 1.0, True), (1.0, 1, False),
+    (1, 1, True), (1, True, False), (1, 1.0, True), (1, "1", False), (1, 1.5, False), (2**53 + 1, 2.0**53, False),
+    (True, True, True), (True, 1, False), (1.0, 1.0, True), (1.0, 1, True), (1.0, True, False), (0, False, False),
+    (math.nan, math.nan, False),
     ("a", "a", True), ("a", b"a", False), (None, None, True), (None, False, False),
-    ([1, 2], [1, 2], True), ([1, 2], [True, 2], False), ([1, 2], [1.0, 2], False),
+    ([1, 2], [1, 2], True), ([1, 2], [True, 2], False), ([1, 2], [1.0, 2], True), ([1, 2], [2, 1], False),
     ({"k": 1}, {"k": 1}, True), ({"k": 1}, {"k": True}, False),
 ])
-def test_exact_is_type_strict(kr, param, value, ok):
+def test_exact_compares_numbers_by_value_and_nothing_else_across_types(kr, param, value, ok):
     assert allowed_value(arg_token(kr, "exact", param), value) is ok
 
 
-@pytest.mark.parametrize("value,ok", [(1, True), ("a", True), (True, False), (1.0, False), ("b", False),
+@pytest.mark.parametrize("value,ok", [(1, True), ("a", True), (True, False), (1.0, True), ("b", False),
                                       ([1], False), (None, False)])
 def test_one_of_is_type_strict(kr, value, ok):
     assert allowed_value(arg_token(kr, "one_of", (1, "a")), value) is ok

@@ -65,8 +65,9 @@ def test_a_rule_with_only_min_or_only_max_produces_its_range_caveat(rule, inside
 
 
 LIST, MAP = [1, "a", [2, 3]], {"k": 1, "n": {"m": [1]}}
+# (1.0 for 1 is the same list: numbers compare by value, never a bool as a number.)
 NOT_THE_LIST = [[1, "a"], [1, "a", [2, 3], 4], [1, "b", [2, 3]], [1, "a", [2, 4]], [1, "a", [2]], [True, "a", [2, 3]],
-                [1.0, "a", [2, 3]], ["a", 1, [2, 3]], {"0": 1}, (1, "a")]
+                [1.5, "a", [2, 3]], ["a", 1, [2, 3]], {"0": 1}, (1, "a")]
 NOT_THE_MAP = [{"k": 1}, {"k": 1, "n": {"m": [1]}, "x": 0}, {"k": 2, "n": {"m": [1]}}, {"k": 1, "n": {"m": [1, 2]}},
                {"k": 1, "n": {}}, {"k": True, "n": {"m": [1]}}, {"K": 1, "n": {"m": [1]}}, [["k", 1], ["n", {"m": [1]}]]]
 

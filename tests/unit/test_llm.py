@@ -12,12 +12,14 @@ import pytest
 
 from runtime.errors import PolicyDenied, QuotaExceeded, ErrorCode
 from runtime.llm import (
+    API_TOOL_NAME,
     EXHAUSTED_ANSWER,
     ModelError,
     ModelTurn,
     OpenAIChatModel,
     ScriptedModel,
     ToolCallRequest,
+    ToolNames,
     model_from_config,
     parse_arguments,
     run_tool_loop,
@@ -102,7 +104,7 @@ class FakeServer:
 
 
 def test_request_and_response_wire_format():
-    reply = completion(tool_calls=[fn_call("call_abc", "chat.read", '{"channel": "general"}')])
+    reply = completion(tool_calls=[fn_call("call_abc", "chat_read", '{"channel": "general"}')])
     with FakeServer([(200, reply, 0)]) as srv:
         model = OpenAIChatModel(srv.base_url, "qwen2.5", api_key=API_KEY, max_tokens=64,
                                 extra_headers={"X-Job": "j1"})
@@ -115,7 +117,8 @@ def test_request_and_response_wire_format():
     body = req["json"]
     assert body["model"] == "qwen2.5"
     assert body["messages"] == messages
-    assert body["tools"] == TOOLS
+    assert body["tools"] == [{**TOOLS[0], "function": {**TOOLS[0]["function"], "name": "chat_read"}}]
+    assert TOOLS[0]["function"]["name"] == "chat.read"  # the caller's schemas are not touched
     assert body["tool_choice"] == "auto"
     assert body["temperature"] == 0.0
     assert body["max_tokens"] == 64
@@ -362,17 +365,82 @@ def test_model_from_config():
 
 def test_full_loop_against_local_http_model():
     replies = [
-        (200, completion(tool_calls=[fn_call("call_1", "chat.read", '{"channel": "ops"}')]), 0),
+        (200, completion(tool_calls=[fn_call("call_1", "chat_read", '{"channel": "ops"}')]), 0),
         (200, completion("ops is quiet"), 0),
     ]
+    seen = []
     with FakeServer(replies) as srv:
         model = OpenAIChatModel(srv.base_url, "m", api_key=API_KEY)
 
         async def call_tool(name, args):
+            seen.append(name)
             return {"messages": []}
 
         result = asyncio.run(run_tool_loop(model, task="check ops", tools=TOOLS, call_tool=call_tool))
     assert result.answer == "ops is quiet" and result.turns == 2 and result.stopped == "answer"
     second = srv.requests[1]["json"]["messages"]
-    assert second[1]["tool_calls"][0]["function"] == {"name": "chat.read", "arguments": '{"channel": "ops"}'}
+    assert seen == ["chat.read"]  # Warden's own name, mapped back from the wire
+    assert result.messages[1]["tool_calls"][0]["function"]["name"] == "chat.read"
+    assert second[1]["tool_calls"][0]["function"] == {"name": "chat_read", "arguments": '{"channel": "ops"}'}
     assert second[2] == {"role": "tool", "tool_call_id": "call_1", "content": '{"messages": []}'}
+
+
+# --- tool names on the wire ------------------------------------------------------------
+
+def _tool(name):
+    return {"type": "function", "function": {"name": name, "description": "", "parameters": {"type": "object"}}}
+
+
+NAMES = ["chat.read", "chat_read", "python.exec", "fs.read", "chat-read", "a" * 64, "a" * 64 + ".x", "a" * 65,
+         "x y", "x/y", "x:y", "émoji.tool", "", "_", "mail.send_email", "mail.send-email", "mail_send.email"]
+
+
+def test_tool_names_map_one_to_one_onto_the_api_pattern_and_back():
+    names = ToolNames(NAMES)
+    wire = [names.to_api(n) for n in NAMES]
+    assert all(API_TOOL_NAME.fullmatch(w) for w in wire), wire
+    assert len(set(wire)) == len(NAMES)  # injective over the set
+    assert [names.from_api(w) for w in wire] == NAMES  # reversible
+    assert names.to_api("chat_read") == "chat_read" and names.to_api("python.exec") == "python_exec"
+    assert names.to_api("chat.read") != "chat_read"  # taken by the tool of that name
+    assert ToolNames(reversed(NAMES)).to_api("chat.read") == names.to_api("chat.read")  # order does not matter
+    assert ToolNames(["chat.read"]).to_api("chat.read") == "chat_read"
+
+
+def test_request_body_names_match_the_api_pattern_and_answers_map_back():
+    """Every name in the body (tools and earlier tool calls) fits ^[a-zA-Z0-9_-]{1,64}$; answers come back as Warden names."""
+    wire = ToolNames(NAMES)
+    reply = completion(tool_calls=[fn_call("c1", wire.to_api("mail_send.email"), "{}"),
+                                   fn_call("c2", wire.to_api("x y"), "{}"),
+                                   fn_call("c3", "chat_write", "{}")])  # a wire name no tool has
+    history = [{"role": "user", "content": "go"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c0", "type": "function", "function": {"name": "python.exec", "arguments": "{}"}},
+                   {"id": "c9", "type": "function", "function": {"name": "no.such.tool", "arguments": "{}"}},
+                   {"id": "c8", "type": "function", "function": {"name": "", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c0", "content": "ok"}]
+    with FakeServer([(200, reply, 0)]) as srv:
+        turn = asyncio.run(OpenAIChatModel(srv.base_url, "m").complete(history, [_tool(n) for n in NAMES]))
+    body = srv.requests[0]["json"]
+    sent = [t["function"]["name"] for t in body["tools"]]
+    sent += [c["function"]["name"] for m in body["messages"] for c in m.get("tool_calls", [])]
+    assert all(API_TOOL_NAME.fullmatch(n) for n in sent), sent
+    assert len(set(sent[:len(NAMES)])) == len(NAMES)
+    assert history[1]["tool_calls"][0]["function"]["name"] == "python.exec"  # the caller's messages untouched
+    assert [c.name for c in turn.tool_calls] == ["mail_send.email", "x y", "chat_write"]
+
+
+def test_an_unknown_wire_name_takes_the_unknown_tool_path():
+    from runtime.errors import UnknownTool
+
+    reply = completion(tool_calls=[fn_call("c1", "chat_write", "{}")])
+    with FakeServer([(200, reply, 0), (200, completion("done"), 0)]) as srv:
+        model = OpenAIChatModel(srv.base_url, "m")
+
+        async def call_tool(name, args):
+            assert name == "chat_write"
+            raise UnknownTool(f"no tool named {name!r}", tool=name)
+
+        result = asyncio.run(run_tool_loop(model, task="t", tools=[_tool("chat.read")], call_tool=call_tool))
+    assert result.calls[0].error_code == "UNKNOWN_TOOL"
+    assert json.loads(result.messages[-2]["content"])["error"].startswith("UNKNOWN_TOOL")

@@ -8,6 +8,8 @@ tool did not run, and the audit record on disk.
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import math
 import os
@@ -254,7 +256,8 @@ def test_path_under_on_a_parameter_without_path_is_a_policy_error():
         check_policy_tools(p, SPECS)
     p = parse_policy(yaml.safe_load(policy("a", "  read_file:\n    effect: read\n"
                                                  "    approval: {when: {pth: {path_under: /data}}}\n")))
-    with pytest.raises(ConfigError, match="at tools.read_file.approval.when.pth: tool 'read_file' has no parameter 'pth'; its parameters: path \(did you mean 'path'\?\)"):
+    with pytest.raises(ConfigError, match=re.escape("at tools.read_file.approval.when.pth: tool 'read_file' has no "
+                                                    "parameter 'pth'; its parameters: path (did you mean 'path'?)")):
         check_policy_tools(p, SPECS)
 
 

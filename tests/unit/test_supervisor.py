@@ -730,7 +730,7 @@ def test_stats_count_delegations(team):
     delegated(team, "a", "b")
     team.delegate("a", "c")
     results = {(s["agent"], s["tool"], s["result"]): s["count"] for s in team.sup.stats()}
-    assert results == {("a", "delegate:b", "allow"): 1, ("a", "None", "DELEGATION_DENIED"): 1}
+    assert results == {("a", "delegate:b", "allow"): 1, ("a", "delegate:c", "DELEGATION_DENIED"): 1}
 
 
 # ------------------------------------------------------------------ Agent in-process
@@ -952,3 +952,71 @@ def test_agent_call_many_returns_values_and_typed_errors():
     value, error = asyncio.run(agent.run(None))
     assert value == {"name": "x", "limit": 10}
     assert isinstance(error, MalformedRequest) and error.code is ErrorCode.MALFORMED
+
+
+# ------------------------------------------------------- what the agent is told (issue 11, item 14)
+
+
+def test_malformed_call_tells_the_agent_its_mistake(env):
+    agent = attach(env, Reader(), "a")
+    with pytest.raises(MalformedRequest) as info:
+        asyncio.run(agent.call("read_doc", name="x", colour="red"))
+    exc = info.value
+    assert exc.code is ErrorCode.MALFORMED and exc.tool == "read_doc"
+    assert "unknown arguments ['colour']" in exc.detail
+    assert "colour" in exc.public()  # what the model reads (llm.run_tool_loop sends public())
+    rec = env.audit.of("decision", decision="deny", code="MALFORMED")[-1]
+    assert "colour" in rec["reason"]
+    assert RAN == []
+
+
+def test_policy_denial_tells_the_agent_no_values(env):
+    narrowed = Token.decode(env.tokens["a"]).attenuate(Arg("read_doc", "name", "exact", "only-this")).encode()
+    raw = env.call("a", "read_doc", name="other", token=narrowed)
+    exc = env.denied(raw, PolicyDenied, ErrorCode.POLICY_DENIED)
+    assert exc.detail is None and "only-this" not in exc.public()
+    assert b"only-this" not in raw and b"detail" not in raw
+    assert "only-this" in env.audit.of("decision", decision="deny")[-1]["reason"]  # the operator sees it
+
+
+def test_tool_failure_detail_is_capped(env):
+    raw = env.call("a", "explode", msg="x" * 5000)
+    with pytest.raises(ToolFailed) as info:
+        decode_reply(raw)
+    assert info.value.detail.startswith("RuntimeError: boom: xxx")
+    assert len(info.value.detail) == 500 and len(raw) < 1000
+
+
+def test_delegating_a_tool_the_delegator_does_not_hold_fails_at_once(team):
+    team.add("d", Tools(("read_doc",)), can_delegate_to=("b",))
+    wider = Token.decode(team.tokens["d"]).attenuate(Tools(("read_doc", "write_doc"))).encode()
+    exc = team.denied(team.delegate("d", "b", token=wider), DelegationDenied, ErrorCode.DELEGATION_DENIED)
+    assert exc.detail is None
+    rec = team.audit.of("decision", decision="deny", code="DELEGATION_DENIED")[-1]
+    assert (rec["agent"], rec["tool"], rec["authenticated"]) == ("d", "delegate:b", True)
+    assert "names ['write_doc'], not held" in rec["reason"]
+    assert team.audit.of("delegate") == []
+    stats = {(s["agent"], s["tool"], s["result"]): s["count"] for s in team.sup.stats()}
+    assert stats == {("d", "delegate:b", "DELEGATION_DENIED"): 1}  # blamed on the delegator
+
+
+def test_delegation_that_leaves_the_delegate_no_tool_is_denied(team):
+    b = attach(team, Reader(), "b")
+
+    class DeleteVia(Agent):
+        async def run(self, task: Any) -> Any:
+            return await self.delegate("b", task, tools=["delete_doc"])  # A holds it, B's policy has not
+
+    lead = attach(team, DeleteVia(), "a", peers={"b": ("Reader", LocalPeer(b))})
+    with pytest.raises(DelegationDenied):
+        asyncio.run(lead.run("doc"))
+    rec = team.audit.of("decision", decision="deny", code="DELEGATION_DENIED")[-1]
+    assert rec["agent"] == "a" and "it hands on []" in rec["reason"]
+    assert team.audit.of("decision", agent="b") == [] and RAN == []  # the delegate never ran
+
+
+def test_delegation_record_shows_what_was_granted(team):
+    child = Token.decode(team.tokens["a"]).attenuate(Tools(("read_doc", "delete_doc"))).encode()
+    delegated(team, "a", "b", token=child)
+    rec = team.audit.of("delegate")[-1]
+    assert (rec["agent"], rec["to"], rec["tool"], rec["tools"]) == ("a", "b", "delegate:b", ["read_doc"])

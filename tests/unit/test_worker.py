@@ -225,7 +225,7 @@ def test_schema_has_openai_function_shape():
                     "limit": {"type": "integer", "default": 5},
                     "exact": {"type": "boolean", "default": False},
                     "score": {"type": ["number", "null"]},
-                    "tags": {"type": ["array", "null"]},
+                    "tags": {"type": ["array", "null"], "items": {"type": "string"}},
                     "filters": {"type": ["object", "null"]},
                 },
                 "required": ["query"],
