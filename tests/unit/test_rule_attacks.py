@@ -8,11 +8,10 @@ tool did not run, and the audit record on disk.
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import math
 import os
+import re
 import secrets
 import time
 from pathlib import Path
