@@ -59,12 +59,12 @@ def read(channel: str, limit: int = 50, *, ctx: ToolContext) -> list[dict[str, A
 
 
 @tool(effect="write", name="chat.post")
-def post(channel: str, text: str, *, ctx: ToolContext) -> dict[str, Any]:
-    """Post a message to a channel."""
+def post(channel: str, text: str, mentions: list = [], *, ctx: ToolContext) -> dict[str, Any]:  # noqa: B006
+    """Post a message to a channel, notifying the users in ``mentions``."""
     with _workspace(ctx, write=True) as data:
         messages = _channel(data, channel)
         msg = {"id": max((m["id"] for m in messages), default=0) + 1, "user": ctx.agent, "text": text,
-               "ts": round(time.time(), 3)}
+               "mentions": list(mentions), "ts": round(time.time(), 3)}
         messages.append(msg)
         return msg
 

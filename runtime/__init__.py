@@ -10,6 +10,7 @@ from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDe
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
 from .harness import Decision, PolicyHarness
+from .jobcheck import check_job
 from .llm import ChatModel, ModelTurn, OpenAIChatModel, ScriptedModel, run_tool_loop
 from .policy_cases import CasesReport, run_cases
 from .registry import Registration, register_agent
@@ -26,4 +27,5 @@ __all__ = [
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",
     "HOST", "PATH", "URL", "SchemaError", "Tool", "ToolContext", "tool", "tool_from_schema",
     "Policy", "load_policy", "Decision", "PolicyHarness", "CasesReport", "run_cases", "Registration", "register_agent",
+    "check_job",
 ]

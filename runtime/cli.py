@@ -1,6 +1,7 @@
 """warden: run multi-agent jobs in which every tool call is checked, quota'd and audited.
 
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
+    warden job check JOB.yaml...        everything checkable before Ray starts, one line per problem
     warden policy check FILE...         validate policies (exit 1 on any error)
     warden policy explain FILE          what a policy allows, as a table
     warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
@@ -57,6 +58,18 @@ def summary_rows(stats: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def cmd_job_check(args: argparse.Namespace) -> int:
+    from .jobcheck import check_job, print_problems
+
+    sys.path.insert(0, os.getcwd())  # agent and tool modules are imported by name from where warden runs
+    failed = 0
+    for path in args.jobs:
+        problems = check_job(path, local=not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")))
+        print_problems(path, problems, file=sys.stderr if problems else sys.stdout)
+        failed += bool(problems)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
 def print_digest(logs: list[str], shown_as: str) -> None:
     """The reason of every denial and failure, and the agents an operator revoked, from the audit log."""
     from .auditlog import digest_run
@@ -78,6 +91,9 @@ def print_digest(logs: list[str], shown_as: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .job import run_job
+
+    if args.dry_run:
+        return cmd_job_check(argparse.Namespace(jobs=[args.job], address=args.address))
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -133,7 +149,13 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             p = load_policy(path)
+            missing = sorted(set(p.tools) - set(tools)) if args.tools else []  # --tools must cover the policy
+            for name in missing:
+                print(f"{path}: tool {name!r} is defined by none of {args.tools}", file=sys.stderr)
             check_policy_tools(p, tools, source=path)
+            if missing:
+                failed += 1
+                continue
             print(f"{path}: ok (agent {p.agent}, {len(p.tools)} tools)")
         except WardenError as exc:
             failed += 1
@@ -151,7 +173,8 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
     sandboxed = sandboxed or {}
 
     def rule_text(r: ArgRule) -> str:
-        return ", ".join(f"{k}={getattr(r, k)!r}" for k in sorted(r.model_fields_set))
+        return ", ".join(f"each({rule_text(r.each)})" if k == "each" and r.each else f"{k}={getattr(r, k)!r}"
+                         for k in sorted(r.model_fields_set))
 
     from .sandbox.base import Limits
 
@@ -516,7 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", help="where run directories (audit log, workspace) go (default: the job's "
                      "runs_dir, 'runs')")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    run.add_argument("--dry-run", action="store_true", help="only check the job (as 'warden job check'), start nothing")
     run.set_defaults(fn=cmd_run)
+    job = sub.add_parser("job", help="check job files").add_subparsers(dest="job_command", required=True,
+                                                                       metavar="SUBCOMMAND")
+    jc = job.add_parser("check", help="everything that can be checked before Ray starts: keys, agent classes, "
+                        "policies against the tools, environment variables, local placement; one line per problem, "
+                        "exit 1 if any")
+    jc.add_argument("jobs", nargs="+", metavar="JOB")
+    jc.set_defaults(fn=cmd_job_check)
 
     pol = sub.add_parser("policy", help="check or explain policy files").add_subparsers(
         dest="policy_command", required=True, metavar="SUBCOMMAND")

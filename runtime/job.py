@@ -34,9 +34,10 @@ from .control import merge_stats, write_control_file
 from .egress import FetchSettings
 from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
 from .agent import Agent, load_agent_class
+from .jobcheck import check_job
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
-from .trusted.policy import Policy, check_policy_tools, load_policy
+from .trusted.policy import Policy, check_policy_tools, explain_error, load_policy
 from .registry import register_agent
 
 
@@ -232,7 +233,7 @@ def load_job(path: str | Path) -> LoadedJob:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         lines = [f"{path}: {len(exc.errors())} error(s)"]
-        lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {explain_error(JobSpec, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.JOB_INVALID) from None
     base = path.resolve().parent
     classes: dict[str, type[Agent]] = {}
@@ -644,8 +645,11 @@ def run_job(path: str | Path, *, address: str | None = None, runs_dir: str | Pat
     # Example agents and tools are imported by module name from the project directory.
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    job = load_job(path)
     address = address or os.environ.get("RAY_ADDRESS")
+    problems = check_job(path, local=not address or address == LOCAL_ADDRESS)  # all, before Ray or any agent
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} problem(s)\n" + "\n".join(problems), code=ErrorCode.JOB_INVALID)
+    job = load_job(path)
     progress("connecting to Ray at " + address if address and address != LOCAL_ADDRESS
              else "starting a private local Ray (--address or RAY_ADDRESS to use a cluster)")
     ensure_ray(address, job.spec.placement)

@@ -233,7 +233,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-ARG_CHECKS = ("exact", "one_of", "range", "regex", "path_under", "url_host", "max_bytes")
+ARG_CHECKS = ("exact", "one_of", "range", "regex", "path_under", "url_host", "max_bytes", "each", "items")
 
 
 def check_arg(kind: str, param: Any, value: Any) -> str | None:
@@ -267,6 +267,12 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     if kind == "max_bytes":
         n = value_bytes(value)
         return None if n <= param else f"{n} bytes > max {param}"
+    if kind in ("each", "items") and not isinstance(value, (list, tuple)):
+        raise PolicyDenied(f"{value!r:.80} is not a list")
+    if kind == "each":  # [inner check, its param]: every item must pass it
+        return next((f"item {i}: {why}" for i, v in enumerate(value) if (why := check_arg(*param, v))), None)
+    if kind == "items":
+        return check_arg("range", param, len(value)) and f"{len(value)} items outside [{param[0]}, {param[1]}]"
     return f"unknown check {kind!r}"
 
 
@@ -414,16 +420,20 @@ _CAVEAT_PARSERS: dict[str, Any] = {
 
 
 def _checked_param(check: str, param: Any) -> Any:
+    if check == "each":  # one level: an 'each' inside 'each' is refused like any malformed caveat
+        if not (isinstance(param, list) and len(param) == 2 and param[0] in ARG_CHECKS[:-2]):
+            raise ValueError("each needs [check, param], the check not each/items")
+        return param[0], _checked_param(*param)
     if check in ("one_of", "url_host"):
         if not isinstance(param, list):
             raise ValueError(f"{check} needs a list")
         if check == "url_host" and not all(isinstance(p, str) and host_pattern(p) for p in param):
             raise ValueError("url_host needs a list of strings")
         return tuple(param)
-    if check == "range":
+    if check in ("range", "items"):  # items: bounds on the number of items
         ok = isinstance(param, list) and len(param) == 2
         if not ok or not all(p is None or (_is_number(p) and p == p) for p in param):  # a NaN bound holds for all
-            raise ValueError("range needs [min|null, max|null], numbers and not NaN")
+            raise ValueError(f"{check} needs [min|null, max|null], numbers and not NaN")
         return tuple(param)
     if check in ("regex", "path_under") and not isinstance(param, str):
         raise ValueError(f"{check} needs a string")

@@ -11,15 +11,17 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 
 from __future__ import annotations
 
+from collections import Counter
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, ErrorCode, PolicyDenied
-from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, MaxDepth, Tools,
-                         canonical_path, decode_caveat, encode_caveat, host_pattern)
+from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
+                         Expires, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .anomaly import AnomalyConfig
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
@@ -43,15 +45,16 @@ class ArgRule(_Strict):
     path_under: str | None = None
     url_host: list[Annotated[str, AfterValidator(lambda p: host_pattern(p) and p)]] | None = None  # checked at load
     max_bytes: int | None = Field(default=None, ge=0)
+    each: ArgRule | None = None  # a rule every item of a list argument must satisfy
+    min_items: int | None = Field(default=None, ge=0)
+    max_items: int | None = Field(default=None, ge=0)
 
     @field_validator("path_under")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        if not v.startswith("/"):
-            _fail("path_under must be absolute")
-        try:
+        try:  # refuses a relative path too
             return canonical_path(v)
         except PolicyDenied as exc:  # not a ValueError: pydantic would let it escape as a denial
             raise ValueError(exc.reason) from None
@@ -85,11 +88,11 @@ class ArgRule(_Strict):
             out.append(Arg(tool, arg, "url_host", tuple(self.url_host)))
         if self.max_bytes is not None:
             out.append(Arg(tool, arg, "max_bytes", self.max_bytes))
+        if self.each is not None:
+            out += [Arg(tool, arg, "each", (c.check, c.param)) for c in self.each.caveats(tool, arg)]
+        if self.min_items is not None or self.max_items is not None:
+            out.append(Arg(tool, arg, "items", (self.min_items, self.max_items)))
         return out
-
-
-def _fail(msg: str) -> Any:
-    raise ValueError(msg)
 
 
 class SandboxRule(_Strict):
@@ -156,8 +159,7 @@ class AnomalySpec(_Strict):
     quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
 
     def config(self) -> AnomalyConfig:
-        return AnomalyConfig(window_s=self.window_s, rate_factor=self.rate_factor, min_calls=self.min_calls,
-                             denial_burst=self.denial_burst, quarantine_after=self.quarantine_after)
+        return AnomalyConfig(**self.model_dump())
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -183,21 +185,25 @@ class Policy(_Strict):
     sandbox: SandboxRule = Field(default_factory=SandboxRule)
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
 
+    @model_validator(mode="after")
+    def _fits_a_token(self) -> "Policy":
+        """A root token over the size or caveat limit would be BAD_TOKEN at every call: refuse it now."""
+        caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
+        n = len(KeyRing.generate().mint(holder=self.agent, caveats=caveats).encode())
+        if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
+            size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
+                           for _byte in encode_caveat(c))  # one count per encoded byte
+            raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
+                             f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
+        return self
+
     def approval_rules(self) -> dict[str, ApprovalRule]:
         return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}
 
     def root_caveats(self, *, job_id: str, now: float) -> list[Caveat]:
         """The caveats of this agent's root token. Every one narrows; together they are the policy."""
-        caveats: list[Caveat] = [
-            Audience(job_id),
-            Expires(now + self.quotas.ttl_s),
-            Tools(tuple(sorted(self.tools))),
-            Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
-            MaxDepth(self.delegation.max_depth),
-        ]
-        for tool, rule in sorted(self.tools.items()):
-            for arg, arg_rule in sorted(rule.args.items()):
-                caveats.extend(arg_rule.caveats(tool, arg))
+        aud, tools, effects, *args = self.delegate_caveats(job_id=job_id)
+        caveats = [aud, Expires(now + self.quotas.ttl_s), tools, effects, MaxDepth(self.delegation.max_depth), *args]
         if self.quotas.max_calls is not None:
             caveats.append(CallBudget(self.quotas.max_calls))
         if self.quotas.max_cost is not None:
@@ -206,12 +212,10 @@ class Policy(_Strict):
 
     def delegate_caveats(self, *, job_id: str) -> list[Caveat]:
         """What a token delegated *to* this agent is narrowed by: it never exceeds this policy."""
-        caveats: list[Caveat] = [Audience(job_id), Tools(tuple(sorted(self.tools))),
-                                 Effects(tuple(sorted({r.effect for r in self.tools.values()})))]
-        for tool, rule in sorted(self.tools.items()):
-            for arg, arg_rule in sorted(rule.args.items()):
-                caveats.extend(arg_rule.caveats(tool, arg))
-        return caveats
+        return [Audience(job_id), Tools(tuple(sorted(self.tools))),
+                Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
+                *(c for tool, rule in sorted(self.tools.items()) for arg, r in sorted(rule.args.items())
+                  for c in r.caveats(tool, arg))]
 
     def sandbox_settings(self) -> dict[str, dict[str, Any]]:
         """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
@@ -225,8 +229,7 @@ class Policy(_Strict):
         return sorted(t for t, s in self.sandbox_settings().items() if s["backend"] == "none")
 
     def agent_quota(self) -> AgentQuota:
-        q = self.quotas
-        return AgentQuota(rate_per_s=q.rate_per_s, burst=q.burst, max_concurrent=q.max_concurrent)
+        return AgentQuota(**self.quotas.model_dump(include={"rate_per_s", "burst", "max_concurrent"}))
 
 
 _CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # rule -> the formats it needs
@@ -235,29 +238,51 @@ _CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # ru
 def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
     """Refuse argument and approval rules that the named tools' parameters make wrong.
 
-    A rule on a parameter the tool lacks would deny every call; a path or URL rule on a
-    parameter the tool does not canonicalise (``PATH``/``URL``) would check one spelling while
-    the tool opens another. Tools not in ``tools`` are not checked here. Raises ConfigError.
+    A rule on a parameter the tool lacks, or a list rule on a scalar, would deny every call; a path
+    or URL rule on a parameter the tool does not canonicalise (``PATH``/``URL``; never a list's
+    items) would check one spelling while the tool opens another. Raises ConfigError.
     """
     errors = []
     for name, rule in sorted(policy.tools.items()):
-        spec = tools.get(name)
         when = rule.approval.when if isinstance(rule.approval, ApprovalSpec) else {}
-        for where, rules in (("args", rule.args), ("approval.when", when)):
-            for arg, arg_rule in sorted(rules.items()) if spec is not None else ():
-                param = spec.params.get(arg)
-                wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)}"
-                         for check, fmts in _CANONICAL_FORMAT.items()
-                         if check in arg_rule.model_fields_set and param is not None and param.format not in fmts]
-                missing = [f"tool {name!r} has no such parameter ({sorted(spec.params)})"]
-                for why in wrong if param is not None else missing:
-                    errors.append(f"  at tools.{name}.{where}.{arg}: {why}")
+        for where, rules in (("args", rule.args), ("approval.when", when)) if name in tools else ():
+            errors += [f"  at tools.{name}.{where}.{arg}: {why}" for arg, arg_rule in sorted(rules.items())
+                       for why in _param_errors(tools[name], arg, arg_rule)]
     if errors:
         raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
 
 
+def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
+    param = spec.params.get(arg)
+    if param is None:
+        near = get_close_matches(arg, spec.params, 1)
+        return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")]
+    inner, items = rule.each.model_fields_set if rule.each else set(), getattr(param, "items", None)  # item spec
+    wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)} (in each: its items)"
+             for check, fmts in _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format not in fmts
+             or check in inner and getattr(items, "format", None) not in fmts]
+    if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
+        wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
+    return wrong
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _model_in(t: Any) -> Any:  # the pydantic model inside an annotation such as 'dict[str, ArgRule] | None'
+    is_model = isinstance(t, type) and issubclass(t, BaseModel)
+    return t if is_model else next(filter(None, map(_model_in, get_args(t))), None)
+
+
+def explain_error(model: type[BaseModel], err: Any) -> str:
+    """pydantic's message; for a key the model does not have, the field it most likely meant."""
+    for part in err["loc"][:-1]:  # a list index or dict key keeps the model of the items
+        model = _model_in(model.model_fields[part].annotation) if model and part in model.model_fields else model
+    fields = model.model_fields.items() if model and err["type"] == "extra_forbidden" and err["loc"] else ()
+    near = get_close_matches(str(err["loc"][-1]), [f.alias or k for k, f in fields], 1) if fields else []
+    return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
 
 
 def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
@@ -268,8 +293,7 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: {len(exc.errors())} error(s)"]
-        for err in exc.errors():
-            lines.append(f"  at {_where(err['loc'])}: {err['msg']}")
+        lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
 
 

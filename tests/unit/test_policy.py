@@ -66,9 +66,12 @@ def test_lead_policy():
     assert allowed(vt, "chat.read", channel="general")
     assert allowed(vt, "chat.read", channel="random")
     assert not allowed(vt, "chat.read", channel="secrets")
-    assert allowed(vt, "chat.post", channel="summaries", text="daily summary")
-    assert not allowed(vt, "chat.post", channel="general", text="hi")
-    assert not allowed(vt, "chat.post", channel="summaries", text="x" * 4097)
+    assert allowed(vt, "chat.post", channel="summaries", text="daily summary", mentions=[])
+    assert allowed(vt, "chat.post", channel="summaries", text="daily summary", mentions=["alice", "bob"])
+    assert not allowed(vt, "chat.post", channel="summaries", text="daily summary", mentions=["mallory"])
+    assert not allowed(vt, "chat.post", channel="summaries", text="daily summary", mentions=["bob"] * 4)
+    assert not allowed(vt, "chat.post", channel="general", text="hi", mentions=[])
+    assert not allowed(vt, "chat.post", channel="summaries", text="x" * 4097, mentions=[])
     assert not allowed(vt, "chat.delete_message", channel="random", message_id=1)
     assert not allowed(vt, "http.post", url="https://hooks.slack.example/x", body="b")
 
@@ -172,7 +175,7 @@ BROKEN = {
     "regex_does_not_compile": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      q: {regex: '([a-'}\n",
                                ["at tools.t.args.q:", "not valid RE2 syntax"]),
     "relative_path_under": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {path_under: data}\n",
-                            ["at tools.t.args.p.path_under:", "path_under must be absolute"]),
+                            ["at tools.t.args.p.path_under:", "path must be absolute"]),
     "unusable_path_under": ('agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {path_under: "/da\\0ta"}\n',
                             ["at tools.t.args.p.path_under:", "not a usable path"]),
     "empty_arg_rule": ("agent: a\ntools:\n  t:\n    effect: read\n    args:\n      p: {}\n",
@@ -280,7 +283,8 @@ def test_cli_explain_lead(capsys):
     out = capsys.readouterr().out
     for name in ("chat.list_channels", "chat.read", "chat.post"):
         assert name in out
-    assert "channel: exact='summaries'; text: max_bytes=4096" in out
+    assert ("channel: exact='summaries'; mentions: each(one_of=['alice', 'bob', 'carol']), max_items=3; "
+            "text: max_bytes=4096") in out
     assert "may delegate to: summarizer; max depth: 1" in out
 
 

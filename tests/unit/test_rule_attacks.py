@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -254,7 +255,8 @@ def test_path_under_on_a_parameter_without_path_is_a_policy_error():
         check_policy_tools(p, SPECS)
     p = parse_policy(yaml.safe_load(policy("a", "  read_file:\n    effect: read\n"
                                                  "    approval: {when: {pth: {path_under: /data}}}\n")))
-    with pytest.raises(ConfigError, match="at tools.read_file.approval.when.pth: tool 'read_file' has no such"):
+    with pytest.raises(ConfigError, match=re.escape("at tools.read_file.approval.when.pth: tool 'read_file' has no "
+                                                    "parameter 'pth'; its parameters: path (did you mean 'path'?)")):
         check_policy_tools(p, SPECS)
 
 
@@ -288,7 +290,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("rule,fragment", [
     ("channel: {path_under: /data}", "path_under needs a parameter declared PATH"),  # chat.read's channel is raw
     ("channel: {url_host: [example.com]}", "url_host needs a parameter declared URL"),
-    ("chanel: {one_of: [general]}", "has no such parameter"),
+    ("chanel: {one_of: [general]}", "has no parameter 'chanel'; its parameters: channel, limit (did you mean 'channel'?)"),
     ("channel: {regex: '(gen)\\1'}", "not valid RE2 syntax"),  # a backreference: the token check refuses it
 ])
 def test_job_start_refuses_a_policy_rule_the_tools_parameters_make_wrong(tmp_path, monkeypatch, rule, fragment):
