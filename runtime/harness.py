@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .agent import narrowing_caveats
 from .errors import ConfigError, ErrorCode, WardenError
 from .protocol import REQUEST_VERSION, decode_reply, seal_request
-from .registry import Registration, register_agent
+from .registry import Registration, check_policy_against_tools, register_agent
 from .sandbox.worker import ToolWorker
 from .testing import FakeClock, InProcessDispatcher
 from .tool import Tool, load_tools
@@ -182,14 +182,7 @@ class PolicyHarness:
         name = name or policy.agent
         if name in self.agents:
             raise ConfigError(f"agent {name!r} is registered already", code=ErrorCode.JOB_INVALID)
-        for tool_name, rule in sorted(policy.tools.items()):
-            t = self.tools.get(tool_name)
-            if t is None:
-                raise ConfigError(f"policy of {name!r} names tool {tool_name!r}, which the harness was not given "
-                                  f"(tools: {sorted(self.tools)})", code=ErrorCode.JOB_INVALID)
-            if t.spec.effect != rule.effect:
-                raise ConfigError(f"policy of {name!r}: tool {tool_name!r} has effect {t.spec.effect!r}, policy "
-                                  f"says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
+        check_policy_against_tools(name, policy, self.tools, offered_by="the harness")  # as a job start does
         reg = register_agent(self.supervisor.keyring, policy, job_id=self.job_id, now=self.clock(), name=name)
         self.supervisor.register_agent(reg.entry, reg.quota)
         self.agents[name], self.policies[name] = reg, policy

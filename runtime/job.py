@@ -37,8 +37,8 @@ from .agent import Agent, load_agent_class
 from .jobcheck import check_job
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
-from .trusted.policy import Policy, check_policy_tools, explain_error, load_policy
-from .registry import register_agent
+from .trusted.policy import Policy, explain_error, load_policy
+from .registry import check_policy_against_tools, register_agent
 
 
 class _Strict(BaseModel):
@@ -251,15 +251,7 @@ def load_job(path: str | Path) -> LoadedJob:
     except Exception as exc:
         raise ConfigError(f"{path}: cannot load tools {spec.tools}: {exc}", code=ErrorCode.JOB_INVALID) from None
     for agent, policy in policies.items():
-        for name, rule in policy.tools.items():
-            t = tools.get(name)
-            if t is None:
-                raise ConfigError(f"policy of {agent!r} names tool {name!r}, which no module in {spec.tools} "
-                                  f"defines", code=ErrorCode.JOB_INVALID)
-            if t.spec.effect != rule.effect:
-                raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, "
-                                  f"policy says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
-        check_policy_tools(policy, {n: t.spec for n, t in tools.items()}, source=f"policy of {agent!r}")
+        check_policy_against_tools(agent, policy, tools, offered_by=f"no module in {spec.tools}")
         unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
         if unknown:
             raise ConfigError(f"policy of {agent!r} delegates to unknown agents {unknown}", code=ErrorCode.JOB_INVALID)

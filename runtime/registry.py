@@ -16,12 +16,15 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from typing import Any, Mapping
+
+from .errors import ConfigError, ErrorCode
 from .trusted.capability import KeyRing
 from .trusted.ledger import AgentQuota
-from .trusted.policy import Policy
+from .trusted.policy import Policy, check_policy_tools
 from .trusted.supervisor import AgentEntry
 
-__all__ = ["Registration", "register_agent"]
+__all__ = ["Registration", "register_agent", "check_policy_against_tools"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,18 @@ def register_agent(keyring: KeyRing, policy: Policy, *, job_id: str, now: float,
                        tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings(),
                        policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked)
     return Registration(name, root.encode(), key, entry, policy.agent_quota(), tuple(policy.unsandboxed_tools()))
+
+
+def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, Any], *, offered_by: str) -> None:
+    """Refuse a policy that names a tool not offered (``offered_by`` says by what), gives a tool
+    another effect than the tool declares, or has a rule its parameters make wrong
+    (``check_policy_tools``). ``tools`` maps names to ``runtime.tool.Tool``. Raises ConfigError."""
+    for name, rule in sorted(policy.tools.items()):
+        t = tools.get(name)
+        if t is None:
+            raise ConfigError(f"policy of {agent!r} names tool {name!r}, which {offered_by} does not offer "
+                              f"(tools: {sorted(tools)})", code=ErrorCode.JOB_INVALID)
+        if t.spec.effect != rule.effect:
+            raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, policy "
+                              f"says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
+    check_policy_tools(policy, {n: t.spec for n, t in tools.items()}, source=f"policy of {agent!r}")

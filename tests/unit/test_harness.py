@@ -304,9 +304,11 @@ def test_set_up_errors_are_clear():
     with PolicyHarness([notes_read]) as h:
         with pytest.raises(ConfigError) as info:
             h.add_agent(WRITER)
-        assert "names tool 'notes.fail', which the harness was not given" in info.value.reason
+        assert "names tool 'notes.fail', which the harness does not offer" in info.value.reason
         with pytest.raises(ConfigError, match="effect 'read', policy says 'write'"):
             h.add_agent({"agent": "w", "tools": {"notes.read": {"effect": "write"}}})
+        with pytest.raises(ConfigError, match="has no parameter 'foldr'.*did you mean 'folder'"):
+            h.add_agent({"agent": "m", "tools": {"notes.read": {"effect": "read", "args": {"foldr": {"exact": "x"}}}}})
         with pytest.raises(ConfigError, match="no agent 'ghost'"):
             h.call("ghost", "notes.read", {"folder": "inbox"})
     with pytest.raises(ConfigError, match="stubs for tools that are not given"):
