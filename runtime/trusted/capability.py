@@ -187,6 +187,8 @@ def _finite(value: Any) -> bool:
 MAX_REGEX_CHARS = 512
 MAX_REGEX_PROGRAM = 1000  # RE2 instructions: a check costs at most (program size x input bytes) steps
 MAX_REGEX_INPUT_BYTES = 64 * 1024
+MAX_REGEX_WORK = 4 << 20  # program size x input bytes of one check: linear is not free either
+MAX_REGEX_CAVEATS = 8  # per token: any holder may append regex caveats, and each costs a pass
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.dot_nl = True  # '.' matches a newline too: a newline is no way out of a pattern
 _RE2_OPTIONS.never_capture = True
@@ -219,7 +221,10 @@ def _regex_reason(pattern: str, value: Any) -> str | None:
     data = value.encode("utf-8") if isinstance(value, str) else None  # lone surrogates: ValueError
     if data is None or len(data) > MAX_REGEX_INPUT_BYTES:
         raise PolicyDenied(f"not a string of at most {MAX_REGEX_INPUT_BYTES} UTF-8 bytes: {value!r:.80}")
-    return None if _regex(pattern).fullmatch(data) else f"{value!r:.80} does not match {pattern!r}"
+    compiled = _regex(pattern)
+    if compiled.programsize * len(data) > MAX_REGEX_WORK:
+        raise PolicyDenied(f"regex work {compiled.programsize} x {len(data)} bytes > {MAX_REGEX_WORK}")
+    return None if compiled.fullmatch(data) else f"{value!r:.80} does not match {pattern!r}"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -770,6 +775,9 @@ class KeyRing:
             raise TokenRejected("tag chain does not verify (tampered or forged)")
         if holder is None:
             raise TokenRejected("token names no holder")
+        if sum(isinstance(c, Arg) and (c.check == "regex" or c.check == "each" and c.param[0] == "regex")
+               for c in caveats) > MAX_REGEX_CAVEATS:
+            raise TokenRejected(f"more than {MAX_REGEX_CAVEATS} regex caveats")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
         return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets),

@@ -68,20 +68,25 @@ class QuotaLedger:
     def inflight(self, agent: str) -> int:
         return self._inflight.get(agent, 0)
 
+    def check_rate(self, agent: str, tool: str | None = None, now: float | None = None) -> float:
+        """The agent's rate tokens now, or RATE_LIMITED if it has none (nothing is taken: ``reserve`` takes)."""
+        quota, bucket, now = self._quota.get(agent), self._buckets.get(agent), self._clock() if now is None else now
+        if quota is None or bucket is None or quota.rate_per_s is None:
+            return 0.0
+        tokens = min(float(quota.burst), bucket.tokens + (now - bucket.last) * quota.rate_per_s)
+        if tokens < 1.0:
+            raise QuotaExceeded(f"rate {quota.rate_per_s}/s burst {quota.burst} exceeded", code=ErrorCode.RATE_LIMITED,
+                                tool=tool, retry_after_s=round((1.0 - tokens) / quota.rate_per_s, 4))
+        return tokens
+
     def reserve(self, agent: str, budgets: Iterable[tuple[bytes, str, float]], cost: float,
                 tool: str | None = None) -> Reservation:
         quota = self._quota.get(agent)
         if quota is None:
             raise QuotaExceeded(f"agent {agent!r} has no quota configured", tool=tool,
                                 code=ErrorCode.BUDGET_EXHAUSTED)
-        now = self._clock()
-        bucket = self._buckets[agent]
-        if quota.rate_per_s is not None:
-            tokens = min(float(quota.burst), bucket.tokens + (now - bucket.last) * quota.rate_per_s)
-            if tokens < 1.0:
-                wait = (1.0 - tokens) / quota.rate_per_s
-                raise QuotaExceeded(f"rate {quota.rate_per_s}/s burst {quota.burst} exceeded",
-                                    code=ErrorCode.RATE_LIMITED, tool=tool, retry_after_s=round(wait, 4))
+        now, bucket = self._clock(), self._buckets[agent]
+        tokens = self.check_rate(agent, tool, now)
         if quota.max_concurrent is not None and self._inflight[agent] >= quota.max_concurrent:
             raise QuotaExceeded(f"concurrent={self._inflight[agent]}, limit={quota.max_concurrent}",
                                 code=ErrorCode.CONCURRENCY_LIMIT, tool=tool)

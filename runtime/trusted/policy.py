@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError, ErrorCode, PolicyDenied
+from ..errors import ConfigError, ErrorCode, PolicyDenied, TokenRejected
 from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
                          Expires, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .anomaly import AnomalyConfig
@@ -189,12 +189,18 @@ class Policy(_Strict):
     def _fits_a_token(self) -> "Policy":
         """A root token over the size or caveat limit would be BAD_TOKEN at every call: refuse it now."""
         caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
-        n = len(KeyRing.generate().mint(holder=self.agent, caveats=caveats).encode())
+        ring = KeyRing.generate()
+        token = ring.mint(holder=self.agent, caveats=caveats)
+        n = len(token.encode())
         if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
             size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
                            for _byte in encode_caveat(c))  # one count per encoded byte
             raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
                              f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
+        try:
+            ring.verify(token)  # what the supervisor would refuse at every call, refused now
+        except TokenRejected as exc:
+            raise ValueError(f"its token would be refused: {exc.reason}") from None
         return self
 
     def approval_rules(self) -> dict[str, ApprovalRule]:

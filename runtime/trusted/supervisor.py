@@ -592,6 +592,7 @@ class Supervisor:
         try:
             self._flag(entry.name, label, self.anomaly.call(entry.name, label, self.clock()))
             self._check_revoked(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
+            self.ledger.check_rate(entry.name, tool)  # before any caveat work: regex checks cost time
             ok = self._reserve(entry.name, tool, vt, *self._evaluate(tool, args, entry, vt))
             if ok.tool in entry.approvals:
                 await self._approval(ok)

@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import msgpack
 import pytest
+import yaml
 
 from runtime.errors import ApprovalDenied, ConfigError, ErrorCode, PolicyDenied, TokenRejected, WardenError
 from runtime.job import load_job
-from runtime.protocol import REQUEST_VERSION, decode_reply, encode_call, seal_request
+from runtime.protocol import REQUEST_VERSION, decode_reply, encode_batch, encode_call, seal_request
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock, InProcessDispatcher
 from runtime.tool import PATH, tool
 from runtime.trusted.audit import AuditLog, read_records
-from runtime.trusted.capability import Arg, KeyRing
+from runtime.trusted.capability import MAX_REGEX_CAVEATS, Arg, KeyRing
 from runtime.trusted.observe import NullObserver
 from runtime.trusted.policy import check_policy_tools, parse_policy
 from runtime.trusted.supervisor import AgentEntry, Supervisor
@@ -167,6 +169,46 @@ def test_a_pattern_the_token_check_would_refuse_fails_at_policy_load_not_at_run_
         parse_policy(yaml.safe_load(text), source="p.yaml")
     assert info.value.code is ErrorCode.POLICY_INVALID
     assert "at tools.run.args.cmd" in info.value.reason
+
+
+HEAVY = "[ab]*a[ab]{990}"  # 15 characters, ~1,000 RE2 instructions, defeats RE2's fast path
+
+
+def test_a_heavy_pattern_on_a_long_value_is_denied_before_it_runs(rig):
+    """Linear is not free: a holder appends a pattern built to be slow and the model sends 64 KiB.
+    The check refuses work over MAX_REGEX_WORK (program size x bytes) instead of running it."""
+    a = rig.add_policy(policy("a", "  run:\n    effect: execute\n"), Arg("run", "cmd", "regex", HEAVY))
+    err = rig.denied(rig.send(rig.request(a, "run", cmd="ab" * 32768)), PolicyDenied, ErrorCode.POLICY_DENIED)
+    assert "regex work" in rig.records("decision")[-1]["reason"] and RAN == []
+    assert err.tool == "run"
+    assert decode_reply(rig.send(rig.request(a, "run", cmd="a" * 991)))["value"] == "ran"  # short: judged
+
+
+def test_a_token_with_more_regex_caveats_than_allowed_is_refused(rig):
+    cmd_rules = [Arg("run", "cmd", "regex", f".*{i}.*") for i in range(MAX_REGEX_CAVEATS + 1)]
+    a = rig.add_policy(policy("a", "  run:\n    effect: execute\n"), *cmd_rules)
+    rig.denied(rig.send(rig.request(a, "run", cmd="0123456789")), TokenRejected, ErrorCode.BAD_TOKEN)
+    assert "regex caveats" in rig.records("decision")[-1]["reason"] and RAN == []
+    rules = "".join(f"        x{i}: {{regex: 'a{i}'}}\n" for i in range(MAX_REGEX_CAVEATS + 1))
+    with pytest.raises(ConfigError, match="its token would be refused: more than 8 regex caveats"):
+        parse_policy(yaml.safe_load(policy("a", f"  run:\n    effect: execute\n    args:\n{rules}")), source="p")
+
+
+def test_a_batch_is_rate_limited_before_its_caveats_are_evaluated(rig, monkeypatch):
+    """A batch of slow checks cannot outrun the agent's rate: past its burst, items are refused
+    before any caveat is evaluated."""
+    from runtime.trusted import capability
+
+    a = rig.add_policy(policy("a", "  run:\n    effect: execute\n    args:\n      cmd: {regex: 'go.*'}\n"
+                                   "quotas: {rate_per_s: 1, burst: 1}\n"))
+    judged = []
+    real = capability._regex_reason
+    monkeypatch.setattr(capability, "_regex_reason", lambda p, v: judged.append(v) or real(p, v))
+    raw = asyncio.run(rig.sup.call_batch(encode_batch(agent=a, token=rig.tokens[a], request_key=rig.keys[a],
+                                                      calls=[("run", {"cmd": f"go{i}"}) for i in range(15)])))
+    codes = [r["error"]["code"] if not r["ok"] else "ok" for r in msgpack.unpackb(raw)["batch"]]
+    assert codes == ["ok"] + ["RATE_LIMITED"] * 14
+    assert judged == ["go0"] and RAN == [("run", "go0")]
 
 
 def test_a_regex_value_over_64_kib_is_denied(rig):
