@@ -176,8 +176,10 @@ def fetch(url: str, *, max_bytes: int, settings: FetchSettings, credentials: dic
         conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
         resp = conn.getresponse()
         status, resp_headers, data = resp.status, resp.getheaders(), resp.read(max_bytes + 1)
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError
+    except (OSError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError (and a ValueError)
         raise ToolFailed(f"fetch failed: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # http.client quotes a header it refuses: it may be a credential's
+        raise ToolFailed(f"fetch failed: {type(exc).__name__} (a header or the request line was refused)") from None
     finally:
         if conn is not None:
             conn.close()

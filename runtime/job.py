@@ -273,7 +273,11 @@ def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dic
             if ref.env not in environ:
                 raise ConfigError(f"credential {header!r} of tool {tool_name!r} needs environment variable "
                                   f"{ref.env}, which is not set", code=ErrorCode.JOB_INVALID)
-            out.setdefault(tool_name, {})[header] = {"value": ref.format.format(environ[ref.env]), "origin": ref.origin}
+            value = ref.format.format(environ[ref.env])
+            if any(c in value for c in "\r\n\0"):  # a header value with a line break would be refused and echoed
+                raise ConfigError(f"credential {header!r} of tool {tool_name!r}: {ref.env} holds a line break or NUL "
+                                  "(a secret read from a file with its trailing newline?)", code=ErrorCode.JOB_INVALID)
+            out.setdefault(tool_name, {})[header] = {"value": value, "origin": ref.origin}
     return out
 
 

@@ -456,6 +456,24 @@ def test_a_job_credential_without_an_origin_does_not_load():
         "http.fetch": {"Authorization": {"value": "Bearer x", "origin": "https://api.example.com:443"}}}
     with pytest.raises(ConfigError):
         resolve_credentials(ok, {})
+    for bad in ("ghp_TOPSECRET\n", "ghp_TOP\rSECRET", "ghp_TOP\0SECRET"):  # e.g. a secret file's trailing newline
+        with pytest.raises(ConfigError) as info:
+            resolve_credentials(ok, {"T": bad})
+        assert info.value.code is ErrorCode.JOB_INVALID and "line break" in info.value.reason
+        assert "TOPSECRET" not in info.value.reason
+
+
+def test_a_header_the_http_client_refuses_is_not_echoed_to_the_agent(server):
+    """A credential that reached the tool with a line break in it (bypassing the job loader)
+    fails the call without its value in the reason the agent and the audit log get."""
+    rig = Rig(("127.0.0.1",), http={"allow_private_networks": True})
+    body = {"call_id": secrets.token_hex(8), "job": JOB, "agent": "a", "tool": "http.fetch",
+            "args": {"url": f"http://127.0.0.1:{server.port}/x", "max_bytes": 100}, "deadline": time.time() + 30,
+            "credentials": {"Authorization": {**credential(f"http://127.0.0.1:{server.port}"),
+                                              "value": "Bearer ghp_TOPSECRET\n"}}}
+    reply = msgpack.unpackb(asyncio.run(rig.worker.execute(sign_dispatch(rig.key, body))), raw=False)
+    assert reply["ok"] is False and reply["error"]["code"] == "TOOL_FAILED"
+    assert "TOPSECRET" not in reply["error"]["reason"] and "header" in reply["error"]["reason"]
 
 
 
