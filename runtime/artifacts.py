@@ -17,6 +17,9 @@ from typing import Any
 from .sandbox.base import WORKSPACE
 from .sandbox.worker import artifacts_proof
 
+MAX_PATH_CHARS = 1024  # a path the sandbox made may be deeper than the driver should follow
+MAX_PATH_PARTS = 32
+
 
 async def collect_artifacts(workers: list[Any], *, paths: list[str], max_bytes: int, max_files: int,
                             dispatch_key: bytes, job_id: str, agents: list[str], run_dir: Path,
@@ -46,7 +49,8 @@ def save(dest: Path, got: dict[str, Any], *, max_bytes: int, max_files: int) -> 
         path, data = (item.get("path"), item.get("data")) if isinstance(item, dict) else (None, None)
         rel = _relative(path)
         if rel is None or not isinstance(data, bytes):
-            skipped.append({"path": str(path)[:200], "reason": "not a workspace path: refused"})
+            skipped.append({"path": str(path)[:200], "reason": f"not a workspace path of at most {MAX_PATH_PARTS} "
+                                                              f"parts and {MAX_PATH_CHARS} characters: refused"})
         elif files == max_files or total + len(data) > max_bytes:
             skipped.append({"path": path, "reason": "over the artifacts caps"})
         elif _write_new(dest, rel, data):
@@ -58,10 +62,10 @@ def save(dest: Path, got: dict[str, Any], *, max_bytes: int, max_files: int) -> 
 
 def _relative(path: Any) -> list[str] | None:
     """The parts of ``path`` below /workspace, or None if it is not plainly there."""
-    if not isinstance(path, str) or "\0" in path or not path.startswith(WORKSPACE + "/"):
+    if not isinstance(path, str) or "\0" in path or not path.startswith(WORKSPACE + "/") or len(path) > MAX_PATH_CHARS:
         return None
     parts = path[len(WORKSPACE) + 1:].split("/")
-    if posixpath.normpath(path) != path or any(p in ("", ".", "..") for p in parts):
+    if posixpath.normpath(path) != path or len(parts) > MAX_PATH_PARTS or any(p in ("", ".", "..") for p in parts):
         return None
     return parts
 
