@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from typing import Any, Mapping
 
-from .errors import ConfigError, ErrorCode
-from .trusted.capability import KeyRing
+from .errors import ConfigError, ErrorCode, PolicyDenied
+from .trusted.capability import KeyRing, canonical_path, host_pattern, host_value
 from .trusted.ledger import AgentQuota
 from .trusted.policy import Policy, check_policy_tools
 from .trusted.supervisor import AgentEntry
@@ -71,3 +71,39 @@ def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, A
             raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, policy "
                               f"says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
     check_policy_tools(policy, {n: t.spec for n, t in tools.items()}, source=f"policy of {agent!r}")
+    problems = [f"  at tools.{name}.{where}.{arg}: {why}" for name, rule in sorted(policy.tools.items())
+                for where, rules in (("args", rule.args), ("approval.when", _when(rule)))
+                for arg, arg_rule in sorted(rules.items()) if arg in tools[name].spec.params
+                for why in _never_matching(tools[name].spec.params[arg].format, arg_rule, where == "approval.when")]
+    if problems:
+        raise ConfigError("\n".join([f"policy of {agent!r}: rules that could never match what the tool receives",
+                                     *problems]), code=ErrorCode.POLICY_INVALID)
+
+
+_CANONICAL = {"path": canonical_path, "host": host_value}
+
+
+def _when(rule: Any) -> dict[str, Any]:
+    return getattr(rule.approval, "when", None) or {}
+
+
+def _never_matching(fmt: str | None, rule: Any, approval: bool) -> list[str]:
+    """Rules on a canonicalised parameter written in another spelling than the one the check sees.
+
+    An allow rule that never matches denies every call (fail closed, but surely not meant); an
+    approval rule that never matches lets every call through unasked, so both are refused."""
+    values = ([rule.exact] if "exact" in rule.model_fields_set else []) + list(rule.one_of or [])
+    out = []
+    for v in values if fmt in _CANONICAL else ():
+        try:
+            ok = isinstance(v, str) and _CANONICAL[fmt](v) == v
+        except PolicyDenied:
+            ok = False
+        if not ok:
+            out.append(f"{v!r:.80} is not in the canonical form of a {fmt.upper()} parameter "
+                       f"(the tool gets {fmt}s canonicalised: write it so)")
+    if fmt == "host" and any(host_pattern(p)[0] is not None for p in rule.url_host or ()):
+        out.append("url_host entries with a scheme or port never match a bare HOST value")
+    if approval and fmt == "url" and "regex" in rule.model_fields_set:
+        out.append("a regex on a URL sees its raw spelling (case, trailing dot): use url_host in approval rules")
+    return out

@@ -26,7 +26,7 @@ from runtime.job import load_job
 from runtime.protocol import REQUEST_VERSION, decode_reply, encode_batch, encode_call, seal_request
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock, InProcessDispatcher
-from runtime.tool import PATH, tool
+from runtime.tool import HOST, PATH, URL, tool
 from runtime.trusted.audit import AuditLog, read_records
 from runtime.trusted.capability import MAX_REGEX_CAVEATS, Arg, KeyRing
 from runtime.trusted.observe import NullObserver
@@ -375,3 +375,43 @@ def test_exact_null_is_a_rule_not_an_empty_key(rig):
     a = rig.add_policy(policy("a", "  transfer:\n    effect: write\n    args:\n      memo: {exact: null}\n"))
     rig.denied(rig.send(rig.request(a, "transfer", amount=1.0, memo="x")), PolicyDenied, ErrorCode.POLICY_DENIED)
     assert RAN == []
+
+
+# ------------------------------------------------------------------ rules that could never match
+
+
+@tool(effect="delete")
+def drop_db(host: Annotated[str, HOST]) -> str:
+    """Drops a database on a host."""
+    return host
+
+
+@tool(effect="read")
+def web_get(url: Annotated[str, URL]) -> str:
+    """Fetches a URL."""
+    return url
+
+
+@pytest.mark.parametrize("tool_name,rules,why", [
+    # An approval rule a canonical argument can never match lets every call through unasked.
+    ("drop_db", "approval: {when: {host: {one_of: [Prod-DB.internal]}}}", "canonical form of a HOST"),
+    ("drop_db", "approval: {when: {host: {url_host: ['https://prod.internal']}}}", "never match a bare HOST"),
+    ("web_get", "approval: {when: {url: {regex: 'https://pay[.]example[.]com/.*'}}}", "use url_host"),
+    ("read_file", "approval: {when: {path: {exact: /data/../etc/x}}}", "canonical form of a PATH"),
+    # The same mistake in an allow rule denies every call: refused too, as surely not meant.
+    ("read_file", "args: {path: {one_of: [/data/x, /data//y]}}", "canonical form of a PATH"),
+])
+def test_a_rule_that_could_never_match_what_the_tool_receives_is_refused_at_load(tool_name, rules, why):
+    from runtime.registry import check_policy_against_tools
+
+    tools = {**TOOLS, "drop_db": drop_db, "web_get": web_get}
+    effect = tools[tool_name].spec.effect
+    p = parse_policy(yaml.safe_load(policy("a", f"  {tool_name}:\n    effect: {effect}\n    {rules}\n")), source="p")
+    with pytest.raises(ConfigError) as info:
+        check_policy_against_tools("a", p, tools, offered_by="the test")
+    assert info.value.code is ErrorCode.POLICY_INVALID and why in info.value.reason
+    fine = {"drop_db": "approval: {when: {host: {one_of: [prod-db.internal]}}}",
+            "web_get": "approval: {when: {url: {url_host: [pay.example.com]}}}",
+            "read_file": "args: {path: {one_of: [/data/x, /data/y]}}"}[tool_name]
+    check_policy_against_tools("a", parse_policy(yaml.safe_load(
+        policy("a", f"  {tool_name}:\n    effect: {effect}\n    {fine}\n")), source="p"), tools, offered_by="the test")
