@@ -556,10 +556,11 @@ class Supervisor:
             return self._deny(exc, data, started=started)
         decided = [await self._decide(tool, args, entry, vt, data, started) for tool, args in items]
         outcomes: dict[str, Any] = {}
-        for d in decided:  # revoked (or quarantined by a later item) since its decision: not dispatched
+        for d in decided:  # revoked, quarantined or expired (a later item parked) since its decision: not sent
             if isinstance(d, _Allowed):
                 try:
                     self._still_valid(d.vt, d.tool)
+                    d.vt.check_time(self.clock())
                 except TokenRejected as exc:
                     outcomes[d.call_id] = exc
         allowed = [d for d in decided if isinstance(d, _Allowed) and d.call_id not in outcomes]

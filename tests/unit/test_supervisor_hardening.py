@@ -232,6 +232,22 @@ def test_a_revocation_while_a_batch_item_is_parked_stops_the_rest_of_the_batch(t
     assert w.records(kind="outcome")[0]["dispatched"] is False
 
 
+def test_a_batch_item_is_not_dispatched_once_its_token_expired_while_a_later_item_parked(tmp_path):
+    w = World(tmp_path, {"a": {"approvals": ALWAYS, "caveats": [Expires(time.time() + 60)]}})
+    sup = w.sups[0]
+
+    async def scenario() -> list[dict[str, Any]]:
+        task = asyncio.create_task(w.batch("a", [("write", {"name": "first"}), ("drop", {"channel": "general"})]))
+        await until(lambda: len(sup.approvals) == 1)
+        w.clock.advance(3600)  # the human answers an hour later; the token expired meanwhile
+        sup.decide_approval(sup.approvals.list()[0]["id"], approve=True, approver="dan")
+        return await task
+
+    assert codes(asyncio.run(scenario())) == ["TOKEN_EXPIRED", "TOKEN_EXPIRED"]
+    assert RAN == [] and sup.ledger.inflight("a") == 0
+    assert [r["dispatched"] for r in w.records(kind="outcome")] == [False]
+
+
 # ------------------------------------------------- item 10: invented names cost nothing
 
 
