@@ -147,7 +147,7 @@ def control_routes(operator: Any, token: str) -> list[Any]:
             await operator.revoke_agent(agent, by, cascade)
             return web.json_response({"revoked_agent": agent, "cascade": cascade})
         if body.get("token_id"):
-            await operator.revoke_token(bytes.fromhex(str(body["token_id"])), by)
+            await operator.revoke_token(_token_ref(str(body["token_id"])), by)
             return web.json_response({"revoked_token": str(body["token_id"])})
         raise ValueError("need 'agent' or 'token_id'")
 
@@ -157,6 +157,9 @@ def control_routes(operator: Any, token: str) -> list[Any]:
         if body.get("action") == "rotate":
             return web.json_response({"current": await operator.rotate_key(by)})
         if body.get("action") == "retire" and body.get("kid"):
+            if str(body["kid"]) not in operator.sup.keyring.kids:
+                return web.json_response({"error": f"no key {str(body['kid'])[:64]!r} in the ring "
+                                                   f"(keys: {operator.sup.keyring.kids})"}, status=404)
             await operator.retire_key(str(body["kid"])[:64], by)
             return web.json_response({"retired": str(body["kid"])})
         raise ValueError("need action 'rotate', or action 'retire' with 'kid'")
@@ -164,6 +167,19 @@ def control_routes(operator: Any, token: str) -> list[Any]:
     return [web.get("/control/status", guard(status)), web.get("/control/approvals", guard(approvals)),
             web.post("/control/approvals/{id}", guard(decide)), web.post("/control/revoke", guard(revoke)),
             web.post("/control/keys", guard(keys))]
+
+
+def _token_ref(text: str) -> bytes:
+    """A whole token id (16 bytes, as audit records show it) or tag (32): a prefix or a typo would
+    revoke nothing and look as if it had."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"token_id {text[:80]!r} is not hex") from None
+    if len(raw) not in (16, 32):
+        raise ValueError(f"token_id must be a whole token id (32 hex digits, as in the audit log's token_id) "
+                         f"or tag (64), not {len(text)} characters")
+    return raw
 
 
 def write_control_file(run_dir: Path, *, url: str, token: str, job_id: str, urls: list[str] | None = None) -> Path:

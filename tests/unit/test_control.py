@@ -258,6 +258,12 @@ def test_control_api_needs_the_operator_token_and_revokes_tokens(tmp_path):
             assert out == {"revoked_token": env.roots["bob"].hex()}
             with pytest.raises(ControlError, match="HTTP 404"):
                 await asyncio.to_thread(good.revoke, agent="nobody", by="erin")
+            for short in (env.roots["alice"].hex()[:8], "deadbeef", "9c1f...e2"):  # a prefix would revoke nothing
+                with pytest.raises(ControlError, match="HTTP 400.*(whole token id|not hex)"):
+                    await asyncio.to_thread(good.revoke, token_id=short, by="erin")
+            assert await env.call("drop", agent="alice", channel="still-allowed") == "dropped still-allowed"
+            with pytest.raises(ControlError, match="HTTP 404.*no key 'abc'"):
+                await asyncio.to_thread(good.keys, action="retire", kid="abc", by="erin")
             with pytest.raises(ControlError, match="HTTP 400"):
                 await asyncio.to_thread(good.revoke, by="erin")
             with pytest.raises(TokenRejected) as info:
