@@ -19,10 +19,13 @@ import contextvars
 import importlib
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
+from pydantic import ValidationError
+
 from .errors import DelegationDenied, WardenError
 from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
-from .trusted.capability import Arg, CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
+from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
+from .trusted.policy import ArgRule, explain_error
 
 
 class SupervisorClient(Protocol):
@@ -143,10 +146,15 @@ def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_cal
         narrowing.append(Expires(now + ttl_s))
     if max_depth is not None:
         narrowing.append(MaxDepth(max_depth))
-    for key, check in (args or {}).items():
+    for key, rule in (args or {}).items():  # "tool.arg": a policy argument rule ({max: 100}, {one_of: [...]})
         tool, _, arg = key.rpartition(".")
-        for kind, param in check.items():
-            narrowing.append(Arg(tool, arg, kind, tuple(param) if isinstance(param, list) else param))
+        if not tool or not isinstance(rule, dict):
+            raise ValueError(f"delegation args: {key!r} must be 'tool.argument' mapped to an argument rule")
+        try:
+            narrowing += ArgRule.model_validate(rule).caveats(tool, arg)
+        except ValidationError as exc:
+            raise ValueError(f"delegation args {key!r}: " + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(ArgRule, e)}" for e in exc.errors())) from None
     return narrowing
 
 

@@ -258,6 +258,17 @@ def test_delegation_binds_a_narrower_token_to_the_delegate(h):
     assert h.call("writer", "notes.read", {"folder": "inbox"}, token=g.token).code == "WRONG_HOLDER"
 
 
+def test_delegation_args_are_policy_argument_rules(h):
+    g = h.delegate("writer", "reader", args={"notes.read.limit": {"max": 5}, "notes.read.folder": {"one_of": ["inbox"]}})
+    assert g.allowed
+    assert h.call("reader", "notes.read", {"folder": "inbox", "limit": 5}, token=g.token).allowed
+    assert h.call("reader", "notes.read", {"folder": "inbox", "limit": 6}, token=g.token).code == "POLICY_DENIED"
+    with pytest.raises(ValueError, match="did you mean 'one_of'"):  # refused before anything is sent
+        h.delegate("writer", "reader", args={"notes.read.folder": {"one_off": ["inbox"]}})
+    with pytest.raises(ValueError, match="'tool.argument'"):
+        h.delegate("writer", "reader", args={"limit": {"max": 5}})
+
+
 def test_delegation_outside_the_policy_is_denied_with_its_reason(h):
     d = h.delegate("reader", "writer")
     assert d.code == "DELEGATION_DENIED" and "may not delegate to 'writer'" in d.reason and d.token is None
