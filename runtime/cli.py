@@ -309,6 +309,8 @@ def audit_chains(path: str) -> list[str]:
     from pathlib import Path
 
     p = Path(path)
+    if not p.exists():
+        raise NoAuditLog(f"{path}: no such file or directory")
     if not p.is_dir():
         return [path]
     logs = [p / "audit.log"] if (p / "audit.log").exists() else []
@@ -345,7 +347,11 @@ def _when(text: str | None) -> float | None:
     try:
         return float(text)
     except ValueError:
+        pass
+    try:
         return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO time (2026-12-04T09:30) nor UNIX seconds") from None
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -362,7 +368,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     # Several shards: one stream in time order (each chain is already in order).
     merged = heapq.merge(*[tagged(c) for c in chains], key=lambda r: r.get("ts", 0.0))
     records = filter_records(merged, agent=args.agent, tool=args.tool, decision=args.decision,
-                             kind=args.kind, since=_when(args.since), until=_when(args.until))
+                             kind=args.kind, since=args.since, until=args.until)
     try:
         for rec in records:
             if args.json:
@@ -386,6 +392,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         for path in chains:
             status = max(status, cmd_audit_export(argparse.Namespace(**{**vars(args), "path": path})))
         return status
+    args = argparse.Namespace(**{**vars(args), "path": chains[0]})  # a run directory of one chain: that log
     report = verify(args.path)
     if not report.ok:
         refused = "" if args.allow_broken else "; not exported (--allow-broken exports it anyway)"
@@ -393,7 +400,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         if not args.allow_broken:
             return EXIT_FAIL
     filters = dict(agent=args.agent, tool=args.tool, decision=args.decision, kind=args.kind,
-                   since=_when(args.since), until=_when(args.until))
+                   since=args.since, until=args.until)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         count = export_jsonl(args.path, out, allow_broken=args.allow_broken, **filters)
@@ -584,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
         cmd.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
         cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
-        cmd.add_argument("--since", help="ISO time or UNIX seconds")
-        cmd.add_argument("--until", help="ISO time or UNIX seconds")
+        cmd.add_argument("--since", type=_when, help="ISO time or UNIX seconds")
+        cmd.add_argument("--until", type=_when, help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(fn=cmd_audit_show)
     export.add_argument("--out", metavar="FILE", help="write here (default: stdout)")

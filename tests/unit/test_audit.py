@@ -938,7 +938,12 @@ def test_cli_show_kind_and_code(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("code=POLICY_DENIED" in line for line in out)
     assert main(["audit", "show", str(tmp_path / "missing.log")]) == 1
-    assert "cannot read audit log" in capsys.readouterr().err
+    assert "missing.log: no such file or directory" in capsys.readouterr().err
+    assert main(["audit", "verify", str(tmp_path / "missing.log")]) == 1  # missing, not "BROKEN"
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a usage error, not a traceback
+        main(["audit", "show", str(path), "--since", "yesterday"])
+    assert info.value.code == 2 and "neither an ISO time" in capsys.readouterr().err
 
 
 def test_cli_verify_and_show_every_shard_chain_of_a_run_directory(tmp_path, capsys):
