@@ -227,9 +227,18 @@ def test_filling_tmp_breaches_the_sandbox_memory_cgroup(session):
     assert_next_call_works(session)
 
 
-def test_fork_bomb_is_killed_for_pids(session):
+def test_fork_bomb_is_contained_and_never_named_another_limit(session):
+    # The worker counts the call's processes (runsc ps, every 0.25 s). A bomb whose forks the
+    # in-sandbox RLIMIT_NPROC refuses can die of that before a count sees it over max_pids (on
+    # a busy machine, often): then it is the program's own failure, as the README says; never
+    # CPU, time or memory. Processes held past the limit are always a pids breach
+    # (test_kill_causes::test_processes_held_past_the_limit_are_a_pids_breach).
     r = py(session, "import os\nwhile True:\n    os.fork()")
-    assert r.killed == "pids" and r.detail.startswith("processes"), r  # counted by the worker (runsc ps)
+    assert r.killed in ("pids", None), r
+    if r.killed == "pids":
+        assert r.detail.startswith("processes"), r
+    else:
+        assert r.exit_code not in (0, None), r
     assert_next_call_works(session)
 
 
