@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any, Iterator, Sequence, TextIO
 
 from .control import ControlError
-from .errors import WardenError
+from .errors import ErrorCode, WardenError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("path")
         cmd.add_argument("--agent")
         cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
-        cmd.add_argument("--decision", help="allow, deny, or an error code such as POLICY_DENIED")
+        cmd.add_argument("--decision", choices=DECISIONS, metavar="DECISION",
+                         help="allow, deny, or an error code such as POLICY_DENIED (README: Errors)")
         cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
         cmd.add_argument("--since", type=_when, help="ISO time or UNIX seconds")
         cmd.add_argument("--until", type=_when, help="ISO time or UNIX seconds")
@@ -718,14 +719,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             _stop_private_ray()
 
 
+DECISIONS = ["allow", "deny", *sorted(c.value for c in ErrorCode)]
+
+
+def _json_error(args: argparse.Namespace, code: str, reason: str) -> None:
+    """With --json a failure is a JSON document too: a script reading stdout gets one either way."""
+    if getattr(args, "json", False) and getattr(args, "json_out", None) is not None:
+        print(json.dumps({"ok": False, "error": {"code": code, "reason": reason}}), file=args.json_out)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.fn(args))
     except WardenError as exc:
         print(f"warden: {exc.code.value}: {exc.reason}", file=sys.stderr)
+        _json_error(args, exc.code.value, exc.reason)
         return EXIT_FAIL
     except (ControlError, NoAuditLog) as exc:
         print(f"warden: {exc}", file=sys.stderr)
+        _json_error(args, type(exc).__name__, str(exc))
         return EXIT_FAIL
     except KeyboardInterrupt:
         print("warden: interrupted", file=sys.stderr)

@@ -944,6 +944,9 @@ def test_cli_show_kind_and_code(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # a usage error, not a traceback
         main(["audit", "show", str(path), "--since", "yesterday"])
     assert info.value.code == 2 and "neither an ISO time" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a filter that can match nothing is a usage error too
+        main(["audit", "show", str(path), "--decision", "denied"])
+    assert info.value.code == 2 and "invalid choice: 'denied'" in capsys.readouterr().err
 
 
 def test_cli_verify_and_show_every_shard_chain_of_a_run_directory(tmp_path, capsys):

@@ -213,3 +213,13 @@ def test_every_command_with_json_writes_its_document_to_the_json_stream():
     for p in with_json:
         fn = p._defaults["fn"]
         assert "json_out" in inspect.getsource(fn), f"{p.prog}: write the JSON to args.json_out"
+
+
+def test_a_failing_command_with_json_still_prints_a_json_document(tmp_path, capsys):
+    from runtime.cli import main
+
+    assert main(["run", str(tmp_path / "missing.yaml"), "--json"]) == 1
+    out = capsys.readouterr()
+    doc = json.loads(out.out)  # the document alone, even for a failure
+    assert doc["ok"] is False and doc["error"]["code"] == "JOB_INVALID" and "missing.yaml" in doc["error"]["reason"]
+    assert "JOB_INVALID" in out.err
