@@ -345,9 +345,6 @@ def ensure_ray(address: str | None, placement: PlacementSpec | None = None) -> N
     temp_dir = tempfile.mkdtemp(prefix="warden-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     _PRIVATE_RAY.append(temp_dir)
     atexit.register(stop_private_ray)
-    # Token authentication, asked for by name: left unset, Ray turns it on anyway but prints a
-    # warning that suggests turning it off. An operator's own RAY_AUTH_MODE is kept.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=LOCAL_ADDRESS, _temp_dir=temp_dir, include_dashboard=False, logging_level="WARNING",
              resources=(placement or PlacementSpec()).local_resources())
 
