@@ -14,7 +14,7 @@ import pytest
 
 from runtime.errors import ErrorCode, SandboxKilled, ToolFailed
 from runtime.protocol import decode_reply, encode_call
-from runtime.sandbox.base import _children, _state_and_session
+from runtime.sandbox.base import REAP_PERIOD_S, _children, _state_and_session
 from runtime.sandbox.pool import SandboxPool
 from runtime.sandbox.worker import ToolWorker
 from runtime.tool import load_tools
@@ -126,3 +126,14 @@ def zombies_of_uid(uid: int) -> list[int]:
         if fields.get("State", "").strip().startswith("Z") and int(fields["Uid"].split()[0]) == uid:
             found.append(int(entry))
     return found
+
+
+def reaped_within(check, timeout_s: float) -> bool:
+    """Whether ``check()`` holds within ``timeout_s``: orphans are reaped by the worker's
+    reaper thread, asynchronously, within a sweep or two (no event to await: it polls)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(REAP_PERIOD_S / 5)
+    return True

@@ -5,20 +5,11 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import time
 
-from runtime.sandbox.base import REAP_PERIOD_S, REAPER, reap, spawn
+from runtime.sandbox.base import REAPER, reap, spawn
 
-from .harness import zombie_children
+from .harness import reaped_within, zombie_children
 
-
-def wait_until(check, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(REAP_PERIOD_S / 5)
-    return True
 
 
 def exited(proc: subprocess.Popen[bytes]) -> None:
@@ -38,7 +29,7 @@ def test_an_orphan_comes_to_the_worker_and_is_reaped():
                             capture_output=True, text=True)
     orphan = int(parent.stdout)
     assert int(open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()
-    assert wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), 30), "the orphan was never reaped"
+    assert reaped_within(lambda: not os.path.exists(f"/proc/{orphan}"), 30), "the orphan was never reaped"
     assert orphan not in zombie_children()
 
 

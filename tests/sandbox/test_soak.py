@@ -17,22 +17,12 @@ from runtime.errors import ErrorCode, SandboxKilled
 from runtime.sandbox.base import ORPHAN_GRACE_S, REAP_PERIOD_S
 from runtime.trusted import audit
 
-from .harness import LIMITS, Env, zombie_children, zombies_of_uid
+from .harness import LIMITS, Env, reaped_within, zombie_children, zombies_of_uid
 
 CALLS = 500
 KILL_EVERY = 50  # every 50th call breaches the output cap and is killed
 MAX_PIDS = 6
 
-
-def settled(check, timeout_s: float) -> bool:
-    """Whether ``check()`` holds within ``timeout_s``: orphans are reaped by the worker's
-    reaper thread, asynchronously, within a sweep or two."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(REAP_PERIOD_S / 5)
-    return True
 
 
 def test_500_calls_as_one_agent_all_succeed_and_leave_no_zombie(tmp_path, backend_name):
@@ -50,7 +40,7 @@ def test_500_calls_as_one_agent_all_succeed_and_leave_no_zombie(tmp_path, backen
         elapsed_s = time.monotonic() - started
         print(f"{backend_name}: {CALLS} calls in {elapsed_s:.1f}s")
         uid = getattr(env.session(), "_uid", None)
-        assert settled(lambda: not zombie_children() and (uid is None or not zombies_of_uid(uid)),
+        assert reaped_within(lambda: not zombie_children() and (uid is None or not zombies_of_uid(uid)),
                        ORPHAN_GRACE_S + 10 * REAP_PERIOD_S), (zombie_children(), uid and zombies_of_uid(uid))
         outcomes = env.outcomes()
         assert len(outcomes) == CALLS
@@ -58,4 +48,4 @@ def test_500_calls_as_one_agent_all_succeed_and_leave_no_zombie(tmp_path, backen
     finally:
         env.close()
     assert audit.verify(env.audit_path).ok
-    assert settled(lambda: not zombie_children(), ORPHAN_GRACE_S + 10 * REAP_PERIOD_S), zombie_children()
+    assert reaped_within(lambda: not zombie_children(), ORPHAN_GRACE_S + 10 * REAP_PERIOD_S), zombie_children()
