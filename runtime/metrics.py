@@ -1,6 +1,6 @@
 """Prometheus metrics for the supervisor's decisions, and a small HTTP server that exposes them.
 
-``PrometheusObserver`` implements ``runtime.trusted.observe.Observer``. It keeps:
+``PrometheusObserver`` implements ``runtime.observe.Observer``. It keeps:
 
 * its own ``CollectorRegistry`` (never the process-global one), so several jobs or tests in
   one process cannot clash;

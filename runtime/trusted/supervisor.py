@@ -41,12 +41,12 @@ import msgpack
 
 from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
                       MalformedRequest, QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
-from .anomaly import AnomalyConfig, AnomalyDetector
+from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
-from .observe import NullObserver, Observer
+from ..observe import NullObserver, Observer
 from .state import StateJournal
 from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 

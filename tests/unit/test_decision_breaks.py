@@ -21,7 +21,8 @@ from runtime.testing import FakeClock
 from runtime.trusted.approvals import ApprovalRule
 from runtime.trusted.capability import Arg, KeyRing, Token, hmac_sha256
 from runtime.trusted.ledger import AgentQuota, NonceWindow, QuotaLedger
-from runtime.trusted.policy import Policy, parse_policy
+from runtime.trusted.policy import Policy
+from runtime.policyfile import parse_policy
 from tests.unit.caveat_walk import CallContext, evaluate
 
 NOW = 1_000.0

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from runtime.metrics import (AUTHZ_BUCKETS_S, CONTENT_TYPE, KILL_CAUSES, MAX_LABEL_CHARS, OTHER, MetricsServer,
                              PrometheusObserver, parse_metrics, sum_samples)
-from runtime.trusted.observe import NullObserver, Observer
+from runtime.observe import NullObserver, Observer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "warden-dashboard.json"
