@@ -16,15 +16,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..anomaly import AnomalyConfig
+from ..anomaly import AnomalySpec
 from ..errors import PolicyDenied, TokenRejected
 from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
-                         Expires, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat, host_pattern)
+                         Expires, Flow, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat,
+                         host_pattern)
+from .flow import Label, Output
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
 from .wire import ToolSpec
 
 Effect = Literal["read", "write", "delete", "execute"]
+Level = Literal["trusted", "endorsed", "untrusted"]
 
 
 class _Strict(BaseModel):
@@ -133,11 +136,64 @@ class ApprovalSpec(_Strict):
     timeout_s: float = Field(default=300.0, gt=0, le=86400)
 
 
+class ItemRule(_Strict):
+    path: str = ""  # the key of the list in a map result; '' when the result is the list
+    when: dict[str, ArgRule] = Field(min_length=1)  # rules on each item's fields
+
+
+class OutputRule(_Strict):
+    """The label of a tool's results. Unset fields come from the job file, then ``@tool``;
+    what none of them sets is untrusted and public."""
+
+    integrity: Level | None = None
+    readers: Literal["public"] | list[str] | None = None
+    hide: bool | None = None  # the agent gets a handle, not the content
+    trusted_items: ItemRule | None = None
+
+    def over(self, base: "OutputRule | None") -> "OutputRule":
+        return OutputRule.model_validate({**base.model_dump(exclude_none=True), **self.model_dump(exclude_none=True)}
+                                         ) if base else self
+
+    def output(self) -> Output:
+        label = Label.parse({"integrity": self.integrity or "untrusted", "readers": self.readers or "public"})
+        items = self.trusted_items
+        when = tuple((c.arg, c.check, c.param) for f, r in sorted(items.when.items()) for c in r.caveats("", f)
+                     ) if items else ()
+        return Output(label, bool(self.hide), items.path if items else None, when)
+
+
+class FlowRule(_Strict):
+    """What may flow into a call (sink rules), encoded in the token as ``Flow`` caveats."""
+
+    effects: list[Effect] = Field(default_factory=list)  # policy-wide rules: the tools they apply to
+    context: Level | None = None
+    args: Level | dict[str, Level] | None = None  # one level for every argument, or per argument
+    destination: str | None = None  # an argument naming where the data goes, or 'public'
+    on_violation: Literal["deny", "approve"] = "deny"
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "FlowRule":
+        if not self.caveats("*"):
+            raise ValueError("an ifc rule needs context, args or destination (above untrusted)")
+        return self
+
+    def caveats(self, tool: str) -> list[Flow]:
+        e, m = tuple(self.effects), self.on_violation
+        args = {"*": self.args} if isinstance(self.args, str) else self.args or {}
+        out = [Flow(tool, e, a, lvl, m) for a, lvl in [("", self.context), *sorted(args.items())]
+               if lvl not in (None, "untrusted")]
+        if self.destination:
+            out.append(Flow(tool, e, "" if self.destination == "public" else self.destination, "readers", m))
+        return out
+
+
 class ToolRule(_Strict):
     effect: Effect
     args: dict[str, ArgRule] = Field(default_factory=dict)
     approval: bool | ApprovalSpec = False
     sandbox: SandboxRule | None = None
+    ifc: FlowRule | None = None
+    output: OutputRule | None = None
 
     def approval_rule(self, tool: str) -> ApprovalRule | None:
         if self.approval is False:
@@ -147,16 +203,6 @@ class ToolRule(_Strict):
                      for c in rule.caveats(tool, arg))
         return ApprovalRule(tool, when, spec.timeout_s)
 
-
-class AnomalySpec(_Strict):
-    window_s: float = Field(default=60.0, gt=0)
-    rate_factor: float = Field(default=5.0, gt=1)
-    min_calls: int = Field(default=10, ge=1)
-    denial_burst: int = Field(default=5, ge=1)
-    quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
-
-    def config(self) -> AnomalyConfig:
-        return AnomalyConfig(**self.model_dump())
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -173,6 +219,12 @@ class Delegation(_Strict):
     max_depth: int = Field(default=0, ge=0)
 
 
+class HandleLimits(_Strict):
+    max_count: int = Field(default=256, ge=0)
+    max_bytes: int = Field(default=16 << 20, ge=0)
+    ttl_s: float = Field(default=3600.0, gt=0)
+
+
 class Policy(_Strict):
     agent: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -181,6 +233,8 @@ class Policy(_Strict):
     delegation: Delegation = Field(default_factory=Delegation)
     sandbox: SandboxRule = Field(default_factory=SandboxRule)
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
+    ifc: list[FlowRule] = Field(default_factory=list)
+    handles: HandleLimits = Field(default_factory=HandleLimits)
 
     @model_validator(mode="after")
     def _fits_a_token(self) -> "Policy":
@@ -218,7 +272,14 @@ class Policy(_Strict):
         return [Audience(job_id), Tools(tuple(sorted(self.tools))),
                 Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
                 *(c for tool, rule in sorted(self.tools.items()) for arg, r in sorted(rule.args.items())
-                  for c in r.caveats(tool, arg))]
+                  for c in r.caveats(tool, arg)),
+                *(c for tool, rule in sorted(self.tools.items()) if rule.ifc for c in rule.ifc.caveats(tool)),
+                *(c for rule in self.ifc for c in rule.caveats("*"))]
+
+    def outputs(self, declared: dict[str, OutputRule]) -> dict[str, Output]:
+        """The label of each named tool's results: the policy's ``output`` over ``declared`` (the
+        job file's over ``@tool``'s)."""
+        return {t: (r.output or OutputRule()).over(declared.get(t)).output() for t, r in self.tools.items()}
 
     def sandbox_settings(self) -> dict[str, dict[str, Any]]:
         """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""

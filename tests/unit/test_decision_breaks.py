@@ -279,8 +279,9 @@ def test_parked_calls_are_listed_oldest_first_with_their_window_and_decided_one_
         assert len(first.id) == 12 and first.id != second.id
         listed = approvals.list()
         assert listed == [{"id": first.id, "agent": "a", "tool": "t", "args": {"x": 1}, "created": 100.0,
-                           "expires": 130.0},
-                          {"id": second.id, "agent": "b", "tool": "u", "args": {}, "created": 105.0, "expires": 115.0}]
+                           "expires": 130.0, "flow": None},
+                          {"id": second.id, "agent": "b", "tool": "u", "args": {}, "created": 105.0, "expires": 115.0,
+                           "flow": None}]
         clock.now = 50.0  # a third call parked "earlier" (a clock step back) is listed first
         third = approvals.park("a", "t", {}, 1.0)
         assert [p["id"] for p in approvals.list()] == [third.id, first.id, second.id]
