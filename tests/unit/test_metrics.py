@@ -58,7 +58,8 @@ def scripted(job: str = "job-1") -> PrometheusObserver:
 # ---------------------------------------------------------------------- the observer
 def test_observer_implements_every_observer_method_with_the_same_signature():
     methods = [n for n, v in vars(Observer).items() if callable(v) and not n.startswith("_")]
-    assert set(methods) == {"decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine"}
+    assert set(methods) == {"decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine",
+                            "flow", "context", "handles"}
     for name in methods:
         want = list(inspect.signature(getattr(NullObserver, name)).parameters)
         assert list(inspect.signature(getattr(PrometheusObserver, name)).parameters) == want, name
