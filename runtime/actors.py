@@ -158,9 +158,9 @@ async def awaited(ref: Any) -> Any:
 
 def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
     """An audit log's verification, as the job's result reports it."""
-    from .trusted import audit as audit_mod
+    from . import auditlog
 
-    report = audit_mod.verify(path)
+    report = auditlog.verify(path)
     return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
 
 

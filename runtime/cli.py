@@ -323,7 +323,7 @@ def audit_chains(path: str) -> list[str]:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     broken = 0
@@ -387,7 +387,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from .auditlog import AuditChainError, export_jsonl
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time
