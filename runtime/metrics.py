@@ -66,7 +66,9 @@ KILL_CAUSES: dict[str, str] = {
 _FAILED_WITHOUT_CODE = ErrorCode.TOOL_FAILED.value  # as the supervisor maps codes it does not know
 _BUDGET_KINDS = ("calls", "cost")
 _ANOMALY_KINDS = ("rate", "denial_burst")
-_METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine")
+_FLOW_RESULTS = ("allow", "deny", "approve")
+_METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine", "flow",
+            "context", "handles")
 
 
 def _clean(value: object) -> str:
@@ -159,6 +161,14 @@ class PrometheusObserver:
                                         [j], registry=r).labels(self.job)
         self.agent_quarantined = Gauge("warden_agent_quarantined", "1 while the agent is quarantined, else 0.",
                                        [j, "agent"], registry=r)
+        self.flow_decisions = Counter("warden_flow_decisions", "Calls judged by information-flow rules: allow, "
+                                      "deny (FLOW_DENIED) or approve (parked for a human).",
+                                      [j, "agent", "tool", "result"], registry=r)
+        self.context_integrity = Gauge("warden_context_integrity", "Lowest integrity over the agent's runs: "
+                                       "2 trusted, 1 endorsed, 0 untrusted (tainted).", [j, "agent"], registry=r)
+        self.handle_count = Gauge("warden_handles", "Live handles issued to the agent.", [j, "agent"], registry=r)
+        self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of content the supervisor holds behind the "
+                                  "agent's live handles.", [j, "agent"], registry=r)
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
                                        [j, "method"], registry=r)
         # Known series start at zero, so rate() and dashboards see them before the first event.
@@ -225,6 +235,30 @@ class PrometheusObserver:
             self.quarantined_agents.set(len(self._quarantined))
         except Exception:
             self._failed("quarantine")
+
+    def flow(self, agent: str, tool: str, result: str) -> None:
+        try:
+            verdict = result if result in _FLOW_RESULTS else "deny"  # anything unknown is not an allow
+            self.flow_decisions.labels(self.job, self._agent(agent), self._tool(tool), verdict).inc()
+        except Exception:
+            self._failed("flow")
+
+    def context(self, agent: str, integrity: int) -> None:
+        try:
+            level = int(integrity)
+            if not 0 <= level <= 2:
+                raise ValueError(f"integrity {integrity!r} is not 0, 1 or 2")
+            self.context_integrity.labels(self.job, self._agent(agent)).set(level)
+        except Exception:
+            self._failed("context")
+
+    def handles(self, agent: str, count: int, bytes: int) -> None:  # noqa: A002 - the Observer's name
+        try:
+            a, n, size = self._agent(agent), int(count), int(bytes)
+            self.handle_count.labels(self.job, a).set(max(n, 0))
+            self.handle_bytes.labels(self.job, a).set(max(size, 0))
+        except Exception:
+            self._failed("handles")
 
     # ------------------------------------------------------------------ beyond the Observer protocol
     def unquarantine(self, agent: str) -> None:
