@@ -355,7 +355,7 @@ def _when(text: str | None) -> float | None:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from .auditlog import filter_records, format_record
+    from .auditlog import FLOW, filter_records, format_flow, format_record
     from .trusted.audit import AuditFormatError, read_records
 
     chains = audit_chains(args.path)
@@ -375,7 +375,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
                 print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)),
                       file=args.json_out)
             else:
-                print(format_record(rec))
+                print(format_flow(rec) if args.kind == FLOW else format_record(rec))
     except (OSError, AuditFormatError) as exc:
         print(f"warden: cannot read audit log {args.path}: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -445,7 +445,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"approvals pending: {len(st['approvals_pending'])}; supervisor shards: {len(st.get('shards', [0]))}; "
           f"root keys: {', '.join(st.get('keys', []))} (current {st.get('current_key', '?')})\n")
     print(_table(summary_rows(st["stats"]), ["agent", "tool", "allowed", "denied", "codes"]))
+    if st.get("contexts"):
+        print("\ncontexts (one per agent run; a label only goes down, towards untrusted and fewer readers):")
+        print(contexts_table(st["contexts"]))
     return EXIT_OK
+
+
+def contexts_table(contexts: list[dict[str, Any]]) -> str:
+    """``Supervisor.status()["contexts"]`` as a table: each run's label, what tainted it, its handles."""
+    from .auditlog import format_label, format_origin
+
+    def handles(value: Any) -> str:
+        if isinstance(value, dict):  # {"count", "bytes"}
+            return f"{value.get('count', '?')} ({value.get('bytes', '?')} B)"
+        return str(len(value)) if isinstance(value, list) else str(value if value is not None else 0)
+
+    rows = [[str(c.get("agent", "?")), str(c.get("run", "?")), str(c.get("depth", 0)),
+             format_label(c.get("label")), format_origin(c.get("origin")), handles(c.get("handles"))]
+            for c in sorted(contexts, key=lambda c: (str(c.get("agent")), c.get("depth", 0), str(c.get("run"))))]
+    return _table(rows, ["agent", "run", "depth", "label", "tainted by", "handles"])
 
 
 def cmd_approvals_list(args: argparse.Namespace) -> int:
@@ -528,7 +546,7 @@ def _job_target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .auditlog import KINDS
+    from .auditlog import KIND_FILTERS, KINDS
 
     p = argparse.ArgumentParser(prog="warden", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -591,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
         cmd.add_argument("--decision", choices=DECISIONS, metavar="DECISION",
                          help="allow, deny, or an error code such as POLICY_DENIED (README: Errors)")
-        cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
+        cmd.add_argument("--kind", choices=KIND_FILTERS, metavar="KIND", help="record kind: " + ", ".join(KINDS)
+                         + "; or flow: decision and approval records with information-flow details")
         cmd.add_argument("--since", type=_when, help="ISO time or UNIX seconds")
         cmd.add_argument("--until", type=_when, help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
