@@ -3,7 +3,7 @@
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden job check JOB.yaml...        everything checkable before Ray starts, one line per problem
     warden policy check FILE...         validate policies (exit 1 on any error)
-    warden policy explain FILE          what a policy allows, as a table
+    warden policy explain FILE          what a policy allows, labels and sink rules, as a table or --json
     warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
@@ -164,13 +164,18 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
-            delegates: dict[str, Any] | None = None) -> str:
-    """What ``policy`` allows, as text. ``sandboxed``: tool name -> whether it runs code in a sandbox
-    (tools not in it are shown as "if it runs code"); ``delegates``: the policies of the agents it may
-    delegate to, by agent name, to show what each would hold."""
+            delegates: dict[str, Any] | None = None, job_outputs: dict[str, Any] | None = None,
+            tool_outputs: dict[str, Any] | None = None, as_json: bool = False) -> str:
+    """What ``policy`` allows, as text (or, ``as_json``, a JSON document). ``sandboxed``: tool name ->
+    whether it runs code in a sandbox (tools not in it are shown as "if it runs code"); ``delegates``:
+    the policies of the agents it may delegate to, by agent name, to show what each would hold;
+    ``job_outputs`` / ``tool_outputs``: output labels declared by the job file and by the tools, which
+    the policy's own ``output`` overrides (see ``runtime.explain``)."""
+    from .explain import flow_lines, flow_view
     from .trusted.policy import ArgRule
 
     sandboxed = sandboxed or {}
+    flow = flow_view(policy, job_outputs=job_outputs, tool_outputs=tool_outputs)
 
     def rule_text(r: ArgRule) -> str:
         return ", ".join(f"each({rule_text(r.each)})" if k == "each" and r.each else f"{k}={getattr(r, k)!r}"
@@ -202,6 +207,9 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
         rows.append([name, rule.effect, constraints, approval_text(rule), sandbox_of(name)])
     q, d = policy.quotas, policy.delegation
+    if as_json:
+        return json.dumps(_explain_doc(policy, rows, flow, delegate_rights(policy, delegates or {})), indent=2,
+                          default=str)
     lines = [f"agent: {policy.agent}"]
     if policy.description:
         lines.append(f"  {policy.description}")
@@ -234,7 +242,22 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
     if unsandboxed:
         lines += ["", "!!! UNSANDBOXED: " + ("every code-running tool without its own sandbox.backend" if "*" in unsandboxed else
                   ", ".join(unsandboxed)) + " run WITHOUT an OS sandbox (rlimits only) !!!"]
+    lines += flow_lines(flow, _table)
     return "\n".join(lines)
+
+
+def _explain_doc(policy: Any, rows: list[list[str]], flow: dict[str, Any], delegates: list[str]) -> dict[str, Any]:
+    """``policy explain --json``: per tool its effect, rules, approval, sandbox, output label and sink rules."""
+    tools = {name: {"effect": effect, "args": {a: r.model_dump(mode="json", exclude_unset=True)
+                                               for a, r in sorted(policy.tools[name].args.items())},
+                    "constraints": constraints, "approval": approval, "sandbox": sandbox,
+                    "output": flow["outputs"][name], "sinks": flow["sinks"].get(name, [])}
+             for name, effect, constraints, approval, sandbox in rows}
+    return {"agent": policy.agent, "description": policy.description, "tools": tools,
+            "quotas": policy.quotas.model_dump(mode="json"), "anomaly": policy.anomaly.model_dump(mode="json"),
+            "delegation": {**policy.delegation.model_dump(mode="json"), "delegates": delegates},
+            "sandbox": policy.sandbox_settings(), "unsandboxed": policy.unsandboxed_tools(),
+            "handles": flow["handles"]}
 
 
 def delegate_rights(policy: Any, delegates: dict[str, Any]) -> list[str]:
@@ -267,10 +290,11 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             sys.path.insert(0, os.getcwd())
         job = load_job(args.job)
         tools, delegates = job.tools, job.policies
+        job_outputs = dict(getattr(job, "outputs", None) or {})
     else:  # the built-in tools; delegates' policies found beside this one
         from pathlib import Path
 
-        tools, delegates = load_tools(["runtime.toolbox"]), {}
+        tools, delegates, job_outputs = load_tools(["runtime.toolbox"]), {}, {}
         for path in sorted(Path(args.file).parent.glob("*.y*ml")):
             try:
                 other = load_policy(path)
@@ -278,7 +302,10 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 continue  # not a policy, or a broken one: ``policy check`` reports it
             if other.agent in policy.delegation.can_delegate_to:
                 delegates.setdefault(other.agent, other)
-    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates))
+    tool_outputs = {n: out for n, t in tools.items()
+                    if (out := getattr(t.spec, "output", None) or getattr(t, "output", None)) is not None}
+    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates,
+                  job_outputs=job_outputs, tool_outputs=tool_outputs, as_json=args.json), file=args.json_out)
     return EXIT_OK
 
 
@@ -586,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", metavar="FILE")
     exp.add_argument("--job", help="the job file that uses this policy: its tools and the delegates' policies "
                      "(default: the built-in tools, and delegates' policies in the same directory)")
+    exp.add_argument("--json", action="store_true", help="print it as one JSON document")
     exp.set_defaults(fn=cmd_policy_explain)
     test = pol.add_parser("test", help="run test cases against a policy, in-process (no Ray): each case is a call "
                           "and the decision it must get; exit 1 with expected vs got and the reason on a mismatch")
