@@ -26,7 +26,8 @@ from .llm import (HANDLE_KEY, ChatModel, LoopResult, handles_in_text, model_from
                   with_handle_guide)
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
-from .trusted.policy import ArgRule, explain_error
+from .trusted.policy import ArgRule
+from .policyfile import explain_error
 
 
 class SupervisorClient(Protocol):

@@ -1,6 +1,6 @@
 """Prometheus metrics for the supervisor's decisions, and a small HTTP server that exposes them.
 
-``PrometheusObserver`` implements ``runtime.trusted.observe.Observer``. It keeps:
+``PrometheusObserver`` implements ``runtime.observe.Observer``. It keeps:
 
 * its own ``CollectorRegistry`` (never the process-global one), so several jobs or tests in
   one process cannot clash;
@@ -169,6 +169,7 @@ class PrometheusObserver:
         self.handle_count = Gauge("warden_handles", "Live handles issued to the agent.", [j, "agent"], registry=r)
         self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of content the supervisor holds behind the "
                                   "agent's live handles.", [j, "agent"], registry=r)
+        self._integrity: dict[str, int] = {}  # agent -> lowest integrity reported (it never goes up)
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
                                        [j, "method"], registry=r)
         # Known series start at zero, so rate() and dashboards see them before the first event.
@@ -248,13 +249,15 @@ class PrometheusObserver:
             level = int(integrity)
             if not 0 <= level <= 2:
                 raise ValueError(f"integrity {integrity!r} is not 0, 1 or 2")
-            self.context_integrity.labels(self.job, self._agent(agent)).set(level)
+            a = self._agent(agent)  # a run reports its own level: the gauge is the lowest over the agent's runs
+            self._integrity[a] = min(self._integrity.get(a, 2), level)
+            self.context_integrity.labels(self.job, a).set(self._integrity[a])
         except Exception:
             self._failed("context")
 
-    def handles(self, agent: str, count: int, bytes: int) -> None:  # noqa: A002 - the Observer's name
+    def handles(self, agent: str, count: int, nbytes: int) -> None:
         try:
-            a, n, size = self._agent(agent), int(count), int(bytes)
+            a, n, size = self._agent(agent), int(count), int(nbytes)
             self.handle_count.labels(self.job, a).set(max(n, 0))
             self.handle_bytes.labels(self.job, a).set(max(size, 0))
         except Exception:

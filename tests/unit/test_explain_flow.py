@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime.cli import _table, explain, main
 from runtime.explain import DEFAULT_HANDLES, flow_lines, flow_view, output_labels, sink_rules
-from runtime.trusted.policy import load_policy
+from runtime.policyfile import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 
