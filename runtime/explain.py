@@ -1,8 +1,9 @@
 """The information-flow part of ``warden policy explain``: output labels, sink rules, handle limits.
 
-For each tool a policy names it says how the tool's results are labelled and where that label
-comes from (precedence, as the supervisor applies it: the policy's ``tools.<t>.output``, else the
-job file's ``outputs.<t>``, else the tool's ``@tool(output=...)``, else ``untrusted`` / ``public``),
+For each tool a policy names it says how the tool's results are labelled and where each part of
+that label comes from (field by field, as the supervisor merges them: the policy's
+``tools.<t>.output``, else the job file's ``outputs.<t>``, else the tool's ``@tool(output=...)``,
+else ``untrusted`` / ``public`` / not hidden),
 whether results are hidden behind handles, which items of a result are trusted; and which sink
 rules judge the tool's calls: its own ``ifc`` and every policy-wide ``ifc`` rule that selects it
 by effect. Plus the policy's ``handles:`` limits.
@@ -32,11 +33,13 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
     return getattr(obj, key, default)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able data from a model (only the fields given, so that ``exact: null`` stays a rule), a
-    mapping or a list."""
+def _plain(value: Any, *, defaults: bool = False) -> Any:
+    """JSON-able data from a model (only the fields given, so that ``exact: null`` stays a rule; with
+    ``defaults``, every field that is not None), a mapping or a list."""
     if hasattr(value, "model_dump"):
-        return _plain(value.model_dump(mode="json", exclude_unset=True))
+        dumped = value.model_dump(mode="json", exclude_none=True) if defaults else \
+            value.model_dump(mode="json", exclude_unset=True)
+        return _plain(dumped)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -44,47 +47,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _label(decl: Any, source: str) -> dict[str, Any]:
-    """A declared output with every field filled (fields left out take the fail-closed default)."""
-    out = dict(DEFAULT_LABEL)
+def _label(decls: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Each field from the first declaration that sets it (policy over job over tool, as the supervisor
+    merges them); a field none sets takes the fail-closed default. ``source`` says who set each field."""
+    out: dict[str, Any] = dict(DEFAULT_LABEL)
+    source = {key: "default" for key in DEFAULT_LABEL}
     for key in DEFAULT_LABEL:
-        value = _get(decl, key)
-        if value is not None:
-            out[key] = _plain(value)
+        for who, decl in decls:
+            value = _get(decl, key)
+            if value is not None:
+                out[key], source[key] = _plain(value), who
+                break
     return {**out, "source": source}
 
 
 def output_labels(policy: Any, *, job_outputs: Mapping[str, Any] | None = None,
                   tool_outputs: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Per tool the policy names: ``{integrity, readers, hide, trusted_items, source}``, where
-    ``source`` is ``policy``, ``job``, ``tool`` or ``default`` (nothing declared: untrusted, public)."""
+    """Per tool the policy names: ``{integrity, readers, hide, trusted_items, source}``; ``source`` maps
+    each field to ``policy``, ``job``, ``tool`` or ``default`` (nobody set it: untrusted, public, shown)."""
     out = {}
     for name, rule in sorted(_get(policy, "tools", {}).items()):
-        for source, decl in (("policy", _get(rule, "output")), ("job", (job_outputs or {}).get(name)),
-                             ("tool", (tool_outputs or {}).get(name))):
-            if decl is not None:
-                out[name] = _label(decl, source)
-                break
-        else:
-            out[name] = {**DEFAULT_LABEL, "source": "default"}
+        decls = [(who, d) for who, d in (("policy", _get(rule, "output")), ("job", (job_outputs or {}).get(name)),
+                                         ("tool", (tool_outputs or {}).get(name))) if d is not None]
+        out[name] = _label(decls)
     return out
+
+
+def _audit_names(rule: Any, tool: str) -> list[str]:
+    """The names the supervisor gives this rule's checks in audit records and denials."""
+    if not hasattr(rule, "caveats"):
+        return []
+    from .trusted.flow import rule_name  # a pure function of the caveat: naming, not deciding
+
+    return [rule_name(c) for c in rule.caveats(tool)]
 
 
 def sink_rules(policy: Any) -> dict[str, list[dict[str, Any]]]:
     """Per tool the policy names: the sink rules that judge its calls, each with ``rule`` (where it
-    is written: ``tools.<t>.ifc`` or ``ifc[i]``) and the rule's own keys. Tools without one are left out."""
+    is written: ``tools.<t>.ifc`` or ``ifc[i]``), the rule's keys (defaults filled in) and ``checks``
+    (what the audit log calls each check). A policy-wide rule without ``effects`` selects every tool.
+    Tools no rule selects are left out."""
     out: dict[str, list[dict[str, Any]]] = {}
     wide = list(_get(policy, "ifc") or [])
     for name, rule in sorted(_get(policy, "tools", {}).items()):
         rules = []
         own = _get(rule, "ifc")
         if own is not None:
-            rules.append({"rule": f"tools.{name}.ifc", **_plain(own)})
+            rules.append({"rule": f"tools.{name}.ifc", **_plain(own, defaults=True),
+                          "checks": _audit_names(own, name)})
         effect = _get(rule, "effect")
         for i, w in enumerate(wide):
-            effects, tools = _get(w, "effects"), _get(w, "tools")
-            if (effects is not None and effect in effects) or (tools is not None and name in tools):
-                rules.append({"rule": f"ifc[{i}]", **_plain(w)})
+            effects = _get(w, "effects") or []
+            if not effects or effect in effects:
+                rules.append({"rule": f"ifc[{i}]", **_plain(w, defaults=True), "checks": _audit_names(w, "*")})
         if rules:
             out[name] = rules
     return out
@@ -132,6 +147,17 @@ def _items_text(items: Any) -> str:
     return f"{where} with {when or 'any fields'}: trusted"
 
 
+def _source_text(source: dict[str, str]) -> str:
+    """``policy`` when the policy set every field it could, else who set what: ``job (integrity), policy (hide)``."""
+    who = {w for w in source.values() if w != "default"}
+    if not who:
+        return "default: nothing declared"
+    if len(who) == 1:
+        return who.pop()
+    return ", ".join(f"{w} ({', '.join(k for k, v in source.items() if v == w)})"
+                     for w in ("policy", "job", "tool") if w in who)
+
+
 def _sink_text(rule: dict[str, Any]) -> list[str]:
     where = rule["rule"] + (f" (effects: {', '.join(rule['effects'])})" if rule.get("effects") else "")
     args = rule.get("args")
@@ -150,8 +176,7 @@ def _sink_text(rule: dict[str, Any]) -> list[str]:
 def flow_lines(view: dict[str, Any], table: Any) -> list[str]:
     """``flow_view`` as lines of text; ``table(rows, header)`` draws a table (the CLI's)."""
     rows = [[tool, o["integrity"], _readers(o["readers"]), "HANDLE" if o["hide"] else "no",
-             _items_text(o["trusted_items"]), "default: nothing declared" if o["source"] == "default" else o["source"]]
-            for tool, o in view["outputs"].items()]
+             _items_text(o["trusted_items"]), _source_text(o["source"])] for tool, o in view["outputs"].items()]
     lines = ["", "information flow:",
              "  results are labelled (what reaches the agent carries this label; with HANDLE the agent gets a handle, "
              "not the content):"]

@@ -8,6 +8,8 @@ from pathlib import Path
 from runtime.cli import _table, explain, main
 from runtime.explain import DEFAULT_HANDLES, flow_lines, flow_view, output_labels, sink_rules
 from runtime.policyfile import load_policy
+from runtime.trusted.flow import Label
+from runtime.trusted.policy import OutputRule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,29 +32,58 @@ MAIL = {
 }
 
 
-def test_output_labels_follow_policy_then_job_then_tool_then_untrusted():
+def test_output_labels_merge_field_by_field_policy_then_job_then_tool_then_untrusted():
     labels = output_labels(MAIL, job_outputs={"email.read": {"integrity": "trusted"},
                                               "calendar.read": {"integrity": "trusted", "readers": ["*@corp.example"]}},
-                           tool_outputs={"calendar.read": {"integrity": "endorsed"}, "files.delete": {"hide": True}})
+                           tool_outputs={"calendar.read": {"integrity": "endorsed", "hide": True},
+                                         "files.delete": {"hide": True}})
     assert labels["email.read"] == {"integrity": "untrusted", "readers": ["*@corp.example"], "hide": True,
                                     "trusted_items": MAIL["tools"]["email.read"]["output"]["trusted_items"],
-                                    "source": "policy"}
-    assert labels["calendar.read"]["source"] == "job" and labels["calendar.read"]["integrity"] == "trusted"
-    # a declaration that leaves integrity out gets the fail-closed default, not the next source's
+                                    "source": {"integrity": "policy", "readers": "policy", "hide": "policy",
+                                               "trusted_items": "policy"}}
+    calendar = labels["calendar.read"]
+    assert (calendar["integrity"], calendar["readers"], calendar["hide"]) == ("trusted", ["*@corp.example"], True)
+    assert calendar["source"] == {"integrity": "job", "readers": "job", "hide": "tool", "trusted_items": "default"}
+    # a field nobody sets gets the fail-closed default
     assert labels["files.delete"] == {"integrity": "untrusted", "readers": "public", "hide": True,
-                                      "trusted_items": None, "source": "tool"}
-    assert labels["email.send"] == {"integrity": "untrusted", "readers": "public", "hide": False,
-                                    "trusted_items": None, "source": "default"}
+                                      "trusted_items": None,
+                                      "source": {"integrity": "default", "readers": "default", "hide": "tool",
+                                                 "trusted_items": "default"}}
+    assert set(labels["email.send"]["source"].values()) == {"default"}
+    text = "\n".join(flow_lines({"outputs": labels, "sinks": {}, "handles": DEFAULT_HANDLES}, _table))
+    assert next(line for line in text.splitlines() if "calendar.read" in line).rstrip().endswith(
+        "job (integrity, readers), tool (hide)")
+
+
+def test_output_labels_agree_with_what_the_supervisor_applies():
+    policy = load_policy(MAIL)
+    job = {"calendar.read": {"integrity": "trusted", "readers": ["*@corp.example"]}}
+    tool = {"calendar.read": {"hide": True}, "files.delete": {"integrity": "endorsed"}}
+    shown = output_labels(policy, job_outputs=job, tool_outputs=tool)
+    declared = {t: OutputRule.model_validate(job.get(t, {})).over(OutputRule.model_validate(tool[t]) if t in tool
+                                                                  else None) for t in set(job) | set(tool)}
+    for name, out in policy.outputs(declared).items():
+        label = Label.parse({"integrity": shown[name]["integrity"], "readers": shown[name]["readers"]})
+        assert (out.label, out.hide) == (label, shown[name]["hide"]), name
+        assert (out.items is not None) == (shown[name]["trusted_items"] is not None), name
 
 
 def test_sink_rules_list_the_tools_own_and_the_policy_wide_rules_that_select_it():
-    sinks = sink_rules(MAIL)
-    assert [r["rule"] for r in sinks["email.send"]] == ["tools.email.send.ifc", "ifc[0]"]
-    assert sinks["email.send"][0] == {"rule": "tools.email.send.ifc", "context": "trusted", "args": {"to": "trusted"},
-                                      "destination": "to", "on_violation": "deny"}
-    assert [r["rule"] for r in sinks["files.delete"]] == ["ifc[0]"]
-    assert [r["rule"] for r in sinks["http.post"]] == ["tools.http.post.ifc", "ifc[0]"]
-    assert "email.read" not in sinks and "calendar.read" not in sinks  # read tools: no rule selects them
+    for form in (MAIL, load_policy(MAIL)):
+        sinks = sink_rules(form)
+        assert [r["rule"] for r in sinks["email.send"]] == ["tools.email.send.ifc", "ifc[0]"]
+        own = {k: v for k, v in sinks["email.send"][0].items() if k not in ("checks", "effects")}
+        assert own == {"rule": "tools.email.send.ifc", "context": "trusted", "args": {"to": "trusted"},
+                       "destination": "to", "on_violation": "deny"}
+        assert [r["rule"] for r in sinks["files.delete"]] == ["ifc[0]"]
+        assert [r["rule"] for r in sinks["http.post"]] == ["tools.http.post.ifc", "ifc[0]"]
+        assert "email.read" not in sinks and "calendar.read" not in sinks  # read tools: no rule selects them
+    checks = sink_rules(load_policy(MAIL))["email.send"][0]["checks"]
+    assert checks == ["email.send: context must be trusted", "email.send: argument 'to' must be trusted",
+                      "email.send: readers must admit argument 'to'"]
+    everything = sink_rules(load_policy({**MAIL, "ifc": [{"args": "trusted"}]}))  # no effects: every tool
+    assert all(any(r["rule"] == "ifc[0]" for r in rules) for rules in everything.values())
+    assert set(everything) == set(MAIL["tools"])
 
 
 def test_handle_limits_fill_in_defaults():
@@ -85,8 +116,9 @@ def test_explain_of_a_real_policy_shows_the_flow_section_and_its_json(capsys):
     assert "HANDLE" in row and row.rstrip().endswith("tool")
     doc = json.loads(explain(policy, job_outputs={"chat.read": {"integrity": "trusted"}}, as_json=True))
     assert doc["agent"] == "summarizer"
-    assert doc["tools"]["chat.read"]["output"] == {"integrity": "trusted", "readers": "public", "hide": False,
-                                                   "trusted_items": None, "source": "job"}
+    assert doc["tools"]["chat.read"]["output"] == {
+        "integrity": "trusted", "readers": "public", "hide": False, "trusted_items": None,
+        "source": {"integrity": "job", "readers": "default", "hide": "default", "trusted_items": "default"}}
     assert doc["tools"]["chat.read"]["sinks"] == [] and doc["handles"] == DEFAULT_HANDLES
     assert doc["tools"]["chat.read"]["args"]["channel"] == {"one_of": ["general", "random"]}
 
