@@ -33,6 +33,7 @@ KINDS = ("anomaly", "approval", "approval_requested", "calls_unsettled", "decisi
 # ``--kind flow`` selects the decision and approval records that carry a ``flow`` field (information flow).
 FLOW = "flow"
 FLOW_RECORD_KINDS = ("decision", "approval_requested", "approval")
+FLOW_CODES = frozenset({"FLOW_DENIED", "HANDLE_UNKNOWN", "HANDLE_DENIED", "HANDLE_LIMIT"})
 KIND_FILTERS = (*KINDS, FLOW)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -76,8 +77,12 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 def is_flow_record(rec: dict[str, Any]) -> bool:
-    """A decision or approval record on which an information-flow rule was checked or handles were used."""
-    return rec.get("kind") in FLOW_RECORD_KINDS and bool(rec.get("flow"))
+    """A decision or approval record on which an information-flow rule was checked or handles were used,
+    or a decision or outcome the flow layer refused (``FLOW_DENIED``, ``HANDLE_*``: a handle unknown,
+    not this agent's, or over the agent's limits)."""
+    kind = rec.get("kind")
+    return ((kind in FLOW_RECORD_KINDS and bool(rec.get("flow")))
+            or (kind in ("decision", "outcome") and rec.get("code") in FLOW_CODES))
 
 
 def _violations(flow: Any) -> list[Any]:
@@ -138,6 +143,8 @@ def format_origin(origin: Any) -> str:
     """Where a label came from: ``email.read call 5f5966f44d7b (agent mailer)``; ``-`` when untainted."""
     if not isinstance(origin, dict) or not origin:
         return "-" if not origin else _short(origin)
+    if "tool" not in origin and origin.get("why"):  # no earlier result: the supervisor says why
+        return _short(origin["why"], 120)
     text = _short(origin.get("tool", "?"), 60)
     if origin.get("call_id"):
         text += f" call {_short(origin['call_id'], 40)}"
