@@ -503,8 +503,24 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
         now, width = time.time(), None if args.full else 80
         rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:width], f"{p['expires'] - now:.0f}s"]
                 for p in pending]
-        print(_table(rows, ["id", "agent", "tool", "arguments", "expires in"]))
+        header = ["id", "agent", "tool", "arguments", "expires in"]
+        if any(p.get("flow") for p in pending):  # parked by an information-flow rule: say which, and why
+            rows = [r + [flow_reason(p.get("flow"))] for r, p in zip(rows, pending)]
+            header.append("flow rule broken (argument: label, from)")
+        print(_table(rows, header))
     return EXIT_OK
+
+
+def flow_reason(flow: Any) -> str:
+    """The flow violations a call was parked for, in one cell: rule, argument, label and origin."""
+    from .auditlog import format_label, format_origin
+
+    if not flow:
+        return "-"
+    items = flow if isinstance(flow, list) else flow.get("violations") or [flow] if isinstance(flow, dict) else []
+    return "; ".join(f"{v.get('rule', '?')} ({v.get('arg', '?')}: {format_label(v.get('label'))}, from "
+                     f"{format_origin(v.get('origin')) if v.get('origin') else 'the task'})"
+                     if isinstance(v, dict) else str(v)[:80] for v in items)
 
 
 def _decide(args: argparse.Namespace, approve: bool) -> int:

@@ -50,6 +50,12 @@ def write_log(path: Path) -> Path:
         log.record("decision", decision="deny", code="HANDLE_DENIED", agent="thief", tool="email.send",
                    call_id="c4", args={"body": {"$handle": "h_00000000ab12"}}, context=TRUSTED,
                    flow={"handles": ["h_00000000ab12"], "violations": []}, reason="handle issued to 'mailer'")
+        log.record("outcome", call_id="c5", agent="mailer", tool="email.read", ok=False, code="HANDLE_LIMIT",
+                   reason="'mailer' holds 16 handles of 9000 bytes; limits 16 and 1048576 bytes")
+        log.record("decision", decision="deny", code="HANDLE_UNKNOWN", agent="mailer", tool="email.send",
+                   call_id="c6", reason="handle 'h_1a2b00000000' was issued before this supervisor shard restarted")
+        log.record("outcome", call_id="c2", agent="mailer", tool="email.send", ok=False, code="TOOL_FAILED",
+                   reason="smtp down")  # not about flow
     return path
 
 
@@ -58,7 +64,7 @@ def test_kind_flow_selects_decision_and_approval_records_with_a_flow_field(tmp_p
     chosen = list(filter_records(records, kind=FLOW))
     assert [(r["kind"], r.get("call_id") or r.get("approval_id")) for r in chosen] == [
         ("decision", "c2"), ("decision", "c3"), ("approval_requested", "a1b2c3d4e5f6"),
-        ("approval", "a1b2c3d4e5f6"), ("decision", "c4")]
+        ("approval", "a1b2c3d4e5f6"), ("decision", "c4"), ("outcome", "c5"), ("decision", "c6")]
     assert all(is_flow_record(r) for r in chosen)
     assert list(filter_records(records, kind=FLOW, decision="FLOW_DENIED")) == [chosen[1]]
     assert not is_flow_record({"kind": "outcome", "flow": {"x": 1}})  # only decisions and approvals
@@ -68,7 +74,9 @@ def test_audit_show_kind_flow_prints_decision_tool_argument_label_and_origin(tmp
     log = write_log(tmp_path / "audit.log")
     assert main(["audit", "show", str(log), "--kind", "flow"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 7
+    assert "outcome agent=mailer tool=email.read code=HANDLE_LIMIT" in lines[5] and "limits 16" in lines[5]
+    assert "code=HANDLE_UNKNOWN" in lines[6] and "restarted" in lines[6]
     denied = lines[1]
     for part in ("decision agent=mailer tool=email.send decision=deny code=FLOW_DENIED",
                  "rule=email.send.args.to arg=to (mallory@evil.example)",
@@ -89,7 +97,7 @@ def test_audit_show_kind_flow_json_is_the_records(tmp_path, capsys):
     log = write_log(tmp_path / "audit.log")
     assert main(["audit", "show", str(log), "--kind", "flow", "--json", "--decision", "deny"]) == 0
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [d["code"] for d in docs] == ["FLOW_DENIED", "HANDLE_DENIED"]
+    assert [d["code"] for d in docs] == ["FLOW_DENIED", "HANDLE_DENIED", "HANDLE_UNKNOWN"]
     assert docs[0]["flow"] == {"rule": "email.send.args.to", "arg": "to", "label": UNTRUSTED, "origin": ORIGIN}
 
 
@@ -97,8 +105,8 @@ def test_audit_export_kind_flow(tmp_path, capsys):
     log = write_log(tmp_path / "audit.log")
     out = tmp_path / "flow.jsonl"
     assert main(["audit", "export", str(log), "--kind", "flow", "--out", str(out)]) == 0
-    assert [json.loads(line)["fields"]["flow"] for line in out.read_text().splitlines()][1]["rule"] == \
-        "email.send.args.to"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 7 and lines[1]["fields"]["flow"]["rule"] == "email.send.args.to"
 
 
 def test_flow_lines_escape_what_agents_chose():
@@ -126,6 +134,8 @@ def test_format_origin():
     assert format_origin(ORIGIN) == "email.read call 5f5966f44d7b (agent mailer)"
     assert format_origin(None) == "-" and format_origin({}) == "-"
     assert format_origin({"tool": "task"}) == "task"
+    assert format_origin({"why": "a delegated run this shard has no state for"}) == \
+        "a delegated run this shard has no state for"
 
 
 # ------------------------------------------------------------------------------ status
@@ -168,3 +178,32 @@ def test_status_without_contexts_prints_no_section(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_client", lambda args: FakeClient({**STATUS, "contexts": []}))
     assert main(["status"]) == 0
     assert "contexts" not in capsys.readouterr().out
+
+
+class FakeApprovals:
+    def __init__(self, pending):
+        self.pending = pending
+
+    def approvals(self):
+        return self.pending
+
+
+def test_approvals_list_says_which_flow_rule_parked_a_call(monkeypatch, capsys):
+    import time
+
+    violation = {"rule": "*[write,delete]: context must be trusted", "arg": "(context)", "label": UNTRUSTED,
+                 "origin": ORIGIN}
+    pending = [{"id": "ap1", "agent": "mailer", "tool": "chat.delete", "args": {"channel": "general"},
+                "expires": time.time() + 60, "flow": [violation]},
+               {"id": "ap2", "agent": "ops", "tool": "shell.run", "args": {"command": "ls"},
+                "expires": time.time() + 60, "flow": None}]
+    monkeypatch.setattr(cli, "_client", lambda args: FakeApprovals(pending))
+    assert main(["approvals", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].rstrip().endswith("flow rule broken (argument: label, from)")
+    assert lines[2].rstrip().endswith("*[write,delete]: context must be trusted ((context): untrusted, readers: "
+                                      "public, from email.read call 5f5966f44d7b (agent mailer))")
+    assert lines[3].rstrip().endswith("-")
+    monkeypatch.setattr(cli, "_client", lambda args: FakeApprovals(pending[1:]))
+    assert main(["approvals", "list"]) == 0
+    assert "flow rule" not in capsys.readouterr().out  # no column when nothing was parked for flow
