@@ -81,8 +81,16 @@ def is_flow_record(rec: dict[str, Any]) -> bool:
     or a decision or outcome the flow layer refused (``FLOW_DENIED``, ``HANDLE_*``: a handle unknown,
     not this agent's, or over the agent's limits)."""
     kind = rec.get("kind")
-    return ((kind in FLOW_RECORD_KINDS and bool(rec.get("flow")))
+    return ((kind in FLOW_RECORD_KINDS and _says_something(rec.get("flow")))
             or (kind in ("decision", "outcome") and rec.get("code") in FLOW_CODES))
+
+
+def _says_something(flow: Any) -> bool:
+    """A flow field that names a rule checked or broken, or a handle: ``{"handles": [], "violations": []}``
+    (a token with sink rules, none of them about this tool) is left out."""
+    if isinstance(flow, dict):
+        return bool(flow.get("rule") or flow.get("checked") or flow.get("handles") or flow.get("violations"))
+    return bool(flow)
 
 
 def _violations(flow: Any) -> list[Any]:

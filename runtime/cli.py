@@ -290,7 +290,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             sys.path.insert(0, os.getcwd())
         job = load_job(args.job)
         tools, delegates = job.tools, job.policies
-        job_outputs = dict(getattr(job, "outputs", None) or {})
+        job_outputs = dict(job.spec.outputs)
     else:  # the built-in tools; delegates' policies found beside this one
         from pathlib import Path
 

@@ -28,6 +28,8 @@ def write_log(path: Path) -> Path:
     with AuditLog(path, clock=FakeClock()) as log:
         log.record("decision", decision="allow", agent="mailer", tool="email.read", call_id="c1",
                    args={"folder": "inbox"}, context=TRUSTED)  # no flow rule applied: not a flow record
+        log.record("decision", decision="allow", agent="mailer", tool="calendar.read", call_id="c0",
+                   args={}, context=TRUSTED, flow={"handles": [], "violations": []})  # rules, none about this tool
         log.record("outcome", call_id="c1", agent="mailer", tool="email.read", ok=True, label=UNTRUSTED,
                    context=TRUSTED, handle="h_00000000ab12")
         log.record("decision", decision="allow", agent="mailer", tool="email.send", call_id="c2",
