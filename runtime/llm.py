@@ -41,6 +41,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Literal, NamedTuple, Protocol, Union
 
+from .trusted.flow import HANDLE_KEYS  # what makes a dict a handle reference, as the supervisor reads it
+
 MAX_TOOL_RESULT_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 _EXCERPT_CHARS = 300
@@ -306,8 +308,10 @@ refused or need a human's approval. Reveal a handle only when you must read the 
 
 
 def is_handle_ref(value: Any) -> bool:
-    """A handle reference as an agent sees or passes one: a dict whose ``$handle`` is ``h_...``."""
-    return isinstance(value, dict) and isinstance(value.get(HANDLE_KEY), str) and value[HANDLE_KEY].startswith("h_")
+    """A handle as the supervisor reads one (``runtime.is_handle``: ``$handle`` and nothing but ``label``,
+    ``bytes``, ``tool`` beside it), with an id of the supervisor's form ``h_...``."""
+    return (type(value) is dict and isinstance(value.get(HANDLE_KEY), str) and value[HANDLE_KEY].startswith("h_")
+            and value.keys() <= HANDLE_KEYS)
 
 
 def handles_in(value: Any) -> list[dict]:

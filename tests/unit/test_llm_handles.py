@@ -233,3 +233,11 @@ def test_handle_detection():
     assert handles_in(deep) == []  # past the depth bound: not walked, never a RecursionError
     assert handles_in_text('not json, but {"$handle": "h_0a", ...') == [{"$handle": "h_0a"}]
     assert handles_in_text("plain text") == []
+
+
+def test_handle_detection_agrees_with_the_supervisor():
+    from runtime import is_handle
+
+    for value in (handle(1), {"$handle": "h_00000000000a"}, {"$handle": "h_1", "label": LABEL, "note": "x"},
+                  {"$handle": "h_1", "bytes": 1, "tool": "t"}, ["h_1"], {"$handle": 3}):
+        assert is_handle_ref(value) == (is_handle(value) and value["$handle"].startswith("h_")), value
