@@ -209,3 +209,28 @@ def test_approvals_list_says_which_flow_rule_parked_a_call(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_client", lambda args: FakeApprovals(pending[1:]))
     assert main(["approvals", "list"]) == 0
     assert "flow rule" not in capsys.readouterr().out  # no column when nothing was parked for flow
+
+
+def test_sharded_status_gathers_every_shards_contexts():
+    import asyncio
+    from types import SimpleNamespace
+
+    from runtime.actors import ShardOperator
+
+    def shard_status(i: int, contexts: list) -> dict:
+        return {"shard": i, "pid": 100 + i, "node_id": "n", "restarted": False, "quarantined": [],
+                "revoked_agents": [], "approvals_pending": [], "stats": [], "contexts": contexts}
+
+    async def answer(status: dict) -> dict:
+        return status
+
+    mine = [{**STATUS["contexts"][0]}]
+    theirs = [{**STATUS["contexts"][1]}]
+    peer = SimpleNamespace(status=SimpleNamespace(remote=lambda secret: answer(shard_status(1, theirs))))
+    old = SimpleNamespace(status=SimpleNamespace(remote=lambda secret: answer({  # a shard of an older version
+        k: v for k, v in shard_status(2, []).items() if k != "contexts"})))
+    sup = SimpleNamespace(job_id="mail-1", agents={"mailer": 1, "helper": 2},
+                          keyring=SimpleNamespace(kids=["k1"], current_kid="k1"))
+    shard = SimpleNamespace(sup=sup, peers=[peer, old], host_secret=b"s", status=lambda: shard_status(0, mine))
+    status = asyncio.run(ShardOperator(shard).status())
+    assert status["contexts"] == mine + theirs
