@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..errors import ErrorCode, FlowDenied
+from ..errors import ErrorCode, FlowDenied, PolicyDenied
 from .capability import Flow, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
@@ -68,6 +68,7 @@ class Output:
 
     label: Label = Label(0)
     hide: bool = False
+    carries_inputs: bool = True  # the result carries the labels of the handles passed in (false: a receipt)
     items: str | None = None
     when: tuple[tuple[str, str, Any], ...] = ()  # (field, check kind, param), as Arg caveats
 
@@ -104,7 +105,14 @@ def destinations(value: Any) -> list[str]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, str) for v in values):
         return []  # nothing to check the readers against: a violation
-    return [url_origin(v)[1] if "://" in v else v for v in values]
+    return [_host(v) if "://" in v else v for v in values]
+
+
+def _host(url: str) -> str:
+    try:
+        return url_origin(url)[1]
+    except PolicyDenied:  # not a URL after all: the string itself is the destination
+        return url
 
 
 def violations(flows: tuple[Flow, ...], tool: str, effect: str, args: dict[str, Any], ctx: Label,

@@ -148,6 +148,7 @@ class OutputRule(_Strict):
     integrity: Level | None = None
     readers: Literal["public"] | list[str] | None = None
     hide: bool | None = None  # the agent gets a handle, not the content
+    carries_inputs: bool | None = None  # false: the result (a receipt) says nothing of the data passed in
     trusted_items: ItemRule | None = None
 
     def over(self, base: "OutputRule | None") -> "OutputRule":
@@ -159,7 +160,7 @@ class OutputRule(_Strict):
         items = self.trusted_items
         when = tuple((c.arg, c.check, c.param) for f, r in sorted(items.when.items()) for c in r.caveats("", f)
                      ) if items else ()
-        return Output(label, bool(self.hide), items.path if items else None, when)
+        return Output(label, bool(self.hide), self.carries_inputs is not False, items.path if items else None, when)
 
 
 class FlowRule(_Strict):

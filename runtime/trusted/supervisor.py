@@ -498,14 +498,15 @@ class Supervisor:
                 self.observer.context(run.agent, run.label.integrity)
 
     def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
-        """The label of a result: what went into the call (context, handles) joined with what each
-        policy on the token's chain declares for the tool; and whether one of them hides it."""
-        label, hide = self._run(ok.vt).label, False
-        for h in ok.held.values():
-            label = label.join(h)
+        """The label of a result: the call's context, and what each policy on the token's chain declares
+        for the tool, joined with the handles passed in unless all say it does not carry them; and
+        whether one of them hides it."""
+        label, hide, carries = self._run(ok.vt).label, False, False
         for agent in set(ok.vt.holders):
             out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
-            label, hide = label.join(out.label_of(value)), hide or out.hide
+            label, hide, carries = label.join(out.label_of(value)), hide or out.hide, carries or out.carries_inputs
+        for h in ok.held.values() if carries else ():
+            label = label.join(h)
         return label, hide
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
