@@ -4,7 +4,8 @@ For each tool a policy names it says how the tool's results are labelled and whe
 that label comes from (field by field, as the supervisor merges them: the policy's
 ``tools.<t>.output``, else the job file's ``outputs.<t>``, else the tool's ``@tool(output=...)``,
 else ``untrusted`` / ``public`` / not hidden),
-whether results are hidden behind handles, which items of a result are trusted; and which sink
+whether results are hidden behind handles, whether a result also carries the labels of the
+handles passed in (``carries_inputs``; false: a receipt), which items of a result are trusted; and which sink
 rules judge the tool's calls: its own ``ifc`` and every policy-wide ``ifc`` rule that selects it
 by effect. Plus the policy's ``handles:`` limits.
 
@@ -21,7 +22,8 @@ from typing import Any, Mapping
 __all__ = ["DEFAULT_HANDLES", "DEFAULT_LABEL", "flow_lines", "flow_view", "handle_limits", "output_labels",
            "sink_rules"]
 
-DEFAULT_LABEL: dict[str, Any] = {"integrity": "untrusted", "readers": "public", "hide": False, "trusted_items": None}
+DEFAULT_LABEL: dict[str, Any] = {"integrity": "untrusted", "readers": "public", "hide": False, "carries_inputs": True,
+                                 "trusted_items": None}
 DEFAULT_HANDLES: dict[str, Any] = {"max_count": 256, "max_bytes": 16 * 1024 * 1024, "ttl_s": 3600}
 _SINK_KEYS = ("context", "args", "destination", "on_violation")
 
@@ -63,7 +65,7 @@ def _label(decls: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def output_labels(policy: Any, *, job_outputs: Mapping[str, Any] | None = None,
                   tool_outputs: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Per tool the policy names: ``{integrity, readers, hide, trusted_items, source}``; ``source`` maps
+    """Per tool the policy names: ``{integrity, readers, hide, carries_inputs, trusted_items, source}``; ``source`` maps
     each field to ``policy``, ``job``, ``tool`` or ``default`` (nobody set it: untrusted, public, shown)."""
     out = {}
     for name, rule in sorted(_get(policy, "tools", {}).items()):
@@ -176,12 +178,13 @@ def _sink_text(rule: dict[str, Any]) -> list[str]:
 def flow_lines(view: dict[str, Any], table: Any) -> list[str]:
     """``flow_view`` as lines of text; ``table(rows, header)`` draws a table (the CLI's)."""
     rows = [[tool, o["integrity"], _readers(o["readers"]), "HANDLE" if o["hide"] else "no",
-             _items_text(o["trusted_items"]), _source_text(o["source"])] for tool, o in view["outputs"].items()]
+             "yes" if o["carries_inputs"] else "no (a receipt)", _items_text(o["trusted_items"]),
+             _source_text(o["source"])] for tool, o in view["outputs"].items()]
     lines = ["", "information flow:",
              "  results are labelled (what reaches the agent carries this label; with HANDLE the agent gets a handle, "
              "not the content):"]
-    lines += ["  " + line for line in table(rows, ["tool", "integrity", "readers", "hide", "trusted items", "declared by"]
-                                          ).splitlines()]
+    lines += ["  " + line for line in table(rows, ["tool", "integrity", "readers", "hide", "carries inputs",
+                                                   "trusted items", "declared by"]).splitlines()]
     sinks = [[tool, *_sink_text(r)] for tool, rules in view["sinks"].items() for r in rules]
     if sinks:
         lines.append("  sink rules (what may flow into a call; a call must pass every rule listed for its tool):")

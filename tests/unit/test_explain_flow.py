@@ -38,17 +38,19 @@ def test_output_labels_merge_field_by_field_policy_then_job_then_tool_then_untru
                            tool_outputs={"calendar.read": {"integrity": "endorsed", "hide": True},
                                          "files.delete": {"hide": True}})
     assert labels["email.read"] == {"integrity": "untrusted", "readers": ["*@corp.example"], "hide": True,
+                                    "carries_inputs": True,
                                     "trusted_items": MAIL["tools"]["email.read"]["output"]["trusted_items"],
                                     "source": {"integrity": "policy", "readers": "policy", "hide": "policy",
-                                               "trusted_items": "policy"}}
+                                               "carries_inputs": "default", "trusted_items": "policy"}}
     calendar = labels["calendar.read"]
     assert (calendar["integrity"], calendar["readers"], calendar["hide"]) == ("trusted", ["*@corp.example"], True)
-    assert calendar["source"] == {"integrity": "job", "readers": "job", "hide": "tool", "trusted_items": "default"}
+    assert calendar["source"] == {"integrity": "job", "readers": "job", "hide": "tool", "carries_inputs": "default",
+                                  "trusted_items": "default"}
     # a field nobody sets gets the fail-closed default
     assert labels["files.delete"] == {"integrity": "untrusted", "readers": "public", "hide": True,
-                                      "trusted_items": None,
+                                      "carries_inputs": True, "trusted_items": None,
                                       "source": {"integrity": "default", "readers": "default", "hide": "tool",
-                                                 "trusted_items": "default"}}
+                                                 "carries_inputs": "default", "trusted_items": "default"}}
     assert set(labels["email.send"]["source"].values()) == {"default"}
     text = "\n".join(flow_lines({"outputs": labels, "sinks": {}, "handles": DEFAULT_HANDLES}, _table))
     assert next(line for line in text.splitlines() if "calendar.read" in line).rstrip().endswith(
@@ -58,13 +60,14 @@ def test_output_labels_merge_field_by_field_policy_then_job_then_tool_then_untru
 def test_output_labels_agree_with_what_the_supervisor_applies():
     policy = load_policy(MAIL)
     job = {"calendar.read": {"integrity": "trusted", "readers": ["*@corp.example"]}}
-    tool = {"calendar.read": {"hide": True}, "files.delete": {"integrity": "endorsed"}}
+    tool = {"calendar.read": {"hide": True}, "files.delete": {"integrity": "endorsed", "carries_inputs": False}}
     shown = output_labels(policy, job_outputs=job, tool_outputs=tool)
     declared = {t: OutputRule.model_validate(job.get(t, {})).over(OutputRule.model_validate(tool[t]) if t in tool
                                                                   else None) for t in set(job) | set(tool)}
     for name, out in policy.outputs(declared).items():
         label = Label.parse({"integrity": shown[name]["integrity"], "readers": shown[name]["readers"]})
-        assert (out.label, out.hide) == (label, shown[name]["hide"]), name
+        assert (out.label, out.hide, out.carries_inputs) == (label, shown[name]["hide"],
+                                                             shown[name]["carries_inputs"]), name
         assert (out.items is not None) == (shown[name]["trusted_items"] is not None), name
 
 
@@ -117,8 +120,9 @@ def test_explain_of_a_real_policy_shows_the_flow_section_and_its_json(capsys):
     doc = json.loads(explain(policy, job_outputs={"chat.read": {"integrity": "trusted"}}, as_json=True))
     assert doc["agent"] == "summarizer"
     assert doc["tools"]["chat.read"]["output"] == {
-        "integrity": "trusted", "readers": "public", "hide": False, "trusted_items": None,
-        "source": {"integrity": "job", "readers": "default", "hide": "default", "trusted_items": "default"}}
+        "integrity": "trusted", "readers": "public", "hide": False, "carries_inputs": True, "trusted_items": None,
+        "source": {"integrity": "job", "readers": "default", "hide": "default", "carries_inputs": "default",
+                   "trusted_items": "default"}}
     assert doc["tools"]["chat.read"]["sinks"] == [] and doc["handles"] == DEFAULT_HANDLES
     assert doc["tools"]["chat.read"]["args"]["channel"] == {"one_of": ["general", "random"]}
 

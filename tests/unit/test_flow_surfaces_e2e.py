@@ -80,21 +80,21 @@ def test_a_handle_passed_on_by_the_model_then_a_tainted_send_stopped_and_every_s
     assert len(lines) == 2, lines
     assert "decision=allow" in lines[0] and f"handles={shown['$handle']}" in lines[0]
     assert 'context="trusted, readers: public"' in lines[0]
-    # the first send's result carries the page's label (data flows through a tool) and reaches the model:
-    # that is what first tainted the context, so it is the origin the denial names
-    send_call = next(r["call_id"] for r in h.records if r["kind"] == "decision" and r.get("tool") == "mail.send")
+    # mail.send's result is a receipt (carries_inputs: false): the page did not reach the model through it;
+    # mail.read's result did, and is what the denial names as the origin
+    read_call = next(r["call_id"] for r in h.records if r["kind"] == "decision" and r.get("tool") == "mail.read")
     for part in ("decision=deny code=FLOW_DENIED", "rule=mail.send: context must be trusted", "arg=(context)",
-                 'label="untrusted, readers: public"', f'origin="mail.send call {send_call} (agent mailer)"'):
+                 'label="untrusted, readers: public"', f'origin="mail.read call {read_call} (agent mailer)"'):
         assert part in lines[1], part
     assert main(["audit", "show", str(tmp_path), "--kind", "flow", "--json"]) == 0
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert docs[1]["flow"]["origin"] == {"call_id": send_call, "tool": "mail.send", "agent": "mailer"}
+    assert docs[1]["flow"]["origin"] == {"call_id": read_call, "tool": "mail.read", "agent": "mailer"}
 
-    # status: the run's context, tainted by that send, holding one handle
+    # status: the run's context, tainted by mail.read, holding one handle
     assert [(c["agent"], c["depth"], c["label"]["integrity"], c["handles"]) for c in contexts] == \
         [("mailer", 0, "untrusted", 1)]
     row = contexts_table(contexts).splitlines()[2]
-    assert row.startswith("mailer") and f"mail.send call {send_call} (agent mailer)" in row
+    assert row.startswith("mailer") and f"mail.read call {read_call} (agent mailer)" in row
 
     # metrics
     m = parse_metrics(metrics.render().decode())
@@ -136,8 +136,12 @@ def test_policy_explain_with_a_job_shows_the_job_and_tool_declarations(tmp_path,
     assert doc["tools"]["mail.read"]["output"]["readers"] == ["*@corp.example"]
     assert doc["tools"]["mail.read"]["output"]["source"]["readers"] == "job"
     assert doc["tools"]["web.get"]["output"]["hide"] is True
+    receipt = doc["tools"]["mail.send"]["output"]
+    assert (receipt["carries_inputs"], receipt["integrity"]) == (False, "trusted")  # from @tool(output=...)
+    assert receipt["source"]["carries_inputs"] == "tool"
     assert doc["tools"]["mail.send"]["sinks"][0]["checks"] == ["mail.send: context must be trusted",
                                                                "mail.send: argument 'to' must be trusted"]
     assert main(["policy", "explain", str(tmp_path / "mailer.yaml"), "--job", str(tmp_path / "job.yaml")]) == 0
     text = capsys.readouterr().out
     assert "tools.mail.send.ifc" in text and "HANDLE" in text
+    assert "no (a receipt)" in next(line for line in text.splitlines() if line.startswith("  mail.send "))
