@@ -241,3 +241,30 @@ def test_handle_detection_agrees_with_the_supervisor():
     for value in (handle(1), {"$handle": "h_00000000000a"}, {"$handle": "h_1", "label": LABEL, "note": "x"},
                   {"$handle": "h_1", "bytes": 1, "tool": "t"}, ["h_1"], {"$handle": 3}):
         assert is_handle_ref(value) == (is_handle(value) and value["$handle"].startswith("h_")), value
+
+
+def test_over_the_openai_wire_a_handle_goes_out_as_json_and_comes_back_unchanged():
+    from runtime.llm import OpenAIChatModel
+    from tests.unit.test_llm import FakeServer, completion, fn_call
+
+    h = handle(0xC0FFEE)
+    send_args = json.dumps({"to": "bob@corp.example", "body": {"$handle": h["$handle"]}, "cc": [h]})
+    replies = [(200, completion(tool_calls=[fn_call("c1", "email_read", "{}")]), 0),
+               (200, completion(tool_calls=[fn_call("c2", "email_send", send_args)]), 0),
+               (200, completion("sent"), 0)]
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+             for n in ("email.read", "email.send")]
+    seen = []
+
+    async def call_tool(name, args):
+        seen.append((name, args))
+        return h if name == "email.read" else {"id": 1}
+
+    with FakeServer(replies) as srv:
+        result = asyncio.run(run_tool_loop(OpenAIChatModel(srv.base_url, "m"), task="t", tools=tools,
+                                           call_tool=call_tool, system=with_handle_guide("Mail.")))
+    assert result.answer == "sent"
+    assert seen[1] == ("email.send", {"to": "bob@corp.example", "body": {"$handle": h["$handle"]}, "cc": [h]})
+    second = srv.requests[1]["json"]["messages"]
+    assert json.loads(second[-1]["content"]) == h  # the handle, as JSON the model can copy
+    assert second[0]["content"].endswith(HANDLE_GUIDE)
