@@ -302,8 +302,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 continue  # not a policy, or a broken one: ``policy check`` reports it
             if other.agent in policy.delegation.can_delegate_to:
                 delegates.setdefault(other.agent, other)
-    tool_outputs = {n: out for n, t in tools.items()
-                    if (out := getattr(t.spec, "output", None) or getattr(t, "output", None)) is not None}
+    tool_outputs = {n: t.spec.output for n, t in tools.items() if t.spec.output is not None}  # @tool(output=)
     print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates,
                   job_outputs=job_outputs, tool_outputs=tool_outputs, as_json=args.json), file=args.json_out)
     return EXIT_OK
