@@ -11,20 +11,17 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..anomaly import AnomalySpec
-from ..errors import PolicyDenied, TokenRejected
-from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
-                         Expires, Flow, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat,
-                         host_pattern)
+from ..errors import PolicyDenied
+from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, Flow, MaxDepth, Tools,
+                         canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .flow import Label, Output
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
-from .wire import ToolSpec
 
 Effect = Literal["read", "write", "delete", "execute"]
 Level = Literal["trusted", "endorsed", "untrusted"]
@@ -236,24 +233,6 @@ class Policy(_Strict):
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
     ifc: list[FlowRule] = Field(default_factory=list)
     handles: HandleLimits = Field(default_factory=HandleLimits)
-
-    @model_validator(mode="after")
-    def _fits_a_token(self) -> "Policy":
-        """A root token over the size or caveat limit would be BAD_TOKEN at every call: refuse it now."""
-        caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
-        ring = KeyRing.generate()
-        token = ring.mint(holder=self.agent, caveats=caveats)
-        n = len(token.encode())
-        if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
-            size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
-                           for _byte in encode_caveat(c))  # one count per encoded byte
-            raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
-                             f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
-        try:
-            ring.verify(token)  # what the supervisor would refuse at every call, refused now
-        except TokenRejected as exc:
-            raise ValueError(f"its token would be refused: {exc.reason}") from None
-        return self
 
     def approval_rules(self) -> dict[str, ApprovalRule]:
         return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}

@@ -10,7 +10,7 @@ import textwrap
 
 from runtime.cli import main
 from runtime.job import load_job, run_loaded
-from runtime.trusted import audit
+from runtime import auditlog as audit
 from tests.unit.flow_tools import web_get
 
 POLICY = """

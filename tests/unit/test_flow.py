@@ -16,7 +16,6 @@ from runtime.trusted.flow import Label, Output, violations
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import Supervisor
 
-import flow_tools
 
 TOOLS = ["flow_tools", "runtime.toolbox"]
 ALICE = {"one_of": ["alice@corp.example"]}

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from runtime import cli
-from runtime.auditlog import FLOW, filter_records, format_flow, format_label, format_origin, is_flow_record
+from runtime.auditlog import (FLOW, filter_records, format_flow, format_label, format_origin, is_flow_record,
+                              read_records)
 from runtime.cli import main
 from runtime.testing import FakeClock
-from runtime.trusted.audit import AuditLog, read_records
+from runtime.trusted.audit import AuditLog
 
 UNTRUSTED = {"integrity": "untrusted", "readers": "public"}
 TRUSTED = {"integrity": "trusted", "readers": "public"}
