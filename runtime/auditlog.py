@@ -190,13 +190,28 @@ def _matcher(agent: str | None = None, tool: str | None = None, decision: str | 
              since: float | datetime | None = None, until: float | datetime | None = None,
              kind: str | None = None) -> Callable[[dict[str, Any]], bool]:
     lo, hi = _epoch(since), _epoch(until)
+    is_flow = _flow_matcher()
 
     def match(rec: dict[str, Any]) -> bool:
         ts = rec.get("ts", 0.0)
-        return ((agent is None or _agent(rec) == agent) and (tool is None or _tool(rec) == tool)
+        return ((kind is None or rec.get("kind") == kind or (kind == FLOW and is_flow(rec)))
+                and (agent is None or _agent(rec) == agent) and (tool is None or _tool(rec) == tool)
                 and (decision is None or decision in (rec.get("decision"), rec.get("code")))
-                and (kind is None or rec.get("kind") == kind or (kind == FLOW and is_flow_record(rec)))
                 and (lo is None or ts >= lo) and (hi is None or ts < hi))
+    return match
+
+
+def _flow_matcher() -> Callable[[dict[str, Any]], bool]:
+    """``is_flow_record``, and the human's ``approval`` of a call parked for a flow rule (that record has
+    no flow field: it is known by the id of the ``approval_requested`` before it). Records in log order."""
+    parked_for_flow: set[Any] = set()
+
+    def match(rec: dict[str, Any]) -> bool:
+        if is_flow_record(rec):
+            if rec.get("kind") == "approval_requested":
+                parked_for_flow.add(rec.get("approval_id"))
+            return True
+        return rec.get("kind") == "approval" and rec.get("approval_id") in parked_for_flow
     return match
 
 

@@ -145,3 +145,21 @@ def test_policy_explain_with_a_job_shows_the_job_and_tool_declarations(tmp_path,
     text = capsys.readouterr().out
     assert "tools.mail.send.ifc" in text and "HANDLE" in text
     assert "no (a receipt)" in next(line for line in text.splitlines() if line.startswith("  mail.send "))
+
+
+def test_a_call_parked_for_a_flow_rule_shows_its_request_approval_and_decision(tmp_path, capsys):
+    policy = {"agent": "mailer", "tools": {"mail.read": {"effect": "read"}, "mail.send": {"effect": "write"}},
+              "ifc": [{"effects": ["write"], "context": "trusted", "on_violation": "approve"}]}
+    with PolicyHarness(tools=["tests.unit.flow_tools"], audit_dir=tmp_path) as h:
+        h.add_agent(policy)
+        read = h.call("mailer", "mail.read", {})
+        sent = h.call("mailer", "mail.send", {"to": "bob@corp.example", "body": "hi"}, approve=True)
+        assert read.allowed and sent.allowed
+    assert main(["audit", "show", str(tmp_path), "--kind", "flow"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    kinds = [line.split()[2] for line in lines]
+    assert kinds == ["approval_requested", "approval", "decision"], lines
+    origin = f'origin="mail.read call {read.audit["call_id"]} (agent mailer)"'
+    assert "rule=*[write]: context must be trusted" in lines[0] and origin in lines[0]
+    assert "decision=approve" in lines[1] and "approver=" in lines[1]
+    assert "decision=allow" in lines[2] and "rule=*[write]: context must be trusted" in lines[2]
