@@ -125,7 +125,7 @@ def _violation_text(v: Any, args: Any) -> str:
     if not isinstance(v, dict):
         return f"violation={_short(v, 120)}"
     arg = v.get("arg")
-    text = f"rule={_short(v.get('rule', '?'), 80)}"
+    text = f'rule="{_short(v.get("rule", "?"), 80)}"'  # rule names have spaces: quoted, like labels
     if arg is not None:
         value = args.get(arg) if isinstance(args, dict) and isinstance(arg, str) else None
         text += f" arg={_short(arg, 40)}" + (f" ({_short(value, 60)})" if value is not None else "")

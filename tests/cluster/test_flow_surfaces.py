@@ -72,6 +72,6 @@ def test_a_scripted_model_passes_a_handle_on_then_a_revealed_one_taints_and_the_
     assert main(["audit", "show", result.audit_log, "--kind", "flow"]) == 0
     lines = capsys.readouterr().out.splitlines()
     denied = [line for line in lines if "code=FLOW_DENIED" in line]
-    assert len(denied) == 1 and "rule=mail.send: context must be trusted" in denied[0]
+    assert len(denied) == 1 and 'rule="mail.send: context must be trusted"' in denied[0]
     assert f'origin="handle.reveal call {reveal} (agent mailer)"' in denied[0]
     assert any(f"handles={handle_id}" in line and "tool=mail.send decision=allow" in line for line in lines)

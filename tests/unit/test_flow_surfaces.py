@@ -82,7 +82,7 @@ def test_audit_show_kind_flow_prints_decision_tool_argument_label_and_origin(tmp
     assert "code=HANDLE_UNKNOWN" in lines[6] and "restarted" in lines[6]
     denied = lines[1]
     for part in ("decision agent=mailer tool=email.send decision=deny code=FLOW_DENIED",
-                 "rule=email.send.args.to arg=to (mallory@evil.example)",
+                 'rule="email.send.args.to" arg=to (mallory@evil.example)',
                  'label="untrusted, readers: public"',
                  'origin="email.read call 5f5966f44d7b (agent mailer)"',
                  'context="untrusted, readers: public"', "call_id=c3"):
@@ -90,7 +90,7 @@ def test_audit_show_kind_flow_prints_decision_tool_argument_label_and_origin(tmp
     allowed = lines[0]
     assert "decision=allow" in allowed and "checked=email.send.context,email.send.args.to" in allowed
     assert "handles=h_00000000ab12" in allowed and 'context="trusted, readers: public"' in allowed
-    assert "approval_requested agent=mailer tool=chat.delete" in lines[2] and "rule=ifc[0].context" in lines[2]
+    assert "approval_requested agent=mailer tool=chat.delete" in lines[2] and 'rule="ifc[0].context"' in lines[2]
     assert "approval_id=a1b2c3d4e5f6" in lines[2]
     assert "decision=approve" in lines[3] and "approver=alice" in lines[3] and "origin=\"email.read" in lines[3]
     assert "code=HANDLE_DENIED" in lines[4] and "handles=h_00000000ab12" in lines[4]

@@ -83,7 +83,7 @@ def test_a_handle_passed_on_by_the_model_then_a_tainted_send_stopped_and_every_s
     # mail.send's result is a receipt (carries_inputs: false): the page did not reach the model through it;
     # mail.read's result did, and is what the denial names as the origin
     read_call = next(r["call_id"] for r in h.records if r["kind"] == "decision" and r.get("tool") == "mail.read")
-    for part in ("decision=deny code=FLOW_DENIED", "rule=mail.send: context must be trusted", "arg=(context)",
+    for part in ("decision=deny code=FLOW_DENIED", 'rule="mail.send: context must be trusted"', "arg=(context)",
                  'label="untrusted, readers: public"', f'origin="mail.read call {read_call} (agent mailer)"'):
         assert part in lines[1], part
     assert main(["audit", "show", str(tmp_path), "--kind", "flow", "--json"]) == 0
@@ -160,6 +160,6 @@ def test_a_call_parked_for_a_flow_rule_shows_its_request_approval_and_decision(t
     kinds = [line.split()[2] for line in lines]
     assert kinds == ["approval_requested", "approval", "decision"], lines
     origin = f'origin="mail.read call {read.audit["call_id"]} (agent mailer)"'
-    assert "rule=*[write]: context must be trusted" in lines[0] and origin in lines[0]
+    assert 'rule="*[write]: context must be trusted"' in lines[0] and origin in lines[0]
     assert "decision=approve" in lines[1] and "approver=" in lines[1]
-    assert "decision=allow" in lines[2] and "rule=*[write]: context must be trusted" in lines[2]
+    assert "decision=allow" in lines[2] and 'rule="*[write]: context must be trusted"' in lines[2]
