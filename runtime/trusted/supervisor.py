@@ -829,8 +829,8 @@ class Supervisor:
                 "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
                 "approvals_pending": self.approvals.list(), "stats": self.stats(),
                 "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard,
-                "contexts": [{**r.public(), "run": rid.hex()[:8], "handles": self.handles.usage(r.agent)[0]}
-                             for rid, r in self.runs.items()]}
+                "contexts": [{"agent": r.agent, "run": rid.hex()[:8], "depth": r.depth, "label": r.label.public(),
+                              "origin": r.origin, "handles": self.handles.usage(r.agent)[0]} for rid, r in self.runs.items()]}
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]
