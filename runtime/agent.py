@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import json
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from pydantic import ValidationError
@@ -218,8 +219,9 @@ class ToolCallingAgent(Agent):
         async def call_tool(name: str, args: dict[str, Any]) -> Any:
             return await self.call(name, **args)
 
+        text = task if isinstance(task, str) else json.dumps(task, default=str, ensure_ascii=False)  # handles: JSON
         result: LoopResult = await run_tool_loop(
-            model, task=str(task), tools=self.tool_schemas, call_tool=call_tool,
+            model, task=text, tools=self.tool_schemas, call_tool=call_tool,
             system=self.system_prompt(), max_turns=int(self.config.get("max_turns", 8)))
         tool_messages = [m for m in result.messages if m.get("role") == "tool"]  # one per call, in order
         calls = []

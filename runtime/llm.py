@@ -362,12 +362,17 @@ class ScriptError(ValueError):
     """A scripted step cannot be played: a ``$handle_of`` that names no handle the model has seen."""
 
 
+TASK_HANDLES = "(task)"  # ``$handle_of`` name of the handles in the task (a delegator passes them so)
+
+
 def _results_seen(messages: list[dict]) -> list[tuple[str, str, list[dict]]]:
-    """(tool, call id, handles) for every tool result in ``messages``, oldest first."""
+    """(tool, call id, handles) for every tool result in ``messages``, oldest first; the task (a user
+    message) counts as a result of ``(task)``."""
     names = {c.get("id"): (c.get("function") or {}).get("name", "?")
              for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or [] if isinstance(c, dict)}
     return [(names.get(m.get("tool_call_id"), "?"), str(m.get("tool_call_id")), handles_in_text(m.get("content")))
-            for m in messages if m.get("role") == "tool"]
+            if m.get("role") == "tool" else (TASK_HANDLES, "task", handles_in_text(m.get("content")))
+            for m in messages if m.get("role") in ("tool", "user")]
 
 
 def _check_ref(ref: dict, where: str) -> None:
@@ -446,6 +451,7 @@ class ScriptedModel:
       counting from the end);
     - ``{"$handle_of": -1}``: the latest handle seen in any result (``-2`` the one before,
       ``0`` the first ever);
+    - ``{"$handle_of": "(task)"}``: a handle in the task (a delegator passes handles so);
     - ``"as"``: ``"object"`` (default; the handle as the model saw it, label and all),
       ``"ref"`` (``{"$handle": "h_..."}`` only) or ``"id"`` (the bare ``"h_..."`` string, which
       is not a handle reference to the supervisor: to script a model that gets it wrong).

@@ -163,3 +163,30 @@ def test_a_call_parked_for_a_flow_rule_shows_its_request_approval_and_decision(t
     assert 'rule="*[write]: context must be trusted"' in lines[0] and origin in lines[0]
     assert "decision=approve" in lines[1] and "approver=" in lines[1]
     assert "decision=allow" in lines[2] and 'rule="*[write]: context must be trusted"' in lines[2]
+
+
+def test_a_delegate_toolcallingagent_uses_a_handle_its_delegator_passed_on(tmp_path):
+    lead = {"agent": "lead", "tools": {"web.get": {"effect": "read", "output": {"hide": True}},
+                                       "mail.send": {"effect": "write"}},
+            "delegation": {"can_delegate_to": ["mailer"], "max_depth": 1}}
+    mailer = {"agent": "mailer", "tools": {"mail.send": {"effect": "write"}}}
+    with PolicyHarness(tools=["tests.unit.flow_tools"], audit_dir=tmp_path) as h:
+        h.add_agent(lead)
+        h.add_agent(mailer)
+        page = h.call("lead", "web.get", {"url": "https://news.example/today"}).value
+        delegation = h.delegate("lead", "mailer", tools=["mail.send"], handles=[page])
+        assert delegation.allowed, delegation.reason
+        token = delegation.token
+        reg = h.agents["mailer"]
+        agent = Mailer()
+        agent._attach(name="mailer", token=reg.token, request_key=reg.request_key,
+                      supervisor=InProcessSupervisorClient(h.supervisor), peers={},
+                      tool_schemas=[h.tools["mail.send"].schema], config={}, clock=h.clock)
+        agent.model = ScriptedModel([{"call": "mail.send", "args": {"to": "bob@corp.example",
+                                                                     "body": {"$handle_of": "(task)"}}},
+                                     {"answer": "sent"}])
+        out = h._run(agent.run_delegated({"task": "mail bob this page", "page": page}, token))
+    assert out["calls"] == [{"tool": "mail.send", "ok": True, "code": None}]
+    sent = json.loads([m for m in agent.model.seen[1] if m["role"] == "tool"][0]["content"])
+    assert sent["bytes"] == len(PAGE)  # the delegate's tool got the page; neither model saw it
+    assert "IGNORE PREVIOUS" not in json.dumps(agent.model.seen)

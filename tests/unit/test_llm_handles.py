@@ -268,3 +268,19 @@ def test_over_the_openai_wire_a_handle_goes_out_as_json_and_comes_back_unchanged
     second = srv.requests[1]["json"]["messages"]
     assert json.loads(second[-1]["content"]) == h  # the handle, as JSON the model can copy
     assert second[0]["content"].endswith(HANDLE_GUIDE)
+
+
+def test_a_task_with_handles_reaches_the_model_as_json_and_can_be_referenced():
+    h = handle(0x7A5C)
+    agent, sup = agent_with([{"call": "email.send", "args": {"to": "bob@corp.example",
+                                                             "body": {"$handle_of": "(task)", "as": "ref"}}},
+                             {"answer": "ok"}], {"email.send": "sent"})
+    asyncio.run(agent.run({"do": "forward this", "attachment": h}))
+    user = agent.model.seen[0][-1]
+    assert user["role"] == "user" and json.loads(user["content"]) == {"do": "forward this", "attachment": h}
+    assert sup.requests == [("email.send", {"to": "bob@corp.example", "body": {"$handle": h["$handle"]}})]
+    with pytest.raises(ScriptError, match=r"no result of '\(task\)'"):
+        asyncio.run(ScriptedModel([{"call": "x", "args": {"h": {"$handle_of": "(task)"}}}]).complete([], []))
+    with pytest.raises(ScriptError, match="holds 0 handle"):  # a task without handles
+        asyncio.run(ScriptedModel([{"call": "x", "args": {"h": {"$handle_of": "(task)"}}}]).complete(
+            [{"role": "user", "content": "plain"}], []))
