@@ -161,8 +161,8 @@ class PrometheusObserver:
                                         [j], registry=r).labels(self.job)
         self.agent_quarantined = Gauge("warden_agent_quarantined", "1 while the agent is quarantined, else 0.",
                                        [j, "agent"], registry=r)
-        self.flow_decisions = Counter("warden_flow_decisions", "Calls judged by information-flow rules: allow, "
-                                      "deny (FLOW_DENIED) or approve (parked for a human).",
+        self.flow_decisions = Counter("warden_flow_decisions", "Calls through the flow check (a token with "
+                                      "sink rules, or handles passed): allow, deny (FLOW_DENIED) or approve (parked).",
                                       [j, "agent", "tool", "result"], registry=r)
         self.context_integrity = Gauge("warden_context_integrity", "Lowest integrity over the agent's runs: "
                                        "2 trusted, 1 endorsed, 0 untrusted (tainted).", [j, "agent"], registry=r)
