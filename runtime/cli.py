@@ -173,6 +173,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
     ``job_outputs`` / ``tool_outputs``: output labels declared by the job file and by the tools, which
     the policy's own ``output`` overrides (see ``runtime.explain``)."""
     from .explain import flow_lines, flow_view
+    from .isolation import sandbox_settings, unsandboxed_tools
     from .trusted.policy import ArgRule
 
     sandboxed = sandboxed or {}
@@ -184,7 +185,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
 
     from .sandbox.base import Limits
 
-    settings = policy.sandbox_settings()
+    settings = sandbox_settings(policy)
 
     def approval_text(rule: Any) -> str:
         if rule.approval is False:
@@ -237,7 +238,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
         text = ", ".join(f"{k}={getattr(limits, k)}" for k in Limits.__dataclass_fields__)
         label = "default" if tool == "*" else tool
         lines.append(f"  {label}: {where(tool)}; {text}")
-    unsandboxed = [t for t in policy.unsandboxed_tools() if sandboxed.get(t) is not False]
+    unsandboxed = [t for t in unsandboxed_tools(policy) if sandboxed.get(t) is not False]
     if no_code and "*" in unsandboxed:
         unsandboxed.remove("*")  # every tool it names runs no code
     if unsandboxed:
@@ -249,6 +250,8 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
 
 def _explain_doc(policy: Any, rows: list[list[str]], flow: dict[str, Any], delegates: list[str]) -> dict[str, Any]:
     """``policy explain --json``: per tool its effect, rules, approval, sandbox, output label and sink rules."""
+    from .isolation import sandbox_settings, unsandboxed_tools
+
     tools = {name: {"effect": effect, "args": {a: r.model_dump(mode="json", exclude_unset=True)
                                                for a, r in sorted(policy.tools[name].args.items())},
                     "constraints": constraints, "approval": approval, "sandbox": sandbox,
@@ -257,7 +260,7 @@ def _explain_doc(policy: Any, rows: list[list[str]], flow: dict[str, Any], deleg
     return {"agent": policy.agent, "description": policy.description, "tools": tools,
             "quotas": policy.quotas.model_dump(mode="json"), "anomaly": policy.anomaly.model_dump(mode="json"),
             "delegation": {**policy.delegation.model_dump(mode="json"), "delegates": delegates},
-            "sandbox": policy.sandbox_settings(), "unsandboxed": policy.unsandboxed_tools(),
+            "sandbox": sandbox_settings(policy), "unsandboxed": unsandboxed_tools(policy),
             "handles": flow["handles"]}
 
 
@@ -348,7 +351,7 @@ def audit_chains(path: str) -> list[str]:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     broken = 0
@@ -411,7 +414,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from .auditlog import AuditChainError, export_jsonl
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time

@@ -472,9 +472,8 @@ class Supervisor:
         self.observer.flow(entry.name, tool, "deny" if denied else "approve" if broken else "allow")
         if denied:
             v = denied[0]
-            exc = FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", tool=tool)
-            exc.flow = v  # type: ignore[attr-defined]
-            raise exc
+            raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
+                             tool=tool)
         return args, spec.cost, held, {"handles": [h.id for h in used], "violations": [v for _, v in broken]}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
@@ -585,10 +584,9 @@ class Supervisor:
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
             extra = {"context": context.label.public()} if context else {}
-            if getattr(exc, "flow", None):
-                extra["flow"] = exc.flow  # type: ignore[attr-defined]
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra)
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra,
+                              **({"flow": exc.flow} if isinstance(exc, FlowDenied) and exc.flow else {}))
             if authenticated is not None:
                 self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
@@ -823,14 +821,3 @@ class Supervisor:
         """The registered tools that every Tools and Effects caveat among ``caveats`` lets through."""
         return {t for t, spec in self.tools.items() if all(t in c.names for c in caveats if isinstance(c, Tools))
                 and all(spec.effect in c.effects for c in caveats if isinstance(c, Effects))}
-
-    def status(self) -> dict[str, Any]:
-        return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),
-                "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
-                "approvals_pending": self.approvals.list(), "stats": self.stats(),
-                "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard,
-                "contexts": [{"agent": r.agent, "run": rid.hex()[:8], "depth": r.depth, "label": r.label.public(),
-                              "origin": r.origin, "handles": self.handles.usage(r.agent)[0]} for rid, r in self.runs.items()]}
-
-    def stats(self) -> list[dict[str, Any]]:
-        return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

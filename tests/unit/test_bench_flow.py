@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from runtime.bench import authz, flow
 from runtime.bench.flow import AGENT, READ, FlowBench
+from runtime.observe import status_of
 from runtime.protocol import encode_call
 from runtime.trusted.flow import LEVELS
 
@@ -38,7 +39,7 @@ def test_the_labelling_case_labels_and_taints():
         # every message is from a trusted sender: the item rule runs over all 20 (its longest path)
         assert label.integrity == LEVELS[level] and label.readers and not hide
         sup._taint(ok.vt, label, {"call_id": ok.call_id, "tool": READ, "agent": AGENT})
-        assert [c["label"] for c in sup.status()["contexts"]] == [{"integrity": level,
+        assert [c["label"] for c in status_of(sup)["contexts"]] == [{"integrity": level,
                                                                    "readers": [["*@corp.example"]]}]
 
 

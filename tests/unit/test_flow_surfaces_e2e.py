@@ -14,6 +14,7 @@ from runtime.cli import contexts_table, main
 from runtime.harness import PolicyHarness
 from runtime.llm import ScriptedModel
 from runtime.metrics import PrometheusObserver, parse_metrics
+from runtime.observe import status_of
 from runtime.testing import InProcessSupervisorClient
 from tests.unit.flow_tools import web_get
 
@@ -57,7 +58,7 @@ def test_a_handle_passed_on_by_the_model_then_a_tainted_send_stopped_and_every_s
             {"answer": "done"},
         ])
         assert h.verify().ok
-        contexts = h.supervisor.status()["contexts"]
+        contexts = status_of(h.supervisor)["contexts"]
 
     # the model saw the handle, never the page; the supervisor substituted it for the tool
     seen = json.dumps(agent.model.seen[-1])
