@@ -173,7 +173,10 @@ def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_cal
                 f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(ArgRule, e)}" for e in exc.errors())) from None
     for i, rule in enumerate(flow):  # a policy-wide ifc rule: {"effects": [...], "context"/"args"/"destination"}
         try:
-            narrowing += FlowRule.model_validate(rule).caveats("*")
+            flows = FlowRule.model_validate(rule).caveats("*")
+            if not flows:
+                raise ValueError(f"delegation flow[{i}]: a rule needs context, args or destination above untrusted")
+            narrowing += flows
         except ValidationError as exc:
             raise ValueError(f"delegation flow[{i}]: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(FlowRule, e)}" for e in exc.errors())) from None

@@ -402,12 +402,8 @@ class Supervisor:
         return self.approvals.resolve(approval_id, approve=approve, approver=approver, reason=reason).public()
 
     def _flag(self, agent: str, tool: str, flags: list[str]) -> None:
-        for kind in flags:
-            self.audit.record("anomaly", agent=agent, tool=tool, flag=kind, violations=self.anomaly.violations(agent))
-            self.observer.anomaly(agent, tool, kind)
-        if self.anomaly.should_quarantine(agent):
-            self.quarantine(agent, reason=f"{self.anomaly.violations(agent)} violations within "
-                                          f"{self.agents[agent].anomaly.window_s:g}s")
+        if reason := self.anomaly.report(agent, tool, flags, self.audit, self.observer):
+            self.quarantine(agent, reason=reason)
 
     # ------------------------------------------------------------------ stages
     def _authenticate(self, data: Any, op: str) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
@@ -464,14 +460,13 @@ class Supervisor:
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         if not vt.plan.flows and not used:
             return args, spec.cost, held, None
-        run = self._run(vt)
-        broken = [(f, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
+        run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
+        broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
             (h.origin for h in used if lab.join(h.label) is lab and run.label.join(h.label) is not run.label),
             run.origin)}) for f, arg, lab in violations(vt.plan.flows, tool, spec.effect, args, run.label, held)]
-        denied = [v for f, v in broken if f.mode == "deny"]
-        self.observer.flow(entry.name, tool, "deny" if denied else "approve" if broken else "allow")
-        if denied:
-            v = denied[0]
+        v = next((v for mode, v in broken if mode == "deny"), None)
+        self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
+        if v:
             raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
                              tool=tool)
         return args, spec.cost, held, {"handles": [h.id for h in used], "violations": [v for _, v in broken]}
@@ -491,15 +486,14 @@ class Supervisor:
         a delegate saw reaches its delegator), journaled before the agent sees what it labels."""
         for i, rid in enumerate(vt.runs):
             run = self._run(vt, i)
-            if run.label.join(label) is not run.label:
-                run.label, run.origin = run.label.join(label), run.origin or origin
+            if (joined := run.label.join(label)) is not run.label:
+                run.label, run.origin = joined, run.origin or origin
                 self._journal("c", rid, run.agent, run.depth, run.label.public(), run.origin)
                 self.observer.context(run.agent, run.label.integrity)
 
     def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
-        """The label of a result: the call's context, and what each policy on the token's chain declares
-        for the tool, joined with the handles passed in unless all say it does not carry them; and
-        whether one of them hides it."""
+        """A result's label (its call's context, what each policy on the chain declares, the handles
+        passed in unless every declaration says it does not carry them) and whether one hides it."""
         label, hide, carries = self._run(ok.vt).label, False, False
         for agent in set(ok.vt.holders):
             out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
@@ -733,15 +727,22 @@ class Supervisor:
             outcome: dict[str, Any] = {"ok": True, "label": label.public()}
             if hide:
                 h = self.handles.issue(ok.agent, ok.tool, value, label, origin, self.agents[ok.agent].handle_limits)
-                outcome["handle"], value = h.id, h.public()
+                outcome["handle"], value = h.id, {"$handle": h.id, "label": label.public(), "bytes": h.nbytes,
+                                                  "tool": h.tool}
                 self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
             else:
                 self._taint(ok.vt, label, origin)
             reply: dict[str, Any] = {"ok": True, "value": value, "call_id": ok.call_id}
         except WardenError as exc:
             reply, outcome = self._failure(exc)
-            if "detail" in reply["error"] and not self._may_tell(ok):
-                del reply["error"]["detail"]
+            if "detail" in reply["error"]:  # the tool's own words: never from a hidden result, else they taint
+                label, hide = self._result_label(ok, None)
+                try:
+                    hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
+                except AuditUnavailable:
+                    hide = True
+                if hide:
+                    del reply["error"]["detail"]
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
@@ -761,16 +762,6 @@ class Supervisor:
         if not outcome["ok"]:
             self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
         return reply
-
-    def _may_tell(self, ok: _Allowed) -> bool:
-        """Whether a tool's own error message may reach the agent: never from a hidden result, else
-        once the result's label is in the agent's context (the message may carry the tool's data)."""
-        label, hide = self._result_label(ok, None)
-        try:
-            hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
-        except AuditUnavailable:
-            return False
-        return not hide
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
