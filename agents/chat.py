@@ -58,18 +58,27 @@ def read(channel: str, limit: int = 50, *, ctx: ToolContext) -> list[dict[str, A
         return _channel(data, channel)[-limit:]
 
 
-@tool(effect="write", name="chat.post")
+# Labels: what the tools return is untrusted (anyone can write a message) unless it is the tool's own
+# receipt, which says nothing of the data passed in (a policy or job file may say otherwise).
+@tool(effect="write", name="chat.post", output={"integrity": "trusted", "carries_inputs": False})
 def post(channel: str, text: str, mentions: list = [], *, ctx: ToolContext) -> dict[str, Any]:  # noqa: B006
-    """Post a message to a channel, notifying the users in ``mentions``."""
+    """Post a message to a channel, notifying the users in ``mentions``; returns its id."""
     with _workspace(ctx, write=True) as data:
         messages = _channel(data, channel)
         msg = {"id": max((m["id"] for m in messages), default=0) + 1, "user": ctx.agent, "text": text,
                "mentions": list(mentions), "ts": round(time.time(), 3)}
         messages.append(msg)
-        return msg
+        return {"id": msg["id"], "channel": channel}
 
 
-@tool(effect="delete", name="chat.delete_message")
+@tool(effect="read", name="chat.export")
+def export(channel: str, *, ctx: ToolContext) -> str:
+    """A channel as text, one line per message (to forward or digest it)."""
+    with _workspace(ctx) as data:
+        return "\n".join(f"{m['user']}: {m['text']}" for m in _channel(data, channel))
+
+
+@tool(effect="delete", name="chat.delete_message", output={"integrity": "trusted", "carries_inputs": False})
 def delete_message(channel: str, message_id: int, *, ctx: ToolContext) -> dict[str, Any]:
     """Delete one message from a channel."""
     with _workspace(ctx, write=True) as data:
@@ -81,7 +90,7 @@ def delete_message(channel: str, message_id: int, *, ctx: ToolContext) -> dict[s
         return {"deleted": message_id, "channel": channel}
 
 
-@tool(effect="delete", name="chat.delete_channel")
+@tool(effect="delete", name="chat.delete_channel", output={"integrity": "trusted", "carries_inputs": False})
 def delete_channel(channel: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Delete a whole channel and every message in it."""
     with _workspace(ctx, write=True) as data:

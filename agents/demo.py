@@ -50,6 +50,10 @@ class ModeratorAgent(ToolCallingAgent):
     pass
 
 
+class DigestAgent(ToolCallingAgent):
+    """Forwards a channel's text through a handle (its policy hides chat.export's result)."""
+
+
 class AnalystAgent(ToolCallingAgent):
     """Runs model-written Python, always in its sandbox (python.exec), never in this process."""
 

@@ -23,7 +23,9 @@ Each case runs in a fresh ``PolicyHarness`` (new keys, budgets and audit log), s
 depend on each other's order. A step's caller is ``as`` (default: the policy's agent); with
 ``delegate`` the caller delegates first, and the last delegate makes the call with the token it
 was given (a denied delegation is the step's result). ``advance_s`` moves the clock before the
-step; ``approve`` answers a call the policy parks for a human.
+step; ``approve`` answers a call the policy parks for a human. An argument ``{$handle_of: TOOL}``
+is the handle the latest call of TOOL in the case returned (a tool its policy hides: ``output:
+{hide: true}``), to test sink rules on hidden data.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, ErrorCode, WardenError
+from .agent import is_handle
 from .harness import Decision, PolicyHarness
 from .trusted.policy import Policy
 from .policyfile import load_policy
@@ -203,8 +206,9 @@ def _run_case(index: int, case: Case, spec: CaseFile, policy: Policy, others: di
             h.add_agent(policy)
             for name, other in others.items():
                 h.add_agent(other, name=name)
+            handles: dict[str, Any] = {}  # tool -> the handle its latest call returned
             for n, step in enumerate(case.steps, 1):
-                problem = _run_step(h, step, policy.agent)
+                problem = _run_step(h, step, policy.agent, handles)
                 if problem:
                     where = f"step {n} of {len(case.steps)}: " if len(case.steps) > 1 else ""
                     return CaseResult(index, case.name, False, where + problem)
@@ -213,16 +217,36 @@ def _run_case(index: int, case: Case, spec: CaseFile, policy: Policy, others: di
     return CaseResult(index, case.name, True)
 
 
-def _run_step(h: PolicyHarness, step: Step, default_agent: str) -> str:
+def _with_handles(value: Any, handles: dict[str, Any]) -> Any:
+    """``value`` with each ``{$handle_of: TOOL}`` replaced by the handle TOOL returned (KeyError if none)."""
+    if isinstance(value, dict) and set(value) == {"$handle_of"}:
+        if value["$handle_of"] not in handles:
+            raise KeyError(f"no handle from {value['$handle_of']!r} yet (a call of it, hidden by the policy, first)")
+        return handles[value["$handle_of"]]
+    if isinstance(value, (list, dict)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        out = {k: _with_handles(v, handles) for k, v in items}
+        return out if isinstance(value, dict) else list(out.values())
+    return value
+
+
+def _run_step(h: PolicyHarness, step: Step, default_agent: str, handles: dict[str, Any] | None = None) -> str:
     """Run one step: its delegations once, then its call ``repeat`` times with the token they gave.
     The first mismatch, readable, or "" if every decision matched."""
+    handles = {} if handles is None else handles
+    try:
+        args = _with_handles(step.args, handles)
+    except KeyError as exc:
+        return f"could not run: {exc.args[0]}"
     h.advance(step.advance_s)
     caller, token, delegated = _delegate(h, step, step.caller or default_agent)
     if delegated is not None:  # the step ends at a delegation
         problem = _mismatch(step.expected(1), step.reason, delegated)
         return problem and _diff(step, delegated, problem, "")
     for rep in range(1, step.repeat + 1):
-        d = h.call(caller, str(step.call), step.args, token=token, approve=step.approve)
+        d = h.call(caller, str(step.call), args, token=token, approve=step.approve)
+        if is_handle(d.value):
+            handles[str(step.call)] = d.value
         problem = _mismatch(step.expected(rep), step.reason, d)
         if problem:
             what = json.dumps(step.args, sort_keys=True, default=str)

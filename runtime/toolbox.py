@@ -61,7 +61,7 @@ def fs_read(path: Annotated[str, PATH], *, ctx: ToolContext) -> str:
     return _text(ctx.sandbox.workspace.read(path, MAX_FILE_BYTES))
 
 
-@tool(effect="write", name="fs.write", sandboxed=True)
+@tool(effect="write", name="fs.write", sandboxed=True, output={"integrity": "trusted", "carries_inputs": False})
 def fs_write(path: Annotated[str, PATH], content: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Write a text file in the workspace (/workspace/...), replacing it."""
     return {"path": path, "bytes": ctx.sandbox.workspace.write(path, content.encode())}

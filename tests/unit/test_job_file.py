@@ -36,7 +36,7 @@ agents:
 
 def test_demo_job_loads():
     job = load_job(ROOT / "jobs" / "demo.yaml")
-    assert [a.name for a in job.spec.agents] == ["lead", "summarizer", "moderator", "analyst"]
+    assert [a.name for a in job.spec.agents] == ["lead", "summarizer", "moderator", "analyst", "digest"]
     assert "chat.read" in job.tools
 
 

@@ -212,3 +212,11 @@ def test_run_tools_runs_the_real_tools_and_a_failure_code_can_be_expected(tmp_pa
     problem = report.results[2].problem
     assert "expected: deny" in problem and "got:      allow" in problem
     assert "the tool then failed: TOOL_FAILED: KeyError" in problem
+
+
+def test_a_handle_reference_before_any_handle_is_a_clear_failure(tmp_path):
+    cases = tmp_path / "c.yaml"
+    cases.write_text("tools: [agents.chat, runtime.toolbox]\ncases:\n"
+                     "  - {call: chat.post, args: {channel: {$handle_of: chat.export}, text: x}, expect: FLOW_DENIED}\n")
+    report = run_cases(ROOT / "policies" / "digest.yaml", cases)
+    assert not report.ok and "no handle from 'chat.export' yet" in report.results[0].problem

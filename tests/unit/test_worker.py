@@ -333,7 +333,7 @@ def test_tool_is_still_callable():
 
 def test_demo_tools_load():
     tools = load_tools(["agents.chat"])
-    assert set(tools) == {"chat.list_channels", "chat.read", "chat.post", "chat.delete_message",
+    assert set(tools) == {"chat.list_channels", "chat.read", "chat.export", "chat.post", "chat.delete_message",
                           "chat.delete_channel", "http.post"}
     effects = {name: t.spec.effect for name, t in tools.items()}
     assert effects["chat.delete_channel"] == "delete" and effects["chat.post"] == "write"
