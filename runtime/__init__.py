@@ -16,7 +16,8 @@ from .policy_cases import CasesReport, run_cases
 from .registry import Registration, register_agent
 from .schema import SchemaError
 from .tool import HOST, PATH, URL, Tool, ToolContext, tool, tool_from_schema
-from .trusted.policy import Policy, load_policy
+from .trusted.policy import Policy
+from .policyfile import load_policy
 
 __all__ = [
     "Agent", "ToolCallingAgent",

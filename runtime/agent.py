@@ -25,7 +25,8 @@ from .errors import DelegationDenied, WardenError
 from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
-from .trusted.policy import ArgRule, explain_error
+from .trusted.policy import ArgRule
+from .policyfile import explain_error
 
 
 class SupervisorClient(Protocol):

@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from .tool import load_tools
-    from .trusted.policy import check_policy_tools, load_policy
+    from .policyfile import check_policy_tools, load_policy
 
     failed = 0
     sys.path.insert(0, os.getcwd())  # tool modules are named as a job names them, from where warden runs
@@ -258,7 +258,7 @@ def delegate_rights(policy: Any, delegates: dict[str, Any]) -> list[str]:
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     from .tool import load_tools
-    from .trusted.policy import load_policy
+    from .policyfile import load_policy
 
     policy = load_policy(args.file)
     if args.job:

@@ -14,6 +14,9 @@
     │   ├── AuditUnavailable         AUDIT_UNAVAILABLE: no record, no call
     │   ├── DelegationDenied         DELEGATION_DENIED
     │   ├── ApprovalDenied           APPROVAL_DENIED, APPROVAL_TIMEOUT: a human said no, or nobody answered
+    │   ├── FlowDenied               FLOW_DENIED: data of the wrong label would reach a sink;
+    │   │                            HANDLE_UNKNOWN, HANDLE_DENIED, HANDLE_LIMIT: a handle unknown
+    │   │                            (expired, lost in a shard restart), another agent's, over the limits
     │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
     ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed;
     │   │                            EGRESS_REFUSED: http.fetch refused a destination that is not public
@@ -60,6 +63,10 @@ class ErrorCode(str, Enum):
     DELEGATION_DENIED = "DELEGATION_DENIED"
     APPROVAL_DENIED = "APPROVAL_DENIED"
     APPROVAL_TIMEOUT = "APPROVAL_TIMEOUT"
+    FLOW_DENIED = "FLOW_DENIED"
+    HANDLE_UNKNOWN = "HANDLE_UNKNOWN"
+    HANDLE_DENIED = "HANDLE_DENIED"
+    HANDLE_LIMIT = "HANDLE_LIMIT"
     DISPATCH_REFUSED = "DISPATCH_REFUSED"
     TOOL_FAILED = "TOOL_FAILED"
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
@@ -184,6 +191,12 @@ class ApprovalDenied(Denied):
     default_code = ErrorCode.APPROVAL_DENIED
 
 
+class FlowDenied(Denied):
+    """Information-flow control refused the call: a sink rule, or a handle the agent may not use."""
+
+    default_code = ErrorCode.FLOW_DENIED
+
+
 class DispatchRefused(Denied):
     default_code = ErrorCode.DISPATCH_REFUSED
 
@@ -249,6 +262,10 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.DISPATCH_REFUSED: DispatchRefused,
     ErrorCode.APPROVAL_DENIED: ApprovalDenied,
     ErrorCode.APPROVAL_TIMEOUT: ApprovalDenied,
+    ErrorCode.FLOW_DENIED: FlowDenied,
+    ErrorCode.HANDLE_UNKNOWN: FlowDenied,
+    ErrorCode.HANDLE_DENIED: FlowDenied,
+    ErrorCode.HANDLE_LIMIT: FlowDenied,
     ErrorCode.TOOL_FAILED: ToolFailed,
     ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
     ErrorCode.EGRESS_REFUSED: ToolFailed,

@@ -47,7 +47,8 @@ from .tool import Tool, load_tools
 from .trusted.audit import AuditLog
 from .trusted.capability import Caveat, KeyRing, Token
 from .trusted.ledger import QuotaLedger
-from .trusted.policy import Policy, load_policy
+from .trusted.policy import Policy
+from .policyfile import load_policy
 from .trusted.supervisor import Supervisor
 
 __all__ = ["Decision", "PolicyHarness"]

@@ -37,7 +37,8 @@ from .agent import Agent, load_agent_class
 from .jobcheck import check_job
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
-from .trusted.policy import Policy, explain_error, load_policy
+from .trusted.policy import Policy
+from .policyfile import explain_error, load_policy
 from .registry import check_policy_against_tools, register_agent
 
 

@@ -24,7 +24,8 @@ from .agent import load_agent_class
 from .llm import model_from_config
 from .tool import load_tools
 from .trusted.capability import MAX_CAVEATS, MAX_TOKEN_BYTES, KeyRing
-from .trusted.policy import Policy, check_policy_tools, explain_error, load_policy
+from .trusted.policy import Policy
+from .policyfile import check_policy_tools, explain_error, load_policy
 
 
 def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, local: bool = True) -> list[str]:

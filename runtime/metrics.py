@@ -1,6 +1,6 @@
 """Prometheus metrics for the supervisor's decisions, and a small HTTP server that exposes them.
 
-``PrometheusObserver`` implements ``runtime.trusted.observe.Observer``. It keeps:
+``PrometheusObserver`` implements ``runtime.observe.Observer``. It keeps:
 
 * its own ``CollectorRegistry`` (never the process-global one), so several jobs or tests in
   one process cannot clash;
@@ -65,8 +65,9 @@ KILL_CAUSES: dict[str, str] = {
 }
 _FAILED_WITHOUT_CODE = ErrorCode.TOOL_FAILED.value  # as the supervisor maps codes it does not know
 _BUDGET_KINDS = ("calls", "cost")
-_ANOMALY_KINDS = ("rate", "denial_burst")
-_METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine")
+_ANOMALY_KINDS = ("rate", "denial_burst", "allow", "deny", "approve")  # and flow results
+_METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine", "flow",
+            "context", "handles")
 
 
 def _clean(value: object) -> str:
@@ -159,6 +160,14 @@ class PrometheusObserver:
                                         [j], registry=r).labels(self.job)
         self.agent_quarantined = Gauge("warden_agent_quarantined", "1 while the agent is quarantined, else 0.",
                                        [j, "agent"], registry=r)
+        self.flow_decisions = Counter("warden_flow_decisions", "Calls judged by flow rules: allow, deny, approve.",
+                                      [j, "agent", "tool", "result"], registry=r)
+        self.context_integrity = Gauge("warden_context_integrity", "Lowest context integrity of the agent's runs "
+                                       "(2 trusted, 1 endorsed, 0 untrusted).", [j, "agent"], registry=r)
+        self.handle_count = Gauge("warden_handles", "Handles the agent holds.", [j, "agent"], registry=r)
+        self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of hidden results the agent's handles hold.",
+                                  [j, "agent"], registry=r)
+        self._integrity: dict[str, int] = {}
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
                                        [j, "method"], registry=r)
         # Known series start at zero, so rate() and dashboards see them before the first event.
@@ -216,6 +225,28 @@ class PrometheusObserver:
             self.anomalies.labels(self.job, self._agent(agent), self._tool(tool), self._kind(kind)).inc()
         except Exception:
             self._failed("anomaly")
+
+    def flow(self, agent: str, tool: str, result: str) -> None:
+        try:
+            self.flow_decisions.labels(self.job, self._agent(agent), self._tool(tool), self._kind(result)).inc()
+        except Exception:
+            self._failed("flow")
+
+    def context(self, agent: str, integrity: int) -> None:
+        try:
+            a = self._agent(agent)
+            self._integrity[a] = min(self._integrity.get(a, 2), int(integrity))
+            self.context_integrity.labels(self.job, a).set(self._integrity[a])
+        except Exception:
+            self._failed("context")
+
+    def handles(self, agent: str, count: int, nbytes: int) -> None:
+        try:
+            a = self._agent(agent)
+            self.handle_count.labels(self.job, a).set(count)
+            self.handle_bytes.labels(self.job, a).set(nbytes)
+        except Exception:
+            self._failed("handles")
 
     def quarantine(self, agent: str) -> None:
         try:

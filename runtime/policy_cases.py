@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, ErrorCode, WardenError
 from .harness import Decision, PolicyHarness
-from .trusted.policy import Policy, load_policy
+from .trusted.policy import Policy
+from .policyfile import load_policy
 
 __all__ = ["CaseFile", "CaseResult", "CasesReport", "load_cases", "run_cases"]
 

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 from .errors import ConfigError, ErrorCode, PolicyDenied
 from .trusted.capability import KeyRing, canonical_path, host_pattern, host_value
 from .trusted.ledger import AgentQuota
-from .trusted.policy import Policy, check_policy_tools
+from .trusted.policy import Policy
+from .policyfile import check_policy_tools
 from .trusted.supervisor import AgentEntry
 
 __all__ = ["Registration", "register_agent", "check_policy_against_tools"]

@@ -51,10 +51,11 @@ class Pending:
     created: float
     expires: float
     future: "asyncio.Future[tuple[bool, str, str]]" = field(repr=False)
+    flow: Any = None  # the flow rules the call breaks and its label, when they are why it waits
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "agent": self.agent, "tool": self.tool, "args": self.args,
-                "created": self.created, "expires": self.expires}
+                "created": self.created, "expires": self.expires, "flow": self.flow}
 
 
 class Approvals:
@@ -65,10 +66,10 @@ class Approvals:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def park(self, agent: str, tool: str, args: dict[str, Any], timeout_s: float) -> Pending:
+    def park(self, agent: str, tool: str, args: dict[str, Any], timeout_s: float, flow: Any = None) -> Pending:
         now = self._clock()
         p = Pending(secrets.token_hex(6), agent, tool, args, now, now + timeout_s,
-                    asyncio.get_running_loop().create_future())
+                    asyncio.get_running_loop().create_future(), flow)
         self._pending[p.id] = p
         return p
 

@@ -342,7 +342,24 @@ class Holder:
     seal: bytes = b""
 
 
-Caveat = Union[Tools, Effects, Arg, Expires, NotBefore, CallBudget, CostBudget, MaxDepth, Audience, Holder]
+FLOW_NEEDS, FLOW_MODES = ("trusted", "endorsed", "readers"), ("deny", "approve")
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A sink rule (``runtime.trusted.flow``) on calls of ``tool`` ('*': any) with an effect in
+    ``effects`` (empty: any): ``need`` 'trusted'/'endorsed' is the least integrity of the context
+    (``arg`` ''), of one argument, or of every one ('*'); 'readers': the destination named by
+    argument ``arg`` ('': anyone) must be a reader of all the data. ``mode``: on violation."""
+
+    tool: str
+    effects: tuple[str, ...]
+    arg: str
+    need: str
+    mode: str = "deny"
+
+
+Caveat = Union[Tools, Effects, Arg, Expires, NotBefore, CallBudget, CostBudget, MaxDepth, Audience, Holder, Flow]
 
 
 def _str_tuple(v: Any, what: str) -> tuple[str, ...]:
@@ -373,6 +390,8 @@ def encode_caveat(c: Caveat) -> bytes:
         return _pack(["aud", c.job])
     if isinstance(c, Holder):
         return _pack(["holder", c.agent, c.seal])
+    if isinstance(c, Flow):
+        return _pack(["flow", c.tool, list(c.effects), c.arg, c.need, c.mode])
     raise TypeError(f"not a caveat: {c!r}")
 
 
@@ -407,6 +426,15 @@ def _parse_arg(args: list[Any]) -> Arg | None:
     return Arg(tool, arg, check, _checked_param(check, param))
 
 
+def _parse_flow(args: list[Any]) -> Flow | None:
+    if len(args) != 5 or not all(isinstance(a, str) for a in (args[0], *args[2:])):
+        return None
+    tool, effects, arg, need, mode = args
+    if need not in FLOW_NEEDS or mode not in FLOW_MODES or not set(_str_tuple(effects, "effects")) <= set(EFFECTS):
+        raise ValueError("malformed flow caveat")
+    return Flow(tool, tuple(effects), arg, need, mode)
+
+
 # Each parser gets the caveat's fields after its type name, and returns the caveat, None when
 # the fields do not fit the type ("unknown or malformed"), or raises ValueError saying why.
 _CAVEAT_PARSERS: dict[str, Any] = {
@@ -421,6 +449,7 @@ _CAVEAT_PARSERS: dict[str, Any] = {
     "aud": lambda a: Audience(a[0]) if len(a) == 1 and isinstance(a[0], str) else None,
     "holder": lambda a: Holder(a[0], a[1]) if len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], bytes)
     else None,
+    "flow": _parse_flow,
 }
 
 
@@ -523,12 +552,14 @@ class EvaluationPlan(NamedTuple):
     arg_caveats: tuple[Arg, ...] = ()  # every Arg caveat, in chain order
     args_by_tool: dict[str, tuple[Arg, ...]] | None = None  # a tool's own constraints and the '*' ones
     any_tool_args: tuple[Arg, ...] = ()  # the '*' constraints alone: for tools with none of their own
+    flows: tuple[Flow, ...] = ()  # sink rules, judged by the supervisor with the call's labels
 
     def extended(self, caveats: Iterable[Caveat]) -> "EvaluationPlan":
         """The plan of this chain with ``caveats`` appended."""
         not_before, not_after = self.not_before, self.not_after
         tools, effects, audiences = self.tools, self.effects, self.audiences
         new_args: list[Arg] = []
+        flows = self.flows + tuple(c for c in caveats if isinstance(c, Flow))
         for c in caveats:
             if isinstance(c, Arg):
                 new_args.append(c)
@@ -546,14 +577,14 @@ class EvaluationPlan(NamedTuple):
                 audiences = audiences.union((c.job,))
         if not new_args:
             return EvaluationPlan(not_before, not_after, tools, effects, audiences, self.arg_caveats,
-                                  self.args_by_tool, self.any_tool_args)
+                                  self.args_by_tool, self.any_tool_args, flows)
         arg_caveats = self.arg_caveats + tuple(new_args)
         any_tool = tuple(c for c in arg_caveats if c.tool == "*")
         by_tool: dict[str, tuple[Arg, ...]] = {}
         for c in arg_caveats:
             if c.tool != "*":
                 by_tool[c.tool] = by_tool.get(c.tool, any_tool) + (c,)
-        return EvaluationPlan(not_before, not_after, tools, effects, audiences, arg_caveats, by_tool, any_tool)
+        return EvaluationPlan(not_before, not_after, tools, effects, audiences, arg_caveats, by_tool, any_tool, flows)
 
     def check(self, tool: str, effect: str, args: dict[str, Any], job: str) -> None:
         """Raise the typed error of a caveat that does not hold (time and holder are checked before)."""
@@ -594,11 +625,17 @@ class VerifiedToken:
     budgets: tuple[tuple[bytes, str, float], ...] = field(default=())  # (ledger key, kind, limit)
     plan: EvaluationPlan = field(default=_EMPTY_PLAN, repr=False, compare=False)
     _chain_ids: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
+    # The tag at each holder caveat: one id per agent run on the chain (the root agent's first,
+    # this holder's last). Local attenuation adds no holder, so it cannot start a fresh run.
+    runs: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
+    holders: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)  # the agent of each run
 
     def __post_init__(self) -> None:
         if self.plan is _EMPTY_PLAN and self.caveats:
             object.__setattr__(self, "plan", _EMPTY_PLAN.extended(self.caveats))
         object.__setattr__(self, "_chain_ids", (self.token.token_id, *self.tags))
+        object.__setattr__(self, "runs", tuple(t for c, t in zip(self.caveats, self.tags) if isinstance(c, Holder)))
+        object.__setattr__(self, "holders", tuple(c.agent for c in self.caveats if isinstance(c, Holder)))
 
     @property
     def token_id(self) -> bytes:
@@ -607,7 +644,7 @@ class VerifiedToken:
     @property
     def root_holder(self) -> str:
         """The agent the root token was minted for: the owner of every budget on the chain."""
-        return next(c.agent for c in self.caveats if isinstance(c, Holder))
+        return self.holders[0]
 
     def chain_ids(self) -> tuple[bytes, ...]:
         """Everything that can be revoked to kill this token: its id and every tag on its chain."""

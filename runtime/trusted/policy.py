@@ -12,22 +12,22 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 from __future__ import annotations
 
 from collections import Counter
-from difflib import get_close_matches
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import ConfigError, ErrorCode, PolicyDenied, TokenRejected
+from ..anomaly import AnomalySpec
+from ..errors import PolicyDenied, TokenRejected
 from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
-                         Expires, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat, host_pattern)
-from .anomaly import AnomalyConfig
+                         Expires, Flow, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat,
+                         host_pattern)
+from .flow import Label, Output
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
 from .wire import ToolSpec
 
 Effect = Literal["read", "write", "delete", "execute"]
+Level = Literal["trusted", "endorsed", "untrusted"]
 
 
 class _Strict(BaseModel):
@@ -136,11 +136,64 @@ class ApprovalSpec(_Strict):
     timeout_s: float = Field(default=300.0, gt=0, le=86400)
 
 
+class ItemRule(_Strict):
+    path: str = ""  # the key of the list in a map result; '' when the result is the list
+    when: dict[str, ArgRule] = Field(min_length=1)  # rules on each item's fields
+
+
+class OutputRule(_Strict):
+    """The label of a tool's results. Unset fields come from the job file, then ``@tool``;
+    what none of them sets is untrusted and public."""
+
+    integrity: Level | None = None
+    readers: Literal["public"] | list[str] | None = None
+    hide: bool | None = None  # the agent gets a handle, not the content
+    trusted_items: ItemRule | None = None
+
+    def over(self, base: "OutputRule | None") -> "OutputRule":
+        return OutputRule.model_validate({**base.model_dump(exclude_none=True), **self.model_dump(exclude_none=True)}
+                                         ) if base else self
+
+    def output(self) -> Output:
+        label = Label.parse({"integrity": self.integrity or "untrusted", "readers": self.readers or "public"})
+        items = self.trusted_items
+        when = tuple((c.arg, c.check, c.param) for f, r in sorted(items.when.items()) for c in r.caveats("", f)
+                     ) if items else ()
+        return Output(label, bool(self.hide), items.path if items else None, when)
+
+
+class FlowRule(_Strict):
+    """What may flow into a call (sink rules), encoded in the token as ``Flow`` caveats."""
+
+    effects: list[Effect] = Field(default_factory=list)  # policy-wide rules: the tools they apply to
+    context: Level | None = None
+    args: Level | dict[str, Level] | None = None  # one level for every argument, or per argument
+    destination: str | None = None  # an argument naming where the data goes, or 'public'
+    on_violation: Literal["deny", "approve"] = "deny"
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "FlowRule":
+        if not self.caveats("*"):
+            raise ValueError("an ifc rule needs context, args or destination (above untrusted)")
+        return self
+
+    def caveats(self, tool: str) -> list[Flow]:
+        e, m = tuple(self.effects), self.on_violation
+        args = {"*": self.args} if isinstance(self.args, str) else self.args or {}
+        out = [Flow(tool, e, a, lvl, m) for a, lvl in [("", self.context), *sorted(args.items())]
+               if lvl not in (None, "untrusted")]
+        if self.destination:
+            out.append(Flow(tool, e, "" if self.destination == "public" else self.destination, "readers", m))
+        return out
+
+
 class ToolRule(_Strict):
     effect: Effect
     args: dict[str, ArgRule] = Field(default_factory=dict)
     approval: bool | ApprovalSpec = False
     sandbox: SandboxRule | None = None
+    ifc: FlowRule | None = None
+    output: OutputRule | None = None
 
     def approval_rule(self, tool: str) -> ApprovalRule | None:
         if self.approval is False:
@@ -150,16 +203,6 @@ class ToolRule(_Strict):
                      for c in rule.caveats(tool, arg))
         return ApprovalRule(tool, when, spec.timeout_s)
 
-
-class AnomalySpec(_Strict):
-    window_s: float = Field(default=60.0, gt=0)
-    rate_factor: float = Field(default=5.0, gt=1)
-    min_calls: int = Field(default=10, ge=1)
-    denial_burst: int = Field(default=5, ge=1)
-    quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
-
-    def config(self) -> AnomalyConfig:
-        return AnomalyConfig(**self.model_dump())
 
 class Quotas(_Strict):
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -176,6 +219,12 @@ class Delegation(_Strict):
     max_depth: int = Field(default=0, ge=0)
 
 
+class HandleLimits(_Strict):
+    max_count: int = Field(default=256, ge=0)
+    max_bytes: int = Field(default=16 << 20, ge=0)
+    ttl_s: float = Field(default=3600.0, gt=0)
+
+
 class Policy(_Strict):
     agent: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -184,6 +233,8 @@ class Policy(_Strict):
     delegation: Delegation = Field(default_factory=Delegation)
     sandbox: SandboxRule = Field(default_factory=SandboxRule)
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
+    ifc: list[FlowRule] = Field(default_factory=list)
+    handles: HandleLimits = Field(default_factory=HandleLimits)
 
     @model_validator(mode="after")
     def _fits_a_token(self) -> "Policy":
@@ -221,7 +272,14 @@ class Policy(_Strict):
         return [Audience(job_id), Tools(tuple(sorted(self.tools))),
                 Effects(tuple(sorted({r.effect for r in self.tools.values()}))),
                 *(c for tool, rule in sorted(self.tools.items()) for arg, r in sorted(rule.args.items())
-                  for c in r.caveats(tool, arg))]
+                  for c in r.caveats(tool, arg)),
+                *(c for tool, rule in sorted(self.tools.items()) if rule.ifc for c in rule.ifc.caveats(tool)),
+                *(c for rule in self.ifc for c in rule.caveats("*"))]
+
+    def outputs(self, declared: dict[str, OutputRule]) -> dict[str, Output]:
+        """The label of each named tool's results: the policy's ``output`` over ``declared`` (the
+        job file's over ``@tool``'s)."""
+        return {t: (r.output or OutputRule()).over(declared.get(t)).output() for t, r in self.tools.items()}
 
     def sandbox_settings(self) -> dict[str, dict[str, Any]]:
         """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
@@ -236,83 +294,3 @@ class Policy(_Strict):
 
     def agent_quota(self) -> AgentQuota:
         return AgentQuota(**self.quotas.model_dump(include={"rate_per_s", "burst", "max_concurrent"}))
-
-
-_CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # rule -> the formats it needs
-
-
-def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
-    """Refuse argument and approval rules that the named tools' parameters make wrong.
-
-    A rule on a parameter the tool lacks, or a list rule on a scalar, would deny every call; a path
-    or URL rule on a parameter the tool does not canonicalise (``PATH``/``URL``; never a list's
-    items) would check one spelling while the tool opens another. Raises ConfigError.
-    """
-    errors = []
-    for name, rule in sorted(policy.tools.items()):
-        when = rule.approval.when if isinstance(rule.approval, ApprovalSpec) else {}
-        for where, rules in (("args", rule.args), ("approval.when", when)) if name in tools else ():
-            errors += [f"  at tools.{name}.{where}.{arg}: {why}" for arg, arg_rule in sorted(rules.items())
-                       for why in _param_errors(tools[name], arg, arg_rule)]
-    if errors:
-        raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
-
-
-def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
-    param = spec.params.get(arg)
-    if param is None:
-        near = get_close_matches(arg, spec.params, 1)
-        return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
-                + (f" (did you mean {near[0]!r}?)" if near else "")]
-    inner, items = rule.each.model_fields_set if rule.each else set(), getattr(param, "items", None)  # item spec
-    wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)} (in each: its items)"
-             for check, fmts in _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format not in fmts
-             or check in inner and getattr(items, "format", None) not in fmts]
-    if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
-        wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
-    return wrong
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def _model_in(t: Any) -> Any:  # the pydantic model inside an annotation such as 'dict[str, ArgRule] | None'
-    is_model = isinstance(t, type) and issubclass(t, BaseModel)
-    return t if is_model else next(filter(None, map(_model_in, get_args(t))), None)
-
-
-def explain_error(model: type[BaseModel], err: Any) -> str:
-    """pydantic's message; for a key the model does not have, the field it most likely meant."""
-    for part in err["loc"][:-1]:  # a list index or dict key keeps the model of the items
-        model = _model_in(model.model_fields[part].annotation) if model and part in model.model_fields else model
-    fields = model.model_fields.items() if model and err["type"] == "extra_forbidden" and err["loc"] else ()
-    near = get_close_matches(str(err["loc"][-1]), [f.alias or k for k, f in fields], 1) if fields else []
-    return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
-
-
-def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
-                          code=ErrorCode.POLICY_INVALID)
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{source}: {len(exc.errors())} error(s)"]
-        lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
-
-
-def load_policy(source: str | Path | dict[str, Any]) -> Policy:
-    """A file (``Path``, or ``str`` on one line), YAML text (a ``str`` with a line break or a
-    leading ``{``) or a dict: all through ``parse_policy``."""
-    inline = isinstance(source, dict) or isinstance(source, str) and ("\n" in source or source.lstrip()[:1] == "{")
-    where = f"<policy {type(source).__name__}>" if inline else str(source)
-    try:
-        data = source if isinstance(source, dict) else yaml.safe_load(
-            source if inline else Path(source).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
-    return parse_policy(data, source=where)

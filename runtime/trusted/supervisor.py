@@ -39,14 +39,15 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 
-from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, InternalError,
+from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorCode, FlowDenied, InternalError,
                       MalformedRequest, QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
-from .anomaly import AnomalyConfig, AnomalyDetector
+from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
+from .flow import TOP, Handles, Label, Output, Run, rule_name, substitute, violations
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
-from .observe import NullObserver, Observer
+from ..observe import NullObserver, Observer
 from .state import StateJournal
 from .wire import ToolSpec, batch_items, decode_envelope, decode_signed
 
@@ -83,6 +84,8 @@ def shard_of(agent: str, shards: int) -> int:
     return int.from_bytes(sha256(agent.encode()).digest()[:8], "big") % shards
 
 
+MAX_RUNS = 1 << 16  # contexts kept per shard; a delegation past it is refused
+UNDECLARED = Output()  # a tool whose results no declaration labels: untrusted (fail closed), public
 PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key", "sync", "decide"})
 
 
@@ -97,6 +100,8 @@ class AgentEntry:
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     root_token_id: bytes | None = None  # for reference: a quarantine revokes every token the agent held
     max_parked: int = 8  # calls parked for approval at once; one more is APPROVAL_QUEUE_FULL
+    outputs: dict[str, Output] = field(default_factory=dict)  # tool -> the label of its results (none: untrusted)
+    handle_limits: tuple[int, int, float] = (256, 16 << 20, 3600.0)  # count, bytes, lifetime of its handles
 
 
 @dataclass
@@ -108,6 +113,8 @@ class _Allowed:
     vt: VerifiedToken
     reservation: Reservation
     dispatched_at: float | None = None
+    held: dict[str, Label] = field(default_factory=dict)  # argument -> the labels of the handles it holds
+    flow: dict[str, Any] | None = None  # what the flow check saw, for the record (None: no rule, no handle)
 
 
 class Supervisor:
@@ -132,6 +139,8 @@ class Supervisor:
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
         self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
+        self.runs: dict[bytes, Run] = {}  # agent run (``VerifiedToken.runs``) -> its context label
+        self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
@@ -299,7 +308,8 @@ class Supervisor:
         return ["snap", self.ledger.snapshot(), self.nonces.snapshot(), self.revocations.snapshot(),
                 {cid: [r.agent, [list(c) for c in r.charges], r.projected_cost, list(r.cost_keys)]
                  for cid, r in self._open.items()},
-                sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired)]
+                sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired),
+                {rid: [r.agent, r.depth, r.label.public(), r.origin] for rid, r in self.runs.items()}]
 
     def restore(self, unsettled: dict[str, str] | None = None) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
@@ -353,8 +363,10 @@ class Supervisor:
             self.retired.add(args[0])
             if args[0] in self.keyring.kids and args[0] != self.keyring.current_kid:
                 self.keyring.retire(args[0])
+        elif op == "c":
+            self.runs[bytes(args[0])] = Run(args[1], args[2], Label.parse(args[3]), args[4])
         elif op == "snap":
-            ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired = args
+            ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired, runs = args
             self.ledger.restore(ledger)  # its totals include the open calls' charges
             self.nonces.restore(nonces)
             self.revocations.restore(revocations)
@@ -367,6 +379,7 @@ class Supervisor:
             self.keyring.current_kid, self.key_epoch, self.retired = kid, int(epoch), set(retired)
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
+            self.runs = {bytes(rid): Run(a, d, Label.parse(lab), o) for rid, (a, d, lab, o) in runs.items()}
         else:
             raise ValueError(f"unknown journal frame {op!r}")
 
@@ -440,16 +453,63 @@ class Supervisor:
         if vt.token.kid not in self.keyring.kids:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
-    def _evaluate(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken) -> tuple[dict[str, Any], float]:
-        """The canonical arguments, once every caveat holds for them, and the tool's projected cost."""
+    def _evaluate(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken) -> tuple[Any, ...]:
+        """The canonical arguments (handles replaced by their content) once every caveat and deny flow
+        rule holds for them, the tool's projected cost, the labels of the handles, the flow record."""
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
+        args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, ref, tool))
         args = spec.canonical_args(args)
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
-        return args, spec.cost
+        if not vt.plan.flows and not used:
+            return args, spec.cost, held, None
+        run = self._run(vt)
+        broken = [(f, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
+            (h.origin for h in used if lab.join(h.label) is lab and run.label.join(h.label) is not run.label),
+            run.origin)}) for f, arg, lab in violations(vt.plan.flows, tool, spec.effect, args, run.label, held)]
+        denied = [v for f, v in broken if f.mode == "deny"]
+        self.observer.flow(entry.name, tool, "deny" if denied else "approve" if broken else "allow")
+        if denied:
+            v = denied[0]
+            exc = FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", tool=tool)
+            exc.flow = v  # type: ignore[attr-defined]
+            raise exc
+        return args, spec.cost, held, {"handles": [h.id for h in used], "violations": [v for _, v in broken]}
 
-    def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float) -> _Allowed:
+    def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
+        """The context of run ``vt.runs[i]``. A root run starts as its task (trusted, public); a
+        delegated one is made by ``delegate``: unknown here (its state lost), it is untrusted."""
+        run = self.runs.get(vt.runs[i])
+        if run is None:
+            depth = i % len(vt.runs)
+            run = self.runs[vt.runs[i]] = Run(vt.holders[i], depth, TOP) if depth == 0 else Run(
+                vt.holders[i], depth, Label(0), {"why": "a delegated run this shard has no state for"})
+        return run
+
+    def _taint(self, vt: VerifiedToken, label: Label, origin: dict[str, Any]) -> None:
+        """Join ``label`` into the context of the run and of each run it was delegated from (what
+        a delegate saw reaches its delegator), journaled before the agent sees what it labels."""
+        for i, rid in enumerate(vt.runs):
+            run = self._run(vt, i)
+            if run.label.join(label) is not run.label:
+                run.label, run.origin = run.label.join(label), run.origin or origin
+                self._journal("c", rid, run.agent, run.depth, run.label.public(), run.origin)
+                self.observer.context(run.agent, run.label.integrity)
+
+    def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
+        """The label of a result: what went into the call (context, handles) joined with what each
+        policy on the token's chain declares for the tool; and whether one of them hides it."""
+        label, hide = self._run(ok.vt).label, False
+        for h in ok.held.values():
+            label = label.join(h)
+        for agent in set(ok.vt.holders):
+            out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
+            label, hide = label.join(out.label_of(value)), hide or out.hide
+        return label, hide
+
+    def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
+                 held: dict[str, Label] | None = None, flow: dict[str, Any] | None = None) -> _Allowed:
         reservation = self.ledger.reserve(agent, vt.budgets, cost, tool)
         call_id = secrets.token_hex(8)
         if self.journal is not None:
@@ -463,7 +523,7 @@ class Supervisor:
                 raise
         for key, kind, limit in vt.budgets:
             self.observer.budget(agent, kind, self.ledger.used(key), limit)
-        return _Allowed(call_id, agent, tool, args, vt, reservation)
+        return _Allowed(call_id, agent, tool, args, vt, reservation, None, held or {}, flow)
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
@@ -473,14 +533,16 @@ class Supervisor:
     async def _approval(self, c: _Allowed) -> None:
         """Park the reserved call until a human decides; raise ApprovalDenied unless approved in time."""
         rule, limit = self.agents[c.agent].approvals.get(c.tool), self.agents[c.agent].max_parked
-        if rule is None or not rule.matches(c.args):
+        flow = c.flow and c.flow["violations"] or None  # flow rules broken whose mode is approve
+        if not flow and (rule is None or not rule.matches(c.args)):
             return
+        rule = rule or ApprovalRule(c.tool)
         if (parked := sum(p["agent"] == c.agent for p in self.approvals.list())) >= limit:
             raise QuotaExceeded(f"parked={parked}, limit={limit}", tool=c.tool, code=ErrorCode.APPROVAL_QUEUE_FULL)
-        pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s)
+        pending = self.approvals.park(c.agent, c.tool, c.args, rule.timeout_s, flow)
         try:
             self.audit.record("approval_requested", approval_id=pending.id, call_id=c.call_id, agent=c.agent,
-                              tool=c.tool, args=c.args, timeout_s=rule.timeout_s)
+                              tool=c.tool, args=c.args, timeout_s=rule.timeout_s, **({"flow": flow} if flow else {}))
             self.observer.approvals_pending(len(self.approvals))
             approved, approver, reason = await asyncio.wait_for(asyncio.shield(pending.future), rule.timeout_s)
         except asyncio.TimeoutError:
@@ -498,7 +560,7 @@ class Supervisor:
         c.vt.check_time(self.clock())
 
     def _deny(self, exc: Exception, data: Any, *, authenticated: str | None = None,
-              started: float | None = None, tool: str | None = None) -> bytes:
+              started: float | None = None, tool: str | None = None, context: Run | None = None) -> bytes:
         """Record a denial and encode it for the agent. A bug (not a WardenError) still denies.
 
         Only a denial of an *authenticated* agent counts as its violation: anyone can send a
@@ -521,8 +583,11 @@ class Supervisor:
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
+            extra = {"context": context.label.public()} if context else {}
+            if getattr(exc, "flow", None):
+                extra["flow"] = exc.flow  # type: ignore[attr-defined]
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason, authenticated=who != UNAUTHENTICATED)
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra)
             if authenticated is not None:
                 self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
@@ -595,21 +660,21 @@ class Supervisor:
             self._check_revoked(vt, tool)  # again for each item: an earlier one may have got the agent quarantined
             self.ledger.check_rate(entry.name, tool)  # before any caveat work: regex checks cost time
             ok = self._reserve(entry.name, tool, vt, *self._evaluate(tool, args, entry, vt))
-            if ok.tool in entry.approvals:
+            if ok.tool in entry.approvals or ok.flow and ok.flow["violations"]:
                 await self._approval(ok)
                 started = time.perf_counter()  # authorization time excludes the human's
         except Exception as exc:
             if ok is not None:  # denied while parked: it never ran
                 self._close(ok.call_id, ok.reservation, None, refund=True)
-            return self._deny(exc, data, authenticated=entry.name, started=started, tool=tool)
+            return self._deny(exc, data, authenticated=entry.name, started=started, tool=tool, context=self._run(vt))
         authz_s = time.perf_counter() - started
         self.observer.decision(ok.agent, ok.tool, "allow", None, authz_s)
         try:
             self.audit.record("decision", decision="allow", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
                               args=ok.args, token_id=ok.vt.token_id.hex(), depth=ok.vt.depth,
-                              authz_us=round(authz_s * 1e6, 1),
+                              authz_us=round(authz_s * 1e6, 1), context=self._run(vt).label.public(),
                               sandbox=self.sandbox_for(ok.agent, ok.tool)["backend"]
-                              if self.tools[ok.tool].sandboxed else None)
+                              if self.tools[ok.tool].sandboxed else None, **({"flow": ok.flow} if ok.flow else {}))
         except AuditUnavailable as exc:
             self._close(ok.call_id, ok.reservation, None, refund=True)
             exc.tool = ok.tool
@@ -664,10 +729,20 @@ class Supervisor:
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
             # Revoked (or its key retired) while the call was in flight: the result is withheld.
             self._still_valid(ok.vt, ok.tool)
-            reply: dict[str, Any] = {"ok": True, "value": result.get("value"), "call_id": ok.call_id}
-            outcome: dict[str, Any] = {"ok": True}
+            value, origin = result.get("value"), {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent}
+            label, hide = self._result_label(ok, value)
+            outcome: dict[str, Any] = {"ok": True, "label": label.public()}
+            if hide:
+                h = self.handles.issue(ok.agent, ok.tool, value, label, origin, self.agents[ok.agent].handle_limits)
+                outcome["handle"], value = h.id, h.public()
+                self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
+            else:
+                self._taint(ok.vt, label, origin)
+            reply: dict[str, Any] = {"ok": True, "value": value, "call_id": ok.call_id}
         except WardenError as exc:
             reply, outcome = self._failure(exc)
+            if "detail" in reply["error"] and not self._may_tell(ok):
+                del reply["error"]["detail"]
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
@@ -678,7 +753,7 @@ class Supervisor:
         try:
             self.audit.record("outcome", call_id=ok.call_id, agent=ok.agent, tool=ok.tool,
                               dispatched=ok.dispatched_at is not None, dispatch_ms=round(elapsed * 1e3, 3),
-                              cost=cost, **outcome)
+                              cost=cost, context=self._run(ok.vt).label.public(), **outcome)
         except AuditUnavailable as exc:
             # The call ran but its outcome is not on record: do not hand back an unrecorded result.
             exc.tool = ok.tool
@@ -687,6 +762,16 @@ class Supervisor:
         if not outcome["ok"]:
             self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
         return reply
+
+    def _may_tell(self, ok: _Allowed) -> bool:
+        """Whether a tool's own error message may reach the agent: never from a hidden result, else
+        once the result's label is in the agent's context (the message may carry the tool's data)."""
+        label, hide = self._result_label(ok, None)
+        try:
+            hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
+        except AuditUnavailable:
+            return False
+        return not hide
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -705,9 +790,18 @@ class Supervisor:
             narrowed = vt.token.attenuate(*self.agents[target].delegate_caveats)
             child = self.keyring.verify(self.keyring.bind(narrowed, target))
             granted = self._granted(vt, child, target)
+            handles = [self.handles.get(entry.name, h, f"delegate:{target}") for h in body.get("handles", ())]
+            if child.runs[-1] not in self.runs and len(self.runs) >= MAX_RUNS:
+                raise DelegationDenied(f"{len(self.runs)} agent runs on this shard, the most it keeps")
+            # The delegate starts where its delegator is (it gets the task from it), never reset.
+            run, parent = self.runs.setdefault(child.runs[-1], Run(target, child.depth)), self._run(vt)
+            run.label, run.origin = run.label.join(parent.label), run.origin or parent.origin
+            self._journal("c", child.runs[-1], run.agent, run.depth, run.label.public(), run.origin)
+            for h in handles:
+                h.agents.add(target)
             self.audit.record("delegate", agent=entry.name, to=target, tool=f"delegate:{target}", tools=granted,
-                              token_id=vt.token_id.hex(), depth=child.depth,
-                              tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
+                              token_id=vt.token_id.hex(), depth=child.depth, context=run.label.public(),
+                              handles=[h.id for h in handles], tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
             self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
             self.observer.decision(entry.name, f"delegate:{target}", "allow", None, 0.0)
             return _pack({"ok": True, "token": child.token.encode()})
@@ -733,7 +827,9 @@ class Supervisor:
         return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),
                 "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
                 "approvals_pending": self.approvals.list(), "stats": self.stats(),
-                "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard}
+                "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard,
+                "contexts": [{**r.public(), "run": rid.hex()[:8], "handles": self.handles.usage(r.agent)[0]}
+                             for rid, r in self.runs.items()]}
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

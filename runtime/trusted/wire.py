@@ -34,7 +34,7 @@ REQUEST_VERSION = 1
 
 _BODY_FIELDS: dict[str, tuple[type, ...]] = {
     "v": (int,), "op": (str,), "agent": (str,), "token": (bytes,), "tool": (str,),
-    "args": (dict,), "nonce": (bytes,), "ts": (float, int), "to": (str,), "batch": (list,),
+    "args": (dict,), "nonce": (bytes,), "ts": (float, int), "to": (str,), "batch": (list,), "handles": (list,),
 }
 _REQUIRED = {"call": ("v", "op", "agent", "token", "tool", "args", "nonce", "ts"),
              "delegate": ("v", "op", "agent", "token", "to", "nonce", "ts"),
@@ -218,6 +218,7 @@ class ToolSpec:
     cost: float = 1.0
     description: str = ""
     sandboxed: bool = False  # runs code or touches the agent's workspace: needs a sandbox session
+    output: Any = None  # the label ``@tool`` declares for its results (a policy's ``OutputRule`` fields)
 
     def canonical_args(self, args: dict[str, Any]) -> dict[str, Any]:
         try:

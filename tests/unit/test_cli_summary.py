@@ -116,7 +116,7 @@ def test_approvals_list_full_shows_every_argument(monkeypatch, capsys):
 
 
 def policy(agent: str, tools: dict, delegate_to: tuple[str, ...] = ()):
-    from runtime.trusted.policy import parse_policy
+    from runtime.policyfile import parse_policy
 
     return parse_policy({"agent": agent, "tools": {t: {"effect": e} for t, e in tools.items()},
                          "delegation": {"can_delegate_to": list(delegate_to), "max_depth": 1}})

@@ -15,7 +15,7 @@ from runtime.protocol import decode_reply, encode_call, encode_delegate
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import MemoryAudit
 from runtime.tool import tool
-from runtime.trusted.anomaly import AnomalyConfig, AnomalyDetector
+from runtime.anomaly import AnomalyConfig, AnomalyDetector
 from runtime.trusted.approvals import ApprovalRule
 from runtime.trusted.capability import Audience, Expires, KeyRing, Tools
 from runtime.trusted.ledger import AgentQuota

@@ -21,7 +21,8 @@ from runtime.testing import FakeClock
 from runtime.trusted.approvals import ApprovalRule
 from runtime.trusted.capability import Arg, KeyRing, Token, hmac_sha256
 from runtime.trusted.ledger import AgentQuota, NonceWindow, QuotaLedger
-from runtime.trusted.policy import Policy, parse_policy
+from runtime.trusted.policy import Policy
+from runtime.policyfile import parse_policy
 from tests.unit.caveat_walk import CallContext, evaluate
 
 NOW = 1_000.0
@@ -278,8 +279,9 @@ def test_parked_calls_are_listed_oldest_first_with_their_window_and_decided_one_
         assert len(first.id) == 12 and first.id != second.id
         listed = approvals.list()
         assert listed == [{"id": first.id, "agent": "a", "tool": "t", "args": {"x": 1}, "created": 100.0,
-                           "expires": 130.0},
-                          {"id": second.id, "agent": "b", "tool": "u", "args": {}, "created": 105.0, "expires": 115.0}]
+                           "expires": 130.0, "flow": None},
+                          {"id": second.id, "agent": "b", "tool": "u", "args": {}, "created": 105.0, "expires": 115.0,
+                           "flow": None}]
         clock.now = 50.0  # a third call parked "earlier" (a clock step back) is listed first
         third = approvals.park("a", "t", {}, 1.0)
         assert [p["id"] for p in approvals.list()] == [third.id, first.id, second.id]

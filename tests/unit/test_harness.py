@@ -19,7 +19,7 @@ from runtime.errors import ConfigError, ErrorCode, PolicyDenied
 from runtime.tool import tool
 from runtime.trusted.audit import read_records
 from runtime.trusted.capability import KeyRing
-from runtime.trusted.policy import load_policy, parse_policy
+from runtime.policyfile import load_policy, parse_policy
 
 RAN: list[tuple[str, dict[str, Any]]] = []
 

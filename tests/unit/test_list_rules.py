@@ -16,7 +16,7 @@ from runtime import PolicyHarness
 from runtime.errors import ConfigError, ErrorCode, PolicyDenied, TokenRejected
 from runtime.tool import PATH, tool
 from runtime.trusted.capability import MAX_TOKEN_BYTES, Arg, KeyRing, Token, hmac_sha256
-from runtime.trusted.policy import check_policy_tools, load_policy
+from runtime.policyfile import check_policy_tools, load_policy
 from tests.unit.caveat_walk import CallContext, assert_plan_agrees
 
 SENT: list[Any] = []

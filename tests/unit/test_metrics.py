@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from runtime.metrics import (AUTHZ_BUCKETS_S, CONTENT_TYPE, KILL_CAUSES, MAX_LABEL_CHARS, OTHER, MetricsServer,
                              PrometheusObserver, parse_metrics, sum_samples)
-from runtime.trusted.observe import NullObserver, Observer
+from runtime.observe import NullObserver, Observer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "warden-dashboard.json"
@@ -58,7 +58,8 @@ def scripted(job: str = "job-1") -> PrometheusObserver:
 # ---------------------------------------------------------------------- the observer
 def test_observer_implements_every_observer_method_with_the_same_signature():
     methods = [n for n, v in vars(Observer).items() if callable(v) and not n.startswith("_")]
-    assert set(methods) == {"decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine"}
+    assert set(methods) == {"decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine",
+                            "flow", "context", "handles"}
     for name in methods:
         want = list(inspect.signature(getattr(NullObserver, name)).parameters)
         assert list(inspect.signature(getattr(PrometheusObserver, name)).parameters) == want, name

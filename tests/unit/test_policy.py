@@ -10,7 +10,8 @@ from runtime.trusted.capability import (Arg, Audience, CallBudget, Effects, Expi
                                         Tools)
 from tests.unit.caveat_walk import CallContext, evaluate
 from runtime.trusted.ledger import AgentQuota
-from runtime.trusted.policy import Policy, load_policy, parse_policy
+from runtime.trusted.policy import Policy
+from runtime.policyfile import load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"

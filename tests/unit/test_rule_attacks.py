@@ -29,8 +29,8 @@ from runtime.testing import FakeClock, InProcessDispatcher
 from runtime.tool import HOST, PATH, URL, tool
 from runtime.trusted.audit import AuditLog, read_records
 from runtime.trusted.capability import MAX_REGEX_CAVEATS, Arg, KeyRing
-from runtime.trusted.observe import NullObserver
-from runtime.trusted.policy import check_policy_tools, parse_policy
+from runtime.observe import NullObserver
+from runtime.policyfile import check_policy_tools, parse_policy
 from runtime.trusted.supervisor import AgentEntry, Supervisor
 
 JOB = "job-rules"

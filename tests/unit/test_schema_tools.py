@@ -22,7 +22,7 @@ from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock, InProcessDispatcher, MemoryAudit
 from runtime.trusted.capability import KeyRing
 from runtime.trusted.ledger import QuotaLedger
-from runtime.trusted.policy import parse_policy
+from runtime.policyfile import parse_policy
 from runtime.trusted.supervisor import AgentEntry, Supervisor
 
 JOB = "job-schema"

@@ -21,7 +21,7 @@ from runtime.protocol import decode_reply, encode_batch, encode_call, encode_del
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock
 from runtime.tool import ToolContext, tool
-from runtime.trusted.anomaly import AnomalyConfig
+from runtime.anomaly import AnomalyConfig
 from runtime.trusted.approvals import ApprovalRule
 from runtime.trusted.audit import AuditLog, read_records, verify
 from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools, first_holder
@@ -363,7 +363,7 @@ def test_parked_calls_are_capped_and_refunded_when_denied(tmp_path, quota, max_p
 
 def test_the_parked_cap_is_a_policy_quota():
     from runtime.errors import ConfigError
-    from runtime.trusted.policy import parse_policy
+    from runtime.policyfile import parse_policy
 
     tools = {"t": {"effect": "write", "approval": True}}
     assert parse_policy({"agent": "a", "tools": tools}).quotas.max_parked == 8

@@ -28,6 +28,15 @@ class Observer(Protocol):
 
     def quarantine(self, agent: str) -> None: ...
 
+    def flow(self, agent: str, tool: str, result: str) -> None:
+        """A call the flow rules judged (or that used handles): "allow", "deny" or "approve" (parked)."""
+
+    def context(self, agent: str, integrity: int) -> None:
+        """A run of the agent has a lower context label: its integrity now (0 untrusted .. 2 trusted)."""
+
+    def handles(self, agent: str, count: int, nbytes: int) -> None:
+        """The handles the agent holds after one was issued."""
+
 
 class NullObserver(Observer):
     """Reports nothing: every method is the protocol's own, which does nothing (and returns None)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict, Field
+
 # Back-pressure, not misbehaviour: a well-behaved agent can hit these.
 NOT_VIOLATIONS = frozenset({"RATE_LIMITED", "CONCURRENCY_LIMIT", "APPROVAL_TIMEOUT", "APPROVAL_QUEUE_FULL"})
 
@@ -115,3 +117,18 @@ class AnomalyDetector:
     def violations(self, agent: str) -> int:
         st = self._state.get(agent)
         return len(st.violations) if st else 0
+
+
+class AnomalySpec(BaseModel):
+    """A policy's ``anomaly:`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_s: float = Field(default=60.0, gt=0)
+    rate_factor: float = Field(default=5.0, gt=1)
+    min_calls: int = Field(default=10, ge=1)
+    denial_burst: int = Field(default=5, ge=1)
+    quarantine_after: int | None = Field(default=None, ge=1, description="violations within window_s; null: never")
+
+    def config(self) -> AnomalyConfig:
+        return AnomalyConfig(**self.model_dump())

@@ -1,0 +1,100 @@
+"""Policy files: YAML turned into a validated ``Policy``, with errors a person can act on.
+
+Loading and reporting need no trust: the ``Policy`` model in ``runtime.trusted.policy`` decides
+what a file means (a file that does not validate is refused, whole); this module reads the
+file, names the place of each fault with the field most likely meant, and checks the rules
+against the parameters of the tools they name.
+"""
+
+from __future__ import annotations
+
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, ErrorCode
+from .trusted.policy import ApprovalSpec, ArgRule, Policy
+from .trusted.wire import ToolSpec
+
+
+_CANONICAL_FORMAT = {"path_under": ("path",), "url_host": ("url", "host")}  # rule -> the formats it needs
+
+
+def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: str = "<policy>") -> None:
+    """Refuse argument and approval rules that the named tools' parameters make wrong.
+
+    A rule on a parameter the tool lacks, or a list rule on a scalar, would deny every call; a path
+    or URL rule on a parameter the tool does not canonicalise (``PATH``/``URL``; never a list's
+    items) would check one spelling while the tool opens another. Raises ConfigError.
+    """
+    errors = []
+    for name, rule in sorted(policy.tools.items()):
+        when = rule.approval.when if isinstance(rule.approval, ApprovalSpec) else {}
+        for where, rules in (("args", rule.args), ("approval.when", when)) if name in tools else ():
+            errors += [f"  at tools.{name}.{where}.{arg}: {why}" for arg, arg_rule in sorted(rules.items())
+                       for why in _param_errors(tools[name], arg, arg_rule)]
+    if errors:
+        raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
+
+
+def _param_errors(spec: ToolSpec, arg: str, rule: ArgRule) -> list[str]:
+    param = spec.params.get(arg)
+    if param is None:
+        near = get_close_matches(arg, spec.params, 1)
+        return [f"tool {spec.name!r} has no parameter {arg!r}; its parameters: {', '.join(sorted(spec.params))}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")]
+    inner, items = rule.each.model_fields_set if rule.each else set(), getattr(param, "items", None)  # item spec
+    wrong = [f"{check} needs a parameter declared {' or '.join(f.upper() for f in fmts)} (in each: its items)"
+             for check, fmts in _CANONICAL_FORMAT.items() if check in rule.model_fields_set and param.format not in fmts
+             or check in inner and getattr(items, "format", None) not in fmts]
+    if {"each", "min_items", "max_items"} & rule.model_fields_set and param.type not in ("array", "any"):
+        wrong.append(f"each/min_items/max_items need a list parameter; {arg!r} is {param.type}")
+    return wrong
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _model_in(t: Any) -> Any:  # the pydantic model inside an annotation such as 'dict[str, ArgRule] | None'
+    is_model = isinstance(t, type) and issubclass(t, BaseModel)
+    return t if is_model else next(filter(None, map(_model_in, get_args(t))), None)
+
+
+def explain_error(model: type[BaseModel], err: Any) -> str:
+    """pydantic's message; for a key the model does not have, the field it most likely meant."""
+    for part in err["loc"][:-1]:  # a list index or dict key keeps the model of the items
+        model = _model_in(model.model_fields[part].annotation) if model and part in model.model_fields else model
+    fields = model.model_fields.items() if model and err["type"] == "extra_forbidden" and err["loc"] else ()
+    near = get_close_matches(str(err["loc"][-1]), [f.alias or k for k, f in fields], 1) if fields else []
+    return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
+
+
+def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
+                          code=ErrorCode.POLICY_INVALID)
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {len(exc.errors())} error(s)"]
+        lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+
+
+def load_policy(source: str | Path | dict[str, Any]) -> Policy:
+    """A file (``Path``, or ``str`` on one line), YAML text (a ``str`` with a line break or a
+    leading ``{``) or a dict: all through ``parse_policy``."""
+    inline = isinstance(source, dict) or isinstance(source, str) and ("\n" in source or source.lstrip()[:1] == "{")
+    where = f"<policy {type(source).__name__}>" if inline else str(source)
+    try:
+        data = source if isinstance(source, dict) else yaml.safe_load(
+            source if inline else Path(source).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
+    return parse_policy(data, source=where)

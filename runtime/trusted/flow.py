@@ -1,0 +1,213 @@
+"""Information flow: labels on what reaches an agent, sink rules on what leaves it, handles.
+
+A label is an integrity (trusted > endorsed > untrusted) and a confidentiality: reader sets, each
+of which must admit a destination (none: public). Joining takes the lower integrity and every
+set of both. Labels come only from declarations (policy, job file, ``@tool``; none: untrusted),
+never from a tool or its output. Each agent run (the holder caveats of a token: ``runs``) has a
+context label, the join of all it was handed; it only ever goes down. A call's argument carries
+the context joined with the handles it holds; ``Flow`` caveats on the token say what may reach
+each sink. A hidden result stays here and the agent gets a handle; its label is the handle's.
+
+Threat: data an attacker controls (a web page, an e-mail) that steers a call the capability
+allows: the destination of a payment or a message, or private data sent to a public sink.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+import msgpack
+
+from ..errors import ErrorCode, FlowDenied
+from .capability import Flow, check_arg, url_origin
+
+LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
+NAMES = {v: k for k, v in LEVELS.items()}
+HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
+
+
+@dataclass(frozen=True)
+class Label:
+    integrity: int = 2
+    readers: frozenset[frozenset[str]] = frozenset()  # every set must admit a destination; none: public
+
+    def join(self, other: "Label") -> "Label":
+        if other.integrity >= self.integrity and other.readers <= self.readers:
+            return self
+        return Label(min(self.integrity, other.integrity), self.readers | other.readers)
+
+    def admits(self, dest: str) -> bool:
+        return all(any(p == dest or p[:1] == "*" and dest.endswith(p[1:]) for p in s) for s in self.readers)
+
+    def public(self) -> dict[str, Any]:  # shared: never change what it returns
+        return _public(self)
+
+    @staticmethod
+    def parse(d: Any) -> "Label":
+        readers = d.get("readers", "public")
+        sets = () if readers == "public" else [readers] if readers and isinstance(readers[0], str) else readers
+        return Label(LEVELS[d.get("integrity", "untrusted")], frozenset(frozenset(s) for s in sets))
+
+
+@lru_cache(maxsize=4096)
+def _public(label: Label) -> dict[str, Any]:
+    return {"integrity": NAMES[label.integrity],
+            "readers": sorted(sorted(s) for s in label.readers) if label.readers else "public"}
+
+
+TOP = Label()  # the task an operator gave: trusted, public
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a tool's results are labelled: ``label``, or trusted where every item of the list at
+    ``items`` ('' the result itself, None: no item rule) satisfies every ``when`` check."""
+
+    label: Label = Label(0)
+    hide: bool = False
+    items: str | None = None
+    when: tuple[tuple[str, str, Any], ...] = ()  # (field, check kind, param), as Arg caveats
+
+    def label_of(self, value: Any) -> Label:
+        found = value.get(self.items) if self.items and isinstance(value, dict) else value
+        if self.items is None or not isinstance(found, list):
+            return self.label
+        for item in found:  # a field missing or outside a check keeps the declared label
+            if not isinstance(item, dict) or any(f not in item or check_arg(k, p, item[f]) for f, k, p in self.when):
+                return self.label
+        return Label(2, self.label.readers)
+
+
+@dataclass
+class Run:
+    agent: str
+    depth: int
+    label: Label = TOP
+    origin: dict[str, Any] | None = None  # the result that first lowered it
+
+    def public(self) -> dict[str, Any]:
+        return {"agent": self.agent, "depth": self.depth, "label": self.label.public(), "origin": self.origin}
+
+
+def rule_name(f: Flow) -> str:
+    where = f.tool + (f"[{','.join(f.effects)}]" if f.effects else "")
+    if f.need == "readers":
+        return f"{where}: readers must admit argument {f.arg!r}" if f.arg else f"{where}: data must be public"
+    return f"{where}: {({'': 'context', '*': 'every argument'}).get(f.arg, f'argument {f.arg!r}')} must be {f.need}"
+
+
+def destinations(value: Any) -> list[str]:
+    """The principals an argument sends to: a string (a URL's host), or each of a list's."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) for v in values):
+        return []  # nothing to check the readers against: a violation
+    return [url_origin(v)[1] if "://" in v else v for v in values]
+
+
+def violations(flows: tuple[Flow, ...], tool: str, effect: str, args: dict[str, Any], ctx: Label,
+               held: dict[str, Label]) -> list[tuple[Flow, str, Label]]:
+    """The rules of ``flows`` this call breaks: (rule, argument, label). ``held``: each argument's
+    handles joined (absent: it holds none); an argument's label is the context joined with it."""
+    out = []
+    for f in flows:
+        if f.tool not in ("*", tool) or f.effects and effect not in f.effects:
+            continue
+        every = ctx
+        for h in held.values():
+            every = every.join(h)
+        if f.need == "readers":
+            dests = destinations(args.get(f.arg)) if f.arg else []
+            if every.readers and not (dests and all(every.admits(d) for d in dests)):
+                out.append((f, f.arg or "(anyone)", every))
+            continue
+        lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx
+        if lab.integrity < LEVELS[f.need]:
+            out.append((f, f.arg or "(context)", lab))
+    return out
+
+
+@dataclass
+class Handle:
+    id: str
+    owner: str  # issued to; counts against its limits
+    agents: set[str]  # may present it: the owner and those it was passed to by delegation
+    value: Any
+    label: Label
+    origin: dict[str, Any]
+    nbytes: int
+    expires: float
+    tool: str = ""
+
+    def public(self) -> dict[str, Any]:
+        return {"$handle": self.id, "label": self.label.public(), "bytes": self.nbytes, "tool": self.tool}
+
+
+@dataclass
+class Handles:
+    """Hidden results, by id. Kept in memory only: a restarted shard has none (ids name the
+    shard's epoch, so presenting an older one says so)."""
+
+    clock: Callable[[], float]
+    epoch: str = field(default_factory=lambda: secrets.token_hex(2))
+    by_id: dict[str, Handle] = field(default_factory=dict)
+
+    def usage(self, agent: str) -> tuple[int, int]:
+        mine = [h for h in self.by_id.values() if h.owner == agent]
+        return len(mine), sum(h.nbytes for h in mine)
+
+    def issue(self, agent: str, tool: str, value: Any, label: Label, origin: dict[str, Any],
+              limits: tuple[int, int, float]) -> Handle:
+        max_count, max_bytes, ttl_s = limits
+        now = self.clock()
+        for hid in [h.id for h in self.by_id.values() if h.expires < now]:
+            del self.by_id[hid]
+        nbytes = len(msgpack.packb(value, use_bin_type=True))
+        count, used = self.usage(agent)
+        if count >= max_count or used + nbytes > max_bytes:
+            raise FlowDenied(f"{agent!r} holds {count} handles of {used} bytes; limits {max_count} and {max_bytes}"
+                             f" bytes (this result: {nbytes})", code=ErrorCode.HANDLE_LIMIT, tool=tool)
+        h = Handle(f"h_{self.epoch}{secrets.token_hex(4)}", agent, {agent}, value, label, origin, nbytes,
+                   now + ttl_s, tool)
+        self.by_id[h.id] = h
+        return h
+
+    def get(self, agent: str, ref: Any, tool: str) -> Handle:
+        hid = ref.get("$handle") if isinstance(ref, dict) else ref
+        h = self.by_id.get(hid) if isinstance(hid, str) else None
+        if h is None or h.expires < self.clock():
+            lost = isinstance(hid, str) and hid.startswith("h_") and len(hid) == 14 and hid[2:6] != self.epoch
+            raise FlowDenied(f"handle {hid!r:.40} " + ("was issued before this supervisor shard restarted: handles "
+                             "do not survive a restart" if lost else "is unknown or expired"),
+                             code=ErrorCode.HANDLE_UNKNOWN, tool=tool)
+        if agent not in h.agents:
+            raise FlowDenied(f"handle {h.id} belongs to {sorted(h.agents)}, presented by {agent!r}",
+                             code=ErrorCode.HANDLE_DENIED, tool=tool)
+        return h
+
+
+def is_ref(v: Any) -> bool:
+    return type(v) is dict and "$handle" in v and v.keys() <= HANDLE_KEYS
+
+
+def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[dict[str, Any], dict[str, Label],
+                                                                                   list[Handle]]:
+    """Handles at the top level of ``args`` or as items of a list argument replaced by their
+    content: (arguments, each argument's handles joined, the handles)."""
+    out, held, used = dict(args), {}, []
+    for name, v in args.items():
+        if is_ref(v):
+            h = resolve(v)
+            out[name], held[name] = h.value, h.label
+            used.append(h)
+        elif type(v) is list and any(is_ref(i) for i in v):
+            hs = [resolve(i) if is_ref(i) else None for i in v]
+            out[name] = [h.value if h else i for h, i in zip(hs, v)]
+            lab = TOP
+            for h in filter(None, hs):
+                lab = lab.join(h.label)
+                used.append(h)
+            held[name] = lab
+    return out, held, used
