@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -71,7 +72,7 @@ def layer_of(code: str | None, *, sandboxed: bool = False) -> str | None:
 # ------------------------------------------------------------------ the catalogue
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: two steps of a script are two actions, even if alike
 class Action:
     """One scripted action of an agent, as the audit log will show it (``key``: tool or delegate:NAME)."""
 
@@ -103,7 +104,7 @@ class Scenario:
     agents: list[AgentDef]
     path: str = ""
 
-    @property
+    @cached_property  # once: the judge keys its verdicts by these very objects
     def actions(self) -> list[Action]:
         return [a for agent in self.agents for a in actions_of(agent)]
 
@@ -282,7 +283,10 @@ def args_match(script: dict[str, Any], actual: dict[str, Any]) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    """Equal as the supervisor would canonicalise them (2200 is 2200.0; true is not 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
     return a == b
 
