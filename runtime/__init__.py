@@ -4,9 +4,9 @@ The public API. Ray-dependent pieces (``runtime.actors``, ``runtime.job``) are i
 lazily by the CLI so that importing ``runtime`` does not import Ray.
 """
 
-from .agent import Agent, ToolCallingAgent
+from .agent import Agent, ToolCallingAgent, is_handle
 from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
-                     InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
+                     FlowDenied, InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
                      TokenRejected, ToolFailed,
                      UnknownTool, WardenError)
 from .harness import Decision, PolicyHarness
@@ -20,9 +20,9 @@ from .trusted.policy import Policy
 from .policyfile import load_policy
 
 __all__ = [
-    "Agent", "ToolCallingAgent",
+    "Agent", "ToolCallingAgent", "is_handle",
     "ApprovalDenied", "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
-    "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "SandboxKilled", "SandboxUnavailable",
+    "FlowDenied", "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "SandboxKilled", "SandboxUnavailable",
     "TokenRejected", "ToolFailed",
     "UnknownTool", "WardenError",
     "ChatModel", "ModelTurn", "OpenAIChatModel", "ScriptedModel", "run_tool_loop",

@@ -25,7 +25,8 @@ from .errors import DelegationDenied, WardenError
 from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
-from .trusted.policy import ArgRule
+from .trusted.flow import HANDLE_KEYS
+from .trusted.policy import ArgRule, FlowRule
 from .policyfile import explain_error
 
 
@@ -99,16 +100,22 @@ class Agent:
     async def delegate(self, other: type["Agent"] | str, task: Any, *, tools: Iterable[str] | None = None,
                        max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,
                        max_depth: int | None = None, args: dict[str, dict[str, Any]] | None = None,
+                       flow: Iterable[dict[str, Any]] = (), handles: Iterable[Any] = (),
                        caveats: Iterable[Caveat] = ()) -> Any:
         """Run ``task`` on another agent with a token no wider than this one, narrowed further.
 
-        ``args`` maps "tool.arg" to a check, e.g. ``{"chat.read.channel": {"one_of": ["general"]}}``.
+        ``args`` maps "tool.arg" to a check, e.g. ``{"chat.read.channel": {"one_of": ["general"]}}``;
+        ``flow`` adds sink rules, each a policy-wide ``ifc`` rule, e.g. ``{"effects": ["write"],
+        "args": "trusted"}`` (no untrusted argument to any write tool); ``handles`` (handles or
+        their ids) may then be used by the delegate too.
         """
         target = self._resolve_peer(other)
         narrowing = narrowing_caveats(now=self._clock(), tools=tools, max_calls=max_calls, max_cost=max_cost,
-                                      ttl_s=ttl_s, max_depth=max_depth, args=args, caveats=caveats)
+                                      ttl_s=ttl_s, max_depth=max_depth, args=args, flow=flow, caveats=caveats)
         token = Token.decode(self.token).attenuate(*narrowing).encode()
-        request = encode_delegate(agent=self.name, token=token, to=target, request_key=self._request_key)
+        ids = [h["$handle"] if is_handle(h) else h for h in handles]
+        request = encode_delegate(agent=self.name, token=token, to=target, request_key=self._request_key,
+                                  handles=ids)
         delegated = decode_reply(await self._supervisor.delegate(request))["token"]
         return await self._peers[target][1].run_delegated(task, delegated)
 
@@ -132,9 +139,15 @@ class Agent:
             _TOKEN.reset(reset)
 
 
+def is_handle(value: Any) -> bool:
+    """Whether ``value`` is a handle: a hidden result the supervisor keeps (pass it as an argument)."""
+    return type(value) is dict and isinstance(value.get("$handle"), str) and value.keys() <= HANDLE_KEYS
+
+
 def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_calls: int | None = None,
                       max_cost: float | None = None, ttl_s: float | None = None, max_depth: int | None = None,
-                      args: dict[str, dict[str, Any]] | None = None, caveats: Iterable[Caveat] = ()) -> list[Caveat]:
+                      args: dict[str, dict[str, Any]] | None = None, flow: Iterable[dict[str, Any]] = (),
+                      caveats: Iterable[Caveat] = ()) -> list[Caveat]:
     """The caveats ``Agent.delegate`` appends to a token before handing it on (each only narrows)."""
     narrowing: list[Caveat] = list(caveats)
     if tools is not None:
@@ -156,6 +169,12 @@ def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_cal
         except ValidationError as exc:
             raise ValueError(f"delegation args {key!r}: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(ArgRule, e)}" for e in exc.errors())) from None
+    for i, rule in enumerate(flow):  # a policy-wide ifc rule: {"effects": [...], "context"/"args"/"destination"}
+        try:
+            narrowing += FlowRule.model_validate(rule).caveats("*")
+        except ValidationError as exc:
+            raise ValueError(f"delegation flow[{i}]: " + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(FlowRule, e)}" for e in exc.errors())) from None
     return narrowing
 
 

@@ -184,7 +184,8 @@ class PolicyHarness:
         if name in self.agents:
             raise ConfigError(f"agent {name!r} is registered already", code=ErrorCode.JOB_INVALID)
         check_policy_against_tools(name, policy, self.tools, offered_by="the harness")  # as a job start does
-        reg = register_agent(self.supervisor.keyring, policy, job_id=self.job_id, now=self.clock(), name=name)
+        reg = register_agent(self.supervisor.keyring, policy, job_id=self.job_id, now=self.clock(), name=name,
+                             tools=self.tools)
         self.supervisor.register_agent(reg.entry, reg.quota)
         self.agents[name], self.policies[name] = reg, policy
         return name
@@ -211,13 +212,16 @@ class PolicyHarness:
     def delegate(self, agent: str, to: str, *, token: bytes | None = None, tools: Iterable[str] | None = None,
                  max_calls: int | None = None, max_cost: float | None = None, ttl_s: float | None = None,
                  max_depth: int | None = None, args: dict[str, dict[str, Any]] | None = None,
+                 flow: Iterable[dict[str, Any]] = (), handles: Iterable[Any] = (),
                  caveats: Iterable[Caveat] = ()) -> Decision:
         """``agent`` narrows its token (as ``Agent.delegate`` does) and asks the supervisor to bind it
-        to ``to``. Allowed: ``Decision.token`` is the delegate's token, for ``call(to, ..., token=)``."""
+        to ``to``, passing on ``handles``. Allowed: ``Decision.token`` is the delegate's token, for
+        ``call(to, ..., token=)``."""
         narrowing = narrowing_caveats(now=self.clock(), tools=tools, max_calls=max_calls, max_cost=max_cost,
-                                      ttl_s=ttl_s, max_depth=max_depth, args=args, caveats=caveats)
+                                      ttl_s=ttl_s, max_depth=max_depth, args=args, flow=flow, caveats=caveats)
         narrowed = Token.decode(token or self.token(agent)).attenuate(*narrowing).encode()
-        request = self._request(agent, {"op": "delegate", "to": to}, narrowed)
+        ids = [h["$handle"] if isinstance(h, dict) else h for h in handles]
+        request = self._request(agent, {"op": "delegate", "to": to, **({"handles": ids} if ids else {})}, narrowed)
         return self._run(self._send(agent, f"delegate:{to}", self.supervisor.delegate, request))
 
     async def _send(self, agent: str, tool: str, entry: Callable[[bytes], Any], request: bytes,

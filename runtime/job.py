@@ -37,7 +37,7 @@ from .agent import Agent, load_agent_class
 from .jobcheck import check_job
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
-from .trusted.policy import Policy
+from .trusted.policy import OutputRule, Policy
 from .policyfile import explain_error, load_policy
 from .registry import check_policy_against_tools, register_agent
 
@@ -183,6 +183,8 @@ class JobSpec(_Strict):
     agents: list[AgentSpec] = Field(min_length=1)
     tools: list[str] = Field(min_length=1, description="modules whose @tool functions the job may use")
     tool_config: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, OutputRule] = Field(
+        default_factory=dict, description="tool -> the label of its results, for every agent whose policy sets none")
     credentials: dict[str, dict[str, CredentialRef]] = Field(
         default_factory=dict, description="tool -> header name -> secret; attached by the supervisor per call")
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
@@ -256,6 +258,9 @@ def load_job(path: str | Path) -> LoadedJob:
         unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
         if unknown:
             raise ConfigError(f"policy of {agent!r} delegates to unknown agents {unknown}", code=ErrorCode.JOB_INVALID)
+    unknown = sorted(set(spec.outputs) - set(tools))
+    if unknown:
+        raise ConfigError(f"{path}: outputs for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
     unknown = sorted(set(spec.credentials) - set(tools))
     if unknown:
         raise ConfigError(f"{path}: credentials for unknown tools {unknown}", code=ErrorCode.JOB_INVALID)
@@ -409,7 +414,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     tokens, entries = {}, []
     for a in spec.agents:
         reg = register_agent(keyring, job.policies[a.name], job_id=job_id, now=now, name=a.name,
-                             request_key=hmac.new(request_master, a.name.encode(), sha256).digest())
+                             request_key=hmac.new(request_master, a.name.encode(), sha256).digest(),
+                             tools=job.tools, outputs=spec.outputs)
         tokens[a.name] = reg.token
         for tool_name in reg.unsandboxed_tools:
             progress(f"WARNING: agent {a.name!r} runs {'its tools' if tool_name == '*' else tool_name!r} "

@@ -39,9 +39,12 @@ def encode_call(*, agent: str, token: bytes, tool: str, args: dict[str, Any], re
                          "args": args, "nonce": os.urandom(16), "ts": time.time()}, request_key)
 
 
-def encode_delegate(*, agent: str, token: bytes, to: str, request_key: bytes) -> bytes:
-    return seal_request({"v": REQUEST_VERSION, "op": "delegate", "agent": agent, "token": token, "to": to,
-                         "nonce": os.urandom(16), "ts": time.time()}, request_key)
+def encode_delegate(*, agent: str, token: bytes, to: str, request_key: bytes, handles: list[str] = ()) -> bytes:
+    body = {"v": REQUEST_VERSION, "op": "delegate", "agent": agent, "token": token, "to": to,
+            "nonce": os.urandom(16), "ts": time.time()}
+    if handles:  # handle ids passed on to the delegate
+        body["handles"] = list(handles)
+    return seal_request(body, request_key)
 
 
 def encode_batch(*, agent: str, token: bytes, calls: list[tuple[str, dict[str, Any]]], request_key: bytes) -> bytes:

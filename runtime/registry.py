@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from .errors import ConfigError, ErrorCode, PolicyDenied
 from .trusted.capability import KeyRing, canonical_path, host_pattern, host_value
 from .trusted.ledger import AgentQuota
-from .trusted.policy import Policy
+from .trusted.policy import OutputRule, Policy
 from .policyfile import check_policy_tools
 from .trusted.supervisor import AgentEntry
 
@@ -42,12 +42,15 @@ class Registration:
 
 
 def register_agent(keyring: KeyRing, policy: Policy, *, job_id: str, now: float, name: str | None = None,
-                   request_key: bytes | None = None) -> Registration:
+                   request_key: bytes | None = None, tools: Mapping[str, Any] | None = None,
+                   outputs: Mapping[str, OutputRule] | None = None) -> Registration:
     """Mint ``name``'s root token from ``policy`` (caveats of ``Policy.root_caveats``, valid from
     ``now`` for the policy's ``ttl_s``) and build its supervisor entry and quota.
 
     ``name`` is the agent's name in the job (default: the policy's ``agent``); ``request_key``
-    is its proof-of-possession key (default: 32 fresh random bytes)."""
+    is its proof-of-possession key (default: 32 fresh random bytes). The label of each tool's
+    results: the policy's ``output``, over ``outputs`` (the job file's), over the ``@tool``
+    declaration of ``tools`` (name -> ``Tool``); none: untrusted."""
     name = name or policy.agent
     key = request_key if request_key is not None else secrets.token_bytes(32)
     if len(key) < 16:
@@ -55,8 +58,18 @@ def register_agent(keyring: KeyRing, policy: Policy, *, job_id: str, now: float,
     root = keyring.mint(holder=name, caveats=policy.root_caveats(job_id=job_id, now=now))
     entry = AgentEntry(name, key, frozenset(policy.delegation.can_delegate_to),
                        tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings(),
-                       policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked)
+                       policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked,
+                       policy.outputs(declared_outputs(tools or {}, outputs or {})),
+                       (policy.handles.max_count, policy.handles.max_bytes, policy.handles.ttl_s))
     return Registration(name, root.encode(), key, entry, policy.agent_quota(), tuple(policy.unsandboxed_tools()))
+
+
+def declared_outputs(tools: Mapping[str, Any], outputs: Mapping[str, OutputRule]) -> dict[str, OutputRule]:
+    """Per tool, the job file's ``outputs`` entry over the ``@tool`` declaration."""
+    declared = {n: t.spec.output for n, t in tools.items() if t.spec.output is not None}
+    for name, rule in outputs.items():
+        declared[name] = rule.over(declared.get(name))
+    return declared
 
 
 def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, Any], *, offered_by: str) -> None:

@@ -27,7 +27,10 @@ from typing import Annotated, Any, Callable, Iterable, get_args, get_origin
 
 from .sandbox.context import ToolContext
 from .schema import SchemaError, params_from_schema
+from pydantic import ValidationError
+
 from .trusted.capability import EFFECTS
+from .trusted.policy import OutputRule
 from .trusted.wire import ParamSpec, ToolSpec
 
 __all__ = ["HOST", "PATH", "URL", "SchemaError", "Tool", "ToolContext", "tool", "tool_from_schema",
@@ -93,15 +96,19 @@ def _param(annotation: Any, default: Any) -> tuple[ParamSpec, dict[str, Any]]:
     return spec, schema
 
 
-def tool(*, effect: str, name: str | None = None, cost: float = 1.0,
-         sandboxed: bool = False) -> Callable[[Callable[..., Any]], Tool]:
+def tool(*, effect: str, name: str | None = None, cost: float = 1.0, sandboxed: bool = False,
+         output: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Tool]:
     """Declare a tool. ``effect`` is one of read / write / delete / execute.
 
     ``sandboxed=True``: the tool runs code or touches files, and gets ``ctx.sandbox`` (the
     calling agent's sandbox session and workspace, with the limits of its policy).
+    ``output``: the label of its results unless the job file or a policy says otherwise
+    (``{"integrity": "trusted", "readers": [...], "hide": True, "trusted_items": {...}}``, the
+    keys of a policy's ``output``); none: untrusted and public.
     """
     if effect not in EFFECTS:
         raise ValueError(f"effect must be one of {EFFECTS}, not {effect!r}")
+    declared = _output_rule(name, output)
 
     def wrap(fn: Callable[..., Any]) -> Tool:
         tool_name = name or fn.__name__
@@ -131,14 +138,25 @@ def tool(*, effect: str, name: str | None = None, cost: float = 1.0,
         }
         if sandboxed and not wants_ctx:
             raise TypeError(f"tool {tool_name}: a sandboxed tool needs a 'ctx: ToolContext' parameter")
-        return Tool(fn, ToolSpec(tool_name, effect, params, cost, doc, sandboxed), schema, wants_ctx)
+        return Tool(fn, ToolSpec(tool_name, effect, params, cost, doc, sandboxed, declared), schema, wants_ctx)
 
     return wrap
 
 
+def _output_rule(name: str | None, output: dict[str, Any] | None) -> Any:
+    """``output`` checked as a policy's ``output`` is (ValueError naming the fault)."""
+    if output is None:
+        return None
+    try:
+        return OutputRule.model_validate(output)
+    except ValidationError as exc:
+        raise ValueError(f"tool {name}: output: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())) from None
+
+
 def tool_from_schema(name: str, schema: dict[str, Any], fn: Callable[..., Any], *, effect: str,
                      description: str | None = None, cost: float = 1.0, sandboxed: bool = False,
-                     unenforced: Iterable[str] = ()) -> Tool:
+                     unenforced: Iterable[str] = (), output: dict[str, Any] | None = None) -> Tool:
     """Declare a tool from a JSON Schema of its arguments and a callable that takes them as keywords.
 
     ``schema`` is an object schema (``{"type": "object", "properties": {...}, "required": [...]}``,
@@ -166,7 +184,8 @@ def tool_from_schema(name: str, schema: dict[str, Any], fn: Callable[..., Any], 
         description = schema.get("description") or (inspect.getdoc(fn) or "").split("\n\n")[0]
     openai = {"type": "function", "function": {"name": name, "description": description,
                                                "parameters": copy.deepcopy(schema)}}
-    return Tool(fn, ToolSpec(name, effect, params, cost, description, sandboxed), openai, wants_ctx)
+    declared = _output_rule(name, output)
+    return Tool(fn, ToolSpec(name, effect, params, cost, description, sandboxed, declared), openai, wants_ctx)
 
 
 def _check_callable(name: str, fn: Callable[..., Any], params: dict[str, ParamSpec]) -> bool:

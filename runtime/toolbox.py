@@ -5,6 +5,8 @@
 * ``fs.read`` / ``fs.write`` / ``fs.list`` work on the agent's workspace (``/workspace``);
   symlinks are never followed and nothing outside the workspace is reachable; only regular
   files are read or written (a FIFO, socket or device node is refused without blocking).
+* ``handle.reveal`` returns a handle's content (the supervisor put it in the argument); the
+  result carries the handle's label (its own declaration adds nothing: trusted).
 * ``http.fetch`` runs in the tool worker, outside any code sandbox: the supervisor has
   already checked the URL against the token's ``url_host`` allow-list; redirects are not
   followed (a redirect could leave that list); the name is resolved once, every address that
@@ -78,3 +80,10 @@ def http_fetch(url: Annotated[str, URL], max_bytes: int = 1 << 20, *, ctx: ToolC
     limit = max(0, min(int(max_bytes), MAX_FETCH_BYTES))
     reply = fetch(url, max_bytes=limit, settings=settings, credentials=ctx.credentials)
     return {**reply, "body": _text(reply["body"])}
+
+
+@tool(effect="read", name="handle.reveal", output={"integrity": "trusted"})
+def handle_reveal(handle: Any) -> Any:
+    """Show the content of a handle (a hidden result). Your context then carries its label: if the
+    content is untrusted, calls that need a trusted context are refused or wait for a human."""
+    return handle
