@@ -25,7 +25,7 @@ from typing import Any
 
 from runtime.agent import Agent
 from runtime.errors import WardenError
-from runtime.protocol import decode_reply, encode_call
+from runtime.protocol import decode_reply, encode_call, encode_delegate
 
 
 def is_handle(value: Any) -> bool:
@@ -75,8 +75,15 @@ class ScriptedAgent(Agent):
             kwargs = {k: step[k] for k in ("tools", "max_calls", "max_depth", "flow") if k in step}
             if "handles" in step:
                 kwargs["handles"] = [h for h in resolve(step["handles"], results) if is_handle(h)]
-            return await self.delegate(step["delegate"], step.get("task", ""), **kwargs)
+            if step["delegate"] not in self._peers:  # a hostile agent does not stop at its own peer list
+                return await self._delegate_anyway(step["delegate"])
+            return await self.delegate(step["delegate"], resolve(step.get("task", ""), results), **kwargs)
         raise ValueError(f"unknown step {sorted(step)}")
+
+    async def _delegate_anyway(self, target: str) -> Any:
+        """Ask the supervisor to re-bind this run's token to an agent the policy does not name."""
+        request = encode_delegate(agent=self.name, token=self.token, to=target, request_key=self._request_key)
+        return decode_reply(await self._supervisor.delegate(request))["token"]
 
     async def _call_with(self, stolen: Any, tool: str, args: dict[str, Any]) -> Any:
         """A call made with someone else's token (taken from a delegate's result)."""

@@ -22,6 +22,9 @@ from urllib.parse import urlsplit
 from runtime.tool import URL, ToolContext, tool
 
 _SEED = Path(__file__).with_name("world.json")
+# What a write tool returns is its own receipt (an id, what was done), not outside data: trusted.
+# Every other result keeps the label its agent's policy declares (none: untrusted).
+RECEIPT = {"integrity": "trusted"}
 
 
 @contextmanager
@@ -64,7 +67,7 @@ def mail_search(sender: str, *, ctx: ToolContext) -> dict[str, Any]:
         return {"messages": [m for m in data["inbox"] if m["sender"] == sender]}
 
 
-@tool(effect="write", name="mail.send")
+@tool(effect="write", name="mail.send", output=RECEIPT)
 def mail_send(to: list, subject: str, body: Any, *, ctx: ToolContext) -> dict[str, Any]:
     """Send an e-mail to the addresses in ``to``; ``body`` is text or a structured message (forwarded mail)."""
     text = body if isinstance(body, str) else json.dumps(body, default=str)
@@ -88,7 +91,7 @@ def bank_payees(ctx: ToolContext) -> list[dict[str, Any]]:
         return data["payees"]
 
 
-@tool(effect="write", name="bank.pay")
+@tool(effect="write", name="bank.pay", output=RECEIPT)
 def bank_pay(iban: str, amount: float, memo: str = "", *, ctx: ToolContext) -> dict[str, Any]:
     """Transfer ``amount`` EUR to ``iban``."""
     return _record(ctx, "payments", iban=iban, amount=amount, memo=memo[:200])
@@ -113,7 +116,7 @@ def docs_list(ctx: ToolContext) -> list[str]:
         return sorted(data["docs"])
 
 
-@tool(effect="write", name="docs.write")
+@tool(effect="write", name="docs.write", output=RECEIPT)
 def docs_write(path: str, content: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Create or replace a document."""
     with _world(ctx, write=True) as data:
@@ -121,7 +124,7 @@ def docs_write(path: str, content: str, *, ctx: ToolContext) -> dict[str, Any]:
         return {"path": path, "bytes": len(content.encode())}
 
 
-@tool(effect="delete", name="docs.delete")
+@tool(effect="delete", name="docs.delete", output=RECEIPT)
 def docs_delete(path: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Delete a document."""
     with _world(ctx, write=True) as data:
@@ -169,7 +172,7 @@ def tickets_read(ctx: ToolContext) -> list[dict[str, Any]]:
         return data["tickets"]
 
 
-@tool(effect="write", name="tickets.create")
+@tool(effect="write", name="tickets.create", output=RECEIPT)
 def tickets_create(title: str, body: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Open a ticket for the back office."""
     with _world(ctx, write=True) as data:
@@ -188,13 +191,13 @@ def orders_get(order_id: int, *, ctx: ToolContext) -> dict[str, Any]:
         raise KeyError(f"no order {order_id}")
 
 
-@tool(effect="write", name="chat.post")
+@tool(effect="write", name="chat.post", output=RECEIPT)
 def chat_post(channel: str, text: Any, *, ctx: ToolContext) -> dict[str, Any]:
     """Post to a channel of the public community chat."""
     return _record(ctx, "sent", channel="chat", room=channel, text=str(text)[:2000])
 
 
-@tool(effect="write", name="calendar.invite")
+@tool(effect="write", name="calendar.invite", output=RECEIPT)
 def calendar_invite(title: str, participants: list, *, ctx: ToolContext) -> dict[str, Any]:
     """Create a meeting and send the invitation to ``participants``."""
     return _record(ctx, "sent", channel="calendar", title=title, to=list(participants))

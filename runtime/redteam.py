@@ -252,6 +252,7 @@ def write_job(group: list[Scenario], *, index: int, catalogue: Path, out: Path, 
             if a.task is not None:
                 spec["task"] = a.task
             agents.append(spec)
+    agents += idle_delegates(agents, catalogue=catalogue, job_dir=job_dir, without_flow=without_flow)
     job = {"name": f"redteam-{index}", "description": "scenarios: " + ", ".join(s.name for s in group),
            "entry": [n for s in group for n in s.entry], "tools": ["redteam.tools", "runtime.toolbox"],
            "workers": {"count": 1}, "call_timeout_s": 60, "timeout_s": 300, "agents": agents}
@@ -260,22 +261,54 @@ def write_job(group: list[Scenario], *, index: int, catalogue: Path, out: Path, 
     return path
 
 
+def idle_delegates(agents: list[dict[str, Any]], *, catalogue: Path, job_dir: Path,
+                   without_flow: bool) -> list[dict[str, Any]]:
+    """Agents a policy of the job may delegate to that no scenario of the job plays: a policy names
+    its delegates by role (``helper``), so each is started idle, under its role's policy."""
+    have = {a["name"] for a in agents}
+    out: list[dict[str, Any]] = []
+    todo = list(agents)
+    while todo:
+        policy = yaml.safe_load((job_dir / todo.pop()["policy"]).read_text(encoding="utf-8")) or {}
+        for name in (policy.get("delegation") or {}).get("can_delegate_to", []):
+            if name in have:
+                continue
+            source = catalogue / "policies" / f"{name}.yaml"
+            if not source.exists():
+                raise ConfigError(f"a policy delegates to {name!r}: no scenario of the job plays it and the "
+                                  f"catalogue has no policy {source}", code=ErrorCode.JOB_INVALID)
+            role = yaml.safe_load(source.read_text(encoding="utf-8"))
+            (job_dir / "policies" / f"{name}.yaml").write_text(
+                yaml.safe_dump(strip_flow(role) if without_flow else role, sort_keys=False))
+            have.add(name)
+            out.append({"name": name, "class": "redteam.agents:ScriptedAgent", "policy": f"policies/{name}.yaml",
+                        "resources": {"num_cpus": 0}, "config": {"steps": []}})
+            todo.append(out[-1])
+    return out
+
+
 # ------------------------------------------------------------------ the operator
 
 
 def operator_decision(scenarios: list[Scenario], pending: dict[str, Any]) -> tuple[bool, str]:
     """What the scripted operator answers to a parked call: approve a call of a benign task,
-    deny an injected one, and deny what it cannot place (a human would too)."""
+    deny an injected one, and deny what it cannot place (a human would too). A call is the
+    scripted action of that agent and tool whose written-out arguments it matches most fully
+    (an injected action wins a tie: when in doubt, refuse)."""
+    best: tuple[int, int, str, Action] | None = None
     for s in scenarios:
         for a in s.actions:
-            if a.agent != pending.get("agent") or a.key != pending.get("tool"):
-                continue
-            if not args_match(a.args, pending.get("args") or {}):
-                continue
-            if a.attack:
-                return False, f"scenario {s.name}: injected action {a.attack}"
-            return True, f"scenario {s.name}: part of the task"
-    return False, "not part of any task the operator knows"
+            if a.agent == pending.get("agent") and a.key == pending.get("tool") \
+                    and args_match(a.args, pending.get("args") or {}):
+                rank = (len(a.args), bool(a.attack), s.name, a)
+                if best is None or rank[:2] > best[:2]:
+                    best = rank
+    if best is None:
+        return False, "not part of any task the operator knows"
+    _, _, name, action = best
+    if action.attack:
+        return False, f"scenario {name}: injected action {action.attack}"
+    return True, f"scenario {name}: part of the task"
 
 
 def args_match(script: dict[str, Any], actual: dict[str, Any]) -> bool:
