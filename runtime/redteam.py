@@ -325,8 +325,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 async def operate(runs_dir: Path, scenarios: list[Scenario], done: asyncio.Event,
-                  answered: list[dict[str, Any]], poll_s: float = 0.05) -> None:
-    """Answer every parked call of the job under ``runs_dir`` through its operator API until ``done``."""
+                  answered: list[dict[str, Any]], problems: list[str], poll_s: float = 0.05) -> None:
+    """Answer every parked call of the job under ``runs_dir`` through its operator API until ``done``.
+    A request the API refused is kept in ``problems`` (the report shows them) and tried again."""
     from .control import ControlClient, ControlError
 
     client = None
@@ -342,8 +343,9 @@ async def operate(runs_dir: Path, scenarios: list[Scenario], done: asyncio.Event
                     approve, why = operator_decision(scenarios, p)
                     await asyncio.to_thread(client.decide, p["id"], approve=approve, approver=OPERATOR, reason=why)
                     answered.append({"agent": p["agent"], "tool": p["tool"], "approved": approve, "why": why})
-            except ControlError:
-                pass  # the job is ending (its API is gone) or the call was decided meanwhile
+            except ControlError as exc:  # the job is ending (its API is gone), or a real problem: shown
+                if not done.is_set():
+                    problems.append(str(exc)[:300])
         try:  # another process's state: polled, there is no event to await
             await asyncio.wait_for(done.wait(), poll_s)
         except asyncio.TimeoutError:
@@ -537,6 +539,7 @@ class Report:
     scenarios: list[ScenarioResult]
     jobs: list[dict[str, Any]]
     operator: list[dict[str, Any]]
+    operator_problems: list[str] = field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -544,15 +547,17 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """Every attack stopped, every benign task completed, every job's audit chain verified."""
+        """Every attack stopped, every benign task completed, every job ended cleanly with a verified chain."""
         t = self.totals
-        return not t["got_through"] and not t["benign_failed"] and all(j["audit_ok"] for j in self.jobs)
+        return (not t["got_through"] and not t["benign_failed"]
+                and all(j["audit_ok"] and not j["errors"] for j in self.jobs))
 
     def to_dict(self) -> dict[str, Any]:
         ops = Counter("approved" if o["approved"] else "denied" for o in self.operator)
         return {"ok": self.ok, "mode": self.mode, "run_dir": self.run_dir, "seconds": self.seconds,
                 "totals": {**self.totals, "operator": {"approved": ops["approved"], "denied": ops["denied"]}},
-                "scenarios": [s.to_dict() for s in self.scenarios], "jobs": self.jobs, "operator": self.operator}
+                "scenarios": [s.to_dict() for s in self.scenarios], "jobs": self.jobs, "operator": self.operator,
+                "operator_problems": self.operator_problems}
 
 
 async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path, without_flow: bool = False,
@@ -566,6 +571,7 @@ async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path
     results: list[ScenarioResult] = []
     jobs: list[dict[str, Any]] = []
     answered: list[dict[str, Any]] = []
+    problems: list[str] = []
     for i, group in enumerate(groups):
         path = write_job(group, index=i, catalogue=catalogue, out=out, without_flow=without_flow)
         progress(f"job {i + 1}/{len(groups)}: {len(group)} scenario(s): {', '.join(s.name for s in group)}")
@@ -573,7 +579,7 @@ async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path
         runs = out / f"job-{i}" / "runs"
         runs.mkdir(exist_ok=True)
         done = asyncio.Event()
-        operator = asyncio.ensure_future(operate(runs, group, done, answered))
+        operator = asyncio.ensure_future(operate(runs, group, done, answered, problems))
         try:
             result = await run_loaded(job, runs_dir=runs)
         finally:
@@ -594,7 +600,7 @@ async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path
     order = {s.name: i for i, s in enumerate(scenarios)}
     results.sort(key=lambda r: order[r.name])
     return Report("without-flow" if without_flow else "normal", str(out), round(time.monotonic() - started, 1),
-                  results, jobs, answered)
+                  results, jobs, answered, problems)
 
 
 def new_run_dir(runs_dir: str | Path = "runs") -> Path:
@@ -648,6 +654,11 @@ def format_report(report: Report) -> str:
     for s in report.scenarios:
         for agent, err in s.agent_errors.items():
             lines.append(f"agent {agent} ({s.name}) failed: {err[:300]}")
+    for j in report.jobs:
+        for what, err in j["errors"].items():
+            lines.append(f"job {j['job_id']}: {what}: {err[:300]}")
+    for problem in report.operator_problems:
+        lines.append(f"operator API: {problem}")
     bad = [j for j in report.jobs if not j["audit_ok"]]
     lines.append(f"audit logs: {sum(len(j['audit_logs']) for j in report.jobs)} "
                  + ("(chains verified)" if not bad else f"(CHAIN BROKEN in {[j['job_id'] for j in bad]})"))
