@@ -130,13 +130,21 @@ def actions_of(agent: AgentDef) -> list[Action]:
             key = f"delegate:{step['delegate']}"
         elif "reveal" in step:
             key = "handle.reveal"
+        elif "batch" in step:  # one action per tool of the batch, each item one attempt
+            for tool, n in Counter(str(c.get("call")) for c in step["batch"]).items():
+                out.append(_action(agent.name, tool, {}, i, step, repeat=n))
+            continue
         else:
             continue
-        out.append(Action(agent.name, key, literal_args(step.get("args", {})), i, attack=step.get("attack"),
-                          benign=bool(step.get("benign")), layer=step.get("layer"),
-                          allowance=int(step.get("allowance", 0)), approval=bool(step.get("approval")),
-                          repeat=int(step.get("repeat", 1))))
+        out.append(_action(agent.name, key, literal_args(step.get("args", {})), i, step,
+                           repeat=int(step.get("repeat", 1))))
     return out
+
+
+def _action(agent: str, key: str, args: dict[str, Any], index: int, step: dict[str, Any], *, repeat: int) -> Action:
+    return Action(agent, key, args, index, attack=step.get("attack"), benign=bool(step.get("benign")),
+                  layer=step.get("layer"), allowance=int(step.get("allowance", 0)),
+                  approval=bool(step.get("approval")), repeat=repeat)
 
 
 def literal_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -226,9 +234,11 @@ def strip_flow(policy: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def job_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The script as the agent gets it: without the tags that say which actions are the attack."""
-    return [{k: v for k, v in step.items() if k not in TAG_KEYS} for step in steps]
+def job_steps(steps: list[dict[str, Any]], *, without_flow: bool = False) -> list[dict[str, Any]]:
+    """The script as the agent gets it: without the tags that say which actions are the attack
+    (and, ``without_flow``, without the flow rules a delegator adds to a delegation)."""
+    drop = TAG_KEYS | ({"flow"} if without_flow else set())
+    return [{k: v for k, v in step.items() if k not in drop} for step in steps]
 
 
 def write_job(group: list[Scenario], *, index: int, catalogue: Path, out: Path, without_flow: bool) -> Path:
@@ -248,7 +258,7 @@ def write_job(group: list[Scenario], *, index: int, catalogue: Path, out: Path, 
             (job_dir / "policies" / f"{a.policy}.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
             spec: dict[str, Any] = {"name": a.name, "class": "redteam.agents:ScriptedAgent",
                                     "policy": f"policies/{a.policy}.yaml", "resources": {"num_cpus": 0},
-                                    "config": {"steps": job_steps(a.steps)}}
+                                    "config": {"steps": job_steps(a.steps, without_flow=without_flow)}}
             if a.task is not None:
                 spec["task"] = a.task
             agents.append(spec)
@@ -343,8 +353,8 @@ async def operate(runs_dir: Path, scenarios: list[Scenario], done: asyncio.Event
                     approve, why = operator_decision(scenarios, p)
                     await asyncio.to_thread(client.decide, p["id"], approve=approve, approver=OPERATOR, reason=why)
                     answered.append({"agent": p["agent"], "tool": p["tool"], "approved": approve, "why": why})
-            except ControlError as exc:  # the job is ending (its API is gone), or a real problem: shown
-                if not done.is_set():
+            except ControlError as exc:
+                if "cannot reach" not in str(exc):  # unreachable: the job is ending; a refusal is a problem
                     problems.append(str(exc)[:300])
         try:  # another process's state: polled, there is no event to await
             await asyncio.wait_for(done.wait(), poll_s)
