@@ -45,8 +45,9 @@ APPROVAL_CODES = {"APPROVAL_DENIED", "APPROVAL_TIMEOUT"}
 LAYERS = ("capability", "flow", "quota", "sandbox", "approval")
 OPERATOR = "redteam-operator"
 SCENARIO_KEYS = {"name", "class", "summary", "agents"}
-AGENT_KEYS = {"name", "policy", "task", "steps"}
+AGENT_KEYS = {"name", "policy", "task", "steps", "model"}
 TAG_KEYS = {"attack", "benign", "layer", "allowance", "approval"}
+LLM_STEP_KEYS = {"call", "args"} | TAG_KEYS  # what the generic LLM agent's scripted model can play
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 
 
@@ -94,6 +95,7 @@ class AgentDef:
     policy: str
     task: Any
     steps: list[dict[str, Any]]
+    model: bool = False  # played by the generic LLM agent (runtime:ToolCallingAgent) and a scripted model
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,12 @@ def load_scenario(path: Path) -> Scenario:
                 raise bad(f"agent {a['name']!r}: a step needs call, delegate, reveal, batch or leak_token: {step!r}")
             if step.get("attack") and step.get("layer") not in LAYERS:
                 raise bad(f"attack {step['attack']!r}: layer must be one of {list(LAYERS)}")
-        agents.append(AgentDef(str(a["name"]), str(a["policy"]), a.get("task"), steps))
+            if a.get("model") and (set(step) - LLM_STEP_KEYS or "$ref" in json.dumps(step.get("args", {}))):
+                raise bad(f"agent {a['name']!r} (model: scripted): a step is {{call, args}} with written-out "
+                          f"arguments: {step!r}")
+        if a.get("model") not in (None, "scripted"):
+            raise bad(f"agent {a['name']!r}: model must be 'scripted' (the generic LLM agent with a scripted model)")
+        agents.append(AgentDef(str(a["name"]), str(a["policy"]), a.get("task"), steps, a.get("model") == "scripted"))
     scenario = Scenario(str(data["name"]), str(data.get("class", "")), " ".join(str(data.get("summary", "")).split()),
                         agents, str(path))
     if not scenario.entry:
@@ -259,6 +266,10 @@ def write_job(group: list[Scenario], *, index: int, catalogue: Path, out: Path, 
             spec: dict[str, Any] = {"name": a.name, "class": "redteam.agents:ScriptedAgent",
                                     "policy": f"policies/{a.policy}.yaml", "resources": {"num_cpus": 0},
                                     "config": {"steps": job_steps(a.steps, without_flow=without_flow)}}
+            if a.model:  # the generic LLM agent, its model scripted: one tool call per turn, then an answer
+                spec["class"] = "runtime:ToolCallingAgent"
+                spec["config"] = {"max_turns": len(a.steps) + 1,
+                                  "model": {"kind": "scripted", "steps": [*job_steps(a.steps), {"answer": "done"}]}}
             if a.task is not None:
                 spec["task"] = a.task
             agents.append(spec)

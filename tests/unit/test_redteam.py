@@ -68,7 +68,10 @@ def test_generated_jobs_load(catalogue, tmp_path):
         job = load_job(write_job(group, index=i, catalogue=CATALOGUE, out=tmp_path, without_flow=False))
         assert set(job.spec.entry) == {n for s in group for n in s.entry}
         for a in job.spec.agents:  # the agent is never told which of its steps are the attack
-            assert not any({"attack", "benign", "layer"} & set(step) for step in a.config["steps"])
+            steps = a.config["model"]["steps"] if a.cls == "runtime:ToolCallingAgent" else a.config["steps"]
+            assert not any({"attack", "benign", "layer"} & set(step) for step in steps)
+    llm = [a for s in catalogue for a in s.agents if a.model]
+    assert len(llm) >= 3  # some scenarios run the generic LLM agent, its model scripted
 
 
 def test_without_flow_strips_every_flow_rule_and_nothing_else():
@@ -87,6 +90,9 @@ def test_scenario_files_are_checked(tmp_path):
         load_scenario(bad)
     bad.write_text("name: x\nagents: [{name: a, policy: p, steps: []}]\n")
     with pytest.raises(ConfigError, match="no agent has a task"):
+        load_scenario(bad)
+    bad.write_text("name: x\nagents: [{name: a, policy: p, task: t, model: scripted, steps: [{call: t, args: {x: {$ref: y}}}]}]\n")
+    with pytest.raises(ConfigError, match="written-out"):
         load_scenario(bad)
     with pytest.raises(ConfigError, match="no scenario"):
         load_catalogue(CATALOGUE, ["no-such-scenario"])
