@@ -26,7 +26,8 @@ from .agent import load_agent_class
 from .control import LocalOperator, PeersBehind, merge_stats
 from .errors import ErrorCode, InternalError, SupervisorUnavailable, ToolFailed
 from .trusted.audit import AuditLog
-from .trusted.capability import KeyRing, first_holder
+from .trusted.capability import KeyRing
+from .protocol import first_holder
 from .trusted.ledger import AgentQuota
 from .trusted.state import StateJournal
 from .trusted.supervisor import AgentEntry, Supervisor, shard_of
@@ -165,7 +166,7 @@ def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
 def unsettled_calls(path: str) -> dict[str, str]:
     """The allowed calls an audit log has no outcome for (call id -> agent): what a restarted
     shard must still close on record (the process may have died between its journal and its log)."""
-    from .trusted.audit import read_records
+    from .auditlog import read_records
 
     open_calls: dict[str, str] = {}
     for rec in read_records(path):

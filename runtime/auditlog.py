@@ -20,7 +20,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from .trusted.audit import RESERVED, AuditFormatError, VerifyReport, read_with_digests, verify
+from .trusted.audit import (RESERVED, AuditFormatError, VerifyReport, _decode, _frames, _segment_indices,
+                            segment_path, verify)
+
+
+def read_with_digests(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """(record, stored digest) from every segment file that exists, in segment order."""
+    for index in sorted({0, *_segment_indices(path)}):  # a missing <path> raises, as it should
+        seg = segment_path(path, index)
+        with open(seg, "rb") as f:
+            try:
+                for offset, body, digest in _frames(f, os.fstat(f.fileno()).st_size):
+                    yield _decode(body, offset), digest
+            except AuditFormatError as exc:
+                raise AuditFormatError(exc.what, exc.offset, partial=exc.partial, segment=seg) from exc
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield each record, segment by segment in file order. Checks framing and decoding, not the
+    chain (that is ``verify``): yields every good record, then raises ``AuditFormatError`` at the
+    first bad frame."""
+    return (rec for rec, _ in read_with_digests(os.fspath(path)))
+
 
 __all__ = ["KINDS", "AuditChainError", "RunDigest", "digest_run", "export_jsonl", "filter_records", "format_record"]
 

@@ -74,7 +74,8 @@ def cmd_job_check(args: argparse.Namespace) -> int:
 def print_digest(logs: list[str], shown_as: str) -> None:
     """The reason of every denial and failure, and the agents an operator revoked, from the audit log."""
     from .auditlog import digest_run
-    from .trusted.audit import AuditFormatError, read_records
+    from .trusted.audit import AuditFormatError
+    from .auditlog import read_records
 
     try:
         digest = digest_run(rec for path in logs for rec in read_records(path))  # streamed: logs can be large
@@ -357,7 +358,8 @@ def _when(text: str | None) -> float | None:
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from .auditlog import filter_records, format_record
-    from .trusted.audit import AuditFormatError, read_records
+    from .trusted.audit import AuditFormatError
+    from .auditlog import read_records
 
     chains = audit_chains(args.path)
 

@@ -8,6 +8,7 @@ against the parameters of the tools they name.
 
 from __future__ import annotations
 
+from collections import Counter
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, get_args
@@ -15,7 +16,8 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, ErrorCode
+from .errors import ConfigError, ErrorCode, TokenRejected
+from .trusted.capability import MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, KeyRing, encode_caveat
 from .trusted.policy import ApprovalSpec, ArgRule, Policy
 from .trusted.wire import ToolSpec
 
@@ -78,11 +80,33 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
                           code=ErrorCode.POLICY_INVALID)
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: {len(exc.errors())} error(s)"]
         lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+    if why := token_problem(policy):
+        raise ConfigError(f"{source}: 1 error(s)\n  at (top level): {why}", code=ErrorCode.POLICY_INVALID)
+    return policy
+
+
+def token_problem(policy: Policy) -> str | None:
+    """Why the policy's root token would be refused at every call (too big, too many caveats, more
+    regex caveats than a token may hold), found at load; None if it would verify."""
+    caveats = policy.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
+    ring = KeyRing.generate()
+    token = ring.mint(holder=policy.agent, caveats=caveats)
+    n = len(token.encode())
+    if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
+        size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
+                       for _byte in encode_caveat(c))  # one count per encoded byte
+        return (f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
+                f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
+    try:
+        ring.verify(token)  # what the supervisor would refuse at every call, refused now
+    except TokenRejected as exc:
+        return f"its token would be refused: {exc.reason}"
+    return None
 
 
 def load_policy(source: str | Path | dict[str, Any]) -> Policy:

@@ -20,7 +20,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import ToolFailed, WardenError
+from .errors import TokenRejected, ToolFailed, WardenError
+from .trusted.capability import Holder, Token, decode_caveat
 
 REQUEST_VERSION = 1
 
@@ -67,3 +68,12 @@ def check_reply(reply: Any) -> dict[str, Any]:
         err = reply.get("error") or {}
         raise WardenError.from_wire(err)  # with its detail, for the codes that carry one
     return reply
+
+
+def first_holder(raw: Any) -> str:
+    """The agent an (unverified) token was minted for; for routing only, never for a decision."""
+    tok = Token.decode(raw)
+    c = decode_caveat(tok.caveats[0]) if tok.caveats else None
+    if not isinstance(c, Holder):
+        raise TokenRejected("token does not start with a holder")
+    return c.agent

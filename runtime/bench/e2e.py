@@ -26,7 +26,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
 
-from ..trusted import audit
+from .. import auditlog
 from .stats import Figure, rate_figure, summarise
 
 CONCURRENCY = (1, 4, 16)
@@ -107,7 +107,7 @@ async def _teardown(env: dict[str, Any]) -> list[float]:
         for h in [*env["supervisors"], env["worker"], env["plain"], env["relay"], *env["agents"]]:
             env["ray"].kill(h)
     authz = sorted(r["authz_us"] for i in range(len(env["supervisors"]))
-                   for r in audit.read_records(env["run_dir"] / f"audit-{i}.log") if r.get("decision") == "allow")
+                   for r in auditlog.read_records(env["run_dir"] / f"audit-{i}.log") if r.get("decision") == "allow")
     shutil.rmtree(env["run_dir"], ignore_errors=True)
     return authz
 

@@ -54,8 +54,7 @@ import msgpack
 
 from ..errors import AuditUnavailable
 
-__all__ = ["FSYNC_POLICIES", "AuditFormatError", "AuditLog", "AuditSink", "VerifyReport", "read_records",
-           "read_with_digests", "segment_path", "verify"]
+__all__ = ["FSYNC_POLICIES", "AuditFormatError", "AuditLog", "AuditSink", "VerifyReport", "segment_path", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -356,25 +355,6 @@ def _decode(body: bytes, offset: int) -> dict[str, Any]:
             and isinstance(rec.get("prev"), bytes) and len(rec["prev"]) == 32):
         raise AuditFormatError("record without seq/ts/prev/kind", offset)
     return rec
-
-
-def read_with_digests(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """(record, stored digest) from every segment file that exists, in segment order."""
-    for index in sorted({0, *_segment_indices(path)}):  # a missing <path> raises, as it should
-        seg = segment_path(path, index)
-        with open(seg, "rb") as f:
-            try:
-                for offset, body, digest in _frames(f, os.fstat(f.fileno()).st_size):
-                    yield _decode(body, offset), digest
-            except AuditFormatError as exc:
-                raise AuditFormatError(exc.what, exc.offset, partial=exc.partial, segment=seg) from exc
-
-
-def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield each record, segment by segment in file order. Checks framing and decoding, not the
-    chain (that is ``verify``): yields every good record, then raises ``AuditFormatError`` at the
-    first bad frame."""
-    return (rec for rec, _ in read_with_digests(os.fspath(path)))
 
 
 def _read_head(path: str) -> tuple[int, int, bytes] | str:

@@ -525,15 +525,6 @@ class Token:
         return Token(kid, token_id, tuple(caveats), tag, version)
 
 
-def first_holder(raw: Any) -> str:
-    """The agent an (unverified) token was minted for; for routing only, never for a decision."""
-    tok = Token.decode(raw)
-    c = decode_caveat(tok.caveats[0]) if tok.caveats else None
-    if not isinstance(c, Holder):
-        raise TokenRejected("token does not start with a holder")
-    return c.agent
-
-
 class EvaluationPlan(NamedTuple):
     """A chain's caveats folded into one lookup per kind of check, built when the chain is verified.
 

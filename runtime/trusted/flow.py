@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..errors import ErrorCode, FlowDenied
+from ..errors import ErrorCode, FlowDenied, PolicyDenied
 from .capability import Flow, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
@@ -46,10 +46,9 @@ class Label:
         return _public(self)
 
     @staticmethod
-    def parse(d: Any) -> "Label":
-        readers = d.get("readers", "public")
-        sets = () if readers == "public" else [readers] if readers and isinstance(readers[0], str) else readers
-        return Label(LEVELS[d.get("integrity", "untrusted")], frozenset(frozenset(s) for s in sets))
+    def parse(d: Any) -> "Label":  # a public() form, or a policy's: readers a list of names
+        sets = () if d["readers"] == "public" else [d["readers"]] if isinstance(d["readers"][0], str) else d["readers"]
+        return Label(LEVELS[d["integrity"]], frozenset(frozenset(s) for s in sets))
 
 
 @lru_cache(maxsize=4096)
@@ -68,6 +67,7 @@ class Output:
 
     label: Label = Label(0)
     hide: bool = False
+    carries_inputs: bool = True  # the result carries the labels of the handles passed in (false: a receipt)
     items: str | None = None
     when: tuple[tuple[str, str, Any], ...] = ()  # (field, check kind, param), as Arg caveats
 
@@ -88,9 +88,6 @@ class Run:
     label: Label = TOP
     origin: dict[str, Any] | None = None  # the result that first lowered it
 
-    def public(self) -> dict[str, Any]:
-        return {"agent": self.agent, "depth": self.depth, "label": self.label.public(), "origin": self.origin}
-
 
 def rule_name(f: Flow) -> str:
     where = f.tool + (f"[{','.join(f.effects)}]" if f.effects else "")
@@ -99,12 +96,12 @@ def rule_name(f: Flow) -> str:
     return f"{where}: {({'': 'context', '*': 'every argument'}).get(f.arg, f'argument {f.arg!r}')} must be {f.need}"
 
 
-def destinations(value: Any) -> list[str]:
-    """The principals an argument sends to: a string (a URL's host), or each of a list's."""
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str) for v in values):
-        return []  # nothing to check the readers against: a violation
-    return [url_origin(v)[1] if "://" in v else v for v in values]
+def destination(value: Any) -> str | None:
+    """The principal a string argument sends to: a URL's host, else the string itself."""
+    try:
+        return url_origin(value)[1] if "://" in value else value
+    except PolicyDenied:  # not a URL after all
+        return value
 
 
 def violations(flows: tuple[Flow, ...], tool: str, effect: str, args: dict[str, Any], ctx: Label,
@@ -118,9 +115,10 @@ def violations(flows: tuple[Flow, ...], tool: str, effect: str, args: dict[str, 
         every = ctx
         for h in held.values():
             every = every.join(h)
-        if f.need == "readers":
-            dests = destinations(args.get(f.arg)) if f.arg else []
-            if every.readers and not (dests and all(every.admits(d) for d in dests)):
+        if f.need == "readers":  # a destination, or each of a list; none (or not strings): a violation
+            dests = args.get(f.arg) if f.arg else []
+            dests = dests if isinstance(dests, list) else [dests]
+            if every.readers and not (dests and all(isinstance(d, str) and every.admits(destination(d)) for d in dests)):
                 out.append((f, f.arg or "(anyone)", every))
             continue
         lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx
@@ -198,16 +196,12 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
     content: (arguments, each argument's handles joined, the handles)."""
     out, held, used = dict(args), {}, []
     for name, v in args.items():
-        if is_ref(v):
-            h = resolve(v)
-            out[name], held[name] = h.value, h.label
+        items = [v] if is_ref(v) else v if type(v) is list and any(map(is_ref, v)) else ()
+        hs = [resolve(i) if is_ref(i) else None for i in items]
+        for h in filter(None, hs):
+            held[name] = held.get(name, h.label).join(h.label)
             used.append(h)
-        elif type(v) is list and any(is_ref(i) for i in v):
-            hs = [resolve(i) if is_ref(i) else None for i in v]
-            out[name] = [h.value if h else i for h, i in zip(hs, v)]
-            lab = TOP
-            for h in filter(None, hs):
-                lab = lab.join(h.label)
-                used.append(h)
-            held[name] = lab
+        if hs:
+            values = [h.value if h else i for h, i in zip(hs, items)]
+            out[name] = values[0] if items is not v else values
     return out, held, used

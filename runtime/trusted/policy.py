@@ -11,20 +11,18 @@ unknown key, a misspelt effect) - all are errors with the file, the place and th
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..anomaly import AnomalySpec
-from ..errors import PolicyDenied, TokenRejected
-from .capability import (MAX_CAVEATS, MAX_TOKEN_BYTES, Arg, Audience, Caveat, CallBudget, CostBudget, Effects,
-                         Expires, Flow, KeyRing, MaxDepth, Tools, canonical_path, decode_caveat, encode_caveat,
-                         host_pattern)
+from ..isolation import SandboxRule
+from ..errors import PolicyDenied
+from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, Flow, MaxDepth, Tools,
+                         canonical_path, decode_caveat, encode_caveat, host_pattern)
 from .flow import Label, Output
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
-from .wire import ToolSpec
 
 Effect = Literal["read", "write", "delete", "execute"]
 Level = Literal["trusted", "endorsed", "untrusted"]
@@ -95,40 +93,6 @@ class ArgRule(_Strict):
         return out
 
 
-class SandboxRule(_Strict):
-    """Where a tool's code runs and under which limits. Unset fields inherit (tool -> policy -> defaults)."""
-
-    backend: Literal["gvisor", "bwrap"] | None = None
-    unsandboxed: bool | None = None  # explicit, loud opt-out; never implied
-    cpu_s: float | None = Field(default=None, gt=0, le=3600)
-    wall_s: float | None = Field(default=None, gt=0, le=3600)
-    memory_mb: int | None = Field(default=None, ge=16, le=65536)
-    max_pids: int | None = Field(default=None, ge=1, le=4096)
-    max_output_bytes: int | None = Field(default=None, ge=1, le=64 << 20)
-    workspace_mb: int | None = Field(default=None, ge=1, le=65536)
-
-    @model_validator(mode="after")
-    def _unambiguous(self) -> "SandboxRule":
-        if self.unsandboxed and self.backend is not None:
-            raise ValueError("set either 'backend' or 'unsandboxed: true', not both")
-        return self
-
-    def over(self, base: "SandboxRule") -> "SandboxRule":
-        """This rule's fields where set, ``base``'s elsewhere."""
-        if self.backend is not None:  # choosing a backend for a tool overrides a policy-wide opt-out
-            base = base.model_copy(update={"unsandboxed": None})
-        return base.model_copy(update=self.model_dump(exclude_none=True))
-
-    def settings(self) -> dict[str, Any]:
-        """The form the supervisor puts into a dispatch: backend name and explicit limits."""
-        limits = self.model_dump(exclude_none=True, exclude={"backend", "unsandboxed"})
-        backend = "none" if self.unsandboxed else (self.backend or DEFAULT_BACKEND)
-        return {"backend": backend, "limits": limits}
-
-
-DEFAULT_BACKEND = "gvisor"  # the strongest isolation is the default; bwrap is chosen explicitly
-
-
 class ApprovalSpec(_Strict):
     """A human must approve calls whose arguments match every rule in ``when`` (all calls if empty)."""
 
@@ -148,6 +112,7 @@ class OutputRule(_Strict):
     integrity: Level | None = None
     readers: Literal["public"] | list[str] | None = None
     hide: bool | None = None  # the agent gets a handle, not the content
+    carries_inputs: bool | None = None  # false: the result (a receipt) says nothing of the data passed in
     trusted_items: ItemRule | None = None
 
     def over(self, base: "OutputRule | None") -> "OutputRule":
@@ -159,7 +124,7 @@ class OutputRule(_Strict):
         items = self.trusted_items
         when = tuple((c.arg, c.check, c.param) for f, r in sorted(items.when.items()) for c in r.caveats("", f)
                      ) if items else ()
-        return Output(label, bool(self.hide), items.path if items else None, when)
+        return Output(label, bool(self.hide), self.carries_inputs is not False, items.path if items else None, when)
 
 
 class FlowRule(_Strict):
@@ -235,24 +200,6 @@ class Policy(_Strict):
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
     ifc: list[FlowRule] = Field(default_factory=list)
     handles: HandleLimits = Field(default_factory=HandleLimits)
-
-    @model_validator(mode="after")
-    def _fits_a_token(self) -> "Policy":
-        """A root token over the size or caveat limit would be BAD_TOKEN at every call: refuse it now."""
-        caveats = self.root_caveats(job_id="j" * 96, now=0.0)  # a long job id; the key ring is a throwaway
-        ring = KeyRing.generate()
-        token = ring.mint(holder=self.agent, caveats=caveats)
-        n = len(token.encode())
-        if n > MAX_TOKEN_BYTES or len(caveats) + 1 > MAX_CAVEATS:
-            size = Counter(f"tools.{c.tool}.args.{c.arg}" for c in caveats if isinstance(c, Arg)
-                           for _byte in encode_caveat(c))  # one count per encoded byte
-            raise ValueError(f"its token would be {n} bytes with {len(caveats) + 1} caveats (limits {MAX_TOKEN_BYTES}"
-                             f" and {MAX_CAVEATS}); the biggest rules: {size.most_common(3) or 'none'}")
-        try:
-            ring.verify(token)  # what the supervisor would refuse at every call, refused now
-        except TokenRejected as exc:
-            raise ValueError(f"its token would be refused: {exc.reason}") from None
-        return self
 
     def approval_rules(self) -> dict[str, ApprovalRule]:
         return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}

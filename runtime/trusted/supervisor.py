@@ -498,14 +498,15 @@ class Supervisor:
                 self.observer.context(run.agent, run.label.integrity)
 
     def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
-        """The label of a result: what went into the call (context, handles) joined with what each
-        policy on the token's chain declares for the tool; and whether one of them hides it."""
-        label, hide = self._run(ok.vt).label, False
-        for h in ok.held.values():
-            label = label.join(h)
+        """The label of a result: the call's context, and what each policy on the token's chain declares
+        for the tool, joined with the handles passed in unless all say it does not carry them; and
+        whether one of them hides it."""
+        label, hide, carries = self._run(ok.vt).label, False, False
         for agent in set(ok.vt.holders):
             out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
-            label, hide = label.join(out.label_of(value)), hide or out.hide
+            label, hide, carries = label.join(out.label_of(value)), hide or out.hide, carries or out.carries_inputs
+        for h in ok.held.values() if carries else ():
+            label = label.join(h)
         return label, hide
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
@@ -828,8 +829,8 @@ class Supervisor:
                 "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
                 "approvals_pending": self.approvals.list(), "stats": self.stats(),
                 "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard,
-                "contexts": [{**r.public(), "run": rid.hex()[:8], "handles": self.handles.usage(r.agent)[0]}
-                             for rid, r in self.runs.items()]}
+                "contexts": [{"agent": r.agent, "run": rid.hex()[:8], "depth": r.depth, "label": r.label.public(),
+                              "origin": r.origin, "handles": self.handles.usage(r.agent)[0]} for rid, r in self.runs.items()]}
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

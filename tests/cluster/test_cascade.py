@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from runtime import auditlog
 from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of
 
@@ -32,7 +33,7 @@ def test_revoke_cascade_through_one_shard_stops_a_delegate_decided_on_the_other(
     seen = result.results["chain"]
     assert seen["parked"] == {"ok": False, "code": "TOKEN_REVOKED"}
     assert seen["after"] == {"ok": False, "code": "TOKEN_REVOKED"}
-    shard1 = list(audit.read_records(run_dir / "audit-1.log"))
+    shard1 = list(auditlog.read_records(run_dir / "audit-1.log"))
     revoke = [r for r in shard1 if r["kind"] == "revoke" and r.get("agent") == "chain"]
     assert revoke and revoke[0]["cascade"] is True and revoke[0]["by"] == "dan via shard 0"
     denied = [r for r in shard1 if r["kind"] == "decision" and r.get("code") == "TOKEN_REVOKED"]

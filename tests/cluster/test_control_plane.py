@@ -17,7 +17,7 @@ import pytest
 
 from runtime.job import load_job, run_loaded
 from runtime.metrics import parse_metrics, sum_samples
-from runtime.trusted import audit
+from runtime import auditlog
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def test_approvals_from_a_second_process(ray_instance, runs_dir):
     assert out["first"] == {"ok": True, "value": "wrote 10 chars"}
     assert out["second"]["code"] == "APPROVAL_DENIED"
     assert out["unattended"]["code"] == "APPROVAL_TIMEOUT"  # nobody answered within 1 s
-    decisions = [(r["decision"], r["approver"]) for r in audit.read_records(result.audit_log)
+    decisions = [(r["decision"], r["approver"]) for r in auditlog.read_records(result.audit_log)
                  if r["kind"] == "approval"]
     assert decisions == [("approve", "alice-oncall"), ("deny", "bob-oncall"), ("deny", "(nobody)")]
 
@@ -135,7 +135,7 @@ def test_revoke_from_a_second_process_denies_in_flight_and_later_calls(ray_insta
     seen = result.results["revoked"]
     assert seen["in_flight"]["code"] == "APPROVAL_DENIED"
     assert seen["after"]["code"] == "TOKEN_REVOKED"
-    records = list(audit.read_records(result.audit_log))
+    records = list(auditlog.read_records(result.audit_log))
     assert [r for r in records if r["kind"] == "revoke" and r.get("agent") == "revoked" and r["by"] == "dan"]
     assert warden("status", "--run", str(run_dir)).returncode == 1  # the job is over: clear error
 
@@ -145,7 +145,7 @@ def test_misbehaving_agent_is_quarantined_and_stopped(ray_instance, runs_dir):
     assert result.quarantined == ["rogue"]
     assert result.errors["rogue"].startswith("quarantined:")
     assert result.results["probe"]["allowed"] == {"ok": True, "value": "hi"}  # the others carry on
-    records = list(audit.read_records(result.audit_log))
+    records = list(auditlog.read_records(result.audit_log))
     assert [r for r in records if r["kind"] == "anomaly" and r["agent"] == "rogue" and r["flag"] == "denial_burst"]
     (q,) = [r for r in records if r["kind"] == "quarantine"]
     assert q["agent"] == "rogue" and q["violations"] >= 4

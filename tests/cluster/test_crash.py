@@ -17,6 +17,7 @@ import yaml
 
 from runtime.control import ControlClient
 from runtime.job import load_job, run_loaded
+from runtime import auditlog
 from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of, sign_dispatch
 
@@ -57,7 +58,7 @@ def _marks(path: Path) -> list[tuple[int, int]]:
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for log in sorted(run_dir.glob("audit*.log")) for r in audit.read_records(log)]
+    return [r for log in sorted(run_dir.glob("audit*.log")) for r in auditlog.read_records(log)]
 
 
 def _one_outcome_each(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ import pytest
 
 from runtime.errors import ErrorCode
 from runtime.job import load_job, run_loaded
+from runtime import auditlog
 from runtime.trusted import audit
 
 pytestmark = pytest.mark.cluster
@@ -26,7 +27,7 @@ def run(path: Path, runs_dir: Path):
 
 
 def records(result) -> list[dict]:
-    return list(audit.read_records(result.audit_log))
+    return list(auditlog.read_records(result.audit_log))
 
 
 def counts(result) -> dict[tuple[str, str, str], int]:

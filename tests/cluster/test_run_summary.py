@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.job import load_job, run_loaded
-from runtime.trusted import audit
+from runtime import auditlog
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def test_agents_are_told_their_own_mistakes_and_a_delegation_fails_at_once(ray_i
     assert probe["unlisted_tool"]["public"] == "POLICY_DENIED on tool 'note.write'"  # no policy values
     assert over["parse"]["code"] == "TOOL_FAILED" and "invalid literal for int()" in over["parse"]["public"]
     assert over["delegate_unheld"]["public"] == "DELEGATION_DENIED"
-    records = list(audit.read_records(result.audit_log))
+    records = list(auditlog.read_records(result.audit_log))
     denied = [r for r in records if r.get("code") == "DELEGATION_DENIED"]
     assert [(r["agent"], r["tool"]) for r in denied] == [("over", "delegate:peer")]  # blamed on the delegator
     assert "names ['note.write'], not held" in denied[0]["reason"]

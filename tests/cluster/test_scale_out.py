@@ -17,7 +17,7 @@ import yaml
 
 from runtime.control import ControlClient, ControlError
 from runtime.job import load_job, run_loaded
-from runtime.trusted import audit
+from runtime import auditlog
 from runtime.trusted.supervisor import shard_of
 
 from .test_control_plane import Background, warden
@@ -51,7 +51,7 @@ def test_every_actor_runs_on_a_node_of_its_role_and_each_shard_decides_its_own_a
     assert peer["first"]["ok"] and peer["second"]["ok"]
     assert peer["over_budget"]["code"] == "BUDGET_EXHAUSTED" and peer["narrowed_away"]["code"] == "POLICY_DENIED"
     run_dir = Path(result.run_dir)
-    logs = {i: list(audit.read_records(run_dir / f"audit-{i}.log")) for i in (0, 1)}
+    logs = {i: list(auditlog.read_records(run_dir / f"audit-{i}.log")) for i in (0, 1)}
     deciders = {i: Counter(r["agent"] for r in recs if r["kind"] in ("decision", "delegate")) for i, recs in logs.items()}
     assert set(deciders[1]) == {"chain", "quiet"} and deciders[1]["quiet"] == 4
     assert set(deciders[0]) == {"nodes"}
@@ -88,7 +88,7 @@ def test_operator_changes_made_through_one_shard_reach_the_other_before_the_next
     seen = result.results["rev"]
     assert seen["in_flight"]["code"] == "APPROVAL_DENIED"  # the parked call, on shard 0
     assert seen["after"]["code"] == "TOKEN_REVOKED"
-    shard0 = list(audit.read_records(run_dir / "audit-0.log"))
+    shard0 = list(auditlog.read_records(run_dir / "audit-0.log"))
     assert [r for r in shard0 if r["kind"] == "revoke" and r.get("agent") == "rev" and "dan via shard 1" in r["by"]]
     assert [r for r in shard0 if r["kind"] == "key_added" and r["kid"] == new_kid]
 
@@ -133,7 +133,7 @@ def test_a_shard_killed_under_load_loses_nothing_resets_nothing_and_runs_nothing
     # In-flight calls ended with a clear error; none hung (the job finished).
     assert load.get("SUPERVISOR_UNAVAILABLE", 0) >= 1, load
     assert quiet == {"ok": 60}  # the other shard never noticed
-    records = list(audit.read_records(run_dir / f"audit-{victim}.log"))
+    records = list(auditlog.read_records(run_dir / f"audit-{victim}.log"))
     assert [r for r in records if r["kind"] == "shard_restart"]
     # No audit record lost: every allowed call has exactly one outcome, before or after the restart.
     allowed = {r["call_id"]: r for r in records if r["kind"] == "decision" and r["decision"] == "allow"}
@@ -152,8 +152,8 @@ def test_a_quarantine_decided_on_one_shard_is_applied_on_the_other(ray_instance,
     result = asyncio.run(run_loaded(load_job(JOBS / "sharded-quarantine.yaml"), runs_dir=runs_dir))
     assert result.quarantined == ["quiet"] and not result.ok
     run_dir = Path(result.run_dir)
-    deciding = list(audit.read_records(run_dir / "audit-1.log"))  # chain's shard: quiet worked under its token
-    other = list(audit.read_records(run_dir / "audit-0.log"))     # quiet's own shard
+    deciding = list(auditlog.read_records(run_dir / "audit-1.log"))  # chain's shard: quiet worked under its token
+    other = list(auditlog.read_records(run_dir / "audit-0.log"))     # quiet's own shard
     (q1,) = [r for r in deciding if r["kind"] == "quarantine"]
     (q0,) = [r for r in other if r["kind"] == "quarantine"]
     assert q1["agent"] == q0["agent"] == "quiet" and q1["origin"] == q0["origin"] == 1
@@ -188,7 +188,7 @@ def test_a_change_that_cannot_reach_a_dead_shard_is_made_and_reported(ray_instan
     assert result.results["rev"]["after"]["code"] == "TOKEN_REVOKED"
     assert "died for good" in result.errors["supervisor shard 1"] and not result.ok
     assert result.audit_ok, result.audit_problem  # the dead shard's log verified by the driver
-    shard0 = list(audit.read_records(run_dir / "audit-0.log"))
+    shard0 = list(auditlog.read_records(run_dir / "audit-0.log"))
     assert [r for r in shard0 if r["kind"] == "peer_unreachable"]
 
 

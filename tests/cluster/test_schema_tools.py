@@ -17,7 +17,7 @@ import pytest
 
 from runtime.job import load_job, run_loaded
 from runtime.llm import API_TOOL_NAME
-from runtime.trusted import audit
+from runtime import auditlog
 from tests.cluster.schema_under_test import TRANSFER_SCHEMA
 
 pytestmark = pytest.mark.cluster
@@ -127,7 +127,7 @@ def test_schema_tool_host_and_numbers_through_the_supervisor_and_the_openai_wire
         ["bank_send_money", "net_ping", "chat_write"]
 
     # The audit log has what was checked: the canonical arguments, and each refusal with its code.
-    recs = list(audit.read_records(result.audit_log))
+    recs = list(auditlog.read_records(result.audit_log))
     allowed = [r for r in recs if r.get("decision") == "allow" and r["tool"] == "bank.send_money"]
     assert len(allowed) == 3 and all(type(r["args"]["amount"]) is float for r in allowed)
     denied = {(r["agent"], r["tool"], r["code"]) for r in recs if r.get("decision") == "deny"}

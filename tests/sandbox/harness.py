@@ -18,6 +18,7 @@ from runtime.sandbox.base import REAP_PERIOD_S, _children, _state_and_session
 from runtime.sandbox.pool import SandboxPool
 from runtime.sandbox.worker import ToolWorker
 from runtime.tool import load_tools
+from runtime import auditlog
 from runtime.trusted import audit
 from runtime.trusted.capability import Audience, Expires, KeyRing
 from runtime.trusted.ledger import AgentQuota
@@ -67,7 +68,7 @@ class Env:
         return self.call("python.exec", agent=agent, code=code)
 
     def outcomes(self) -> list[dict[str, Any]]:
-        return [r for r in audit.read_records(self.audit_path) if r["kind"] == "outcome"]
+        return [r for r in auditlog.read_records(self.audit_path) if r["kind"] == "outcome"]
 
     def session(self, agent: str = "alice") -> Any:
         return next(s for (a, _), s in self.pool._sessions.items() if a == agent)

@@ -28,6 +28,7 @@ from runtime.sandbox.threads import ToolThreads
 from runtime.sandbox.worker import SANDBOX_GRACE_S, ToolWorker
 from runtime.sandbox.workspace import MAX_LIST_ENTRIES
 from runtime.tool import ToolContext, load_tools, tool
+from runtime import auditlog
 from runtime.trusted import audit
 from runtime.trusted.capability import Audience, Expires, KeyRing
 from runtime.trusted.ledger import AgentQuota
@@ -104,7 +105,7 @@ class Env:
         return self.pool.handle(agent, self.backend, Limits.from_dict(self.limits)).workspace.root
 
     def outcomes(self, agent: str) -> list[dict[str, Any]]:
-        return [r for r in audit.read_records(self.audit_path) if r["kind"] == "outcome" and r["agent"] == agent]
+        return [r for r in auditlog.read_records(self.audit_path) if r["kind"] == "outcome" and r["agent"] == agent]
 
     def close(self) -> None:
         self.worker.close()

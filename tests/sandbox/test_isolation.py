@@ -16,6 +16,7 @@ import pytest
 
 from runtime.errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed
 from runtime.sandbox.pool import SandboxPool
+from runtime import auditlog
 from runtime.trusted import audit
 
 from .harness import LIMITS, Env, assert_killed, assert_next_call_works, assert_program_failed
@@ -47,7 +48,7 @@ def listening_port():
 def test_sandboxed_code_runs(env):
     out = env.py("import sys; print(sum(range(10))); print('err', file=sys.stderr)")
     assert out["exit_code"] == 0 and out["stdout"] == "45\n" and "err" in out["stderr"]
-    allow = [r for r in audit.read_records(env.audit_path) if r.get("decision") == "allow"]
+    allow = [r for r in auditlog.read_records(env.audit_path) if r.get("decision") == "allow"]
     assert allow[-1]["sandbox"] == env.pool._sessions[("alice", out["backend"])].backend
 
 
@@ -189,7 +190,7 @@ def test_unsandboxed_opt_out_runs_outside_the_worker_and_is_on_record(tmp_path, 
         out = e.py("import os; print(os.getpid() != 1)")
         assert out["exit_code"] == 0 and out["backend"] == "none"
         assert "UNSANDBOXED" in capfd.readouterr().err  # said loudly
-        allow = [r for r in audit.read_records(e.audit_path) if r.get("decision") == "allow"]
+        allow = [r for r in auditlog.read_records(e.audit_path) if r.get("decision") == "allow"]
         assert allow[-1]["sandbox"] == "none"
     finally:
         e.close()

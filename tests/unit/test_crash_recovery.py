@@ -280,9 +280,9 @@ def reading_restore(monkeypatch):
 
 
 def _outcomes(path: str) -> list[dict[str, Any]]:
-    from runtime.trusted import audit
+    from runtime import auditlog
 
-    return [r for r in audit.read_records(path) if r["kind"] == "outcome"]
+    return [r for r in auditlog.read_records(path) if r["kind"] == "outcome"]
 
 
 def test_killed_after_reserving_before_the_decision_record_the_call_is_refunded_not_recorded(world,
@@ -301,8 +301,8 @@ def test_killed_after_reserving_before_the_decision_record_the_call_is_refunded_
 
 
 def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_once(world, reading_restore):
+    from runtime import auditlog
     from runtime.trusted import audit
-
 
     shard, tokens = one_shard(world)
     _killed_at(shard, "outcome")  # the call ran and was settled in the journal; its outcome never reached the log
@@ -311,7 +311,7 @@ def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_
     assert RAN == ["ran"]
     assert shard.crash_and_restart() == 0  # nothing open in the journal...
     (outcome,) = _outcomes(shard.audit_path)  # ...but the log is told what became of the call
-    allowed = [r for r in audit.read_records(shard.audit_path) if r["kind"] == "decision"]
+    allowed = [r for r in auditlog.read_records(shard.audit_path) if r["kind"] == "decision"]
     assert outcome["call_id"] == allowed[0]["call_id"] and outcome["code"] == "SUPERVISOR_UNAVAILABLE"
     shard.crash_and_restart()
     assert len(_outcomes(shard.audit_path)) == 1  # a second restart does not write it again

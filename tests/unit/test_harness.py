@@ -17,7 +17,7 @@ import runtime
 from runtime import Decision, PolicyHarness, register_agent
 from runtime.errors import ConfigError, ErrorCode, PolicyDenied
 from runtime.tool import tool
-from runtime.trusted.audit import read_records
+from runtime.auditlog import read_records
 from runtime.trusted.capability import KeyRing
 from runtime.policyfile import load_policy, parse_policy
 

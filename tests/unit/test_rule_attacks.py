@@ -27,7 +27,8 @@ from runtime.protocol import REQUEST_VERSION, decode_reply, encode_batch, encode
 from runtime.sandbox.worker import ToolWorker
 from runtime.testing import FakeClock, InProcessDispatcher
 from runtime.tool import HOST, PATH, URL, tool
-from runtime.trusted.audit import AuditLog, read_records
+from runtime.trusted.audit import AuditLog
+from runtime.auditlog import read_records
 from runtime.trusted.capability import MAX_REGEX_CAVEATS, Arg, KeyRing
 from runtime.observe import NullObserver
 from runtime.policyfile import check_policy_tools, parse_policy

@@ -15,9 +15,11 @@ from runtime.errors import ErrorCode, MalformedRequest, QuotaExceeded, TokenReje
 from runtime.protocol import decode_reply, encode_call, encode_delegate
 from runtime.sandbox.worker import ToolWorker
 from runtime.tool import tool
+from runtime import auditlog
 from runtime.trusted import audit as audit_mod
 from runtime.trusted.audit import AuditLog
-from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools, first_holder
+from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools
+from runtime.protocol import first_holder
 from runtime.trusted.ledger import AgentQuota
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import AgentEntry, Supervisor, shard_of
@@ -148,7 +150,7 @@ def test_budget_and_nonces_survive_a_restart(world):
     shard.audit.close()
     report = audit_mod.verify(shard.audit_path)
     assert report.ok, report.problem
-    kinds = [r["kind"] for r in audit_mod.read_records(shard.audit_path)]
+    kinds = [r["kind"] for r in auditlog.read_records(shard.audit_path)]
     assert "shard_restart" in kinds
 
 
@@ -162,7 +164,7 @@ def test_a_call_in_flight_at_the_crash_is_closed_charged_and_on_record(world):
     asyncio.run(start_slow())
     assert shard.crash_and_restart() == 1
     shard.audit.close()
-    records = list(audit_mod.read_records(shard.audit_path))
+    records = list(auditlog.read_records(shard.audit_path))
     allowed = [r for r in records if r["kind"] == "decision" and r.get("decision") == "allow"]
     closed = [r for r in records if r["kind"] == "outcome"]
     assert [r["call_id"] for r in closed] == [allowed[0]["call_id"]]
@@ -241,7 +243,7 @@ def test_calls_are_decided_only_on_the_shard_of_the_root_agent(world):
         asyncio.run(shards[other].call("alice", tokens["alice"]))
     assert info.value.code is ErrorCode.WRONG_SHARD
     shards[other].audit.close()
-    assert any(r.get("code") == "WRONG_SHARD" for r in audit_mod.read_records(shards[other].audit_path))
+    assert any(r.get("code") == "WRONG_SHARD" for r in auditlog.read_records(shards[other].audit_path))
     assert asyncio.run(shards[own].call("alice", tokens["alice"], text="home")) == "home"
 
 

@@ -23,8 +23,10 @@ from runtime.testing import FakeClock
 from runtime.tool import ToolContext, tool
 from runtime.anomaly import AnomalyConfig
 from runtime.trusted.approvals import ApprovalRule
-from runtime.trusted.audit import AuditLog, read_records, verify
-from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools, first_holder
+from runtime.trusted.audit import AuditLog, verify
+from runtime.auditlog import read_records
+from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools
+from runtime.protocol import first_holder
 from runtime.trusted.ledger import AgentQuota, QuotaLedger
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import OTHER_TOOL, UNAUTHENTICATED, AgentEntry, Supervisor, shard_of
