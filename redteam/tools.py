@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 from runtime.tool import URL, ToolContext, tool
 
 _SEED = Path(__file__).with_name("world.json")
-# What a write tool returns is its own receipt (an id, what was done), not outside data: trusted.
+# What a write tool returns is its own receipt (an id, what was done), not outside data: trusted,
+# and it says nothing of the content sent (a forwarded handle does not taint the sender).
 # Every other result keeps the label its agent's policy declares (none: untrusted).
-RECEIPT = {"integrity": "trusted"}
+RECEIPT = {"integrity": "trusted", "carries_inputs": False}
 
 
 @contextmanager

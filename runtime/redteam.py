@@ -585,7 +585,7 @@ async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path
                         progress: Callable[[str], None] = lambda _m: None) -> Report:
     """Run the scenarios as jobs, one after another, on the Ray this process is connected to."""
     from .job import load_job, run_loaded
-    from .trusted.audit import read_records
+    from .auditlog import read_records
 
     started = time.monotonic()
     groups = group_scenarios(scenarios)
