@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .errors import ConfigError, ErrorCode
+from .job import load_job
 
 CAPABILITY_CODES = {"POLICY_DENIED", "DELEGATION_DENIED", "DEPTH_EXCEEDED", "UNKNOWN_TOOL", "BAD_TOKEN",
                     "MALFORMED", "TOO_LARGE", "BAD_REQUEST_MAC", "REPLAY"}
@@ -44,7 +45,7 @@ QUOTA_CODES = {"RATE_LIMITED", "BUDGET_EXHAUSTED", "CONCURRENCY_LIMIT", "APPROVA
 APPROVAL_CODES = {"APPROVAL_DENIED", "APPROVAL_TIMEOUT"}
 LAYERS = ("capability", "flow", "quota", "sandbox", "approval")
 OPERATOR = "redteam-operator"
-SCENARIO_KEYS = {"name", "class", "summary", "agents"}
+SCENARIO_KEYS = {"name", "class", "summary", "agents", "job", "attacks", "benign"}
 AGENT_KEYS = {"name", "policy", "task", "steps", "model"}
 TAG_KEYS = {"attack", "benign", "layer", "allowance", "approval"}
 LLM_STEP_KEYS = {"call", "args"} | TAG_KEYS  # what the generic LLM agent's scripted model can play
@@ -87,6 +88,7 @@ class Action:
     allowance: int = 0  # attempts of an attack that may take effect before it is cut off (a flood)
     approval: bool = False  # the benign action is expected to park for a human
     repeat: int = 1
+    nth: int = 0  # a job-file scenario names its actions by occurrence: the nth call of the tool (from 1)
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,13 @@ class Scenario:
     summary: str
     agents: list[AgentDef]
     path: str = ""
+    job: str | None = None  # a shipped job file, run as it is (its actions named in the scenario)
+    declared: tuple[Action, ...] = ()  # the actions of a job-file scenario
 
     @cached_property  # once: the judge keys its verdicts by these very objects
     def actions(self) -> list[Action]:
+        if self.job:
+            return list(self.declared)
         return [a for agent in self.agents for a in actions_of(agent)]
 
     @property
@@ -120,7 +126,7 @@ class Scenario:
 
     @property
     def entry(self) -> list[str]:
-        return [a.name for a in self.agents if a.task is not None]
+        return [a.name for a in self.agents if a.task is not None or self.job]
 
 
 def actions_of(agent: AgentDef) -> list[Action]:
@@ -163,10 +169,14 @@ def load_scenario(path: Path) -> Scenario:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise bad(f"cannot read: {exc}") from None
-    if not isinstance(data, dict) or set(data) - SCENARIO_KEYS or not {"name", "agents"} <= set(data):
-        raise bad(f"a scenario is a mapping with keys {sorted(SCENARIO_KEYS)} (name and agents required)")
-    if not NAME_RE.match(str(data["name"])):
-        raise bad(f"name {data['name']!r} must be lower-case letters, digits and '-'")
+    if not isinstance(data, dict) or set(data) - SCENARIO_KEYS:
+        raise bad(f"a scenario is a mapping with keys {sorted(SCENARIO_KEYS)}")
+    if not NAME_RE.match(str(data.get("name"))):
+        raise bad(f"name {data.get('name')!r} must be lower-case letters, digits and '-'")
+    if "job" in data:
+        return _job_scenario(path, data, bad)
+    if not {"agents"} <= set(data) or {"attacks", "benign"} & set(data):
+        raise bad("a scenario has agents (with scripted steps), or a job file with its attacks and benign actions")
     agents = []
     for a in data["agents"] or []:
         if not isinstance(a, dict) or set(a) - AGENT_KEYS or not {"name", "policy"} <= set(a):
@@ -191,6 +201,36 @@ def load_scenario(path: Path) -> Scenario:
     if len(ids) != len(set(ids)):
         raise bad(f"attack ids must be unique: {ids}")
     return scenario
+
+
+JOB_ACTION_KEYS = {"id", "agent", "tool", "nth", "layer", "allowance", "repeat", "approval"}
+
+
+def _job_scenario(path: Path, data: dict[str, Any], bad: Callable[[str], ConfigError]) -> Scenario:
+    """A scenario over a shipped job file: its agents and scripts as they are, its injected and benign
+    actions named by agent, tool and occurrence (``nth``, from 1)."""
+    job_path = (path.parent / str(data["job"])).resolve()
+    try:
+        job = yaml.safe_load(job_path.read_text(encoding="utf-8"))
+        agents = [AgentDef(str(a["name"]), str(a["policy"]), a.get("task"), []) for a in job["agents"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise bad(f"job {job_path}: {type(exc).__name__}: {exc}") from None
+    names, actions = {a.name for a in agents}, []
+    for kind in ("attacks", "benign"):
+        for item in data.get(kind) or []:
+            if not isinstance(item, dict) or set(item) - JOB_ACTION_KEYS or not {"agent", "tool"} <= set(item) \
+                    or (kind == "attacks") != ("id" in item and item.get("layer") in LAYERS):
+                raise bad(f"{kind}: each is {{agent, tool, nth?, repeat?}}" + (", with an id and a layer in "
+                          f"{list(LAYERS)}" if kind == "attacks" else "") + f": {item!r}")
+            if item["agent"] not in names:
+                raise bad(f"{kind}: the job has no agent {item['agent']!r} (agents: {sorted(names)})")
+            actions.append(Action(str(item["agent"]), str(item["tool"]), {}, len(actions),
+                                  attack=item.get("id") if kind == "attacks" else None, benign=kind == "benign",
+                                  layer=item.get("layer"), allowance=int(item.get("allowance", 0)),
+                                  approval=bool(item.get("approval")), repeat=int(item.get("repeat", 1)),
+                                  nth=int(item.get("nth", 1))))
+    return Scenario(str(data["name"]), str(data.get("class", "")), " ".join(str(data.get("summary", "")).split()),
+                    agents, str(path), str(job_path), tuple(actions))
 
 
 def load_catalogue(directory: Path, only: Iterable[str] = ()) -> list[Scenario]:
@@ -441,8 +481,9 @@ def align(scenario: Scenario, streams: dict[tuple[str, str], list[Attempt]]) -> 
     for a in scenario.actions:
         key = (a.agent, a.key)
         stream = streams.get(key, [])
-        out[a] = stream[taken[key]:taken[key] + a.repeat]
-        taken[key] += a.repeat
+        start = a.nth - 1 if a.nth else taken[key]
+        out[a] = stream[start:start + a.repeat]
+        taken[key] = start + a.repeat
     return out
 
 
@@ -584,44 +625,64 @@ class Report:
 async def run_catalogue(scenarios: list[Scenario], *, catalogue: Path, out: Path, without_flow: bool = False,
                         progress: Callable[[str], None] = lambda _m: None) -> Report:
     """Run the scenarios as jobs, one after another, on the Ray this process is connected to."""
-    from .job import load_job, run_loaded
-    from .auditlog import read_records
-
     started = time.monotonic()
-    groups = group_scenarios(scenarios)
+    units = group_scenarios([s for s in scenarios if not s.job]) + [[s] for s in scenarios if s.job]
     results: list[ScenarioResult] = []
     jobs: list[dict[str, Any]] = []
     answered: list[dict[str, Any]] = []
     problems: list[str] = []
-    for i, group in enumerate(groups):
-        path = write_job(group, index=i, catalogue=catalogue, out=out, without_flow=without_flow)
-        progress(f"job {i + 1}/{len(groups)}: {len(group)} scenario(s): {', '.join(s.name for s in group)}")
-        job = load_job(path)
+    for i, group in enumerate(units):
+        progress(f"job {i + 1}/{len(units)}: {len(group)} scenario(s): {', '.join(s.name for s in group)}")
+        if group[0].job:
+            job = load_shipped_job(Path(group[0].job), without_flow=without_flow)
+        else:
+            job = load_job(write_job(group, index=i, catalogue=catalogue, out=out, without_flow=without_flow))
         runs = out / f"job-{i}" / "runs"
-        runs.mkdir(exist_ok=True)
-        done = asyncio.Event()
-        operator = asyncio.ensure_future(operate(runs, group, done, answered, problems))
-        try:
-            result = await run_loaded(job, runs_dir=runs)
-        finally:
-            done.set()
-            await operator
-        records = [r for log in result.audit_logs for r in read_records(log)]
-        errors = {**result.errors}
+        runs.mkdir(parents=True, exist_ok=True)
+        result, records = await _run_job(job, runs, group, answered, problems)
         jobs.append({"job": result.job, "job_id": result.job_id, "ok": result.ok, "audit_logs": result.audit_logs,
                      "audit_ok": result.audit_ok, "audit_records": result.audit_records, "seconds": result.seconds,
-                     "errors": errors, "scenarios": [s.name for s in group]})
+                     "errors": dict(result.errors), "scenarios": [s.name for s in group]})
         for s in group:
-            r = judge_scenario(s, records, job=result.job_id, agent_errors=errors)
+            r = judge_scenario(s, records, job=result.job_id, agent_errors=result.errors)
             results.append(r)
-            stopped = sum(a.stopped for a in r.attacks)
-            progress(f"  {s.name}: {stopped}/{len(r.attacks)} attack(s) stopped, benign task "
-                     f"{'completed' if r.benign_completed else 'FAILED'}"
+            progress(f"  {s.name}: {sum(a.stopped for a in r.attacks)}/{len(r.attacks)} attack(s) stopped, benign "
+                     f"task {'completed' if r.benign_completed else 'FAILED'}"
                      + (f" ({r.benign_approvals} approval(s))" if r.benign_approvals else ""))
     order = {s.name: i for i, s in enumerate(scenarios)}
     results.sort(key=lambda r: order[r.name])
     return Report("without-flow" if without_flow else "normal", str(out), round(time.monotonic() - started, 1),
                   results, jobs, answered, problems)
+
+
+async def _run_job(job: Any, runs: Path, group: list[Scenario], answered: list[dict[str, Any]],
+                   problems: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    """Run one job with the scripted operator beside it; its result and every audit record it wrote."""
+    from .auditlog import read_records
+    from .job import run_loaded
+
+    done = asyncio.Event()
+    operator = asyncio.ensure_future(operate(runs, group, done, answered, problems))
+    try:
+        result = await run_loaded(job, runs_dir=runs)
+    finally:
+        done.set()
+        await operator
+    return result, [r for log in result.audit_logs for r in read_records(log)]
+
+
+def load_shipped_job(path: Path, *, without_flow: bool) -> Any:
+    """A job file as ``warden run`` loads it; ``without_flow``: its policies and ``outputs:`` without
+    flow rules and ``hide`` (the job file and its policies on disk are not touched)."""
+    from .policyfile import load_policy
+
+    job = load_job(path)
+    if not without_flow:
+        return job
+    policies = {a.name: load_policy(strip_flow(yaml.safe_load((job.base / a.policy).read_text(encoding="utf-8"))))
+                for a in job.spec.agents}
+    outputs = {t: o.model_copy(update={"hide": None}) for t, o in job.spec.outputs.items()}
+    return replace(job, spec=job.spec.model_copy(update={"outputs": outputs}), policies=policies)
 
 
 def new_run_dir(runs_dir: str | Path = "runs") -> Path:

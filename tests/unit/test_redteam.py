@@ -45,7 +45,7 @@ def test_policies_are_per_agent_roles_not_per_scenario(catalogue):
     policies than scenarios, and most used by several scenarios."""
     uses: dict[str, set[str]] = {}
     for s in catalogue:
-        for a in s.agents:
+        for a in s.agents if not s.job else ():  # a shipped job brings its own policies
             uses.setdefault(a.policy, set()).add(s.name)
     assert len(uses) <= len(catalogue) / 2
     assert sum(len(v) > 1 for v in uses.values()) >= len(uses) / 2
@@ -62,7 +62,7 @@ def test_every_policy_loads_against_the_world_tools():
 
 
 def test_generated_jobs_load(catalogue, tmp_path):
-    for i, group in enumerate(group_scenarios(catalogue)):
+    for i, group in enumerate(group_scenarios([s for s in catalogue if not s.job])):
         names = [a.name for s in group for a in s.agents]
         assert len(names) == len(set(names))
         job = load_job(write_job(group, index=i, catalogue=CATALOGUE, out=tmp_path, without_flow=False))
@@ -96,6 +96,21 @@ def test_scenario_files_are_checked(tmp_path):
         load_scenario(bad)
     with pytest.raises(ConfigError, match="no scenario"):
         load_catalogue(CATALOGUE, ["no-such-scenario"])
+
+
+def test_a_shipped_job_is_a_scenario_with_named_actions(catalogue):
+    demo = next(s for s in catalogue if s.job)
+    assert Path(demo.job) == ROOT / "jobs" / "demo.yaml"
+    assert {a.name for a in demo.agents} >= {"lead", "summarizer", "moderator", "analyst"}
+    loop = next(a for a in demo.attacks if a.attack == "runaway-loop")
+    assert (loop.agent, loop.key, loop.nth, loop.layer) == ("analyst", "python.exec", 3, "sandbox")
+    records = [allow(f"p{i}", "python.exec", agent="analyst", sandbox="gvisor") for i in range(4)]
+    records += [outcome("p0", agent="analyst"), outcome("p1", agent="analyst"),
+                outcome("p2", ok=False, code="SANDBOX_CPU", agent="analyst"), outcome("p3", agent="analyst")]
+    r = judge_scenario(demo, records)
+    got = {a.id: a for a in r.attacks}
+    assert got["runaway-loop"].stopped and got["runaway-loop"].codes == {"SANDBOX_CPU": 1}
+    assert not got["post-channels-out"].stopped  # no record of it here: not stopped
 
 
 def test_job_steps_hide_the_tags():
@@ -139,8 +154,8 @@ def allow(call_id, tool, agent="a", sandbox=None):
             "sandbox": sandbox}
 
 
-def outcome(call_id, ok=True, code=None):
-    return {"kind": "outcome", "call_id": call_id, "ok": ok, "code": code, "agent": "a"}
+def outcome(call_id, ok=True, code=None, agent="a"):
+    return {"kind": "outcome", "call_id": call_id, "ok": ok, "code": code, "agent": agent}
 
 
 def deny(tool, code, agent="a"):
