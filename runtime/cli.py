@@ -554,7 +554,7 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str), file=args.json_out)
     else:
-        print(format_report(report))
+        print(format_report(report), file=args.json_out)
     return EXIT_OK if report.ok or without else EXIT_FAIL
 
 
@@ -779,7 +779,9 @@ def _stop_private_ray() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with json_only_stdout(bool(getattr(args, "json", False))) as args.json_out:
+    # redteam's text report is a document too: what Ray prints while its jobs run goes to stderr
+    clean = bool(getattr(args, "json", False)) or (args.command == "redteam" and not args.list)
+    with json_only_stdout(clean) as args.json_out:
         try:
             return _dispatch(args)
         finally:

@@ -89,3 +89,28 @@ def test_without_flow_rules_the_flow_only_attacks_get_through(normal, tmp_path):
     assert all(s.benign_completed and s.benign_approvals == 0 for s in report.scenarios)
     sent, paid = world_effects(report)
     assert ATTACKER_IBANS <= set(paid) and "archive@evil.example" in sent  # the attacks really happened
+
+
+def test_the_command_fails_when_an_attack_gets_through(ray_instance, tmp_path):
+    """`warden redteam` end to end (its own driver on the test cluster): a careless policy (the mail
+    assistant's without its sink rule) lets the exfiltration through, and the command says so."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    catalogue = tmp_path / "catalogue"
+    (catalogue / "scenarios").mkdir(parents=True)
+    (catalogue / "policies").mkdir()
+    policy = yaml.safe_load((CATALOGUE / "policies" / "mail-assistant.yaml").read_text())
+    del policy["tools"]["mail.send"]["ifc"]
+    (catalogue / "policies" / "mail-assistant.yaml").write_text(yaml.safe_dump(policy))
+    (catalogue / "scenarios" / "exfil-mail.yaml").write_text((CATALOGUE / "scenarios" / "exfil-mail.yaml").read_text())
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "redteam", "--catalogue", str(catalogue), "--json",
+                          "--address", ray_instance.address, "--runs-dir", str(tmp_path / "runs")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert doc["ok"] is False and doc["totals"]["got_through"] == ["exfil-mail/inbox-to-outsider"]
+    assert doc["totals"]["benign_completed"] == 1 and "[redteam] job 1/1" in out.stderr
+    assert (Path(doc["run_dir"]) / "report.json").exists()
