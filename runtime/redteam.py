@@ -62,6 +62,8 @@ def layer_of(code: str | None, *, sandboxed: bool = False) -> str | None:
         return "flow"
     if code in QUOTA_CODES:
         return "quota"
+    if code == "SANDBOX_UNAVAILABLE":  # no sandbox installed: nothing was defended, nothing ran
+        return None
     if code.startswith("SANDBOX_") or code == "EGRESS_REFUSED":
         return "sandbox"
     if code in APPROVAL_CODES:

@@ -130,6 +130,7 @@ def test_layer_of_each_code():
     assert layer_of("APPROVAL_DENIED") == layer_of("APPROVAL_TIMEOUT") == "approval"
     assert layer_of("TOOL_FAILED", sandboxed=True) == "sandbox"
     assert layer_of("TOOL_FAILED") is None and layer_of("WORKER_UNAVAILABLE") is None
+    assert layer_of("SANDBOX_UNAVAILABLE") is None and layer_of("AUDIT_UNAVAILABLE") is None
 
 
 SCENARIO = """
