@@ -25,6 +25,7 @@ import ray
 from .agent import load_agent_class
 from .control import LocalOperator, PeersBehind, merge_stats
 from .errors import ErrorCode, InternalError, SupervisorUnavailable, ToolFailed
+from .observe import stats_of, status_of
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing
 from .protocol import first_holder
@@ -157,9 +158,9 @@ async def awaited(ref: Any) -> Any:
 
 def verified(path: str | os.PathLike[str]) -> dict[str, Any]:
     """An audit log's verification, as the job's result reports it."""
-    from .trusted import audit as audit_mod
+    from . import auditlog
 
-    report = audit_mod.verify(path)
+    report = auditlog.verify(path)
     return {"ok": report.ok, "path": str(path), "records": report.records, "problem": report.problem}
 
 
@@ -328,7 +329,7 @@ class Shard:
         """The shard's status, with where it runs (process and Ray node), for operators and tests."""
         import os
 
-        return {**self.sup.status(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+        return {**status_of(self.sup), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "restarted": self.restarted, "state_lost": self.state_lost}
 
     async def serve(self, host: str, port: int, operator_token: str) -> str:
@@ -413,7 +414,7 @@ class SupervisorActor:
 
     def stats(self, secret: bytes) -> list[dict[str, Any]]:
         _guard(self.shard, secret)
-        return self.shard.sup.stats()
+        return stats_of(self.shard.sup)
 
     def metrics_text(self, secret: bytes) -> bytes:
         _guard(self.shard, secret)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -117,6 +118,15 @@ class AnomalyDetector:
     def violations(self, agent: str) -> int:
         st = self._state.get(agent)
         return len(st.violations) if st else 0
+
+    def report(self, agent: str, tool: str, flags: list[str], audit: Any, observer: Any) -> str | None:
+        """Record each flag (audit log, metrics); the reason to quarantine the agent, if that is due now."""
+        for kind in flags:
+            audit.record("anomaly", agent=agent, tool=tool, flag=kind, violations=self.violations(agent))
+            observer.anomaly(agent, tool, kind)
+        if self.should_quarantine(agent):
+            return f"{self.violations(agent)} violations within {self._config[agent].window_s:g}s"
+        return None
 
 
 class AnomalySpec(BaseModel):

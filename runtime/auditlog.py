@@ -16,12 +16,37 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from .trusted.audit import (RESERVED, AuditFormatError, VerifyReport, _decode, _frames, _segment_indices,
-                            segment_path, verify)
+from .trusted.audit import (RESERVED, AuditFormatError, VerifyReport, _decode, _frames, _scan, _segment_indices,
+                            segment_path)
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Check every segment in order, and the head: the trusted core's own check (the one the writer
+    runs before it resumes a log), with a record found out of place told apart as deleted or moved.
+    Never raises: every failure is a reported problem, naming the first bad record
+    (``first_bad_seq``) and its file (``segment``)."""
+    try:
+        report = _scan(os.fspath(path))[0]
+    except Exception as exc:
+        return VerifyReport(False, 0, None, f"verify failed: {exc}")
+    m = re.fullmatch(r"record (\d+): record (\d+) in its place(.*)", report.problem or "", re.S)
+    return replace(report, problem=_misplaced(os.fspath(path), int(m[1]), int(m[2])) + m[3]) if m else report
+
+
+def _misplaced(path: str, n: int, seq: int) -> str:
+    """Name the problem when record ``seq`` stands where record ``n`` should."""
+    if seq < n:
+        return f"record {n}: out of order (found record {seq} in its place)"
+    try:  # look for record n further on (to the last segment) only to tell a move from a deletion
+        if any(rec.get("seq") == n for rec, _ in read_with_digests(path)):
+            return f"record {n}: out of order (record {seq} comes before it)"
+    except (OSError, AuditFormatError) as exc:
+        log.debug("look-ahead stopped: %s", exc)
+    return f"record {n} missing: seq jumps {n - 1} -> {seq} (deleted)"
 
 
 def read_with_digests(path: str) -> Iterator[tuple[dict[str, Any], bytes]]:

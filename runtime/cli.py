@@ -170,6 +170,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
     """What ``policy`` allows, as text. ``sandboxed``: tool name -> whether it runs code in a sandbox
     (tools not in it are shown as "if it runs code"); ``delegates``: the policies of the agents it may
     delegate to, by agent name, to show what each would hold."""
+    from .isolation import sandbox_settings, unsandboxed_tools
     from .trusted.policy import ArgRule
 
     sandboxed = sandboxed or {}
@@ -180,7 +181,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
 
     from .sandbox.base import Limits
 
-    settings = policy.sandbox_settings()
+    settings = sandbox_settings(policy)
 
     def approval_text(rule: Any) -> str:
         if rule.approval is False:
@@ -230,7 +231,7 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
         text = ", ".join(f"{k}={getattr(limits, k)}" for k in Limits.__dataclass_fields__)
         label = "default" if tool == "*" else tool
         lines.append(f"  {label}: {where(tool)}; {text}")
-    unsandboxed = [t for t in policy.unsandboxed_tools() if sandboxed.get(t) is not False]
+    unsandboxed = [t for t in unsandboxed_tools(policy) if sandboxed.get(t) is not False]
     if no_code and "*" in unsandboxed:
         unsandboxed.remove("*")  # every tool it names runs no code
     if unsandboxed:
@@ -323,7 +324,7 @@ def audit_chains(path: str) -> list[str]:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     broken = 0
@@ -387,7 +388,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from .auditlog import AuditChainError, export_jsonl
-    from .trusted.audit import verify
+    from .auditlog import verify
 
     chains = audit_chains(args.path)
     if len(chains) > 1:  # one shard's chain after the other; each record has its time

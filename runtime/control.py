@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .observe import status_of
+
 CONTROL_FILE = "control.json"
 
 
@@ -64,7 +66,7 @@ class LocalOperator:
         """Carry a change made here to the other supervisors: there are none."""
 
     async def status(self) -> dict[str, Any]:
-        return self.sup.status()
+        return status_of(self.sup)
 
     async def approvals(self) -> list[dict[str, Any]]:
         return self.sup.approvals.list()

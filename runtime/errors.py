@@ -192,9 +192,14 @@ class ApprovalDenied(Denied):
 
 
 class FlowDenied(Denied):
-    """Information-flow control refused the call: a sink rule, or a handle the agent may not use."""
+    """Information-flow control refused the call: a sink rule, or a handle the agent may not use.
+    ``flow``: the rule broken, the argument, its label and where the label came from (for the record)."""
 
     default_code = ErrorCode.FLOW_DENIED
+
+    def __init__(self, reason: str = "", *, flow: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(reason, **kwargs)
+        self.flow = flow
 
 
 class DispatchRefused(Denied):

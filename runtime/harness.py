@@ -285,8 +285,8 @@ class PolicyHarness:
 
     # ------------------------------------------------------------------ the log
     def verify(self) -> Any:
-        """The audit log's chain check (``runtime.trusted.audit.verify``), as ``warden audit verify`` does it."""
-        from .trusted.audit import verify
+        """The audit log's chain check (``runtime.auditlog.verify``), as ``warden audit verify`` does it."""
+        from .auditlog import verify
 
         return verify(self.audit_path)
 

@@ -46,3 +46,16 @@ class SandboxRule(BaseModel):
 
 
 DEFAULT_BACKEND = "gvisor"  # the strongest isolation is the default; bwrap is chosen explicitly
+
+
+def sandbox_settings(policy: Any) -> dict[str, dict[str, Any]]:
+    """Per tool of ``policy``: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
+    out = {"*": policy.sandbox.settings()}
+    for name, rule in policy.tools.items():
+        if rule.sandbox is not None:
+            out[name] = rule.sandbox.over(policy.sandbox).settings()
+    return out
+
+
+def unsandboxed_tools(policy: Any) -> list[str]:
+    return sorted(t for t, s in sandbox_settings(policy).items() if s["backend"] == "none")

@@ -8,7 +8,7 @@ raise (they sit on the hot path); ``NullObserver`` is the default.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Observer(Protocol):
@@ -40,3 +40,19 @@ class Observer(Protocol):
 
 class NullObserver(Observer):
     """Reports nothing: every method is the protocol's own, which does nothing (and returns None)."""
+
+
+def status_of(sup: Any) -> dict[str, Any]:
+    """What an operator sees of a supervisor shard (``warden status``): agents, quarantines, revocations,
+    parked approvals, counts, keys, and the context label of each agent run."""
+    return {"job": sup.job_id, "agents": sorted(sup.agents), "quarantined": sorted(sup.quarantined),
+            "revoked_agents": sorted(sup.revocations.snapshot()["agents"]),
+            "approvals_pending": sup.approvals.list(), "stats": stats_of(sup),
+            "keys": sup.keyring.kids, "current_key": sup.keyring.current_kid, "shard": sup.shard,
+            "contexts": [{"agent": r.agent, "run": rid.hex()[:8], "depth": r.depth, "label": r.label.public(),
+                          "origin": r.origin, "handles": sup.handles.usage(r.agent)[0]} for rid, r in sup.runs.items()]}
+
+
+def stats_of(sup: Any) -> list[dict[str, Any]]:
+    """The supervisor's decision counts, one row per (agent, tool, result)."""
+    return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(sup.counts.items())]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from typing import Any, Mapping
 
+from .isolation import sandbox_settings, unsandboxed_tools
 from .errors import ConfigError, ErrorCode, PolicyDenied
 from .trusted.capability import KeyRing, canonical_path, host_pattern, host_value
 from .trusted.ledger import AgentQuota
@@ -57,11 +58,11 @@ def register_agent(keyring: KeyRing, policy: Policy, *, job_id: str, now: float,
         raise ValueError("a request key needs at least 16 bytes")
     root = keyring.mint(holder=name, caveats=policy.root_caveats(job_id=job_id, now=now))
     entry = AgentEntry(name, key, frozenset(policy.delegation.can_delegate_to),
-                       tuple(policy.delegate_caveats(job_id=job_id)), policy.sandbox_settings(),
+                       tuple(policy.delegate_caveats(job_id=job_id)), sandbox_settings(policy),
                        policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked,
                        policy.outputs(declared_outputs(tools or {}, outputs or {})),
                        (policy.handles.max_count, policy.handles.max_bytes, policy.handles.ttl_s))
-    return Registration(name, root.encode(), key, entry, policy.agent_quota(), tuple(policy.unsandboxed_tools()))
+    return Registration(name, root.encode(), key, entry, policy.agent_quota(), tuple(unsandboxed_tools(policy)))
 
 
 def declared_outputs(tools: Mapping[str, Any], outputs: Mapping[str, OutputRule]) -> dict[str, OutputRule]:

@@ -42,19 +42,15 @@ class Label:
     def admits(self, dest: str) -> bool:
         return all(any(p == dest or p[:1] == "*" and dest.endswith(p[1:]) for p in s) for s in self.readers)
 
-    def public(self) -> dict[str, Any]:  # shared: never change what it returns
-        return _public(self)
+    @lru_cache(maxsize=4096)  # labels are few and immutable; shared: never change what it returns
+    def public(self) -> dict[str, Any]:
+        return {"integrity": NAMES[self.integrity],
+                "readers": sorted(sorted(s) for s in self.readers) if self.readers else "public"}
 
     @staticmethod
     def parse(d: Any) -> "Label":  # a public() form, or a policy's: readers a list of names
         sets = () if d["readers"] == "public" else [d["readers"]] if isinstance(d["readers"][0], str) else d["readers"]
         return Label(LEVELS[d["integrity"]], frozenset(frozenset(s) for s in sets))
-
-
-@lru_cache(maxsize=4096)
-def _public(label: Label) -> dict[str, Any]:
-    return {"integrity": NAMES[label.integrity],
-            "readers": sorted(sorted(s) for s in label.readers) if label.readers else "public"}
 
 
 TOP = Label()  # the task an operator gave: trusted, public

@@ -228,16 +228,5 @@ class Policy(_Strict):
         job file's over ``@tool``'s)."""
         return {t: (r.output or OutputRule()).over(declared.get(t)).output() for t, r in self.tools.items()}
 
-    def sandbox_settings(self) -> dict[str, dict[str, Any]]:
-        """Per tool: ``{"backend": "gvisor"|"bwrap"|"none", "limits": {...}}``; "*" for the rest."""
-        out = {"*": self.sandbox.settings()}
-        for name, rule in self.tools.items():
-            if rule.sandbox is not None:
-                out[name] = rule.sandbox.over(self.sandbox).settings()
-        return out
-
-    def unsandboxed_tools(self) -> list[str]:
-        return sorted(t for t, s in self.sandbox_settings().items() if s["backend"] == "none")
-
     def agent_quota(self) -> AgentQuota:
         return AgentQuota(**self.quotas.model_dump(include={"rate_per_s", "burst", "max_concurrent"}))

@@ -402,12 +402,8 @@ class Supervisor:
         return self.approvals.resolve(approval_id, approve=approve, approver=approver, reason=reason).public()
 
     def _flag(self, agent: str, tool: str, flags: list[str]) -> None:
-        for kind in flags:
-            self.audit.record("anomaly", agent=agent, tool=tool, flag=kind, violations=self.anomaly.violations(agent))
-            self.observer.anomaly(agent, tool, kind)
-        if self.anomaly.should_quarantine(agent):
-            self.quarantine(agent, reason=f"{self.anomaly.violations(agent)} violations within "
-                                          f"{self.agents[agent].anomaly.window_s:g}s")
+        if reason := self.anomaly.report(agent, tool, flags, self.audit, self.observer):
+            self.quarantine(agent, reason=reason)
 
     # ------------------------------------------------------------------ stages
     def _authenticate(self, data: Any, op: str) -> tuple[dict[str, Any], AgentEntry, VerifiedToken]:
@@ -464,17 +460,15 @@ class Supervisor:
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         if not vt.plan.flows and not used:
             return args, spec.cost, held, None
-        run = self._run(vt)
-        broken = [(f, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
+        run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
+        broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
             (h.origin for h in used if lab.join(h.label) is lab and run.label.join(h.label) is not run.label),
             run.origin)}) for f, arg, lab in violations(vt.plan.flows, tool, spec.effect, args, run.label, held)]
-        denied = [v for f, v in broken if f.mode == "deny"]
-        self.observer.flow(entry.name, tool, "deny" if denied else "approve" if broken else "allow")
-        if denied:
-            v = denied[0]
-            exc = FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", tool=tool)
-            exc.flow = v  # type: ignore[attr-defined]
-            raise exc
+        v = next((v for mode, v in broken if mode == "deny"), None)
+        self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
+        if v:
+            raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
+                             tool=tool)
         return args, spec.cost, held, {"handles": [h.id for h in used], "violations": [v for _, v in broken]}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
@@ -492,8 +486,8 @@ class Supervisor:
         a delegate saw reaches its delegator), journaled before the agent sees what it labels."""
         for i, rid in enumerate(vt.runs):
             run = self._run(vt, i)
-            if run.label.join(label) is not run.label:
-                run.label, run.origin = run.label.join(label), run.origin or origin
+            if (joined := run.label.join(label)) is not run.label:
+                run.label, run.origin = joined, run.origin or origin
                 self._journal("c", rid, run.agent, run.depth, run.label.public(), run.origin)
                 self.observer.context(run.agent, run.label.integrity)
 
@@ -585,10 +579,9 @@ class Supervisor:
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
             extra = {"context": context.label.public()} if context else {}
-            if getattr(exc, "flow", None):
-                extra["flow"] = exc.flow  # type: ignore[attr-defined]
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra)
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra,
+                              **({"flow": exc.flow} if isinstance(exc, FlowDenied) and exc.flow else {}))
             if authenticated is not None:
                 self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
@@ -742,8 +735,14 @@ class Supervisor:
             reply: dict[str, Any] = {"ok": True, "value": value, "call_id": ok.call_id}
         except WardenError as exc:
             reply, outcome = self._failure(exc)
-            if "detail" in reply["error"] and not self._may_tell(ok):
-                del reply["error"]["detail"]
+            if "detail" in reply["error"]:  # the tool's own words: never from a hidden result, else they taint
+                label, hide = self._result_label(ok, None)
+                try:
+                    hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
+                except AuditUnavailable:
+                    hide = True
+                if hide:
+                    del reply["error"]["detail"]
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
                                                       code=ErrorCode.WORKER_UNAVAILABLE))
@@ -763,16 +762,6 @@ class Supervisor:
         if not outcome["ok"]:
             self.counts[(ok.agent, ok.tool, outcome["code"])] += 1
         return reply
-
-    def _may_tell(self, ok: _Allowed) -> bool:
-        """Whether a tool's own error message may reach the agent: never from a hidden result, else
-        once the result's label is in the agent's context (the message may carry the tool's data)."""
-        label, hide = self._result_label(ok, None)
-        try:
-            hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
-        except AuditUnavailable:
-            return False
-        return not hide
 
     @staticmethod
     def _failure(exc: WardenError) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -823,14 +812,3 @@ class Supervisor:
         """The registered tools that every Tools and Effects caveat among ``caveats`` lets through."""
         return {t for t, spec in self.tools.items() if all(t in c.names for c in caveats if isinstance(c, Tools))
                 and all(spec.effect in c.effects for c in caveats if isinstance(c, Effects))}
-
-    def status(self) -> dict[str, Any]:
-        return {"job": self.job_id, "agents": sorted(self.agents), "quarantined": sorted(self.quarantined),
-                "revoked_agents": sorted(self.revocations.snapshot()["agents"]),
-                "approvals_pending": self.approvals.list(), "stats": self.stats(),
-                "keys": self.keyring.kids, "current_key": self.keyring.current_kid, "shard": self.shard,
-                "contexts": [{"agent": r.agent, "run": rid.hex()[:8], "depth": r.depth, "label": r.label.public(),
-                              "origin": r.origin, "handles": self.handles.usage(r.agent)[0]} for rid, r in self.runs.items()]}
-
-    def stats(self) -> list[dict[str, Any]]:
-        return [{"agent": a, "tool": t, "result": r, "count": n} for (a, t, r), n in sorted(self.counts.items())]

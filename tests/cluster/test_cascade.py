@@ -8,7 +8,6 @@ import json
 import pytest
 
 from runtime import auditlog
-from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of
 
 from .test_control_plane import Background, warden
@@ -39,4 +38,4 @@ def test_revoke_cascade_through_one_shard_stops_a_delegate_decided_on_the_other(
     denied = [r for r in shard1 if r["kind"] == "decision" and r.get("code") == "TOKEN_REVOKED"]
     assert [(r["agent"], r["tool"]) for r in denied] == [("quiet", "note.write"), ("quiet", "echo")]
     assert not [r for r in shard1 if r["kind"] == "outcome" and r.get("agent") == "quiet"]  # nothing ran
-    assert all(audit.verify(run_dir / f"audit-{i}.log").ok for i in (0, 1))
+    assert all(auditlog.verify(run_dir / f"audit-{i}.log").ok for i in (0, 1))

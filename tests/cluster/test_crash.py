@@ -18,7 +18,6 @@ import yaml
 from runtime.control import ControlClient
 from runtime.job import load_job, run_loaded
 from runtime import auditlog
-from runtime.trusted import audit
 from runtime.trusted.supervisor import shard_of, sign_dispatch
 
 from .test_control_plane import Background
@@ -244,4 +243,4 @@ def test_chaos_a_worker_an_agent_and_a_shard_killed_in_turn_under_load(ray_insta
         assert len(ran) >= len(ok), name
     assert [r for r in records if r["kind"] == "shard_restart"]
     assert result.audit_ok, result.audit_problem
-    assert all(audit.verify(p).ok for p in result.audit_logs)
+    assert all(auditlog.verify(p).ok for p in result.audit_logs)

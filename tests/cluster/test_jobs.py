@@ -15,7 +15,6 @@ import pytest
 from runtime.errors import ErrorCode
 from runtime.job import load_job, run_loaded
 from runtime import auditlog
-from runtime.trusted import audit
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +48,7 @@ def test_demo_job_denies_the_injection_and_completes_the_work(ray_instance, runs
     assert c[("lead", "chat.post", "allow")] == 1
 
     # The audit log verifies and records each denial with its full reason.
-    assert audit.verify(result.audit_log).ok
+    assert auditlog.verify(result.audit_log).ok
     denials = [r for r in records(result) if r.get("decision") == "deny"]
     exfil = [r for r in denials if r["tool"] == "http.post"]
     assert exfil and exfil[0]["code"] == "POLICY_DENIED" and "http.post" in exfil[0]["reason"]

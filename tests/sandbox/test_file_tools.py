@@ -117,7 +117,7 @@ def env(tmp_path, backend_name):
     e = Env(tmp_path, backend_name)
     yield e
     e.close()
-    assert audit.verify(e.audit_path).ok
+    assert auditlog.verify(e.audit_path).ok
 
 
 PLANT = """

@@ -17,7 +17,6 @@ import pytest
 from runtime.errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed
 from runtime.sandbox.pool import SandboxPool
 from runtime import auditlog
-from runtime.trusted import audit
 
 from .harness import LIMITS, Env, assert_killed, assert_next_call_works, assert_program_failed
 
@@ -30,7 +29,7 @@ def env(tmp_path, backend_name, monkeypatch):
     e = Env(tmp_path, backend_name)
     yield e
     e.close()
-    assert audit.verify(e.audit_path).ok
+    assert auditlog.verify(e.audit_path).ok
 
 
 @pytest.fixture

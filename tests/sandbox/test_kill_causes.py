@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.errors import ErrorCode, SandboxKilled, ToolFailed
-from runtime.trusted import audit
+from runtime import auditlog
 
 from .conftest import require_backend
 from .harness import LIMITS, Env, assert_killed, assert_next_call_works, assert_program_failed
@@ -25,7 +25,7 @@ def env(tmp_path, backend_name):
     e = Env(tmp_path, backend_name, {**LIMITS, "max_pids": MAX_PIDS})
     yield e
     e.close()
-    assert audit.verify(e.audit_path).ok
+    assert auditlog.verify(e.audit_path).ok
 
 
 FORGERIES = {

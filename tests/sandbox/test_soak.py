@@ -15,7 +15,7 @@ import pytest
 
 from runtime.errors import ErrorCode, SandboxKilled
 from runtime.sandbox.base import ORPHAN_GRACE_S, REAP_PERIOD_S
-from runtime.trusted import audit
+from runtime import auditlog
 
 from .harness import LIMITS, Env, reaped_within, zombie_children, zombies_of_uid
 
@@ -47,5 +47,5 @@ def test_500_calls_as_one_agent_all_succeed_and_leave_no_zombie(tmp_path, backen
         assert sum(r["ok"] for r in outcomes) == CALLS - CALLS // KILL_EVERY
     finally:
         env.close()
-    assert audit.verify(env.audit_path).ok
+    assert auditlog.verify(env.audit_path).ok
     assert reaped_within(lambda: not zombie_children(), ORPHAN_GRACE_S + 10 * REAP_PERIOD_S), zombie_children()

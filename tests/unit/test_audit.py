@@ -18,7 +18,8 @@ from runtime.cli import main
 from runtime.errors import AuditUnavailable, ErrorCode
 from runtime.auditlog import AuditChainError, export_jsonl, filter_records, format_record
 from runtime.trusted import audit
-from runtime.trusted.audit import AuditFormatError, AuditLog, segment_path, verify
+from runtime.trusted.audit import AuditFormatError, AuditLog, segment_path
+from runtime.auditlog import verify
 from runtime.auditlog import read_records
 
 

@@ -287,8 +287,7 @@ def _outcomes(path: str) -> list[dict[str, Any]]:
 
 def test_killed_after_reserving_before_the_decision_record_the_call_is_refunded_not_recorded(world,
                                                                                                reading_restore):
-    from runtime.trusted import audit
-
+    from runtime import auditlog
 
     shard, tokens = one_shard(world)
     _killed_at(shard, "decision")  # the reservation is in the journal; the decision never reached the log
@@ -297,12 +296,11 @@ def test_killed_after_reserving_before_the_decision_record_the_call_is_refunded_
     assert shard.crash_and_restart() == 1
     assert _outcomes(shard.audit_path) == []  # no outcome without a decision
     assert_calls_left(shard, tokens["alice"], 3)  # it never reached a worker: refunded
-    assert audit.verify(shard.audit_path).ok
+    assert auditlog.verify(shard.audit_path).ok
 
 
 def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_once(world, reading_restore):
     from runtime import auditlog
-    from runtime.trusted import audit
 
     shard, tokens = one_shard(world)
     _killed_at(shard, "outcome")  # the call ran and was settled in the journal; its outcome never reached the log
@@ -316,4 +314,4 @@ def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_
     shard.crash_and_restart()
     assert len(_outcomes(shard.audit_path)) == 1  # a second restart does not write it again
     assert_calls_left(shard, tokens["alice"], 2)  # it ran: charged
-    assert audit.verify(shard.audit_path).ok
+    assert auditlog.verify(shard.audit_path).ok

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import yaml
 
+from runtime.isolation import sandbox_settings, unsandboxed_tools
 from runtime.errors import ConfigError, ErrorCode, PolicyDenied, TokenRejected
 from runtime.testing import FakeClock
 from runtime.trusted.approvals import ApprovalRule
@@ -87,9 +88,9 @@ def test_exact_and_one_of_refuse_extra_missing_and_changed_elements_and_keys(che
 def test_a_tools_own_backend_wins_over_a_policy_wide_unsandboxed():
     p = load("  t:\n    effect: read\n    sandbox: {backend: bwrap}\n  u: {effect: read}\n",
              sandbox={"unsandboxed": True})
-    settings = p.sandbox_settings()
+    settings = sandbox_settings(p)
     assert settings["t"]["backend"] == "bwrap" and settings["*"]["backend"] == "none"
-    assert p.unsandboxed_tools() == ["*"]
+    assert unsandboxed_tools(p) == ["*"]
 
 
 # ------------------------------------------------------------------------------- the key ring

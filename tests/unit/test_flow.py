@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from runtime.observe import status_of
 from runtime import PolicyHarness
 from runtime.errors import ErrorCode
 from runtime.trusted.capability import Flow, decode_caveat, encode_caveat
@@ -276,7 +277,7 @@ def test_contexts_survive_a_restart_and_handles_are_lost_explicitly(h, tmp_path)
     assert h.call("helper", "bank.pay", {"iban": "XX99", "amount": 1}, token=child.token).code == "FLOW_DENIED"
     lost = h.call("reader", "mail.send", {"to": "x@corp.example", "body": handle})
     assert lost.code == "HANDLE_UNKNOWN" and "restarted" in lost.reason
-    contexts = {(c["agent"], c["depth"]): c["label"]["integrity"] for c in h.supervisor.status()["contexts"]}
+    contexts = {(c["agent"], c["depth"]): c["label"]["integrity"] for c in status_of(h.supervisor)["contexts"]}
     assert contexts[("assistant", 0)] == contexts[("helper", 1)] == "untrusted"
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.isolation import sandbox_settings, unsandboxed_tools
 from runtime.cli import main
 from runtime.errors import ConfigError, ErrorCode, PolicyDenied, TokenRejected
 from runtime.trusted.capability import (Arg, Audience, CallBudget, Effects, Expires, KeyRing, MaxDepth,
@@ -306,14 +307,14 @@ def sandbox_policy(**extra: object) -> Policy:
 
 
 def test_sandbox_defaults_to_gvisor_with_default_limits():
-    assert sandbox_policy().sandbox_settings() == {"*": {"backend": "gvisor", "limits": {}}}
+    assert sandbox_settings(sandbox_policy()) == {"*": {"backend": "gvisor", "limits": {}}}
 
 
 def test_tool_sandbox_overrides_policy_sandbox_field_by_field():
     p = parse_policy({"agent": "s", "sandbox": {"cpu_s": 2, "wall_s": 9},
                       "tools": {"python.exec": {"effect": "execute", "sandbox": {"backend": "bwrap", "wall_s": 5}},
                                 "shell.exec": {"effect": "execute"}}})
-    settings = p.sandbox_settings()
+    settings = sandbox_settings(p)
     assert settings["*"] == {"backend": "gvisor", "limits": {"cpu_s": 2.0, "wall_s": 9.0}}
     assert settings["python.exec"] == {"backend": "bwrap", "limits": {"cpu_s": 2.0, "wall_s": 5.0}}
     assert "shell.exec" not in settings  # inherits "*"
@@ -323,10 +324,10 @@ def test_unsandboxed_is_explicit_and_reported():
     from runtime.cli import explain
 
     p = sandbox_policy(sandbox={"unsandboxed": True})
-    assert p.sandbox_settings()["*"]["backend"] == "none"
-    assert p.unsandboxed_tools() == ["*"]
+    assert sandbox_settings(p)["*"]["backend"] == "none"
+    assert unsandboxed_tools(p) == ["*"]
     assert "UNSANDBOXED" in explain(p)
-    assert sandbox_policy().unsandboxed_tools() == []
+    assert unsandboxed_tools(sandbox_policy()) == []
 
 
 def test_unsandboxed_with_a_backend_is_ambiguous():

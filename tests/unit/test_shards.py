@@ -16,7 +16,6 @@ from runtime.protocol import decode_reply, encode_call, encode_delegate
 from runtime.sandbox.worker import ToolWorker
 from runtime.tool import tool
 from runtime import auditlog
-from runtime.trusted import audit as audit_mod
 from runtime.trusted.audit import AuditLog
 from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools
 from runtime.protocol import first_holder
@@ -148,7 +147,7 @@ def test_budget_and_nonces_survive_a_restart(world):
     assert info.value.code is ErrorCode.BUDGET_EXHAUSTED
     assert RAN == ["one", "two", "three"]
     shard.audit.close()
-    report = audit_mod.verify(shard.audit_path)
+    report = auditlog.verify(shard.audit_path)
     assert report.ok, report.problem
     kinds = [r["kind"] for r in auditlog.read_records(shard.audit_path)]
     assert "shard_restart" in kinds
@@ -169,7 +168,7 @@ def test_a_call_in_flight_at_the_crash_is_closed_charged_and_on_record(world):
     closed = [r for r in records if r["kind"] == "outcome"]
     assert [r["call_id"] for r in closed] == [allowed[0]["call_id"]]
     assert closed[0]["code"] == "SUPERVISOR_UNAVAILABLE" and closed[0]["ok"] is False
-    assert audit_mod.verify(shard.audit_path).ok
+    assert auditlog.verify(shard.audit_path).ok
     shard.audit = AuditLog(shard.audit_path)
     shard.sup.audit = shard.audit
     # The in-flight call stays charged (it may have run): two calls left, not three.

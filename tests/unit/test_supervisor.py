@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import msgpack
 import pytest
 
+from runtime.observe import stats_of
 from runtime.agent import Agent
 from runtime.errors import (AuditUnavailable, DelegationDenied, ErrorCode, MalformedRequest, PolicyDenied,
                             QuotaExceeded, TokenRejected, ToolFailed, UnknownTool, WardenError)
@@ -521,7 +522,7 @@ def test_audit_down_denies_and_does_not_run_the_tool(env):
     env.audit.fail = False
     assert env.value("b", "write_doc", name="x", text="t") is True
     assert env.ledger.used(key) == 1.0
-    assert ("b", "write_doc", "AUDIT_UNAVAILABLE") in {(s["agent"], s["tool"], s["result"]) for s in env.sup.stats()}
+    assert ("b", "write_doc", "AUDIT_UNAVAILABLE") in {(s["agent"], s["tool"], s["result"]) for s in stats_of(env.sup)}
 
 
 def test_audit_down_turns_any_denial_into_audit_unavailable(env):
@@ -565,7 +566,7 @@ def test_tool_failure_is_reported_with_detail(env):
     outcome = env.audit.of("outcome", ok=False, code="TOOL_FAILED")[0]
     assert "boom: disk on fire" in outcome["reason"]
     assert env.ledger.inflight("a") == 0
-    stats = {(s["tool"], s["result"]): s["count"] for s in env.sup.stats()}
+    stats = {(s["tool"], s["result"]): s["count"] for s in stats_of(env.sup)}
     assert stats == {("explode", "allow"): 1, ("explode", "TOOL_FAILED"): 1}
 
 
@@ -717,7 +718,7 @@ def test_stats_count_decisions(env):
     env.call("a", "nope")
     env.call("b", "read_doc")
     env.call("a", "explode", msg="m")
-    assert env.sup.stats() == [
+    assert stats_of(env.sup) == [
         {"agent": "a", "tool": "(other)", "result": "UNKNOWN_TOOL", "count": 1},  # one bucket for invented names
         {"agent": "a", "tool": "explode", "result": "TOOL_FAILED", "count": 1},
         {"agent": "a", "tool": "explode", "result": "allow", "count": 1},
@@ -729,7 +730,7 @@ def test_stats_count_decisions(env):
 def test_stats_count_delegations(team):
     delegated(team, "a", "b")
     team.delegate("a", "c")
-    results = {(s["agent"], s["tool"], s["result"]): s["count"] for s in team.sup.stats()}
+    results = {(s["agent"], s["tool"], s["result"]): s["count"] for s in stats_of(team.sup)}
     assert results == {("a", "delegate:b", "allow"): 1, ("a", "delegate:c", "DELEGATION_DENIED"): 1}
 
 
@@ -996,7 +997,7 @@ def test_delegating_a_tool_the_delegator_does_not_hold_fails_at_once(team):
     assert (rec["agent"], rec["tool"], rec["authenticated"]) == ("d", "delegate:b", True)
     assert "names ['write_doc'], not held" in rec["reason"]
     assert team.audit.of("delegate") == []
-    stats = {(s["agent"], s["tool"], s["result"]): s["count"] for s in team.sup.stats()}
+    stats = {(s["agent"], s["tool"], s["result"]): s["count"] for s in stats_of(team.sup)}
     assert stats == {("d", "delegate:b", "DELEGATION_DENIED"): 1}  # blamed on the delegator
 
 

@@ -23,7 +23,8 @@ from runtime.testing import FakeClock
 from runtime.tool import ToolContext, tool
 from runtime.anomaly import AnomalyConfig
 from runtime.trusted.approvals import ApprovalRule
-from runtime.trusted.audit import AuditLog, verify
+from runtime.trusted.audit import AuditLog
+from runtime.auditlog import verify
 from runtime.auditlog import read_records
 from runtime.trusted.capability import Audience, CallBudget, Expires, KeyRing, Tools
 from runtime.protocol import first_holder
