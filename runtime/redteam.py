@@ -719,6 +719,8 @@ def format_report(report: Report) -> str:
             rows.append([s.name, s.attack_class, "(benign only)", "", "", benign])
         for i, a in enumerate(s.attacks):
             verdict = "stopped" if a.stopped else "GOT THROUGH"
+            if a.stopped and not a.layer_as_expected:
+                verdict += f" (the scenario expects {a.expected_layer})"
             layer = (a.layer or "-") + (f" (via {a.via})" if a.via else "")
             code = ", ".join(f"{c}x{n}" if n > 1 else c for c, n in a.codes.items())
             rows.append([s.name if i == 0 else "", s.attack_class if i == 0 else "", a.id, verdict,
