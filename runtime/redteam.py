@@ -205,12 +205,13 @@ def load_scenario(path: Path) -> Scenario:
     return scenario
 
 
-JOB_ACTION_KEYS = {"id", "agent", "tool", "nth", "layer", "allowance", "repeat", "approval"}
+JOB_ACTION_KEYS = {"id", "agent", "tool", "nth", "layer", "allowance", "repeat", "approval", "args"}
 
 
 def _job_scenario(path: Path, data: dict[str, Any], bad: Callable[[str], ConfigError]) -> Scenario:
     """A scenario over a shipped job file: its agents and scripts as they are, its injected and benign
-    actions named by agent, tool and occurrence (``nth``, from 1)."""
+    actions named by agent, tool and occurrence (``nth``, from 1); ``args`` (optional) are what the
+    scripted operator tells a parked call of the action by."""
     job_path = (path.parent / str(data["job"])).resolve()
     try:
         job = yaml.safe_load(job_path.read_text(encoding="utf-8"))
@@ -226,7 +227,7 @@ def _job_scenario(path: Path, data: dict[str, Any], bad: Callable[[str], ConfigE
                           f"{list(LAYERS)}" if kind == "attacks" else "") + f": {item!r}")
             if item["agent"] not in names:
                 raise bad(f"{kind}: the job has no agent {item['agent']!r} (agents: {sorted(names)})")
-            actions.append(Action(str(item["agent"]), str(item["tool"]), {}, len(actions),
+            actions.append(Action(str(item["agent"]), str(item["tool"]), dict(item.get("args") or {}), len(actions),
                                   attack=item.get("id") if kind == "attacks" else None, benign=kind == "benign",
                                   layer=item.get("layer"), allowance=int(item.get("allowance", 0)),
                                   approval=bool(item.get("approval")), repeat=int(item.get("repeat", 1)),
