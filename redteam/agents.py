@@ -17,6 +17,12 @@ never knows which of its actions are the attack):
 
 An argument value ``{$ref: NAME}`` is an earlier result (``as: NAME``), passed as it came back:
 a handle stays a handle, content stays content. ``{$ref: NAME, item: [k, ...]}`` picks a part.
+The delegated task is available as ``{$ref: task}``.
+
+Two steps play an agent process that is itself hostile, not only its model: ``token_of`` sends a
+call with a token it was handed, and a delegation to an agent outside its policy's peers is sent
+to the supervisor anyway (``Agent.delegate`` would refuse it before asking). Both show that the
+supervisor, not the agent's own code, is what refuses them.
 """
 
 from __future__ import annotations
