@@ -282,3 +282,23 @@ def test_cli_lists_the_catalogue(capsys, monkeypatch):
     doc = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in doc] == ["confused-deputy"] and doc[0]["attacks"][0]["layer"] == "flow"
     assert cli.main(["redteam", "--list", "--scenario", "nope"]) == 1
+
+
+def test_a_shipped_job_without_flow_rules(tmp_path):
+    from runtime.redteam import load_shipped_job
+
+    (tmp_path / "p.yaml").write_text(
+        "agent: a\ntools:\n  mail.send: {effect: write, ifc: {args: {to: trusted}}}\n"
+        "  mail.inbox: {effect: read, output: {integrity: untrusted, hide: true}}\n"
+        "ifc: [{effects: [write], context: trusted}]\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: j\ntask: t\nentry: [a]\ntools: [redteam.tools]\noutputs: {mail.search: {hide: true}}\n"
+        "agents: [{name: a, class: 'redteam.agents:ScriptedAgent', policy: p.yaml}]\n")
+    normal = load_shipped_job(tmp_path / "job.yaml", without_flow=False)
+    assert normal.policies["a"].ifc and normal.policies["a"].tools["mail.send"].ifc
+    bare = load_shipped_job(tmp_path / "job.yaml", without_flow=True)
+    policy = bare.policies["a"]
+    assert not policy.ifc and policy.tools["mail.send"].ifc is None and not policy.tools["mail.inbox"].output.hide
+    assert policy.tools["mail.inbox"].output.integrity == "untrusted"  # labels stay: only sinks and hiding go
+    assert not bare.spec.outputs["mail.search"].hide
+    assert "ifc" in (tmp_path / "p.yaml").read_text()  # the files are untouched
