@@ -486,7 +486,8 @@ class ShardOperator(LocalOperator):
                 "quarantined": sorted({a for st in shards for a in st["quarantined"]}),
                 "revoked_agents": sorted({a for st in shards for a in st["revoked_agents"]}),
                 "approvals_pending": [p for st in shards for p in st["approvals_pending"]],
-                "stats": merge_stats([st["stats"] for st in shards])}
+                "stats": merge_stats([st["stats"] for st in shards]),
+                "contexts": [c for st in shards for c in st.get("contexts", [])]}  # each run lives on one shard
 
     async def approvals(self) -> list[dict[str, Any]]:
         others, _ = await self._ask("approvals")  # calls parked on an unreachable shard died with it

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import json
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from pydantic import ValidationError
 
 from .errors import DelegationDenied, WardenError
-from .llm import ChatModel, LoopResult, model_from_config, run_tool_loop
+from .llm import (HANDLE_KEY, ChatModel, LoopResult, handles_in_text, model_from_config, run_tool_loop,
+                  with_handle_guide)
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
 from .trusted.flow import HANDLE_KEYS
@@ -171,7 +173,10 @@ def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_cal
                 f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(ArgRule, e)}" for e in exc.errors())) from None
     for i, rule in enumerate(flow):  # a policy-wide ifc rule: {"effects": [...], "context"/"args"/"destination"}
         try:
-            narrowing += FlowRule.model_validate(rule).caveats("*")
+            flows = FlowRule.model_validate(rule).caveats("*")
+            if not flows:
+                raise ValueError(f"delegation flow[{i}]: a rule needs context, args or destination above untrusted")
+            narrowing += flows
         except ValidationError as exc:
             raise ValueError(f"delegation flow[{i}]: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'rule'}: {explain_error(FlowRule, e)}" for e in exc.errors())) from None
@@ -195,12 +200,21 @@ class ToolCallingAgent(Agent):
     """The generic LLM agent: the model proposes tool calls, the supervisor decides.
 
     Configured from the job file: ``config: {model: {...}, system: "...", max_turns: 8,
-    show_results: false}`` (``show_results`` adds each tool result, abridged, to the agent's result).
+    show_results: false, handle_guide: true}`` (``show_results`` adds each tool result, abridged,
+    to the agent's result). Handles the supervisor returns reach the model as JSON it can copy;
+    ``handle_guide`` (default true) appends ``runtime.llm.HANDLE_GUIDE`` to ``system``: what a
+    handle is, how to pass one on as an argument, and that ``handle.reveal`` taints the context.
+    The model's arguments, handles included, go to the supervisor as the model wrote them.
     """
 
     def build_model(self) -> ChatModel:
         """The model this agent follows; override to build one in code."""
         return model_from_config(self.config["model"])
+
+    def system_prompt(self) -> str | None:
+        """The job's ``system``, with the handle guide appended unless ``handle_guide: false``."""
+        system = self.config.get("system")
+        return with_handle_guide(system) if self.config.get("handle_guide", True) else system
 
     async def run(self, task: Any) -> dict[str, Any]:
         model = self.build_model()
@@ -208,12 +222,18 @@ class ToolCallingAgent(Agent):
         async def call_tool(name: str, args: dict[str, Any]) -> Any:
             return await self.call(name, **args)
 
+        text = task if isinstance(task, str) else json.dumps(task, default=str, ensure_ascii=False)  # handles: JSON
         result: LoopResult = await run_tool_loop(
-            model, task=str(task), tools=self.tool_schemas, call_tool=call_tool,
-            system=self.config.get("system"), max_turns=int(self.config.get("max_turns", 8)))
-        out = {"answer": result.answer, "turns": result.turns, "stopped": result.stopped,
-               "calls": [{"tool": c.name, "ok": c.ok, "code": c.error_code} for c in result.calls]}
+            model, task=text, tools=self.tool_schemas, call_tool=call_tool,
+            system=self.system_prompt(), max_turns=int(self.config.get("max_turns", 8)))
+        tool_messages = [m for m in result.messages if m.get("role") == "tool"]  # one per call, in order
+        calls = []
+        for c, m in zip(result.calls, tool_messages):
+            entry: dict[str, Any] = {"tool": c.name, "ok": c.ok, "code": c.error_code}
+            if c.ok and (handles := handles_in_text(m.get("content", ""))):
+                entry["handles"] = [h[HANDLE_KEY] for h in handles]  # what the call returned instead of content
+            calls.append(entry)
+        out = {"answer": result.answer, "turns": result.turns, "stopped": result.stopped, "calls": calls}
         if self.config.get("show_results"):  # what each call returned, as the model saw it (abridged)
-            out["results"] = [m.get("content", "")[:600] for m in result.messages if m.get("role") == "tool"]
+            out["results"] = [m.get("content", "")[:600] for m in tool_messages]
         return out
-

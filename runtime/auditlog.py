@@ -68,13 +68,19 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     return (rec for rec, _ in read_with_digests(os.fspath(path)))
 
 
-__all__ = ["KINDS", "AuditChainError", "RunDigest", "digest_run", "export_jsonl", "filter_records", "format_record"]
+__all__ = ["FLOW", "KINDS", "KIND_FILTERS", "AuditChainError", "RunDigest", "digest_run", "export_jsonl", "filter_records", "format_flow",
+           "format_label", "format_origin", "format_record", "is_flow_record"]
 
 log = logging.getLogger(__name__)
 # Every kind of record Warden writes (a unit test keeps this list in step with the code).
 KINDS = ("anomaly", "approval", "approval_requested", "calls_unsettled", "decision", "delegate", "job_end",
          "job_start", "key_added", "key_retired", "outcome", "peer_unreachable", "quarantine", "revoke",
          "shard_restart", "shard_state_lost")
+# ``--kind flow`` selects the decision and approval records that carry a ``flow`` field (information flow).
+FLOW = "flow"
+FLOW_RECORD_KINDS = ("decision", "approval_requested", "approval")
+FLOW_CODES = frozenset({"FLOW_DENIED", "HANDLE_UNKNOWN", "HANDLE_DENIED", "HANDLE_LIMIT"})
+KIND_FILTERS = (*KINDS, FLOW)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -95,8 +101,8 @@ def _tool(rec: dict[str, Any]) -> Any:
     return rec.get("tool")
 
 
-def format_record(rec: dict[str, Any]) -> str:
-    """One readable line: time (UTC, ISO), #seq, kind, agent, tool, decision, code, other fields."""
+def _head(rec: dict[str, Any]) -> list[str]:
+    """Time (UTC, ISO), #seq, kind, agent, tool, decision, code: how every line starts."""
     try:
         when = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).isoformat(timespec="milliseconds")
         when = when.replace("+00:00", "Z")
@@ -107,9 +113,98 @@ def format_record(rec: dict[str, Any]) -> str:
                        ("decision", rec.get("decision")), ("code", rec.get("code"))):
         if value is not None:
             parts.append(f"{key}={_short(value)}")
+    return parts
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    """One readable line: time (UTC, ISO), #seq, kind, agent, tool, decision, code, other fields."""
     shown = RESERVED | {"agent", "agent_id", "tool", "decision", "code"}
-    parts += [f"{_short(k, 30)}={_short(v)}" for k, v in rec.items() if k not in shown]
+    return " ".join(_head(rec) + [f"{_short(k, 30)}={_short(v)}" for k, v in rec.items() if k not in shown])
+
+
+def is_flow_record(rec: dict[str, Any]) -> bool:
+    """A decision or approval record on which an information-flow rule was checked or handles were used,
+    or a decision or outcome the flow layer refused (``FLOW_DENIED``, ``HANDLE_*``: a handle unknown,
+    not this agent's, or over the agent's limits)."""
+    kind = rec.get("kind")
+    return ((kind in FLOW_RECORD_KINDS and _says_something(rec.get("flow")))
+            or (kind in ("decision", "outcome") and rec.get("code") in FLOW_CODES))
+
+
+def _says_something(flow: Any) -> bool:
+    """A flow field that names a rule checked or broken, or a handle: ``{"handles": [], "violations": []}``
+    (a token with sink rules, none of them about this tool) is left out."""
+    if isinstance(flow, dict):
+        return bool(flow.get("rule") or flow.get("checked") or flow.get("handles") or flow.get("violations"))
+    return bool(flow)
+
+
+def _violations(flow: Any) -> list[Any]:
+    """A FLOW_DENIED denial's flow is one violation; an allowed or parked call's lists them."""
+    if isinstance(flow, dict):
+        return [flow] if "rule" in flow else list(flow.get("violations") or [])
+    return list(flow) if isinstance(flow, list) else []
+
+
+def _violation_text(v: Any, args: Any) -> str:
+    if not isinstance(v, dict):
+        return f"violation={_short(v, 120)}"
+    arg = v.get("arg")
+    text = f'rule="{_short(v.get("rule", "?"), 80)}"'  # rule names have spaces: quoted, like labels
+    if arg is not None:
+        value = args.get(arg) if isinstance(args, dict) and isinstance(arg, str) else None
+        text += f" arg={_short(arg, 40)}" + (f" ({_short(value, 60)})" if value is not None else "")
+    if "label" in v:
+        text += f' label="{format_label(v["label"])}"'
+    return text + f' origin="{format_origin(v.get("origin"))}"'
+
+
+def format_flow(rec: dict[str, Any]) -> str:
+    """A flow record in one line: decision, tool, then each violated rule with its argument (and value),
+    the argument's label and its origin (the earlier result that tainted it); the rules checked, the
+    handles used and the context label of the call; the approval's id and approver when there is one."""
+    flow = rec.get("flow")
+    parts = _head(rec)
+    parts += [_violation_text(v, rec.get("args")) for v in _violations(flow)]
+    if isinstance(flow, dict):
+        for key in ("checked", "handles"):
+            if flow.get(key):
+                items = flow[key] if isinstance(flow[key], list) else [flow[key]]
+                parts.append(f"{key}={','.join(_short(i, 60) for i in items)}")
+    if "context" in rec:
+        parts.append(f'context="{format_label(rec["context"])}"')
+    for key in ("approval_id", "approver", "call_id", "reason"):
+        if rec.get(key) not in (None, ""):
+            parts.append(f"{key}={_short(rec[key], 120 if key == 'reason' else 60)}")
     return " ".join(parts)
+
+
+def format_label(label: Any) -> str:
+    """A label in one short line: ``untrusted, readers: public`` or
+    ``trusted, readers: [alice@corp.example, *@corp.example] and [*@corp.example]`` (every set must admit
+    a reader). Anything else (an older log, a missing label) is shown as it is, escaped."""
+    if not isinstance(label, dict) or "integrity" not in label:
+        return "-" if label is None else _short(label, 120)
+    readers = label.get("readers", "public")
+    if isinstance(readers, list) and all(isinstance(r, (list, tuple)) for r in readers):
+        readers = " and ".join("[" + ", ".join(_short(p, 60) for p in r) + "]" for r in readers) or "public"
+    else:
+        readers = _short(readers, 120)
+    return f"{_short(label['integrity'], 20)}, readers: {readers}"
+
+
+def format_origin(origin: Any) -> str:
+    """Where a label came from: ``email.read call 5f5966f44d7b (agent mailer)``; ``-`` when untainted."""
+    if not isinstance(origin, dict) or not origin:
+        return "-" if not origin else _short(origin)
+    if "tool" not in origin and origin.get("why"):  # no earlier result: the supervisor says why
+        return _short(origin["why"], 120)
+    text = _short(origin.get("tool", "?"), 60)
+    if origin.get("call_id"):
+        text += f" call {_short(origin['call_id'], 40)}"
+    if origin.get("agent"):
+        text += f" (agent {_short(origin['agent'], 40)})"
+    return text
 
 
 def _epoch(when: float | datetime | None) -> float | None:
@@ -120,13 +215,28 @@ def _matcher(agent: str | None = None, tool: str | None = None, decision: str | 
              since: float | datetime | None = None, until: float | datetime | None = None,
              kind: str | None = None) -> Callable[[dict[str, Any]], bool]:
     lo, hi = _epoch(since), _epoch(until)
+    is_flow = _flow_matcher()
 
     def match(rec: dict[str, Any]) -> bool:
         ts = rec.get("ts", 0.0)
-        return ((agent is None or _agent(rec) == agent) and (tool is None or _tool(rec) == tool)
+        return ((kind is None or rec.get("kind") == kind or (kind == FLOW and is_flow(rec)))
+                and (agent is None or _agent(rec) == agent) and (tool is None or _tool(rec) == tool)
                 and (decision is None or decision in (rec.get("decision"), rec.get("code")))
-                and (kind is None or rec.get("kind") == kind)
                 and (lo is None or ts >= lo) and (hi is None or ts < hi))
+    return match
+
+
+def _flow_matcher() -> Callable[[dict[str, Any]], bool]:
+    """``is_flow_record``, and the human's ``approval`` of a call parked for a flow rule (that record has
+    no flow field: it is known by the id of the ``approval_requested`` before it). Records in log order."""
+    parked_for_flow: set[Any] = set()
+
+    def match(rec: dict[str, Any]) -> bool:
+        if is_flow_record(rec):
+            if rec.get("kind") == "approval_requested":
+                parked_for_flow.add(rec.get("approval_id"))
+            return True
+        return rec.get("kind") == "approval" and rec.get("approval_id") in parked_for_flow
     return match
 
 
@@ -137,7 +247,8 @@ def filter_records(records: Iterable[dict[str, Any]], agent: str | None = None,
                    kind: str | None = None) -> Iterator[dict[str, Any]]:
     """Records matching every given criterion; ``since`` inclusive, ``until`` exclusive
     (epoch seconds or aware datetimes). ``agent`` matches field ``agent`` or ``agent_id``;
-    ``decision`` matches field ``decision`` ("allow", "deny") or ``code`` ("POLICY_DENIED")."""
+    ``decision`` matches field ``decision`` ("allow", "deny") or ``code`` ("POLICY_DENIED");
+    ``kind="flow"`` matches the decision and approval records that carry a ``flow`` field."""
     return filter(_matcher(agent, tool, decision, since, until, kind), records)
 
 

@@ -3,7 +3,7 @@
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden job check JOB.yaml...        everything checkable before Ray starts, one line per problem
     warden policy check FILE...         validate policies (exit 1 on any error)
-    warden policy explain FILE          what a policy allows, as a table
+    warden policy explain FILE          what a policy allows, labels and sink rules, as a table or --json
     warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
@@ -166,14 +166,19 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
-            delegates: dict[str, Any] | None = None) -> str:
-    """What ``policy`` allows, as text. ``sandboxed``: tool name -> whether it runs code in a sandbox
-    (tools not in it are shown as "if it runs code"); ``delegates``: the policies of the agents it may
-    delegate to, by agent name, to show what each would hold."""
+            delegates: dict[str, Any] | None = None, job_outputs: dict[str, Any] | None = None,
+            tool_outputs: dict[str, Any] | None = None, as_json: bool = False) -> str:
+    """What ``policy`` allows, as text (or, ``as_json``, a JSON document). ``sandboxed``: tool name ->
+    whether it runs code in a sandbox (tools not in it are shown as "if it runs code"); ``delegates``:
+    the policies of the agents it may delegate to, by agent name, to show what each would hold;
+    ``job_outputs`` / ``tool_outputs``: output labels declared by the job file and by the tools, which
+    the policy's own ``output`` overrides (see ``runtime.explain``)."""
+    from .explain import flow_lines, flow_view
     from .isolation import sandbox_settings, unsandboxed_tools
     from .trusted.policy import ArgRule
 
     sandboxed = sandboxed or {}
+    flow = flow_view(policy, job_outputs=job_outputs, tool_outputs=tool_outputs)
 
     def rule_text(r: ArgRule) -> str:
         return ", ".join(f"each({rule_text(r.each)})" if k == "each" and r.each else f"{k}={getattr(r, k)!r}"
@@ -205,6 +210,9 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
         constraints = "; ".join(f"{arg}: {rule_text(r)}" for arg, r in sorted(rule.args.items())) or "any arguments"
         rows.append([name, rule.effect, constraints, approval_text(rule), sandbox_of(name)])
     q, d = policy.quotas, policy.delegation
+    if as_json:
+        return json.dumps(_explain_doc(policy, rows, flow, delegate_rights(policy, delegates or {})), indent=2,
+                          default=str)
     lines = [f"agent: {policy.agent}"]
     if policy.description:
         lines.append(f"  {policy.description}")
@@ -237,7 +245,24 @@ def explain(policy: Any, *, sandboxed: dict[str, bool] | None = None,
     if unsandboxed:
         lines += ["", "!!! UNSANDBOXED: " + ("every code-running tool without its own sandbox.backend" if "*" in unsandboxed else
                   ", ".join(unsandboxed)) + " run WITHOUT an OS sandbox (rlimits only) !!!"]
+    lines += flow_lines(flow, _table)
     return "\n".join(lines)
+
+
+def _explain_doc(policy: Any, rows: list[list[str]], flow: dict[str, Any], delegates: list[str]) -> dict[str, Any]:
+    """``policy explain --json``: per tool its effect, rules, approval, sandbox, output label and sink rules."""
+    from .isolation import sandbox_settings, unsandboxed_tools
+
+    tools = {name: {"effect": effect, "args": {a: r.model_dump(mode="json", exclude_unset=True)
+                                               for a, r in sorted(policy.tools[name].args.items())},
+                    "constraints": constraints, "approval": approval, "sandbox": sandbox,
+                    "output": flow["outputs"][name], "sinks": flow["sinks"].get(name, [])}
+             for name, effect, constraints, approval, sandbox in rows}
+    return {"agent": policy.agent, "description": policy.description, "tools": tools,
+            "quotas": policy.quotas.model_dump(mode="json"), "anomaly": policy.anomaly.model_dump(mode="json"),
+            "delegation": {**policy.delegation.model_dump(mode="json"), "delegates": delegates},
+            "sandbox": sandbox_settings(policy), "unsandboxed": unsandboxed_tools(policy),
+            "handles": flow["handles"]}
 
 
 def delegate_rights(policy: Any, delegates: dict[str, Any]) -> list[str]:
@@ -270,10 +295,11 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             sys.path.insert(0, os.getcwd())
         job = load_job(args.job)
         tools, delegates = job.tools, job.policies
+        job_outputs = dict(job.spec.outputs)
     else:  # the built-in tools; delegates' policies found beside this one
         from pathlib import Path
 
-        tools, delegates = load_tools(["runtime.toolbox"]), {}
+        tools, delegates, job_outputs = load_tools(["runtime.toolbox"]), {}, {}
         for path in sorted(Path(args.file).parent.glob("*.y*ml")):
             try:
                 other = load_policy(path)
@@ -281,7 +307,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 continue  # not a policy, or a broken one: ``policy check`` reports it
             if other.agent in policy.delegation.can_delegate_to:
                 delegates.setdefault(other.agent, other)
-    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates))
+    tool_outputs = {n: t.spec.output for n, t in tools.items() if t.spec.output is not None}  # @tool(output=)
+    print(explain(policy, sandboxed={n: t.spec.sandboxed for n, t in tools.items()}, delegates=delegates,
+                  job_outputs=job_outputs, tool_outputs=tool_outputs, as_json=args.json), file=args.json_out)
     return EXIT_OK
 
 
@@ -358,9 +386,8 @@ def _when(text: str | None) -> float | None:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from .auditlog import filter_records, format_record
+    from .auditlog import FLOW, filter_records, format_flow, format_record, read_records
     from .trusted.audit import AuditFormatError
-    from .auditlog import read_records
 
     chains = audit_chains(args.path)
 
@@ -379,7 +406,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
                 print(json.dumps(rec, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)),
                       file=args.json_out)
             else:
-                print(format_record(rec))
+                print(format_flow(rec) if args.kind == FLOW else format_record(rec))
     except (OSError, AuditFormatError) as exc:
         print(f"warden: cannot read audit log {args.path}: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -449,7 +476,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"approvals pending: {len(st['approvals_pending'])}; supervisor shards: {len(st.get('shards', [0]))}; "
           f"root keys: {', '.join(st.get('keys', []))} (current {st.get('current_key', '?')})\n")
     print(_table(summary_rows(st["stats"]), ["agent", "tool", "allowed", "denied", "codes"]))
+    if st.get("contexts"):
+        print("\ncontexts (one per agent run; a label only goes down, towards untrusted and fewer readers):")
+        print(contexts_table(st["contexts"]))
     return EXIT_OK
+
+
+def contexts_table(contexts: list[dict[str, Any]]) -> str:
+    """``Supervisor.status()["contexts"]`` as a table: each run's label, what tainted it, its handles."""
+    from .auditlog import format_label, format_origin
+
+    def handles(value: Any) -> str:
+        if isinstance(value, dict):  # {"count", "bytes"}
+            return f"{value.get('count', '?')} ({value.get('bytes', '?')} B)"
+        return str(len(value)) if isinstance(value, list) else str(value if value is not None else 0)
+
+    rows = [[str(c.get("agent", "?")), str(c.get("run", "?")), str(c.get("depth", 0)),
+             format_label(c.get("label")), format_origin(c.get("origin")), handles(c.get("handles"))]
+            for c in sorted(contexts, key=lambda c: (str(c.get("agent")), c.get("depth", 0), str(c.get("run"))))]
+    return _table(rows, ["agent", "run", "depth", "label", "tainted by", "handles"])
 
 
 def cmd_approvals_list(args: argparse.Namespace) -> int:
@@ -462,8 +507,24 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
         now, width = time.time(), None if args.full else 80
         rows = [[p["id"], p["agent"], p["tool"], json.dumps(p["args"])[:width], f"{p['expires'] - now:.0f}s"]
                 for p in pending]
-        print(_table(rows, ["id", "agent", "tool", "arguments", "expires in"]))
+        header = ["id", "agent", "tool", "arguments", "expires in"]
+        if any(p.get("flow") for p in pending):  # parked by an information-flow rule: say which, and why
+            rows = [r + [flow_reason(p.get("flow"))] for r, p in zip(rows, pending)]
+            header.append("flow rule broken (argument: label, from)")
+        print(_table(rows, header))
     return EXIT_OK
+
+
+def flow_reason(flow: Any) -> str:
+    """The flow violations a call was parked for, in one cell: rule, argument, label and origin."""
+    from .auditlog import format_label, format_origin
+
+    if not flow:
+        return "-"
+    items = flow if isinstance(flow, list) else flow.get("violations") or [flow] if isinstance(flow, dict) else []
+    return "; ".join(f"{v.get('rule', '?')} ({v.get('arg', '?')}: {format_label(v.get('label'))}, from "
+                     f"{format_origin(v.get('origin')) if v.get('origin') else 'the task'})"
+                     if isinstance(v, dict) else str(v)[:80] for v in items)
 
 
 def _decide(args: argparse.Namespace, approve: bool) -> int:
@@ -575,7 +636,7 @@ def _job_target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .auditlog import KINDS
+    from .auditlog import KIND_FILTERS, KINDS
 
     p = argparse.ArgumentParser(prog="warden", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -615,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", metavar="FILE")
     exp.add_argument("--job", help="the job file that uses this policy: its tools and the delegates' policies "
                      "(default: the built-in tools, and delegates' policies in the same directory)")
+    exp.add_argument("--json", action="store_true", help="print it as one JSON document")
     exp.set_defaults(fn=cmd_policy_explain)
     test = pol.add_parser("test", help="run test cases against a policy, in-process (no Ray): each case is a call "
                           "and the decision it must get; exit 1 with expected vs got and the reason on a mismatch")
@@ -638,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--tool", help="tool name, or delegate:AGENT for delegations to AGENT")
         cmd.add_argument("--decision", choices=DECISIONS, metavar="DECISION",
                          help="allow, deny, or an error code such as POLICY_DENIED (README: Errors)")
-        cmd.add_argument("--kind", choices=KINDS, metavar="KIND", help="record kind: " + ", ".join(KINDS))
+        cmd.add_argument("--kind", choices=KIND_FILTERS, metavar="KIND", help="record kind: " + ", ".join(KINDS)
+                         + "; or flow: decision and approval records with information-flow details")
         cmd.add_argument("--since", type=_when, help="ISO time or UNIX seconds")
         cmd.add_argument("--until", type=_when, help="ISO time or UNIX seconds")
     show.add_argument("--json", action="store_true", help="one JSON object per line")

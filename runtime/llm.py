@@ -19,7 +19,12 @@ hands every proposed call to ``call_tool`` (in Warden, the trusted supervisor). 
   host (redirects are not followed; the environment's proxy settings are not used);
 - tool names on the wire match ``^[a-zA-Z0-9_-]{1,64}$`` (``ToolNames``): Warden's dotted
   names are mapped one to one and mapped back on the way in, so the rest of Warden only
-  ever sees its own names.
+  ever sees its own names;
+- a handle in a tool result (``{"$handle": "h_...", "label", "bytes", "tool"}``: a reference
+  the supervisor gave instead of hidden content) reaches the model as JSON it can copy, even
+  when the result is cut to size (the handles are then listed after the cut); handles in
+  the model's arguments go to ``call_tool`` unchanged. Nothing here decides what a handle
+  may do: the supervisor resolves it, checks it is this agent's, and labels the argument.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Literal, NamedTuple, Protocol, Union
+
+from .trusted.flow import HANDLE_KEYS  # what makes a dict a handle reference, as the supervisor reads it
 
 MAX_TOOL_RESULT_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -276,6 +283,146 @@ class OpenAIChatModel:
         )
 
 
+# ------------------------------------------------------------------------------ handles
+
+HANDLE_KEY = "$handle"  # a handle as the supervisor returns it: {"$handle": "h_<hex>", "label", "bytes", "tool"}
+HANDLE_OF = "$handle_of"  # a scripted step's reference to a handle from an earlier result
+HANDLES_MARKER = "[handles in this result: "
+MAX_LISTED_HANDLES = 64
+_MAX_WALK_DEPTH = 32
+_HANDLE_ID = re.compile(r'"\$handle"\s*:\s*"(h_[0-9A-Za-z]{1,64})"')
+_REF_FORMS = ("object", "ref", "id")
+
+HANDLE_GUIDE = """\
+About handles. Some tool results are handles instead of content: a JSON object such as
+{"$handle": "h_0123456789ab", "label": {"integrity": "untrusted", "readers": "public"}, "bytes": 1234, "tool": "email.read"}.
+A handle stands for data the system keeps out of this conversation; you do not see it and do not need to.
+To use that data, pass the handle as the value of a tool argument: the whole object as you received it,
+or just {"$handle": "h_0123456789ab"}, as an argument of its own or as an item of a list argument.
+The tool receives the content. Copy handles exactly; never write one as a plain string, change it or
+make one up: only the handles given to you work. "label" says how trusted the data is (integrity) and
+who may read it (readers), "bytes" its size, "tool" the tool it came from.
+The tool handle.reveal (argument "handle") shows you the content, at a cost: everything you do after
+that counts as influenced by that data, so consequential actions (sending, paying, deleting) may be
+refused or need a human's approval. Reveal a handle only when you must read the content yourself."""
+
+
+def is_handle_ref(value: Any) -> bool:
+    """A handle as the supervisor reads one (``runtime.is_handle``: ``$handle`` and nothing but ``label``,
+    ``bytes``, ``tool`` beside it), with an id of the supervisor's form ``h_...``."""
+    return (type(value) is dict and isinstance(value.get(HANDLE_KEY), str) and value[HANDLE_KEY].startswith("h_")
+            and value.keys() <= HANDLE_KEYS)
+
+
+def handles_in(value: Any) -> list[dict]:
+    """The handle references inside a tool result, in JSON order (a handle, or lists and dicts holding them)."""
+    found: list[dict] = []
+
+    def walk(v: Any, depth: int) -> None:
+        if depth > _MAX_WALK_DEPTH:
+            return
+        if is_handle_ref(v):
+            found.append(v)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                walk(item, depth + 1)
+
+    walk(value, 0)
+    return found
+
+
+def with_handle_guide(system: str | None) -> str:
+    """The job's system prompt followed by ``HANDLE_GUIDE`` (what a handle is, how to pass one on)."""
+    return f"{system}\n\n{HANDLE_GUIDE}" if system else HANDLE_GUIDE
+
+
+def handles_in_text(content: Any) -> list[dict]:
+    """The handles in a tool message as the model saw it: its JSON, else the list after a cut, else the
+    ids written in it (``{"$handle": id}`` each)."""
+    if not isinstance(content, str):
+        return handles_in(content)
+    try:
+        return handles_in(json.loads(content))
+    except (ValueError, RecursionError):
+        pass
+    at = content.rfind("\n" + HANDLES_MARKER)
+    if at >= 0:
+        listed = content[at + 1 + len(HANDLES_MARKER):]
+        try:
+            return handles_in(json.JSONDecoder().raw_decode(listed)[0])
+        except (ValueError, RecursionError):
+            pass
+    return [{HANDLE_KEY: h} for h in _HANDLE_ID.findall(content)]
+
+
+class ScriptError(ValueError):
+    """A scripted step cannot be played: a ``$handle_of`` that names no handle the model has seen."""
+
+
+TASK_HANDLES = "(task)"  # ``$handle_of`` name of the handles in the task (a delegator passes them so)
+
+
+def _results_seen(messages: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(tool, call id, handles) for every tool result in ``messages``, oldest first; the task (a user
+    message) counts as a result of ``(task)``."""
+    names = {c.get("id"): (c.get("function") or {}).get("name", "?")
+             for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or [] if isinstance(c, dict)}
+    return [(names.get(m.get("tool_call_id"), "?"), str(m.get("tool_call_id")), handles_in_text(m.get("content")))
+            if m.get("role") == "tool" else (TASK_HANDLES, "task", handles_in_text(m.get("content")))
+            for m in messages if m.get("role") in ("tool", "user")]
+
+
+def _check_ref(ref: dict, where: str) -> None:
+    if extra := ref.keys() - {HANDLE_OF, "index", "as"}:
+        raise ValueError(f"{where}: a {HANDLE_OF} reference takes only {HANDLE_OF}, index and as; "
+                         f"unknown keys {sorted(extra)}")
+    target, index = ref[HANDLE_OF], ref.get("index", 0)
+    if not ((isinstance(target, str) and target) or type(target) is int):
+        raise ValueError(f"{where}: {HANDLE_OF} must be a tool name or an integer position, got {target!r}")
+    if "index" in ref and (type(index) is not int or not isinstance(target, str)):
+        raise ValueError(f"{where}: 'index' (an integer) goes only with {HANDLE_OF}: TOOL")
+    if ref.get("as", "object") not in _REF_FORMS:
+        raise ValueError(f"{where}: 'as' must be one of {list(_REF_FORMS)}, got {ref.get('as')!r}")
+
+
+def _walk_refs(value: Any, where: str, fn: Callable[[dict, str], Any], depth: int = 0) -> Any:
+    """``value`` with every ``$handle_of`` dict replaced by ``fn(ref, where)``."""
+    if depth > _MAX_WALK_DEPTH:
+        return value
+    if isinstance(value, dict):
+        if HANDLE_OF in value:
+            return fn(value, where)
+        return {k: _walk_refs(v, f"{where}.{k}", fn, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk_refs(v, f"{where}[{i}]", fn, depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+def _resolve_ref(ref: dict, where: str, seen: list[tuple[str, str, list[dict]]]) -> Any:
+    _check_ref(ref, where)
+    target = ref[HANDLE_OF]
+    if isinstance(target, str):
+        calls = [(cid, hs) for tool, cid, hs in seen if tool == target]
+        if not calls:
+            raise ScriptError(f"{where}: {{{HANDLE_OF!r}: {target!r}}}: the model has seen no result of {target!r}")
+        call_id, handles = calls[-1]
+        index = ref.get("index", 0)
+        if not -len(handles) <= index < len(handles):
+            raise ScriptError(f"{where}: {{{HANDLE_OF!r}: {target!r}}}: the latest result of {target!r} (call "
+                              f"{call_id}) holds {len(handles)} handle(s), no index {index}")
+        handle = handles[index]
+    else:
+        handles = [h for _, _, hs in seen for h in hs]
+        if not -len(handles) <= target < len(handles):
+            raise ScriptError(f"{where}: {{{HANDLE_OF!r}: {target}}}: the model has seen {len(handles)} handle(s)")
+        handle = handles[target]
+    form = ref.get("as", "object")
+    return dict(handle) if form == "object" else {HANDLE_KEY: handle[HANDLE_KEY]} if form == "ref" else handle[HANDLE_KEY]
+
+
 Step = Union[dict, Callable[[list[dict]], Any]]
 _STEP_KEYS = {"call", "calls", "answer", "answer_from_results"}
 
@@ -293,6 +440,25 @@ class ScriptedModel:
       messages since the last assistant turn, joined by newlines; a TEMPLATE string has
       ``{results}`` replaced by them;
     - a callable ``messages -> ModelTurn | step dict | str`` (a str is a final answer).
+
+    Handles: anywhere in a call's ``args`` (an argument's value, an item of a list, a value
+    inside a dict), a reference ``{"$handle_of": ...}`` is replaced, when the step is played,
+    by a handle from a tool result the model has seen in ``messages`` (results of this turn's
+    earlier calls are not seen yet):
+
+    - ``{"$handle_of": "email.read"}``: the handle in the result of the latest call of that
+      tool (with several in that result, the first; ``"index": i`` picks another, negative
+      counting from the end);
+    - ``{"$handle_of": -1}``: the latest handle seen in any result (``-2`` the one before,
+      ``0`` the first ever);
+    - ``{"$handle_of": "(task)"}``: a handle in the task (a delegator passes handles so);
+    - ``"as"``: ``"object"`` (default; the handle as the model saw it, label and all),
+      ``"ref"`` (``{"$handle": "h_..."}`` only) or ``"id"`` (the bare ``"h_..."`` string, which
+      is not a handle reference to the supervisor: to script a model that gets it wrong).
+
+    A reference that names no handle the model has seen raises ``ScriptError`` (a
+    ``ValueError``) naming the step, the argument and what was there; a malformed one is
+    refused at construction.
 
     Call ids default to ``call_<turn>_<index>``. After the last step every turn answers
     ``"(script exhausted)"``. ``seen`` holds a copy of the messages of every call.
@@ -348,6 +514,8 @@ def _check_step(step: Any, where: str) -> None:
             raise ValueError(f"{where}: every call needs a tool name")
         if kind == "calls" and (extra := c.keys() - {"name", "args", "id"}):
             raise ValueError(f"{where}: unknown call keys {sorted(extra)}")
+        if isinstance(c.get("args"), (dict, list)):
+            _walk_refs(c["args"], f"{where} args", _check_ref)
     if kind == "answer" and not isinstance(step["answer"], str):
         raise ValueError(f"{where}: 'answer' must be a string")
     if kind == "answer_from_results" and not (step[kind] is True or isinstance(step[kind], str)):
@@ -366,8 +534,12 @@ def _play(step: dict, turn: int, messages: list[dict]) -> ModelTurn:
     else:
         specs = step["calls"]
     calls = []
+    seen = _results_seen(messages)
     for i, spec in enumerate(specs):
         args, error = parse_arguments(spec.get("args") or {})
+        if error is None:
+            args = _walk_refs(args, f"step {turn} call {i} ({spec['name']}) args",
+                              lambda ref, where: _resolve_ref(ref, where, seen))
         calls.append(ToolCallRequest(spec.get("id") or f"call_{turn}_{i}", spec["name"], args, error))
     return ModelTurn(step.get("content"), calls)
 
@@ -403,7 +575,13 @@ def _result_text(result: Any, max_bytes: int) -> str:
     if len(raw) <= max_bytes:
         return text
     kept = raw[:max_bytes].decode("utf-8", "ignore")
-    return f"{kept}\n[truncated: {len(raw) - max_bytes} more bytes]"
+    out = f"{kept}\n[truncated: {len(raw) - max_bytes} more bytes]"
+    handles = [] if isinstance(result, str) else handles_in(result)
+    if handles:  # a handle cut in half is useless to the model: list them whole after the cut
+        shown = handles[:MAX_LISTED_HANDLES]
+        more = f" (and {len(handles) - len(shown)} more)" if len(handles) > len(shown) else ""
+        out += f"\n{HANDLES_MARKER}{json.dumps(shown, default=str, ensure_ascii=False)}]{more}"
+    return out
 
 
 def _assistant_message(turn: ModelTurn) -> dict:

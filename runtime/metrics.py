@@ -65,7 +65,8 @@ KILL_CAUSES: dict[str, str] = {
 }
 _FAILED_WITHOUT_CODE = ErrorCode.TOOL_FAILED.value  # as the supervisor maps codes it does not know
 _BUDGET_KINDS = ("calls", "cost")
-_ANOMALY_KINDS = ("rate", "denial_burst", "allow", "deny", "approve")  # and flow results
+_ANOMALY_KINDS = ("rate", "denial_burst")
+_FLOW_RESULTS = ("allow", "deny", "approve")
 _METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine", "flow",
             "context", "handles")
 
@@ -160,14 +161,15 @@ class PrometheusObserver:
                                         [j], registry=r).labels(self.job)
         self.agent_quarantined = Gauge("warden_agent_quarantined", "1 while the agent is quarantined, else 0.",
                                        [j, "agent"], registry=r)
-        self.flow_decisions = Counter("warden_flow_decisions", "Calls judged by flow rules: allow, deny, approve.",
+        self.flow_decisions = Counter("warden_flow_decisions", "Calls through the flow check (a token with "
+                                      "sink rules, or handles passed): allow, deny (FLOW_DENIED) or approve (parked).",
                                       [j, "agent", "tool", "result"], registry=r)
-        self.context_integrity = Gauge("warden_context_integrity", "Lowest context integrity of the agent's runs "
-                                       "(2 trusted, 1 endorsed, 0 untrusted).", [j, "agent"], registry=r)
-        self.handle_count = Gauge("warden_handles", "Handles the agent holds.", [j, "agent"], registry=r)
-        self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of hidden results the agent's handles hold.",
-                                  [j, "agent"], registry=r)
-        self._integrity: dict[str, int] = {}
+        self.context_integrity = Gauge("warden_context_integrity", "Lowest integrity over the agent's runs: "
+                                       "2 trusted, 1 endorsed, 0 untrusted (tainted).", [j, "agent"], registry=r)
+        self.handle_count = Gauge("warden_handles", "Live handles issued to the agent.", [j, "agent"], registry=r)
+        self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of content the supervisor holds behind the "
+                                  "agent's live handles.", [j, "agent"], registry=r)
+        self._integrity: dict[str, int] = {}  # agent -> lowest integrity reported (it never goes up)
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
                                        [j, "method"], registry=r)
         # Known series start at zero, so rate() and dashboards see them before the first event.
@@ -226,28 +228,6 @@ class PrometheusObserver:
         except Exception:
             self._failed("anomaly")
 
-    def flow(self, agent: str, tool: str, result: str) -> None:
-        try:
-            self.flow_decisions.labels(self.job, self._agent(agent), self._tool(tool), self._kind(result)).inc()
-        except Exception:
-            self._failed("flow")
-
-    def context(self, agent: str, integrity: int) -> None:
-        try:
-            a = self._agent(agent)
-            self._integrity[a] = min(self._integrity.get(a, 2), int(integrity))
-            self.context_integrity.labels(self.job, a).set(self._integrity[a])
-        except Exception:
-            self._failed("context")
-
-    def handles(self, agent: str, count: int, nbytes: int) -> None:
-        try:
-            a = self._agent(agent)
-            self.handle_count.labels(self.job, a).set(count)
-            self.handle_bytes.labels(self.job, a).set(nbytes)
-        except Exception:
-            self._failed("handles")
-
     def quarantine(self, agent: str) -> None:
         try:
             a = self._agent(agent)
@@ -256,6 +236,32 @@ class PrometheusObserver:
             self.quarantined_agents.set(len(self._quarantined))
         except Exception:
             self._failed("quarantine")
+
+    def flow(self, agent: str, tool: str, result: str) -> None:
+        try:
+            verdict = result if result in _FLOW_RESULTS else "deny"  # anything unknown is not an allow
+            self.flow_decisions.labels(self.job, self._agent(agent), self._tool(tool), verdict).inc()
+        except Exception:
+            self._failed("flow")
+
+    def context(self, agent: str, integrity: int) -> None:
+        try:
+            level = int(integrity)
+            if not 0 <= level <= 2:
+                raise ValueError(f"integrity {integrity!r} is not 0, 1 or 2")
+            a = self._agent(agent)  # a run reports its own level: the gauge is the lowest over the agent's runs
+            self._integrity[a] = min(self._integrity.get(a, 2), level)
+            self.context_integrity.labels(self.job, a).set(self._integrity[a])
+        except Exception:
+            self._failed("context")
+
+    def handles(self, agent: str, count: int, nbytes: int) -> None:
+        try:
+            a, n, size = self._agent(agent), int(count), int(nbytes)
+            self.handle_count.labels(self.job, a).set(max(n, 0))
+            self.handle_bytes.labels(self.job, a).set(max(size, 0))
+        except Exception:
+            self._failed("handles")
 
     # ------------------------------------------------------------------ beyond the Observer protocol
     def unquarantine(self, agent: str) -> None:

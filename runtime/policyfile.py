@@ -38,6 +38,11 @@ def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: st
         for where, rules in (("args", rule.args), ("approval.when", when)) if name in tools else ():
             errors += [f"  at tools.{name}.{where}.{arg}: {why}" for arg, arg_rule in sorted(rules.items())
                        for why in _param_errors(tools[name], arg, arg_rule)]
+        flow = rule.ifc if name in tools and rule.ifc else None
+        named = [("args." + a, a) for a in (flow.args if flow and isinstance(flow.args, dict) else {})]
+        named += [("destination", flow.destination)] if flow and flow.destination not in (None, "public") else []
+        errors += [f"  at tools.{name}.ifc.{where}: tool {name!r} has no parameter {arg!r}; its parameters: "
+                   f"{', '.join(sorted(tools[name].params))}" for where, arg in named if arg not in tools[name].params]
     if errors:
         raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
 
@@ -85,6 +90,12 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         lines = [f"{source}: {len(exc.errors())} error(s)"]
         lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+    empty = [f"tools.{t}.ifc" for t, r in policy.tools.items() if r.ifc and not r.ifc.caveats(t)]
+    empty += [f"ifc.{i}" for i, r in enumerate(policy.ifc) if not r.caveats("*")]
+    if empty:  # harmless (it adds no rule), but surely not what was meant
+        raise ConfigError(f"{source}: {len(empty)} error(s)" + "".join(
+            f"\n  at {w}: an ifc rule needs context, args or destination above untrusted" for w in empty),
+            code=ErrorCode.POLICY_INVALID)
     if why := token_problem(policy):
         raise ConfigError(f"{source}: 1 error(s)\n  at (top level): {why}", code=ErrorCode.POLICY_INVALID)
     return policy

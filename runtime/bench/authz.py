@@ -7,6 +7,10 @@ canonicalisation, caveat evaluation and the quota reservation. Each request is a
 uncached cases, tokens) are built before a run starts, and each reservation is released
 after its sample is taken, so only the decision itself is inside the timed region.
 
+Information flow (``runtime.bench.flow``): a decision with sink rules vs without
+(``authorize.flow.added``, target <= 5 us more) and the cost of labelling a result and joining it
+into the context (``label.result.*``).
+
 Cases, for tokens with 1, 4 and 16 caveats (not counting the sealed holder caveat that
 every token carries), with argument constraints (one_of, regex, path_under, url_host,
 range, max_bytes) spread over the counts:
@@ -39,6 +43,7 @@ from ..trusted.capability import (Arg, Audience, CallBudget, Caveat, CostBudget,
 from ..trusted.ledger import AgentQuota
 from ..trusted.supervisor import AgentEntry, Supervisor
 from ..trusted.wire import ParamSpec, ToolSpec
+from . import flow
 from .stats import Figure, rate_figure, summarise
 
 SUITE = "authz"
@@ -230,6 +235,10 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[st
     rate = _rate_figure(runs, n)
     progress(f"{rate.name}: {rate.p50:.0f} {rate.unit} on one thread")
     figures.append(rate)
+    for fig in flow.decision_figures(runs, n, warmup, _NoGC) + flow.labelling_figures(runs, n, warmup, _NoGC):
+        progress(f"{fig.name}: p50 {fig.p50} us, p99 {fig.p99} us"
+                 + (f" (target {fig.target}: {'met' if fig.met else 'MISSED'})" if fig.target else ""))
+        figures.append(fig)
     profile = _profile(300 if quick else 5000)
     notes = [
         "Timed: Supervisor.authorize(request bytes), in process, no Ray: decode, request MAC, nonce, token "
@@ -248,6 +257,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[st
         "gc.enable() after each figure).",
         "decisions/s: back-to-back authorize() calls on one thread, so at most one core busy (the process is "
         "not pinned: pinning to a core another process is using would measure that process).",
+        *flow.NOTES,
     ]
     for fig in figures:
         if fig.met is False:

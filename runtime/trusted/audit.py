@@ -28,11 +28,9 @@ matches, and brought up to date on open), never ahead. Any chain problem, a miss
 head ahead of the log, or no head beside a non-empty log makes ``AuditLog`` refuse to open:
 appending after a cut would seal it into the chain.
 
-fsync policy (``True`` = "always", ``False`` = "never"); a process crash loses nothing
-acknowledged under any of them; after a power loss: "never" (default) keeps what the OS had
-flushed (a head ahead of its records then reads as truncation); "rotate" fsyncs a segment and
-the head when the segment is closed, before the next is created (closed segments survive);
-"always" fsyncs each record, then the head, before ``record`` returns.
+fsync policy ``never`` (default), ``rotate`` (a segment and the head, when the segment closes) or
+``always`` (each record, then the head): a process crash loses nothing acknowledged under any of
+them; what a power loss keeps is in the README (*Operating a job*).
 """
 
 from __future__ import annotations

@@ -347,10 +347,9 @@ FLOW_NEEDS, FLOW_MODES = ("trusted", "endorsed", "readers"), ("deny", "approve")
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """A sink rule (``runtime.trusted.flow``) on calls of ``tool`` ('*': any) with an effect in
-    ``effects`` (empty: any): ``need`` 'trusted'/'endorsed' is the least integrity of the context
-    (``arg`` ''), of one argument, or of every one ('*'); 'readers': the destination named by
-    argument ``arg`` ('': anyone) must be a reader of all the data. ``mode``: on violation."""
+    """A sink rule (``runtime.trusted.flow``) on calls of ``tool`` ('*': any) with an effect in ``effects``
+    (none: any): ``need`` 'trusted'/'endorsed', the least integrity of the context (``arg`` ''), one argument
+    or all ('*'); 'readers': argument ``arg`` ('': anyone) names a reader of all the data. ``mode``: on violation."""
 
     tool: str
     effects: tuple[str, ...]

@@ -1,12 +1,11 @@
 """Information flow: labels on what reaches an agent, sink rules on what leaves it, handles.
 
-A label is an integrity (trusted > endorsed > untrusted) and a confidentiality: reader sets, each
-of which must admit a destination (none: public). Joining takes the lower integrity and every
-set of both. Labels come only from declarations (policy, job file, ``@tool``; none: untrusted),
-never from a tool or its output. Each agent run (the holder caveats of a token: ``runs``) has a
-context label, the join of all it was handed; it only ever goes down. A call's argument carries
-the context joined with the handles it holds; ``Flow`` caveats on the token say what may reach
-each sink. A hidden result stays here and the agent gets a handle; its label is the handle's.
+A label is an integrity (trusted > endorsed > untrusted) and reader sets, each of which must admit
+a destination (none: public); a join takes the lower integrity and the sets of both. Labels come
+only from declarations (policy, job file, ``@tool``; none: untrusted), never from a tool or its
+output. Each agent run (a token's holder caveats: ``runs``) has a context label, the join of all it
+was handed, which only goes down. An argument carries the context joined with its handles (hidden
+results kept here); the token's ``Flow`` caveats say what may reach each sink.
 
 Threat: data an attacker controls (a web page, an e-mail) that steers a call the capability
 allows: the destination of a payment or a message, or private data sent to a public sink.
@@ -25,7 +24,6 @@ from ..errors import ErrorCode, FlowDenied, PolicyDenied
 from .capability import Flow, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
-NAMES = {v: k for k, v in LEVELS.items()}
 HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
 
 
@@ -44,7 +42,7 @@ class Label:
 
     @lru_cache(maxsize=4096)  # labels are few and immutable; shared: never change what it returns
     def public(self) -> dict[str, Any]:
-        return {"integrity": NAMES[self.integrity],
+        return {"integrity": ("untrusted", "endorsed", "trusted")[self.integrity],
                 "readers": sorted(sorted(s) for s in self.readers) if self.readers else "public"}
 
     @staticmethod
@@ -69,12 +67,12 @@ class Output:
 
     def label_of(self, value: Any) -> Label:
         found = value.get(self.items) if self.items and isinstance(value, dict) else value
-        if self.items is None or not isinstance(found, list):
-            return self.label
-        for item in found:  # a field missing or outside a check keeps the declared label
-            if not isinstance(item, dict) or any(f not in item or check_arg(k, p, item[f]) for f, k, p in self.when):
-                return self.label
-        return Label(2, self.label.readers)
+        try:  # a field missing, outside a check, or that no check can judge keeps the declared label
+            trusted = self.items is not None and isinstance(found, list) and all(isinstance(i, dict) and all(
+                f in i and check_arg(k, p, i[f]) is None for f, k, p in self.when) for i in found)
+        except PolicyDenied:
+            trusted = False
+        return Label(2, self.label.readers) if trusted else self.label
 
 
 @dataclass
@@ -135,14 +133,10 @@ class Handle:
     expires: float
     tool: str = ""
 
-    def public(self) -> dict[str, Any]:
-        return {"$handle": self.id, "label": self.label.public(), "bytes": self.nbytes, "tool": self.tool}
-
 
 @dataclass
 class Handles:
-    """Hidden results, by id. Kept in memory only: a restarted shard has none (ids name the
-    shard's epoch, so presenting an older one says so)."""
+    """Hidden results by id, in memory only: ids name the shard's epoch, so one from before a restart says so."""
 
     clock: Callable[[], float]
     epoch: str = field(default_factory=lambda: secrets.token_hex(2))

@@ -1,12 +1,10 @@
-"""Policies: human-written YAML turned into an agent's root-token caveats and quotas.
+"""Policies: what a policy file means, as an agent's root-token caveats, quotas and labels.
 
-Invariants: a policy either validates completely (pydantic, ``extra="forbid"``, every
-regex compiles, every effect is known) or the job does not start; nothing in a policy is
-guessed or defaulted to "allow". A tool the policy does not name is denied, an argument
-constraint it names is required on every call of that tool.
-
-Threat: a typo that silently widens an agent's rights (``tool:`` for ``tools:``, an
-unknown key, a misspelt effect) - all are errors with the file, the place and the reason.
+Invariants: a policy validates completely (``extra="forbid"``, every regex compiles, every effect
+is known) or the job does not start; nothing is guessed or defaulted to "allow". A tool the policy
+does not name is denied; an argument constraint or sink rule it names holds on every call of the
+tool. Threat: a typo that silently widens an agent's rights (``tool:`` for ``tools:``, an unknown
+key, a misspelt effect): ``runtime.policyfile`` reports each with the file, the place and the reason.
 """
 
 from __future__ import annotations
@@ -106,8 +104,7 @@ class ItemRule(_Strict):
 
 
 class OutputRule(_Strict):
-    """The label of a tool's results. Unset fields come from the job file, then ``@tool``;
-    what none of them sets is untrusted and public."""
+    """The label of a tool's results; unset: the job file's, then ``@tool``'s, else untrusted, public."""
 
     integrity: Level | None = None
     readers: Literal["public"] | list[str] | None = None
@@ -135,12 +132,6 @@ class FlowRule(_Strict):
     args: Level | dict[str, Level] | None = None  # one level for every argument, or per argument
     destination: str | None = None  # an argument naming where the data goes, or 'public'
     on_violation: Literal["deny", "approve"] = "deny"
-
-    @model_validator(mode="after")
-    def _says_something(self) -> "FlowRule":
-        if not self.caveats("*"):
-            raise ValueError("an ifc rule needs context, args or destination (above untrusted)")
-        return self
 
     def caveats(self, tool: str) -> list[Flow]:
         e, m = tuple(self.effects), self.on_violation

@@ -492,9 +492,8 @@ class Supervisor:
                 self.observer.context(run.agent, run.label.integrity)
 
     def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
-        """The label of a result: the call's context, and what each policy on the token's chain declares
-        for the tool, joined with the handles passed in unless all say it does not carry them; and
-        whether one of them hides it."""
+        """A result's label (its call's context, what each policy on the chain declares, the handles
+        passed in unless every declaration says it does not carry them) and whether one hides it."""
         label, hide, carries = self._run(ok.vt).label, False, False
         for agent in set(ok.vt.holders):
             out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
@@ -728,7 +727,8 @@ class Supervisor:
             outcome: dict[str, Any] = {"ok": True, "label": label.public()}
             if hide:
                 h = self.handles.issue(ok.agent, ok.tool, value, label, origin, self.agents[ok.agent].handle_limits)
-                outcome["handle"], value = h.id, h.public()
+                outcome["handle"], value = h.id, {"$handle": h.id, "label": label.public(), "bytes": h.nbytes,
+                                                  "tool": h.tool}
                 self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
             else:
                 self._taint(ok.vt, label, origin)

@@ -44,12 +44,8 @@ MAX_NAME_CHARS = 128
 
 
 def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(
-        data, raw=False, strict_map_key=True, use_list=True,
-        max_str_len=MAX_REQUEST_BYTES,
-        max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
-        max_ext_len=0,
-    )
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_REQUEST_BYTES,
+                           max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
 
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})

@@ -123,8 +123,8 @@ def test_schema_tool_host_and_numbers_through_the_supervisor_and_the_openai_wire
     names = [t["function"]["name"] for body in model.bodies for t in body["tools"]]
     names += [c["function"]["name"] for body in model.bodies for m in body["messages"] for c in m.get("tool_calls", [])]
     assert all(API_TOOL_NAME.fullmatch(n) for n in names), names
-    assert [c["function"]["name"] for c in second["messages"][1]["tool_calls"]] == \
-        ["bank_send_money", "net_ping", "chat_write"]
+    asked = next(m for m in second["messages"] if m["role"] == "assistant")  # after the system prompt and task
+    assert [c["function"]["name"] for c in asked["tool_calls"]] == ["bank_send_money", "net_ping", "chat_write"]
 
     # The audit log has what was checked: the canonical arguments, and each refusal with its code.
     recs = list(auditlog.read_records(result.audit_log))

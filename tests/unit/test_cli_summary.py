@@ -126,8 +126,10 @@ def test_explain_shows_no_sandbox_for_tools_that_never_use_one():
     from runtime.cli import explain
 
     p = policy("mixed", {"chat.read": "read", "python.exec": "execute", "mystery": "read"})
-    rows = {line.split()[0]: line for line in explain(
-        p, sandboxed={"chat.read": False, "python.exec": True}).splitlines() if line.split()}
+    rows: dict[str, str] = {}
+    for line in explain(p, sandboxed={"chat.read": False, "python.exec": True}).splitlines():
+        if line.split():
+            rows.setdefault(line.split()[0], line)  # the tools table (the flow section lists them again)
     assert rows["chat.read"].endswith("none (runs no code)")
     assert rows["python.exec"].endswith("gvisor")
     assert rows["mystery"].endswith("gvisor (if it runs code)")

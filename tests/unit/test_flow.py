@@ -89,6 +89,7 @@ def test_an_item_rule_trusts_a_result_only_when_every_item_matches():
     assert out.label_of({"messages": ok["messages"] + [{"sender": "mallory@evil.example"}]}).integrity == 0
     assert out.label_of({"messages": [{"subject": "no sender"}]}).integrity == 0  # a missing field is not a match
     assert out.label_of("not a map").integrity == 0
+    assert out.label_of({"messages": [{"sender": 42}]}).integrity == 0  # a value no check can judge
 
 
 # ---------------------------------------------------------------------------- contexts and sinks
@@ -362,3 +363,20 @@ def test_violations_checks_only_the_rules_of_the_tool():
     assert violations(rules, "mail.send", "write", {"to": "x"}, ctx, {"body": dirty}) == []
     assert violations(rules, "fs.rm", "delete", {}, dirty, {})[0][1] == "(context)"
     assert violations(rules, "fs.rm", "write", {}, dirty, {}) == []
+
+
+def test_ifc_rules_that_say_nothing_or_name_no_parameter_are_policy_errors():
+    from runtime.errors import ConfigError
+    from runtime.policyfile import check_policy_tools, parse_policy
+    from runtime.tool import load_tools
+
+    with pytest.raises(ConfigError, match=r"at tools.mail.send.ifc: an ifc rule needs context"):
+        parse_policy({"agent": "a", "tools": {"mail.send": {"effect": "write", "ifc": {"on_violation": "approve"}}}})
+    with pytest.raises(ConfigError, match=r"at ifc.0: an ifc rule needs"):
+        parse_policy({"agent": "a", "tools": {"mail.send": {"effect": "write"}}, "ifc": [{"effects": ["write"]}]})
+    p = parse_policy({"agent": "a", "tools": {"mail.send": {"effect": "write", "ifc": {
+        "args": {"recipient": "trusted"}, "destination": "too"}}}})
+    with pytest.raises(ConfigError) as info:
+        check_policy_tools(p, {n: t.spec for n, t in load_tools(["flow_tools"]).items()})
+    assert "ifc.args.recipient: tool 'mail.send' has no parameter 'recipient'" in info.value.reason
+    assert "ifc.destination: tool 'mail.send' has no parameter 'too'" in info.value.reason

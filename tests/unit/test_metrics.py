@@ -320,6 +320,9 @@ def test_server_mounts_on_a_given_application_and_refuses_duplicate_jobs():
 def exposed_names() -> set[str]:
     obs = scripted()
     obs.unquarantine("coder")
+    obs.flow("coder", "run_python", "deny")
+    obs.context("coder", 0)
+    obs.handles("coder", 1, 10)
     names: set[str] = set()
     for family in obs.registry.collect():
         names.add(family.name)
@@ -363,3 +366,56 @@ def test_prometheus_scrape_config_points_at_metrics():
     jobs = config["scrape_configs"]
     assert jobs and all(j["metrics_path"] == "/metrics" and j["static_configs"][0]["targets"] for j in jobs)
     assert "port" in text.lower() and "#" in text
+
+
+# ---------------------------------------------------------------- information flow
+def test_flow_context_and_handle_metrics():
+    obs = PrometheusObserver("job-f")
+    obs.flow("mailer", "email.send", "deny")
+    obs.flow("mailer", "email.send", "deny")
+    obs.flow("mailer", "email.send", "approve")
+    obs.flow("mailer", "email.read", "allow")
+    obs.flow("mailer", "email.send", "nonsense")  # not a known result: never counted as an allow
+    obs.context("mailer", 2)
+    obs.context("mailer", 0)  # tainted
+    obs.context("mailer", 2)  # another run of it, untainted: the lowest over its runs stays
+    obs.context("reader", 1)
+    obs.handles("mailer", 3, 4096)
+    obs.handles("mailer", 2, 1024)
+    m = parse_metrics(obs.render().decode())
+    j = {"warden_job": "job-f", "agent": "mailer"}
+    assert m[key("warden_flow_decisions_total", tool="email.send", result="deny", **j)] == 3
+    assert m[key("warden_flow_decisions_total", tool="email.send", result="approve", **j)] == 1
+    assert m[key("warden_flow_decisions_total", tool="email.read", result="allow", **j)] == 1
+    assert sum_samples(m, "warden_flow_decisions_total", result="allow") == 1
+    assert m[key("warden_context_integrity", **j)] == 0
+    assert m[key("warden_context_integrity", warden_job="job-f", agent="reader")] == 1
+    assert m[key("warden_handles", **j)] == 2 and m[key("warden_handle_bytes", **j)] == 1024
+    assert sum_samples(m, "warden_observer_errors_total") == 0
+
+
+def test_flow_metrics_never_raise_and_count_their_errors():
+    obs = PrometheusObserver("job-g", max_label_values=2)
+    obs.context("a", 3)  # not a level: dropped, counted
+    obs.context("a", "high")
+    obs.handles("a", "many", 1)
+    obs.handles("a", -5, -1)  # clamped, not an error
+    for i in range(5):  # agent names past the cap are folded, not new series
+        obs.flow(f"agent-{i}", "t" * 500, "allow")
+    m = parse_metrics(obs.render().decode())
+    assert m[key("warden_observer_errors_total", method="context", warden_job="job-g")] == 2
+    assert m[key("warden_observer_errors_total", method="handles", warden_job="job-g")] == 1
+    assert m[key("warden_handles", warden_job="job-g", agent="a")] == 0
+    agents = {dict(labels)["agent"] for (name, labels) in m if name == "warden_flow_decisions_total"}
+    assert OTHER in agents and len(agents) <= 3
+    assert ("warden_context_integrity", frozenset({("warden_job", "job-g"), ("agent", "a")})) not in m
+
+
+def test_dashboard_has_the_flow_panels():
+    board = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    for name in ("warden_flow_decisions_total", "warden_context_integrity", "warden_handles",
+                 "warden_handle_bytes"):
+        assert name in exprs, name
+    flow = next(p for p in board["panels"] if p["title"] == "Flow decisions by result")
+    assert "result" in flow["targets"][0]["expr"] and flow["gridPos"]["y"] >= 40
