@@ -110,7 +110,7 @@ def _action(agent: str, key: str, args: dict[str, Any], index: int, step: dict[s
 
 def literal_args(args: dict[str, Any]) -> dict[str, Any]:
     """The arguments a script writes out (a ``$ref`` is only known when the agent runs)."""
-    return {k: v for k, v in args.items() if not (isinstance(v, dict) and ("$ref" in v or "$handle" in v))}
+    return {k: v for k, v in args.items() if not (isinstance(v, dict) and {"$ref", "$handle", "$handle_of"} & set(v))}
 
 
 def load_scenario(path: Path) -> Scenario:
