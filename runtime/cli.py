@@ -587,16 +587,7 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     catalogue = Path(args.catalogue)
     scenarios = load_catalogue(catalogue, args.scenario or ())
     if args.list:
-        rows = [[s.name, s.attack_class, ", ".join(a.attack or "" for a in s.attacks) or "(benign only)",
-                 ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
-        text = _table(rows, ["scenario", "class", "injected actions", "policies"])
-        if args.json:
-            print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary,
-                               "attacks": [{"id": a.attack, "agent": a.agent, "tool": a.key, "layer": a.layer}
-                                           for a in s.attacks]} for s in scenarios], indent=2), file=args.json_out)
-        else:
-            print(text)
-        return EXIT_OK
+        return _list_catalogue(scenarios, args)
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -618,6 +609,18 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     else:
         print(format_report(report), file=args.json_out)
     return EXIT_OK if report.ok or without else EXIT_FAIL
+
+
+def _list_catalogue(scenarios: list[Any], args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary,
+                           "attacks": [{"id": a.attack, "agent": a.agent, "tool": a.key, "layer": a.layer}
+                                       for a in s.attacks]} for s in scenarios], indent=2), file=args.json_out)
+        return EXIT_OK
+    rows = [[s.name, s.attack_class, ", ".join(a.attack or "" for a in s.attacks) or "(benign only)",
+             ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
+    print(_table(rows, ["scenario", "class", "injected actions", "policies"]))
+    return EXIT_OK
 
 
 def _shard_counts(text: str) -> list[int]:
@@ -735,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Results: runs/redteam-<UTC time>-<id>/report.json (and the job files and audit logs).\n"
         "Exit 1 when an attack got through or a benign task failed (not with --without flow)."))
     red.add_argument("--without", choices=["flow"], help="'flow': run the same scenarios with every ifc rule and "
-                     "hide removed from the policies, to show what capabilities alone let through")
+                     "hide removed from the policies (and the flow rules a delegator adds), to show what "
+                     "capabilities, quotas and sandboxes alone let through")
     red.add_argument("--scenario", action="append", metavar="NAME", help="run only this scenario (repeatable)")
     red.add_argument("--list", action="store_true", help="list the scenarios and their injected actions; run nothing")
     red.add_argument("--json", action="store_true", help="print the report as one JSON document")
