@@ -70,6 +70,12 @@ def test_the_operator_answered_through_the_operator_api(normal):
     assert len([o for o in normal.operator if not o["approved"]]) == len(approvals)
     assert len([o for o in normal.operator if o["approved"]]) == sum(s.benign_approvals for s in normal.scenarios)
     assert ("invoice-banker", "bank.pay", True) in answered and ("home-banker", "bank.pay", False) in answered
+    from runtime.auditlog import read_records
+
+    on_record = [r for j in normal.jobs for log in j["audit_logs"] for r in read_records(log) if r["kind"] == "approval"]
+    assert sorted((r["agent"], r["decision"] == "approve") for r in on_record) == \
+        sorted((o["agent"], o["approved"]) for o in normal.operator)
+    assert {r["approver"] for r in on_record} == {"redteam-operator"}  # nobody else, and no timeout
     saved = json.loads((Path(normal.run_dir) / "report.json").read_text())
     assert saved["totals"]["operator"] == {"approved": 1, "denied": len(approvals)}
 
