@@ -302,3 +302,18 @@ def test_a_shipped_job_without_flow_rules(tmp_path):
     assert policy.tools["mail.inbox"].output.integrity == "untrusted"  # labels stay: only sinks and hiding go
     assert not bare.spec.outputs["mail.search"].hide
     assert "ifc" in (tmp_path / "p.yaml").read_text()  # the files are untouched
+
+
+def test_verdicts_do_not_depend_on_other_agents_records(sample):
+    """Other agents' records, interleaved anywhere (several agents share a job's log), change nothing."""
+    import random
+
+    mine = good_records()[:-1]
+    noise = [allow(f"n{i}", "mail.send", agent="b") for i in range(10)] + [deny("bank.pay", "FLOW_DENIED", agent="b")]
+    expected = judge_scenario(sample, mine).to_dict()
+    rng = random.Random(7)
+    for _ in range(50):
+        merged, a, b = [], list(mine), list(noise)
+        while a or b:
+            merged.append((a if a and (not b or rng.random() < 0.5) else b).pop(0))
+        assert judge_scenario(sample, merged).to_dict() == expected
