@@ -56,8 +56,7 @@ TOP = Label()  # the task an operator gave: trusted, public
 
 @dataclass(frozen=True)
 class Output:
-    """What a tool's results are labelled: ``label``, or trusted where every item of the list at
-    ``items`` ('' the result itself, None: no item rule) satisfies every ``when`` check."""
+    """A result's label: ``label``, or trusted if every item of the list at ``items`` ('': the result) meets ``when``."""
 
     label: Label = Label(0)
     hide: bool = False
@@ -98,14 +97,15 @@ def destination(value: Any) -> str | None:
         return value
 
 
-def violations(flows: tuple[Flow, ...], tool: str, effect: str, args: dict[str, Any], ctx: Label,
-               held: dict[str, Label]) -> list[tuple[Flow, str, Label]]:
-    """The rules of ``flows`` this call breaks: (rule, argument, label). ``held``: each argument's
-    handles joined (absent: it holds none); an argument's label is the context joined with it."""
+def applies(f: Flow, tool: str, effect: str) -> bool:
+    return f.tool in ("*", tool) and (not f.effects or effect in f.effects)
+
+
+def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label]) -> list[Any]:
+    """The rules of ``flows`` (those that apply) this call breaks: (rule, argument, label). ``held``: each
+    argument's handles joined (absent: none); an argument's label is the context joined with it."""
     out = []
     for f in flows:
-        if f.tool not in ("*", tool) or f.effects and effect not in f.effects:
-            continue
         every = ctx
         for h in held.values():
             every = every.join(h)

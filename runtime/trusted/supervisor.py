@@ -45,7 +45,7 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import TOP, Handles, Label, Output, Run, rule_name, substitute, violations
+from .flow import TOP, Handles, Label, Output, Run, applies, rule_name, substitute, violations
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
 from .state import StateJournal
@@ -458,18 +458,19 @@ class Supervisor:
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, ref, tool))
         args = spec.canonical_args(args)
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
-        if not vt.plan.flows and not used:
+        if not (rules := [f for f in vt.plan.flows if applies(f, tool, spec.effect)]) and not used:
             return args, spec.cost, held, None
         run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
         broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
             (h.origin for h in used if lab.join(h.label) is lab and run.label.join(h.label) is not run.label),
-            run.origin)}) for f, arg, lab in violations(vt.plan.flows, tool, spec.effect, args, run.label, held)]
+            run.origin)}) for f, arg, lab in violations(rules, args, run.label, held)]
         v = next((v for mode, v in broken if mode == "deny"), None)
         self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
         if v:
             raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
                              tool=tool)
-        return args, spec.cost, held, {"handles": [h.id for h in used], "violations": [v for _, v in broken]}
+        return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for h in used],
+                                       "violations": [v for _, v in broken]}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
         """The context of run ``vt.runs[i]``. A root run starts as its task (trusted, public); a

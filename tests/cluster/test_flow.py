@@ -52,19 +52,20 @@ def test_a_tainted_chain_stays_tainted_across_a_shard_restart(ray_instance, tmp_
         assert time.monotonic() < end and job.thread.is_alive(), "the chain never finished its research"
         time.sleep(0.05)  # another process's file: nothing to await
     control = ControlClient.from_run_dir(run_dir)
-    before = control.status()["shards"][0]
-    assert {(c["agent"], c["depth"], c["label"]["integrity"]) for c in before["contexts"]} >= {
+    status = control.status()
+    before = status["shards"][0]
+    assert {(c["agent"], c["depth"], c["label"]["integrity"]) for c in status["contexts"]} >= {
         ("boss", 0, "untrusted"), ("helper", 1, "untrusted"), ("scout", 2, "untrusted")}
     os.kill(before["pid"], signal.SIGKILL)
     while True:  # the restarted shard answers with another pid, its state replayed from its journal
         try:
-            after = control.status()["shards"][0]
-            if after["pid"] != before["pid"]:
+            status = control.status()
+            if status["shards"][0]["pid"] != before["pid"]:
                 break
         except Exception as exc:  # refused while it restarts
             assert time.monotonic() < end, f"the shard never came back: {exc}"
         time.sleep(0.1)
-    assert ("boss", 0, "untrusted") in {(c["agent"], c["depth"], c["label"]["integrity"]) for c in after["contexts"]}
+    assert ("boss", 0, "untrusted") in {(c["agent"], c["depth"], c["label"]["integrity"]) for c in status["contexts"]}
     (tmp_path / "restarted").write_text("1")
     result = job.join()
 
