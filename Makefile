@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # Debian packages the sandboxes need: bubblewrap (bwrap), runsc (gVisor), util-linux (prlimit).
 SYSTEM_PACKAGES = bubblewrap runsc util-linux
 
-.PHONY: setup system-deps demo test test-unit test-sandbox test-cluster mutate clean
+.PHONY: setup system-deps demo test test-unit test-sandbox test-cluster redteam mutate clean
 
 setup: system-deps $(STAMP)
 
@@ -40,6 +40,9 @@ test-sandbox: setup    ## the isolation tests, on both sandbox backends
 
 test-cluster: setup    ## tests on one shared real Ray instance
 	$(VENV)/bin/pytest -q tests/cluster
+
+redteam: setup         ## run the attack catalogue on a private Ray (also run by tests/cluster/test_redteam.py)
+	$(VENV)/bin/warden redteam
 
 mutate: setup          ## mutation testing of runtime/trusted/ against tests/unit; MUTANTS='runtime.trusted.ledger*' for one module
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --quiet -e '.[mutate]'

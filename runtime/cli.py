@@ -13,6 +13,7 @@
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
+    warden redteam [--without flow] [--scenario S]   run the attack catalogue; what stopped each attack
 """
 
 from __future__ import annotations
@@ -576,6 +577,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       shards=args.shards, json_out=args.json_out)
 
 
+def cmd_redteam(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .job import LOCAL_ADDRESS, ensure_ray
+    from .redteam import format_report, load_catalogue, new_run_dir, run_catalogue, save
+
+    catalogue = Path(args.catalogue)
+    scenarios = load_catalogue(catalogue, args.scenario or ())
+    if args.list:
+        return _list_catalogue(scenarios, args)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[redteam] {msg}", file=sys.stderr, flush=True)
+
+    if str(Path.cwd()) not in sys.path:  # the catalogue's agents and tools are imported from here
+        sys.path.insert(0, str(Path.cwd()))
+    out = new_run_dir(args.runs_dir)
+    without = args.without == "flow"
+    progress(f"{len(scenarios)} scenario(s){' WITHOUT flow rules' if without else ''}; results in {out}")
+    progress("connecting to Ray at " + args.address if args.address and args.address != LOCAL_ADDRESS
+             else "starting a private local Ray (--address to use a cluster)")
+    ensure_ray(args.address)
+    report = asyncio.run(run_catalogue(scenarios, catalogue=catalogue, out=out, without_flow=without,
+                                       progress=progress))
+    save(report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str), file=args.json_out)
+    else:
+        print(format_report(report), file=args.json_out)
+    return EXIT_OK if report.ok or without else EXIT_FAIL
+
+
+def _list_catalogue(scenarios: list[Any], args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary,
+                           "attacks": [{"id": a.attack, "agent": a.agent, "tool": a.key, "layer": a.layer}
+                                       for a in s.attacks]} for s in scenarios], indent=2), file=args.json_out)
+        return EXIT_OK
+    rows = [[s.name, s.attack_class, ", ".join(a.attack or "" for a in s.attacks) or "(benign only)",
+             ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
+    print(_table(rows, ["scenario", "class", "injected actions", "policies"]))
+    return EXIT_OK
+
+
 def _shard_counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
@@ -680,6 +727,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "of supervisor shards (e.g. 1,2,4): throughput per shard count and the routing cost")
     bench.set_defaults(fn=cmd_bench)
 
+    red = sub.add_parser("redteam", help="run the attack catalogue and report what stopped each attack",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "Run the attack catalogue (scenarios/*.yaml of --catalogue, default ./redteam) through real jobs on Ray:\n"
+        "each scenario is a scripted adversarial model hidden in a benign task, under per-agent policies.\n"
+        "Parked calls are answered by a scripted operator through the job's operator API (the benign\n"
+        "task's approved, injected ones denied). From each job's audit log it reports, per injected\n"
+        "action, whether it was stopped and by which layer (capability, flow, quota, sandbox, approval),\n"
+        "and whether the benign task completed and how many approvals it needed; then the totals.\n"
+        "Results: runs/redteam-<UTC time>-<id>/report.json (and the job files and audit logs).\n"
+        "Exit 1 when an attack got through or a benign task failed (not with --without flow)."))
+    red.add_argument("--without", choices=["flow"], help="'flow': run the same scenarios with every ifc rule and "
+                     "hide removed from the policies (and the flow rules a delegator adds), to show what "
+                     "capabilities, quotas and sandboxes alone let through")
+    red.add_argument("--scenario", action="append", metavar="NAME", help="run only this scenario (repeatable)")
+    red.add_argument("--list", action="store_true", help="list the scenarios and their injected actions; run nothing")
+    red.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    red.add_argument("--catalogue", default="redteam", metavar="DIR", help="the catalogue directory (default: redteam)")
+    red.add_argument("--address", help="Ray address (default: a private local Ray, whatever RAY_ADDRESS says)")
+    red.add_argument("--runs-dir", default="runs", help="where the run directory goes (default: runs)")
+    red.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    red.set_defaults(fn=cmd_redteam)
+
     st = sub.add_parser("status", help="a running job's agents, quarantines, pending approvals and counts")
     _job_target(st)
     st.add_argument("--json", action="store_true")
@@ -778,7 +847,9 @@ def _stop_private_ray() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with json_only_stdout(bool(getattr(args, "json", False))) as args.json_out:
+    # redteam's text report is a document too: what Ray prints while its jobs run goes to stderr
+    clean = bool(getattr(args, "json", False)) or (args.command == "redteam" and not args.list)
+    with json_only_stdout(clean) as args.json_out:
         try:
             return _dispatch(args)
         finally:
