@@ -97,10 +97,6 @@ def destination(value: Any) -> str | None:
         return value
 
 
-def applies(f: Flow, tool: str, effect: str) -> bool:
-    return f.tool in ("*", tool) and (not f.effects or effect in f.effects)
-
-
 def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label]) -> list[Any]:
     """The rules of ``flows`` (those that apply) this call breaks: (rule, argument, label). ``held``: each
     argument's handles joined (absent: none); an argument's label is the context joined with it."""

@@ -45,7 +45,7 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import TOP, Handles, Label, Output, Run, applies, rule_name, substitute, violations
+from .flow import TOP, Handles, Label, Output, Run, rule_name, substitute, violations
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
 from .state import StateJournal
@@ -458,7 +458,8 @@ class Supervisor:
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, ref, tool))
         args = spec.canonical_args(args)
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
-        if not (rules := [f for f in vt.plan.flows if applies(f, tool, spec.effect)]) and not used:
+        rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
+        if not rules and not used:
             return args, spec.cost, held, None
         run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
         broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
