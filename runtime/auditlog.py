@@ -170,7 +170,8 @@ def format_flow(rec: dict[str, Any]) -> str:
         for key in ("checked", "handles"):
             if flow.get(key):
                 items = flow[key] if isinstance(flow[key], list) else [flow[key]]
-                parts.append(f"{key}={','.join(_short(i, 60) for i in items)}")
+                sep, quote = ("; ", '"') if key == "checked" else (",", "")  # rule names have spaces
+                parts.append(f"{key}={quote}{sep.join(_short(i, 60) for i in items)}{quote}")
     if "context" in rec:
         parts.append(f'context="{format_label(rec["context"])}"')
     for key in ("approval_id", "approver", "call_id", "reason"):
