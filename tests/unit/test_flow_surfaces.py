@@ -88,7 +88,7 @@ def test_audit_show_kind_flow_prints_decision_tool_argument_label_and_origin(tmp
                  'context="untrusted, readers: public"', "call_id=c3"):
         assert part in denied, part
     allowed = lines[0]
-    assert "decision=allow" in allowed and "checked=email.send.context,email.send.args.to" in allowed
+    assert "decision=allow" in allowed and 'checked="email.send.context; email.send.args.to"' in allowed
     assert "handles=h_00000000ab12" in allowed and 'context="trusted, readers: public"' in allowed
     assert "approval_requested agent=mailer tool=chat.delete" in lines[2] and 'rule="ifc[0].context"' in lines[2]
     assert "approval_id=a1b2c3d4e5f6" in lines[2]
