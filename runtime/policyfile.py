@@ -90,6 +90,12 @@ def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
         lines = [f"{source}: {len(exc.errors())} error(s)"]
         lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
         raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+    wild = [f"tools.{t}.output.readers: {p!r} (a pattern is '*', '*@domain' or '*.domain')"
+            for t, r in policy.tools.items() if r.output and isinstance(r.output.readers, list)
+            for p in r.output.readers if p.startswith("*") and p != "*" and p[1:2] not in ("@", ".")]
+    if wild:  # '*corp.example' would admit 'evilcorp.example'
+        raise ConfigError(f"{source}: {len(wild)} error(s)" + "".join(f"\n  at {w}" for w in wild),
+                          code=ErrorCode.POLICY_INVALID)
     empty = [f"tools.{t}.ifc" for t, r in policy.tools.items() if r.ifc and not r.ifc.caveats(t)]
     empty += [f"ifc.{i}" for i, r in enumerate(policy.ifc) if not r.caveats("*")]
     if empty:  # harmless (it adds no rule), but surely not what was meant

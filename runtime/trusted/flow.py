@@ -13,6 +13,7 @@ allows: the destination of a payment or a message, or private data sent to a pub
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +25,7 @@ from ..errors import ErrorCode, FlowDenied, PolicyDenied
 from .capability import Flow, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
+_PRINCIPAL = re.compile(r"[A-Za-z0-9._%+@:\[\]-]{1,254}")  # a host, an address, an IP: nothing to split on
 HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
 
 
@@ -89,12 +91,13 @@ def rule_name(f: Flow) -> str:
     return f"{where}: {({'': 'context', '*': 'every argument'}).get(f.arg, f'argument {f.arg!r}')} must be {f.need}"
 
 
-def destination(value: Any) -> str | None:
-    """The principal a string argument sends to: a URL's host, else the string itself."""
+def destination(value: Any) -> str:
+    """The one name an argument sends to (a URL's host), or '': not a string, or not one name ("a@x.com,b@y.com")."""
     try:
-        return url_origin(value)[1] if "://" in value else value
-    except PolicyDenied:  # not a URL after all
-        return value
+        name = url_origin(value)[1] if "://" in value else value
+    except (PolicyDenied, TypeError):
+        return ""
+    return name if isinstance(name, str) and _PRINCIPAL.fullmatch(name) else ""
 
 
 def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label]) -> list[Any]:
@@ -108,7 +111,7 @@ def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[s
         if f.need == "readers":  # a destination, or each of a list; none (or not strings): a violation
             dests = args.get(f.arg) if f.arg else []
             dests = dests if isinstance(dests, list) else [dests]
-            if every.readers and not (dests and all(isinstance(d, str) and every.admits(destination(d)) for d in dests)):
+            if every.readers and not (dests and all(every.admits(destination(d)) for d in dests)):
                 out.append((f, f.arg or "(anyone)", every))
             continue
         lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx
@@ -144,8 +147,7 @@ class Handles:
 
     def issue(self, agent: str, tool: str, value: Any, label: Label, origin: dict[str, Any],
               limits: tuple[int, int, float]) -> Handle:
-        max_count, max_bytes, ttl_s = limits
-        now = self.clock()
+        (max_count, max_bytes, ttl_s), now = limits, self.clock()
         for hid in [h.id for h in self.by_id.values() if h.expires < now]:
             del self.by_id[hid]
         nbytes = len(msgpack.packb(value, use_bin_type=True))

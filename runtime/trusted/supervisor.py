@@ -476,8 +476,7 @@ class Supervisor:
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
         """The context of run ``vt.runs[i]``. A root run starts as its task (trusted, public); a
         delegated one is made by ``delegate``: unknown here (its state lost), it is untrusted."""
-        run = self.runs.get(vt.runs[i])
-        if run is None:
+        if (run := self.runs.get(vt.runs[i])) is None:
             depth = i % len(vt.runs)
             run = self.runs[vt.runs[i]] = Run(vt.holders[i], depth, TOP) if depth == 0 else Run(
                 vt.holders[i], depth, Label(0), {"why": "a delegated run this shard has no state for"})

