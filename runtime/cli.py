@@ -833,27 +833,33 @@ def json_only_stdout(enabled: bool) -> Iterator[TextIO]:
             os.close(saved)
 
 
-def _stop_private_ray() -> None:
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_private_ray(connected_before: bool = False) -> None:
     """Before stdout is handed back: a private Ray this command started ends, and a cluster it
     connected to is disconnected from (Ray prints at shutdown, and forwards worker output to a
-    connected driver until it disconnects)."""
+    connected driver until it disconnects). A connection the caller had before (``main`` called
+    from a program or a test that uses Ray itself) is left alone."""
     job = sys.modules.get("runtime.job")
     if job is not None:
         job.stop_private_ray()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # a connected driver only disconnects: the cluster runs on
+    if _ray_connected() and not connected_before:
+        sys.modules["ray"].shutdown()  # a connected driver only disconnects: the cluster runs on
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    connected_before = _ray_connected()
     # redteam's text report is a document too: what Ray prints while its jobs run goes to stderr
     clean = bool(getattr(args, "json", False)) or (args.command == "redteam" and not args.list)
     with json_only_stdout(clean) as args.json_out:
         try:
             return _dispatch(args)
         finally:
-            _stop_private_ray()
+            _stop_private_ray(connected_before)
 
 
 DECISIONS = ["allow", "deny", *sorted(c.value for c in ErrorCode)]
