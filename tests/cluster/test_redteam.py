@@ -84,8 +84,11 @@ def test_without_flow_rules_the_flow_only_attacks_get_through(normal, tmp_path):
     """The same scenarios with every ifc rule and hide removed: what the flow layer stopped (directly,
     or by parking the call for a human) now takes effect; a forged handle is still refused (there is
     no such handle, whatever the policy)."""
-    flow_only = {(s.name, a.id) for s in normal.scenarios for a in s.attacks
-                 if (a.layer == "flow" or a.via == "flow") and a.codes != {"HANDLE_UNKNOWN": 1}}
+    # A shipped job's scripted model passes on the handles its policy makes: without 'hide' it stops
+    # before its attack (the demo's digest agent), so the comparison is made on the catalogue's own.
+    job_files = {s.name for s in load_catalogue(CATALOGUE) if s.job}
+    flow_only = {(s.name, a.id) for s in normal.scenarios for a in s.attacks if s.name not in job_files
+                 and (a.layer == "flow" or a.via == "flow") and a.codes != {"HANDLE_UNKNOWN": 1}}
     assert len(flow_only) >= 10
     names = sorted({n for n, _ in flow_only})
     scenarios = load_catalogue(CATALOGUE, names)
