@@ -182,14 +182,14 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
                                                                                    list[Handle]]:
     """Handles at the top level of ``args`` or as items of a list argument replaced by their
     content: (arguments, each argument's handles joined, the handles)."""
-    out, held, used = dict(args), {}, []
-    for name, v in args.items():
-        items = [v] if is_ref(v) else v if type(v) is list and any(map(is_ref, v)) else ()
-        hs = [resolve(i) if is_ref(i) else None for i in items]
+    out, held, used = args, {}, []
+    for name, v in args.items():  # most arguments are scalars: one type check each
+        if type(v) not in (dict, list) or not (items := [v] if is_ref(v) else v if any(map(is_ref, v)) else []):
+            continue
+        hs, out = [resolve(i) if is_ref(i) else None for i in items], dict(out)
         for h in filter(None, hs):
             held[name] = held.get(name, h.label).join(h.label)
             used.append(h)
-        if hs:
-            values = [h.value if h else i for h, i in zip(hs, items)]
-            out[name] = values[0] if items is not v else values
+        values = [h.value if h else i for h, i in zip(hs, items)]
+        out[name] = values[0] if items is not v else values
     return out, held, used
