@@ -728,8 +728,8 @@ class Supervisor:
             outcome: dict[str, Any] = {"ok": True, "label": label.public()}
             if hide:
                 h = self.handles.issue(ok.agent, ok.tool, value, label, origin, self.agents[ok.agent].handle_limits)
-                outcome["handle"], value = h.id, {"$handle": h.id, "label": label.public(), "bytes": h.nbytes,
-                                                  "tool": h.tool}
+                h.agents.update(ok.vt.holders)  # and its delegators: a helper may hand back what it kept hidden
+                outcome["handle"], value = h.id, {"$handle": h.id, "label": label.public(), "bytes": h.nbytes, "tool": ok.tool}
                 self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
             else:
                 self._taint(ok.vt, label, origin)

@@ -242,6 +242,12 @@ def test_handles_pass_on_only_through_delegation(h):
     sent = h.call("helper", "mail.send", {"to": "x@corp.example", "body": handle2}, token=given.token)
     assert sent.allowed and sent.value["bytes"] > 50
     assert h.delegate("reader2", "helper", handles=[handle]).code == "HANDLE_DENIED"  # not its own to give
+    # Up the chain: what a delegate keeps hidden, its delegator may use (the helper hands it back).
+    h.add_agent(hiding("hider") | {"delegation": {"can_delegate_to": ["reader2"], "max_depth": 1}})
+    back = h.call("reader2", "web.get", {"url": "https://news.example/"}, token=h.delegate("hider", "reader2").token)
+    sent = h.call("hider", "mail.send", {"to": "x@corp.example", "body": back.value})
+    assert sent.allowed and sent.value["bytes"] > 50
+    assert h.call("helper", "mail.send", {"to": "x@corp.example", "body": back.value}).code == "HANDLE_DENIED"
 
 
 def test_flow_rules_travel_with_the_token_and_a_delegator_can_add_them(h):
