@@ -184,3 +184,26 @@ def test_handle_ids_never_collide_with_a_live_handle(h, monkeypatch):
     assert first["$handle"] != second["$handle"]
     d = h.call("a", "handle.reveal", {"handle": first})
     assert d.allowed and d.value == "launch date: 12 May", d
+
+
+# ---------------------------------------------------------------------------- laundering
+
+
+def test_a_receipt_tools_error_message_carries_the_handles_passed_in():
+    """``carries_inputs: false`` says the *result* is a receipt; it says nothing of the tool's error
+    text, which commonly quotes its input ("bounced: <body>"). The hidden untrusted page goes into
+    mail.send's body by handle (allowed: the body is free); the mailer fails quoting it; the
+    supervisor labels the message with the receipt's declaration (trusted, inputs not carried),
+    so the model reads the injected text with a clean context and the payment it asks for is
+    allowed. The error detail must carry the handle's label (or be withheld)."""
+    def bounce(to: str, body: str) -> dict[str, Any]:
+        raise RuntimeError(f"message to {to} bounced: {body}")
+
+    with PolicyHarness(tools=TOOLS, stubs={"mail.send": bounce}) as h:
+        h.add_agent(hiding("assistant", "web.get"))
+        page = h.call("assistant", "web.get", {"url": "https://news.example/"}).value
+        sent = h.call("assistant", "mail.send", {"to": "bob@corp.example", "body": page})
+        assert sent.allowed and sent.outcome["code"] == "TOOL_FAILED"
+        shown = sent.error.detail or ""
+        pay = h.call("assistant", "bank.pay", {"iban": "XX99", "amount": 1})
+        assert "IGNORE PREVIOUS INSTRUCTIONS" not in shown or pay.code == "FLOW_DENIED", (shown, pay)
