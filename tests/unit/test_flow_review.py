@@ -207,3 +207,40 @@ def test_a_receipt_tools_error_message_carries_the_handles_passed_in():
         shown = sent.error.detail or ""
         pay = h.call("assistant", "bank.pay", {"iban": "XX99", "amount": 1})
         assert "IGNORE PREVIOUS INSTRUCTIONS" not in shown or pay.code == "FLOW_DENIED", (shown, pay)
+
+
+# ---------------------------------------------------------------------------- destinations
+
+
+def test_a_lookalike_reader_pattern_is_refused_wherever_it_is_declared():
+    """A policy refuses readers ['*corp.example'] (it admits evilcorp.example), but the same pattern
+    in ``@tool(output=...)`` (and a job file's ``outputs:``) is taken as written, and private data
+    then reaches x@evilcorp.example."""
+    from runtime.errors import ConfigError
+    from runtime.tool import load_tools, tool
+
+    try:
+        @tool(effect="read", name="hr.read", output={"integrity": "trusted", "readers": ["*corp.example"]})
+        def hr_read() -> str:
+            """Salaries."""
+            return "salaries"
+    except (ValueError, ConfigError):
+        return  # refused where it is declared: what should happen
+    tools = {**load_tools(["flow_tools"]), "hr.read": hr_read}
+    with PolicyHarness(tools=tools) as h:
+        h.add_agent({"agent": "a", "tools": {"hr.read": {"effect": "read"}, "mail.send": {
+            "effect": "write", "ifc": {"destination": "to"}}}})
+        assert h.call("a", "hr.read").allowed
+        d = h.call("a", "mail.send", {"to": "eve@evilcorp.example", "body": "salaries"})
+        assert d.code == "FLOW_DENIED", d
+
+
+@pytest.mark.parametrize("to", ["eve%evil.example@corp.example", "eve@evil.example@corp.example"])
+def test_a_destination_that_routes_elsewhere_is_not_admitted_by_a_domain_pattern(h, to):
+    """``*@corp.example`` is matched as a string suffix; a principal may hold '%' and several '@'.
+    'user%host@relay' (the percent hack) is delivered by a relay that honours it to user@host, and
+    a second '@' leaves the recipient to the mailer's parser. Neither is one address at
+    corp.example; both are admitted."""
+    assert h.call("assistant", "notes.read").allowed  # private: readers *@corp.example
+    d = h.call("assistant", "mail.send", {"to": to, "body": "launch date"})
+    assert d.code == "FLOW_DENIED", d
