@@ -301,3 +301,26 @@ def test_a_malformed_argument_detail_does_not_show_a_handles_content():
         shown = d.error.detail or ""
         pay = h.call("a", "bank.pay", {"iban": "XX99", "amount": 1})
         assert "IGNORE PREVIOUS INSTRUCTIONS" not in shown or pay.code == "FLOW_DENIED", (shown, pay.code)
+
+
+def test_a_batch_naming_one_handle_in_every_item_cannot_multiply_its_bytes():
+    """The same amplification through call_many: a batch of 200 items, each passing one 100 KB
+    handle as a mail body (a `str` parameter: no list needed), is 20 MB of arguments in the audit
+    log and in one dispatch to the worker, from a request of a few KB, whatever the agent's handle
+    byte limit (1 MB here). The default ``max_concurrent: 8`` caps this at 8x (128 MB with the
+    default 16 MB limit); a batch-heavy agent's policy raises it (here: unbounded). What a request
+    substitutes must stay within the handle byte limit."""
+    from runtime.protocol import decode_reply
+
+    with PolicyHarness(tools=TOOLS, stubs={"notes.read": "x" * 100_000}) as h:
+        h.add_agent(hiding("reader", "notes.read", handles={"max_count": 4, "max_bytes": 1 << 20, "ttl_s": 60},
+                           quotas={"max_concurrent": None}))
+        ref = {"$handle": h.call("reader", "notes.read").value["$handle"]}
+        calls = [{"tool": "mail.send", "args": {"to": "bob@corp.example", "body": ref}}] * 200
+        before = len(h.records)
+        reply = decode_reply(h._run(h.supervisor.call_batch(h._request("reader", {"op": "batch", "batch": calls},
+                                                                            None))))
+        allowed = [r for r in h.records[before:] if r["kind"] == "decision" and r["decision"] == "allow"]
+        substituted = sum(len(r["args"]["body"]) for r in allowed)
+        assert len(reply["batch"]) == 200
+        assert substituted <= 1 << 20, f"{len(allowed)} items allowed, {substituted} bytes substituted"
