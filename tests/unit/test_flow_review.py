@@ -342,3 +342,25 @@ def test_a_reader_list_that_admits_nobody_or_a_non_name_is_not_fail_open(readers
         assert h.call("a", "notes.read").allowed
         d = h.call("a", "mail.send", {"to": "eve@evil.example,bob@corp.example", "body": "launch date"})
         assert d.code == "FLOW_DENIED", d
+
+
+def test_agent_runs_cannot_make_every_request_rewrite_the_journal(h, tmp_path):
+    """Every run is in the compaction snapshot (~150 bytes each here, more with longer names and
+    reader sets) and none is ever dropped. Once the snapshot alone is larger than
+    ``compact_bytes``, each journal append (every request journals its nonce) compacts again: a
+    full rewrite per request, for every agent on the shard. One agent gets there by delegating
+    with a fresh narrowing each time (65,536 runs x ~270 bytes > the 16 MB default; the threshold
+    is lowered here so the test is quick)."""
+    from runtime.trusted.state import StateJournal
+
+    journal = StateJournal(tmp_path / "state", compact_bytes=64 << 10)
+    h.supervisor.journal = journal
+    h.add_agent(policy("boss"))
+    h.call("assistant", "web.get", {"url": "https://news.example/"})
+    for i in range(600):
+        h.delegate("assistant", "helper", ttl_s=100 + i)
+    compactions, real = [], journal.compact
+    journal.compact = lambda snapshot: (compactions.append(1), real(snapshot))[1]
+    for _ in range(20):
+        assert h.call("boss", "notes.read").allowed
+    assert len(compactions) <= 2, f"{len(compactions)} full rewrites of the journal for 20 calls"
