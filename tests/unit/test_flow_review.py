@@ -177,8 +177,9 @@ def test_handle_ids_never_collide_with_a_live_handle(h, monkeypatch):
     import secrets
     import types
 
-    monkeypatch.setattr(flow, "secrets", types.SimpleNamespace(token_hex=lambda n: "00" * n if n == 4
-                                                              else secrets.token_hex(n)))
+    fixed = iter(["00000000"] * 2)  # the next two ids drawn are the same; then random again
+    monkeypatch.setattr(flow, "secrets", types.SimpleNamespace(token_hex=lambda n: next(fixed, None) or
+                                                              secrets.token_hex(n) if n == 4 else secrets.token_hex(n)))
     first = h.call("a", "notes.read").value
     second = h.call("b", "web.get", {"url": "https://evil.example/"}).value
     assert first["$handle"] != second["$handle"]
