@@ -5,6 +5,10 @@
 * ``fs.read`` / ``fs.write`` / ``fs.list`` work on the agent's workspace (``/workspace``);
   symlinks are never followed and nothing outside the workspace is reachable; only regular
   files are read or written (a FIFO, socket or device node is refused without blocking).
+* Labels: what ``python.exec``, ``shell.exec``, ``fs.read`` and ``fs.list`` return is untrusted and
+  readable only by ``(workspace)``, a reader no destination matches: the workspace may hold what the
+  agent wrote there, private data included, so it reaches no sink with a ``destination`` rule unless
+  a policy declares the tool's readers (``output: {readers: public}``). ``fs.write`` is a receipt.
 * ``handle.reveal`` returns a handle's content (the supervisor put it in the argument); the
   result carries the handle's label (its own declaration adds nothing: trusted).
 * ``http.fetch`` runs in the tool worker, outside any code sandbox: the supervisor has
@@ -43,19 +47,19 @@ def _exec(ctx: ToolContext, argv: list[str], stdin: bytes, tool_name: str) -> di
             "wall_ms": round(result.wall_s * 1e3, 1), "backend": result.backend}
 
 
-@tool(effect="execute", name="python.exec", sandboxed=True)
+@tool(effect="execute", name="python.exec", sandboxed=True, output={"readers": ["(workspace)"]})
 def python_exec(code: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Run Python code in the sandbox; returns stdout and stderr (a non-zero exit is TOOL_FAILED)."""
     return _exec(ctx, ["python3", "-I", "-"], code.encode(), "python.exec")
 
 
-@tool(effect="execute", name="shell.exec", sandboxed=True)
+@tool(effect="execute", name="shell.exec", sandboxed=True, output={"readers": ["(workspace)"]})
 def shell_exec(command: str, *, ctx: ToolContext) -> dict[str, Any]:
     """Run a POSIX shell command in the sandbox; returns stdout and stderr (a non-zero exit is TOOL_FAILED)."""
     return _exec(ctx, ["/bin/sh", "-s"], command.encode(), "shell.exec")
 
 
-@tool(effect="read", name="fs.read", sandboxed=True)
+@tool(effect="read", name="fs.read", sandboxed=True, output={"readers": ["(workspace)"]})
 def fs_read(path: Annotated[str, PATH], *, ctx: ToolContext) -> str:
     """Read a text file from the workspace (/workspace/...)."""
     return _text(ctx.sandbox.workspace.read(path, MAX_FILE_BYTES))
@@ -67,7 +71,7 @@ def fs_write(path: Annotated[str, PATH], content: str, *, ctx: ToolContext) -> d
     return {"path": path, "bytes": ctx.sandbox.workspace.write(path, content.encode())}
 
 
-@tool(effect="read", name="fs.list", sandboxed=True)
+@tool(effect="read", name="fs.list", sandboxed=True, output={"readers": ["(workspace)"]})
 def fs_list(path: Annotated[str, PATH] = "/workspace", *, ctx: ToolContext) -> list[dict[str, Any]]:
     """List a directory of the workspace."""
     return ctx.sandbox.workspace.list(path)

@@ -86,9 +86,11 @@ class FlowBench:
         self.keyring.verify(token)  # cached from here on, as an agent's token is after its first call
         return token
 
-    def handle(self) -> dict[str, Any]:
-        """A handle the agent holds, as it would pass it on (trusted content, readers *@corp.example)."""
-        h = self.supervisor.handles.issue(AGENT, READ, "the quarterly figures " * 20,
+    def handle(self, token: bytes) -> dict[str, Any]:
+        """A handle the agent holds in the run of ``token``, as it would pass it on (trusted content, readers
+        *@corp.example)."""
+        runs = set(self.keyring.verify(token).runs)
+        h = self.supervisor.handles.issue(AGENT, runs, READ, "the quarterly figures " * 20,
                                           Label.parse({"integrity": "trusted", "readers": ["*@corp.example"]}),
                                           {"call_id": "c0", "tool": READ, "agent": AGENT}, (1 << 20, 1 << 30, 1e9))
         return {"$handle": h.id}
@@ -117,7 +119,7 @@ def decision_figures(runs: int, n: int, warmup: int, no_gc: Any) -> list[Figure]
     """``authorize.flow.off`` / ``.on`` / ``.on.handle``, and ``authorize.flow.added`` (on - off)."""
     bench = FlowBench()
     tokens = {"off": bench.token(False), "on": bench.token(True)}
-    handle = bench.handle()
+    handle = bench.handle(tokens["on"])
     cases: dict[str, Callable[[int], list[bytes]]] = {
         "off": lambda k: bench.requests(tokens["off"], k),
         "on": lambda k: bench.requests(tokens["on"], k),

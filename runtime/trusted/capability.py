@@ -342,14 +342,10 @@ class Holder:
     seal: bytes = b""
 
 
-FLOW_NEEDS, FLOW_MODES = ("trusted", "endorsed", "readers"), ("deny", "approve")
-
-
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """A sink rule (``runtime.trusted.flow``) on calls of ``tool`` ('*': any) with an effect in ``effects``
-    (none: any): ``need`` 'trusted'/'endorsed', the least integrity of the context (``arg`` ''), one argument
-    or all ('*'); 'readers': argument ``arg`` ('': anyone) names a reader of all the data. ``mode``: on violation."""
+    """A sink rule on ``tool`` ('*': any) with an effect in ``effects`` (none: any): ``need`` is an integrity for the
+    context (``arg`` ''), one argument or all ('*'), or 'readers' of all the data for argument ``arg`` ('': anyone)."""
 
     tool: str
     effects: tuple[str, ...]
@@ -428,10 +424,9 @@ def _parse_arg(args: list[Any]) -> Arg | None:
 def _parse_flow(args: list[Any]) -> Flow | None:
     if len(args) != 5 or not all(isinstance(a, str) for a in (args[0], *args[2:])):
         return None
-    tool, effects, arg, need, mode = args
-    if need not in FLOW_NEEDS or mode not in FLOW_MODES or not set(_str_tuple(effects, "effects")) <= set(EFFECTS):
+    if args[3] not in ("trusted", "endorsed", "readers") or args[4] not in ("deny", "approve"):
         raise ValueError("malformed flow caveat")
-    return Flow(tool, tuple(effects), arg, need, mode)
+    return Flow(args[0], _parse_effects([args[1]]).effects, *args[2:])  # type: ignore[union-attr]
 
 
 # Each parser gets the caveat's fields after its type name, and returns the caveat, None when

@@ -13,11 +13,12 @@ allows: the destination of a payment or a message, or private data sent to a pub
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -25,7 +26,7 @@ from ..errors import ErrorCode, FlowDenied, PolicyDenied
 from .capability import Flow, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
-_PRINCIPAL = re.compile(r"[A-Za-z0-9._%+@:\[\]-]{1,254}")  # a host, an address, an IP: nothing to split on
+_PRINCIPAL = re.compile(r"[A-Za-z0-9._+:\[\]-]{1,254}(?:@[A-Za-z0-9.-]{1,254})?")  # a host, an address: one name
 HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
 
 
@@ -58,7 +59,7 @@ TOP = Label()  # the task an operator gave: trusted, public
 
 @dataclass(frozen=True)
 class Output:
-    """A result's label: ``label``, or trusted if every item of the list at ``items`` ('': the result) meets ``when``."""
+    """A result's label: ``label``, or trusted if all items of the list at ``items`` ('': the result) meet ``when``."""
 
     label: Label = Label(0)
     hide: bool = False
@@ -101,8 +102,7 @@ def destination(value: Any) -> str:
 
 
 def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label]) -> list[Any]:
-    """The rules of ``flows`` (those that apply) this call breaks: (rule, argument, label). ``held``: each
-    argument's handles joined (absent: none); an argument's label is the context joined with it."""
+    """The ``flows`` (those that apply) broken: (rule, argument, label); an argument is ``ctx`` joined with ``held``."""
     out = []
     for f in flows:
         every = ctx
@@ -123,8 +123,8 @@ def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[s
 @dataclass
 class Handle:
     id: str
-    owner: str  # issued to; counts against its limits
-    agents: set[str]  # may present it: the owner and those it was passed to by delegation
+    owner: str  # the agent it was issued to; counts against its limits
+    runs: set[bytes]  # may present it: the run it was issued in, its delegators, runs it was passed to
     value: Any
     label: Label
     origin: dict[str, Any]
@@ -140,12 +140,13 @@ class Handles:
     clock: Callable[[], float]
     epoch: str = field(default_factory=lambda: secrets.token_hex(2))
     by_id: dict[str, Handle] = field(default_factory=dict)
+    issued: Iterator[int] = field(default_factory=itertools.count)  # in every id: no two alike
 
     def usage(self, agent: str) -> tuple[int, int]:
         mine = [h for h in self.by_id.values() if h.owner == agent]
         return len(mine), sum(h.nbytes for h in mine)
 
-    def issue(self, agent: str, tool: str, value: Any, label: Label, origin: dict[str, Any],
+    def issue(self, agent: str, runs: set[bytes], tool: str, value: Any, label: Label, origin: dict[str, Any],
               limits: tuple[int, int, float]) -> Handle:
         (max_count, max_bytes, ttl_s), now = limits, self.clock()
         for hid in [h.id for h in self.by_id.values() if h.expires < now]:
@@ -155,21 +156,21 @@ class Handles:
         if count >= max_count or used + nbytes > max_bytes:
             raise FlowDenied(f"{agent!r} holds {count} handles of {used} bytes; limits {max_count} and {max_bytes}"
                              f" bytes (this result: {nbytes})", code=ErrorCode.HANDLE_LIMIT, tool=tool)
-        h = Handle(f"h_{self.epoch}{secrets.token_hex(4)}", agent, {agent}, value, label, origin, nbytes,
-                   now + ttl_s, tool)
+        h = Handle(f"h_{self.epoch}{secrets.token_hex(4)}{next(self.issued):x}", agent, runs, value, label, origin,
+                   nbytes, now + ttl_s, tool)
         self.by_id[h.id] = h
         return h
 
-    def get(self, agent: str, ref: Any, tool: str) -> Handle:
+    def get(self, agent: str, run: bytes, ref: Any, tool: str) -> Handle:
         hid = ref.get("$handle") if isinstance(ref, dict) else ref
         h = self.by_id.get(hid) if isinstance(hid, str) else None
         if h is None or h.expires < self.clock():
-            lost = isinstance(hid, str) and hid.startswith("h_") and len(hid) == 14 and hid[2:6] != self.epoch
+            lost = isinstance(hid, str) and hid[:2] == "h_" and len(hid) > 14 and hid[2:6] != self.epoch
             raise FlowDenied(f"handle {hid!r:.40} " + ("was issued before this supervisor shard restarted: handles "
                              "do not survive a restart" if lost else "is unknown or expired"),
                              code=ErrorCode.HANDLE_UNKNOWN, tool=tool)
-        if agent not in h.agents:
-            raise FlowDenied(f"handle {h.id} belongs to {sorted(h.agents)}, presented by {agent!r}",
+        if run not in h.runs:
+            raise FlowDenied(f"handle {h.id} of {h.owner!r} was not issued or passed to this run of {agent!r}",
                              code=ErrorCode.HANDLE_DENIED, tool=tool)
         return h
 
@@ -179,9 +180,9 @@ def is_ref(v: Any) -> bool:
 
 
 def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[dict[str, Any], dict[str, Label],
-                                                                                   list[Handle]]:
-    """Handles at the top level of ``args`` or as items of a list argument replaced by their
-    content: (arguments, each argument's handles joined, the handles)."""
+                                                                                   list[tuple[str, Handle]]]:
+    """Handles at the top level of ``args`` or as items of a list argument replaced by their content:
+    (arguments, each argument's handles joined, (argument, handle) for each reference)."""
     out, held, used = args, {}, []
     for name, v in args.items():  # most arguments are scalars: one type check each
         if type(v) not in (dict, list) or not (items := [v] if is_ref(v) else v if any(map(is_ref, v)) else []):
@@ -189,7 +190,7 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
         hs, out = [resolve(i) if is_ref(i) else None for i in items], dict(out)
         for h in filter(None, hs):
             held[name] = held.get(name, h.label).join(h.label)
-            used.append(h)
+            used.append((name, h))
         values = [h.value if h else i for h, i in zip(hs, items)]
         out[name] = values[0] if items is not v else values
     return out, held, used

@@ -24,6 +24,7 @@ from .ledger import AgentQuota
 
 Effect = Literal["read", "write", "delete", "execute"]
 Level = Literal["trusted", "endorsed", "untrusted"]
+Reader = Annotated[str, Field(pattern=r"^(\*|\*[@.][^*]+|[^*]+)$")]  # a name, '*', '*@domain' or '*.domain'
 
 
 class _Strict(BaseModel):
@@ -107,7 +108,7 @@ class OutputRule(_Strict):
     """The label of a tool's results; unset: the job file's, then ``@tool``'s, else untrusted, public."""
 
     integrity: Level | None = None
-    readers: Literal["public"] | list[str] | None = None
+    readers: Literal["public"] | Annotated[list[Reader], Field(min_length=1)] | None = None
     hide: bool | None = None  # the agent gets a handle, not the content
     carries_inputs: bool | None = None  # false: the result (a receipt) says nothing of the data passed in
     trusted_items: ItemRule | None = None

@@ -77,7 +77,7 @@ class StateJournal:
         os.replace(tmp, self.path)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        self.size = len(data)
+        self.size, self.compact_bytes = len(data), max(self.compact_bytes, 2 * len(data))  # no rewrite per frame
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -84,7 +84,7 @@ def shard_of(agent: str, shards: int) -> int:
     return int.from_bytes(sha256(agent.encode()).digest()[:8], "big") % shards
 
 
-MAX_RUNS = 1 << 16  # contexts kept per shard; a delegation past it is refused
+MAX_RUNS = 1 << 12  # contexts kept per root agent's chains; a delegation past it is refused
 UNDECLARED = Output()  # a tool whose results no declaration labels: untrusted (fail closed), public
 PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key", "sync", "decide"})
 
@@ -139,7 +139,7 @@ class Supervisor:
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
         self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
-        self.runs: dict[bytes, Run] = {}  # agent run (``VerifiedToken.runs``) -> its context label
+        self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
@@ -450,32 +450,33 @@ class Supervisor:
             raise TokenRejected(f"key {vt.token.kid!r} retired", code=ErrorCode.TOKEN_REVOKED, tool=tool)
 
     def _evaluate(self, tool: str, args: Any, entry: AgentEntry, vt: VerifiedToken) -> tuple[Any, ...]:
-        """The canonical arguments (handles replaced by their content) once every caveat and deny flow
-        rule holds for them, the tool's projected cost, the labels of the handles, the flow record."""
+        """Canonical arguments (handles replaced) that every caveat and deny flow rule allow; cost, handles, record."""
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
-        args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, ref, tool))
-        args = spec.canonical_args(args)
+        args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, vt.runs[-1], ref, tool))
+        if (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # one handle named 1000 times
+            raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
+        args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
             return args, spec.cost, held, None
         run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
         broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
-            (h.origin for h in used if lab.join(h.label) is lab and run.label.join(h.label) is not run.label),
-            run.origin)}) for f, arg, lab in violations(rules, args, run.label, held)]
+            (h.origin for a, h in sorted(used, key=lambda u: u[0] != arg)  # the argument's own handles first
+             if lab.join(h.label) is lab and run.label.join(h.label) is not run.label), run.origin)})
+            for f, arg, lab in violations(rules, args, run.label, held)]
         v = next((v for mode, v in broken if mode == "deny"), None)
         self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
         if v:
             raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
                              tool=tool)
-        return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for h in used],
-                                       "violations": [v for _, v in broken]}
+        return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for _, h in used],
+                                       "bytes": n, "violations": [v for _, v in broken]}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
-        """The context of run ``vt.runs[i]``. A root run starts as its task (trusted, public); a
-        delegated one is made by ``delegate``: unknown here (its state lost), it is untrusted."""
+        """Run ``vt.runs[i]``: a root run starts as its task (trusted); a delegated one unknown here, untrusted."""
         if (run := self.runs.get(vt.runs[i])) is None:
             depth = i % len(vt.runs)
             run = self.runs[vt.runs[i]] = Run(vt.holders[i], depth, TOP) if depth == 0 else Run(
@@ -483,18 +484,16 @@ class Supervisor:
         return run
 
     def _taint(self, vt: VerifiedToken, label: Label, origin: dict[str, Any]) -> None:
-        """Join ``label`` into the context of the run and of each run it was delegated from (what
-        a delegate saw reaches its delegator), journaled before the agent sees what it labels."""
+        """Join ``label`` into the run's context and its delegators' (journaled before the agent sees it)."""
         for i, rid in enumerate(vt.runs):
             run = self._run(vt, i)
-            if (joined := run.label.join(label)) is not run.label:
-                run.label, run.origin = joined, run.origin or origin
+            if (j := run.label.join(label)) is not run.label:  # the origin: what first lowered the integrity
+                run.label, run.origin = j, origin if j.integrity < run.label.integrity else run.origin or origin
                 self._journal("c", rid, run.agent, run.depth, run.label.public(), run.origin)
                 self.observer.context(run.agent, run.label.integrity)
 
     def _result_label(self, ok: _Allowed, value: Any) -> tuple[Label, bool]:
-        """A result's label (its call's context, what each policy on the chain declares, the handles
-        passed in unless every declaration says it does not carry them) and whether one hides it."""
+        """A result's label (context, each declaration on the chain, handles passed in unless a receipt); hidden?"""
         label, hide, carries = self._run(ok.vt).label, False, False
         for agent in set(ok.vt.holders):
             out = self.agents[agent].outputs.get(ok.tool, UNDECLARED) if agent in self.agents else UNDECLARED
@@ -578,10 +577,9 @@ class Supervisor:
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
-            extra = {"context": context.label.public()} if context else {}
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
-                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, **extra,
-                              **({"flow": exc.flow} if isinstance(exc, FlowDenied) and exc.flow else {}))
+                              reason=exc.reason, authenticated=who != UNAUTHENTICATED, context=context and
+                              context.label.public(), **({"flow": exc.flow} if getattr(exc, "flow", None) else {}))
             if authenticated is not None:
                 self._flag(authenticated, label, self.anomaly.denial(authenticated, exc.code.value, self.clock()))
         except AuditUnavailable as audit_exc:
@@ -614,13 +612,15 @@ class Supervisor:
         except Exception as exc:
             return self._deny(exc, data, started=started)
         decided = [await self._decide(tool, args, entry, vt, data, started) for tool, args in items]
-        outcomes: dict[str, Any] = {}
+        outcomes, spent = dict[str, Any](), 0  # spent: bytes of handle content the items substitute, as for one call
         for d in decided:  # revoked, quarantined or expired (a later item parked) since its decision: not sent
             if isinstance(d, _Allowed):
                 try:
                     self._still_valid(d.vt, d.tool)
                     d.vt.check_time(self.clock())
-                except TokenRejected as exc:
+                    if (spent := spent + (d.flow or {}).get("bytes", 0)) > entry.handle_limits[1]:
+                        raise FlowDenied(f"batch handles: {spent} bytes", code=ErrorCode.HANDLE_LIMIT, tool=d.tool)
+                except (TokenRejected, FlowDenied) as exc:
                     outcomes[d.call_id] = exc
         allowed = [d for d in decided if isinstance(d, _Allowed) and d.call_id not in outcomes]
         if allowed:
@@ -704,7 +704,7 @@ class Supervisor:
 
     async def _settle(self, ok: _Allowed, raw: Any) -> dict[str, Any]:
         """Turn the worker's reply into the agent's, settle the quota, record the outcome."""
-        cost = None
+        cost, origin = None, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent}  # of what it labels
         try:
             if isinstance(raw, asyncio.TimeoutError):
                 raise ToolFailed(f"no result within {self.call_timeout_s}s", tool=ok.tool,
@@ -723,13 +723,13 @@ class Supervisor:
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
             # Revoked (or its key retired) while the call was in flight: the result is withheld.
             self._still_valid(ok.vt, ok.tool)
-            value, origin = result.get("value"), {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent}
-            label, hide = self._result_label(ok, value)
+            label, hide = self._result_label(ok, value := result.get("value"))
             outcome: dict[str, Any] = {"ok": True, "label": label.public()}
             if hide:
-                h = self.handles.issue(ok.agent, ok.tool, value, label, origin, self.agents[ok.agent].handle_limits)
-                h.agents.update(ok.vt.holders)  # and its delegators: a helper may hand back what it kept hidden
-                outcome["handle"], value = h.id, {"$handle": h.id, "label": label.public(), "bytes": h.nbytes, "tool": ok.tool}
+                h = self.handles.issue(ok.agent, set(ok.vt.runs), ok.tool, value, label, origin,  # its delegators' too:
+                                       self.agents[ok.agent].handle_limits)  # a helper may hand back what it hid
+                value = {"$handle": h.id, "label": outcome["label"], "bytes": h.nbytes, "tool": ok.tool}
+                outcome["handle"] = h.id
                 self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
             else:
                 self._taint(ok.vt, label, origin)
@@ -738,11 +738,11 @@ class Supervisor:
             reply, outcome = self._failure(exc)
             if "detail" in reply["error"]:  # the tool's own words: never from a hidden result, else they taint
                 label, hide = self._result_label(ok, None)
-                try:
-                    hide or self._taint(ok.vt, label, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent})
+                try:  # and never if handles went in: its words may quote their content
+                    hide or ok.held or self._taint(ok.vt, label, origin)
                 except AuditUnavailable:
                     hide = True
-                if hide:
+                if hide or ok.held:
                     del reply["error"]["detail"]
         except Exception as exc:  # worker died, result undecodable, ...
             reply, outcome = self._failure(ToolFailed(f"{type(exc).__name__}: {exc}"[:500], tool=ok.tool,
@@ -781,18 +781,21 @@ class Supervisor:
             narrowed = vt.token.attenuate(*self.agents[target].delegate_caveats)
             child = self.keyring.verify(self.keyring.bind(narrowed, target))
             granted = self._granted(vt, child, target)
-            handles = [self.handles.get(entry.name, h, f"delegate:{target}") for h in body.get("handles", ())]
-            if child.runs[-1] not in self.runs and len(self.runs) >= MAX_RUNS:
-                raise DelegationDenied(f"{len(self.runs)} agent runs on this shard, the most it keeps")
+            self.ledger.check_rate(entry.name, f"delegate:{target}")  # each delegation is a run to keep
+            handles = [self.handles.get(entry.name, vt.runs[-1], h, f"delegate:{target}")
+                       for h in body.get("handles", ())]
+            if child.runs[-1] not in self.runs and self._chains[vt.holders[0]] >= MAX_RUNS:
+                raise DelegationDenied(f"{MAX_RUNS} runs of {vt.holders[0]!r}'s delegations, the most kept")
+            self._chains[vt.holders[0]] += child.runs[-1] not in self.runs  # one agent cannot use up the shard's
             # The delegate starts where its delegator is (it gets the task from it), never reset.
             run, parent = self.runs.setdefault(child.runs[-1], Run(target, child.depth)), self._run(vt)
             run.label, run.origin = run.label.join(parent.label), run.origin or parent.origin
             self._journal("c", child.runs[-1], run.agent, run.depth, run.label.public(), run.origin)
-            for h in handles:
-                h.agents.add(target)
             self.audit.record("delegate", agent=entry.name, to=target, tool=f"delegate:{target}", tools=granted,
                               token_id=vt.token_id.hex(), depth=child.depth, context=run.label.public(),
                               handles=[h.id for h in handles], tag_fp=sha256(child.tags[-1]).hexdigest()[:16])
+            for h in handles:  # to that run only, once on record
+                h.runs.add(child.runs[-1])
             self.counts[(entry.name, f"delegate:{target}", "allow")] += 1
             self.observer.decision(entry.name, f"delegate:{target}", "allow", None, 0.0)
             return _pack({"ok": True, "token": child.token.encode()})

@@ -183,9 +183,10 @@ def conform(p: ParamSpec, value: Any, where: str) -> Any:
         value = [conform(p.items, v, f"{where}[{i}]") for i, v in enumerate(value)]
     value = conform_fields(p.fields, value, where + ".") if p.fields is not None else value
     measure = len(value) if kind is str else value  # a string's bounds are on its length in code points
-    why = p.checks and next((w for check, param in p.checks if (w := check_arg(check, param, measure))), None)
-    if why or (p.enum is not None and check_arg("one_of", p.enum, value)):
-        raise MalformedRequest(f"argument {where!r}: {why or f'{value!r:.80} not in {list(p.enum or ())!r:.200}'}")
+    why = p.checks and any(check_arg(check, param, measure) for check, param in p.checks)
+    if why or (p.enum is not None and check_arg("one_of", p.enum, value)):  # no value quoted: it may be a handle's
+        raise MalformedRequest(f"argument {where!r}: the {kind.__name__}{' length' if kind is str else ''} is outside "
+                               f"{dict(p.checks) if why else list(p.enum or ())!r:.200}")
     return value
 
 

@@ -23,7 +23,7 @@ def test_the_flow_case_checks_the_sink_rules_and_the_off_case_does_not():
     assert bench.supervisor.authorize(bench.requests(off, 1)[0]).flow is None  # no rule: no flow step
     checked = bench.supervisor.authorize(bench.requests(on, 1)[0])
     assert checked.flow["handles"] == checked.flow["violations"] == [] and len(checked.flow["checked"]) == 3
-    with_handle = bench.supervisor.authorize(bench.requests(on, 1, body=bench.handle())[0])
+    with_handle = bench.supervisor.authorize(bench.requests(on, 1, body=bench.handle(on))[0])
     assert len(with_handle.flow["handles"]) == 1 and with_handle.flow["violations"] == []
     assert with_handle.args["body"].startswith("the quarterly figures")  # substituted
     assert with_handle.held["body"].readers  # the readers check had a reader set to match 'to' against

@@ -400,7 +400,7 @@ def test_a_reader_pattern_that_would_admit_a_lookalike_domain_is_a_policy_error(
     from runtime.errors import ConfigError
     from runtime.policyfile import parse_policy
 
-    with pytest.raises(ConfigError, match=r"'\*corp.example' \(a pattern is"):
+    with pytest.raises(ConfigError, match=r"at tools.mail.read.output.readers.0: '\*corp.example' is not a reader"):
         parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {"readers": ["*corp.example"]}}}})
     assert parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {
         "readers": ["*@corp.example", "*.corp.example", "bob@x.example"]}}}})
