@@ -42,7 +42,8 @@ def check_policy_tools(policy: Policy, tools: dict[str, ToolSpec], *, source: st
         named = [("args." + a, a) for a in (flow.args if flow and isinstance(flow.args, dict) else {})]
         named += [("destination", flow.destination)] if flow and flow.destination not in (None, "public") else []
         errors += [f"  at tools.{name}.ifc.{where}: tool {name!r} has no parameter {arg!r}; its parameters: "
-                   f"{', '.join(sorted(tools[name].params))}" for where, arg in named if arg not in tools[name].params]
+                   f"{', '.join(sorted(tools[name].params))}" + "".join(f" (did you mean {m!r}?)" for m in
+                   get_close_matches(arg, tools[name].params, 1)) for where, arg in named if arg not in tools[name].params]
     if errors:
         raise ConfigError("\n".join([f"{source}: {len(errors)} error(s)", *errors]), code=ErrorCode.POLICY_INVALID)
 

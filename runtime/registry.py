@@ -80,8 +80,9 @@ def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, A
     for name, rule in sorted(policy.tools.items()):
         t = tools.get(name)
         if t is None:
+            hint = " (it is in runtime.toolbox: add that module to the job's tools)" if name in BUILT_IN else ""
             raise ConfigError(f"policy of {agent!r} names tool {name!r}, which {offered_by} does not offer "
-                              f"(tools: {sorted(tools)})", code=ErrorCode.JOB_INVALID)
+                              f"(tools: {sorted(tools)}){hint}", code=ErrorCode.JOB_INVALID)
         if t.spec.effect != rule.effect:
             raise ConfigError(f"policy of {agent!r}: tool {name!r} has effect {t.spec.effect!r}, policy "
                               f"says {rule.effect!r}", code=ErrorCode.JOB_INVALID)
@@ -96,6 +97,7 @@ def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, A
 
 
 _CANONICAL = {"path": canonical_path, "host": host_value}
+BUILT_IN = frozenset({"python.exec", "shell.exec", "fs.read", "fs.write", "fs.list", "http.fetch", "handle.reveal"})
 
 
 def _when(rule: Any) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[s
             dests = args.get(f.arg) if f.arg else []
             dests = dests if isinstance(dests, list) else [dests]
             if every.readers and not (dests and all(every.admits(destination(d)) for d in dests)):
-                out.append((f, f.arg or "(anyone)", every))
+                out.append((f, "(data)", every))  # all the call carries, the rule names the destination
             continue
         lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx
         if lab.integrity < LEVELS[f.need]:

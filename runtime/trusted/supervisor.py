@@ -470,8 +470,8 @@ class Supervisor:
         v = next((v for mode, v in broken if mode == "deny"), None)
         self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
         if v:
-            raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']}, from {v['origin'] or 'the task'}", flow=v,
-                             tool=tool)
+            raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']['integrity']}, readers {v['label']['readers']}, "
+                             f"from {v['origin'] or 'the task'}", flow=v, tool=tool)
         return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for _, h in used],
                                        "bytes": n, "violations": [v for _, v in broken]}
 

