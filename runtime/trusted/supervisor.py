@@ -455,7 +455,7 @@ class Supervisor:
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, vt.runs[-1], ref, tool))
-        if (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # one handle named 1000 times
+        if used and (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # named 1000 times
             raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
@@ -473,7 +473,7 @@ class Supervisor:
             raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']['integrity']}, readers {v['label']['readers']}, "
                              f"from {v['origin'] or 'the task'}", flow=v, tool=tool)
         return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for _, h in used],
-                                       "bytes": n, "violations": [v for _, v in broken]}
+                                       "bytes": sum(h.nbytes for _, h in used), "violations": [v for _, v in broken]}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
         """Run ``vt.runs[i]``: a root run starts as its task (trusted); a delegated one unknown here, untrusted."""
