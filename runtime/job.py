@@ -26,7 +26,6 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifacts import collect_artifacts
@@ -38,7 +37,7 @@ from .jobcheck import check_job
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
 from .trusted.policy import OutputRule, Policy
-from .policyfile import explain_error, load_policy
+from .policyfile import load_policy, read_yaml, validated
 from .registry import check_policy_against_tools, register_agent
 
 
@@ -224,20 +223,10 @@ class LoadedJob:
 def load_job(path: str | Path) -> LoadedJob:
     """Parse and validate a job file and everything it names. Raises ConfigError(JOB_INVALID)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read job file: {exc.strerror}", code=ErrorCode.JOB_INVALID) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}", code=ErrorCode.JOB_INVALID) from None
+    data = read_yaml(path, "job file", ErrorCode.JOB_INVALID)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file must be a YAML mapping", code=ErrorCode.JOB_INVALID)
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{path}: {len(exc.errors())} error(s)"]
-        lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top)'}: {explain_error(JobSpec, e)}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines), code=ErrorCode.JOB_INVALID) from None
+    spec = validated(JobSpec, data, path, ErrorCode.JOB_INVALID)
     base = path.resolve().parent
     classes: dict[str, type[Agent]] = {}
     for a in spec.agents:

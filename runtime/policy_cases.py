@@ -35,14 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ConfigError, ErrorCode, WardenError
+from .errors import ErrorCode, WardenError
 from .agent import is_handle
 from .harness import Decision, PolicyHarness
 from .trusted.policy import Policy
-from .policyfile import load_policy
+from .policyfile import load_policy, read_yaml, validated
 
 __all__ = ["CaseFile", "CaseResult", "CasesReport", "load_cases", "run_cases"]
 
@@ -136,19 +135,8 @@ class CaseFile(_Strict):
 
 def load_cases(path: str | Path) -> CaseFile:
     """Parse and validate a case file. Raises ConfigError(POLICY_INVALID) with the place and reason."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read case file: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
-    try:
-        return CaseFile.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{path}: {len(exc.errors())} error(s)"]
-        lines += [f"  at {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+    data = read_yaml(path, "case file", ErrorCode.POLICY_INVALID)
+    return validated(CaseFile, data, path, ErrorCode.POLICY_INVALID)
 
 
 @dataclass

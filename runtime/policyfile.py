@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -84,16 +84,36 @@ def explain_error(model: type[BaseModel], err: Any) -> str:
     return f"{err['msg']} (did you mean {near[0]!r}?)" if near else err["msg"]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml(path: str | Path, what: str, code: ErrorCode, *, text: str | None = None) -> Any:
+    """The YAML document in the file ``path`` (or in ``text``, named ``path``); ConfigError(``code``) if
+    the file cannot be read (``what`` says what it should have been) or is not YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8") if text is None else text)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}", code=code) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}", code=code) from None
+
+
+def validated(model: type[M], data: Any, source: str | Path, code: ErrorCode) -> M:
+    """``data`` as a ``model``; else ConfigError(``code``) naming each fault at its place in the file
+    (with the key most likely meant for a misspelt one)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {len(exc.errors())} error(s)"]
+        lines += [f"  at {_where(e['loc'])}: {explain_error(model, e)}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines), code=code) from None
+
+
 def parse_policy(data: Any, *, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a policy must be a YAML mapping, got {type(data).__name__}",
                           code=ErrorCode.POLICY_INVALID)
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{source}: {len(exc.errors())} error(s)"]
-        lines += [f"  at {_where(e['loc'])}: {explain_error(Policy, e)}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines), code=ErrorCode.POLICY_INVALID) from None
+    policy = validated(Policy, data, source, ErrorCode.POLICY_INVALID)
     empty = [f"tools.{t}.ifc" for t, r in policy.tools.items() if r.ifc and not r.ifc.caveats(t)]
     empty += [f"ifc.{i}" for i, r in enumerate(policy.ifc) if not r.caveats("*")]
     if empty:  # harmless (it adds no rule), but surely not what was meant
@@ -129,11 +149,6 @@ def load_policy(source: str | Path | dict[str, Any]) -> Policy:
     leading ``{``) or a dict: all through ``parse_policy``."""
     inline = isinstance(source, dict) or isinstance(source, str) and ("\n" in source or source.lstrip()[:1] == "{")
     where = f"<policy {type(source).__name__}>" if inline else str(source)
-    try:
-        data = source if isinstance(source, dict) else yaml.safe_load(
-            source if inline else Path(source).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read policy: {exc.strerror}", code=ErrorCode.POLICY_INVALID) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}", code=ErrorCode.POLICY_INVALID) from None
+    data = source if isinstance(source, dict) else read_yaml(where, "policy", ErrorCode.POLICY_INVALID,
+                                                             text=source if inline else None)
     return parse_policy(data, source=where)
