@@ -6,36 +6,20 @@ and guarded by a file lock because several tool workers may touch it at once.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import shutil
 import dataclasses
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
 from runtime.egress import FetchSettings, fetch
-from runtime.tool import URL, ToolContext, tool
+from runtime.tool import URL, ToolContext, run_state, tool
 
 _SEED = Path(__file__).with_name("chat_seed.json")
 MAX_POST_BYTES = 64 * 1024
 
 
-@contextmanager
-def _workspace(ctx: ToolContext, write: bool = False) -> Iterator[dict[str, Any]]:
-    run_dir = Path(ctx.config["run_dir"])
-    store = run_dir / "chat.json"
-    with open(run_dir / "chat.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not store.exists():
-            shutil.copyfile(ctx.config.get("chat", {}).get("seed") or _SEED, store)
-        data = json.loads(store.read_text())
-        yield data
-        if write:
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(store)
+def _workspace(ctx: ToolContext, write: bool = False) -> Any:
+    return run_state(ctx, "chat", ctx.config.get("chat", {}).get("seed") or _SEED, write=write)
 
 
 def _channel(data: dict[str, Any], channel: str) -> list[dict[str, Any]]:

@@ -10,16 +10,13 @@ where their data may flow, is the supervisor's, from the policies.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from runtime.tool import URL, ToolContext, tool
+from runtime.tool import URL, ToolContext, run_state, tool
 
 _SEED = Path(__file__).with_name("world.json")
 # What a write tool returns is its own receipt (an id, what was done), not outside data: trusted,
@@ -28,20 +25,16 @@ _SEED = Path(__file__).with_name("world.json")
 RECEIPT = {"integrity": "trusted", "carries_inputs": False}
 
 
-@contextmanager
-def _world(ctx: ToolContext, write: bool = False) -> Iterator[dict[str, Any]]:
-    run_dir = Path(ctx.config["run_dir"])
-    store = run_dir / "world.json"
-    with open(run_dir / "world.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not store.exists():
-            shutil.copyfile(_SEED, store)
-        data = json.loads(store.read_text())
-        yield data
-        if write:
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(store)
+def _world(ctx: ToolContext, write: bool = False) -> Any:
+    return run_state(ctx, "world", _SEED, write=write)
+
+
+def _entry(ctx: ToolContext, section: str, key: str, what: str) -> Any:
+    """``data[section][key]`` of the world; KeyError naming ``what`` is missing."""
+    with _world(ctx) as data:
+        if key not in data[section]:
+            raise KeyError(f"no {what} {key!r}")
+        return data[section][key]
 
 
 def _record(ctx: ToolContext, kind: str, **what: Any) -> dict[str, Any]:
@@ -104,10 +97,7 @@ def bank_pay(iban: str, amount: float, memo: str = "", *, ctx: ToolContext) -> d
 @tool(effect="read", name="docs.read")
 def docs_read(path: str, *, ctx: ToolContext) -> str:
     """Read a document of the shared drive."""
-    with _world(ctx) as data:
-        if path not in data["docs"]:
-            raise KeyError(f"no document {path!r}")
-        return data["docs"][path]
+    return _entry(ctx, "docs", path, "document")
 
 
 @tool(effect="read", name="docs.list")
@@ -160,10 +150,7 @@ def web_post(url: Annotated[str, URL], body: Any, *, ctx: ToolContext) -> dict[s
 @tool(effect="read", name="vault.get")
 def vault_get(name: str, *, ctx: ToolContext) -> str:
     """A secret of the team vault (deploy keys, API tokens)."""
-    with _world(ctx) as data:
-        if name not in data["vault"]:
-            raise KeyError(f"no secret {name!r}")
-        return data["vault"][name]
+    return _entry(ctx, "vault", name, "secret")
 
 
 @tool(effect="read", name="tickets.read")

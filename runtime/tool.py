@@ -18,12 +18,17 @@ of JSON Schema is enforced.
 from __future__ import annotations
 
 import copy
+import fcntl
 import importlib
 import inspect
+import json
+import shutil
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterable, get_args, get_origin
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Iterator, get_args, get_origin
 
 from .sandbox.context import ToolContext
 from .schema import SchemaError, params_from_schema
@@ -202,6 +207,25 @@ def _check_callable(name: str, fn: Callable[..., Any], params: dict[str, ParamSp
     if needed - {n for n, p in params.items() if p.required or p.default is not None or p.nullable}:
         raise TypeError(f"tool {name}: {fn.__name__} needs {sorted(needed)}, which the schema does not require")
     return "ctx" in named
+
+
+@contextmanager
+def run_state(ctx: ToolContext, name: str, seed: str | Path, *, write: bool = False) -> Iterator[dict[str, Any]]:
+    """The JSON document ``<run dir>/<name>.json`` that a job's tool calls share (a demo's chat, a test's
+    world), created from the file ``seed`` on first use, held under a file lock (several tool workers
+    may use it at once) and, with ``write``, saved back (whole, by rename) when the block ends."""
+    run_dir = Path(ctx.config["run_dir"])
+    store = run_dir / f"{name}.json"
+    with open(run_dir / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.exists():
+            shutil.copyfile(seed, store)
+        data = json.loads(store.read_text())
+        yield data
+        if write:
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(store)
 
 
 def tools_in_module(module: str) -> list[Tool]:
