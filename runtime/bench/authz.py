@@ -44,7 +44,7 @@ from ..trusted.ledger import AgentQuota
 from ..trusted.supervisor import AgentEntry, Supervisor
 from ..trusted.wire import ParamSpec, ToolSpec
 from . import flow
-from .stats import Figure, rate_figure, summarise
+from .stats import Figure, rate_figure, summarise, timed_decisions
 
 SUITE = "authz"
 JOB = "bench-job"
@@ -140,19 +140,6 @@ class _NoDispatch:
         raise AssertionError("authorize() must not dispatch")
 
 
-def _timed(bench: _Bench, requests: list[bytes]) -> list[float]:
-    """One run: per-call latency in microseconds. Reservations are released between samples."""
-    authorize, release = bench.supervisor.authorize, bench.supervisor.ledger.release
-    clock = time.perf_counter_ns
-    samples = []
-    for req in requests:
-        t = clock()
-        ok = authorize(req)
-        samples.append((clock() - t) / 1000.0)
-        release(ok.reservation)
-    return samples
-
-
 def _rate(bench: _Bench, requests: list[bytes]) -> float:
     """One run: decisions per second back to back (reservations released after the run)."""
     authorize = bench.supervisor.authorize
@@ -178,10 +165,10 @@ class _NoGC:
 
 def _latency_figure(mode: str, n_caveats: int, runs: int, n: int, warmup: int, tool: str = TOOL) -> Figure:
     bench = _Bench(tool)
-    _timed(bench, bench.requests(mode, n_caveats, warmup))
+    timed_decisions(bench.supervisor, bench.requests(mode, n_caveats, warmup))
     per_run = [bench.requests(mode, n_caveats, n) for _ in range(runs)]
     with _NoGC():
-        samples = [_timed(bench, requests) for requests in per_run]
+        samples = [timed_decisions(bench.supervisor, requests) for requests in per_run]
     target = TARGETS_P50_US.get((mode, n_caveats)) if tool == TOOL else None
     name = f"authorize.{n_caveats}cav.{mode}" + ("" if tool == TOOL else ".one_arg")
     return summarise(SUITE, name, "us", samples, target_max_p50=target, caveats=n_caveats, token_cache=mode,

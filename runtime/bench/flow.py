@@ -40,7 +40,7 @@ from ..trusted.ledger import AgentQuota
 from ..trusted.policy import FlowRule, OutputRule
 from ..trusted.supervisor import AgentEntry, Supervisor
 from ..trusted.wire import ParamSpec, ToolSpec
-from .stats import Figure, summarise
+from .stats import Figure, percentile, summarise, timed_decisions, timed_runs
 
 SUITE = "authz"
 JOB = "bench-flow"
@@ -104,17 +104,6 @@ class FlowBench:
         return out
 
 
-def _timed(bench: FlowBench, requests: list[bytes]) -> list[float]:
-    authorize, release, clock = bench.supervisor.authorize, bench.supervisor.ledger.release, time.perf_counter_ns
-    samples = []
-    for req in requests:
-        t = clock()
-        ok = authorize(req)
-        samples.append((clock() - t) / 1000.0)
-        release(ok.reservation)
-    return samples
-
-
 def decision_figures(runs: int, n: int, warmup: int, no_gc: Any) -> list[Figure]:
     """``authorize.flow.off`` / ``.on`` / ``.on.handle``, and ``authorize.flow.added`` (on - off)."""
     bench = FlowBench()
@@ -125,17 +114,18 @@ def decision_figures(runs: int, n: int, warmup: int, no_gc: Any) -> list[Figure]
         "on": lambda k: bench.requests(tokens["on"], k),
         "on.handle": lambda k: bench.requests(tokens["on"], k, body=handle)}
     for make in cases.values():
-        _timed(bench, make(warmup))
+        timed_decisions(bench.supervisor, make(warmup))
     samples: dict[str, list[list[float]]] = {name: [] for name in cases}
     for _ in range(runs):  # alternate, so a change of machine load hits every case alike
         batches = {name: make(n) for name, make in cases.items()}
         with no_gc():
             for name, batch in batches.items():
-                samples[name].append(_timed(bench, batch))
+                samples[name].append(timed_decisions(bench.supervisor, batch))
     figures = [summarise(SUITE, f"authorize.flow.{name}", "us", runs_, caveats=4 + (3 if name != "off" else 0),
                          token_cache="cached", flow_rules=0 if name == "off" else 3,
                          handle=name == "on.handle") for name, runs_ in samples.items()]
-    added = [[_p50(on) - _p50(off)] for on, off in zip(samples["on"], samples["off"])]
+    added = [[percentile(sorted(on), 0.5) - percentile(sorted(off), 0.5)]  # each run's p50, as the figures take it
+             for on, off in zip(samples["on"], samples["off"])]
     figures.append(summarise(SUITE, "authorize.flow.added", "us", added, target_max_p50=ADDED_TARGET_US,
                              what="per pair of runs: p50 with the sink rules minus p50 without"))
     return figures
@@ -155,27 +145,13 @@ def labelling_figures(runs: int, n: int, warmup: int, no_gc: Any) -> list[Figure
             label, _hide = sup._result_label(ok, value)
             sup._taint(ok.vt, label, origin)
 
-        clock = time.perf_counter_ns
         for _ in range(warmup):
             once()
-        per_run = []
-        for _ in range(runs):
-            with no_gc():
-                samples = []
-                for _ in range(n):
-                    t = clock()
-                    once()
-                    samples.append((clock() - t) / 1000.0)
-            per_run.append(samples)
+        per_run = timed_runs(once, runs=runs, n=n, clock=time.perf_counter_ns, each_run=no_gc)
         sup.ledger.release(ok.reservation)
         figures.append(summarise(SUITE, f"label.result.{name}", "us", per_run,
                                  items=20 if name == "items20" else 0, item_rule=name == "items20"))
     return figures
-
-
-def _p50(samples: list[float]) -> float:
-    xs = sorted(samples)
-    return xs[len(xs) // 2]
 
 
 NOTES = [
