@@ -23,11 +23,10 @@ from typing import Any, Callable, ClassVar, Iterable, Protocol
 from pydantic import ValidationError
 
 from .errors import DelegationDenied, WardenError
-from .llm import (HANDLE_KEY, ChatModel, LoopResult, handles_in_text, model_from_config, run_tool_loop,
+from .llm import (HANDLE_KEY, ChatModel, LoopResult, handles_in_text, is_handle, model_from_config, run_tool_loop,
                   with_handle_guide)
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
-from .trusted.flow import HANDLE_KEYS
 from .trusted.policy import ArgRule, FlowRule
 from .policyfile import explain_error
 
@@ -139,11 +138,6 @@ class Agent:
             return await self.run(task)
         finally:
             _TOKEN.reset(reset)
-
-
-def is_handle(value: Any) -> bool:
-    """Whether ``value`` is a handle: a hidden result the supervisor keeps (pass it as an argument)."""
-    return type(value) is dict and isinstance(value.get("$handle"), str) and value.keys() <= HANDLE_KEYS
 
 
 def narrowing_caveats(*, now: float, tools: Iterable[str] | None = None, max_calls: int | None = None,

@@ -307,11 +307,15 @@ that counts as influenced by that data, so consequential actions (sending, payin
 refused or need a human's approval. Reveal a handle only when you must read the content yourself."""
 
 
+def is_handle(value: Any) -> bool:
+    """Whether ``value`` is a handle: a hidden result the supervisor keeps (pass it as an argument)."""
+    return type(value) is dict and isinstance(value.get(HANDLE_KEY), str) and value.keys() <= HANDLE_KEYS
+
+
 def is_handle_ref(value: Any) -> bool:
-    """A handle as the supervisor reads one (``runtime.is_handle``: ``$handle`` and nothing but ``label``,
+    """A handle as the supervisor reads one (``is_handle``: ``$handle`` and nothing but ``label``,
     ``bytes``, ``tool`` beside it), with an id of the supervisor's form ``h_...``."""
-    return (type(value) is dict and isinstance(value.get(HANDLE_KEY), str) and value[HANDLE_KEY].startswith("h_")
-            and value.keys() <= HANDLE_KEYS)
+    return is_handle(value) and value[HANDLE_KEY].startswith("h_")
 
 
 def handles_in(value: Any) -> list[dict]:
