@@ -22,9 +22,9 @@ TOOLS = ["flow_tools", "runtime.toolbox"]
 ALICE = {"one_of": ["alice@corp.example"]}
 
 
-def policy(agent: str, **extra: Any) -> dict[str, Any]:
+def policy(agent: str, delegates: tuple[str, ...] = ("helper", "fresh"), **extra: Any) -> dict[str, Any]:
     """A per-agent policy of the kind people write: every tool it needs, arguments free, labels
-    declared once per tool."""
+    declared once per tool. ``tools`` entries are merged in (None: the tool left out)."""
     tools = {
         "mail.read": {"effect": "read"},
         "mail.read_from": {"effect": "read", "output": {"trusted_items": {"path": "messages",
@@ -38,9 +38,9 @@ def policy(agent: str, **extra: Any) -> dict[str, Any]:
         "fail.read": {"effect": "read"},
     }
     for name, rule in extra.pop("tools", {}).items():
-        tools[name] = {**tools.get(name, {}), **rule}
-    return {"agent": agent, "tools": tools, "delegation": {"can_delegate_to": ["helper", "fresh"], "max_depth": 3},
-            **extra}
+        tools[name] = {**tools.get(name, {}), **rule} if rule is not None else None
+    return {"agent": agent, "tools": {k: v for k, v in tools.items() if v is not None},
+            "delegation": {"can_delegate_to": list(delegates), "max_depth": 3}, **extra}
 
 
 @pytest.fixture

@@ -11,24 +11,15 @@ import pytest
 from runtime import PolicyHarness
 from runtime.errors import ErrorCode
 
+from test_flow import policy as flow_policy
+
 TOOLS = ["flow_tools", "runtime.toolbox"]
 
 
 def policy(agent: str, **extra: Any) -> dict[str, Any]:
-    """The per-agent policy of tests/unit/test_flow.py: every tool, arguments free, labels declared once."""
-    tools = {
-        "mail.read": {"effect": "read"},
-        "mail.send": {"effect": "write", "ifc": {"args": {"to": "trusted"}, "destination": "to"}},
-        "bank.pay": {"effect": "write", "ifc": {"context": "trusted"}},
-        "web.get": {"effect": "read"},
-        "web.post": {"effect": "write", "ifc": {"destination": "url"}},
-        "notes.read": {"effect": "read"},
-        "handle.reveal": {"effect": "read"},
-    }
-    for name, rule in extra.pop("tools", {}).items():
-        tools[name] = {**tools.get(name, {}), **rule} if rule is not None else None
-    return {"agent": agent, "tools": {k: v for k, v in tools.items() if v is not None},
-            "delegation": {"can_delegate_to": ["helper", "lax"], "max_depth": 3}, **extra}
+    """The per-agent policy of tests/unit/test_flow.py (every tool, arguments free, labels declared
+    once), delegating to helper and lax."""
+    return flow_policy(agent, delegates=("helper", "lax"), **extra)
 
 
 def hiding(agent: str, *names: str, **extra: Any) -> dict[str, Any]:
