@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from runtime.job import load_job, run_loaded
-from tests.cluster.test_job_submit import _PORT_NAMES, _clean_env, _free_port_block, _processes_with_env
+from tests.cluster.test_job_submit import _PORT_NAMES, _clean_env, _free_port_block, _kill_with_env
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,14 +84,7 @@ def _stop(second: SecondRay) -> None:
         except subprocess.TimeoutExpired:
             second.proc.kill()
             second.proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while (left := _processes_with_env(second.marker.encode())) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+    _kill_with_env(second.marker.encode())
     shutil.rmtree(second.base, ignore_errors=True)
 
 

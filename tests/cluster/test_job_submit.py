@@ -78,6 +78,18 @@ def _http_get(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode("utf-8", "replace")
 
 
+def _kill_with_env(entry: bytes, within_s: float = 10) -> None:
+    """SIGKILL this user's processes whose environment holds ``entry`` until none is left (or ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while (left := _processes_with_env(entry)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # gone already
+        time.sleep(0.1)  # another process's exit: nothing to await
+
+
 def _processes_with_env(entry: bytes) -> list[int]:
     """Pids of this user's processes whose environment holds ``entry`` (Linux /proc)."""
     pids = []
@@ -216,14 +228,7 @@ def _stop_head(head: Head) -> None:
     deadline = time.monotonic() + 3
     while _processes_with_env(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    deadline = time.monotonic() + 10
-    while (left := _processes_with_env(marker)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+    _kill_with_env(marker)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
