@@ -21,6 +21,20 @@ def note_write(text: str) -> str:
     return f"wrote {len(text)} chars"
 
 
+async def _mark_loop(agent: Agent, tool: str, task: dict[str, Any], k: int, codes: Any) -> None:
+    """Loop ``k`` of a load agent: ``task["calls"]`` calls of ``tool`` (path, i), each outcome counted by code."""
+    import asyncio
+
+    for j in range(task.get("calls", 0)):
+        try:
+            await agent.call(tool, path=task["path"], i=k * 100_000 + j)
+            codes["ok"] += 1
+        except WardenError as exc:
+            codes[exc.code.value] += 1
+            if exc.code.value == "SUPERVISOR_UNAVAILABLE":
+                await asyncio.sleep(0.05)  # a client backing off while its shard restarts
+
+
 async def _attempt(coro: Any) -> dict[str, Any]:
     try:
         return {"ok": True, "value": await coro}
@@ -154,18 +168,7 @@ class LoadAgent(Agent):
         from collections import Counter
 
         codes: Counter[str] = Counter()
-
-        async def loop(k: int) -> None:
-            for j in range(task.get("calls", 0)):
-                try:
-                    await self.call("load.mark", path=task["path"], i=k * 100_000 + j)
-                    codes["ok"] += 1
-                except WardenError as exc:
-                    codes[exc.code.value] += 1
-                    if exc.code.value == "SUPERVISOR_UNAVAILABLE":
-                        await asyncio.sleep(0.05)  # a client backing off while its shard restarts
-
-        await asyncio.gather(*[loop(k) for k in range(task["parallel"])])
+        await asyncio.gather(*[_mark_loop(self, "load.mark", task, k, codes) for k in range(task["parallel"])])
         return dict(codes)
 
 
@@ -239,19 +242,9 @@ class CrashLoadAgent(Agent):
         if task.get("workspace"):
             out["wrote"] = await _attempt(self.call("fs.write", path="/workspace/keep.txt", content="kept"))
         codes: Counter[str] = Counter()
-
-        async def loop(k: int) -> None:
-            for j in range(task.get("calls", 0)):
-                try:
-                    await self.call("crash.mark", path=task["path"], i=k * 100_000 + j)
-                    codes["ok"] += 1
-                except WardenError as exc:
-                    codes[exc.code.value] += 1
-                    if exc.code.value == "SUPERVISOR_UNAVAILABLE":
-                        await asyncio.sleep(0.05)  # a client backing off while its shard restarts
-
         held = [_attempt(self.call("crash.hold", path=task["hold"]))] if task.get("hold") else []
-        done = await asyncio.gather(*held, *[loop(k) for k in range(task.get("parallel", 0))])
+        done = await asyncio.gather(*held, *[_mark_loop(self, "crash.mark", task, k, codes)
+                                             for k in range(task.get("parallel", 0))])
         if held:
             out["hold"] = done[0]
         if task.get("workspace"):
