@@ -67,9 +67,8 @@ _FAILED_WITHOUT_CODE = ErrorCode.TOOL_FAILED.value  # as the supervisor maps cod
 _BUDGET_KINDS = ("calls", "cost")
 _ANOMALY_KINDS = ("rate", "denial_burst")
 _FLOW_RESULTS = ("allow", "deny", "approve")
-_ANSWER_RESULTS = ("endorsed", "free", "invalid")
 _METHODS = ("decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine", "unquarantine", "flow",
-            "context", "handles", "answer")
+            "context", "handles")
 
 
 def _clean(value: object) -> str:
@@ -170,9 +169,8 @@ class PrometheusObserver:
         self.handle_count = Gauge("warden_handles", "Live handles issued to the agent.", [j, "agent"], registry=r)
         self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of content the supervisor holds behind the "
                                   "agent's live handles.", [j, "agent"], registry=r)
-        self.reader_answers = Counter("warden_reader_answers", "Answers of the quarantined reader (reader.ask), "
-                                      "as the supervisor judged them: endorsed (validated), free (free text, "
-                                      "returned as a handle) or invalid (READER_INVALID).",
+        self.reader_answers = Counter("warden_reader_answers", "Answers of the quarantined reader to the agent: "
+                                      "endorsed (validated), free (free text, a handle) or invalid (READER_INVALID).",
                                       [j, "agent", "result"], registry=r)
         self._integrity: dict[str, int] = {}  # agent -> lowest integrity reported (it never goes up)
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
@@ -270,7 +268,7 @@ class PrometheusObserver:
 
     def answer(self, agent: str, result: str) -> None:
         try:
-            verdict = result if result in _ANSWER_RESULTS else "invalid"  # anything unknown was not endorsed
+            verdict = result if result in ("endorsed", "free") else "invalid"  # anything unknown is not an answer
             self.reader_answers.labels(self.job, self._agent(agent), verdict).inc()
         except Exception:
             self._failed("answer")
