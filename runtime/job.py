@@ -292,10 +292,9 @@ def load_job(path: str | Path) -> LoadedJob:
 
 def reader_problem(has_reader: bool, tools: Any, policies: dict[str, Policy]) -> str | None:
     """Why the job's ``reader:`` section and its tools and policies do not fit together, or None."""
-    if ASK in tools:
-        return f"tool {ASK!r} is defined by a module in tools:; it is the job's own (its reader: section)"
     if has_reader:
-        return None
+        return (f"tool {ASK!r} is defined by a module in tools:, and the job's reader: section offers it too"
+                if ASK in tools else None)
     askers = sorted(name for name, policy in policies.items() if ASK in policy.tools)
     if askers:
         return (f"the policies of {askers} allow {ASK}, but the job has no reader: section to answer it "

@@ -102,10 +102,10 @@ def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | 
         out += [f"{source}: delegates to unknown agents {unknown}"] if unknown else []
         if tools is None:
             continue
-        out += [f"{source}: allows {n}, but the job has no reader: section to answer it (add reader: "
-                "{model: ...} to the job file, or remove it from the policy)" if n == ASK and not reader
-                else f"{source}: tool {n!r} is defined by no module in {modules}" for n in sorted(policy.tools)
-                if n not in tools]
+        out += [f"{source}: allows {ASK}, but the job has no reader: section to answer it (add reader: "
+                "{model: ...} to the job file, or remove it from the policy)"] if ASK in policy.tools and not reader else []
+        out += [f"{source}: tool {n!r} is defined by no module in {modules}" for n in sorted(policy.tools)
+                if n not in tools and n != ASK]
         out += [f"{source}: tool {n!r} has effect {tools[n].effect!r}, the policy says {r.effect!r}"
                 for n, r in sorted(policy.tools.items()) if n in tools and tools[n].effect != r.effect]
         try:
