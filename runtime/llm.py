@@ -677,7 +677,8 @@ class ScriptedReader:
       writes prose or broken JSON).
 
     No rule applies: ``default`` if given, else a ``ModelError``. The answer is written as JSON, as a
-    real reader is asked to. ``seen`` holds each question asked.
+    real reader is asked to. A rule may add ``delay_s`` (seconds before it answers: a slow model).
+    ``seen`` holds each question asked.
     """
 
     def __init__(self, rules: list[dict], default: Any = ...) -> None:
@@ -688,11 +689,14 @@ class ScriptedReader:
         self.seen: list[str] = []
 
     @staticmethod
-    def _check(rule: Any, where: str) -> tuple[re.Pattern[str], str, Any]:
+    def _check(rule: Any, where: str) -> tuple[re.Pattern[str], str, Any, float]:
         if not isinstance(rule, dict):
             raise ValueError(f"{where}: a rule is a mapping with 'question' and one of {list(_RULE_KINDS)}")
         kinds = [k for k in _RULE_KINDS if k in rule]
-        if len(kinds) != 1 or set(rule) - {"question", *_RULE_KINDS}:
+        delay = rule.get("delay_s", 0)
+        if type(delay) not in (int, float) or not 0 <= delay <= 3600:
+            raise ValueError(f"{where}: delay_s must be a number of seconds (0 to 3600)")
+        if len(kinds) != 1 or set(rule) - {"question", "delay_s", *_RULE_KINDS}:
             raise ValueError(f"{where}: takes 'question' and exactly one of {list(_RULE_KINDS)}; "
                              f"got {sorted(rule)}")
         question, kind = rule.get("question", ""), kinds[0]
@@ -710,7 +714,7 @@ class ScriptedReader:
                 raise ValueError(f"{where}: extract has {value.groups} groups; at most one")
         elif kind == "text" and not isinstance(value, str):
             raise ValueError(f"{where}: text must be a string")
-        return pattern, kind, value
+        return pattern, kind, value, float(delay)
 
     async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn:
         from .reader import prompt_parts
@@ -720,9 +724,11 @@ class ScriptedReader:
         except ValueError as exc:
             raise ModelError(f"scripted reader: {exc}") from None
         self.seen.append(question)
-        for pattern, kind, value in self.rules:
+        for pattern, kind, value, delay_s in self.rules:
             if not pattern.search(question):
                 continue
+            if delay_s:
+                await asyncio.sleep(delay_s)  # a slow model: nothing to wait for but time
             if kind == "text":
                 return ModelTurn(value)
             if kind == "answer":
