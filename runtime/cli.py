@@ -3,7 +3,7 @@
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden job check JOB.yaml...        everything checkable before Ray starts, one line per problem
     warden policy check FILE...         validate policies (exit 1 on any error)
-    warden policy explain FILE          what a policy allows, labels and sink rules, as a table or --json
+    warden policy explain FILE          what a policy allows, labels, sink rules, reader schemas; or --json
     warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records

@@ -406,3 +406,16 @@ def test_the_reader_job_file_example_in_the_readme_loads(tmp_path):
     section = {"reader": yaml.safe_load(textwrap.dedent(block))["reader"]}
     path = _write(tmp_path, JOB + yaml.safe_dump(section))
     assert ASK in load_job(path).tools
+
+
+def test_policy_explain_shows_the_reader_schemas(tmp_path):
+    from runtime.cli import _table
+    from runtime.explain import flow_lines, flow_view
+    from runtime.policyfile import load_policy
+
+    (tmp_path / "p.yaml").write_text(POLICY + "schemas:\n  amount: {type: number, minimum: 0, maximum: 5000}\n")
+    view = flow_view(load_policy(tmp_path / "p.yaml"))
+    assert view["schemas"] == {"amount": AMOUNT}
+    text = "\n".join(flow_lines(view, _table))
+    assert 'reader schemas' in text and 'amount: {"maximum": 5000, "minimum": 0, "type": "number"}' in text
+    assert "reader schemas" not in "\n".join(flow_lines(flow_view({"tools": {}}), _table))
