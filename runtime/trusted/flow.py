@@ -25,7 +25,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 
@@ -290,16 +290,18 @@ def _leaves(v: Any) -> Iterator[Any]:
         yield v
 
 
-def carries(value: Any, answer: Any) -> bool:
-    """Does an argument carry ``answer``? A number: one equal to it, in a string too ("1,240.50"). A string:
+def carried(value: Any, answers: Iterable[Answer]) -> list[Answer]:
+    """The ``answers`` an argument carries. A number: one equal to it, in a string too ("1,240.50"). A string:
     its letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
-    for a in answer if isinstance(answer, list) else [answer]:
-        for x in _leaves(value) if type(a) is not bool else ():
-            if type(a) is str and (n := _SEP.sub("", a.casefold())) and type(x) in (str, int, float):
-                m = _SEP.sub("", str(x).casefold())
-                if n in m if len(n) > 2 else n == m:
-                    return True
-            elif _number(a) and (type(x) in (int, float) and x == a or type(x) is str and any(
-                    float(d.replace(",", "")) == a for d in _NUM.findall(x))):
-                return True
-    return False
+    leaves = [x for x in _leaves(value) if type(x) in (str, int, float)]
+    words = [_SEP.sub("", str(x).casefold()) for x in leaves]
+    numbers = {float(d.replace(",", "")) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
+        x for x in leaves if type(x) is not str}
+    out = []
+    for a in answers:
+        for v in a.value if isinstance(a.value, list) else [a.value]:
+            n = _SEP.sub("", v.casefold()) if type(v) is str else None
+            if n and any(n in w if len(n) > 2 else n == w for w in words) or _number(v) and v in numbers:
+                out.append(a)
+                break
+    return out

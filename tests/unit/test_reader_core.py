@@ -14,7 +14,7 @@ from runtime import PolicyHarness
 from runtime.errors import ConfigError, ErrorCode
 from runtime.observe import status_of
 from runtime.policyfile import load_policy
-from runtime.trusted.flow import answer_kind, carries, check_answer
+from runtime.trusted.flow import Answer, Label, answer_kind, carried, check_answer
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import MAX_ANSWERS, Supervisor
 
@@ -94,12 +94,18 @@ def test_an_answer_is_checked_against_its_schema(schema, answer, ok):
             check_answer(schema, answer)
 
 
+def carries(value: Any, answer: Any) -> bool:
+    return bool(carried(value, [Answer(answer, Label(1), {})]))
+
+
 def test_an_argument_carries_an_answer_copied_as_it_is_or_normalised():
     assert carries({"amount": 480}, 480) and carries("Total: 1,240.50 EUR", 1240.5) and carries([1, 480.0], 480)
     assert carries("FR1420041010", "FR14 2004 1010") and carries({"to": "#General"}, "general")
     assert carries({"k": {"acme": 1}}, "ACME")  # keys too
     assert not carries({"amount": 481}, 480) and not carries("abc", True) and not carries("ab c", "a")
-    assert carries("a", "a") and carries(["x", "b"], ["b"])
+    assert carries("a", "a") and carries(["x", "b"], ["b"]) and not carries(True, 1) and carries("-5 EUR", -5)
+    three = [Answer(v, Label(1), {"call_id": str(v)}) for v in (480, "acme", False)]
+    assert carried({"memo": "acme invoice", "amount": 480}, three) == three[:2]
 
 
 # ---------------------------------------------------------------------------- through the supervisor
