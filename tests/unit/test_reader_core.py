@@ -174,7 +174,7 @@ INVOICE = object()  # stands for the handle each test reads
     ({"handle": INVOICE, "question": "q", "schema": {"type": "object"}}, "not a reader schema"),
     ({"handle": INVOICE, "question": "q", "schema": "nope"}, "no schema named 'nope'"),
     ({"handle": INVOICE, "question": "q", "schema": {"type": "string", "pattern": ".*", "maxLength": 999}},
-     "maxLength"),
+     "not a reader schema"),
 ])
 def test_a_bad_ask_is_malformed_before_any_reader_runs(h, args, why):
     invoice = h.call("banker", "mail.read").value
@@ -186,7 +186,7 @@ def test_a_bad_ask_is_malformed_before_any_reader_runs(h, args, why):
 def test_a_bad_schema_in_a_policy_does_not_load():
     with pytest.raises(ConfigError) as exc:
         load_policy({**policy("x"), "schemas": {"bad": {"type": "number"}}})
-    assert exc.value.code is ErrorCode.POLICY_INVALID and "finite bounds" in str(exc.value.reason)
+    assert exc.value.code is ErrorCode.POLICY_INVALID and "not a reader schema" in str(exc.value.reason)
 
 
 def test_another_agents_handle_cannot_be_asked_about(h):
