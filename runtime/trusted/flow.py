@@ -38,12 +38,12 @@ HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
 ASK = "reader.ask"  # the reader: a model that sees one handle's content and a question, nothing else
 MAX_CHOICES, MAX_CHARS, MAX_ITEMS, MAX_FREE = 64, 64, 16, 1 << 16  # what a low-capacity answer may be
 _SHAPES = {"boolean": {"type"}, "enum": {"type", "enum"}, "integer": {"type", "minimum", "maximum"},
-           "number": {"type", "minimum", "maximum"}, "date": {"type", "format"}, "pattern": {"type", "pattern", "maxLength"},
-           "free": {"type", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}  # keys of each shape
-SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOICES} numbers or strings of <= {MAX_CHARS} "
-           "characters); {type: integer|number, minimum, maximum} (finite); {type: string, format: date}; {type: string, "
-           f"pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, maxItems <= {MAX_ITEMS}}}; "
-           f"or free text, answered with a handle: {{type: string, maxLength <= {MAX_FREE}}}")
+           "number": {"type", "minimum", "maximum"}, "date": {"type", "format"}, "free": {"type", "maxLength"},
+           "pattern": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}  # their keys
+SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOICES} numbers or strings of <= "
+           f"{MAX_CHARS} characters); {{type: integer|number, minimum, maximum}} (finite); {{type: string, format: "
+           f"date}}; {{type: string, pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, "
+           f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= {MAX_FREE}}}")
 _SEP, _NUM, _DATE = re.compile(r"[\W_]+"), re.compile(r"-?\d[\d,]*(?:\.\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -257,7 +257,7 @@ def answer_kind(s: Any, item: bool = False) -> bool:
 
 
 def check_answer(s: dict[str, Any], v: Any) -> Any:
-    """The answer ``v`` if schema ``s`` (``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
+    """``v`` if schema ``s`` (which ``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
     match _shape(s):
         case "enum":
             ok = any(v == e and type(v) is not bool and _number(v) == _number(e) for e in s["enum"])

@@ -468,7 +468,8 @@ class Supervisor:
         if used and (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # named 1000 times
             raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
         if tool == ASK and {a for a, _ in used} != {"handle"}:  # the reader sees one handle's content, no other
-            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one", tool=tool)
+            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one",
+                                   tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
         if tool == ASK:  # and a question, and a schema of low capacity (or free text: its answer a handle)
             try:
