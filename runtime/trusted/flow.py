@@ -39,11 +39,12 @@ ASK = "reader.ask"  # the reader: a model that sees one handle's content and a q
 MAX_CHOICES, MAX_CHARS, MAX_ITEMS, MAX_FREE = 64, 64, 16, 1 << 16  # what a low-capacity answer may be
 _SHAPES = {"boolean": {"type"}, "enum": {"type", "enum"}, "integer": {"type", "minimum", "maximum"},
            "number": {"type", "minimum", "maximum"}, "date": {"type", "format"}, "free": {"type", "maxLength"},
-           "pattern": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}  # their keys
+           "pattern": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}
 SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOICES} numbers or strings of <= "
            f"{MAX_CHARS} characters); {{type: integer|number, minimum, maximum}} (finite); {{type: string, format: "
            f"date}}; {{type: string, pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, "
-           f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= {MAX_FREE}}}")
+           f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= "
+           f"{MAX_FREE}}}")
 _SEP, _NUM, _DATE = re.compile(r"[\W_]+"), re.compile(r"-?\d[\d,]*(?:\.\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
