@@ -248,3 +248,15 @@ def test_past_the_answers_a_run_keeps_an_answer_lowers_its_context(h):
     over = ask(h, "banker", invoice, "one more", "amount", 7)
     assert over.value == 7 and over.outcome["context"]["integrity"] == "endorsed"
     assert h.call("banker", "bank.pay", {"iban": "FR14 2004 1010", "amount": 1}).code == "FLOW_DENIED"
+
+
+def test_audit_show_flow_lists_the_question_the_answer_and_where_it_was_read_from(h):
+    from runtime.auditlog import filter_records, format_flow, read_records
+    invoice = h.call("banker", "mail.read").value
+    ask(h, "banker", invoice, "How much is due?", "amount", 480)
+    ask(h, "banker", invoice, "Which payee?", "payee", "mallory")
+    lines = [format_flow(r) for r in filter_records(read_records(h.audit_path), kind="flow")]
+    asked = [line for line in lines if "reader.ask" in line]
+    assert any("sources=" in line and "mail.read call" in line for line in asked), asked
+    assert any("answer=480" in line and 'label="endorsed, readers: public"' in line for line in asked), asked
+    assert any("READER_INVALID" in line for line in asked), asked
