@@ -260,3 +260,43 @@ def test_audit_show_flow_lists_the_question_the_answer_and_where_it_was_read_fro
     assert any("sources=" in line and "mail.read call" in line for line in asked), asked
     assert any("answer=480" in line and 'label="endorsed, readers: public"' in line for line in asked), asked
     assert any("READER_INVALID" in line for line in asked), asked
+
+
+def test_no_sequence_lets_an_answer_reach_a_trusted_argument():
+    """Random sequences of asks (by the agent or a delegate), payments whose IBAN is a trusted literal or an
+    answer pasted as given, re-spaced or re-cased (by whichever agent of the tree), and reveals, checked
+    against a model of what the tree was told: a payment is allowed exactly when its IBAN carries no
+    answer and nothing tainted the payer's run; an endorsed amount never stops one."""
+    import random
+    rng = random.Random(1205)
+    for seq in range(30):
+        READER.clear()
+        with PolicyHarness(tools=["flow_tools", "runtime.toolbox"]) as h:
+            for name in ("banker", "helper", "sibling"):
+                h.add_agent(policy(name))
+            tokens = {"banker": None, "helper": h.delegate("banker", "helper").token,
+                      "sibling": h.delegate("banker", "sibling").token}
+            told, tainted = [], set()  # answers given anywhere in the tree; runs a reveal lowered (and the root)
+            for step in range(12):
+                who = rng.choice(list(tokens))
+                kind = rng.choice(["ask", "ask", "pay", "pay", "pay", "reveal"] if step > 2 else ["ask"])
+                if kind == "ask":
+                    invoice = h.call(who, "mail.read", token=tokens[who]).value
+                    iban = f"XX{rng.randrange(10, 99)} {rng.randrange(1000, 9999)} {rng.randrange(1000, 9999)}"
+                    got = ask(h, who, invoice, f"q{seq}.{step}", IBAN, iban, token=tokens[who])
+                    assert got.allowed and got.value == iban, got
+                    told.append(iban)
+                elif kind == "reveal":
+                    h.call(who, "handle.reveal", {"handle": h.call(who, "mail.read", token=tokens[who]).value},
+                           token=tokens[who])
+                    tainted |= {who, "banker"}
+                else:
+                    pasted = rng.choice(told) if told and rng.random() < 0.6 else None
+                    iban = "FR76 3000 6000 0112" if pasted is None else rng.choice(
+                        [pasted, pasted.replace(" ", ""), pasted.lower(), pasted.replace(" ", "-")])
+                    amount = rng.choice([10, 480])
+                    d = h.call(who, "bank.pay", {"iban": iban, "amount": amount}, token=tokens[who])
+                    expect_ok = pasted is None and who not in tainted
+                    assert d.allowed == expect_ok, (seq, step, who, iban, d)
+                    if not d.allowed:
+                        assert d.code == "FLOW_DENIED" and (who in tainted or d.audit["flow"]["arg"] == "iban"), d
