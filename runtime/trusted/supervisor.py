@@ -471,7 +471,13 @@ class Supervisor:
             raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one",
                                    tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
-        if tool == ASK:  # and a question, and a schema of low capacity (or free text: its answer a handle)
+        if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
+            for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
+                for a in carried(raw[name], answers):
+                    held[name] = held.get(name, a.label).join(a.label)
+                    used.append((name, a))
+        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
+        if tool == ASK:  # a schema of low capacity (or free text: its answer a handle); by name: the policy's
             try:
                 if isinstance(named := args.get("schema"), str) and named not in entry.schemas:
                     raise ValueError(f"no schema named {named!r:.40} in the policy of {entry.name!r}")
@@ -479,12 +485,6 @@ class Supervisor:
                 answer_kind(args["schema"])
             except ValueError as exc:
                 raise MalformedRequest(f"reader.ask: {exc}", tool=tool) from None
-        if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
-            for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
-                for a in carried(raw[name], answers):
-                    held[name] = held.get(name, a.label).join(a.label)
-                    used.append((name, a))
-        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
             return args, spec.cost, held, None
@@ -540,6 +540,8 @@ class Supervisor:
             self.observer.answer(ok.agent, "invalid")
             raise FlowDenied(str(exc), code=ErrorCode.READER_INVALID, tool=ASK) from None
         self.observer.answer(ok.agent, "free" if free else "endorsed")
+        for arg, lab in ok.held.items():  # what the question carries (an earlier answer) too
+            ctx = ctx if arg == "handle" else ctx.join(lab)
         label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
         if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on
