@@ -45,7 +45,7 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import (ASK, TOP, Answer, Handle, Handles, Label, Output, Run, answer_kind, carries, check_answer, rule_name,
+from .flow import (ASK, TOP, Answer, Handle, Handles, Label, Output, Run, answer_kind, carried, check_answer, rule_name,
                    substitute, violations)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
@@ -144,7 +144,7 @@ class Supervisor:
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
-        self.answers: dict[bytes, list[Answer]] = {}  # run -> the reader answers it was given (journaled)
+        self.answers: dict[bytes, list[Answer]] = {}  # root run -> the reader answers its chains got (journaled)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
@@ -463,13 +463,21 @@ class Supervisor:
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
+        raw = args  # as the agent wrote it
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, vt.runs[-1], ref, tool))
         if used and (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # named 1000 times
             raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
         if tool == ASK and {a for a, _ in used} != {"handle"}:  # the reader sees one handle's content, no other
-            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one", tool=tool)
+            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one",
+                                   tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
-        if tool == ASK:  # and a question, and a schema of low capacity (or free text: its answer a handle)
+        if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
+            for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
+                for a in carried(raw[name], answers):
+                    held[name] = held.get(name, a.label).join(a.label)
+                    used.append((name, a))
+        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
+        if tool == ASK:  # a schema of low capacity (or free text: its answer a handle); by name: the policy's
             try:
                 if isinstance(named := args.get("schema"), str) and named not in entry.schemas:
                     raise ValueError(f"no schema named {named!r:.40} in the policy of {entry.name!r}")
@@ -477,12 +485,6 @@ class Supervisor:
                 answer_kind(args["schema"])
             except ValueError as exc:
                 raise MalformedRequest(f"reader.ask: {exc}", tool=tool) from None
-        if self.answers:  # an argument that carries a reader's answer carries its label
-            for name, a in ((n, a) for rid in vt.runs for a in self.answers.get(rid, ()) for n in args
-                            if carries(args[n], a.value)):
-                held[name] = held.get(name, a.label).join(a.label)
-                used.append((name, a))
-        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
             return args, spec.cost, held, None
@@ -538,14 +540,18 @@ class Supervisor:
             self.observer.answer(ok.agent, "invalid")
             raise FlowDenied(str(exc), code=ErrorCode.READER_INVALID, tool=ASK) from None
         self.observer.answer(ok.agent, "free" if free else "endorsed")
+        for arg, lab in ok.held.items():  # what the question carries (an earlier answer) too
+            ctx = ctx if arg == "handle" else ctx.join(lab)
         label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
-        if not free:  # every run of the chain: a delegator may be handed it back
-            full = any(len(self.answers.get(rid, ())) >= MAX_ANSWERS for rid in ok.vt.runs)
-            for rid in () if full else ok.vt.runs:
-                self.answers.setdefault(rid, []).append(Answer(value, label, origin))
-                self._journal("a", rid, value, label.public(), origin)
-            self._taint(ok.vt, label if full else Label(2, label.readers), origin)
+        if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on
+            kept, root = self.answers.setdefault(ok.vt.runs[0], []), ok.vt.runs[0]
+            if len(kept) >= MAX_ANSWERS:
+                self._taint(ok.vt, label, origin)
+            else:
+                kept.append(Answer(value, label, origin))
+                self._journal("a", root, value, label.public(), origin)
+                self._taint(ok.vt, Label(2, label.readers), origin)
         return label, free, value
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
