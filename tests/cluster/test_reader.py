@@ -133,3 +133,32 @@ def test_an_agent_pays_a_hidden_bill_through_the_reader(ray_instance, tmp_path):
     assert [r["code"] for r in asks if r.get("code") == "WORKER_UNAVAILABLE"] == ["WORKER_UNAVAILABLE"]
     denied = {(r["tool"], r["code"]) for r in records if r.get("decision") == "deny"}
     assert denied == {("bank.pay", "FLOW_DENIED"), ("reader.ask", "MALFORMED")}
+
+
+def test_a_tool_calling_agents_model_asks_the_reader_and_pays_with_the_answer(ray_instance, tmp_path):
+    """A ToolCallingAgent whose (scripted) model reads the bill as a handle, asks the reader, and pays the
+    amount it was told; the same amount from a revealed bill would come from a tainted context."""
+    job = _job(tmp_path)
+    spec = yaml.safe_load(job.read_text())
+    policy = yaml.safe_load((tmp_path / "biller.yaml").read_text())
+    policy["tools"]["handle.reveal"] = {"effect": "read"}
+    (tmp_path / "biller.yaml").write_text(yaml.safe_dump(policy))
+    ask = {"call": "reader.ask", "args": {"handle": {"$handle_of": "docs.bill"}, "question": "What is the amount due?",
+                                          "schema": "amount"}}
+    pay = {"call": "bank.pay", "args": {"iban": IBAN, "amount": 1240.5}}
+    steps = [{"call": "docs.bill", "args": {}}, ask, pay,
+             {"call": "handle.reveal", "args": {"handle": {"$handle_of": "docs.bill"}}}, pay,
+             {"answer": "paid"}]
+    spec["tools"] = ["tests.cluster.reader_agents", "runtime.toolbox"]
+    spec["agents"] = [{"name": "biller", "class": "runtime.agent:ToolCallingAgent", "policy": str(tmp_path / "biller.yaml"),
+                       "config": {"model": {"kind": "scripted", "steps": steps}, "max_turns": 8}}]
+    spec["task"] = f"Pay the latest bill to {IBAN}."
+    job.write_text(yaml.safe_dump(spec))
+    result = Background(str(job), tmp_path / "runs").join()
+
+    assert result.ok, result.errors
+    out = result.results["biller"]
+    assert out["answer"] == "paid"
+    assert [(c["tool"], c["ok"], c["code"]) for c in out["calls"]] == [
+        ("docs.bill", True, None), ("reader.ask", True, None), ("bank.pay", True, None),
+        ("handle.reveal", True, None), ("bank.pay", False, "FLOW_DENIED")]  # read it yourself: the context is tainted
