@@ -419,3 +419,38 @@ def test_policy_explain_shows_the_reader_schemas(tmp_path):
     text = "\n".join(flow_lines(view, _table))
     assert 'reader schemas' in text and 'amount: {"maximum": 5000, "minimum": 0, "type": "number"}' in text
     assert "reader schemas" not in "\n".join(flow_lines(flow_view({"tools": {}}), _table))
+
+
+def test_an_openai_reader_gets_the_prompt_without_tools_and_its_answer_is_parsed():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": "```json\n1240.5\n```"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        clock = _Clock()
+        model = model_from_config({"kind": "openai", "base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                   "model": "reader-model", "timeout_s": 10})
+        reply = _run(Reader(dispatch_key=KEY, job="job-1", model=model, clock=clock), _dispatch(clock))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert reply == {"ok": True, "value": 1240.5, "cost": None}
+    (body,) = bodies
+    assert "tools" not in body and body["model"] == "reader-model"
+    assert prompt_parts(body["messages"]) == (INVOICE, "What is the amount due?", AMOUNT)
