@@ -148,6 +148,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"cannot load tools {args.tools}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    if args.tools:  # offered by a job's reader: section, not by a module
+        from .reader import ASK, ask_tool
+
+        tools.setdefault(ASK, ask_tool().spec)
     for path in args.files:
         try:
             p = load_policy(path)
@@ -299,7 +303,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     else:  # the built-in tools; delegates' policies found beside this one
         from pathlib import Path
 
-        tools, delegates, job_outputs = load_tools(["runtime.toolbox"]), {}, {}
+        from .reader import ASK, ask_tool
+
+        tools, delegates, job_outputs = {**load_tools(["runtime.toolbox"]), ASK: ask_tool()}, {}, {}
         for path in sorted(Path(args.file).parent.glob("*.y*ml")):
             try:
                 other = load_policy(path)
