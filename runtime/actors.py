@@ -96,6 +96,9 @@ class _Pool:
         if i in self._suspect:
             await self._healthy(i)
             i = self._pick(key)
+        return await self._send_to(i, method, payload)
+
+    async def _send_to(self, i: int, method: str, payload: Any) -> Any:
         try:
             return await getattr(self._workers[i], method).remote(payload)
         except ray.exceptions.ActorDiedError:
@@ -205,8 +208,9 @@ def _reply_of(answer: Any) -> bytes:
 
 class _Readers(_Pool):
     """The job's reader actors (``ReaderActor``). Each question goes to the live reader with the fewest
-    questions in flight from this shard (ties: the next in turn). A reader that failed a call is
-    probed before it gets another; while it is, the others take the questions."""
+    questions in flight from this shard (ties: the next in turn). A reader that failed a call, or
+    that the supervisor stopped waiting for, is probed in the background; until it answers, the
+    others take the questions (if there are none, they wait for the probe)."""
 
     what = "reader"
 
@@ -217,6 +221,9 @@ class _Readers(_Pool):
 
     def _pick(self, _key: str = "") -> int:
         live = self._live()
+        for k in [k for k, probe in self._suspect.items() if probe is None]:  # probed in the background: back soon
+            probe = self._suspect[k] = asyncio.ensure_future(self._probe(k))
+            probe.add_done_callback(lambda done, k=k: self._suspect.get(k) is done and self._suspect.pop(k))
         ready = [k for k in live if k not in self._suspect] or live
         n = len(self._workers)
         self._turn += 1
@@ -228,22 +235,12 @@ class _Readers(_Pool):
         try:
             if i in self._suspect:
                 await self._healthy(i)
-            return await self._call(i, message)
+            return await self._send_to(i, "execute", message)
+        except asyncio.CancelledError:  # the supervisor gave up waiting (a hung reader?): probe it before the next
+            self._suspect.setdefault(i, None)
+            raise
         finally:
             self._in_flight[i] -= 1
-
-    async def _call(self, i: int, message: bytes) -> bytes:
-        try:
-            return await getattr(self._workers[i], "execute").remote(message)
-        except ray.exceptions.ActorDiedError:
-            self._dead.add(i)
-            raise
-        except ray.exceptions.RayActorError:
-            self._suspect.setdefault(i, None)
-            raise
-        except asyncio.CancelledError:  # the supervisor gave up on it (hung?): probe it before the next question
-            self._suspect.setdefault(i, None)
-            raise
 
 
 PEER_TIMEOUT_S = 30.0

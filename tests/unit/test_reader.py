@@ -454,3 +454,27 @@ def test_an_openai_reader_gets_the_prompt_without_tools_and_its_answer_is_parsed
     (body,) = bodies
     assert "tools" not in body and body["model"] == "reader-model"
     assert prompt_parts(body["messages"]) == (INVOICE, "What is the amount due?", AMOUNT)
+
+
+def test_a_hung_reader_is_probed_and_the_others_take_the_questions_meanwhile():
+    readers = [_Fake("r0"), _Fake("r1")]
+    hang = asyncio.Event()
+
+    async def hung(method: str, payload: Any) -> Any:
+        await hang.wait()  # a process that stopped answering
+        return msgpack.packb({"ok": True, "value": "r1"})
+
+    readers[1]._call = hung  # type: ignore[method-assign]
+    d = _Placed([_Fake("worker")], {"a": 0}, readers)
+
+    async def go() -> list[Any]:
+        with pytest.raises(asyncio.TimeoutError):  # the supervisor's call timeout
+            await asyncio.wait_for(d.dispatch(ASK, _signed(ASK, 1), "a"), 0.05)
+        out = [_value(await d.dispatch(ASK, _signed(ASK, i), "a")) for i in range(2, 5)]
+        hang.set()  # it answers its probe again
+        while d._readers._suspect:
+            await asyncio.sleep(0.01)
+        return out + [_value(await d.dispatch(ASK, _signed(ASK, i), "a")) for i in range(5, 7)]
+
+    out = asyncio.run(go())
+    assert out[:3] == ["r0", "r0", "r0"] and sorted(out[3:]) == ["r0", "r1"]  # r1 hung meanwhile, then came back
