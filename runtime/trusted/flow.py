@@ -25,7 +25,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -288,13 +288,42 @@ def _is_date(v: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Answer:
     """A reader's answer given to a run: an argument that carries its value carries its label."""
 
     value: Any
     label: Label
     origin: dict[str, Any]
+
+
+@dataclass
+class Answers:
+    """The answers the chains of one root run were given, indexed by their words and numbers."""
+
+    kept: list[Answer] = field(default_factory=list)
+    words: list[tuple[str, Answer]] = field(default_factory=list)  # its strings, case-folded, letters and digits
+    numbers: dict[float, list[Answer]] = field(default_factory=dict)
+
+    def add(self, a: Answer) -> None:
+        self.kept.append(a)
+        for v in a.value if isinstance(a.value, list) else [a.value]:
+            if type(v) is str and (w := _SEP.sub("", v.casefold())):
+                self.words.append((w, a))
+            elif _number(v):
+                self.numbers.setdefault(v, []).append(a)
+
+    def carried(self, value: Any) -> list[Answer]:
+        """Those an argument carries. A number: one equal to it, in a string too ("1,240.50"). A string: its
+        letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
+        leaves = [x for x in _leaves(value) if type(x) in (str, int, float)]
+        words = {_SEP.sub("", str(x).casefold()) for x in leaves}
+        text = "\0".join(words)  # one search per answer word; no word holds the separator
+        numbers = {float(d.replace(",", "")) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
+            x for x in leaves if type(x) is not str}
+        found = [a for w, a in self.words if (w in text if len(w) > 2 else w in words)]
+        found += [a for n in numbers & self.numbers.keys() for a in self.numbers[n]]
+        return list(dict.fromkeys(found))
 
 
 def _leaves(v: Any) -> Iterator[Any]:
@@ -307,20 +336,3 @@ def _leaves(v: Any) -> Iterator[Any]:
             yield from _leaves(x)
     else:
         yield v
-
-
-def carried(value: Any, answers: Iterable[Answer]) -> list[Answer]:
-    """The ``answers`` an argument carries. A number: one equal to it, in a string too ("1,240.50"). A string:
-    its letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
-    leaves = [x for x in _leaves(value) if type(x) in (str, int, float)]
-    words = [_SEP.sub("", str(x).casefold()) for x in leaves]
-    numbers = {float(d.replace(",", "")) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
-        x for x in leaves if type(x) is not str}
-    out = []
-    for a in answers:
-        for v in a.value if isinstance(a.value, list) else [a.value]:
-            n = _SEP.sub("", v.casefold()) if type(v) is str else None
-            if n and any(n in w if len(n) > 2 else n == w for w in words) or _number(v) and v in numbers:
-                out.append(a)
-                break
-    return out

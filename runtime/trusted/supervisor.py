@@ -45,7 +45,7 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import (ASK, TOP, Answer, Handle, Handles, Label, Output, Run, answer_kind, carried, check_answer, rule_name,
+from .flow import (ASK, TOP, Answer, Answers, Handle, Handles, Label, Output, Run, answer_kind, check_answer, rule_name,
                    substitute, violations)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
@@ -144,7 +144,7 @@ class Supervisor:
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
-        self.answers: dict[bytes, list[Answer]] = {}  # root run -> the reader answers its chains got (journaled)
+        self.answers: dict[bytes, Answers] = {}  # root run -> the reader answers its chains got (journaled)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
@@ -314,7 +314,7 @@ class Supervisor:
                  for cid, r in self._open.items()},
                 sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired),
                 {rid: [r.agent, r.depth, r.label.public(), r.origin] for rid, r in self.runs.items()},
-                {rid: [[a.value, a.label.public(), a.origin] for a in kept] for rid, kept in self.answers.items()}]
+                {rid: [[a.value, a.label.public(), a.origin] for a in kept.kept] for rid, kept in self.answers.items()}]
 
     def restore(self, unsettled: dict[str, str] | None = None) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
@@ -371,7 +371,7 @@ class Supervisor:
         elif op == "c":
             self.runs[bytes(args[0])] = Run(args[1], args[2], Label.parse(args[3]), args[4])
         elif op == "a":
-            self.answers.setdefault(bytes(args[0]), []).append(Answer(args[1], Label.parse(args[2]), args[3]))
+            self.answers.setdefault(bytes(args[0]), Answers()).add(Answer(args[1], Label.parse(args[2]), args[3]))
         elif op == "snap":
             ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired, runs, answers = args
             self.ledger.restore(ledger)  # its totals include the open calls' charges
@@ -387,8 +387,10 @@ class Supervisor:
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
             self.runs = {bytes(rid): Run(a, d, Label.parse(lab), o) for rid, (a, d, lab, o) in runs.items()}
-            self.answers = {bytes(rid): [Answer(v, Label.parse(lab), o) for v, lab, o in kept]
-                            for rid, kept in answers.items()}
+            self.answers = {}
+            for rid, kept in answers.items():
+                for v, lab, o in kept:
+                    self.answers.setdefault(bytes(rid), Answers()).add(Answer(v, Label.parse(lab), o))
         else:
             raise ValueError(f"unknown journal frame {op!r}")
 
@@ -473,7 +475,7 @@ class Supervisor:
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
         if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
             for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
-                for a in carried(raw[name], answers):
+                for a in answers.carried(raw[name]):
                     held[name] = held.get(name, a.label).join(a.label)
                     used.append((name, a))
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
@@ -545,11 +547,11 @@ class Supervisor:
         label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
         if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on
-            kept, root = self.answers.setdefault(ok.vt.runs[0], []), ok.vt.runs[0]
-            if len(kept) >= MAX_ANSWERS:
+            kept, root = self.answers.setdefault(ok.vt.runs[0], Answers()), ok.vt.runs[0]
+            if len(kept.kept) >= MAX_ANSWERS:
                 self._taint(ok.vt, label, origin)
             else:
-                kept.append(Answer(value, label, origin))
+                kept.add(Answer(value, label, origin))
                 self._journal("a", root, value, label.public(), origin)
                 self._taint(ok.vt, Label(2, label.readers), origin)
         return label, free, value
