@@ -29,7 +29,7 @@ from .observe import stats_of, status_of
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing
 from .protocol import first_holder
-from .reader import ASK, Reader
+from .reader import ASK, Reader, dispatched_tool
 from .trusted.ledger import AgentQuota
 from .trusted.state import StateJournal
 from .trusted.supervisor import AgentEntry, Supervisor, shard_of
@@ -173,7 +173,7 @@ class _Placed(_Pool):
 
     async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
         """The batch's calls on the agent's worker, in one hop; its ``reader.ask`` calls on the reader pool."""
-        asks = {i for i, m in enumerate(messages) if _tool_of(m) == ASK}
+        asks = {i for i, m in enumerate(messages) if dispatched_tool(m) == ASK}
         if not asks:
             return await self._send(agent, "execute_batch", messages)
         rest = [m for i, m in enumerate(messages) if i not in asks]
@@ -183,15 +183,6 @@ class _Placed(_Pool):
         got, done = await asyncio.gather(answers, others)  # the workers' hop failing fails the batch, as before
         out, done_iter = {i: _reply_of(a) for i, a in zip(order, got)}, iter(done)
         return [out[i] if i in out else next(done_iter) for i in range(len(messages))]
-
-
-def _tool_of(message: Any) -> str | None:
-    """The tool a signed dispatch names, for routing only (whoever serves it checks the MAC)."""
-    try:
-        body = msgpack.unpackb(msgpack.unpackb(message, raw=False)[0], raw=False)
-        return body.get("tool") if isinstance(body, dict) else None
-    except Exception:
-        return None
 
 
 def _worker_error(reason: str) -> bytes:

@@ -155,6 +155,15 @@ def parse_answer(text: Any, schema: Any = None) -> Any:
 # ------------------------------------------------------------------------------ the reader
 
 
+def dispatched_tool(message: Any) -> str | None:
+    """The tool a signed dispatch names, for routing only (whoever serves it checks the MAC)."""
+    try:
+        body = msgpack.unpackb(msgpack.unpackb(message, raw=False)[0], raw=False)
+        return body.get("tool") if isinstance(body, dict) else None
+    except Exception:
+        return None
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 

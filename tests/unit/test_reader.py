@@ -23,6 +23,7 @@ from runtime.jobcheck import check_job
 from runtime.llm import HANDLE_GUIDE, ModelError, ModelTurn, ScriptedModel, ScriptedReader, model_from_config
 from runtime.reader import (ASK, MAX_QUESTION_CHARS, SYSTEM_PROMPT, Reader, ask_tool, build_prompt, parse_answer,
                             prompt_parts)
+from runtime.tool import tool
 from runtime.trusted import flow
 from runtime.trusted.supervisor import sign_dispatch
 from runtime.trusted.wire import MalformedRequest
@@ -478,3 +479,42 @@ def test_a_hung_reader_is_probed_and_the_others_take_the_questions_meanwhile():
 
     out = asyncio.run(go())
     assert out[:3] == ["r0", "r0", "r0"] and sorted(out[3:]) == ["r0", "r1"]  # r1 hung meanwhile, then came back
+
+
+# ---------------------------------------------------------------------------- through the real supervisor, in process
+
+
+@tool(effect="read", name="docs.bill")
+def _bill() -> str:
+    """A bill its sender wrote."""
+    return INVOICE
+
+
+@tool(effect="write", name="bank.pay", output={"integrity": "trusted", "carries_inputs": False})
+def _pay(iban: str, amount: float) -> dict[str, Any]:
+    """Pay."""
+    return {"paid": amount}
+
+
+def test_a_policy_harness_with_a_reader_answers_through_the_supervisor_and_the_mac():
+    from runtime import PolicyHarness
+
+    rules = [{"question": "amount", "extract": r"Amount due: ([0-9.,]+)"}, {"question": "vendor", "answer": "initech"},
+             {"question": "summary", "answer": "An invoice."}]
+    policy = {"agent": "biller", "tools": {"docs.bill": {"effect": "read", "output": {"hide": True}},
+                                           "reader.ask": {"effect": "read"},
+                                           "bank.pay": {"effect": "write",
+                                                        "ifc": {"args": {"iban": "trusted", "amount": "endorsed"}}}},
+              "schemas": {"amount": AMOUNT}}
+    with PolicyHarness(tools=[_bill, _pay], reader={"model": {"kind": "scripted", "rules": rules}}) as h:
+        h.add_agent(policy)
+        bill = h.call("biller", "docs.bill").value
+        amount = h.call("biller", "reader.ask", {"handle": bill, "question": "amount due?", "schema": "amount"})
+        assert amount.allowed and amount.value == 1240.5 and amount.outcome["label"]["integrity"] == "endorsed"
+        assert h.call("biller", "bank.pay", {"iban": "DE02120300000000202051", "amount": 1240.5}).outcome["ok"]
+        assert h.call("biller", "bank.pay", {"iban": "1240.5", "amount": 1.0}).code == "FLOW_DENIED"
+        vendor = h.call("biller", "reader.ask", {"handle": bill, "question": "vendor?", "schema": {"enum": ["acme"]}})
+        assert vendor.outcome_code == "READER_INVALID" and "initech" in vendor.outcome["reason"]
+        summary = h.call("biller", "reader.ask", {"handle": bill, "question": "summary?", "schema": {"type": "string"}})
+        assert summary.value["$handle"].startswith("h_") and summary.outcome["label"]["integrity"] == "untrusted"
+        assert h.reader.counters() == {"answered": 3, "failed": 0, "refused": 0}
