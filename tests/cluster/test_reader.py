@@ -53,14 +53,18 @@ def _job(tmp_path: Path) -> Path:
     return job
 
 
-def _reader_pids() -> list[int]:
-    """Processes Ray titled as a ReaderActor (its worker's process title names the actor class)."""
+def _reader_pids(gcs_address: str) -> list[int]:
+    """Processes Ray titled as a ReaderActor (a worker's title names its actor class) whose raylet is one
+    of this cluster's (another Ray on the machine may run readers too)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"ray::ReaderActor" in (entry / "cmdline").read_bytes():
+            if not entry.name.isdigit() or b"ray::ReaderActor" not in (entry / "cmdline").read_bytes():
+                continue
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if f"--gcs-address={gcs_address}".encode() in Path(f"/proc/{parent}/cmdline").read_bytes():
                 pids.append(int(entry.name))
-        except OSError:
+        except (OSError, IndexError):
             continue
     return pids
 
@@ -97,7 +101,7 @@ def test_an_agent_pays_a_hidden_bill_through_the_reader(ray_instance, tmp_path):
     secrets_file = tmp_path / "secrets.json"
     _wait("the agent asked its questions", secrets_file.exists, job)
     held = json.loads(secrets_file.read_text())
-    (pid,) = _reader_pids()
+    (pid,) = _reader_pids(ray_instance.address)
     found = _in_memory(pid, {"token": bytes.fromhex(held["token"]), "request_key": bytes.fromhex(held["request_key"]),
                              "other handle": PRIVATE_MARKER.encode(), "own prompt": SYSTEM_PROMPT[:60].encode()})
     assert found == {"own prompt"}  # the scan works; no token, no request key, no other handle's content
