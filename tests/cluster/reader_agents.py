@@ -82,7 +82,6 @@ class BillAgent(Agent):
         out["no_handle"] = await _outcome(self.ask("the bill", "What is the amount due?", "amount"))
         (d / "secrets.json").write_text(json.dumps({"token": self.token.hex(), "request_key": self._request_key.hex()}))
         await _wait_file(d / "inspected")
-        (d / "slow").write_text("1")
         out["killed"] = await _outcome(self.ask(doc, "Slowly: is it paid?", {"type": "boolean"}))
         out["after_restart"] = await _outcome(self.ask(doc, "What is the amount due?", "amount"))
         return out

@@ -105,9 +105,11 @@ def test_an_agent_pays_a_hidden_bill_through_the_reader(ray_instance, tmp_path):
     found = _in_memory(pid, {"token": bytes.fromhex(held["token"]), "request_key": bytes.fromhex(held["request_key"]),
                              "other handle": PRIVATE_MARKER.encode(), "own prompt": SYSTEM_PROMPT[:60].encode()})
     assert found == {"own prompt"}  # the scan works; no token, no request key, no other handle's content
+    accepted = run_dir / "reader-0.dispatches"  # the reader's record of the dispatches it accepted
+    before = len(accepted.read_text().splitlines())
     (tmp_path / "inspected").write_text("1")
-    _wait("the slow question", (tmp_path / "slow").exists, job)
-    time.sleep(1.5)  # the question reaches the reader, whose model takes 30 s
+    _wait("the slow question reached the reader", lambda: len(accepted.read_text().splitlines()) > before, job)
+    time.sleep(0.3)  # its model takes 30 s
     os.kill(pid, signal.SIGKILL)
     result = job.join()
 
