@@ -4,6 +4,7 @@
     run_tools: false                # default: allowed calls reach a stub returning null, no tool code runs
     stubs: {chat.read: []}          # tool -> the value a stub returns
     agents: {summarizer: summarizer.yaml}   # other agents (delegation targets); paths relative to this file
+    reader: {model: {kind: scripted, rules: [...]}}   # optional, as in a job file: offers reader.ask
     cases:
       - name: posts only to #summaries
         call: chat.post
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .errors import ErrorCode, WardenError
 from .agent import is_handle
 from .harness import Decision, PolicyHarness
+from .job import ReaderSpec
 from .trusted.policy import Policy
 from .policyfile import load_policy, read_yaml, validated
 
@@ -130,6 +132,8 @@ class CaseFile(_Strict):
     stubs: dict[str, Any] = Field(default_factory=dict)
     tool_config: dict[str, Any] = Field(default_factory=dict)
     agents: dict[str, str] = Field(default_factory=dict, description="agent name -> policy file")
+    reader: ReaderSpec | None = Field(default=None, description="as a job file's: offers reader.ask, answered by "
+                                                                "a reader with this model")
     cases: list[Case] = Field(min_length=1)
 
 
@@ -189,8 +193,8 @@ def run_cases(policy: str | Path, cases_path: str | Path) -> CasesReport:
 
 def _run_case(index: int, case: Case, spec: CaseFile, policy: Policy, others: dict[str, Policy]) -> CaseResult:
     try:
-        with PolicyHarness(spec.tools, stubs=spec.stubs, run_tools=spec.run_tools,
-                           tool_config=spec.tool_config) as h:
+        with PolicyHarness(spec.tools, stubs=spec.stubs, run_tools=spec.run_tools, tool_config=spec.tool_config,
+                           reader=spec.reader.model_dump() if spec.reader else None) as h:
             h.add_agent(policy)
             for name, other in others.items():
                 h.add_agent(other, name=name)

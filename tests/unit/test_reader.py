@@ -518,3 +518,28 @@ def test_a_policy_harness_with_a_reader_answers_through_the_supervisor_and_the_m
         summary = h.call("biller", "reader.ask", {"handle": bill, "question": "summary?", "schema": {"type": "string"}})
         assert summary.value["$handle"].startswith("h_") and summary.outcome["label"]["integrity"] == "untrusted"
         assert h.reader.counters() == {"answered": 3, "failed": 0, "refused": 0}
+
+
+def test_a_policy_case_file_can_give_the_reader_a_model(tmp_path):
+    from runtime.policy_cases import run_cases
+
+    (tmp_path / "biller.yaml").write_text(yaml.safe_dump({
+        "agent": "biller", "schemas": {"amount": AMOUNT},
+        "tools": {"docs.bill": {"effect": "read", "output": {"hide": True}}, "reader.ask": {"effect": "read"},
+                  "bank.pay": {"effect": "write", "ifc": {"args": {"iban": "trusted", "amount": "endorsed"}}}}}))
+    bill = {"call": "docs.bill", "expect": "allow"}
+    ask = {"call": "reader.ask", "args": {"handle": {"$handle_of": "docs.bill"}, "question": "amount due?",
+                                          "schema": "amount"}, "expect": "allow"}
+    (tmp_path / "biller.cases.yaml").write_text(yaml.safe_dump({
+        "tools": ["tests.cluster.reader_agents"], "run_tools": True,
+        "reader": {"model": {"kind": "scripted", "rules": [{"question": "amount", "extract": r"Amount due: ([0-9.,]+)"},
+                                                           {"question": "vendor", "extract": r"Vendor: (\w+)"}]}},
+        "cases": [
+            {"name": "pays the amount the reader read", "steps": [
+                bill, ask, {"call": "bank.pay", "args": {"iban": "DE02120300000000202051", "amount": 1240.5},
+                            "expect": "allow"}]},
+            {"name": "the letterhead's vendor is not one of ours", "steps": [
+                bill, {**ask, "args": {**ask["args"], "question": "vendor?", "schema": {"enum": ["acme"]}},
+                       "expect": "READER_INVALID"}]}]}))
+    report = run_cases(tmp_path / "biller.yaml", tmp_path / "biller.cases.yaml")
+    assert report.ok and len(report.results) == 2, report.format(verbose=True)
