@@ -12,12 +12,17 @@ never knows which of its actions are the attack):
     {batch: [{call: TOOL, args: {...}}, ...]}            several calls in one message
     {delegate: AGENT, task: TEXT, tools: [...]?, max_calls: N?, handles: [REF]?, flow: [...]?, as: NAME?}
     {reveal: NAME}                                      handle.reveal of a result that is a handle
+    {ask: NAME, question: Q, schema: S, as: NAME?}      reader.ask about a result that is a handle
+    {let: NAME, value: V}                               what the model concludes itself (no call)
     {call: TOOL, args: {...}, token_of: NAME}          a call made with a token taken from a result
     {leak_token: true}                                  put this run's token into the result
 
 An argument value ``{$ref: NAME}`` is an earlier result (``as: NAME``), passed as it came back:
-a handle stays a handle, content stays content. ``{$ref: NAME, item: [k, ...]}`` picks a part.
-The delegated task is available as ``{$ref: task}``.
+a handle stays a handle, content stays content. ``{$ref: NAME, item: [k, ...]}`` picks a part,
+``{$ref: NAME, each: KEY}`` the KEY of each item of a list (the names of the saved payees, say,
+for an enum of the reader). The delegated task is available as ``{$ref: task}``. A step that
+needs a result its earlier step did not get (refused, or the reader's answer was invalid) is
+skipped, as a model without that value would not make the call.
 
 Two steps play an agent process that is itself hostile, not only its model: ``token_of`` sends a
 call with a token it was handed, and a delegation to an agent outside its policy's peers is sent
@@ -54,7 +59,13 @@ class ScriptedAgent(Agent):
         return out
 
     async def _step(self, step: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
-        what = step.get("call") or step.get("delegate") or step.get("reveal") or "batch"
+        what = step.get("call") or step.get("delegate") or step.get("reveal") or step.get("ask") or "batch"
+        missing = sorted(needs(step) - set(results))
+        if missing:
+            return {"step": what, "ok": False, "skipped": f"no result {missing}"}
+        if "let" in step:
+            results[step["let"]] = resolve(step.get("value"), results)
+            return {"step": f"let {step['let']}", "ok": True}
         try:
             value = await self._act(step, results)
         except WardenError as exc:
@@ -69,6 +80,9 @@ class ScriptedAgent(Agent):
             if step.get("token_of"):
                 return await self._call_with(results[step["token_of"]], step["call"], args)
             return await self.call(step["call"], **args)
+        if "ask" in step:  # what Agent.ask sends: a reader.ask call, the handle substituted by the supervisor
+            return await self.call("reader.ask", handle=results[step["ask"]], question=step["question"],
+                                   schema=resolve(step["schema"], results))
         if "batch" in step:
             replies = await self.call_many((c["call"], resolve(c.get("args", {}), results)) for c in step["batch"])
             return [r for r in replies if not isinstance(r, Exception)]
@@ -100,12 +114,30 @@ class ScriptedAgent(Agent):
         return decode_reply(await self._supervisor.call(request))["value"]
 
 
+def needs(step: dict[str, Any]) -> set[str]:
+    """The earlier results a step uses (``$ref``, the handle it asks about or reveals, a token)."""
+    def refs(value: Any) -> set[str]:
+        if isinstance(value, dict):
+            if isinstance(value.get("$ref"), str):
+                return {value["$ref"]}
+            return {n for v in value.values() for n in refs(v)}
+        if isinstance(value, list):
+            return {n for v in value for n in refs(v)}
+        return set()
+
+    names = refs({k: v for k, v in step.items() if k not in ("as", "let")})
+    return names | {str(step[k]) for k in ("ask", "reveal", "token_of") if k in step}
+
+
 def resolve(value: Any, results: dict[str, Any]) -> Any:
-    """``value`` with every ``{$ref: NAME, item: [...]?}`` replaced by that earlier result (or its part)."""
+    """``value`` with every ``{$ref: NAME, item: [...]?, each: KEY?}`` replaced by that earlier result
+    (or its part; ``each``: the KEY of each item of that list)."""
     if isinstance(value, dict) and "$ref" in value:
         out = results.get(value["$ref"])
         for key in value.get("item", []):
             out = out[key] if isinstance(out, (dict, list)) else None
+        if "each" in value:
+            out = [x.get(value["each"]) for x in out if isinstance(x, dict)] if isinstance(out, list) else None
         return out
     if isinstance(value, dict):
         return {k: resolve(v, results) for k, v in value.items()}
