@@ -16,7 +16,8 @@
     │   ├── ApprovalDenied           APPROVAL_DENIED, APPROVAL_TIMEOUT: a human said no, or nobody answered
     │   ├── FlowDenied               FLOW_DENIED: data of the wrong label would reach a sink;
     │   │                            HANDLE_UNKNOWN, HANDLE_DENIED, HANDLE_LIMIT: a handle unknown
-    │   │                            (expired, lost in a shard restart), another agent's, over the limits
+    │   │                            (expired, lost in a shard restart), another agent's, over the limits;
+    │   │                            READER_INVALID: a reader's answer its schema does not admit
     │   └── DispatchRefused          DISPATCH_REFUSED: a worker refused an unauthenticated dispatch
     ├── ToolFailed                   TOOL_FAILED, WORKER_UNAVAILABLE: allowed, but did not succeed;
     │   │                            EGRESS_REFUSED: http.fetch refused a destination that is not public
@@ -67,6 +68,7 @@ class ErrorCode(str, Enum):
     HANDLE_UNKNOWN = "HANDLE_UNKNOWN"
     HANDLE_DENIED = "HANDLE_DENIED"
     HANDLE_LIMIT = "HANDLE_LIMIT"
+    READER_INVALID = "READER_INVALID"
     DISPATCH_REFUSED = "DISPATCH_REFUSED"
     TOOL_FAILED = "TOOL_FAILED"
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
@@ -271,6 +273,7 @@ _CLASS_OF_CODE: dict[ErrorCode, type[WardenError]] = {
     ErrorCode.HANDLE_UNKNOWN: FlowDenied,
     ErrorCode.HANDLE_DENIED: FlowDenied,
     ErrorCode.HANDLE_LIMIT: FlowDenied,
+    ErrorCode.READER_INVALID: FlowDenied,
     ErrorCode.TOOL_FAILED: ToolFailed,
     ErrorCode.WORKER_UNAVAILABLE: ToolFailed,
     ErrorCode.EGRESS_REFUSED: ToolFailed,

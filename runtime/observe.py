@@ -37,6 +37,9 @@ class Observer(Protocol):
     def handles(self, agent: str, count: int, nbytes: int) -> None:
         """The handles the agent holds after one was issued."""
 
+    def answer(self, agent: str, result: str) -> None:
+        """A reader's answer to the agent: "endorsed" (validated), "free" (free text, a handle) or "invalid"."""
+
 
 class NullObserver(Observer):
     """Reports nothing: every method is the protocol's own, which does nothing (and returns None)."""

@@ -61,7 +61,7 @@ def register_agent(keyring: KeyRing, policy: Policy, *, job_id: str, now: float,
                        tuple(policy.delegate_caveats(job_id=job_id)), sandbox_settings(policy),
                        policy.approval_rules(), policy.anomaly.config(), root.token_id, policy.quotas.max_parked,
                        policy.outputs(declared_outputs(tools or {}, outputs or {})),
-                       (policy.handles.max_count, policy.handles.max_bytes, policy.handles.ttl_s))
+                       (policy.handles.max_count, policy.handles.max_bytes, policy.handles.ttl_s), policy.schemas)
     return Registration(name, root.encode(), key, entry, policy.agent_quota(), tuple(unsandboxed_tools(policy)))
 
 

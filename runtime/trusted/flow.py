@@ -7,13 +7,20 @@ output. Each agent run (a token's holder caveats: ``runs``) has a context label,
 was handed, which only goes down. An argument carries the context joined with its handles (hidden
 results kept here); the token's ``Flow`` caveats say what may reach each sink.
 
+A reader (``ASK``) answers a question about a handle's content; the answer must fit a schema of
+low capacity (a boolean, a choice, a bounded number, a date, a short pattern) and is then
+``endorsed``, with the content's readers. It reaches the agent, whose context keeps its integrity;
+an argument that carries the answer (``carries``) carries its label. A free-text answer is a handle.
+
 Threat: data an attacker controls (a web page, an e-mail) that steers a call the capability
 allows: the destination of a payment or a message, or private data sent to a public sink.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -23,11 +30,16 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from ..errors import ErrorCode, FlowDenied, PolicyDenied
-from .capability import Flow, check_arg, url_origin
+from .capability import Flow, _regex, _regex_reason, check_arg, url_origin
 
 LEVELS = {"untrusted": 0, "endorsed": 1, "trusted": 2}
 _PRINCIPAL = re.compile(r"[A-Za-z0-9._+:\[\]-]{1,254}(?:@[A-Za-z0-9.-]{1,254})?")  # a host, an address: one name
 HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
+ASK = "reader.ask"  # the reader: a model that sees one handle's content and a question, nothing else
+MAX_CHOICES, MAX_CHARS, MAX_ITEMS, MAX_FREE = 64, 64, 16, 1 << 16  # what a low-capacity answer may be
+_SHAPES = {"boolean": {"type"}, "integer": {"type", "minimum", "maximum"}, "number": {"type", "minimum", "maximum"},
+           "string": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}
+_SEP, _NUM, _DATE = re.compile(r"[\W_]+"), re.compile(r"-?\d[\d,]*(?:\.\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -194,3 +206,100 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
         values = [h.value if h else i for h, i in zip(hs, items)]
         out[name] = values[0] if items is not v else values
     return out, held, used
+
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def answer_kind(s: Any, item: bool = False) -> bool:
+    """Is schema ``s`` free text (True) or of low capacity (False)? ValueError if it is neither."""
+    t = s.get("type") if isinstance(s, dict) else None
+    keys = {"type", "enum"} if isinstance(s, dict) and "enum" in s else _SHAPES.get(t, set()) if not (
+        t == "array" and item) else set()
+    keys = {"type", "format"} if t == "string" and "format" in s else keys
+    if not keys or set(s) - keys:
+        raise ValueError(f"not a reader schema: {str(s)[:120]} (boolean, enum, bounded integer or number, date, "
+                         "pattern with maxLength, an array of these with maxItems, or free text {type: string})")
+    if "enum" in s:
+        if not (isinstance(s["enum"], list) and 0 < len(s["enum"]) <= MAX_CHOICES and all(
+                _number(v) or isinstance(v, str) and len(v) <= MAX_CHARS for v in s["enum"])):
+            raise ValueError(f"an enum is 1..{MAX_CHOICES} numbers or strings of at most {MAX_CHARS} characters")
+    elif t in ("integer", "number"):
+        if not (_number(s.get("minimum")) and _number(s.get("maximum")) and s["minimum"] <= s["maximum"]):
+            raise ValueError("a number needs finite bounds, minimum <= maximum")
+    elif t == "array":
+        if answer_kind(s.get("items"), True) or not (type(s.get("maxItems")) is int and type(s.get("minItems", 0))
+                                                      is int and 0 <= s.get("minItems", 0) <= s["maxItems"] <= MAX_ITEMS):
+            raise ValueError(f"an array needs maxItems of 1..{MAX_ITEMS} (minItems at most that)")
+    elif t == "string":
+        free, n = "format" not in s and "pattern" not in s, s.get("maxLength", MAX_FREE)
+        if s.get("format", "date") != "date" or "pattern" in s and (type(n) is not int or not 0 < n <= MAX_CHARS):
+            raise ValueError(f"a string is a date (format: date), a pattern with maxLength 1..{MAX_CHARS}, or free text")
+        if free and (item or type(n) is not int or not 0 < n <= MAX_FREE):
+            raise ValueError(f"free text is {{type: string}} with maxLength up to {MAX_FREE}, never an array item")
+        if "pattern" in s:
+            _regex(s["pattern"])  # RE2, bounded: ValueError if it does not compile
+        return free
+    return False
+
+
+def check_answer(s: dict[str, Any], v: Any) -> Any:
+    """The answer ``v`` if schema ``s`` (``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
+    t, ok = s.get("type"), False
+    if "enum" in s:
+        ok = any(v == e and type(v) is not bool and _number(v) == _number(e) for e in s["enum"])
+    elif t == "boolean":
+        ok = type(v) is bool
+    elif t in ("integer", "number"):
+        v = int(v) if t == "integer" and type(v) is float and v.is_integer() else v
+        ok = _number(v) and (t == "number" or type(v) is int) and s["minimum"] <= v <= s["maximum"]
+    elif t == "array":
+        ok = isinstance(v, list) and s.get("minItems", 0) <= len(v) <= s["maxItems"]
+        v = [check_answer(s["items"], i) for i in v] if ok else v
+    elif isinstance(v, str) and len(v) <= s.get("maxLength", MAX_FREE):
+        try:
+            ok = "format" not in s or bool(_DATE.fullmatch(v) and datetime.date.fromisoformat(v))
+            ok = ok and ("pattern" not in s or _regex_reason(s["pattern"], v) is None)
+        except (ValueError, PolicyDenied):
+            ok = False
+    if not ok:
+        raise ValueError(f"the answer {str(v)[:200]!r} does not fit the schema {str(s)[:200]}")
+    return v
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reader's answer given to a run: an argument that carries its value carries its label."""
+
+    value: Any
+    label: Label
+    origin: dict[str, Any]
+
+
+def _leaves(v: Any) -> Iterator[Any]:
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield k
+            yield from _leaves(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _leaves(x)
+    else:
+        yield v
+
+
+def carries(value: Any, answer: Any) -> bool:
+    """Does an argument carry ``answer``? A number: one equal to it, in a string too ("1,240.50"). A string:
+    its letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
+    for a in answer if isinstance(answer, list) else [answer]:
+        for x in _leaves(value) if type(a) is not bool else ():
+            if type(a) is str and (n := _SEP.sub("", a.casefold())) and type(x) in (str, int, float):
+                m = _SEP.sub("", str(x).casefold())
+                if n in m if len(n) > 2 else n == m:
+                    return True
+            elif _number(a) and (type(x) in (int, float) and x == a or type(x) is str and any(
+                    float(d.replace(",", "")) == a for d in _NUM.findall(x))):
+                return True
+    return False

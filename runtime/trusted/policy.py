@@ -18,7 +18,7 @@ from ..isolation import SandboxRule
 from ..errors import PolicyDenied
 from .capability import (Arg, Audience, Caveat, CallBudget, CostBudget, Effects, Expires, Flow, MaxDepth, Tools,
                          canonical_path, decode_caveat, encode_caveat, host_pattern)
-from .flow import Label, Output
+from .flow import Label, Output, answer_kind
 from .approvals import ApprovalRule
 from .ledger import AgentQuota
 
@@ -182,6 +182,12 @@ class HandleLimits(_Strict):
     ttl_s: float = Field(default=3600.0, gt=0)
 
 
+def _schemas(v: dict[str, Any]) -> dict[str, Any]:
+    for name, schema in v.items():
+        answer_kind(schema)  # ValueError: the policy does not load
+    return v
+
+
 class Policy(_Strict):
     agent: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -192,6 +198,7 @@ class Policy(_Strict):
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec)
     ifc: list[FlowRule] = Field(default_factory=list)
     handles: HandleLimits = Field(default_factory=HandleLimits)
+    schemas: Annotated[dict[str, Any], AfterValidator(_schemas)] = Field(default_factory=dict)  # reader.ask's, by name
 
     def approval_rules(self) -> dict[str, ApprovalRule]:
         return {t: r for t, rule in self.tools.items() if (r := rule.approval_rule(t)) is not None}

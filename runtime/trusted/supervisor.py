@@ -45,7 +45,8 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import TOP, Handles, Label, Output, Run, rule_name, substitute, violations
+from .flow import (ASK, TOP, Answer, Handle, Handles, Label, Output, Run, answer_kind, carries, check_answer, rule_name,
+                   substitute, violations)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
 from .state import StateJournal
@@ -85,6 +86,7 @@ def shard_of(agent: str, shards: int) -> int:
 
 
 MAX_RUNS = 1 << 12  # contexts kept per root agent's chains; a delegation past it is refused
+MAX_ANSWERS = 64  # reader answers remembered per run; past it an answer lowers the context instead
 UNDECLARED = Output()  # a tool whose results no declaration labels: untrusted (fail closed), public
 PEER_OPS = frozenset({"revoke_agent", "revoke_token", "quarantine", "add_key", "retire_key", "sync", "decide"})
 
@@ -102,6 +104,7 @@ class AgentEntry:
     max_parked: int = 8  # calls parked for approval at once; one more is APPROVAL_QUEUE_FULL
     outputs: dict[str, Output] = field(default_factory=dict)  # tool -> the label of its results (none: untrusted)
     handle_limits: tuple[int, int, float] = (256, 16 << 20, 3600.0)  # count, bytes, lifetime of its handles
+    schemas: dict[str, Any] = field(default_factory=dict)  # name -> a reader schema its policy gives
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Supervisor:
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
+        self.answers: dict[bytes, list[Answer]] = {}  # run -> the reader answers it was given (journaled)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
@@ -309,7 +313,8 @@ class Supervisor:
                 {cid: [r.agent, [list(c) for c in r.charges], r.projected_cost, list(r.cost_keys)]
                  for cid, r in self._open.items()},
                 sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired),
-                {rid: [r.agent, r.depth, r.label.public(), r.origin] for rid, r in self.runs.items()}]
+                {rid: [r.agent, r.depth, r.label.public(), r.origin] for rid, r in self.runs.items()},
+                {rid: [[a.value, a.label.public(), a.origin] for a in kept] for rid, kept in self.answers.items()}]
 
     def restore(self, unsettled: dict[str, str] | None = None) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
@@ -365,8 +370,10 @@ class Supervisor:
                 self.keyring.retire(args[0])
         elif op == "c":
             self.runs[bytes(args[0])] = Run(args[1], args[2], Label.parse(args[3]), args[4])
+        elif op == "a":
+            self.answers.setdefault(bytes(args[0]), []).append(Answer(args[1], Label.parse(args[2]), args[3]))
         elif op == "snap":
-            ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired, runs = args
+            ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired, runs, answers = args
             self.ledger.restore(ledger)  # its totals include the open calls' charges
             self.nonces.restore(nonces)
             self.revocations.restore(revocations)
@@ -380,6 +387,8 @@ class Supervisor:
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
             self.runs = {bytes(rid): Run(a, d, Label.parse(lab), o) for rid, (a, d, lab, o) in runs.items()}
+            self.answers = {bytes(rid): [Answer(v, Label.parse(lab), o) for v, lab, o in kept]
+                            for rid, kept in answers.items()}
         else:
             raise ValueError(f"unknown journal frame {op!r}")
 
@@ -457,7 +466,22 @@ class Supervisor:
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, vt.runs[-1], ref, tool))
         if used and (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # named 1000 times
             raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
+        if tool == ASK and {a for a, _ in used} != {"handle"}:  # the reader sees one handle's content, no other
+            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one", tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
+        if tool == ASK:  # and a question, and a schema of low capacity (or free text: its answer a handle)
+            try:
+                if isinstance(named := args.get("schema"), str) and named not in entry.schemas:
+                    raise ValueError(f"no schema named {named!r:.40} in the policy of {entry.name!r}")
+                args = {**args, "schema": entry.schemas.get(named) if isinstance(named, str) else named}
+                answer_kind(args["schema"])
+            except ValueError as exc:
+                raise MalformedRequest(f"reader.ask: {exc}", tool=tool) from None
+        if self.answers:  # an argument that carries a reader's answer carries its label
+            for name, a in ((n, a) for rid in vt.runs for a in self.answers.get(rid, ()) for n in args
+                            if carries(args[n], a.value)):
+                held[name] = held.get(name, a.label).join(a.label)
+                used.append((name, a))
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
@@ -472,8 +496,10 @@ class Supervisor:
         if v:
             raise FlowDenied(f"{v['rule']}: {v['arg']} is {v['label']['integrity']}, readers {v['label']['readers']}, "
                              f"from {v['origin'] or 'the task'}", flow=v, tool=tool)
-        return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for _, h in used],
-                                       "bytes": sum(h.nbytes for _, h in used), "violations": [v for _, v in broken]}
+        hs = [h for _, h in used if isinstance(h, Handle)]
+        return args, spec.cost, held, {"checked": [rule_name(f) for f in rules], "handles": [h.id for h in hs],
+                                       "bytes": sum(h.nbytes for h in hs), "violations": [v for _, v in broken],
+                                       **({"sources": [h.origin for h in hs]} if tool == ASK else {})}
 
     def _run(self, vt: VerifiedToken, i: int = -1) -> Run:
         """Run ``vt.runs[i]``: a root run starts as its task (trusted); a delegated one unknown here, untrusted."""
@@ -501,6 +527,26 @@ class Supervisor:
         for h in ok.held.values() if carries else ():
             label = label.join(h)
         return label, hide
+
+    def _answer(self, ok: _Allowed, value: Any, origin: dict[str, Any]) -> tuple[Label, bool, Any]:
+        """A reader's answer checked against its schema (READER_INVALID), labelled: (label, free text?, answer).
+        Endorsed at best, with the content's readers; the run keeps it (journaled), its context only the readers."""
+        schema, source, ctx = ok.args["schema"], ok.held["handle"], self._run(ok.vt).label
+        try:
+            free, value = answer_kind(schema), check_answer(schema, value)
+        except ValueError as exc:
+            self.observer.answer(ok.agent, "invalid")
+            raise FlowDenied(str(exc), code=ErrorCode.READER_INVALID, tool=ASK) from None
+        self.observer.answer(ok.agent, "free" if free else "endorsed")
+        label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
+                      source.readers | ctx.readers)
+        if not free:  # every run of the chain: a delegator may be handed it back
+            full = any(len(self.answers.get(rid, ())) >= MAX_ANSWERS for rid in ok.vt.runs)
+            for rid in () if full else ok.vt.runs:
+                self.answers.setdefault(rid, []).append(Answer(value, label, origin))
+                self._journal("a", rid, value, label.public(), origin)
+            self._taint(ok.vt, label if full else Label(2, label.readers), origin)
+        return label, free, value
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
                  held: dict[str, Label] | None = None, flow: dict[str, Any] | None = None) -> _Allowed:
@@ -723,15 +769,18 @@ class Supervisor:
                 raise ToolFailed(str(err.get("reason", "tool failed"))[:2000], tool=ok.tool, code=ErrorCode(code))
             # Revoked (or its key retired) while the call was in flight: the result is withheld.
             self._still_valid(ok.vt, ok.tool)
-            label, hide = self._result_label(ok, value := result.get("value"))
-            outcome: dict[str, Any] = {"ok": True, "label": label.public()}
+            value = result.get("value")
+            label, hide, value = self._answer(ok, value, origin) if ok.tool == ASK else (
+                *self._result_label(ok, value), value)
+            outcome: dict[str, Any] = {"ok": True, "label": label.public(), **({"answer": value} if ok.tool == ASK
+                                                                                 and not hide else {})}
             if hide:
                 h = self.handles.issue(ok.agent, set(ok.vt.runs), ok.tool, value, label, origin,  # its delegators' too:
                                        self.agents[ok.agent].handle_limits)  # a helper may hand back what it hid
                 value = {"$handle": h.id, "label": outcome["label"], "bytes": h.nbytes, "tool": ok.tool}
                 outcome["handle"] = h.id
                 self.observer.handles(ok.agent, *self.handles.usage(ok.agent))
-            else:
+            elif ok.tool != ASK:  # an answer lowered what it must in _answer
                 self._taint(ok.vt, label, origin)
             reply: dict[str, Any] = {"ok": True, "value": value, "call_id": ok.call_id}
         except WardenError as exc:

@@ -59,7 +59,7 @@ def scripted(job: str = "job-1") -> PrometheusObserver:
 def test_observer_implements_every_observer_method_with_the_same_signature():
     methods = [n for n, v in vars(Observer).items() if callable(v) and not n.startswith("_")]
     assert set(methods) == {"decision", "outcome", "budget", "approvals_pending", "anomaly", "quarantine",
-                            "flow", "context", "handles"}
+                            "flow", "context", "handles", "answer"}
     for name in methods:
         want = list(inspect.signature(getattr(NullObserver, name)).parameters)
         assert list(inspect.signature(getattr(PrometheusObserver, name)).parameters) == want, name
