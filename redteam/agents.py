@@ -14,6 +14,7 @@ never knows which of its actions are the attack):
     {reveal: NAME}                                      handle.reveal of a result that is a handle
     {ask: NAME, question: Q, schema: S, as: NAME?}      reader.ask about a result that is a handle
     {let: NAME, value: V}                               what the model concludes itself (no call)
+    any step, with when: NAME                           only if that earlier result is true (a yes/no answer)
     {call: TOOL, args: {...}, token_of: NAME}          a call made with a token taken from a result
     {leak_token: true}                                  put this run's token into the result
 
@@ -63,6 +64,8 @@ class ScriptedAgent(Agent):
         missing = sorted(needs(step) - set(results))
         if missing:
             return {"step": what, "ok": False, "skipped": f"no result {missing}"}
+        if "when" in step and results[step["when"]] is not True:
+            return {"step": what, "ok": False, "skipped": f"{step['when']} is {results[step['when']]!r}"}
         if "let" in step:
             results[step["let"]] = resolve(step.get("value"), results)
             return {"step": f"let {step['let']}", "ok": True}
@@ -126,7 +129,7 @@ def needs(step: dict[str, Any]) -> set[str]:
         return set()
 
     names = refs({k: v for k, v in step.items() if k not in ("as", "let")})
-    return names | {str(step[k]) for k in ("ask", "reveal", "token_of") if k in step}
+    return names | {str(step[k]) for k in ("ask", "reveal", "token_of", "when") if k in step}
 
 
 def resolve(value: Any, results: dict[str, Any]) -> Any:

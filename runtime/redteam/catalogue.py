@@ -30,9 +30,9 @@ from ..errors import ConfigError, ErrorCode
 LAYERS = ("capability", "flow", "reader", "quota", "sandbox", "approval")
 SCENARIO_KEYS = {"name", "class", "summary", "agents", "job", "attacks", "benign", "reader", "without_reader"}
 AGENT_KEYS = {"name", "policy", "task", "steps", "model"}
-TAG_KEYS = {"attack", "benign", "layer", "allowance", "approval", "layer_without_reader"}
+TAG_KEYS = {"attack", "benign", "layer", "allowance", "approval", "layer_without_reader", "approval_without_reader"}
 STEP_KINDS = ("call", "delegate", "reveal", "batch", "leak_token", "ask", "let")
-ASK_KEYS = {"ask", "question", "schema", "as", "without_reader"} | TAG_KEYS
+ASK_KEYS = {"ask", "question", "schema", "as", "when", "without_reader"} | TAG_KEYS
 LLM_STEP_KEYS = {"call", "args"} | TAG_KEYS  # what the generic LLM agent's scripted model can play
 ASK = "reader.ask"  # the tool name of a question to the reader (runtime.trusted.flow.ASK)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -126,8 +126,9 @@ def expand_asks(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out += expand_asks(alt if alt is not None else [{"reveal": step["ask"], **({"as": step["as"]} if
                                                                                          "as" in step else {})}])
             continue
-        if "layer_without_reader" in step:
-            step = {**step, "layer": step["layer_without_reader"]}
+        for key in ("layer", "approval"):
+            if f"{key}_without_reader" in step:
+                step = {**step, key: step[f"{key}_without_reader"]}
         out.append(step)
     return out
 
@@ -147,7 +148,7 @@ def step_refs(step: dict[str, Any]) -> set[str]:
     """Every earlier result a step needs: those its values name, the handle it asks about or reveals,
     the token it uses. ``task`` is always there."""
     names = refs({k: v for k, v in step.items() if k not in TAG_KEYS | {"without_reader", "as"}})
-    names |= {str(step[k]) for k in ("ask", "reveal", "token_of") if k in step}
+    names |= {str(step[k]) for k in ("ask", "reveal", "token_of", "when") if k in step}
     return names - {"task"}
 
 
@@ -187,7 +188,8 @@ def _action(agent: str, key: str, args: dict[str, Any], index: int, step: dict[s
 
 def literal_args(args: dict[str, Any]) -> dict[str, Any]:
     """The arguments a script writes out (a ``$ref`` is only known when the agent runs)."""
-    return {k: v for k, v in args.items() if not (isinstance(v, dict) and {"$ref", "$handle", "$handle_of"} & set(v))}
+    return {k: v for k, v in args.items() if not (isinstance(v, dict) and {"$ref", "$handle", "$handle_of"} & set(v))
+            and not refs(v)}
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -295,7 +297,9 @@ def _job_scenario(path: Path, data: dict[str, Any], bad: Callable[[str], ConfigE
             or not set(alt["steps"]) <= {a.name for a in agents}:
         raise bad("without_reader: is {steps: {AGENT: [scripted model steps]}, attacks?: [...], benign?: [...]} "
                   f"naming agents of the job: {alt!r}")
-    other = _job_actions({"attacks": data.get("attacks"), "benign": data.get("benign"), **alt},
+    played = set(alt["steps"])  # the other agents' actions stay as they are
+    other = _job_actions({kind: [i for i in data.get(kind) or [] if isinstance(i, dict) and i.get("agent") not in
+                                 played] + list(alt.get(kind) or []) for kind in ("attacks", "benign")},
                          {a.name for a in agents}, bad)
     return replace(scenario, alternative=replace(scenario, declared=other, mode="without-reader",
                                                  model_steps={str(k): list(v) for k, v in alt["steps"].items()}))

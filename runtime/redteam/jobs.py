@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,18 @@ def group_scenarios(scenarios: list[Scenario]) -> list[list[Scenario]]:
 
 
 def rules_conflict(a: Scenario, b: Scenario) -> bool:
-    """Two scenarios' reader rules for the same question pattern say different things."""
-    mine = {str(r["question"]): r for r in a.reader.get("rules", [])}
-    return any(str(r["question"]) in mine and mine[str(r["question"])] != r for r in b.reader.get("rules", []))
+    """One scenario's reader rule would answer a question the other asks (the job's reader has one list
+    of rules, tried in order), or their rules for one question pattern differ."""
+    def questions(s: Scenario) -> list[str]:
+        return [str(step["question"]) for agent in s.agents for step in agent.steps if "ask" in step]
+
+    def clash(x: Scenario, y: Scenario) -> bool:
+        mine, theirs = x.reader.get("rules", []), y.reader.get("rules", [])
+        return any(r not in theirs and (any(re.search(str(r["question"]), q, re.IGNORECASE) for q in questions(y))
+                                        or any(str(r["question"]) == str(t["question"]) for t in theirs))
+                   for r in mine)
+
+    return clash(a, b) or clash(b, a)
 
 
 def reader_section(group: list[Scenario], policies: list[dict[str, Any]]) -> dict[str, Any] | None:

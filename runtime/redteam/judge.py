@@ -98,16 +98,36 @@ def attempts_by_key(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], 
 
 def align(scenario: Scenario, streams: dict[tuple[str, str], list[Attempt]]) -> dict[Action, list[Attempt]]:
     """Each scripted action -> its attempts: the k-th call of a tool by an agent is its k-th action of
-    that tool (agents act one step at a time, so the log keeps their order)."""
+    that tool (agents act one step at a time, so the log keeps their order). An action whose input
+    was refused is never made (the agent has no value to make it with): it takes no attempt."""
     taken: Counter[tuple[str, str]] = Counter()
     out: dict[Action, list[Attempt]] = {}
     for a in scenario.actions:
         key = (a.agent, a.key)
+        if refused_input(a, out) is not None:
+            out[a] = []
+            continue
         stream = streams.get(key, [])
         start = a.nth - 1 if a.nth else taken[key]
         out[a] = stream[start:start + a.repeat]
         taken[key] = start + a.repeat
     return out
+
+
+def refused_input(action: Action, aligned: dict[Action, list[Attempt]]) -> Action | None:
+    """The earlier action whose result ``action`` needs and that was refused (followed back through
+    inputs that were never made themselves); None when every input took effect."""
+    for source in action.inputs:
+        if source not in aligned:
+            continue
+        got = aligned[source]
+        if not got:
+            deeper = refused_input(source, aligned)
+            if deeper is not None:
+                return deeper
+        elif not any(t.took_effect for t in got):
+            return source
+    return None
 
 
 @dataclass
@@ -175,14 +195,12 @@ class ScenarioResult:
 
 def judge_attack(action: Action, attempts: list[Attempt],
                  aligned: dict[Action, list[Attempt]] | None = None) -> AttackResult:
-    if not attempts and aligned:  # never made: because an input it needed was refused?
-        for source in action.inputs:
-            got = aligned.get(source, [])
-            if got and not any(a.took_effect for a in got) and all(a.layer for a in got):
-                r = judge_attack(source, got)
-                return replace(r, id=action.attack or "", agent=action.agent, tool=action.key,
-                               expected_layer=action.layer, attempts=0, args=action.args,
-                               reason=f"never made: its input ({source.key}) was refused: {r.reason}"[:300])
+    source = refused_input(action, aligned) if not attempts and aligned else None
+    if source is not None:  # never made: an input it needed was refused, and that refusal stopped it
+        r = judge_attack(source, aligned[source])  # type: ignore[index]
+        return replace(r, id=action.attack or "", agent=action.agent, tool=action.key, expected_layer=action.layer,
+                       attempts=0, args=action.args,
+                       reason=f"never made: its input ({source.key}) was refused: {r.reason}"[:300])
     effective = [a for a in attempts if a.took_effect]
     refused = [a for a in attempts if not a.took_effect]
     unexplained = [a for a in refused if a.layer is None]
