@@ -29,6 +29,7 @@ from .observe import stats_of, status_of
 from .trusted.audit import AuditLog
 from .trusted.capability import KeyRing
 from .protocol import first_holder
+from .reader import ASK, Reader, dispatched_tool
 from .trusted.ledger import AgentQuota
 from .trusted.state import StateJournal
 from .trusted.supervisor import AgentEntry, Supervisor, shard_of
@@ -67,37 +68,37 @@ def _least_loaded(home: dict[str, int], live: Any) -> int:
 PROBE_TIMEOUT_S = 60.0  # how long later calls wait for a failed tool worker to answer again
 
 
-class _Placed:
-    """Dispatcher over tool-worker actors. Each agent has a home worker (``place``, the same in
-    every shard), so its sandbox session and workspace live in one place. A worker that crashes
-    is restarted by Ray: calls sent meanwhile wait for it (within the call's deadline) and run
-    on the new process. A worker out of restarts is dead: its agents move, one call later, to the
-    live worker with the fewest agents. A dispatch is sent once and never again: a call in
-    flight when its worker died ends WORKER_UNAVAILABLE (the tool may have acted)."""
+class _Pool:
+    """Actors that Ray restarts on a crash (``max_restarts``), and the state of each as the calls found
+    it: live, suspect (a call failed: the next calls wait for one probe) or dead for good. A call is
+    sent once and never again: a call in flight when its actor died ends WORKER_UNAVAILABLE (the
+    actor may have acted). Subclasses say which actor serves a call (``_pick``)."""
 
-    def __init__(self, workers: list[Any], home: dict[str, int] | None = None) -> None:
-        if not workers:
-            raise ValueError("a job needs at least one tool worker")
-        self._workers = list(workers)
-        self._home = {a: i for a, i in (home or {}).items() if 0 <= i < len(self._workers)}
+    what = "tool worker"
+
+    def __init__(self, actors: list[Any]) -> None:
+        self._workers = list(actors)
         self._dead: set[int] = set()
         self._suspect: dict[int, asyncio.Future[None] | None] = {}  # failed a call: probe before the next
 
-    def _worker(self, agent: str) -> int:
-        i = self._home.get(agent)
-        if i is None or i in self._dead:
-            live = [k for k in range(len(self._workers)) if k not in self._dead]
-            if not live:
-                raise ToolFailed("every tool worker of the job is dead (out of restarts)",
-                                 code=ErrorCode.WORKER_UNAVAILABLE)
-            i = self._home[agent] = _least_loaded(self._home, live)
-        return i
+    def _live(self) -> list[int]:
+        live = [k for k in range(len(self._workers)) if k not in self._dead]
+        if not live:
+            raise ToolFailed(f"every {self.what} of the job is dead (out of restarts)",
+                             code=ErrorCode.WORKER_UNAVAILABLE)
+        return live
 
-    async def _send(self, agent: str, method: str, payload: Any) -> Any:
-        i = self._worker(agent)
+    def _pick(self, key: str) -> int:
+        raise NotImplementedError
+
+    async def _send(self, key: str, method: str, payload: Any) -> Any:
+        i = self._pick(key)
         if i in self._suspect:
             await self._healthy(i)
-            i = self._worker(agent)
+            i = self._pick(key)
+        return await self._send_to(i, method, payload)
+
+    async def _send_to(self, i: int, method: str, payload: Any) -> Any:
         try:
             return await getattr(self._workers[i], method).remote(payload)
         except ray.exceptions.ActorDiedError:
@@ -108,12 +109,12 @@ class _Placed:
             raise
 
     async def _healthy(self, i: int) -> None:
-        """After worker ``i`` failed a call, the next calls wait for one shared probe to answer.
+        """After actor ``i`` failed a call, the next calls wait for one shared probe to answer.
 
         Until Ray notices a death, a call sent to the dead process fails like the one in flight
-        did, and must not be resent (it may have run); a probe runs no tool, so it is the one
-        thing safe to repeat. It ends when the restarted process answers, or the worker is dead
-        for good (its agents then move)."""
+        did, and must not be resent (it may have run); a probe runs nothing, so it is the one
+        thing safe to repeat. It ends when the restarted process answers, or the actor is dead
+        for good (its calls then go elsewhere)."""
         probe = self._suspect.get(i)
         if probe is None:
             probe = self._suspect[i] = asyncio.ensure_future(self._probe(i))
@@ -127,23 +128,110 @@ class _Placed:
         delay_s, give_up = 0.02, asyncio.get_running_loop().time() + PROBE_TIMEOUT_S
         while True:
             try:
-                await self._workers[i].counters.remote()
+                await asyncio.wait_for(awaited(self._workers[i].counters.remote()), PROBE_TIMEOUT_S)
                 return
             except ray.exceptions.ActorDiedError:
                 self._dead.add(i)
                 return
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
                 if asyncio.get_running_loop().time() > give_up:
-                    return  # the next call then reports the worker's state itself
+                    return  # the next call then reports the actor's state itself
                 # Ray gives no event for "restarted"; each probe is one cheap call, backing off.
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
 
+
+class _Placed(_Pool):
+    """Dispatcher over tool-worker actors, and the reader pool (``_Readers``) for ``reader.ask``. Each
+    agent has a home worker (``place``, the same in every shard), so its sandbox session and workspace
+    live in one place. A worker that crashes is restarted by Ray: calls sent meanwhile wait for it
+    (within the call's deadline) and run on the new process. A worker out of restarts is dead: its
+    agents move, one call later, to the live worker with the fewest agents."""
+
+    def __init__(self, workers: list[Any], home: dict[str, int] | None = None, readers: list[Any] = ()) -> None:
+        if not workers:
+            raise ValueError("a job needs at least one tool worker")
+        super().__init__(workers)
+        self._home = {a: i for a, i in (home or {}).items() if 0 <= i < len(self._workers)}
+        self._readers = _Readers(list(readers)) if readers else None
+
+    def _pick(self, agent: str) -> int:
+        i = self._home.get(agent)
+        if i is None or i in self._dead:
+            i = self._home[agent] = _least_loaded(self._home, self._live())
+        return i
+
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
+        if tool == ASK:
+            return await self._reader(message)
         return await self._send(agent, "execute", message)
 
+    async def _reader(self, message: bytes) -> bytes:
+        if self._readers is None:  # the job offers no reader.ask then: the supervisor should never get here
+            return _worker_error("the job has no reader pool (no reader: section)")
+        return await self._readers.ask(message)
+
     async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
-        return await self._send(agent, "execute_batch", messages)
+        """The batch's calls on the agent's worker, in one hop; its ``reader.ask`` calls on the reader pool."""
+        asks = {i for i, m in enumerate(messages) if dispatched_tool(m) == ASK}
+        if not asks:
+            return await self._send(agent, "execute_batch", messages)
+        rest = [m for i, m in enumerate(messages) if i not in asks]
+        order = sorted(asks)
+        answers = asyncio.gather(*[self._reader(messages[i]) for i in order], return_exceptions=True)
+        others = self._send(agent, "execute_batch", rest) if rest else asyncio.sleep(0, [])
+        got, done = await asyncio.gather(answers, others)  # the workers' hop failing fails the batch, as before
+        out, done_iter = {i: _reply_of(a) for i, a in zip(order, got)}, iter(done)
+        return [out[i] if i in out else next(done_iter) for i in range(len(messages))]
+
+
+def _worker_error(reason: str) -> bytes:
+    return msgpack.packb({"ok": False, "error": {"code": ErrorCode.WORKER_UNAVAILABLE.value, "reason": reason}},
+                         use_bin_type=True)
+
+
+def _reply_of(answer: Any) -> bytes:
+    """A reader's reply in a batch; its failure as the reply a single call's failure would settle to."""
+    if isinstance(answer, BaseException):
+        return _worker_error(f"reader stopped before answering: {type(answer).__name__}")
+    return answer
+
+
+class _Readers(_Pool):
+    """The job's reader actors (``ReaderActor``). Each question goes to the live reader with the fewest
+    questions in flight from this shard (ties: the next in turn). A reader that failed a call, or
+    that the supervisor stopped waiting for, is probed in the background; until it answers, the
+    others take the questions (if there are none, they wait for the probe)."""
+
+    what = "reader"
+
+    def __init__(self, readers: list[Any]) -> None:
+        super().__init__(readers)
+        self._in_flight = [0] * len(readers)
+        self._turn = 0
+
+    def _pick(self, _key: str = "") -> int:
+        live = self._live()
+        for k in [k for k, probe in self._suspect.items() if probe is None]:  # probed in the background: back soon
+            probe = self._suspect[k] = asyncio.ensure_future(self._probe(k))
+            probe.add_done_callback(lambda done, k=k: self._suspect.get(k) is done and self._suspect.pop(k))
+        ready = [k for k in live if k not in self._suspect] or live
+        n = len(self._workers)
+        self._turn += 1
+        return min(ready, key=lambda k: (self._in_flight[k], (k - self._turn) % n))
+
+    async def ask(self, message: bytes) -> bytes:
+        i = self._pick()
+        self._in_flight[i] += 1
+        try:
+            if i in self._suspect:
+                await self._healthy(i)
+            return await self._send_to(i, "execute", message)
+        except asyncio.CancelledError:  # the supervisor gave up waiting (a hung reader?): probe it before the next
+            self._suspect.setdefault(i, None)
+            raise
+        finally:
+            self._in_flight[i] -= 1
 
 
 PEER_TIMEOUT_S = 30.0
@@ -198,7 +286,7 @@ class Shard:
                  call_timeout_s: float, credentials: dict[str, dict[str, dict[str, str]]],
                  audit_options: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
                  state_path: str | None = None, peer_key: bytes | None = None, host_secret: bytes = b"",
-                 reconstructed: bool = False) -> None:
+                 reconstructed: bool = False, readers: list[Any] = ()) -> None:
         from .metrics import PrometheusObserver
 
         self.host_secret = host_secret
@@ -220,7 +308,7 @@ class Shard:
         self._idle.set()
         self.sup = Supervisor(job_id=job_id, keyring=KeyRing.from_secret_dict(keys),
                               tools={t.name: t for t in tools}, audit=self.audit,
-                              dispatcher=_Placed(workers, placement), dispatch_key=dispatch_key,
+                              dispatcher=_Placed(workers, placement, readers), dispatch_key=dispatch_key,
                               call_timeout_s=call_timeout_s, credentials=credentials,
                               observer=self.observer, on_event=self._event, shard=shard, journal=journal,
                               peer_key=peer_key)
@@ -556,6 +644,35 @@ class ToolWorkerActor:
     def shutdown(self) -> None:
         self._worker.close()
         self._journal.close()
+
+
+@ray.remote
+class ReaderActor:
+    """A quarantined reader (``runtime.reader.Reader``): answers ``reader.ask`` dispatches the supervisor
+    MAC'd, with the job's reader model. It gets the dispatch key (to check MACs, as a tool worker
+    does) and its model configuration, nothing else: no token, no request key, no tool, no handle
+    but the content one dispatch carries. Restarted by Ray on a crash (``reader.max_restarts``); the
+    new process refuses every dispatch its predecessor accepted."""
+
+    def __init__(self, *, dispatch_key: bytes, job_id: str, model: dict[str, Any], system: str = "",
+                 index: int = 0, run_dir: str | None = None, call_timeout_s: float = 120.0) -> None:
+        from .llm import model_from_config
+
+        self._restarted = _was_restarted()
+        path = Path(run_dir) / f"reader-{index}.dispatches" if run_dir else None
+        self._journal = DispatchJournal(path, restarted=self._restarted, call_timeout_s=call_timeout_s)
+        self._reader = Reader(dispatch_key=dispatch_key, job=job_id, model=model_from_config(model), system=system,
+                              journal=self._journal)
+
+    async def execute(self, message: bytes) -> bytes:
+        return await self._reader.execute(message)
+
+    def counters(self) -> dict[str, int]:
+        return self._reader.counters()
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
+                **self._reader.counters()}
 
 
 class _SupervisorClient:

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from .errors import DelegationDenied, WardenError
 from .llm import (HANDLE_KEY, ChatModel, LoopResult, handles_in_text, is_handle, model_from_config, run_tool_loop,
                   with_handle_guide)
+from .reader import ASK
 from .protocol import check_reply, decode_reply, encode_batch, encode_call, encode_delegate
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
 from .trusted.policy import ArgRule, FlowRule
@@ -83,6 +84,15 @@ class Agent:
         request = encode_call(agent=self.name, token=self.token, tool=tool, args=args,
                               request_key=self._request_key)
         return decode_reply(await self._supervisor.call(request))["value"]
+
+    async def ask(self, handle: Any, question: str, schema: dict[str, Any] | str) -> Any:
+        """Ask the job's quarantined reader one question about a handle's content (``reader.ask``;
+        the policy must allow it). Returns the answer, validated by the supervisor against
+        ``schema`` (a low-capacity JSON Schema, or the name of one in the policy's ``schemas:``):
+        a plain value, labelled endorsed, that does not taint this agent's context. For free text
+        (``{"type": "string"}``) the answer comes back as a new handle. An answer that does not
+        validate raises ``ReaderInvalid`` (READER_INVALID)."""
+        return await self.call(ASK, handle=handle, question=question, schema=schema)
 
     async def call_many(self, calls: Iterable[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Several calls in one message. Each is checked, audited and settled on its own; the

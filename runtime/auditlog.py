@@ -79,7 +79,7 @@ KINDS = ("anomaly", "approval", "approval_requested", "calls_unsettled", "decisi
 # ``--kind flow`` selects the decision and approval records that carry a ``flow`` field (information flow).
 FLOW = "flow"
 FLOW_RECORD_KINDS = ("decision", "approval_requested", "approval")
-FLOW_CODES = frozenset({"FLOW_DENIED", "HANDLE_UNKNOWN", "HANDLE_DENIED", "HANDLE_LIMIT"})
+FLOW_CODES = frozenset({"FLOW_DENIED", "HANDLE_UNKNOWN", "HANDLE_DENIED", "HANDLE_LIMIT", "READER_INVALID"})
 KIND_FILTERS = (*KINDS, FLOW)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -125,10 +125,11 @@ def format_record(rec: dict[str, Any]) -> str:
 def is_flow_record(rec: dict[str, Any]) -> bool:
     """A decision or approval record on which an information-flow rule was checked or handles were used,
     or a decision or outcome the flow layer refused (``FLOW_DENIED``, ``HANDLE_*``: a handle unknown,
-    not this agent's, or over the agent's limits)."""
+    not this agent's, or over the agent's limits; ``READER_INVALID``), or a reader's answer."""
     kind = rec.get("kind")
     return ((kind in FLOW_RECORD_KINDS and _says_something(rec.get("flow")))
-            or (kind in ("decision", "outcome") and rec.get("code") in FLOW_CODES))
+            or (kind in ("decision", "outcome") and rec.get("code") in FLOW_CODES)
+            or (kind == "outcome" and rec.get("tool") == "reader.ask" and rec.get("ok") is True))
 
 
 def _says_something(flow: Any) -> bool:
@@ -167,11 +168,15 @@ def format_flow(rec: dict[str, Any]) -> str:
     parts = _head(rec)
     parts += [_violation_text(v, rec.get("args")) for v in _violations(flow)]
     if isinstance(flow, dict):
-        for key in ("checked", "handles"):
+        for key in ("checked", "handles", "sources"):
             if flow.get(key):
                 items = flow[key] if isinstance(flow[key], list) else [flow[key]]
-                sep, quote = ("; ", '"') if key == "checked" else (",", "")  # rule names have spaces
-                parts.append(f"{key}={quote}{sep.join(_short(i, 60) for i in items)}{quote}")
+                sep, quote = ("; ", '"') if key in ("checked", "sources") else (",", "")  # rule names have spaces
+                show = format_origin if key == "sources" else (lambda i: _short(i, 60))
+                parts.append(f"{key}={quote}{sep.join(show(i) for i in items)}{quote}")
+    if rec.get("tool") == "reader.ask" and rec.get("kind") == "outcome" and rec.get("ok"):
+        parts.append(f"answer={_short(rec['answer'], 80)}" if "answer" in rec else f"handle={_short(rec.get('handle'))}")
+        parts.append(f'label="{format_label(rec.get("label"))}"')
     if "context" in rec:
         parts.append(f'context="{format_label(rec["context"])}"')
     for key in ("approval_id", "approver", "call_id", "reason"):

@@ -3,7 +3,7 @@
     warden run JOB.yaml [--json]        run a job (local Ray, or RAY_ADDRESS's cluster)
     warden job check JOB.yaml...        everything checkable before Ray starts, one line per problem
     warden policy check FILE...         validate policies (exit 1 on any error)
-    warden policy explain FILE          what a policy allows, labels and sink rules, as a table or --json
+    warden policy explain FILE          what a policy allows, labels, sink rules, reader schemas; or --json
     warden policy test FILE --cases C   run a policy's test cases (exit 1 with a diff on a mismatch)
     warden audit verify PATH            check an audit log's hash chain
     warden audit show PATH [filters]    print audit records
@@ -148,6 +148,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"cannot load tools {args.tools}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    if args.tools:  # offered by a job's reader: section, not by a module
+        from .reader import ASK, ask_tool
+
+        tools.setdefault(ASK, ask_tool().spec)
     for path in args.files:
         try:
             p = load_policy(path)
@@ -299,7 +303,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     else:  # the built-in tools; delegates' policies found beside this one
         from pathlib import Path
 
-        tools, delegates, job_outputs = load_tools(["runtime.toolbox"]), {}, {}
+        from .reader import ASK, ask_tool
+
+        tools, delegates, job_outputs = {**load_tools(["runtime.toolbox"]), ASK: ask_tool()}, {}, {}
         for path in sorted(Path(args.file).parent.glob("*.y*ml")):
             try:
                 other = load_policy(path)

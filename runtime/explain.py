@@ -7,7 +7,7 @@ else ``untrusted`` / ``public`` / not hidden),
 whether results are hidden behind handles, whether a result also carries the labels of the
 handles passed in (``carries_inputs``; false: a receipt), which items of a result are trusted; and which sink
 rules judge the tool's calls: its own ``ifc`` and every policy-wide ``ifc`` rule that selects it
-by effect. Plus the policy's ``handles:`` limits.
+by effect. Plus the policy's ``handles:`` limits and its reader ``schemas:``.
 
 Nothing here decides anything: it reads validated declarations (pydantic models or their plain
 dict form) for a person, as text or JSON. The supervisor enforces the same declarations from the
@@ -118,7 +118,8 @@ def flow_view(policy: Any, *, job_outputs: Mapping[str, Any] | None = None,
               tool_outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``policy explain`` says about information flow, as JSON-able data."""
     return {"outputs": output_labels(policy, job_outputs=job_outputs, tool_outputs=tool_outputs),
-            "sinks": sink_rules(policy), "handles": handle_limits(policy)}
+            "sinks": sink_rules(policy), "handles": handle_limits(policy),
+            "schemas": _plain(_get(policy, "schemas") or {})}
 
 
 # ------------------------------------------------------------------------------ text
@@ -194,4 +195,8 @@ def flow_lines(view: dict[str, Any], table: Any) -> list[str]:
         lines.append("  sink rules: none (labels are tracked and audited, no call is judged by them)")
     h = view["handles"]
     lines.append(f"  handles: at most {h['max_count']} per agent, {h['max_bytes']} bytes in all, each for {h['ttl_s']:g}s")
+    schemas = view.get("schemas") or {}
+    if schemas:
+        lines.append("  reader schemas (reader.ask may name them; a validated answer is endorsed, free text a handle):")
+        lines += [f"    {name}: {json.dumps(schema, sort_keys=True)}" for name, schema in sorted(schemas.items())]
     return lines

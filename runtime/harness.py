@@ -39,7 +39,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .agent import narrowing_caveats
 from .errors import ConfigError, ErrorCode, WardenError
+from .llm import model_from_config
 from .protocol import REQUEST_VERSION, decode_reply, seal_request
+from .reader import ASK, Reader, ask_tool
 from .registry import Registration, check_policy_against_tools, register_agent
 from .sandbox.worker import ToolWorker
 from .testing import FakeClock, InProcessDispatcher
@@ -134,13 +136,20 @@ class PolicyHarness:
     arguments are checked as in a job). ``run_tools=False`` stubs every other tool with
     ``None``: no tool code runs. ``tool_config`` becomes ``ctx.config`` (``run_dir`` defaults to
     the harness's directory). ``sandboxes`` is a ``SandboxPool`` for sandboxed tools that are not
-    stubbed (without one they end in ``SANDBOX_UNAVAILABLE``, after an allow)."""
+    stubbed (without one they end in ``SANDBOX_UNAVAILABLE``, after an allow). ``reader``: a job file's
+    ``reader:`` section (``{"model": {...}, "system"?, "cost"?}``): ``reader.ask`` is offered and
+    answered by a ``runtime.reader.Reader`` with that model, through the MAC'd dispatch."""
 
     def __init__(self, tools: Iterable[Tool | str] | Mapping[str, Tool] = (), *,
                  stubs: Mapping[str, Any] | None = None, run_tools: bool = True, job_id: str = "policy-test",
                  audit_dir: str | os.PathLike[str] | None = None, tool_config: dict[str, Any] | None = None,
-                 clock: FakeClock | None = None, sandboxes: Any = None, call_timeout_s: float = 30.0) -> None:
+                 clock: FakeClock | None = None, sandboxes: Any = None, call_timeout_s: float = 30.0,
+                 reader: dict[str, Any] | None = None) -> None:
         self.tools = _tools(tools)
+        if reader is not None:  # as a job's reader: section: reader.ask, answered by a reader in this process
+            if ASK in self.tools:
+                raise ConfigError(f"tool {ASK!r} is given, and reader= offers it too", code=ErrorCode.JOB_INVALID)
+            self.tools[ASK] = ask_tool(float(reader.get("cost", 1.0)))
         unknown = sorted(set(stubs or {}) - set(self.tools))
         if unknown:
             raise ConfigError(f"stubs for tools that are not given: {unknown}", code=ErrorCode.JOB_INVALID)
@@ -156,13 +165,16 @@ class PolicyHarness:
         self.agents: dict[str, Registration] = {}
         self.policies: dict[str, Policy] = {}
         dispatch_key = secrets.token_bytes(32)
+        self.reader = None if reader is None else Reader(
+            dispatch_key=dispatch_key, job=job_id, model=model_from_config(reader["model"]),
+            system=str(reader.get("system", "")), clock=self.clock)
         self.worker = ToolWorker(dispatch_key=dispatch_key, tools=self._worker_tools(stubs or {}, run_tools),
                                  job=job_id, tool_config={"run_dir": str(self.dir), **(tool_config or {})},
                                  clock=self.clock, sandboxes=sandboxes)
         self.supervisor = Supervisor(job_id=job_id, keyring=KeyRing.generate(),
                                      tools={n: t.spec for n, t in self.tools.items()},
                                      audit=_TeeAudit(self._log, self._seen),
-                                     dispatcher=InProcessDispatcher(self.worker),
+                                     dispatcher=InProcessDispatcher(self.worker, self.reader),
                                      dispatch_key=dispatch_key, clock=self.clock, ledger=QuotaLedger(clock=self.clock),
                                      call_timeout_s=call_timeout_s)
 

@@ -38,6 +38,7 @@ from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
 from .trusted.policy import OutputRule, Policy
 from .policyfile import load_policy, read_yaml, validated
+from .reader import ASK, ask_tool
 from .registry import check_policy_against_tools, register_agent
 
 
@@ -115,6 +116,29 @@ class WorkerSpec(_Strict):
         return self
 
 
+class ReaderSpec(_Strict):
+    """The quarantined reader pool (``reader.ask``): its model, like an agent's ``config.model``, and its
+    own Ray actors. Without this section the job offers no ``reader.ask``."""
+
+    model: dict[str, Any] = Field(description="{kind: scripted, rules: [...]} or {kind: openai, base_url, model, ...}")
+    system: str = Field(default="", max_length=8000, description="added to the reader's own system prompt")
+    count: int = Field(default=1, ge=1, le=64, description="reader actors in the pool")
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Ray restarts of a crashed reader")
+    resources: Resources | None = None
+    cost: float = Field(default=1.0, ge=0, description="charged to the asking agent's cost budget per question")
+
+    @field_validator("model")
+    @classmethod
+    def _buildable(cls, model: dict[str, Any]) -> dict[str, Any]:
+        from .llm import model_from_config
+
+        try:  # the key itself is read where the reader runs (and checked by `warden job check`)
+            model_from_config({k: v for k, v in model.items() if k != "api_key_env"})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"reader model: {exc}") from None
+        return model
+
+
 class CredentialRef(_Strict):
     """A secret for a tool, read from the driver's environment at job start (never written in a job file),
     and the one origin (scheme, host, port) it may be sent to."""
@@ -187,6 +211,7 @@ class JobSpec(_Strict):
     credentials: dict[str, dict[str, CredentialRef]] = Field(
         default_factory=dict, description="tool -> header name -> secret; attached by the supervisor per call")
     workers: WorkerSpec = Field(default_factory=WorkerSpec)
+    reader: ReaderSpec | None = Field(default=None, description="the quarantined reader behind reader.ask")
     supervisors: SupervisorSpec = Field(default_factory=SupervisorSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     call_timeout_s: float = Field(default=120.0, gt=0)
@@ -242,6 +267,11 @@ def load_job(path: str | Path) -> LoadedJob:
         tools = load_tools(spec.tools)
     except Exception as exc:
         raise ConfigError(f"{path}: cannot load tools {spec.tools}: {exc}", code=ErrorCode.JOB_INVALID) from None
+    problem = reader_problem(spec.reader is not None, tools, policies)
+    if problem:
+        raise ConfigError(f"{path}: {problem}", code=ErrorCode.JOB_INVALID)
+    if spec.reader is not None:
+        tools[ASK] = ask_tool(spec.reader.cost)
     for agent, policy in policies.items():
         check_policy_against_tools(agent, policy, tools, offered_by=f"no module in {spec.tools}")
         unknown = sorted(set(policy.delegation.can_delegate_to) - set(policies))
@@ -258,6 +288,18 @@ def load_job(path: str | Path) -> LoadedJob:
     except ToolFailed as exc:
         raise ConfigError(f"{path}: {exc.reason}", code=ErrorCode.JOB_INVALID) from None
     return LoadedJob(spec, base, policies, tools, classes)
+
+
+def reader_problem(has_reader: bool, tools: Any, policies: dict[str, Policy]) -> str | None:
+    """Why the job's ``reader:`` section and its tools and policies do not fit together, or None."""
+    if has_reader:
+        return (f"tool {ASK!r} is defined by a module in tools:, and the job's reader: section offers it too"
+                if ASK in tools else None)
+    askers = sorted(name for name, policy in policies.items() if ASK in policy.tools)
+    if askers:
+        return (f"the policies of {askers} allow {ASK}, but the job has no reader: section to answer it "
+                f"(add reader: {{model: ...}}, or remove {ASK} from those policies)")
+    return None
 
 
 def resolve_credentials(spec: JobSpec, environ: dict[str, str]) -> dict[str, dict[str, dict[str, str]]]:
@@ -370,6 +412,8 @@ def _check_placement(spec: JobSpec) -> None:
     wants = [("tool worker", spec.workers.count, p.sandbox.request(spec.workers.resources), "sandbox", "bwrap/runsc"),
              ("supervisor shard", spec.supervisors.shards, p.trusted.request(), "trusted", "the audit disk"),
              ("agent", len(spec.agents), p.agent.request(), "agent", "agent code")]
+    if spec.reader is not None:
+        wants.append(("reader", spec.reader.count, p.agent.request(), "agent", "agent code"))
     for what, count, need, role, has in wants:
         short = {k: v * count for k, v in need.items() if have.get(k, 0) < v * count}
         if short:
@@ -389,7 +433,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
     stops, e.g. to scrape its final metrics."""
     import ray
 
-    from .actors import TEARDOWN_TIMEOUT_S, AgentActor, SupervisorActor, ToolWorkerActor, awaited, place, within
+    from .actors import (TEARDOWN_TIMEOUT_S, AgentActor, ReaderActor, SupervisorActor, ToolWorkerActor, awaited,
+                         place, within)
 
     spec = job.spec
     started = time.monotonic()
@@ -430,6 +475,18 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                            tool_config=tool_config, index=i, call_timeout_s=spec.call_timeout_s)
                    for i in range(spec.workers.count)]
         handles.extend(workers)
+        readers: list[Any] = []
+        if spec.reader is not None:  # their own actors, on agent nodes: a model client, no sandbox, no key but the MAC's
+            progress(f"starting {spec.reader.count} reader(s)")
+            reader_opts = _actor_options(spec.reader.resources, {}, 0.0)
+            reader_opts["resources"] = spec.placement.agent.request(reader_opts.get("resources"))
+            readers = [ReaderActor.options(**reader_opts, max_restarts=spec.reader.max_restarts, max_task_retries=0,
+                                           max_concurrency=100)
+                       .remote(dispatch_key=dispatch_key, job_id=job_id, model=spec.reader.model,
+                               system=spec.reader.system, index=i, run_dir=str(run_dir),
+                               call_timeout_s=spec.call_timeout_s)
+                       for i in range(spec.reader.count)]
+            handles.extend(readers)
         progress(f"starting {n_shards} supervisor shard(s)")
         peer_key = secrets.token_bytes(32) if n_shards > 1 else None
         host = secrets.token_bytes(32)  # the driver's and the shards' own: agents hold shard handles too
@@ -441,7 +498,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                                      "rotate_bytes": int(spec.audit.rotate_mb * (1 << 20)) if spec.audit.rotate_mb
                                      else None},
                       call_timeout_s=spec.call_timeout_s, credentials=resolve_credentials(spec, dict(os.environ)),
-                      peer_key=peer_key, host_secret=host)
+                      peer_key=peer_key, host_secret=host, readers=readers)
         shards = [SupervisorActor.options(**shard_options).remote(
             shard=(i, n_shards), audit_path=str(audit_paths[i]), state_path=str(run_dir / f"state-{i}.journal"),
             **common) for i in range(n_shards)]

@@ -26,6 +26,7 @@ from .tool import load_tools
 from .trusted.capability import MAX_CAVEATS, MAX_TOKEN_BYTES, KeyRing
 from .trusted.policy import Policy
 from .policyfile import check_policy_tools, explain_error, load_policy
+from .reader import ASK, ask_tool
 
 
 def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, local: bool = True) -> list[str]:
@@ -55,7 +56,10 @@ def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, loc
     modules = [m for m in lists.get("tools", []) if isinstance(m, str)]
     problems += _agent_classes(agents)
     tools = _tools(modules, problems)
-    problems += _policies(path.resolve().parent, agents, tools, modules)
+    reader = isinstance(data.get("reader"), dict)
+    if tools is not None and reader and ASK not in tools:
+        tools[ASK] = ask_tool().spec  # the job's own tool: offered because it has a reader: section
+    problems += _policies(path.resolve().parent, agents, tools, modules, reader)
     problems += _environment(data, agents, environ)
     if spec is not None and local:
         problems += _local_placement(spec)
@@ -84,7 +88,8 @@ def _tools(modules: list[str], problems: list[str]) -> dict[str, Any] | None:
         return None
 
 
-def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | None, modules: list[str]) -> list[str]:
+def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | None, modules: list[str],
+              reader: bool = False) -> list[str]:
     out, names, loaded = [], {a.get("name") for a in agents}, {}
     for a in agents:
         source = f"policy of {a.get('name')!r}"
@@ -97,8 +102,10 @@ def _policies(base: Path, agents: list[dict[str, Any]], tools: dict[str, Any] | 
         out += [f"{source}: delegates to unknown agents {unknown}"] if unknown else []
         if tools is None:
             continue
+        out += [f"{source}: allows {ASK}, but the job has no reader: section to answer it (add reader: "
+                "{model: ...} to the job file, or remove it from the policy)"] if ASK in policy.tools and not reader else []
         out += [f"{source}: tool {n!r} is defined by no module in {modules}" for n in sorted(policy.tools)
-                if n not in tools]
+                if n not in tools and n != ASK]
         out += [f"{source}: tool {n!r} has effect {tools[n].effect!r}, the policy says {r.effect!r}"
                 for n, r in sorted(policy.tools.items()) if n in tools and tools[n].effect != r.effect]
         try:
@@ -130,16 +137,19 @@ def _environment(data: dict[str, Any], agents: list[dict[str, Any]], environ: Ma
             env = ref.get("env") if isinstance(ref, dict) else None
             if isinstance(env, str) and not environ.get(env):
                 out.append(f"credential {header!r} of tool {tool!r} needs environment variable {env}, which is not set")
-    for a in agents:
-        model = (a.get("config") or {}).get("model") if isinstance(a.get("config"), dict) else None
+    models = [(f"agent {a.get('name')!r}", "config.model",
+               (a.get("config") or {}).get("model") if isinstance(a.get("config"), dict) else None) for a in agents]
+    if isinstance(data.get("reader"), dict):
+        models.append(("reader", "reader.model", data["reader"].get("model")))
+    for who, where, model in models:
         env = model.get("api_key_env") if isinstance(model, dict) else None
         if isinstance(env, str) and not environ.get(env):
-            out.append(f"agent {a.get('name')!r}: the model's api_key_env {env} is not set in the environment")
-        elif isinstance(model, dict) and "kind" in model:
+            out.append(f"{who}: the model's api_key_env {env} is not set in the environment")
+        elif isinstance(model, dict) and "kind" in model and where != "reader.model":  # the reader's: checked above
             try:
                 model_from_config(model)
             except (ValueError, TypeError) as exc:
-                out.append(f"agent {a.get('name')!r}: config.model: {exc}")
+                out.append(f"{who}: {where}: {exc}")
     return out
 
 
@@ -148,6 +158,8 @@ def _local_placement(spec: Any) -> list[str]:
     have = set(spec.placement.local_resources())
     cpus, out = os.cpu_count() or 1, []
     asks = [(f"agent {a.name!r}", a.resources) for a in spec.agents if a.resources is not None]
+    if spec.reader is not None and spec.reader.resources is not None:
+        asks.append(("reader", spec.reader.resources))
     for who, res in asks:
         out += [f"{who}: resource {k!r} is not on a local Ray (only {sorted(have)}); set RAY_ADDRESS to a cluster "
                 "that has it" for k in sorted(set(res.resources) - have)]

@@ -304,7 +304,11 @@ make one up: only the handles given to you work. "label" says how trusted the da
 who may read it (readers), "bytes" its size, "tool" the tool it came from.
 The tool handle.reveal (argument "handle") shows you the content, at a cost: everything you do after
 that counts as influenced by that data, so consequential actions (sending, paying, deleting) may be
-refused or need a human's approval. Reveal a handle only when you must read the content yourself."""
+refused or need a human's approval. Reveal a handle only when you must read the content yourself.
+When you need one fact from the data (an amount, a date, yes or no, one of a few choices), ask the
+reader instead, if you have the tool reader.ask (arguments "handle", "question", "schema"): a separate
+model reads the content and the system checks its answer against the schema, and your context stays
+as it is. A free-text answer ({"type": "string"}) comes back as a new handle."""
 
 
 def is_handle(value: Any) -> bool:
@@ -649,10 +653,134 @@ async def run_tool_loop(
     return LoopResult(None, max_turns, calls, "max_turns", messages)
 
 
+# ------------------------------------------------------------------------------ scripted reader
+
+_RULE_KINDS = ("extract", "answer", "text")
+_TRUE, _FALSE = {"true", "yes", "y", "1"}, {"false", "no", "n", "0"}
+_NUMBER = re.compile(r"[-+]?\d[\d,_ ]*(?:\.\d+)?|[-+]?\.\d+")
+
+
+class ScriptedReader:
+    """A deterministic reader model: answers from rules on the question and the data, no real model.
+
+    ``rules`` are tried in order; a rule applies when its ``question`` regex is found in the question
+    (case-insensitive) and it can answer:
+
+    - ``{"question": REGEX, "extract": REGEX}``: the first match of ``extract`` in the data (its one
+      group, or the whole match), coerced to the schema's type where obvious: ``"1,240.50"`` is
+      ``1240.5`` for a number or integer schema, ``yes``/``no`` a boolean, a case-insensitive match
+      of an enum value that value; for an array schema, every match (up to ``maxItems``). Like a
+      model, it takes what it finds first: a value an attacker placed earlier in the data wins.
+      No match: the rule does not apply;
+    - ``{"question": REGEX, "answer": VALUE}``: ``VALUE`` (any JSON value);
+    - ``{"question": REGEX, "text": TEXT}``: ``TEXT`` as the model's raw output (to script a model that
+      writes prose or broken JSON).
+
+    No rule applies: ``default`` if given, else a ``ModelError``. The answer is written as JSON, as a
+    real reader is asked to. A rule may add ``delay_s`` (seconds before it answers: a slow model).
+    ``seen`` holds each question asked.
+    """
+
+    def __init__(self, rules: list[dict], default: Any = ...) -> None:
+        if not isinstance(rules, list):
+            raise ValueError("scripted reader 'rules' must be a list")
+        self.rules = [self._check(r, f"rule {i}") for i, r in enumerate(rules)]
+        self.default = default
+        self.seen: list[str] = []
+
+    @staticmethod
+    def _check(rule: Any, where: str) -> tuple[re.Pattern[str], str, Any, float]:
+        if not isinstance(rule, dict):
+            raise ValueError(f"{where}: a rule is a mapping with 'question' and one of {list(_RULE_KINDS)}")
+        kinds = [k for k in _RULE_KINDS if k in rule]
+        delay = rule.get("delay_s", 0)
+        if type(delay) not in (int, float) or not 0 <= delay <= 3600:
+            raise ValueError(f"{where}: delay_s must be a number of seconds (0 to 3600)")
+        if len(kinds) != 1 or set(rule) - {"question", "delay_s", *_RULE_KINDS}:
+            raise ValueError(f"{where}: takes 'question' and exactly one of {list(_RULE_KINDS)}; "
+                             f"got {sorted(rule)}")
+        question, kind = rule.get("question", ""), kinds[0]
+        try:
+            pattern = re.compile(question, re.IGNORECASE)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"{where}: question is not a regex: {exc}") from None
+        value = rule[kind]
+        if kind == "extract":
+            try:
+                value = re.compile(value)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"{where}: extract is not a regex: {exc}") from None
+            if value.groups > 1:
+                raise ValueError(f"{where}: extract has {value.groups} groups; at most one")
+        elif kind == "text" and not isinstance(value, str):
+            raise ValueError(f"{where}: text must be a string")
+        return pattern, kind, value, float(delay)
+
+    async def complete(self, messages: list[dict], tools: list[dict]) -> ModelTurn:
+        from .reader import prompt_parts
+
+        try:
+            content, question, schema = prompt_parts(messages)
+        except ValueError as exc:
+            raise ModelError(f"scripted reader: {exc}") from None
+        self.seen.append(question)
+        for pattern, kind, value, delay_s in self.rules:
+            if not pattern.search(question):
+                continue
+            if delay_s:
+                await asyncio.sleep(delay_s)  # a slow model: nothing to wait for but time
+            if kind == "text":
+                return ModelTurn(value)
+            if kind == "answer":
+                return ModelTurn(json.dumps(value))
+            found = _extract(value, content, schema)
+            if found is not None:
+                return ModelTurn(json.dumps(found))
+        if self.default is not ...:
+            return ModelTurn(json.dumps(self.default))
+        raise ModelError(f"scripted reader: no rule answers the question {question!r:.120}")
+
+
+def _extract(pattern: re.Pattern[str], content: str, schema: Any) -> Any:
+    schema = schema if isinstance(schema, dict) else {}
+    matches = [m.group(1) if pattern.groups else m.group(0) for m in pattern.finditer(content)]
+    matches = [m for m in matches if m is not None]
+    if not matches:
+        return None
+    if schema.get("type") == "array":
+        n = schema.get("maxItems") if type(schema.get("maxItems")) is int else len(matches)
+        return [_coerce(m, schema.get("items")) for m in matches[:n]]
+    return _coerce(matches[0], schema)
+
+
+def _coerce(text: str, schema: Any) -> Any:
+    """``text`` as the schema's type, where the conversion is obvious; else ``text``."""
+    schema, text = (schema if isinstance(schema, dict) else {}), text.strip()
+    kind = schema.get("type")
+    if kind in ("number", "integer"):
+        number = _NUMBER.search(text)
+        if number is None:
+            return text
+        value = float(re.sub(r"[,_ ]", "", number.group(0)))
+        return int(value) if kind == "integer" and value.is_integer() else value
+    if kind == "boolean" and text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    if isinstance(schema.get("enum"), list):
+        for option in schema["enum"]:
+            if isinstance(option, str) and option.lower() == text.lower():
+                return option
+            if isinstance(option, (int, float)) and not isinstance(option, bool):
+                number = _NUMBER.fullmatch(text)
+                if number and float(re.sub(r"[,_ ]", "", text)) == option:
+                    return option
+    return text
+
+
 def model_from_config(cfg: dict) -> ChatModel:
     """Build a model from a job-file dict; unknown kinds and keys raise ``ValueError``.
 
-    ``{"kind": "scripted", "steps": [...]}`` or ``{"kind": "openai", "base_url": ...,
+    ``{"kind": "scripted", "steps": [...]}``, ``{"kind": "scripted", "rules": [...], "default"?: ...}``
+    (a reader: ``ScriptedReader``) or ``{"kind": "openai", "base_url": ...,
     "model": ..., "api_key_env"?, "timeout_s"?, "temperature"?, "max_tokens"?,
     "extra_headers"?}``. A literal ``api_key`` is refused: job files must not hold secrets.
     """
@@ -661,8 +789,13 @@ def model_from_config(cfg: dict) -> ChatModel:
     kind = cfg.get("kind")
     rest = {k: v for k, v in cfg.items() if k != "kind"}
     if kind == "scripted":
+        if "rules" in rest:  # a reader: answers from rules on the question and the data
+            if extra := set(rest) - {"rules", "default"}:
+                raise ValueError(f"scripted reader config takes 'rules' and 'default'; unknown keys {sorted(extra)}")
+            return ScriptedReader(rest["rules"], rest.get("default", ...))
         if set(rest) != {"steps"}:
-            raise ValueError("scripted model config takes exactly one key: 'steps'")
+            raise ValueError("scripted model config takes exactly one key: 'steps' (or, for a reader, "
+                             "'rules' and optionally 'default')")
         return ScriptedModel(rest["steps"])
     if kind == "openai":
         if "api_key" in rest:

@@ -80,7 +80,8 @@ def check_policy_against_tools(agent: str, policy: Policy, tools: Mapping[str, A
     for name, rule in sorted(policy.tools.items()):
         t = tools.get(name)
         if t is None:
-            hint = " (it is in runtime.toolbox: add that module to the job's tools)" if name in BUILT_IN else ""
+            hint = (" (it is in runtime.toolbox: add that module to the job's tools)" if name in BUILT_IN else
+                    " (it is offered by a job with a reader: section)" if name == "reader.ask" else "")
             raise ConfigError(f"policy of {agent!r} names tool {name!r}, which {offered_by} does not offer "
                               f"(tools: {sorted(tools)}){hint}", code=ErrorCode.JOB_INVALID)
         if t.spec.effect != rule.effect:

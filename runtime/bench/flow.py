@@ -11,7 +11,10 @@ nonce per request.
   data against ``to``), every call passing them;
 * ``flow.on.handle``: as ``flow.on``, with ``body`` a handle the agent holds (labelled trusted,
   readers ``*@corp.example``): the handle is looked up, substituted and its label joined, and the
-  readers check has a reader set to match ``to`` against.
+  readers check has a reader set to match ``to`` against;
+* ``flow.on.answers64``: as ``flow.on``, the run having been given 64 reader answers (IBANs,
+  amounts; the most a run keeps), none of which the arguments carry: every call is matched
+  against all of them.
 
 ``off`` and ``on`` runs alternate, and ``authorize.flow.added`` is, per pair of runs, the p50 of
 ``on`` minus the p50 of ``off`` (target: at most 5 us), so that a machine getting busier between
@@ -35,7 +38,7 @@ from typing import Any, Callable
 from ..protocol import encode_call
 from ..testing import MemoryAudit
 from ..trusted.capability import Arg, Audience, Caveat, Expires, KeyRing, Tools
-from ..trusted.flow import Label
+from ..trusted.flow import Answer, Answers, Label
 from ..trusted.ledger import AgentQuota
 from ..trusted.policy import FlowRule, OutputRule
 from ..trusted.supervisor import AgentEntry, Supervisor
@@ -95,6 +98,14 @@ class FlowBench:
                                           {"call_id": "c0", "tool": READ, "agent": AGENT}, (1 << 20, 1 << 30, 1e9))
         return {"$handle": h.id}
 
+    def answers(self, token: bytes, count: int) -> None:
+        """``count`` reader answers given to the run of ``token`` (endorsed): half IBANs, half amounts."""
+        root = self.keyring.verify(token).runs[0]
+        kept = self.supervisor.answers[root] = Answers()
+        for i in range(count):
+            kept.add(Answer(f"XX{i:02d} 4000 1234 {i:04d}" if i % 2 else 1000.0 + i, Label(1),
+                            {"call_id": f"a{i}", "tool": "reader.ask", "agent": AGENT}))
+
     def requests(self, token: bytes, count: int, body: Any = "hello") -> list[bytes]:
         out = []
         for _ in range(count):
@@ -105,14 +116,17 @@ class FlowBench:
 
 
 def decision_figures(runs: int, n: int, warmup: int, no_gc: Any) -> list[Figure]:
-    """``authorize.flow.off`` / ``.on`` / ``.on.handle``, and ``authorize.flow.added`` (on - off)."""
+    """``authorize.flow.off`` / ``.on`` / ``.on.handle`` / ``.on.answers64``, and ``authorize.flow.added``
+    (on - off)."""
     bench = FlowBench()
-    tokens = {"off": bench.token(False), "on": bench.token(True)}
+    tokens = {"off": bench.token(False), "on": bench.token(True), "answers": bench.token(True)}
     handle = bench.handle(tokens["on"])
+    bench.answers(tokens["answers"], 64)
     cases: dict[str, Callable[[int], list[bytes]]] = {
         "off": lambda k: bench.requests(tokens["off"], k),
         "on": lambda k: bench.requests(tokens["on"], k),
-        "on.handle": lambda k: bench.requests(tokens["on"], k, body=handle)}
+        "on.handle": lambda k: bench.requests(tokens["on"], k, body=handle),
+        "on.answers64": lambda k: bench.requests(tokens["answers"], k)}
     for make in cases.values():
         timed_decisions(bench.supervisor, make(warmup))
     samples: dict[str, list[list[float]]] = {name: [] for name in cases}

@@ -55,26 +55,22 @@ def _error(code: ErrorCode, reason: str) -> bytes:
     return _pack({"ok": False, "error": {"code": code.value, "reason": reason}})
 
 
-class ToolWorker:
-    def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
-                 tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
-                 sandboxes: SandboxPool | None = None, threads: ToolThreads | None = None,
+class DispatchGate:
+    """The check every dispatch passes before anything runs (tool workers and readers alike): the
+    supervisor's MAC, this job, the deadline, and a call id never seen before (``journal``: the ids
+    a restarted process's predecessor accepted are refused too). ``open`` returns the decoded body
+    or raises DispatchRefused."""
+
+    def __init__(self, dispatch_key: bytes, job: str, *, clock: Callable[[], float] = time.time,
                  journal: DispatchJournal | None = None) -> None:
         self._key = dispatch_key
-        self._tools = tools
         self._job = job
-        self._config = tool_config or {}
         self._clock = clock
-        self._sandboxes = sandboxes
-        self._threads = threads or ToolThreads()
-        self._journal = journal  # accepted ids on disk: a restarted worker refuses them too
-        self._seen: dict[str, float] = {}  # call_id -> deadline
+        self.journal = journal  # accepted ids on disk: a restarted worker refuses them too
+        self.seen: dict[str, float] = {}  # call_id -> deadline
         self._next_prune = 0.0
-        self.refused = 0
-        self.executed = 0
 
     def open(self, message: Any) -> dict[str, Any]:
-        """Check the supervisor's MAC, freshness and uniqueness; the decoded dispatch or refuse."""
         try:
             if not isinstance(message, (bytes, bytearray)) or len(message) > MAX_DISPATCH_BYTES:
                 raise ValueError("not bytes or too large")
@@ -99,15 +95,36 @@ class ToolWorker:
             raise DispatchRefused(f"dispatch for job {body.get('job')!r}, worker serves {self._job!r}")
         if now > deadline:
             raise DispatchRefused("dispatch past its deadline")
-        if call_id in self._seen:
+        if call_id in self.seen:
             raise DispatchRefused(f"dispatch {call_id} replayed")
         if now >= self._next_prune:  # expired ids can no longer be replayed (their deadline passed)
-            self._seen = {c: d for c, d in self._seen.items() if d >= now}
+            self.seen = {c: d for c, d in self.seen.items() if d >= now}
             self._next_prune = now + 10.0
-        if self._journal is not None:
-            self._journal.admit(call_id, deadline)
-        self._seen[call_id] = deadline
+        if self.journal is not None:
+            self.journal.admit(call_id, deadline)
+        self.seen[call_id] = deadline
         return body
+
+
+class ToolWorker:
+    def __init__(self, *, dispatch_key: bytes, tools: dict[str, Any], job: str,
+                 tool_config: dict[str, Any] | None = None, clock: Callable[[], float] = time.time,
+                 sandboxes: SandboxPool | None = None, threads: ToolThreads | None = None,
+                 journal: DispatchJournal | None = None) -> None:
+        self._key = dispatch_key
+        self._tools = tools
+        self._job = job
+        self._config = tool_config or {}
+        self._clock = clock
+        self._sandboxes = sandboxes
+        self._threads = threads or ToolThreads()
+        self._gate = DispatchGate(dispatch_key, job, clock=clock, journal=journal)
+        self.refused = 0
+        self.executed = 0
+
+    def open(self, message: Any) -> dict[str, Any]:
+        """Check the supervisor's MAC, freshness and uniqueness; the decoded dispatch or refuse."""
+        return self._gate.open(message)
 
     async def execute(self, message: Any) -> bytes:
         try:

@@ -9,10 +9,12 @@ directly), ``InProcessSupervisorClient`` (what an agent talks to in tests) and
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ..errors import AuditUnavailable
 from ..llm import ScriptedModel
+from ..reader import ASK, dispatched_tool
 from ..sandbox.worker import ToolWorker
 
 
@@ -43,17 +45,24 @@ class MemoryAudit:
 
 
 class InProcessDispatcher:
-    def __init__(self, worker: ToolWorker) -> None:
+    """A worker (and a ``runtime.reader.Reader`` for ``reader.ask``, if given) in this process."""
+
+    def __init__(self, worker: ToolWorker, reader: Any = None) -> None:
         self.worker = worker
+        self.reader = reader
         self.messages: list[bytes] = []
 
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes:
         self.messages.append(message)
+        if self.reader is not None and tool == ASK:
+            return await self.reader.execute(message)
         return await self.worker.execute(message)
 
     async def dispatch_batch(self, messages: list[bytes], agent: str = "") -> list[bytes]:
-        self.messages.extend(messages)
-        return await self.worker.execute_batch(messages)
+        if self.reader is None or all(dispatched_tool(m) != ASK for m in messages):
+            self.messages.extend(messages)
+            return await self.worker.execute_batch(messages)
+        return list(await asyncio.gather(*[self.dispatch(dispatched_tool(m) or "", m, agent) for m in messages]))
 
 
 class InProcessSupervisorClient:

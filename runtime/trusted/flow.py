@@ -37,8 +37,14 @@ _PRINCIPAL = re.compile(r"[A-Za-z0-9._+:\[\]-]{1,254}(?:@[A-Za-z0-9.-]{1,254})?"
 HANDLE_KEYS = frozenset({"$handle", "label", "bytes", "tool"})
 ASK = "reader.ask"  # the reader: a model that sees one handle's content and a question, nothing else
 MAX_CHOICES, MAX_CHARS, MAX_ITEMS, MAX_FREE = 64, 64, 16, 1 << 16  # what a low-capacity answer may be
-_SHAPES = {"boolean": {"type"}, "integer": {"type", "minimum", "maximum"}, "number": {"type", "minimum", "maximum"},
-           "string": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}
+_SHAPES = {"boolean": {"type"}, "enum": {"type", "enum"}, "integer": {"type", "minimum", "maximum"},
+           "number": {"type", "minimum", "maximum"}, "date": {"type", "format"}, "free": {"type", "maxLength"},
+           "pattern": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}
+SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOICES} numbers or strings of <= "
+           f"{MAX_CHARS} characters); {{type: integer|number, minimum, maximum}} (finite); {{type: string, format: "
+           f"date}}; {{type: string, pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, "
+           f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= "
+           f"{MAX_FREE}}}")
 _SEP, _NUM, _DATE = re.compile(r"[\W_]+"), re.compile(r"-?\d[\d,]*(?:\.\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -213,69 +219,111 @@ def _number(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
+def _size(v: Any, low: int, high: int) -> bool:
+    return type(v) is int and low <= v <= high
+
+
+def _shape(s: Any) -> str:
+    t = s.get("type") if isinstance(s, dict) else None
+    if isinstance(s, dict) and "enum" in s:
+        return "enum"
+    return ("date" if "format" in s else "pattern" if "pattern" in s else "free") if t == "string" else str(t)
+
+
 def answer_kind(s: Any, item: bool = False) -> bool:
     """Is schema ``s`` free text (True) or of low capacity (False)? ValueError if it is neither."""
-    t = s.get("type") if isinstance(s, dict) else None
-    keys = {"type", "enum"} if isinstance(s, dict) and "enum" in s else _SHAPES.get(t, set()) if not (
-        t == "array" and item) else set()
-    keys = {"type", "format"} if t == "string" and "format" in s else keys
-    if not keys or set(s) - keys:
-        raise ValueError(f"not a reader schema: {str(s)[:120]} (boolean, enum, bounded integer or number, date, "
-                         "pattern with maxLength, an array of these with maxItems, or free text {type: string})")
-    if "enum" in s:
-        if not (isinstance(s["enum"], list) and 0 < len(s["enum"]) <= MAX_CHOICES and all(
-                _number(v) or isinstance(v, str) and len(v) <= MAX_CHARS for v in s["enum"])):
-            raise ValueError(f"an enum is 1..{MAX_CHOICES} numbers or strings of at most {MAX_CHARS} characters")
-    elif t in ("integer", "number"):
-        if not (_number(s.get("minimum")) and _number(s.get("maximum")) and s["minimum"] <= s["maximum"]):
-            raise ValueError("a number needs finite bounds, minimum <= maximum")
-    elif t == "array":
-        if answer_kind(s.get("items"), True) or not (type(s.get("maxItems")) is int and type(s.get("minItems", 0))
-                                                      is int and 0 <= s.get("minItems", 0) <= s["maxItems"] <= MAX_ITEMS):
-            raise ValueError(f"an array needs maxItems of 1..{MAX_ITEMS} (minItems at most that)")
-    elif t == "string":
-        free, n = "format" not in s and "pattern" not in s, s.get("maxLength", MAX_FREE)
-        if s.get("format", "date") != "date" or "pattern" in s and (type(n) is not int or not 0 < n <= MAX_CHARS):
-            raise ValueError(f"a string is a date (format: date), a pattern with maxLength 1..{MAX_CHARS}, or free text")
-        if free and (item or type(n) is not int or not 0 < n <= MAX_FREE):
-            raise ValueError(f"free text is {{type: string}} with maxLength up to {MAX_FREE}, never an array item")
-        if "pattern" in s:
-            _regex(s["pattern"])  # RE2, bounded: ValueError if it does not compile
-        return free
-    return False
+    shape = _shape(s)
+    match shape if shape in _SHAPES and not set(s) - _SHAPES[shape] else None:
+        case "boolean":
+            ok = True
+        case "enum":
+            ok = isinstance(s["enum"], list) and 0 < len(s["enum"]) <= MAX_CHOICES and all(
+                _number(v) or isinstance(v, str) and len(v) <= MAX_CHARS for v in s["enum"])
+        case "integer" | "number":
+            ok = _number(s.get("minimum")) and _number(s.get("maximum")) and s["minimum"] <= s["maximum"]
+        case "date":
+            ok = s["format"] == "date"
+        case "pattern":
+            ok = _size(s.get("maxLength"), 1, MAX_CHARS) and _regex(s["pattern"]) is not None  # RE2: linear
+        case "free":
+            ok = not item and _size(s.get("maxLength", MAX_FREE), 1, MAX_FREE)
+        case "array":
+            ok = not item and _size(s.get("maxItems"), 1, MAX_ITEMS) and _size(s.get("minItems", 0), 0, s[
+                "maxItems"]) and answer_kind(s.get("items"), True) is False
+        case _:
+            ok = False
+    if not ok:
+        raise ValueError(f"not a reader schema: {str(s)[:120]}; {SCHEMAS}")
+    return shape == "free"
 
 
 def check_answer(s: dict[str, Any], v: Any) -> Any:
-    """The answer ``v`` if schema ``s`` (``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
-    t, ok = s.get("type"), False
-    if "enum" in s:
-        ok = any(v == e and type(v) is not bool and _number(v) == _number(e) for e in s["enum"])
-    elif t == "boolean":
-        ok = type(v) is bool
-    elif t in ("integer", "number"):
-        v = int(v) if t == "integer" and type(v) is float and v.is_integer() else v
-        ok = _number(v) and (t == "number" or type(v) is int) and s["minimum"] <= v <= s["maximum"]
-    elif t == "array":
-        ok = isinstance(v, list) and s.get("minItems", 0) <= len(v) <= s["maxItems"]
-        v = [check_answer(s["items"], i) for i in v] if ok else v
-    elif isinstance(v, str) and len(v) <= s.get("maxLength", MAX_FREE):
-        try:
-            ok = "format" not in s or bool(_DATE.fullmatch(v) and datetime.date.fromisoformat(v))
-            ok = ok and ("pattern" not in s or _regex_reason(s["pattern"], v) is None)
-        except (ValueError, PolicyDenied):
-            ok = False
+    """``v`` if schema ``s`` (which ``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
+    match _shape(s):
+        case "enum":
+            ok = any(v == e and type(v) is not bool and _number(v) == _number(e) for e in s["enum"])
+        case "boolean":
+            ok = type(v) is bool
+        case "integer" | "number" as t:
+            v = int(v) if t == "integer" and type(v) is float and v.is_integer() else v
+            ok = _number(v) and (t == "number" or type(v) is int) and s["minimum"] <= v <= s["maximum"]
+        case "array":
+            ok = isinstance(v, list) and s.get("minItems", 0) <= len(v) <= s["maxItems"]
+            v = [check_answer(s["items"], i) for i in v] if ok else v
+        case "date":
+            ok = isinstance(v, str) and bool(_DATE.fullmatch(v)) and _is_date(v)
+        case "pattern":
+            ok = isinstance(v, str) and len(v) <= s["maxLength"] and _regex_reason(s["pattern"], v) is None
+        case _:
+            ok = isinstance(v, str) and len(v) <= s.get("maxLength", MAX_FREE)
     if not ok:
         raise ValueError(f"the answer {str(v)[:200]!r} does not fit the schema {str(s)[:200]}")
     return v
 
 
-@dataclass(frozen=True)
+def _is_date(v: str) -> bool:
+    try:
+        return bool(datetime.date.fromisoformat(v))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, eq=False)
 class Answer:
     """A reader's answer given to a run: an argument that carries its value carries its label."""
 
     value: Any
     label: Label
     origin: dict[str, Any]
+
+
+@dataclass
+class Answers:
+    """The answers the chains of one root run were given, indexed by their words and numbers."""
+
+    kept: list[Answer] = field(default_factory=list)
+    words: list[tuple[str, Answer]] = field(default_factory=list)  # its strings, case-folded, letters and digits
+    numbers: dict[float, list[Answer]] = field(default_factory=dict)
+
+    def add(self, a: Answer) -> None:
+        self.kept.append(a)
+        for v in a.value if isinstance(a.value, list) else [a.value]:
+            if type(v) is str and (w := _SEP.sub("", v.casefold())):
+                self.words.append((w, a))
+            elif _number(v):
+                self.numbers.setdefault(v, []).append(a)
+
+    def carried(self, value: Any) -> list[Answer]:
+        """Those an argument carries. A number: one equal to it, in a string too ("1,240.50"). A string: its
+        letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
+        leaves = [x for x in _leaves(value) if type(x) in (str, int, float)]
+        words = {_SEP.sub("", str(x).casefold()) for x in leaves}
+        text = "\0".join(words)  # one search per answer word; no word holds the separator
+        numbers = {float(d.replace(",", "")) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
+            x for x in leaves if type(x) is not str}
+        found = [a for w, a in self.words if (w in text if len(w) > 2 else w in words)]
+        found += [a for n in numbers & self.numbers.keys() for a in self.numbers[n]]
+        return list(dict.fromkeys(found))
 
 
 def _leaves(v: Any) -> Iterator[Any]:
@@ -288,18 +336,3 @@ def _leaves(v: Any) -> Iterator[Any]:
             yield from _leaves(x)
     else:
         yield v
-
-
-def carries(value: Any, answer: Any) -> bool:
-    """Does an argument carry ``answer``? A number: one equal to it, in a string too ("1,240.50"). A string:
-    its letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
-    for a in answer if isinstance(answer, list) else [answer]:
-        for x in _leaves(value) if type(a) is not bool else ():
-            if type(a) is str and (n := _SEP.sub("", a.casefold())) and type(x) in (str, int, float):
-                m = _SEP.sub("", str(x).casefold())
-                if n in m if len(n) > 2 else n == m:
-                    return True
-            elif _number(a) and (type(x) in (int, float) and x == a or type(x) is str and any(
-                    float(d.replace(",", "")) == a for d in _NUM.findall(x))):
-                return True
-    return False

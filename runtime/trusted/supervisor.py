@@ -45,7 +45,7 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import (ASK, TOP, Answer, Handle, Handles, Label, Output, Run, answer_kind, carries, check_answer, rule_name,
+from .flow import (ASK, TOP, Answer, Answers, Handle, Handles, Label, Output, Run, answer_kind, check_answer, rule_name,
                    substitute, violations)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
@@ -144,7 +144,7 @@ class Supervisor:
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
-        self.answers: dict[bytes, list[Answer]] = {}  # run -> the reader answers it was given (journaled)
+        self.answers: dict[bytes, Answers] = {}  # root run -> the reader answers its chains got (journaled)
         self.key_epoch = 0  # rotations so far: the current key is the one of the highest (epoch, kid)
         self.retired: set[str] = set()  # key ids retired; never shrinks, a retired key never returns
         if hasattr(audit, "redact"):  # credentials never reach the log, whatever record they turn up in
@@ -314,7 +314,7 @@ class Supervisor:
                  for cid, r in self._open.items()},
                 sorted(self.quarantined), keys["root"], keys["kid"], self.key_epoch, sorted(self.retired),
                 {rid: [r.agent, r.depth, r.label.public(), r.origin] for rid, r in self.runs.items()},
-                {rid: [[a.value, a.label.public(), a.origin] for a in kept] for rid, kept in self.answers.items()}]
+                {rid: [[a.value, a.label.public(), a.origin] for a in kept.kept] for rid, kept in self.answers.items()}]
 
     def restore(self, unsettled: dict[str, str] | None = None) -> int:
         """Resume from the journal after a restart: the state as it was, and every call that was in
@@ -371,7 +371,7 @@ class Supervisor:
         elif op == "c":
             self.runs[bytes(args[0])] = Run(args[1], args[2], Label.parse(args[3]), args[4])
         elif op == "a":
-            self.answers.setdefault(bytes(args[0]), []).append(Answer(args[1], Label.parse(args[2]), args[3]))
+            self.answers.setdefault(bytes(args[0]), Answers()).add(Answer(args[1], Label.parse(args[2]), args[3]))
         elif op == "snap":
             ledger, nonces, revocations, open_calls, quarantined, root, kid, epoch, retired, runs, answers = args
             self.ledger.restore(ledger)  # its totals include the open calls' charges
@@ -387,8 +387,10 @@ class Supervisor:
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
             self.runs = {bytes(rid): Run(a, d, Label.parse(lab), o) for rid, (a, d, lab, o) in runs.items()}
-            self.answers = {bytes(rid): [Answer(v, Label.parse(lab), o) for v, lab, o in kept]
-                            for rid, kept in answers.items()}
+            self.answers = {}
+            for rid, kept in answers.items():
+                for v, lab, o in kept:
+                    self.answers.setdefault(bytes(rid), Answers()).add(Answer(v, Label.parse(lab), o))
         else:
             raise ValueError(f"unknown journal frame {op!r}")
 
@@ -463,13 +465,21 @@ class Supervisor:
         spec = self.tools.get(tool)
         if spec is None:
             raise UnknownTool(f"no tool named {tool!r:.80}", tool=tool[:80])
+        raw = args  # as the agent wrote it
         args, held, used = substitute(args, lambda ref: self.handles.get(entry.name, vt.runs[-1], ref, tool))
         if used and (n := sum(h.nbytes for _, h in used)) > (cap := entry.handle_limits[1]):  # named 1000 times
             raise FlowDenied(f"handles make {n} bytes > {cap}", code=ErrorCode.HANDLE_LIMIT, tool=tool)
         if tool == ASK and {a for a, _ in used} != {"handle"}:  # the reader sees one handle's content, no other
-            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one", tool=tool)
+            raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one",
+                                   tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
-        if tool == ASK:  # and a question, and a schema of low capacity (or free text: its answer a handle)
+        if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
+            for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
+                for a in answers.carried(raw[name]):
+                    held[name] = held.get(name, a.label).join(a.label)
+                    used.append((name, a))
+        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
+        if tool == ASK:  # a schema of low capacity (or free text: its answer a handle); by name: the policy's
             try:
                 if isinstance(named := args.get("schema"), str) and named not in entry.schemas:
                     raise ValueError(f"no schema named {named!r:.40} in the policy of {entry.name!r}")
@@ -477,12 +487,6 @@ class Supervisor:
                 answer_kind(args["schema"])
             except ValueError as exc:
                 raise MalformedRequest(f"reader.ask: {exc}", tool=tool) from None
-        if self.answers:  # an argument that carries a reader's answer carries its label
-            for name, a in ((n, a) for rid in vt.runs for a in self.answers.get(rid, ()) for n in args
-                            if carries(args[n], a.value)):
-                held[name] = held.get(name, a.label).join(a.label)
-                used.append((name, a))
-        vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
             return args, spec.cost, held, None
@@ -538,14 +542,18 @@ class Supervisor:
             self.observer.answer(ok.agent, "invalid")
             raise FlowDenied(str(exc), code=ErrorCode.READER_INVALID, tool=ASK) from None
         self.observer.answer(ok.agent, "free" if free else "endorsed")
+        for arg, lab in ok.held.items():  # what the question carries (an earlier answer) too
+            ctx = ctx if arg == "handle" else ctx.join(lab)
         label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
-        if not free:  # every run of the chain: a delegator may be handed it back
-            full = any(len(self.answers.get(rid, ())) >= MAX_ANSWERS for rid in ok.vt.runs)
-            for rid in () if full else ok.vt.runs:
-                self.answers.setdefault(rid, []).append(Answer(value, label, origin))
-                self._journal("a", rid, value, label.public(), origin)
-            self._taint(ok.vt, label if full else Label(2, label.readers), origin)
+        if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on
+            kept, root = self.answers.setdefault(ok.vt.runs[0], Answers()), ok.vt.runs[0]
+            if len(kept.kept) >= MAX_ANSWERS:
+                self._taint(ok.vt, label, origin)
+            else:
+                kept.add(Answer(value, label, origin))
+                self._journal("a", root, value, label.public(), origin)
+                self._taint(ok.vt, Label(2, label.readers), origin)
         return label, free, value
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,

@@ -46,7 +46,7 @@ def test_the_labelling_case_labels_and_taints():
 def test_quick_figures_have_the_flow_rows():
     figures = {f.name: f for f in flow.decision_figures(2, 50, 10, _Gc) + flow.labelling_figures(2, 50, 10, _Gc)}
     assert set(figures) == {"authorize.flow.off", "authorize.flow.on", "authorize.flow.on.handle",
-                            "authorize.flow.added", "label.result.declared", "label.result.items20"}
+                            "authorize.flow.on.answers64", "authorize.flow.added", "label.result.declared", "label.result.items20"}
     added = figures["authorize.flow.added"]
     assert added.target == "p50 <= 5 us" and added.met is not None and added.runs == 2
     assert all(f.p50 > 0 for name, f in figures.items() if name != "authorize.flow.added")

@@ -194,7 +194,7 @@ def test_seen_call_ids_are_pruned_after_their_deadline(worker, clock):
         assert run(worker, sign_dispatch(KEY, dispatch_body(clock, deadline=clock() + 1)))["ok"]
     clock.advance(11)
     assert run(worker, sign_dispatch(KEY, dispatch_body(clock)))["ok"]
-    assert len(worker._seen) == 1
+    assert len(worker._gate.seen) == 1
 
 
 # ----------------------------------------------------------------------------- @tool
