@@ -179,9 +179,10 @@ class ScenarioResult:
     def benign_summary(self) -> str:
         if not self.has_benign:
             return "-"
-        if not self.benign_completed:
+        if not self.benign_completed:  # without the reader, a refusal is what the comparison shows
             codes = sorted({c for b in self.benign_actions for c in b["codes"] if c} | set(self.agent_errors.values()))
-            return "FAILED" + (f" ({', '.join(codes)})" if codes else "")
+            return ("refused" if self.mode == "without-reader" else "FAILED") + (f": {', '.join(codes)}" if codes
+                                                                                 else "")
         n = self.benign_approvals
         return "completed" + (f" ({n} approval{'s' if n > 1 else ''})" if n else "")
 
@@ -343,8 +344,8 @@ def _reader_lines(report: Report) -> list[str]:
     attacks of those scenarios played without it."""
     r = reader_totals(report.scenarios, report.without_reader)
     rows = [[d["scenario"], str(d["with_reader"]["approvals"]) + ("" if d["with_reader"]["completed"] else " (FAILED)"),
-             str(d["without_reader"]["approvals"]) + ("" if d["without_reader"]["completed"] else
-                                                      f" ({d['without_reader']['summary']})")]
+             str(d["without_reader"]["approvals"]) if d["without_reader"]["completed"] else
+             f"- ({d['without_reader']['summary']})"]
             for d in approvals_by_task(report.scenarios, report.without_reader) if d["uses_reader"]]
     attacks = [row for s in report.without_reader for row in _attack_rows(s, []) if row[2] != "(benign only)"]
     n = r["benign_tasks"]
