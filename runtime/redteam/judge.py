@@ -180,9 +180,10 @@ class ScenarioResult:
         if not self.has_benign:
             return "-"
         if not self.benign_completed:  # without the reader, a refusal is what the comparison shows
-            codes = sorted({c for b in self.benign_actions for c in b["codes"] if c} | set(self.agent_errors.values()))
-            return ("refused" if self.mode == "without-reader" else "FAILED") + (f": {', '.join(codes)}" if codes
-                                                                                 else "")
+            codes = sorted({c for b in self.benign_actions for c in b["codes"] if c})
+            refused = self.mode == "without-reader" and not self.agent_errors
+            text = ", ".join(codes + [e.split(":", 1)[0] for e in self.agent_errors.values()])  # a code, not the story
+            return ("refused" if refused else "FAILED") + (f": {text}" if text else "")
         n = self.benign_approvals
         return "completed" + (f" ({n} approval{'s' if n > 1 else ''})" if n else "")
 
@@ -412,7 +413,11 @@ def format_report(report: Report) -> str:
     through = [f"{s.name}/{a.id}" for s in report.without_reader for a in s.attacks if not a.stopped]
     if through:
         lines.append("GOT THROUGH without the reader: " + ", ".join(through))
-    if t["benign_failed"]:
+    if t["benign_failed"] and report.mode == "without-reader":
+        lines.append("benign tasks refused without the reader (a human would have to do them): "
+                     + ", ".join(t["benign_failed"]) + f"; needing a human in all: "
+                     f"{t['benign_needing_approval'] + len(t['benign_failed'])}/{t['benign_tasks']}")
+    elif t["benign_failed"]:
         lines.append("benign task FAILED: " + ", ".join(t["benign_failed"]))
     for s in report.scenarios:
         for agent, err in s.agent_errors.items():
