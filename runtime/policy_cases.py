@@ -25,9 +25,9 @@ depend on each other's order. A step's caller is ``as`` (default: the policy's a
 was given (a denied delegation is the step's result). ``advance_s`` moves the clock before the
 step; ``approve`` answers a call the policy parks for a human. An argument ``{$handle_of: TOOL}``
 is the handle the latest call of TOOL in the case returned (a tool its policy hides: ``output:
-{hide: true}``), to test sink rules on hidden data. A policy that allows ``reader.ask`` gets it
-(a job's ``reader:`` offers it); its stub is the reader's answer, which the supervisor checks
-against the question's schema as in a job (no stub: no answer, READER_INVALID).
+{hide: true}``), to test sink rules on hidden data. ``reader:`` is a job file's reader section
+(``{model: {kind: scripted, rules: [...]}}``): ``reader.ask`` is then offered and answered by a
+reader in this process, and the supervisor checks each answer against its schema as in a job.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from .agent import is_handle
 from .harness import Decision, PolicyHarness
 from .trusted.policy import Policy
 from .policyfile import load_policy, read_yaml, validated
-from .reader import ASK, ask_tool
 
 __all__ = ["CaseFile", "CaseResult", "CasesReport", "load_cases", "run_cases"]
 
@@ -133,6 +132,7 @@ class CaseFile(_Strict):
     stubs: dict[str, Any] = Field(default_factory=dict)
     tool_config: dict[str, Any] = Field(default_factory=dict)
     agents: dict[str, str] = Field(default_factory=dict, description="agent name -> policy file")
+    reader: dict[str, Any] | None = Field(default=None, description="a job file's reader: section (reader.ask)")
     cases: list[Case] = Field(min_length=1)
 
 
@@ -191,12 +191,9 @@ def run_cases(policy: str | Path, cases_path: str | Path) -> CasesReport:
 
 
 def _run_case(index: int, case: Case, spec: CaseFile, policy: Policy, others: dict[str, Policy]) -> CaseResult:
-    tools: list[Any] = list(spec.tools)
-    if any(ASK in p.tools for p in (policy, *others.values())):  # a job's reader offers it, no module does;
-        tools.append(ask_tool())  # its stub (in stubs:) is the reader's answer, checked as in a job
     try:
-        with PolicyHarness(tools, stubs=spec.stubs, run_tools=spec.run_tools,
-                           tool_config=spec.tool_config) as h:
+        with PolicyHarness(spec.tools, stubs=spec.stubs, run_tools=spec.run_tools,
+                           tool_config=spec.tool_config, reader=spec.reader) as h:
             h.add_agent(policy)
             for name, other in others.items():
                 h.add_agent(other, name=name)
