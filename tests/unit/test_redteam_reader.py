@@ -15,7 +15,7 @@ from runtime.errors import ConfigError
 from runtime.redteam import (Report, format_report, group_scenarios, job_steps, judge_scenario, layer_of,
                              load_catalogue, load_scenario, operator_decision, write_job)
 from runtime.redteam.jobs import reader_section, rules_conflict
-from runtime.redteam.judge import approvals_by_task, reader_totals
+from runtime.redteam import approvals_by_task, reader_totals
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE = ROOT / "redteam"
