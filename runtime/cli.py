@@ -622,13 +622,13 @@ def cmd_redteam(args: argparse.Namespace) -> int:
 
 def _list_catalogue(scenarios: list[Any], args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary,
+        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary, "asks_reader": s.uses_reader,
                            "attacks": [{"id": a.attack, "agent": a.agent, "tool": a.key, "layer": a.layer}
                                        for a in s.attacks]} for s in scenarios], indent=2), file=args.json_out)
         return EXIT_OK
     rows = [[s.name, s.attack_class, ", ".join(a.attack or "" for a in s.attacks) or "(benign only)",
-             ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
-    print(_table(rows, ["scenario", "class", "injected actions", "policies"]))
+             "yes" if s.uses_reader else "", ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
+    print(_table(rows, ["scenario", "class", "injected actions", "asks the reader", "policies"]))
     return EXIT_OK
 
 

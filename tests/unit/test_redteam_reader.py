@@ -378,3 +378,14 @@ def test_the_catalogue_measures_the_reader():
     assert not pay.approval and next(a for a in invoice.without_reader().benign if a.key == "bank.pay").approval
     banker = yaml.safe_load((CATALOGUE / "policies" / "banker.yaml").read_text())
     assert banker["tools"]["bank.pay"]["ifc"]["args"] == {"iban": "trusted", "amount": "endorsed"}
+
+
+def test_cli_lists_which_scenarios_ask_the_reader(capsys, monkeypatch):
+    from runtime import cli
+
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["redteam", "--list", "--json", "--scenario", "reader-refund", "--scenario", "exfil-mail"]) == 0
+    doc = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    assert doc["reader-refund"]["asks_reader"] and not doc["exfil-mail"]["asks_reader"]
+    assert {a["layer"] for a in doc["reader-refund"]["attacks"]} == {"reader", "flow"}
+    assert cli.main(["redteam", "--list"]) == 0 and "asks the reader" in capsys.readouterr().out
