@@ -2,7 +2,7 @@
 
 Its ``config.steps`` are what a prompt-injected model would make the agent do, one action
 per step, in order. Every action goes through the real agent API (``call``, ``call_many``,
-``delegate``), so the supervisor decides each one exactly as it would for a real model; a
+``delegate``, ``ask``), so the supervisor decides each one exactly as it would for a real model; a
 refusal is noted and the script goes on, as a model that is told ``POLICY_DENIED`` would.
 
 Steps (the runner strips the ``attack:`` / ``benign:`` tags before the job starts: the agent
@@ -83,9 +83,8 @@ class ScriptedAgent(Agent):
             if step.get("token_of"):
                 return await self._call_with(results[step["token_of"]], step["call"], args)
             return await self.call(step["call"], **args)
-        if "ask" in step:  # what Agent.ask sends: a reader.ask call, the handle substituted by the supervisor
-            return await self.call("reader.ask", handle=results[step["ask"]], question=step["question"],
-                                   schema=resolve(step["schema"], results))
+        if "ask" in step:  # a reader.ask call: the supervisor substitutes the handle and checks the answer
+            return await self.ask(results[step["ask"]], step["question"], resolve(step["schema"], results))
         if "batch" in step:
             replies = await self.call_many((c["call"], resolve(c.get("args", {}), results)) for c in step["batch"])
             return [r for r in replies if not isinstance(r, Exception)]
