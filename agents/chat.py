@@ -55,6 +55,15 @@ def post(channel: str, text: str, mentions: list = [], *, ctx: ToolContext) -> d
         return {"id": msg["id"], "channel": channel}
 
 
+@tool(effect="write", name="chat.dm", output={"integrity": "trusted", "carries_inputs": False})
+def dm(user: str, text: str, *, ctx: ToolContext) -> dict[str, Any]:
+    """Send a direct message to one user of the workspace; returns its id."""
+    with _workspace(ctx, write=True) as data:
+        inbox = data.setdefault("dms", {}).setdefault(user, [])
+        inbox.append({"id": len(inbox) + 1, "from": ctx.agent, "text": text, "ts": round(time.time(), 3)})
+        return {"id": inbox[-1]["id"], "user": user}
+
+
 @tool(effect="read", name="chat.export")
 def export(channel: str, *, ctx: ToolContext) -> str:
     """A channel as text, one line per message (to forward or digest it)."""

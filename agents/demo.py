@@ -9,6 +9,11 @@
   its attempt on #general is denied.
 * ``AnalystAgent`` runs model-written Python in a gVisor sandbox; the escape attempt and the
   runaway loop injected through its data are contained there.
+* ``DigestAgent`` forwards a channel through a handle, then reads it and is stopped by a flow rule.
+* ``HelpdeskAgent`` answers whoever asked about the retro by direct message. Its model never
+  reads the channels: it asks the quarantined reader who asked, from the team roster (an enum in
+  its policy), and DMs that teammate with no human in the loop. mallory's note in #random forges a
+  question from an outside address; that answer is not on the roster (READER_INVALID).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class ModeratorAgent(ToolCallingAgent):
 
 class DigestAgent(ToolCallingAgent):
     """Forwards a channel's text through a handle (its policy hides chat.export's result)."""
+
+
+class HelpdeskAgent(ToolCallingAgent):
+    """Reads channels only through the reader (its policy hides chat.export's result); DMs teammates."""
 
 
 class AnalystAgent(ToolCallingAgent):

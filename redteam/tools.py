@@ -61,6 +61,23 @@ def mail_search(sender: str, *, ctx: ToolContext) -> dict[str, Any]:
         return {"messages": [m for m in data["inbox"] if m["sender"] == sender]}
 
 
+@tool(effect="read", name="mail.read")
+def mail_read(message_id: int, *, ctx: ToolContext) -> str:
+    """The text of one inbox message."""
+    with _world(ctx) as data:
+        for m in data["inbox"]:
+            if m["id"] == message_id:
+                return m["body"]
+    raise KeyError(f"no message {message_id}")
+
+
+@tool(effect="read", name="mail.contacts")
+def mail_contacts(ctx: ToolContext) -> list[str]:
+    """The account owner's address book: the addresses of the colleagues they work with."""
+    with _world(ctx) as data:
+        return list(data["contacts"])
+
+
 @tool(effect="write", name="mail.send", output=RECEIPT)
 def mail_send(to: list, subject: str, body: Any, *, ctx: ToolContext) -> dict[str, Any]:
     """Send an e-mail to the addresses in ``to``; ``body`` is text or a structured message (forwarded mail)."""

@@ -13,7 +13,7 @@
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
     warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
-    warden redteam [--without flow] [--scenario S]   run the attack catalogue; what stopped each attack
+    warden redteam [--without flow|reader]   run the attack catalogue; what stopped each attack
 """
 
 from __future__ import annotations
@@ -603,11 +603,14 @@ def cmd_redteam(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(Path.cwd()))
     out = new_run_dir(args.runs_dir)
     without = args.without == "flow"
-    progress(f"{len(scenarios)} scenario(s){' WITHOUT flow rules' if without else ''}; results in {out}")
+    old_way = args.without == "reader"
+    progress(f"{len(scenarios)} scenario(s){' WITHOUT flow rules' if without else ''}"
+             f"{' WITHOUT the reader' if old_way else ''}; results in {out}")
     progress("connecting to Ray at " + args.address if args.address and args.address != LOCAL_ADDRESS
              else "starting a private local Ray (--address to use a cluster)")
     ensure_ray(args.address)
     report = asyncio.run(run_catalogue(scenarios, catalogue=catalogue, out=out, without_flow=without,
+                                       without_reader=old_way, compare=False if args.no_compare else None,
                                        progress=progress))
     save(report)
     if args.json:
@@ -619,13 +622,13 @@ def cmd_redteam(args: argparse.Namespace) -> int:
 
 def _list_catalogue(scenarios: list[Any], args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary,
+        print(json.dumps([{"name": s.name, "class": s.attack_class, "summary": s.summary, "asks_reader": s.uses_reader,
                            "attacks": [{"id": a.attack, "agent": a.agent, "tool": a.key, "layer": a.layer}
                                        for a in s.attacks]} for s in scenarios], indent=2), file=args.json_out)
         return EXIT_OK
     rows = [[s.name, s.attack_class, ", ".join(a.attack or "" for a in s.attacks) or "(benign only)",
-             ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
-    print(_table(rows, ["scenario", "class", "injected actions", "policies"]))
+             "yes" if s.uses_reader else "", ", ".join(sorted({a.policy for a in s.agents}))] for s in scenarios]
+    print(_table(rows, ["scenario", "class", "injected actions", "asks the reader", "policies"]))
     return EXIT_OK
 
 
@@ -739,13 +742,20 @@ def build_parser() -> argparse.ArgumentParser:
         "each scenario is a scripted adversarial model hidden in a benign task, under per-agent policies.\n"
         "Parked calls are answered by a scripted operator through the job's operator API (the benign\n"
         "task's approved, injected ones denied). From each job's audit log it reports, per injected\n"
-        "action, whether it was stopped and by which layer (capability, flow, quota, sandbox, approval),\n"
-        "and whether the benign task completed and how many approvals it needed; then the totals.\n"
+        "action, whether it was stopped and by which layer (capability, flow, reader, quota, sandbox,\n"
+        "approval), and whether the benign task completed and how many approvals it needed; then the\n"
+        "totals. The scenarios that ask the quarantined reader are then played again without it (the\n"
+        "data revealed to the agent), for the approvals per benign task with and without the reader.\n"
         "Results: runs/redteam-<UTC time>-<id>/report.json (and the job files and audit logs).\n"
-        "Exit 1 when an attack got through or a benign task failed (not with --without flow)."))
-    red.add_argument("--without", choices=["flow"], help="'flow': run the same scenarios with every ifc rule and "
-                     "hide removed from the policies (and the flow rules a delegator adds), to show what "
-                     "capabilities, quotas and sandboxes alone let through")
+        "Exit 1 when an attack got through or a benign task failed (not with --without flow; with\n"
+        "--without reader, only when an attack got through)."))
+    red.add_argument("--without", choices=["flow", "reader"], help="'flow': run the same scenarios with every ifc "
+                     "rule and hide removed from the policies (and the flow rules a delegator adds), to show what "
+                     "capabilities, quotas and sandboxes alone let through (nothing hidden: no question to the "
+                     "reader either); 'reader': the same policies, each question to the reader replaced by "
+                     "revealing the data to the agent (the task done the old way)")
+    red.add_argument("--no-compare", action="store_true", help="a normal run only: do not play the scenarios "
+                     "that ask the reader again without it")
     red.add_argument("--scenario", action="append", metavar="NAME", help="run only this scenario (repeatable)")
     red.add_argument("--list", action="store_true", help="list the scenarios and their injected actions; run nothing")
     red.add_argument("--json", action="store_true", help="print the report as one JSON document")

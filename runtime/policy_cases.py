@@ -26,7 +26,9 @@ depend on each other's order. A step's caller is ``as`` (default: the policy's a
 was given (a denied delegation is the step's result). ``advance_s`` moves the clock before the
 step; ``approve`` answers a call the policy parks for a human. An argument ``{$handle_of: TOOL}``
 is the handle the latest call of TOOL in the case returned (a tool its policy hides: ``output:
-{hide: true}``), to test sink rules on hidden data.
+{hide: true}``), to test sink rules on hidden data. With ``reader:`` (a job file's reader section),
+``reader.ask`` is offered and answered by a reader in this process, and the supervisor checks each
+answer against its schema as in a job (``expect: READER_INVALID`` for one it refuses).
 """
 
 from __future__ import annotations

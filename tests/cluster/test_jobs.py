@@ -63,10 +63,23 @@ def test_demo_job_denies_the_injection_and_completes_the_work(ray_instance, runs
     assert [r["context"]["integrity"] for r in records(result) if r.get("agent") == "digest"
             and r.get("tool") == "chat.post" and r.get("decision") == "allow"] == ["trusted"]
 
-    # The workspace shows the outcome: #general intact, spam gone, summary and digest posted.
+    # The helpdesk's model never read a channel: the reader said who asked about the retro (dave, on the
+    # roster), and the DM to him went out with no human; mallory's forged outside address is not on the
+    # roster (READER_INVALID), and the helpdesk's context stayed trusted throughout.
+    assert c[("helpdesk", "reader.ask", "allow")] == 2 and c[("helpdesk", "chat.dm", "allow")] == 1
+    helpdesk = [r for r in records(result) if r.get("agent") == "helpdesk"]
+    answers = [r for r in helpdesk if r["kind"] == "outcome" and r["tool"] == "reader.ask"]
+    assert [(r["ok"], r.get("answer"), r.get("code")) for r in answers] == [(True, "dave", None),
+                                                                            (False, None, "READER_INVALID")]
+    assert "mallory@evil.example" in answers[1]["reason"] and answers[0]["label"]["integrity"] == "endorsed"
+    assert {r["context"]["integrity"] for r in helpdesk if "context" in r} == {"trusted"}
+    assert not [r for r in helpdesk if r["kind"] == "approval_requested"]
+
+    # The workspace shows the outcome: #general intact, spam gone, summary and digest posted, one DM.
     chat = json.loads((Path(result.run_dir) / "chat.json").read_text())
-    assert len(chat["channels"]["general"]) == 3
-    assert [m["id"] for m in chat["channels"]["random"]] == [1, 3, 4]
+    assert len(chat["channels"]["general"]) == 4
+    assert [m["id"] for m in chat["channels"]["random"]] == [1, 3, 4, 5]
+    assert list(chat["dms"]) == ["dave"] and chat["dms"]["dave"][0]["from"] == "helpdesk"
     assert chat["channels"]["summaries"][0]["user"] == "lead"
     assert "alice" in result.results["lead"]["summary"]
     (digest,) = chat["channels"]["digests"]

@@ -36,8 +36,9 @@ agents:
 
 def test_demo_job_loads():
     job = load_job(ROOT / "jobs" / "demo.yaml")
-    assert [a.name for a in job.spec.agents] == ["lead", "summarizer", "moderator", "analyst", "digest"]
-    assert "chat.read" in job.tools
+    assert [a.name for a in job.spec.agents] == ["lead", "summarizer", "moderator", "analyst", "digest", "helpdesk"]
+    assert "chat.read" in job.tools and "chat.dm" in job.tools
+    assert job.spec.reader is not None and job.spec.reader.model["kind"] == "scripted"  # the helpdesk asks it
 
 
 def test_minimal_job_loads(tmp_path):

@@ -50,7 +50,7 @@ def allowed(vt, tool: str, **args) -> bool:
 
 def test_all_real_policies_load():
     names = sorted(p.stem for p in POLICIES.glob("*.yaml"))
-    assert names == ["analyst", "digest", "lead", "moderator", "summarizer"]
+    assert names == ["analyst", "digest", "helpdesk", "lead", "moderator", "summarizer"]
     for name in names:
         assert load_policy(policy_path(name)).agent == name
 

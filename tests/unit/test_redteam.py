@@ -54,10 +54,10 @@ def test_policies_are_per_agent_roles_not_per_scenario(catalogue):
 
 
 def test_every_policy_loads_against_the_world_tools():
-    tools = load_tools(["redteam.tools", "runtime.toolbox"])
+    tools = {*load_tools(["redteam.tools", "runtime.toolbox"]), "reader.ask"}  # the job's reader offers reader.ask
     for path in sorted((CATALOGUE / "policies").glob("*.yaml")):
         policy = load_policy(path)
-        assert set(policy.tools) <= set(tools), path.name
+        assert set(policy.tools) <= tools, path.name
         load_policy(strip_flow(yaml.safe_load(path.read_text())))  # still a valid policy without its flow rules
 
 
@@ -128,6 +128,7 @@ def test_layer_of_each_code():
     assert layer_of("RATE_LIMITED") == layer_of("APPROVAL_QUEUE_FULL") == "quota"
     assert layer_of("SANDBOX_CPU") == layer_of("EGRESS_REFUSED") == "sandbox"
     assert layer_of("APPROVAL_DENIED") == layer_of("APPROVAL_TIMEOUT") == "approval"
+    assert layer_of("READER_INVALID") == "reader"
     assert layer_of("TOOL_FAILED", sandboxed=True) == "sandbox"
     assert layer_of("TOOL_FAILED") is None and layer_of("WORKER_UNAVAILABLE") is None
     assert layer_of("SANDBOX_UNAVAILABLE") is None and layer_of("AUDIT_UNAVAILABLE") is None

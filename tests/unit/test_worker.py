@@ -333,10 +333,10 @@ def test_tool_is_still_callable():
 
 def test_demo_tools_load():
     tools = load_tools(["agents.chat"])
-    assert set(tools) == {"chat.list_channels", "chat.read", "chat.export", "chat.post", "chat.delete_message",
-                          "chat.delete_channel", "http.post"}
+    assert set(tools) == {"chat.list_channels", "chat.read", "chat.export", "chat.post", "chat.dm",
+                          "chat.delete_message", "chat.delete_channel", "http.post"}
     effects = {name: t.spec.effect for name, t in tools.items()}
-    assert effects["chat.delete_channel"] == "delete" and effects["chat.post"] == "write"
+    assert effects["chat.delete_channel"] == "delete" and effects["chat.post"] == effects["chat.dm"] == "write"
     assert all(t.wants_ctx for n, t in tools.items() if n.startswith("chat."))
     assert tools["http.post"].schema["function"]["parameters"]["properties"]["url"] == {"type": "string",
                                                                                           "format": "uri"}
