@@ -55,15 +55,20 @@ def batch(h: PolicyHarness, agent: str, calls: list[tuple[str, dict[str, Any]]])
 
 @pytest.mark.xfail(strict=True, reason="HOLE: an answer is matched only when the argument contains all of it; "
                                        "the attacker pads it and the IBAN part pasted alone reads as trusted")
-def test_an_iban_pasted_without_the_attackers_padding_still_carries_the_answer(h):
-    """The invoice's author makes the reader's IBAN answer end with a BIC (the pattern admits it). The
-    agent's model, filling ``iban``, drops the BIC, as any model would. The README promises an IBAN read out
-    of an invoice is FLOW_DENIED however the agent pastes it; the argument holds only a prefix of the
-    answer, the matcher looks for the whole answer inside the argument, and the payment goes out."""
+@pytest.mark.parametrize("schema,answer,pasted", [
+    (IBAN, "XX99 3704 0044 0532 0130 BIC EVILXXFF", "XX99 3704 0044 0532 0130"),
+    ({"type": "string", "pattern": ".{1,64}", "maxLength": 64}, "XX99 3704\u3164 0044 0532", "XX99 3704 0044 0532"),
+])
+def test_an_iban_pasted_without_the_attackers_padding_still_carries_the_answer(h, schema, answer, pasted):
+    """The invoice's author makes the reader's IBAN answer end with a BIC (the pattern admits it), or slips
+    an invisible letter (U+3164, a word character) into it. The agent's model, filling ``iban``, drops the
+    BIC (or the invisible letter), as any model would. The README promises an IBAN read out of an invoice is
+    FLOW_DENIED however the agent pastes it; the argument holds only part of the answer, the matcher looks
+    for the whole answer inside the argument, and the payment goes out."""
     invoice = h.call("banker", "mail.read").value
-    got = ask(h, "banker", invoice, "Which IBAN should be paid?", IBAN, "XX99 3704 0044 0532 0130 BIC EVILXXFF")
+    got = ask(h, "banker", invoice, "Which IBAN should be paid?", schema, answer)
     assert got.allowed and got.outcome["label"]["integrity"] == "endorsed"
-    d = h.call("banker", "bank.pay", {"iban": "XX99 3704 0044 0532 0130", "amount": 10})
+    d = h.call("banker", "bank.pay", {"iban": pasted, "amount": 10})
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
 
 
@@ -495,3 +500,29 @@ def test_a_confidential_answer_a_delegate_got_stops_a_sibling_made_before_it_fro
                token=sibling.token)
     assert d.code == "FLOW_DENIED" and "readers" in d.audit["flow"]["rule"], d
     assert h.call("sibling", "mail.send", {"to": "eve@outside.example", "body": "hello"}, token=sibling.token).allowed
+
+
+def test_the_real_readers_cost_is_charged_to_the_asker_and_a_budget_stops_more_questions():
+    """Each question costs the job's ``reader.cost`` against the asking agent's ``max_cost`` (the reader
+    reports no cost of its own, so the attacker's data cannot make a question cheap or dear)."""
+    tools = {n: t for n, t in load_tools(["flow_tools", "runtime.toolbox"]).items() if n != "reader.ask"}
+    with PolicyHarness(tools=tools, reader={"model": {"kind": "scripted", "rules": [{"question": "", "answer": 5}]},
+                                            "cost": 2.0}) as h:
+        h.add_agent({**policy("banker"), "quotas": {"max_cost": 5.5}})
+        invoice = h.call("banker", "mail.read").value  # cost 1
+        asks = [h.call("banker", "reader.ask", {"handle": invoice, "question": f"q{i}", "schema": "amount"})
+                for i in range(3)]
+        assert [a.allowed for a in asks] == [True, True, False], asks
+        assert asks[2].code in ("QUOTA_EXCEEDED", "BUDGET_EXHAUSTED"), asks[2]
+
+
+@pytest.mark.parametrize("answer,pasted", [("İSTANBUL 7", "istanbul 7"), ("STRASSE 12", "Straße 12"),
+                                           ("ﬁnance-desk", "FINANCE DESK"), ("XX99\u200b1234", "xx99 1234"),
+                                           ("XX99 1234", "XX99\u200b1234\u00ad")])
+def test_case_folding_and_invisible_separators_do_not_hide_a_pasted_answer(h, answer, pasted):
+    """Full case folding (dotted I, sharp s, ligatures) and zero-width or soft-hyphen separators on either
+    side: the argument still carries the answer."""
+    invoice = h.call("banker", "mail.read").value
+    ask(h, "banker", invoice, "Payee?", {"type": "string", "pattern": ".{1,40}", "maxLength": 40}, answer)
+    d = h.call("banker", "bank.pay", {"iban": pasted, "amount": 10})
+    assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
