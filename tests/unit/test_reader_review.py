@@ -73,11 +73,12 @@ def test_an_iban_pasted_without_the_attackers_padding_still_carries_the_answer(h
 
 
 @pytest.mark.xfail(strict=True, reason="HOLE: a number answer is looked up as float(text): an integer above 2**53 "
-                                       "written out exactly, or a float in Python/JSON exponent form, is not found")
+                                       "written out exactly, a float in exponent form, or SI-grouped digits escape")
 @pytest.mark.parametrize("schema,answer,pasted", [
     ({"type": "integer", "minimum": 0, "maximum": 10 ** 18}, 12345678901234567, "12345678901234567"),
     ({"type": "integer", "minimum": 0, "maximum": 10 ** 18}, 12345678901234567, "DE12345678901234567"),
     ({"type": "number", "minimum": 0, "maximum": 1e22}, 1e21, str(1e21)),
+    ({"type": "integer", "minimum": 0, "maximum": 10 ** 12}, 912345678, "912 345 678"),  # SI digit grouping
 ])
 def test_a_large_number_answer_pasted_as_its_exact_digits_carries_the_answer(h, schema, answer, pasted):
     """An account number asked as a bounded integer (the schema table allows any finite bounds) comes back
@@ -526,3 +527,26 @@ def test_case_folding_and_invisible_separators_do_not_hide_a_pasted_answer(h, an
     ask(h, "banker", invoice, "Payee?", {"type": "string", "pattern": ".{1,40}", "maxLength": 40}, answer)
     d = h.call("banker", "bank.pay", {"iban": pasted, "amount": 10})
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE (low): a batch has one deadline for the worker's hop and the reader's: "
+                                       "a reader that overruns it makes a payment that ran read as failed")
+def test_a_reader_that_overruns_the_batch_deadline_does_not_make_a_payment_that_ran_read_as_failed():
+    """The reader gives up by the dispatch's deadline on its own clock; a reader whose clock is behind the
+    supervisor's (another node), or that waits for a restarted peer, overruns the supervisor's deadline.
+    The batch then times out as one hop: the payment beside the slow question, which the worker ran, is
+    recorded WORKER_UNAVAILABLE ("no result"), charged, and the agent is told it failed, inviting a
+    second payment. The invoice's author makes the reader slow (a huge page, an essay first)."""
+    paid: list[Any] = []
+    tools = {n: t for n, t in load_tools(["flow_tools", "runtime.toolbox"]).items() if n != "reader.ask"}
+    with PolicyHarness(tools=tools, stubs={"bank.pay": lambda iban, amount: paid.append(iban) or {"paid": amount}},
+                       reader={"model": {"kind": "scripted", "rules": [{"question": "slow", "delay_s": 3,
+                                                                         "answer": 1}]}},
+                       call_timeout_s=1.0) as h:
+        h.add_agent(policy("banker"))
+        h.reader._clock = lambda: h.clock() - 5.0  # five seconds behind the supervisor
+        invoice = h.call("banker", "mail.read").value
+        replies = batch(h, "banker", [("reader.ask", {"handle": invoice, "question": "slow?", "schema": "amount"}),
+                                      ("bank.pay", PAY)])
+        assert paid == ["FR14 2004 1010"]  # the worker paid
+        assert replies[1]["ok"], replies  # and the agent is told so
