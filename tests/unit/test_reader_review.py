@@ -550,3 +550,13 @@ def test_a_reader_that_overruns_the_batch_deadline_does_not_make_a_payment_that_
                                       ("bank.pay", PAY)])
         assert paid == ["FR14 2004 1010"]  # the worker paid
         assert replies[1]["ok"], replies  # and the agent is told so
+
+
+def test_several_handles_and_text_in_handle_give_an_answer_with_the_labels_of_all(h):
+    """``handle`` may be a list (the substitution takes handles as list items): the reader then sees several
+    contents and the agent's own text, despite 'one handle'. Not a way round the labels: the answer joins
+    the labels of every handle (untrusted mail, private notes)."""
+    mail, notes = h.call("banker", "mail.read").value, h.call("banker", "notes.read").value
+    got = ask(h, "banker", [mail, notes, "the agent's own words"], "How much?", "amount", 5)
+    assert got.allowed and got.outcome["label"] == {"integrity": "endorsed", "readers": [["*@corp.example"]]}
+    assert h.call("banker", "mail.send", {"to": "eve@outside.example", "body": "x"}).code == "FLOW_DENIED"
