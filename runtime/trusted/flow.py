@@ -23,7 +23,9 @@ import itertools
 import math
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
@@ -45,7 +47,9 @@ SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOI
            f"date}}; {{type: string, pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, "
            f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= "
            f"{MAX_FREE}}}")
-_SEP, _NUM, _DATE = re.compile(r"[\W_]+"), re.compile(r"-?\d[\d,]*(?:\.\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
+_NUM, _DATE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")  # letters that show as nothing
+GRAM, MAX_SCAN = 8, 1 << 15  # an answer's runs matched; letters and digits of a call matched at most
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,10 @@ def destination(value: Any) -> str:
     return name if isinstance(name, str) and _PRINCIPAL.fullmatch(name) else ""
 
 
-def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label]) -> list[Any]:
-    """The ``flows`` (those that apply) broken: (rule, argument, label); an argument is ``ctx`` joined with ``held``."""
+def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[str, Label],
+               answered: Label = TOP) -> list[Any]:
+    """The ``flows`` (those that apply) broken: (rule, argument, label); an argument is ``ctx`` joined with ``held``,
+    the call's context ``ctx`` joined with the reader's answers it carries (``answered``): the agent saw them."""
     out = []
     for f in flows:
         every = ctx
@@ -132,7 +138,8 @@ def violations(flows: list[Flow], args: dict[str, Any], ctx: Label, held: dict[s
             if every.readers and not (dests and all(every.admits(destination(d)) for d in dests)):
                 out.append((f, "(data)", every))  # all the call carries, the rule names the destination
             continue
-        lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx
+        lab = every if f.arg == "*" else ctx.join(held[f.arg]) if f.arg in held else ctx.join(answered) if not f.arg \
+            else ctx
         if lab.integrity < LEVELS[f.need]:
             out.append((f, f.arg or "(context)", lab))
     return out
@@ -257,6 +264,11 @@ def answer_kind(s: Any, item: bool = False) -> bool:
     return shape == "free"
 
 
+def worded(s: dict[str, Any]) -> bool:
+    """Can an answer of schema ``s`` spell words (a short instruction): a pattern, or an array of them?"""
+    return _shape(s) == "pattern" or _shape(s) == "array" and _shape(s["items"]) == "pattern"
+
+
 def check_answer(s: dict[str, Any], v: Any) -> Any:
     """``v`` if schema ``s`` (which ``answer_kind`` passed) admits it, an integral float as an int; else ValueError."""
     match _shape(s):
@@ -299,31 +311,62 @@ class Answer:
 
 @dataclass
 class Answers:
-    """The answers the chains of one root run were given, indexed by their words and numbers."""
+    """The answers the chains of one root run were given, indexed by runs of ``GRAM`` letters and digits
+    (an argument sharing one carries the answer, however it was cut, spaced or cased), shorter strings
+    whole, and numbers by value. An argument past ``MAX_SCAN`` letters and digits carries every answer."""
 
     kept: list[Answer] = field(default_factory=list)
-    words: list[tuple[str, Answer]] = field(default_factory=list)  # its strings, case-folded, letters and digits
-    numbers: dict[float, list[Answer]] = field(default_factory=dict)
+    grams: dict[str, list[Answer]] = field(default_factory=dict)
+    short: dict[str, list[Answer]] = field(default_factory=dict)  # strings shorter than GRAM
+    numbers: dict[Decimal, list[Answer]] = field(default_factory=dict)
 
     def add(self, a: Answer) -> None:
         self.kept.append(a)
-        for v in a.value if isinstance(a.value, list) else [a.value]:
-            if type(v) is str and (w := _SEP.sub("", v.casefold())):
-                self.words.append((w, a))
-            elif _number(v):
-                self.numbers.setdefault(v, []).append(a)
+        items = a.value if isinstance(a.value, list) else [a.value]
+        texts = [v for v in items if type(v) is str] + ["".join(v for v in items if type(v) is str)]  # pieces joined
+        for v in items:
+            if _number(v):
+                self.numbers.setdefault(Decimal(repr(v)), []).append(a)
+                texts += [str(v) if type(v) is int else f"{v:f}".rstrip("0").rstrip(".")] if abs(v) >= 1e7 else []
+        for w in filter(None, map(_norm, texts)):
+            for g in {w[i:i + GRAM] for i in range(len(w) - GRAM + 1)} if len(w) >= GRAM else ():
+                self.grams.setdefault(g, []).append(a)
+            if len(w) < GRAM:
+                self.short.setdefault(w, []).append(a)
 
-    def carried(self, value: Any) -> list[Answer]:
-        """Those an argument carries. A number: one equal to it, in a string too ("1,240.50"). A string: its
-        letters and digits, case-folded, within a string's or number's (all of them, if 1 or 2). A boolean: never."""
-        leaves = [x for x in _leaves(value) if type(x) in (str, int, float)]
-        words = {_SEP.sub("", str(x).casefold()) for x in leaves}
-        text = "\0".join(words)  # one search per answer word; no word holds the separator
-        numbers = {float(d.replace(",", "")) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
-            x for x in leaves if type(x) is not str}
-        found = [a for w, a in self.words if (w in text if len(w) > 2 else w in words)]
-        found += [a for n in numbers & self.numbers.keys() for a in self.numbers[n]]
+    def carried(self, value: Any, budget: list[int]) -> list[Answer]:
+        """Those an argument carries: a number equal to one (in a string too: "1,240.50", "1e+21"); a run
+        of GRAM of its letters or digits; a shorter answer within a word (all of it, if 1 or 2 long).
+        ``budget``: letters and digits left to scan in this call; past it, every answer. Booleans: never."""
+        leaves, size = [], 0
+        for x in _leaves(value):
+            if type(x) in (str, int, float):
+                size += len(x) if type(x) is str else 24
+                if size > budget[0]:
+                    return list(self.kept)
+                leaves.append(x)
+        budget[0] -= size
+        words = {_norm(str(x)) for x in leaves}
+        text = "\0".join(words)  # no word holds the separator
+        found = [a for w in words for i in range(len(w) - GRAM + 1) for a in self.grams.get(w[i:i + GRAM], ())]
+        found += [a for w, kept in self.short.items() if (w in text if len(w) > 2 else w in words) for a in kept]
+        numbers = {_decimal(d) for x in leaves if type(x) is str for d in _NUM.findall(x)} | {
+            _decimal(repr(x)) for x in leaves if type(x) is not str}
+        found += [a for n in numbers - {None} if n in self.numbers for a in self.numbers[n]]
         return list(dict.fromkeys(found))
+
+
+def _norm(s: str) -> str:
+    """Letters and digits, case-folded, in compatibility form (fullwidth, ligatures) without accents or fillers."""
+    return "".join(c for c in unicodedata.normalize("NFKD", s.casefold()) if c.isalnum() and c not in _FILLERS)
+
+
+def _decimal(d: str) -> Decimal | None:
+    try:
+        n = Decimal(d.replace(",", ""))
+    except InvalidOperation:
+        return None
+    return n if n.is_finite() else None
 
 
 def _leaves(v: Any) -> Iterator[Any]:

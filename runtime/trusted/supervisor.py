@@ -45,8 +45,8 @@ from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
 from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
-from .flow import (ASK, TOP, Answer, Answers, Handle, Handles, Label, Output, Run, answer_kind, check_answer, rule_name,
-                   substitute, violations)
+from .flow import (ASK, MAX_SCAN, TOP, Answer, Answers, Handle, Handles, Label, Output, Run, answer_kind,
+                   check_answer, rule_name, substitute, violations, worded)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
 from ..observe import NullObserver, Observer
 from .state import StateJournal
@@ -473,16 +473,21 @@ class Supervisor:
             raise MalformedRequest("reader.ask: `handle` must be a handle, and no other argument may hold one",
                                    tool=tool)
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
-        if answers := self.answers.get(vt.runs[0]):  # the root run keeps every answer its chains were given:
-            for name in raw.keys() & args.keys():  # what the agent wrote (not what handles brought) that carries one
-                for a in answers.carried(raw[name]):
-                    held[name] = held.get(name, a.label).join(a.label)
+        answered = TOP  # the reader's answers the call carries: the root run keeps every one its chains got
+        if answers := self.answers.get(vt.runs[0]):
+            budget = [MAX_SCAN]  # letters and digits matched in this call; past them, an argument carries all
+            for name in sorted(raw.keys() & args.keys()):  # what the agent wrote (not handles' content) that holds one
+                for a in answers.carried(raw[name], budget):
+                    held[name], answered = held.get(name, a.label).join(a.label), answered.join(a.label)
                     used.append((name, a))
         vt.evaluate_call(entry.name, tool, spec.effect, args, self.clock(), self.job_id)
         if tool == ASK:  # a schema of low capacity (or free text: its answer a handle); by name: the policy's
             try:
                 if isinstance(named := args.get("schema"), str) and named not in entry.schemas:
                     raise ValueError(f"no schema named {named!r:.40} in the policy of {entry.name!r}")
+                if isinstance(named, str) and any(self.agents[a].schemas.get(named, entry.schemas[named]) !=
+                                                  entry.schemas[named] for a in vt.holders if a in self.agents):
+                    raise ValueError(f"schema {named!r:.40} means different things to the agents of this chain")
                 args = {**args, "schema": entry.schemas.get(named) if isinstance(named, str) else named}
                 answer_kind(args["schema"])
             except ValueError as exc:
@@ -494,7 +499,7 @@ class Supervisor:
         broken = [(f.mode, {"rule": rule_name(f), "arg": arg, "label": lab.public(), "origin": next(
             (h.origin for a, h in sorted(used, key=lambda u: u[0] != arg)  # the argument's own handles first
              if lab.join(h.label) is lab and run.label.join(h.label) is not run.label), run.origin)})
-            for f, arg, lab in violations(rules, args, run.label, held)]
+            for f, arg, lab in violations(rules, args, run.label, held, answered)]
         v = next((v for mode, v in broken if mode == "deny"), None)
         self.observer.flow(entry.name, tool, "deny" if v else "approve" if broken else "allow")
         if v:
@@ -544,16 +549,18 @@ class Supervisor:
         self.observer.answer(ok.agent, "free" if free else "endorsed")
         for arg, lab in ok.held.items():  # what the question carries (an earlier answer) too
             ctx = ctx if arg == "handle" else ctx.join(lab)
-        label = Label(min(source.integrity if free else max(source.integrity, 1), ctx.integrity),
+        # A pattern the agent wrote itself can spell words: its answer is untrusted, as if read (the policy's vouched).
+        words = worded(schema) and schema not in self.agents[ok.agent].schemas.values()
+        label = Label(min(source.integrity if free or words else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
         if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on
             kept, root = self.answers.setdefault(ok.vt.runs[0], Answers()), ok.vt.runs[0]
             if len(kept.kept) >= MAX_ANSWERS:
-                self._taint(ok.vt, label, origin)
+                words = True
             else:
                 kept.add(Answer(value, label, origin))
                 self._journal("a", root, value, label.public(), origin)
-                self._taint(ok.vt, Label(2, label.readers), origin)
+            self._taint(ok.vt, label if words else Label(2, label.readers), origin)
         return label, free, value
 
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
@@ -677,7 +684,10 @@ class Supervisor:
                 except (TokenRejected, FlowDenied) as exc:
                     outcomes[d.call_id] = exc
         allowed = [d for d in decided if isinstance(d, _Allowed) and d.call_id not in outcomes]
-        if allowed:
+        asks = [ok for ok in allowed if ok.tool == ASK]  # a reader answers in its own time, never holding up a hop
+        allowed = [ok for ok in allowed if ok.tool != ASK]
+
+        async def hop() -> None:
             messages = [self._message(ok) for ok in allowed]
             dispatch_batch = getattr(self.dispatcher, "dispatch_batch", None)
             try:
@@ -691,6 +701,8 @@ class Supervisor:
                 outcomes.update(zip((ok.call_id for ok in allowed), raws))
             except Exception as exc:  # the whole hop failed: every allowed call reports it
                 outcomes.update({ok.call_id: exc for ok in allowed})
+        answers = await asyncio.gather(*([hop()] if allowed else []), *[self._run_one(ok) for ok in asks])
+        outcomes.update(zip((ok.call_id for ok in asks), answers[1 if allowed else 0:]))
         replies = []
         for d in decided:
             if isinstance(d, bytes):
@@ -760,6 +772,8 @@ class Supervisor:
         """Turn the worker's reply into the agent's, settle the quota, record the outcome."""
         cost, origin = None, {"call_id": ok.call_id, "tool": ok.tool, "agent": ok.agent}  # of what it labels
         try:
+            if ok.tool == ASK and ok.dispatched_at is not None:  # whatever comes back says something of the content
+                self._taint(ok.vt, Label(2, ok.held["handle"].readers), origin)
             if isinstance(raw, asyncio.TimeoutError):
                 raise ToolFailed(f"no result within {self.call_timeout_s}s", tool=ok.tool,
                                  code=ErrorCode.WORKER_UNAVAILABLE)

@@ -14,12 +14,14 @@ from runtime import PolicyHarness
 from runtime.errors import ConfigError, ErrorCode
 from runtime.observe import status_of
 from runtime.policyfile import load_policy
-from runtime.trusted.flow import Answer, Answers, Label, answer_kind, check_answer
+from runtime.trusted.flow import MAX_SCAN, Answer, Answers, Label, answer_kind, check_answer
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import MAX_ANSWERS, Supervisor
 
 AMOUNT = {"type": "number", "minimum": 0, "maximum": 5000}
 IBAN = {"type": "string", "pattern": "[A-Z]{2}[0-9]{2}[A-Z0-9 ]{8,40}", "maxLength": 48}
+TEXT = {"type": "string", "pattern": ".{1,64}", "maxLength": 64}  # vouched for by the policy: endorsed
+PAIRS = {"type": "array", "items": {"type": "string", "pattern": "[A-Z0-9]{2}", "maxLength": 2}, "maxItems": 16}
 
 
 def policy(agent: str, **tools: Any) -> dict[str, Any]:
@@ -34,7 +36,8 @@ def policy(agent: str, **tools: Any) -> dict[str, Any]:
         "mail.send": {"effect": "write", "ifc": {"args": {"to": "trusted"}, "destination": "to"}},
         **tools,
     }
-    return {"agent": agent, "tools": rules, "schemas": {"amount": AMOUNT, "payee": {"enum": ["acme", "globex"]}},
+    schemas = {"amount": AMOUNT, "payee": {"enum": ["acme", "globex"]}, "iban": IBAN, "text": TEXT, "pairs": PAIRS}
+    return {"agent": agent, "tools": rules, "schemas": schemas,
             "delegation": {"can_delegate_to": ["helper", "sibling"], "max_depth": 3}}
 
 
@@ -98,7 +101,7 @@ def carried(value: Any, answers: list[Answer]) -> list[Answer]:
     index = Answers()
     for a in answers:
         index.add(a)
-    return index.carried(value)
+    return index.carried(value, [MAX_SCAN])
 
 
 def carries(value: Any, answer: Any) -> bool:

