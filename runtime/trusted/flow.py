@@ -49,7 +49,7 @@ SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOI
            f"{MAX_FREE}}}")
 _NUM, _DATE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0")  # letters that show as nothing
-GRAM, MAX_SCAN = 8, 1 << 15  # an answer's runs matched; letters and digits of a call matched at most
+GRAM, MAX_SCAN = 8, 1 << 13  # an answer's runs matched; characters of a call matched at most
 
 
 @dataclass(frozen=True)
