@@ -42,11 +42,7 @@ MAX_CHOICES, MAX_CHARS, MAX_ITEMS, MAX_FREE = 64, 64, 16, 1 << 16  # what a low-
 _SHAPES = {"boolean": {"type"}, "enum": {"type", "enum"}, "integer": {"type", "minimum", "maximum"},
            "number": {"type", "minimum", "maximum"}, "date": {"type", "format"}, "free": {"type", "maxLength"},
            "pattern": {"type", "pattern", "maxLength"}, "array": {"type", "items", "maxItems", "minItems"}}
-SCHEMAS = (f"a reader schema is {{type: boolean}}; {{enum: [...]}} (1..{MAX_CHOICES} numbers or strings of <= "
-           f"{MAX_CHARS} characters); {{type: integer|number, minimum, maximum}} (finite); {{type: string, format: "
-           f"date}}; {{type: string, pattern (RE2), maxLength <= {MAX_CHARS}}}; {{type: array, items: one of these, "
-           f"maxItems <= {MAX_ITEMS}}}; or free text, answered with a handle: {{type: string, maxLength <= "
-           f"{MAX_FREE}}}")
+SCHEMAS = "boolean, enum, bounded number, date, pattern with maxLength, an array of these, or free text"
 _NUM, _DATE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"\d{4}-\d{2}-\d{2}")
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0")  # letters that show as nothing
 GRAM, MAX_SCAN = 8, 1 << 13  # an answer's runs matched; characters of a call matched at most
@@ -260,7 +256,7 @@ def answer_kind(s: Any, item: bool = False) -> bool:
         case _:
             ok = False
     if not ok:
-        raise ValueError(f"not a reader schema: {str(s)[:120]}; {SCHEMAS}")
+        raise ValueError(f"not a reader schema: {str(s)[:120]} (a schema is a {SCHEMAS}: see reader.ask)")
     return shape == "free"
 
 
@@ -313,7 +309,7 @@ class Answer:
 class Answers:
     """The answers the chains of one root run were given, indexed by runs of ``GRAM`` letters and digits
     (an argument sharing one carries the answer, however it was cut, spaced or cased), shorter strings
-    whole, and numbers by value. An argument past ``MAX_SCAN`` letters and digits carries every answer."""
+    whole, and numbers by value. A call's arguments past ``MAX_SCAN`` characters carry every answer."""
 
     kept: list[Answer] = field(default_factory=list)
     grams: dict[str, list[Answer]] = field(default_factory=dict)
@@ -337,7 +333,7 @@ class Answers:
     def carried(self, value: Any, budget: list[int]) -> list[Answer]:
         """Those an argument carries: a number equal to one (in a string too: "1,240.50", "1e+21"); a run
         of GRAM of its letters or digits; a shorter answer within a word (all of it, if 1 or 2 long).
-        ``budget``: letters and digits left to scan in this call; past it, every answer. Booleans: never."""
+        ``budget``: characters left to scan in this call; past it, every answer. Booleans: never."""
         leaves, size = [], 0
         for x in _leaves(value):
             if type(x) in (str, int, float):

@@ -475,7 +475,7 @@ class Supervisor:
         args = spec.canonical_args(args)  # its errors name types, never values: they reach the agent
         answered = TOP  # the reader's answers the call carries: the root run keeps every one its chains got
         if answers := self.answers.get(vt.runs[0]):
-            budget = [MAX_SCAN]  # letters and digits matched in this call; past them, an argument carries all
+            budget = [MAX_SCAN]  # characters matched in this call; past them, an argument carries every answer
             for name in sorted(raw.keys() & args.keys()):  # what the agent wrote (not handles' content) that holds one
                 for a in answers.carried(raw[name], budget):
                     held[name], answered = held.get(name, a.label).join(a.label), answered.join(a.label)
