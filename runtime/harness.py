@@ -295,6 +295,19 @@ class PolicyHarness:
             raise RuntimeError("the harness is closed")
         return self._loop.run_until_complete(coro)
 
+    def restart(self, journal: Any) -> int:
+        """A supervisor restart, as a job's shard after a crash: a new ``Supervisor`` over the same keys,
+        tools, log, worker and clock, with this ``StateJournal``, the agents registered again and the
+        journal replayed. Returns ``Supervisor.restore``'s count of calls closed as in flight."""
+        old = self.supervisor
+        self.supervisor = Supervisor(job_id=old.job_id, keyring=old.keyring, tools=old.tools, audit=old.audit,
+                                     dispatcher=old.dispatcher, dispatch_key=old._dispatch_key, clock=old.clock,
+                                     ledger=QuotaLedger(clock=self.clock), call_timeout_s=old.call_timeout_s,
+                                     journal=journal)
+        for reg in self.agents.values():
+            self.supervisor.register_agent(reg.entry, reg.quota)
+        return self.supervisor.restore()
+
     # ------------------------------------------------------------------ the log
     def verify(self) -> Any:
         """The audit log's chain check (``runtime.auditlog.verify``), as ``warden audit verify`` does it."""

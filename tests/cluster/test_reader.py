@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -20,6 +18,7 @@ from runtime.reader import SYSTEM_PROMPT
 from tests.cluster.reader_agents import PRIVATE_MARKER
 
 from .test_control_plane import Background
+from .test_crash import _wait_for
 
 pytestmark = pytest.mark.cluster
 IBAN = "DE02120300000000202051"
@@ -88,18 +87,11 @@ def _in_memory(pid: int, needles: dict[str, bytes]) -> set[str]:
     return found
 
 
-def _wait(what: str, ready: Any, job: Background, deadline_s: float = 120) -> None:
-    end = time.monotonic() + deadline_s
-    while not ready():
-        assert time.monotonic() < end and job.thread.is_alive(), f"never: {what}"
-        time.sleep(0.05)  # another process's file: nothing to await
-
-
 def test_an_agent_pays_a_hidden_bill_through_the_reader(ray_instance, tmp_path):
     job = Background(str(_job(tmp_path)), tmp_path / "runs")
     run_dir = job.run_dir()
     secrets_file = tmp_path / "secrets.json"
-    _wait("the agent asked its questions", secrets_file.exists, job)
+    _wait_for("the agent asked its questions", secrets_file.exists, job)
     held = json.loads(secrets_file.read_text())
     (pid,) = _reader_pids(ray_instance.address)
     found = _in_memory(pid, {"token": bytes.fromhex(held["token"]), "request_key": bytes.fromhex(held["request_key"]),
@@ -108,7 +100,7 @@ def test_an_agent_pays_a_hidden_bill_through_the_reader(ray_instance, tmp_path):
     accepted = run_dir / "reader-0.dispatches"  # the reader's record of the dispatches it accepted
     before = len(accepted.read_text().splitlines())
     (tmp_path / "inspected").write_text("1")
-    _wait("the slow question reached the reader", lambda: len(accepted.read_text().splitlines()) > before, job)
+    _wait_for("the slow question reached the reader", lambda: len(accepted.read_text().splitlines()) > before, job)
     os.kill(pid, signal.SIGKILL)  # accepted, so in flight: its model takes 30 s to answer
     result = job.join()
 

@@ -15,7 +15,6 @@ from runtime.errors import ErrorCode
 from runtime.trusted.capability import Flow, decode_caveat, encode_caveat
 from runtime.trusted.flow import Label, Output, violations
 from runtime.trusted.state import StateJournal
-from runtime.trusted.supervisor import Supervisor
 
 
 TOOLS = ["flow_tools", "runtime.toolbox"]
@@ -276,13 +275,7 @@ def test_contexts_survive_a_restart_and_handles_are_lost_explicitly(h, tmp_path)
     handle = h.call("reader", "mail.read").value
     child = h.delegate("assistant", "helper")
     h.call("helper", "web.get", {"url": "https://news.example/"}, token=child.token)
-    old = h.supervisor
-    h.supervisor = Supervisor(job_id=old.job_id, keyring=old.keyring, tools=old.tools, audit=old.audit,
-                              dispatcher=old.dispatcher, dispatch_key=old._dispatch_key, clock=old.clock,
-                              journal=StateJournal(tmp_path / "state"))
-    for reg in h.agents.values():
-        h.supervisor.register_agent(reg.entry, reg.quota)
-    h.supervisor.restore()
+    h.restart(StateJournal(tmp_path / "state"))
     assert h.call("assistant", "bank.pay", {"iban": "XX99", "amount": 1}).code == "FLOW_DENIED"
     assert h.call("helper", "bank.pay", {"iban": "XX99", "amount": 1}, token=child.token).code == "FLOW_DENIED"
     lost = h.call("reader", "mail.send", {"to": "x@corp.example", "body": handle})

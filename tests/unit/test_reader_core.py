@@ -16,7 +16,7 @@ from runtime.observe import status_of
 from runtime.policyfile import load_policy
 from runtime.trusted.flow import MAX_SCAN, Answer, Answers, Label, answer_kind, check_answer
 from runtime.trusted.state import StateJournal
-from runtime.trusted.supervisor import MAX_ANSWERS, Supervisor
+from runtime.trusted.supervisor import MAX_ANSWERS
 
 AMOUNT = {"type": "number", "minimum": 0, "maximum": 5000}
 IBAN = {"type": "string", "pattern": "[A-Z]{2}[0-9]{2}[A-Z0-9 ]{8,40}", "maxLength": 48}
@@ -238,14 +238,8 @@ def test_answers_survive_a_restart(h, tmp_path):
     h.supervisor.journal = StateJournal(tmp_path / "state")
     invoice = h.call("banker", "mail.read").value
     ask(h, "banker", invoice, "Which IBAN?", IBAN, "XX99 1234 5678 90")
-    old = h.supervisor
     for _ in range(2):  # replayed from frames, then from a snapshot
-        h.supervisor = Supervisor(job_id=old.job_id, keyring=old.keyring, tools=old.tools, audit=old.audit,
-                                  dispatcher=old.dispatcher, dispatch_key=old._dispatch_key, clock=old.clock,
-                                  journal=StateJournal(tmp_path / "state"))
-        for reg in h.agents.values():
-            h.supervisor.register_agent(reg.entry, reg.quota)
-        h.supervisor.restore()
+        h.restart(StateJournal(tmp_path / "state"))
         assert h.call("banker", "bank.pay", {"iban": "XX99 1234 5678 90", "amount": 1}).code == "FLOW_DENIED"
         h.supervisor.journal.compact(h.supervisor._snapshot())
     assert status_of(h.supervisor)["contexts"][0]["label"]["integrity"] == "trusted"

@@ -19,20 +19,13 @@ from runtime.errors import ErrorCode
 from runtime.protocol import encode_batch
 from runtime.tool import load_tools
 from runtime.trusted.state import StateJournal
-from runtime.trusted.supervisor import MAX_ANSWERS, Supervisor
+from runtime.trusted.supervisor import MAX_ANSWERS
 
-from test_reader_core import IBAN, ask, policy
+from test_reader_core import IBAN, ask, h, policy  # noqa: F401 (h: the fixture)
 
 PAY = {"iban": "FR14 2004 1010", "amount": 10}  # from the task: always payable from a trusted context
 
 
-@pytest.fixture
-def h():
-    READER.clear()
-    with PolicyHarness(tools=["flow_tools", "runtime.toolbox"]) as harness:
-        for name in ("banker", "helper", "sibling"):
-            harness.add_agent(policy(name))
-        yield harness
 
 
 def real(rules: list[dict[str, Any]], **kw: Any) -> PolicyHarness:
@@ -341,14 +334,8 @@ def test_answers_of_every_kind_survive_a_restart_from_frames_and_from_a_compacte
     ask(h, "banker", invoice, "groups", "pairs", ["XX", "77", "AB", "CD"])
     ask(h, "banker", invoice, "acct", {"type": "integer", "minimum": 0, "maximum": 10 ** 12}, 5566778899)
     ask(h, "banker", invoice, "neg", {"type": "number", "minimum": -1, "maximum": 1}, -0.25)
-    old = h.supervisor
     for _ in range(2):
-        h.supervisor = Supervisor(job_id=old.job_id, keyring=old.keyring, tools=old.tools, audit=old.audit,
-                                  dispatcher=old.dispatcher, dispatch_key=old._dispatch_key, clock=old.clock,
-                                  journal=StateJournal(tmp_path / "state"))
-        for reg in h.agents.values():
-            h.supervisor.register_agent(reg.entry, reg.quota)
-        h.supervisor.restore()
+        h.restart(StateJournal(tmp_path / "state"))
         for iban in ("xx77 abcd", "AB 5566778899", "ref -0.25"):
             assert h.call("banker", "bank.pay", {"iban": iban, "amount": 1}).code == "FLOW_DENIED", iban
         assert h.call("banker", "bank.pay", PAY).allowed
