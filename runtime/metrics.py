@@ -170,7 +170,8 @@ class PrometheusObserver:
         self.handle_bytes = Gauge("warden_handle_bytes", "Bytes of content the supervisor holds behind the "
                                   "agent's live handles.", [j, "agent"], registry=r)
         self.reader_answers = Counter("warden_reader_answers", "Answers of the quarantined reader to the agent: "
-                                      "endorsed (validated), free (free text, a handle) or invalid (READER_INVALID).",
+                                      "endorsed (validated), untrusted (validated, of a pattern the agent wrote), "
+                                      "free (free text, a handle) or invalid (READER_INVALID).",
                                       [j, "agent", "result"], registry=r)
         self._integrity: dict[str, int] = {}  # agent -> lowest integrity reported (it never goes up)
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
@@ -268,7 +269,7 @@ class PrometheusObserver:
 
     def answer(self, agent: str, result: str) -> None:
         try:
-            verdict = result if result in ("endorsed", "free") else "invalid"  # anything unknown is not an answer
+            verdict = result if result in ("endorsed", "untrusted", "free") else "invalid"  # unknown: no answer
             self.reader_answers.labels(self.job, self._agent(agent), verdict).inc()
         except Exception:
             self._failed("answer")

@@ -38,7 +38,8 @@ class Observer(Protocol):
         """The handles the agent holds after one was issued."""
 
     def answer(self, agent: str, result: str) -> None:
-        """A reader's answer to the agent: "endorsed" (validated), "free" (free text, a handle) or "invalid"."""
+        """A reader's answer to the agent: "endorsed" (validated), "untrusted" (validated, of a pattern the agent
+        wrote), "free" (free text, a handle) or "invalid" (READER_INVALID)."""
 
 
 class NullObserver(Observer):

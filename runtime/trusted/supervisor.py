@@ -546,11 +546,11 @@ class Supervisor:
         except ValueError as exc:
             self.observer.answer(ok.agent, "invalid")
             raise FlowDenied(str(exc), code=ErrorCode.READER_INVALID, tool=ASK) from None
-        self.observer.answer(ok.agent, "free" if free else "endorsed")
         for arg, lab in ok.held.items():  # what the question carries (an earlier answer) too
             ctx = ctx if arg == "handle" else ctx.join(lab)
         # A pattern the agent wrote itself can spell words: its answer is untrusted, as if read (the policy's vouched).
         words = worded(schema) and schema not in self.agents[ok.agent].schemas.values()
+        self.observer.answer(ok.agent, "free" if free else "untrusted" if words else "endorsed")
         label = Label(min(source.integrity if free or words else max(source.integrity, 1), ctx.integrity),
                       source.readers | ctx.readers)
         if not free:  # kept by the chain's root run: a delegator may be handed it back, or pass it on

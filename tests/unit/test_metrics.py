@@ -323,6 +323,7 @@ def exposed_names() -> set[str]:
     obs.flow("coder", "run_python", "deny")
     obs.context("coder", 0)
     obs.handles("coder", 1, 10)
+    obs.answer("coder", "endorsed")
     names: set[str] = set()
     for family in obs.registry.collect():
         names.add(family.name)
