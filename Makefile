@@ -3,12 +3,15 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# The reference filesystem MCP server (npm), pinned, in a project-local gitignored directory.
+MCP_NPM = @modelcontextprotocol/server-filesystem@2026.8.31
+MCP_DIR = mcp-servers
 # Debian packages the sandboxes need: bubblewrap (bwrap), runsc (gVisor), util-linux (prlimit).
 SYSTEM_PACKAGES = bubblewrap runsc util-linux
 
 .PHONY: setup system-deps demo test test-unit test-sandbox test-cluster redteam mutate clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(MCP_DIR)/.installed
 
 system-deps:           ## install the sandbox runtimes with apt-get when they are missing (needs root)
 	@if command -v bwrap >/dev/null && command -v runsc >/dev/null && command -v prlimit >/dev/null; then \
@@ -25,6 +28,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+$(MCP_DIR)/.installed: Makefile
+	npm install --silent --no-audit --no-fund --prefix $(MCP_DIR) $(MCP_NPM)
+	touch $@
 
 demo: setup            ## set up, then run the demo job on a local Ray
 	$(VENV)/bin/warden run jobs/demo.yaml
@@ -50,4 +57,4 @@ mutate: setup          ## mutation testing of runtime/trusted/ against tests/uni
 	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis mutants
+	rm -rf $(VENV) $(MCP_DIR) runs .pytest_cache .hypothesis mutants
