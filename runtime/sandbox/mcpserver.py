@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed
-from .base import Limits, require_binary
-from .bwrap import UID_BASE, UID_SPAN, BwrapSession, _ro_system_binds
+from .base import WORKSPACE, Limits, rlimit_args
+from .bwrap import BwrapSession, _scratch_mounts
 
 # The project-local directory `make setup` installs npm servers into (gitignored).
 NPM_DIR = Path(__file__).resolve().parents[2] / "mcp-servers"
@@ -57,25 +57,27 @@ class McpServer:
         return f"McpServer({self.name!r}, prefix={self.prefix!r}, env={[k for k, _ in self.env]})"
 
 
-def program_binds() -> list[str]:
-    """Read-only binds of the places server programs live: this Python's prefixes and the npm directory."""
+def program_dirs() -> list[str]:
+    """The places server programs live, bound read-only: this Python's prefixes and the npm directory."""
     seen: list[str] = []
     for p in (sys.prefix, sys.base_prefix, str(NPM_DIR)):
-        real = os.path.realpath(p)
-        if os.path.isdir(real) and not real.startswith("/usr/") and real not in seen:
-            seen.append(real)
-        if p != real and os.path.isdir(p) and p not in seen:
-            seen.append(p)
+        for q in (p, os.path.realpath(p)):
+            if os.path.isdir(q) and not q.startswith("/usr/") and q not in seen:
+                seen.append(q)
+    return seen
+
+
+def _program_binds(dirs: list[str]) -> list[str]:
+    """``--ro-bind`` each directory, its parents made searchable (bwrap creates them 0700 as root)."""
     args: list[str] = []
-    for p in seen:
-        args += ["--ro-bind", p, p]
+    made: set[str] = set()
+    for d in dirs:
+        for parent in reversed(Path(d).parents[:-1]):
+            if str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", d, d]
     return args
-
-
-def _traversable(path: str) -> bool:
-    """Whether a uid other than the owner's can reach ``path`` (every parent searchable by others)."""
-    p = Path(path)
-    return all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents])
 
 
 def resolve_command(command: tuple[str, ...]) -> list[str]:
@@ -95,38 +97,49 @@ def resolve_command(command: tuple[str, ...]) -> list[str]:
     return [prog, *command[1:]]
 
 
-def sandboxed_argv(server: McpServer, workspace: Path) -> list[str]:
-    """The command line that starts ``server`` inside a bwrap sandbox on ``workspace``."""
+def server_env(server: McpServer) -> dict[str, str]:
+    return {"PATH": f"{os.path.join(sys.prefix, 'bin')}:/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE,
+            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+            # the workspace is the sandbox's own: git must not refuse it for its owner's uid
+            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
+            **dict(server.env)}
+
+
+def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
+    """The command line that starts ``server`` in the bwrap sandbox of ``session`` (an agent's workspace).
+
+    Not as root: ``prlimit -> bwrap --unshare-all -> server``, as the worker runs a call. As
+    root, the sandbox uid switch moves inside: bwrap runs privileged, without a user namespace,
+    so it can bind the server's program from wherever root installed it (a venv under a 0700
+    home), and the command is ``setpriv`` (to the session's uid, every capability and the
+    bounding set dropped, no new privileges) -> ``prlimit`` -> ``env -C /workspace`` -> server;
+    bwrap keeps only CAP_SETUID, CAP_SETGID and CAP_SETPCAP for that first ``setpriv``.
+    """
     if server.backend != "bwrap":
         raise SandboxUnavailable(f"MCP server {server.name}: backend {server.backend!r} is not supported for "
                                  "stdio servers yet (bwrap only)", code=ErrorCode.SANDBOX_UNAVAILABLE)
     if server.network:
         raise SandboxUnavailable(f"MCP server {server.name}: a network allow-list is not supported yet",
                                  code=ErrorCode.SANDBOX_UNAVAILABLE)
-    bwrap = require_binary("bwrap", "bubblewrap", "bwrap")
-    prlimit = require_binary("prlimit", "util-linux", "bwrap")
-    uid = None
-    binds = program_binds()
-    # As the worker does: an unprivileged uid of the workspace's own, if it can reach the program.
-    if os.geteuid() == 0 and all(_traversable(p) for p in binds[1::3]):
-        import zlib
-
-        uid = UID_BASE + zlib.crc32(f"{workspace}|mcp:{server.name}".encode()) % UID_SPAN
-        for root, dirs, files in os.walk(workspace):
-            for n in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
-                os.lchown(n, uid, uid)
-    setpriv = require_binary("setpriv", "util-linux", "bwrap") if uid is not None else "setpriv"
-    session = BwrapSession(workspace, uid=uid, bwrap=bwrap, prlimit=prlimit, setpriv=setpriv,
-                           system_binds=[*_ro_system_binds(), *binds])
+    limits, uid = server.limits, session._uid
     # V8 and CPython reserve address space far beyond what they touch: no RLIMIT_AS for a server.
-    limits = server.limits
-    env = {"PATH": f"{os.path.join(sys.prefix, 'bin')}:/usr/local/bin:/usr/bin:/bin", "HOME": "/workspace",
-           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-           # the workspace is the sandbox's own: git must not refuse it for its owner's uid
-           "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
-           **dict(server.env)}
-    argv = session._argv(resolve_command(server.command), limits, env, None)
-    return [a for a in argv if not a.startswith("--as=")]
+    rlimits = [a for a in rlimit_args(limits, address_space=False)]
+    mounts = ["--perms", "0755", "--dir", "/etc", *session._system_binds, *_program_binds(program_dirs()), "--proc", "/proc", "--dev", "/dev",
+              *_scratch_mounts(limits), "--bind", str(session.workspace), WORKSPACE, "--remount-ro", "/",
+              "--clearenv"]
+    for k, v in server_env(server).items():
+        mounts += ["--setenv", k, v]
+    command = resolve_command(server.command)
+    common = ["--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox"]
+    if uid is None:
+        return [session._prlimit, *rlimits, "--", session._bwrap, "--unshare-all", *common, "--cap-drop", "ALL",
+                *mounts, "--chdir", WORKSPACE, "--", *command]
+    return [session._bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup-try", *common, "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add",
+            "CAP_SETGID", "--cap-add", "CAP_SETPCAP", *mounts, "--chdir", "/", "--",
+            session._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--", session._prlimit, *rlimits, "--",
+            "/usr/bin/env", "-C", WORKSPACE, *command]
 
 
 class McpConnection:
@@ -137,9 +150,9 @@ class McpConnection:
     call starts the server again.
     """
 
-    def __init__(self, server: McpServer, workspace: Path) -> None:
+    def __init__(self, server: McpServer, session: BwrapSession) -> None:
         self.server = server
-        self.workspace = workspace
+        self.session = session
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{server.name}", daemon=True)
         self._thread.start()
@@ -152,7 +165,7 @@ class McpConnection:
         from mcp import ClientSession, StdioServerParameters
         from mcp.client.stdio import stdio_client
 
-        argv = sandboxed_argv(self.server, self.workspace)
+        argv = sandboxed_argv(self.server, self.session)
         params = StdioServerParameters(command=argv[0], args=argv[1:], env={})
         self._stop = asyncio.Event()
         with open(os.devnull, "w") as errlog:

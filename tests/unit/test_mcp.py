@@ -15,6 +15,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 
 from runtime.errors import ErrorCode, SandboxKilled, ToolFailed
 from runtime.mcptools import effect_of, result_value, to_tools
+from runtime.sandbox.bwrap import BwrapBackend, BwrapSession
 from runtime.sandbox.mcpserver import NPM_DIR, McpConnection, McpServer, sandboxed_argv
 
 GIT = McpServer("git", "git", ("mcp-server-git", "--repository", "/workspace/repo"))
@@ -35,13 +36,22 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def connect(workspace: Path):
+def session(workspace: Path) -> BwrapSession:
+    """The agent's bwrap session on the workspace, as the tool worker's pool opens it (its own uid as root)."""
+    s = BwrapBackend().open(workspace, workspace_mb=64, key="agent")
+    if s._uid is not None:  # what the agent's own sandboxed calls would have written is the agent's
+        subprocess.run(["chown", "-R", f"{s._uid}:{s._uid}", str(workspace)], check=True)
+    return s
+
+
+@pytest.fixture
+def connect(session: BwrapSession):
     opened: list[McpConnection] = []
 
     def open_(server: McpServer) -> McpConnection:
         if server is FS and not FS_INSTALLED:
             pytest.fail("the filesystem MCP server is not installed: run `make setup`")
-        opened.append(McpConnection(server, workspace))
+        opened.append(McpConnection(server, session))
         return opened[-1]
 
     yield open_
@@ -58,11 +68,12 @@ def test_annotations_map_conservatively():
     assert effect_of(ToolAnnotations(destructive_hint=True, open_world_hint=True)) == "delete"
 
 
-def test_the_server_runs_in_a_sandbox_without_network(workspace: Path):
-    argv = sandboxed_argv(GIT, workspace)
-    bwrap = argv.index(next(a for a in argv if a.endswith("bwrap")))
-    assert "--unshare-all" in argv[bwrap:] and "--share-net" not in argv
+def test_the_server_runs_in_a_sandbox_without_network(session: BwrapSession, workspace: Path):
+    argv = sandboxed_argv(GIT, session)
+    assert ("--unshare-all" in argv or "--unshare-net" in argv) and "--share-net" not in argv
     assert argv[argv.index("--bind") + 1:argv.index("--bind") + 3] == [str(workspace), "/workspace"]
+    if session._uid is not None:  # as root: the server runs as the agent's sandbox uid, with no capability
+        assert f"--reuid={session._uid}" in argv and "--bounding-set=-all" in argv and "--no-new-privs" in argv
     assert argv[-3].endswith("/mcp-server-git") and argv[-2:] == ["--repository", "/workspace/repo"]
     assert "--clearenv" in argv
 
@@ -103,15 +114,15 @@ def test_the_sandbox_hides_the_host_even_from_a_server_given_the_root(connect, w
     assert result_value(conn.call("read_text_file", {"path": "/workspace/repo/notes.txt"}, 20))["content"] == "first line\n"
 
 
-def test_a_server_that_never_answers_is_a_timeout_and_a_dead_one_unavailable(workspace: Path):
-    hung = McpConnection(McpServer("hung", "hung", ("sleep", "60")), workspace)
+def test_a_server_that_never_answers_is_a_timeout_and_a_dead_one_unavailable(session: BwrapSession):
+    hung = McpConnection(McpServer("hung", "hung", ("sleep", "60")), session)
     try:
         with pytest.raises(SandboxKilled) as err:
             hung.list_tools(timeout_s=2)
         assert err.value.code == ErrorCode.SANDBOX_TIMEOUT
     finally:
         hung.close()
-    dead = McpConnection(McpServer("dead", "dead", ("true",)), workspace)
+    dead = McpConnection(McpServer("dead", "dead", ("true",)), session)
     try:
         with pytest.raises(ToolFailed) as err:
             dead.list_tools(timeout_s=10)
