@@ -37,6 +37,7 @@ from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
 from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
+from .mcpjob import worker_tools
 from .tool import load_tools
 
 
@@ -608,14 +609,16 @@ class ToolWorkerActor:
     both are noted in ``run_dir``)."""
 
     def __init__(self, *, dispatch_key: bytes, tool_modules: list[str], job_id: str,
-                 tool_config: dict[str, Any], index: int = 0, call_timeout_s: float = 120.0) -> None:
+                 tool_config: dict[str, Any], index: int = 0, call_timeout_s: float = 120.0,
+                 mcp: list[dict[str, Any]] | None = None) -> None:
         run_dir = Path(tool_config["run_dir"]) if tool_config.get("run_dir") else None
         note = run_dir / f"worker-{index}.workspaces" if run_dir else None
         restarted = _was_restarted()
         self._reclaimed = reclaim_workspaces(note) if restarted and note else []
         self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
                                         restarted=restarted, call_timeout_s=call_timeout_s)
-        self._worker = ToolWorker(dispatch_key=dispatch_key, tools=load_tools(tool_modules), job=job_id,
+        tools = {**load_tools(tool_modules), **worker_tools(mcp or [])}  # MCP: the servers listed at job start
+        self._worker = ToolWorker(dispatch_key=dispatch_key, tools=tools, job=job_id,
                                   tool_config=tool_config, sandboxes=SandboxPool(workspace_root(note)),
                                   journal=self._journal)
         self._restarted = restarted

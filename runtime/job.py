@@ -34,6 +34,7 @@ from .egress import FetchSettings
 from .errors import ConfigError, ErrorCode, PolicyDenied, ToolFailed
 from .agent import Agent, load_agent_class
 from .jobcheck import check_job
+from .mcpjob import McpServerSpec, job_tools, mcp_sandbox_problem
 from .tool import Tool, load_tools
 from .trusted.capability import KeyRing, url_origin
 from .trusted.policy import OutputRule, Policy
@@ -206,6 +207,8 @@ class JobSpec(_Strict):
     agents: list[AgentSpec] = Field(min_length=1)
     tools: list[str] = Field(min_length=1, description="modules whose @tool functions the job may use")
     tool_config: dict[str, Any] = Field(default_factory=dict)
+    mcp_servers: list[McpServerSpec] = Field(
+        default_factory=list, description="MCP servers whose tools the job may use (runtime.mcpjob)")
     outputs: dict[str, OutputRule] = Field(
         default_factory=dict, description="tool -> the label of its results, for every agent whose policy sets none")
     credentials: dict[str, dict[str, CredentialRef]] = Field(
@@ -243,6 +246,7 @@ class LoadedJob:
     policies: dict[str, Policy]
     tools: dict[str, Tool]
     classes: dict[str, type[Agent]]  # agent name -> its class, imported and checked at load
+    mcp: list[dict[str, Any]] = field(default_factory=list)  # the MCP servers and their listings, for the workers
 
 
 def load_job(path: str | Path) -> LoadedJob:
@@ -270,6 +274,15 @@ def load_job(path: str | Path) -> LoadedJob:
     problem = reader_problem(spec.reader is not None, tools, policies)
     if problem:
         raise ConfigError(f"{path}: {problem}", code=ErrorCode.JOB_INVALID)
+    mcp_tools, mcp, _ = job_tools(list(spec.mcp_servers), os.environ)
+    clash = sorted(set(mcp_tools) & set(tools))
+    if clash:
+        raise ConfigError(f"{path}: MCP tools {clash} are also defined by a module in tools:", code=ErrorCode.JOB_INVALID)
+    tools.update(mcp_tools)
+    for agent, policy in policies.items():
+        problem = mcp_sandbox_problem(agent, policy, mcp_tools, spec.mcp_servers)
+        if problem:
+            raise ConfigError(f"{path}: {problem}", code=ErrorCode.JOB_INVALID)
     if spec.reader is not None:
         tools[ASK] = ask_tool(spec.reader.cost)
     for agent, policy in policies.items():
@@ -287,7 +300,7 @@ def load_job(path: str | Path) -> LoadedJob:
         FetchSettings.from_config(spec.tool_config.get("http"))
     except ToolFailed as exc:
         raise ConfigError(f"{path}: {exc.reason}", code=ErrorCode.JOB_INVALID) from None
-    return LoadedJob(spec, base, policies, tools, classes)
+    return LoadedJob(spec, base, policies, tools, classes, mcp)
 
 
 def reader_problem(has_reader: bool, tools: Any, policies: dict[str, Policy]) -> str | None:
@@ -472,7 +485,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             options["runtime_env"] = dict(spec.workers.runtime_env)
         workers = [ToolWorkerActor.options(**options)
                    .remote(dispatch_key=dispatch_key, tool_modules=list(spec.tools), job_id=job_id,
-                           tool_config=tool_config, index=i, call_timeout_s=spec.call_timeout_s)
+                           tool_config=tool_config, index=i, call_timeout_s=spec.call_timeout_s, mcp=job.mcp)
                    for i in range(spec.workers.count)]
         handles.extend(workers)
         readers: list[Any] = []

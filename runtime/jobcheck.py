@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from .errors import WardenError
 from .agent import load_agent_class
 from .llm import model_from_config
+from .mcpjob import job_tools
 from .tool import load_tools
 from .trusted.capability import MAX_CAVEATS, MAX_TOKEN_BYTES, KeyRing
 from .trusted.policy import Policy
@@ -56,6 +57,11 @@ def check_job(path: str | Path, *, environ: Mapping[str, str] | None = None, loc
     modules = [m for m in lists.get("tools", []) if isinstance(m, str)]
     problems += _agent_classes(agents)
     tools = _tools(modules, problems)
+    if tools is not None and spec is not None and spec.mcp_servers:  # started and listed, as at job start
+        try:
+            tools.update({n: t.spec for n, t in job_tools(list(spec.mcp_servers), environ)[0].items()})
+        except WardenError as exc:
+            problems.append(exc.reason)
     reader = isinstance(data.get("reader"), dict)
     if tools is not None and reader and ASK not in tools:
         tools[ASK] = ask_tool().spec  # the job's own tool: offered because it has a reader: section

@@ -18,11 +18,13 @@ only be stated by the operator, never by the server.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 from .errors import ErrorCode, SandboxKilled, ToolFailed
 from .schema import UNENFORCEABLE, SchemaError
 from .tool import Tool, tool_from_schema
+from .trusted.wire import ParamSpec
 
 MAX_TEXT_CHARS = 1 << 20  # the most text one MCP result may bring back to the agent
 
@@ -40,11 +42,14 @@ def warden_name(prefix: str, tool: str) -> str:
     return f"{prefix}.{tool}"
 
 
-def to_tools(prefix: str, listed: Iterable[Any], call: Callable[[str, dict[str, Any]], Any]
-             ) -> tuple[dict[str, Tool], dict[str, str]]:
+def to_tools(prefix: str, listed: Iterable[Any], call: Callable[[str, dict[str, Any], Any], Any], *,
+             path_args: Iterable[str] = ()) -> tuple[dict[str, Tool], dict[str, str]]:
     """``listed`` (``mcp.types.Tool``s) as Warden tools named ``PREFIX.TOOL``, and the tools left out with why.
 
-    ``call(mcp_name, arguments)`` runs one call (the tool worker's connection to the server).
+    Each is a sandboxed tool (the worker hands it the agent's sandbox session, in which the
+    server runs); ``call(mcp_name, arguments, ctx)`` runs one call. The string arguments (or
+    arrays of strings) named in ``path_args`` are canonicalised as paths, as ``PATH`` parameters
+    are, so that a policy's ``path_under`` rules apply to them.
     """
     tools: dict[str, Tool] = {}
     skipped: dict[str, str] = {}
@@ -53,25 +58,34 @@ def to_tools(prefix: str, listed: Iterable[Any], call: Callable[[str, dict[str, 
         if name in tools:
             skipped[name] = "listed twice"
             continue
-
-        def fn(_mcp_name: str = t.name, **kwargs: Any) -> Any:
-            return call(_mcp_name, kwargs)
-
         try:
-            tools[name] = tool_from_schema(name, dict(t.input_schema), _keywords(fn), effect=effect_of(t.annotations),
-                                           description=t.description or t.name,
-                                           unenforced=UNENFORCEABLE, output={"integrity": "untrusted"})
+            tools[name] = tool_from_schema(name, dict(t.input_schema), _bound(call, t.name),
+                                           effect=effect_of(t.annotations), description=t.description or t.name,
+                                           sandboxed=True, unenforced=UNENFORCEABLE,
+                                           output={"integrity": "untrusted"})
+            tools[name] = _with_paths(tools[name], set(path_args))
         except (SchemaError, TypeError, ValueError) as exc:
             skipped[name] = str(exc)
     return tools, skipped
 
 
-def _keywords(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` seen by ``tool_from_schema`` as taking any keyword arguments (its first is bound)."""
-    def call(**kwargs: Any) -> Any:
-        return fn(**kwargs)
-    call.__doc__ = fn.__doc__
-    return call
+def _with_paths(t: Tool, names: set[str]) -> Tool:
+    params = {n: _as_path(p) if n in names else p for n, p in t.spec.params.items()}
+    return t if params == t.spec.params else replace(t, spec=replace(t.spec, params=params))
+
+
+def _as_path(p: ParamSpec) -> ParamSpec:
+    if p.type == "string" and p.format is None:
+        return replace(p, format="path")
+    if p.type == "array" and p.items is not None and p.items.type == "string" and p.items.format is None:
+        return replace(p, items=replace(p.items, format="path"))
+    return p
+
+
+def _bound(call: Callable[[str, dict[str, Any], Any], Any], mcp_name: str) -> Callable[..., Any]:
+    def fn(ctx: Any, **kwargs: Any) -> Any:
+        return call(mcp_name, kwargs, ctx)
+    return fn
 
 
 def result_value(result: Any, *, max_text_chars: int = MAX_TEXT_CHARS) -> Any:

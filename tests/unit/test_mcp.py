@@ -80,7 +80,7 @@ def test_the_server_runs_in_a_sandbox_without_network(session: BwrapSession, wor
 
 def test_git_server_tools_become_warden_tools(connect):
     conn = connect(GIT)
-    tools, skipped = to_tools("git", conn.list_tools(), lambda name, args: result_value(conn.call(name, args, 20)))
+    tools, skipped = to_tools("git", conn.list_tools(), lambda name, args, ctx: result_value(conn.call(name, args, 20)))
     assert skipped == {}
     assert tools["git.git_status"].spec.effect == "read"
     assert tools["git.git_log"].spec.effect == "read"
@@ -89,19 +89,19 @@ def test_git_server_tools_become_warden_tools(connect):
     assert all(t.spec.output.integrity == "untrusted" for t in tools.values())
     assert tools["git.git_status"].spec.params["repo_path"].required
     assert tools["git.git_status"].spec.canonical_args({"repo_path": "/workspace/repo"}) == {"repo_path": "/workspace/repo"}
-    assert "nothing to commit" in tools["git.git_status"].fn(repo_path="/workspace/repo")
-    assert "first commit" in tools["git.git_log"].fn(repo_path="/workspace/repo")
+    assert "nothing to commit" in tools["git.git_status"].fn(None, repo_path="/workspace/repo")
+    assert "first commit" in tools["git.git_log"].fn(None, repo_path="/workspace/repo")
 
 
 def test_filesystem_server_is_confined_to_the_workspace(connect, workspace: Path):
     conn = connect(FS)
-    tools, skipped = to_tools("fs", conn.list_tools(), lambda name, args: result_value(conn.call(name, args, 20)))
+    tools, skipped = to_tools("fs", conn.list_tools(), lambda name, args, ctx: result_value(conn.call(name, args, 20)))
     assert skipped == {}
     assert tools["fs.read_text_file"].spec.effect == "read"
     assert tools["fs.write_file"].spec.effect == "delete"  # destructiveHint true
-    assert tools["fs.read_text_file"].fn(path="/workspace/repo/notes.txt") == {"content": "first line\n"}  # structured
+    assert tools["fs.read_text_file"].fn(None, path="/workspace/repo/notes.txt") == {"content": "first line\n"}  # structured
     with pytest.raises(ToolFailed) as err:  # the server refuses a path outside its root
-        tools["fs.read_text_file"].fn(path="/etc/passwd")
+        tools["fs.read_text_file"].fn(None, path="/etc/passwd")
     assert err.value.code == ErrorCode.TOOL_FAILED and "outside allowed directories" in err.value.reason
 
 
@@ -164,6 +164,6 @@ def test_a_schema_warden_cannot_enforce_leaves_the_tool_out():
 
     listed = [McpTool(name="ok", input_schema={"type": "object", "properties": {"a": {"type": "string"}}}),
               McpTool(name="odd", input_schema={"type": "object", "properties": {"a": {"not": {"type": "string"}}}})]
-    tools, skipped = to_tools("p", listed, lambda name, args: None)
+    tools, skipped = to_tools("p", listed, lambda name, args, ctx: None)
     assert set(tools) == {"p.ok"} and set(skipped) == {"p.odd"}
     assert tools["p.ok"].spec.effect == "delete"

@@ -1,0 +1,242 @@
+"""The job file's ``mcp_servers:`` section: declared servers, discovered at job start, run by the tool workers.
+
+    mcp_servers:
+      - name: git                      # unique in the job
+        prefix: git                    # its tools are git.git_status, git.git_log, ...
+        command: [mcp-server-git]      # stdio server: started in the calling agent's bwrap sandbox
+        sandbox: {backend: bwrap, limits: {cpu_s: 60, memory_mb: 512}}
+        network: []                    # host allow-list; none by default (only none is supported yet)
+        env_from: {GITHUB_TOKEN: GIT_TOKEN}   # server env var <- driver env var, for this server only
+        shared: false                  # true: one server per worker, in a workspace of its own
+        path_args: [path]              # arguments canonicalised as paths (policy path_under rules apply)
+
+At job start (``load_job`` and ``warden check``) the driver starts each server once, in an
+empty sandboxed workspace, and lists its tools (``discover``); they become tools of the job
+(``runtime.mcptools``), checked against the policies like any other. The listing, not the
+server, is what the tool workers get: a tool the server adds later is never registered. In
+a worker each call runs through the agent's connection to its own sandboxed server
+(``worker_tools``), started on the first call and restarted after a failure.
+
+Credentials (``env_from``) are read from the driver's environment and go to the tool
+workers, which set them in that server's environment only: they are never in a tool's
+schema, arguments, results, an error's text or the audit log.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ConfigError, ErrorCode, SandboxUnavailable, ToolFailed, WardenError
+from .mcptools import result_value, to_tools
+from .sandbox.base import Limits
+from .sandbox.mcpserver import McpConnection, McpServer
+from .tool import Tool
+
+SERVER_CPU_S = 60.0  # a server lives across calls: RLIMIT_CPU bounds its whole life (then it restarts)
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class McpLimits(_Strict):
+    """The server process's limits (a policy's ``sandbox`` limits bound each call)."""
+
+    cpu_s: float = Field(default=SERVER_CPU_S, gt=0, le=86400)
+    wall_s: float = Field(default=30.0, gt=0, le=3600, description="start-up and listing deadline")
+    memory_mb: int = Field(default=512, ge=16, le=65536)
+    max_pids: int = Field(default=64, ge=1, le=4096)
+    max_output_bytes: int = Field(default=1 << 20, ge=1, le=64 << 20)
+    workspace_mb: int = Field(default=64, ge=1, le=65536)
+
+
+class McpSandbox(_Strict):
+    backend: Literal["bwrap", "gvisor"] = "bwrap"
+    limits: McpLimits = Field(default_factory=McpLimits)
+
+
+class McpServerSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    prefix: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="tools are named PREFIX.TOOL")
+    command: list[str] | None = Field(default=None, min_length=1)
+    url: str | None = None
+    sandbox: McpSandbox = Field(default_factory=McpSandbox)
+    network: list[str] = Field(default_factory=list, description="hosts the server may reach; none by default")
+    env_from: dict[str, str] = Field(default_factory=dict, description="server env var -> driver env var")
+    shared: bool = False
+    path_args: list[str] = Field(default_factory=list, description="arguments canonicalised as paths, in every tool")
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "McpServerSpec":
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"MCP server {self.name!r}: give either command: [...] (stdio) or url: (streamable "
+                             "HTTP), not both or neither")
+        if self.url is not None:
+            raise ValueError(f"MCP server {self.name!r}: url: (streamable HTTP) servers are not supported yet; "
+                             "use a stdio command")
+        if self.sandbox.backend != "bwrap":
+            raise ValueError(f"MCP server {self.name!r}: sandbox backend {self.sandbox.backend!r} is not supported "
+                             "for MCP servers yet (use bwrap)")
+        if self.network:
+            raise ValueError(f"MCP server {self.name!r}: a network allow-list is not supported yet (the server "
+                             "runs without network)")
+        bad = sorted(k for k in [*self.env_from, *self.env_from.values()] if not re.fullmatch(_ENV_NAME, k))
+        if bad:
+            raise ValueError(f"MCP server {self.name!r}: env_from: not environment variable names: {bad}")
+        return self
+
+
+def check_servers(specs: list[McpServerSpec]) -> str | None:
+    """Why a job's servers do not fit together (a name or prefix used twice), or None."""
+    for what, plural in (("name", "names"), ("prefix", "prefixes")):
+        values = [getattr(s, what) for s in specs]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            return f"mcp_servers: {plural} used twice: {twice}"
+    return None
+
+
+def mcp_sandbox_problem(agent: str, policy: Any, mcp_tools: Mapping[str, Tool], specs: list[McpServerSpec]
+                        ) -> str | None:
+    """Why ``policy`` cannot run the MCP tools it names (a per-agent server runs in the agent's bwrap sandbox)."""
+    from .isolation import sandbox_settings
+
+    shared = {s.prefix for s in specs if s.shared}
+    settings = sandbox_settings(policy)
+    wrong = sorted(n for n in policy.tools if n in mcp_tools and n.split(".", 1)[0] not in shared
+                   and settings.get(n, settings["*"])["backend"] != "bwrap")
+    if wrong:
+        return (f"policy of {agent!r}: MCP tools {wrong} run in the agent's bwrap sandbox: give them (or the policy) "
+                "sandbox: {backend: bwrap}")
+    return None
+
+
+def server_of(spec: McpServerSpec, environ: Mapping[str, str]) -> McpServer:
+    """The resolved server; its credentials read from ``environ`` (ConfigError naming the variable, never its value)."""
+    missing = sorted(v for v in spec.env_from.values() if v not in environ)
+    if missing:
+        raise ConfigError(f"MCP server {spec.name!r}: env_from needs environment variables {missing}, which are "
+                          "not set", code=ErrorCode.JOB_INVALID)
+    limits = Limits(**spec.sandbox.limits.model_dump())
+    return McpServer(spec.name, spec.prefix, tuple(spec.command or ()), backend=spec.sandbox.backend, limits=limits,
+                     env=tuple(sorted((k, environ[v]) for k, v in spec.env_from.items())), shared=spec.shared)
+
+
+_LISTINGS: dict[McpServer, list[dict[str, Any]]] = {}  # one discovery per server per process (check, then load)
+_LISTING_LOCK = threading.Lock()
+
+
+def discover(server: McpServer) -> list[dict[str, Any]]:
+    """The server's ``tools/list``, as plain data: started once, in an empty sandboxed workspace."""
+    from .sandbox.bwrap import BwrapBackend
+
+    with _LISTING_LOCK:
+        if server in _LISTINGS:
+            return _LISTINGS[server]
+        with tempfile.TemporaryDirectory(prefix="warden-mcp-") as d:
+            session = BwrapBackend().open(Path(d), workspace_mb=server.limits.workspace_mb, key=f"mcp:{server.name}")
+            conn = McpConnection(server, session)
+            try:
+                listed = conn.list_tools(timeout_s=server.limits.wall_s)
+            except WardenError as exc:
+                raise ConfigError(f"MCP server {server.name!r}: cannot list its tools: {exc.code.value}: "
+                                  f"{exc.reason}", code=ErrorCode.JOB_INVALID) from None
+            finally:
+                conn.close()
+                session.close()
+        _LISTINGS[server] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed]
+        return _LISTINGS[server]
+
+
+def _listed(listing: list[dict[str, Any]]) -> list[Any]:
+    from mcp.types import Tool as McpTool
+
+    return [McpTool.model_validate(t) for t in listing]
+
+
+def _driver_side(name: str, args: dict[str, Any], ctx: Any) -> Any:
+    raise ToolFailed("an MCP tool runs in a tool worker, never in the driver", code=ErrorCode.INTERNAL)
+
+
+def job_tools(specs: list[McpServerSpec], environ: Mapping[str, str]
+              ) -> tuple[dict[str, Tool], list[dict[str, Any]], dict[str, str]]:
+    """The servers' tools for the supervisor and the policies, what the workers need to run them
+    (``worker_tools``), and the tools left out with why (a schema Warden cannot enforce)."""
+    problem = check_servers(specs)
+    if problem:
+        raise ConfigError(problem, code=ErrorCode.JOB_INVALID)
+    tools: dict[str, Tool] = {}
+    entries: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for spec in specs:
+        server = server_of(spec, environ)
+        listing = discover(server)
+        found, left_out = to_tools(server.prefix, _listed(listing), _driver_side, path_args=spec.path_args)
+        tools.update(found)
+        skipped.update(left_out)
+        entries.append({"server": _server_data(server), "tools": listing, "path_args": list(spec.path_args)})
+    return tools, entries, skipped
+
+
+def _server_data(server: McpServer) -> dict[str, Any]:
+    return {"name": server.name, "prefix": server.prefix, "command": list(server.command), "backend": server.backend,
+            "limits": vars(server.limits), "env": dict(server.env), "shared": server.shared}
+
+
+class Connections:
+    """A worker's live servers: one per (server, agent session), or one per server if ``shared``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: dict[tuple[str, int], McpConnection] = {}
+        self._shared_sessions: dict[str, Any] = {}
+
+    def get(self, server: McpServer, handle: Any) -> McpConnection:
+        from .sandbox.bwrap import BwrapBackend, BwrapSession
+
+        with self._lock:
+            if server.shared:
+                session = self._shared_sessions.get(server.name)
+                if session is None:
+                    ws = Path(tempfile.mkdtemp(prefix="warden-mcp-shared-"))
+                    session = BwrapBackend().open(ws, workspace_mb=server.limits.workspace_mb,
+                                                  key=f"mcp:{server.name}")
+                    self._shared_sessions[server.name] = session
+            else:
+                session = getattr(handle, "session", None)
+                if not isinstance(session, BwrapSession):
+                    raise SandboxUnavailable(f"MCP server {server.name!r} runs in the agent's bwrap sandbox: give "
+                                             f"its tools sandbox: {{backend: bwrap}} in the policy",
+                                             code=ErrorCode.SANDBOX_UNAVAILABLE)
+            key = (server.name, id(session))
+            conn = self._conns.get(key)
+            if conn is None:
+                conn = self._conns[key] = McpConnection(server, session)
+            return conn
+
+
+def worker_tools(entries: list[dict[str, Any]]) -> dict[str, Tool]:
+    """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start)."""
+    conns = Connections()
+    tools: dict[str, Tool] = {}
+    for entry in entries:
+        d = entry["server"]
+        server = McpServer(d["name"], d["prefix"], tuple(d["command"]), backend=d["backend"],
+                           limits=Limits(**d["limits"]), env=tuple(sorted(d["env"].items())), shared=d["shared"])
+
+        def call(name: str, args: dict[str, Any], ctx: Any, _server: McpServer = server) -> Any:
+            handle = ctx.sandbox
+            conn = conns.get(_server, handle)
+            result = conn.call(name, args, handle.limits.wall_s)
+            return result_value(result, max_text_chars=handle.limits.max_output_bytes)
+
+        found, _ = to_tools(server.prefix, _listed(entry["tools"]), call, path_args=entry["path_args"])
+        tools.update(found)
+    return tools

@@ -1,0 +1,109 @@
+"""The job file's ``mcp_servers:`` section: validated completely, the real servers listed at load (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import ConfigError, ErrorCode
+from runtime.job import load_job
+from runtime.jobcheck import check_job
+from runtime.mcpjob import McpServerSpec, server_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+JOB = """name: j
+task: t
+entry: [a]
+tools: [agents.chat]
+mcp_servers:
+  - name: git
+    prefix: git
+    command: [mcp-server-git]
+    sandbox: {backend: bwrap, limits: {cpu_s: 30}}
+  - name: files
+    prefix: files
+    command: [mcp-server-filesystem, /workspace]
+    path_args: [path, paths, source, destination]
+agents:
+  - {name: a, class: "agents.demo:LeadAgent", policy: p.yaml}
+"""
+
+POLICY = """agent: a
+tools:
+  git.git_status: {effect: read}
+  git.git_log: {effect: read}
+  files.read_text_file:
+    effect: read
+    args:
+      path: {path_under: /workspace}
+sandbox: {backend: bwrap}
+"""
+
+
+@pytest.fixture(autouse=True)
+def project_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def write(tmp_path: Path, job: str = JOB, policy: str = POLICY) -> Path:
+    (tmp_path / "p.yaml").write_text(policy)
+    (tmp_path / "job.yaml").write_text(job)
+    return tmp_path / "job.yaml"
+
+
+def test_a_job_with_two_real_servers_loads_their_tools(tmp_path):
+    job = load_job(write(tmp_path))
+    assert job.tools["git.git_status"].spec.effect == "read"
+    assert job.tools["git.git_reset"].spec.effect == "delete"
+    assert job.tools["files.write_file"].spec.effect == "delete"
+    assert job.tools["files.read_text_file"].spec.sandboxed
+    assert job.tools["files.read_text_file"].spec.params["path"].format == "path"
+    assert job.tools["files.read_multiple_files"].spec.params["paths"].items.format == "path"
+    assert job.tools["git.git_status"].spec.params["repo_path"].format is None  # not named in path_args
+    assert [e["server"]["name"] for e in job.mcp] == ["git", "files"]
+    assert check_job(tmp_path / "job.yaml") == []
+
+
+@pytest.mark.parametrize("policy, message", [
+    (POLICY.replace("git.git_log: {effect: read}", "git.git_reset: {effect: write}"),
+     "tool 'git.git_reset' has effect 'delete', policy says 'write'"),  # the policy cannot call it less than it is
+    (POLICY.replace("git.git_log", "git.git_push"), "names tool 'git.git_push', which"),  # not listed at start
+    (POLICY.replace("sandbox: {backend: bwrap}\n", ""), "run in the agent's bwrap sandbox"),
+])
+def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, policy=policy))
+    assert err.value.code == ErrorCode.JOB_INVALID and message in err.value.reason
+
+
+@pytest.mark.parametrize("change, message", [
+    (("command: [mcp-server-git]", "comand: [mcp-server-git]"), "did you mean 'command'?"),
+    (("command: [mcp-server-git]", "url: http://localhost:9/mcp"), "not supported yet"),
+    (("command: [mcp-server-git]", "command: [mcp-server-git]\n    url: http://h/mcp"), "not both or neither"),
+    (("backend: bwrap, limits", "backend: gvisor, limits"), "backend 'gvisor' is not supported"),
+    (("cpu_s: 30", "cpu: 30"), "did you mean 'cpu_s'?"),
+    (("prefix: files", "prefix: git"), "prefixes used twice: ['git']"),
+    (("prefix: git", "prefix: Git.x"), "should match pattern"),
+    (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    network: [github.com]"),
+     "network allow-list is not supported yet"),
+    (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    env_from: {TOKEN: WARDEN_TEST_UNSET_VAR}"),
+     "WARDEN_TEST_UNSET_VAR"),
+    (("command: [mcp-server-git]", "command: [no-such-mcp-server]"), "cannot list its tools"),
+])
+def test_bad_server_entries_are_refused_with_the_reason(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, JOB.replace(*change)))
+    assert err.value.code == ErrorCode.JOB_INVALID and message in err.value.reason
+
+
+def test_credentials_come_from_the_driver_env_and_show_nowhere(tmp_path):
+    spec = McpServerSpec(name="git", prefix="git", command=["mcp-server-git"], env_from={"GIT_TOKEN": "MY_TOKEN"})
+    server = server_of(spec, {"MY_TOKEN": "s3cret-value"})
+    assert dict(server.env) == {"GIT_TOKEN": "s3cret-value"}
+    assert "s3cret" not in repr(server)
+    with pytest.raises(ConfigError) as err:
+        server_of(spec, {})
+    assert "MY_TOKEN" in err.value.reason and "s3cret" not in err.value.reason
