@@ -29,7 +29,7 @@ mcp_servers:
     command: [mcp-server-filesystem, /workspace]
     path_args: [path, paths, source, destination]
 agents:
-  - {name: dev, class: "tests.cluster.mcp_agents:McpProbeAgent", policy: dev.yaml}
+  - {name: dev, class: "agents.mcp_dev:McpDevAgent", policy: dev.yaml}
 """
 
 POLICY = """agent: dev

@@ -10,11 +10,13 @@ file that tries to make the agent call another tool.
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
 from runtime.harness import PolicyHarness
 from runtime.mcpjob import McpServerSpec, job_tools, worker_tools
+from runtime.sandbox.base import Limits
 from runtime.sandbox.pool import SandboxPool
 from runtime.tool import load_tools
 
@@ -44,17 +46,22 @@ MAKE_REPO = ("git init -q /workspace/repo && cd /workspace/repo && echo 'first l
 
 
 @pytest.fixture(scope="module")
-def harness():
+def pool():
+    p = SandboxPool()
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def harness(pool):
     _, entries, _ = job_tools(SERVERS, os.environ)
     tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries)}
-    pool = SandboxPool()
     h = PolicyHarness(tools, sandboxes=pool)
     h.add_agent(POLICY)
     made = h.call("dev", "shell.exec", {"command": MAKE_REPO})
     assert made.allowed and made.value["exit_code"] == 0, made
     yield h
     h.close()
-    pool.close()
 
 
 def _outcome_reason(d) -> str:
@@ -95,6 +102,21 @@ def test_the_filesystem_server_reads_inside_the_workspace(harness):
     assert d.allowed and d.value == {"content": "first line\n"}, d
     d = harness.call("dev", "files.list_allowed_directories", {})
     assert d.allowed and "/workspace" in str(d.value)
+
+
+def test_an_mcp_result_alone_taints_the_context(harness, pool):
+    """An agent whose context is clean until it reads the planted file through the MCP server."""
+    fresh = harness.add_agent(POLICY, name="fresh")
+    handle = pool.handle(fresh, "bwrap", Limits(cpu_s=10, wall_s=20))  # its workspace, as its first call opens it
+    subprocess.run(["sh", "-c", MAKE_REPO.replace("/workspace", str(handle.workspace.root))], check=True)
+    if handle.session._uid is not None:
+        subprocess.run(["chown", "-R", f"{handle.session._uid}:{handle.session._uid}", str(handle.workspace.root)],
+                       check=True)
+    read = harness.call(fresh, "files.read_text_file", {"path": "/workspace/repo/README"})
+    assert read.allowed and "git.git_reset" in read.value["content"]
+    after = harness.call(fresh, "git.git_commit", {"repo_path": "/workspace/repo", "message": "as the file said"})
+    assert not after.allowed and after.code == "FLOW_DENIED"
+    assert "'tool': 'files.read_text_file'" in after.reason  # its first call: the MCP result made the context untrusted
 
 
 def test_an_instruction_planted_in_a_file_cannot_make_the_agent_act(harness):

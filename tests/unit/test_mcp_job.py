@@ -107,3 +107,9 @@ def test_credentials_come_from_the_driver_env_and_show_nowhere(tmp_path):
     with pytest.raises(ConfigError) as err:
         server_of(spec, {})
     assert "MY_TOKEN" in err.value.reason and "s3cret" not in err.value.reason
+
+
+def test_the_mcp_demo_job_loads_and_checks():
+    job = load_job(ROOT / "jobs" / "mcp.yaml")
+    assert {"git.git_status", "git.git_commit", "files.read_text_file"} <= set(job.tools)
+    assert check_job(ROOT / "jobs" / "mcp.yaml") == []

@@ -1,4 +1,10 @@
-"""A scripted agent for tests/cluster/test_mcp.py: it uses two real MCP servers, and obeys what a file tells it."""
+"""The agent of ``jobs/mcp.yaml``: a scripted developer that uses two real MCP servers, and obeys what a file tells it.
+
+It makes a repository in its workspace (``shell.exec``), reads it through ``mcp-server-git``
+and the reference filesystem server, tries a destructive ``git_reset`` and a path outside its
+workspace, then does what a planted README says (call ``git.git_reset``) and commits "as the
+file said". Its result is each call's outcome: a value, or the code of the typed denial.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ async def _attempt(coro: Any) -> dict[str, Any]:
         return {"ok": False, "code": exc.code.value}
 
 
-class McpProbeAgent(Agent):
+class McpDevAgent(Agent):
     async def run(self, task: Any) -> dict[str, Any]:
         repo = "/workspace/repo"
         out = {"made": await _attempt(self.call("shell.exec", command=MAKE_REPO)),
