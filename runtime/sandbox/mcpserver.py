@@ -1,7 +1,8 @@
 """An MCP server run as a tool provider: its process inside a sandbox, spoken to with the ``mcp`` SDK.
 
-    job file ``mcp_servers:`` entry -> McpServer (command, limits, binds, credentials)
-        -> sandboxed_argv(): setpriv -> prlimit -> bwrap --unshare-all ... -> the server's command
+    job file ``mcp_servers:`` entry -> McpServer (command, limits, credentials)
+        -> sandboxed_argv(server, the agent's BwrapSession): bwrap ... -> the server's command
+           (as root: bwrap -> setpriv to the session's uid -> prlimit -> env -C /workspace -> server)
         -> mcp.client.stdio.stdio_client(StdioServerParameters(that argv)) -> mcp.ClientSession
 
 The SDK starts the *sandbox* as its child and speaks JSON-RPC over its stdin/stdout, so the
@@ -10,14 +11,15 @@ network, a read-only ``/usr``, the agent's workspace at ``/workspace``, an empty
 environment, rlimits, and an unprivileged uid when the worker runs as root. Besides the
 system binds it sees, read-only, only the directories its program lives in (the Python
 prefixes for a Python server, the project's ``mcp-servers/`` for an npm one). Its
-credentials (``env_from``) are set in its environment only: they are never part of a tool's
-arguments, results or errors.
+credentials (``env_from``) are set in its environment only: Warden never puts them in a
+tool's arguments or errors, and the server's stderr is discarded.
 
 The server is untrusted like any tool: what it says about its tools (names, schemas,
 annotations) is turned into Warden tools by ``runtime.mcptools``, where the policy decides;
 nothing here decides anything. A server that hangs past a call's deadline or dies is closed
-(the SDK kills the sandbox's process group; bwrap's ``--die-with-parent`` takes the rest)
-and started again on the next call.
+and started again on the next call. The sandbox is not started ``--as-pid-1`` (as a call's is):
+bwrap's own init is the namespace's pid 1, and killing bwrap (the SDK does, on close) ends the
+namespace and every process in it, the server included, whatever it does with its input.
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
     so it can bind the server's program from wherever root installed it (a venv under a 0700
     home), and the command is ``setpriv`` (to the session's uid, every capability and the
     bounding set dropped, no new privileges) -> ``prlimit`` -> ``env -C /workspace`` -> server;
-    bwrap keeps only CAP_SETUID, CAP_SETGID and CAP_SETPCAP for that first ``setpriv``.
+    bwrap keeps only CAP_SETUID, CAP_SETGID and CAP_SETPCAP for that first ``setpriv``. The
+    kernel clears the parent-death signal (``--die-with-parent``) when the uid changes, so
+    ``setpriv`` sets it again: the server is killed with its sandbox, even if it ignores the
+    end of its input.
     """
     if server.backend != "bwrap":
         raise SandboxUnavailable(f"MCP server {server.name}: backend {server.backend!r} is not supported for "
@@ -130,7 +135,7 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
     for k, v in server_env(server).items():
         mounts += ["--setenv", k, v]
     command = resolve_command(server.command)
-    common = ["--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox"]
+    common = ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
     if uid is None:
         return [session._prlimit, *rlimits, "--", session._bwrap, "--unshare-all", *common, "--cap-drop", "ALL",
                 *mounts, "--chdir", WORKSPACE, "--", *command]
@@ -138,7 +143,8 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
             "--unshare-cgroup-try", *common, "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add",
             "CAP_SETGID", "--cap-add", "CAP_SETPCAP", *mounts, "--chdir", "/", "--",
             session._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--no-new-privs", "--", session._prlimit, *rlimits, "--",
+            "--bounding-set=-all", "--no-new-privs", "--pdeathsig", "SIGKILL",  # the uid switch clears bwrap's
+            "--", session._prlimit, *rlimits, "--",
             "/usr/bin/env", "-C", WORKSPACE, *command]
 
 
@@ -219,8 +225,9 @@ class McpConnection:
                                     "stopped, restarted on the next call", code=ErrorCode.SANDBOX_TIMEOUT) from None
             except Exception as exc:
                 from mcp import MCPError
+                from mcp.types import CONNECTION_CLOSED
 
-                if isinstance(exc, MCPError):  # the server answered with a protocol error: it is alive
+                if isinstance(exc, MCPError) and exc.code != CONNECTION_CLOSED:  # the server answered: it is alive
                     raise ToolFailed(f"{what}: {exc}"[:500], code=ErrorCode.TOOL_FAILED) from None
                 self.reset()
                 raise ToolFailed(f"MCP server {self.server.name}: {what} failed ({type(exc).__name__}); "

@@ -7,7 +7,10 @@ No fakes: what is tested is the listing those servers really give, through the s
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,46 @@ def test_a_schema_warden_cannot_enforce_leaves_the_tool_out():
     tools, skipped = to_tools("p", listed, lambda name, args, ctx: None)
     assert set(tools) == {"p.ok"} and set(skipped) == {"p.odd"}
     assert tools["p.ok"].spec.effect == "delete"
+
+
+def _sandboxes_of(workspace: Path) -> list[int]:
+    """The bwrap processes this process started whose command line binds ``workspace`` (a test's own directory)."""
+    pids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmdline[0].endswith(b"bwrap") and str(workspace).encode() in cmdline and ppid == os.getpid():
+            pids.append(int(p))
+    return pids
+
+
+def _processes_of(uid: int) -> list[int]:
+    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if _owner(p) == uid]
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def test_a_killed_server_is_started_again_on_the_next_call(connect, workspace: Path, session: BwrapSession):
+    conn = connect(FS)
+    assert conn.list_tools()
+    [pid] = _sandboxes_of(workspace)
+    before = _processes_of(session._uid) if session._uid is not None else []
+    os.kill(pid, signal.SIGKILL)  # the sandbox and, with it (--die-with-parent), the server
+    if session._uid is not None:  # the server, under the agent's uid, went with its sandbox
+        deadline = time.monotonic() + 5
+        while set(before) & set(_processes_of(session._uid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not set(before) & set(_processes_of(session._uid))
+    with pytest.raises(ToolFailed) as err:  # the call that finds it dead
+        conn.call("list_allowed_directories", {}, 20)
+    assert err.value.code == ErrorCode.WORKER_UNAVAILABLE
+    assert result_value(conn.call("list_allowed_directories", {}, 20)) == {"content": "Allowed directories:\n/workspace"}
+    assert _sandboxes_of(workspace) not in ([], [pid])  # a new sandbox
