@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-$(MCP_DIR)/.installed: Makefile
+$(MCP_DIR)/.installed: Makefile  ## the npm MCP server the tests use (node and npm: apt-get install nodejs npm)
+	@command -v npm >/dev/null || { echo "npm is missing: run  sudo apt-get install -y nodejs npm" >&2; exit 1; }
 	npm install --silent --no-audit --no-fund --prefix $(MCP_DIR) $(MCP_NPM)
 	touch $@
 
