@@ -241,16 +241,16 @@ async def _start_async(path: str | Path, *, agent: str, address: str | None, run
     from .job import LOCAL_ADDRESS, ensure_ray, run_loaded
 
     job, address = _prepare(path, agent=agent, address=address)
+    progress("connecting to Ray at " + address if address and address != LOCAL_ADDRESS
+             else "starting a private local Ray (--address or RAY_ADDRESS to use a cluster)")
+    ensure_ray(address, job.spec.placement)
     # SIGINT/SIGTERM stop the serving, once; the teardown that follows (the audit log closed and
-    # verified) is not interrupted by a second one.
+    # verified) is not interrupted by a second one. Installed after Ray's driver set its own.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        progress("connecting to Ray at " + address if address and address != LOCAL_ADDRESS
-                 else "starting a private local Ray (--address or RAY_ADDRESS to use a cluster)")
-        ensure_ray(address, job.spec.placement)
         tools = [job.tools[t] for t in sorted(job.policies[agent].tools)]
 
         async def gateway(call: Call, run_dir: Path) -> dict[str, Any]:

@@ -77,6 +77,8 @@ def test_gateway_over_stdio(ray_instance, runs_dir):
     check_calls(*asyncio.run(main()))
     (run_dir,) = [p.parent for p in runs_dir.glob("*/audit.log")]
     check_audit(run_dir)
+    stderr = (runs_dir / "gateway.stderr").read_text()
+    assert "gateway stopped; audit log" in stderr and "chain verified" in stderr, stderr[-3000:]
 
 
 class Gateway:
