@@ -54,12 +54,13 @@ def check_calls(names: list[str], allowed, denied) -> None:
     assert denied.structured_content == {"error": {"code": "POLICY_DENIED", "tool": "chat.delete_message"}}
 
 
-def check_audit(run_dir: Path) -> None:
+def check_audit(run_dir: Path, revoked: bool = False) -> None:
     log = run_dir / "audit.log"
     assert auditlog.verify(log).ok
     decisions = [r for r in auditlog.read_records(log) if r["kind"] == "decision"]
     assert [(r["tool"], r["decision"]) for r in decisions] == [("chat.read", "allow"),
-                                                              ("chat.delete_message", "deny")]
+                                                              ("chat.delete_message", "deny")] + (
+        [("chat.read", "deny")] if revoked else [])
     assert all(r["agent"] == "moderator" for r in decisions)
     assert decisions[1]["code"] == "POLICY_DENIED" and "general" in decisions[1]["reason"]
 
@@ -139,9 +140,25 @@ def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
                         return await allowed_and_denied(session)
 
         check_calls(*asyncio.run(with_token()))
+
+        # The operator revokes the agent: the gateway's next call is refused, as the agent's would be.
+        revoke = subprocess.run([sys.executable, "-m", "runtime.cli", "revoke", "--agent", "moderator", "--as", "ops",
+                                 "--run", str(info_path.parent)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert revoke.returncode == 0, revoke.stderr
+
+        async def after_revoke():
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"},
+                                          timeout=60) as http:
+                async with streamable_http_client(info["url"], http_client=http) as (read, write):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        return await session.call_tool("chat.read", {"channel": "random"})
+
+        revoked = asyncio.run(after_revoke())
+        assert revoked.is_error and revoked.content[0].text.startswith("TOKEN_REVOKED")
     finally:
         rc = gw.stop()
     out = "".join(gw.lines)
     assert rc == 0, out[-3000:]
     assert "chain verified" in out
-    check_audit(info_path.parent)
+    check_audit(info_path.parent, revoked=True)

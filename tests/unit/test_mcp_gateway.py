@@ -14,7 +14,7 @@ from mcp import Client  # noqa: E402
 
 from runtime import PolicyHarness  # noqa: E402
 from runtime.auditlog import read_records  # noqa: E402
-from runtime.errors import PolicyDenied, ToolFailed  # noqa: E402
+from runtime.errors import ErrorCode, PolicyDenied, QuotaExceeded, ToolFailed  # noqa: E402
 from runtime.mcpgateway import Gateway, error_result, mcp_tools, value_result  # noqa: E402
 from runtime.tool import tool  # noqa: E402
 
@@ -168,4 +168,7 @@ def test_mapping_without_a_server():
     f = error_result(ToolFailed("boom", tool="x.y"))
     assert f.content[0].text == "TOOL_FAILED (tool x.y): boom"
     assert error_result(RuntimeError("internal detail")).content[0].text == "INTERNAL"
+    r = error_result(QuotaExceeded("rate 1/s", code=ErrorCode.RATE_LIMITED, tool="x.y", retry_after_s=0.5))
+    assert r.content[0].text == "RATE_LIMITED (tool x.y); retry after 0.5s"
+    assert r.structured_content["error"]["retry_after_s"] == 0.5
     assert mcp_tools([]) == []
