@@ -172,3 +172,17 @@ def test_mapping_without_a_server():
     assert r.content[0].text == "RATE_LIMITED (tool x.y); retry after 0.5s"
     assert r.structured_content["error"]["retry_after_s"] == 0.5
     assert mcp_tools([]) == []
+
+
+def test_bad_arguments_reach_the_supervisor_and_are_audited(harness):
+    """The SDK does not filter arguments against the listed schema: the supervisor checks them, on record."""
+
+    async def calls(client):
+        return [await client.call_tool("notes.read", {"colour": "x"}),
+                await client.call_tool("notes.read", {"folder": 3})]
+
+    unknown, mistyped = run(harness, calls)
+    assert unknown.is_error and unknown.content[0].text == "MALFORMED (tool notes.read): unknown arguments ['colour']"
+    assert mistyped.is_error and mistyped.content[0].text.startswith("MALFORMED")
+    codes = [r.get("code") for r in read_records(harness.audit_path) if r["kind"] == "decision"]
+    assert codes == ["MALFORMED", "MALFORMED"]
