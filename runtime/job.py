@@ -620,7 +620,7 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
             await asyncio.wait(runs.values())
         results, errors, failures = {}, {}, {}
         for name, fut in runs.items():
-            if fut.done() and fut.exception() is None and name not in quarantined:
+            if fut.done() and not fut.cancelled() and fut.exception() is None and name not in quarantined:
                 results[name] = fut.result()
             else:
                 failures[name], errors[name] = _failure(fut, quarantined.get(name), spec.timeout_s)

@@ -154,17 +154,22 @@ async def serve_http(server: Server[Any], *, token: str, host: str, port: int, s
 
             return contextlib.nullcontext()
 
-    http = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+    http = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                                  timeout_graceful_shutdown=5))
     task = asyncio.ensure_future(http.serve(sockets=[sock]))
-    while not http.started and not task.done():
-        await asyncio.sleep(0.05)
-    if http.started:
-        ready(f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{bound}/mcp")
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
-    http.should_exit = True
-    stopped.cancel()
-    await task
+    try:
+        while not http.started and not task.done():
+            await asyncio.sleep(0.05)  # uvicorn sets a flag, it has no event to await
+        if http.started:
+            ready(f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{bound}/mcp")
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # stopped, or cancelled (the agent was quarantined): close the server either way
+        http.should_exit = True
+        stopped.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sock.close()
+    task.result()  # a server that failed to start says why
 
 
 # ------------------------------------------------------------------------------ the job
@@ -188,12 +193,13 @@ async def _serve_until_stopped(gateway: Gateway, *, transport: str, host: str, p
     progress(f"MCP gateway for agent {gateway.agent!r} on stdio; it stops when the client closes, or on SIGTERM")
     run = asyncio.ensure_future(server.run(read, write, server.create_initialization_options()))
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([run, stopped], return_when=asyncio.FIRST_COMPLETED)
-    why = "signal" if stop.is_set() else "client closed"
-    for f in (run, stopped):
-        f.cancel()
-    await asyncio.gather(run, stopped, return_exceptions=True)
-    return {"transport": "stdio", "stopped": why}
+    try:
+        await asyncio.wait([run, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # stopped, or cancelled (the agent was quarantined)
+        for f in (run, stopped):
+            f.cancel()
+        await asyncio.gather(run, stopped, return_exceptions=True)
+    return {"transport": "stdio", "stopped": "signal" if stop.is_set() else "client closed"}
 
 
 def serve_job(path: str | Path, *, agent: str, transport: str = "stdio", host: str = "127.0.0.1", port: int = 0,

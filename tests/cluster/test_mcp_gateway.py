@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).resolve().parent / "jobs" / "mcp-gateway.yaml"
 
 
-def command(runs_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "runtime.cli", "mcp", "serve", str(JOB), "--agent", "moderator", "--runs-dir", str(runs_dir),
-            *extra]
+def command(runs_dir: Path, *extra: str, job: Path = JOB, agent: str = "moderator") -> list[str]:
+    return ["-m", "runtime.cli", "mcp", "serve", str(job), "--agent", agent, "--runs-dir", str(runs_dir), *extra]
 
 
 def env(address: str) -> dict[str, str]:
@@ -85,8 +84,8 @@ def test_gateway_over_stdio(ray_instance, runs_dir):
 class Gateway:
     """`warden mcp serve --transport http` in its own process; its stderr read as it comes."""
 
-    def __init__(self, address: str, runs_dir: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, *command(runs_dir, "--transport", "http")], cwd=ROOT,
+    def __init__(self, address: str, runs_dir: Path, **which: object) -> None:
+        self.proc = subprocess.Popen([sys.executable, *command(runs_dir, "--transport", "http", **which)], cwd=ROOT,
                                      env={**os.environ, **env(address)}, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -162,3 +161,41 @@ def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
     assert rc == 0, out[-3000:]
     assert "chain verified" in out
     check_audit(info_path.parent, revoked=True)
+
+
+def test_gateway_closes_when_its_agent_is_quarantined(ray_instance, runs_dir):
+    """Three refused calls from the client: the agent's anomaly rule quarantines it, and the gateway,
+    not a signal, ends the job (exit 1, the quarantine on record, the log verified)."""
+    gw = Gateway(ray_instance.address, runs_dir, job=JOB.with_name("mcp-gateway-quarantine.yaml"), agent="watcher")
+    results = []
+    try:
+        assert gw.ready.wait(timeout=180) and gw.proc.poll() is None, "".join(gw.lines)[-3000:]
+        (info_path,) = runs_dir.glob("*/mcp-gateway.json")
+        info = json.loads(info_path.read_text())
+
+        async def probe():
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"},
+                                          timeout=60) as http:
+                async with streamable_http_client(info["url"], http_client=http) as (read, write):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        for _ in range(3):
+                            results.append(await session.call_tool("chat.read", {"channel": "general"}))
+
+        try:
+            asyncio.run(asyncio.wait_for(probe(), 60))
+        except BaseException:  # the gateway may close under the client once the third refusal quarantined it
+            pass
+        rc = gw.proc.wait(timeout=120)  # no signal: the quarantine ends it
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()
+    gw.reader.join(timeout=10)
+    out = "".join(gw.lines)
+    assert len(results) >= 2 and all(r.is_error for r in results)
+    assert results[0].content[0].text.startswith("POLICY_DENIED")
+    assert rc == 1, out[-3000:]
+    assert "QUARANTINE: agent 'watcher'" in out and "chain verified" in out, out[-3000:]
+    records = auditlog.read_records(info_path.parent / "audit.log")
+    assert [r for r in records if r["kind"] == "quarantine" and r["agent"] == "watcher"]
+    assert auditlog.verify(info_path.parent / "audit.log").ok
