@@ -6,6 +6,7 @@ is closed and verified when the gateway stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -29,6 +31,15 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).resolve().parent / "jobs" / "mcp-gateway.yaml"
 
+
+
+@contextlib.asynccontextmanager
+async def http_session(info: dict) -> AsyncIterator[ClientSession]:
+    """An MCP session with the gateway over streamable HTTP, with the bearer token from its run directory."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"}, timeout=60) as http:
+        async with streamable_http_client(info["url"], http_client=http) as (read, write):
+            async with ClientSession(read, write) as session:
+                yield session
 
 def command(runs_dir: Path, *extra: str, job: Path = JOB, agent: str = "moderator") -> list[str]:
     return ["-m", "runtime.cli", "mcp", "serve", str(job), "--agent", agent, "--runs-dir", str(runs_dir), *extra]
@@ -132,11 +143,8 @@ def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
             asyncio.run(asyncio.wait_for(without_token(), 60))
 
         async def with_token():
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"},
-                                          timeout=60) as http:
-                async with streamable_http_client(info["url"], http_client=http) as (read, write):
-                    async with ClientSession(read, write) as session:
-                        return await allowed_and_denied(session)
+            async with http_session(info) as session:
+                return await allowed_and_denied(session)
 
         check_calls(*asyncio.run(with_token()))
 
@@ -146,12 +154,9 @@ def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
         assert revoke.returncode == 0, revoke.stderr
 
         async def after_revoke():
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"},
-                                          timeout=60) as http:
-                async with streamable_http_client(info["url"], http_client=http) as (read, write):
-                    async with ClientSession(read, write) as session:
-                        await session.initialize()
-                        return await session.call_tool("chat.read", {"channel": "random"})
+            async with http_session(info) as session:
+                await session.initialize()
+                return await session.call_tool("chat.read", {"channel": "random"})
 
         revoked = asyncio.run(after_revoke())
         assert revoked.is_error and revoked.content[0].text.startswith("TOKEN_REVOKED")
@@ -174,13 +179,10 @@ def test_gateway_closes_when_its_agent_is_quarantined(ray_instance, runs_dir):
         info = json.loads(info_path.read_text())
 
         async def probe():
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"},
-                                          timeout=60) as http:
-                async with streamable_http_client(info["url"], http_client=http) as (read, write):
-                    async with ClientSession(read, write) as session:
-                        await session.initialize()
-                        for _ in range(3):
-                            results.append(await session.call_tool("chat.read", {"channel": "general"}))
+            async with http_session(info) as session:
+                await session.initialize()
+                for _ in range(3):
+                    results.append(await session.call_tool("chat.read", {"channel": "general"}))
 
         try:
             asyncio.run(asyncio.wait_for(probe(), 60))
