@@ -134,6 +134,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAIL
 
 
+def cmd_mcp_serve(args: argparse.Namespace) -> int:
+    from .mcpgateway import serve_job
+
+    def progress(msg: str) -> None:  # stderr always: on stdio, stdout is the MCP wire
+        if not args.quiet:
+            print(f"[warden] {msg}", file=sys.stderr, flush=True)
+
+    result = serve_job(args.job, agent=args.agent, transport=args.transport, host=args.host, port=args.port,
+                       address=args.address, runs_dir=args.runs_dir, progress=progress)
+    totals = {"allowed": 0, "denied": 0}
+    for s in result.stats:
+        totals["allowed" if s["result"] == "allow" else "denied"] += s["count"]
+    chain = "chain verified" if result.audit_ok else f"CHAIN BROKEN: {result.audit_problem}"
+    out = sys.stderr
+    print(f"\nWarden MCP gateway {result.job} ({result.job_id}) as agent {args.agent!r}: "
+          f"{'ok' if result.ok else 'FAILED'} after {result.seconds:.1f}s", file=out)
+    print(f"{totals['allowed']} allowed, {totals['denied']} denied or failed", file=out)
+    for name, err in result.errors.items():
+        print(f"{name} FAILED: {err}", file=out)
+    print(f"audit log: {result.audit_log} ({result.audit_records} records, {chain})", file=out)
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
 # ------------------------------------------------------------------------- policy
 
 
@@ -668,6 +691,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     run.add_argument("--dry-run", action="store_true", help="only check the job (as 'warden job check'), start nothing")
     run.set_defaults(fn=cmd_run)
+    mcp = sub.add_parser("mcp", help="serve an agent's tools to MCP clients, governed by Warden").add_subparsers(
+        dest="mcp_command", required=True, metavar="SUBCOMMAND")
+    ms = mcp.add_parser("serve", help="start the job's control plane and serve one agent's tools over MCP",
+                        description=(
+        "Start the job as 'warden run' does (tool workers, supervisor shards, audit log, operator API), but "
+        "instead of running agent AGENT's class, serve the tools AGENT's policy allows as an MCP server (with "
+        "their JSON Schemas). Every tools/call is made as AGENT (its token and request key stay in this "
+        "process, never with the client): decided, quota'd, flow-checked, parked for approval and audited "
+        "as the agent's own call would be. A refusal is an MCP tool error that starts with its Warden code "
+        "(POLICY_DENIED, FLOW_DENIED, ...). stdio (default): the client starts this command and talks on "
+        "its stdin/stdout; the gateway stops when the client closes. http: streamable HTTP at "
+        "http://HOST:PORT/mcp; every request needs 'Authorization: Bearer TOKEN', the token in the run "
+        "directory's mcp-gateway.json (mode 0600, path printed at start). Stop with Ctrl-C or SIGTERM: the "
+        "audit log is closed and verified as 'warden run' does. Progress goes to stderr."))
+    ms.add_argument("job", help="job file (YAML)")
+    ms.add_argument("--agent", required=True, help="the agent whose policy and token the MCP client's calls use")
+    ms.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default: stdio")
+    ms.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    ms.add_argument("--port", type=int, default=0, help="HTTP port (default 0: a free port, printed at start)")
+    ms.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    ms.add_argument("--runs-dir", help="where the run directory goes (default: the job's runs_dir, 'runs')")
+    ms.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    ms.set_defaults(fn=cmd_mcp_serve)
     job = sub.add_parser("job", help="check job files").add_subparsers(dest="job_command", required=True,
                                                                        metavar="SUBCOMMAND")
     jc = job.add_parser("check", help="everything that can be checked before Ray starts: keys, agent classes, "

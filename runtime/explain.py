@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from .trusted.flow import ASK
+
 __all__ = ["DEFAULT_HANDLES", "DEFAULT_LABEL", "flow_lines", "flow_view", "handle_limits", "output_labels",
            "sink_rules"]
 
@@ -180,7 +182,9 @@ def flow_lines(view: dict[str, Any], table: Any) -> list[str]:
     """``flow_view`` as lines of text; ``table(rows, header)`` draws a table (the CLI's)."""
     rows = [[tool, o["integrity"], _readers(o["readers"]), "HANDLE" if o["hide"] else "no",
              "yes" if o["carries_inputs"] else "no (a receipt)", _items_text(o["trusted_items"]),
-             _source_text(o["source"])] for tool, o in view["outputs"].items()]
+             _source_text(o["source"])] if tool != ASK else  # its label is the answer's, set by the supervisor
+            [tool, "endorsed", "the data's", "free text", "-", "-", "the supervisor: a checked answer"]
+            for tool, o in view["outputs"].items()]
     lines = ["", "information flow:",
              "  results are labelled (what reaches the agent carries this label; with HANDLE the agent gets a handle, "
              "not the content):"]

@@ -439,11 +439,18 @@ def _check_placement(spec: JobSpec) -> None:
 
 async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                      progress: Callable[[str], None] = lambda _m: None,
-                     before_teardown: Callable[[str], Awaitable[None]] | None = None) -> JobResult:
+                     before_teardown: Callable[[str], Awaitable[None]] | None = None,
+                     gateway: tuple[str, Callable[[Callable[[str, dict[str, Any]], Awaitable[Any]], Path],
+                                                  Awaitable[Any]]] | None = None) -> JobResult:
     """Run a validated job on the Ray instance this process is connected to.
 
     ``before_teardown(control_url)`` runs after the agents finished and before the supervisor
-    stops, e.g. to scrape its final metrics."""
+    stops, e.g. to scrape its final metrics.
+
+    ``gateway=(name, serve)``: no agent actor starts and no entry agent runs; instead
+    ``serve(call, run_dir)`` runs in this process until it returns (its value is ``name``'s
+    result), where ``call(tool, args)`` is a call made as agent ``name`` (its token and request
+    key, which stay here), through the supervisor like any agent's (``warden mcp serve``)."""
     import ray
 
     from .actors import (TEARDOWN_TIMEOUT_S, AgentActor, ReaderActor, SupervisorActor, ToolWorkerActor, awaited,
@@ -531,9 +538,12 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         write_control_file(run_dir, url=control_url, token=operator_token, job_id=job_id, urls=urls)
         progress(f"metrics: {' '.join(u + '/metrics' for u in urls)}   operate: warden status --run {run_dir}")
 
-        progress(f"starting {len(spec.agents)} agent(s)")
         actors = {}
         for a, (entry, _) in zip(spec.agents, entries):
+            if gateway is not None:
+                break
+            if a is spec.agents[0]:
+                progress(f"starting {len(spec.agents)} agent(s)")
             schemas = [job.tools[t].schema for t in sorted(job.policies[a.name].tools)]
             declared = job.classes[a.name].resources or {}
             opts = _actor_options(a.resources, declared, 0.1)
@@ -545,7 +555,8 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
         await asyncio.gather(*[
             actors[a.name].connect.remote({p: (job.classes[p].__name__, actors[p])
                                            for p in job.policies[a.name].delegation.can_delegate_to})
-            for a in spec.agents])
+            for a in spec.agents if a.name in actors])
+        stop_gateway: list[asyncio.Future[Any]] = []
 
         quarantined: dict[str, str] = {}
         shard_errors: dict[str, str] = {}
@@ -602,15 +613,27 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                     quarantined[event["agent"]] = event.get("reason", "")
                     progress(f"QUARANTINE: agent {event['agent']!r} stopped ({event.get('reason')})")
                     ray.kill(actors[event["agent"]])
+                elif event.get("event") == "quarantine" and gateway is not None and event.get("agent") == gateway[0]:
+                    quarantined[gateway[0]] = event.get("reason", "")
+                    progress(f"QUARANTINE: agent {gateway[0]!r} stopped: the gateway closes ({event.get('reason')})")
+                    for fut in stop_gateway:
+                        fut.cancel()
 
         watchers = [asyncio.ensure_future(watch(i)) for i in range(n_shards)]
-        progress(f"running entry agent(s): {', '.join(spec.entry)}")
-        tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
-        runs = {n: asyncio.ensure_future(awaited(actors[n].run.remote(tasks[n]))) for n in spec.entry}
-        await asyncio.wait(runs.values(), timeout=spec.timeout_s)
+        if gateway is None:
+            progress(f"running entry agent(s): {', '.join(spec.entry)}")
+            tasks = {name: next(a for a in spec.agents if a.name == name).task or spec.task for name in spec.entry}
+            runs = {n: asyncio.ensure_future(awaited(actors[n].run.remote(tasks[n]))) for n in spec.entry}
+            await asyncio.wait(runs.values(), timeout=spec.timeout_s)
+        else:  # no timeout: the gateway serves until it is stopped
+            name, serve = gateway
+            entry = entries[[a.name for a in spec.agents].index(name)][0]
+            runs = {name: asyncio.ensure_future(serve(_caller(name, tokens[name], entry.request_key, shards), run_dir))}
+            stop_gateway.append(runs[name])
+            await asyncio.wait(runs.values())
         results, errors, failures = {}, {}, {}
         for name, fut in runs.items():
-            if fut.done() and fut.exception() is None and name not in quarantined:
+            if fut.done() and not fut.cancelled() and fut.exception() is None and name not in quarantined:
                 results[name] = fut.result()
             else:
                 failures[name], errors[name] = _failure(fut, quarantined.get(name), spec.timeout_s)
@@ -656,6 +679,21 @@ async def run_loaded(job: LoadedJob, *, runs_dir: str | Path | None = None,
                      control_url=control_url, seconds=round(time.monotonic() - started, 3),
                      audit_logs=[str(p) for p in audit_paths], restarts=restarts,
                      artifacts=artifacts, artifacts_lost=artifacts_lost)
+
+
+def _caller(agent: str, token: bytes, request_key: bytes,
+            shards: list[Any]) -> Callable[[str, dict[str, Any]], Awaitable[Any]]:
+    """``call(tool, args)`` as agent ``agent`` makes it: sealed with its request key, sent to its shard."""
+    from .actors import _SupervisorClient
+    from .protocol import decode_reply, encode_call
+
+    client = _SupervisorClient(shards)
+
+    async def call(tool: str, args: dict[str, Any]) -> Any:
+        request = encode_call(agent=agent, token=token, tool=tool, args=args, request_key=request_key)
+        return decode_reply(await client.call(request))["value"]
+
+    return call
 
 
 def _failure(run: "asyncio.Future[Any]", quarantine: str | None, timeout_s: float) -> tuple[str, str]:

@@ -135,3 +135,9 @@ def test_policy_explain_json_on_the_command_line(capsys):
     assert doc["delegation"]["can_delegate_to"] == ["summarizer"]
     assert main(["policy", "explain", str(ROOT / "policies" / "lead.yaml")]) == 0
     assert "information flow:" in capsys.readouterr().out
+
+
+def test_the_reader_s_results_are_explained_as_checked_answers_not_as_a_declaration():
+    view = flow_view({"tools": {"reader.ask": {"effect": "read"}, "calendar.read": {"effect": "read"}}})
+    line = next(x for x in flow_lines(view, _table) if x.strip().startswith("reader.ask"))
+    assert "endorsed" in line and "the supervisor: a checked answer" in line and "nothing declared" not in line
