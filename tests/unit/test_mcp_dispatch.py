@@ -135,3 +135,20 @@ def test_a_server_error_is_a_typed_tool_failure(harness):
     d = harness.call("dev", "git.git_log", {"repo_path": "/workspace/not-a-repo"})
     assert d.allowed and d.outcome_code == "TOOL_FAILED"
     assert d.error is not None and d.error.code.value == "TOOL_FAILED"
+
+
+def test_a_shared_server_runs_once_in_a_workspace_of_its_own(pool):
+    shared = [McpServerSpec(name="shared-files", prefix="shared", command=["mcp-server-filesystem", "/workspace"],
+                            shared=True)]
+    _, entries, _ = job_tools(shared, os.environ)
+    tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries)}
+    policy = ("agent: a\ntools:\n  shell.exec: {effect: execute}\n  shared.list_directory: {effect: read}\n"
+              "sandbox: {backend: bwrap}\n")
+    with PolicyHarness(tools, sandboxes=pool) as h:
+        for agent in ("a", "b"):
+            h.add_agent(policy, name=agent)
+            made = h.call(agent, "shell.exec", {"command": f"echo x > /workspace/{agent}-own-file"})
+            assert made.allowed and made.value["exit_code"] == 0
+        seen = [h.call(agent, "shared.list_directory", {"path": "/workspace"}) for agent in ("a", "b")]
+        assert all(d.allowed for d in seen) and seen[0].value == seen[1].value
+        assert "own-file" not in str(seen[0].value)  # neither agent's workspace: the server's own
