@@ -129,9 +129,10 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
     limits, uid = server.limits, session._uid
     # V8 and CPython reserve address space far beyond what they touch: no RLIMIT_AS for a server.
     rlimits = [a for a in rlimit_args(limits, address_space=False)]
-    mounts = ["--perms", "0755", "--dir", "/etc", *session._system_binds, *_program_binds(program_dirs()), "--proc", "/proc", "--dev", "/dev",
-              *_scratch_mounts(limits), "--bind", str(session.workspace), WORKSPACE, "--remount-ro", "/",
-              "--clearenv"]
+    # The scratch /tmp first: a program installed under /tmp (a checkout there) is bound on top of it, not hidden.
+    mounts = ["--perms", "0755", "--dir", "/etc", *session._system_binds, "--proc", "/proc", "--dev", "/dev",
+              *_scratch_mounts(limits), *_program_binds(program_dirs()), "--bind", str(session.workspace), WORKSPACE,
+              "--remount-ro", "/", "--clearenv"]
     for k, v in server_env(server).items():
         mounts += ["--setenv", k, v]
     command = resolve_command(server.command)

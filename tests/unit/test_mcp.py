@@ -213,3 +213,13 @@ def test_a_killed_server_is_started_again_on_the_next_call(connect, workspace: P
     assert err.value.code == ErrorCode.WORKER_UNAVAILABLE
     assert result_value(conn.call("list_allowed_directories", {}, 20)) == {"content": "Allowed directories:\n/workspace"}
     assert _sandboxes_of(workspace) not in ([], [pid])  # a new sandbox
+
+
+def test_a_server_program_under_tmp_is_bound_over_the_sandbox_s_own_tmp(session: BwrapSession, monkeypatch):
+    """A checkout (and its venv) under /tmp: the server's program directories are bound after the
+    sandbox's scratch /tmp, or the tmpfs would hide them and the server could not start."""
+    from runtime.sandbox import mcpserver
+    monkeypatch.setattr(mcpserver, "program_dirs", lambda: ["/tmp/checkout/.venv"])
+    argv = sandboxed_argv(GIT, session)
+    scratch = max(i for i, a in enumerate(argv) if a == "/tmp")
+    assert scratch < argv.index("/tmp/checkout/.venv"), argv
