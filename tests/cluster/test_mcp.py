@@ -32,20 +32,7 @@ agents:
   - {name: dev, class: "agents.mcp_dev:McpDevAgent", policy: dev.yaml}
 """
 
-POLICY = """agent: dev
-tools:
-  shell.exec: {effect: execute}
-  git.git_status: {effect: read}
-  git.git_log: {effect: read}
-  git.git_commit:
-    effect: write
-    ifc: {context: trusted}
-  files.read_text_file:
-    effect: read
-    args:
-      path: {path_under: /workspace}
-sandbox: {backend: bwrap, wall_s: 20, cpu_s: 10}
-"""
+POLICY = Path(__file__).resolve().parents[2] / "jobs" / "mcp-dev-policy.yaml"  # the shipped demo's policy
 
 
 SECRET = "mcp-test-credential-5f3c1e"
@@ -53,7 +40,7 @@ SECRET = "mcp-test-credential-5f3c1e"
 
 def test_mcp_servers_as_tools_with_the_attacks_denied_and_audited(ray_instance, runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WARDEN_MCP_TEST_TOKEN", SECRET)
-    (tmp_path / "dev.yaml").write_text(POLICY)
+    (tmp_path / "dev.yaml").write_text(POLICY.read_text())
     (tmp_path / "job.yaml").write_text(JOB)
     result = asyncio.run(run_loaded(load_job(tmp_path / "job.yaml"), runs_dir=runs_dir))
     assert result.ok, result.errors
