@@ -42,7 +42,6 @@ sandbox: {backend: bwrap, wall_s: 20, cpu_s: 10}
 """
 
 
-
 @pytest.fixture(scope="module")
 def pool():
     p = SandboxPool()
