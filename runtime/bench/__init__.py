@@ -52,18 +52,22 @@ def machine() -> dict[str, Any]:
 
 
 def run_suites(names: list[str], *, quick: bool, progress: Callable[[str], None],
-               command: str = "", shards: list[int] | None = None) -> dict[str, Any]:
+               command: str = "", shards: list[int] | None = None, profile: bool = False,
+               pin: bool = False) -> dict[str, Any]:
     """Run the named suites; ``shards`` turns e2e into its sweep over supervisor shard counts
-    (saved as suite ``e2e-shards``)."""
+    (saved as suite ``e2e-shards``; ``pin``: each shard on a core of its own); ``profile`` samples
+    the e2e supervisor actor with py-spy."""
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": command,
                                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
     for name in names:
         progress(f"suite {name} ...")
         started = time.monotonic()
-        extra = {"shards": shards} if name == "e2e" and shards else {}
+        extra: dict[str, Any] = {}
+        if name == "e2e":
+            extra = {"shards": shards, "pin": pin} if shards else {"profile": profile}
         suite = importlib.import_module(f"runtime.bench.{name}").run(quick=quick, progress=progress, **extra)
         suite["seconds"] = round(time.monotonic() - started, 1)
-        if extra:
+        if extra.get("shards"):
             name = suite["suite"] = "e2e-shards"
         results["suites"][name] = suite
         progress(f"suite {name} done in {suite['seconds']}s")
@@ -179,7 +183,8 @@ def default_out_dir(runs_dir: str | Path = "runs") -> Path:
 
 
 def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, command: str = "",
-         shards: list[int] | None = None, json_out: TextIO | None = None) -> int:
+         shards: list[int] | None = None, json_out: TextIO | None = None, profile: bool = False,
+         pin: bool = False) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     out_dir = Path(out) if out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +194,11 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
 
     progress(f"results go to {out_dir}/")
 
-    results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards)
+    results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards, profile=profile,
+                         pin=pin)
     for name, suite_result in results["suites"].items():
+        for file, text in suite_result.pop("attachments", {}).items():  # e.g. raw stacks, for a flame graph
+            (out_dir / file).write_text(text)
         (out_dir / f"bench-{name}.json").write_text(json.dumps(
             {"machine": results["machine"], "quick": quick, "started": results["started"], **suite_result}, indent=2))
         if suite_result.get("profile"):  # where the time goes, for whoever chases a missed target
