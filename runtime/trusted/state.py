@@ -7,8 +7,11 @@ the call is dispatched. A restarted shard replays the journal and is where it wa
 budget reset, no nonce accepted twice, no revocation forgotten. Calls that were reserved
 but never settled were in flight when the shard died; the supervisor closes them.
 
-Frames are written with one ``write(2)`` each, so a killed process leaves at most one torn
-frame at the end, which ``replay`` drops. When the journal grows past ``compact_bytes``
+Each write is one ``write(2)``, so a killed process leaves at most one torn frame at the end,
+which ``replay`` drops. Group commit: a frame appended with ``defer=True`` (a request's nonce)
+waits in memory and goes out in the same ``write(2)`` as the next frame written at once (the
+call's reservation) or at ``flush``; the supervisor flushes before it answers or dispatches
+anything, so a crash loses only the nonces of requests that were never answered. When the journal grows past ``compact_bytes``
 the supervisor writes a snapshot frame into a fresh file and renames it over the old one.
 
 The file may hold key material (keys added by rotation): it is created 0600 and belongs
@@ -34,6 +37,7 @@ class StateJournal:
         self._fsync = fsync
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self._held = b""  # deferred frames, not yet written
 
     def replay(self) -> Iterator[list[Any]]:
         """Every whole frame on file, in order; a torn last frame is cut off."""
@@ -55,11 +59,21 @@ class StateJournal:
             os.truncate(self.path, good)
             self.size = good
 
-    def append(self, *frame: Any) -> None:
-        data = msgpack.packb(list(frame), use_bin_type=True)
+    def append(self, *frame: Any, defer: bool = False) -> None:
+        """Write ``frame`` (with any deferred before it, in order), or with ``defer`` hold it for the next write."""
+        self._held += msgpack.packb(frame, use_bin_type=True)
+        if not defer:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the deferred frames now. OSError if they are not written (they are kept, to try again)."""
+        if not self._held:
+            return
+        data = self._held
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+        self._held = b""
         if self._fsync:
             os.fsync(self._fd)
         self.size += written
@@ -75,11 +89,15 @@ class StateJournal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        self._held = b""  # what they recorded is in the snapshot (a change is journaled after it is made)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self.size, self.compact_bytes = len(data), max(self.compact_bytes, 2 * len(data))  # no rewrite per frame
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1

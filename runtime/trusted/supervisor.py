@@ -296,12 +296,15 @@ class Supervisor:
                 self.retired.add(kid)
                 self._journal("kr", kid)
 
-    def _journal(self, *frame: Any) -> None:
+    def _journal(self, *frame: Any, defer: bool = False) -> None:
         """Record a state change, after it is made in memory (a compaction then snapshots it too).
-        A journal that cannot be written is like an audit log that cannot: the caller denies."""
+        A journal that cannot be written is like an audit log that cannot: the caller denies.
+        ``defer`` (a request's nonce): written with the next frame (its reservation) or by ``_deny``
+        (no frame: just that), whichever is first; until then the request has no answer and no
+        effect, so a crash may lose it (group commit: one ``write(2)`` for nonce and reservation)."""
         if self.journal is not None:
             try:
-                self.journal.append(*frame)
+                self.journal.append(*frame, defer=defer) if frame else self.journal.flush()
                 if self.journal.size > self.journal.compact_bytes:
                     self.journal.compact(self._snapshot())
             except OSError as exc:
@@ -431,7 +434,7 @@ class Supervisor:
                                 code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
         self.nonces.check(entry.name, body["nonce"], float(body["ts"]), tool)
         if self.journal is not None:
-            self._journal("n", entry.name, body["nonce"], float(body["ts"]) + self.nonces.window_s)
+            self._journal("n", entry.name, body["nonce"], float(body["ts"]) + self.nonces.window_s, defer=True)
         try:
             vt = self.keyring.verify(body["token"])
         except TokenRejected as exc:
@@ -638,6 +641,7 @@ class Supervisor:
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
+            self._journal()  # the request's nonce, held back until now: on disk before the denial
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
                               reason=exc.reason, authenticated=who != UNAUTHENTICATED, context=context and
                               context.label.public(), **({"flow": exc.flow} if getattr(exc, "flow", None) else {}))
