@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import msgpack
 
@@ -64,6 +64,18 @@ WORKER_CODES = frozenset(c.value for c in (
 
 class Dispatcher(Protocol):
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes: ...
+
+
+async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+    """``aw`` awaited for at most ``timeout_s`` (then ``asyncio.TimeoutError``), in the calling task:
+    unlike ``wait_for`` before Python 3.12, no task of its own per dispatch."""
+    if _timeout is None:  # Python 3.10
+        return await asyncio.wait_for(aw, timeout_s)
+    async with _timeout(timeout_s):
+        return await aw
+
+
+_timeout = getattr(asyncio, "timeout", None)
 
 
 def _pack(obj: Any) -> bytes:
@@ -699,7 +711,7 @@ class Supervisor:
                     sent = time.perf_counter()
                     for ok in allowed:
                         ok.dispatched_at = sent
-                    raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
+                    raws = await _within(dispatch_batch(messages, entry.name), self.call_timeout_s)
                 else:
                     raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])
                 outcomes.update(zip((ok.call_id for ok in allowed), raws))
@@ -767,8 +779,8 @@ class Supervisor:
         """The worker's raw reply, or the exception the dispatch ended with."""
         ok.dispatched_at = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message or self._message(ok), ok.agent),
-                                          self.call_timeout_s)
+            return await _within(self.dispatcher.dispatch(ok.tool, message or self._message(ok), ok.agent),
+                                 self.call_timeout_s)
         except Exception as exc:
             return exc
 
