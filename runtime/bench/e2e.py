@@ -203,7 +203,7 @@ def _hot(raw: str, calls: int, top: int = 25) -> tuple[float, list[str]]:
         if any(w in frames[-1] for w in IDLE_FRAMES):
             continue
         busy += int(count)
-        for f in set(frames):
+        for f in dict.fromkeys(frames):  # once per stack (recursion), outermost first on ties
             incl[f] += int(count)
     per_call = 1e6 / SPY_RATE / max(calls, 1)
     return busy * per_call, [f"{c * per_call:8.1f}  {f}" for f, c in incl.most_common(top)]
