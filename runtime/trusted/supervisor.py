@@ -10,7 +10,9 @@ A call goes through a short pipeline, each stage able only to deny::
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
-means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
+means deny), and no decision is recorded before its reservation is in the state journal (one
+``write(2)`` with the request's nonce: group commit); a dispatch carries the supervisor's MAC,
+which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
 A call parks for approval holding its reservation, at most ``max_parked`` per agent. Counts use
 names the supervisor vouches for: a request whose MAC does not verify is ``UNAUTHENTICATED``, a
