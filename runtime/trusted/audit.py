@@ -97,21 +97,15 @@ class VerifyReport:
     segment: str | None = None  # file holding the first bad record, or the missing one
 
 
-def _is_secret(key: str, value: Any) -> bool:
+@functools.lru_cache(maxsize=1024)  # field names: the writing code's, a small set
+def _is_secret(key: str, is_int: bool) -> bool:
     """A field the writing code named as a secret, whatever its type (counters like max_tokens aside)."""
-    kind = _secret_key(key)
-    return kind == 1 or kind == 2 and type(value) is not int
-
-
-@functools.lru_cache(maxsize=1024)  # top-level field names: the writing code's, a small fixed set
-def _secret_key(key: str) -> int:
-    """0: not a secret; 1: a secret; 2: a secret unless an int (a count of tokens)."""
     norm = re.sub(r"[^a-z0-9]", "", key.lower())
     if not any(word in norm for word in _SECRET_WORDS):
-        return 0
+        return False
     if _ID_KEY.search(key):  # token_id, keyId: identifiers are what the log is meant to carry
-        return 0
-    return 2 if norm.endswith("tokens") else 1
+        return False
+    return not (norm.endswith("tokens") and is_int)
 
 
 def _redacted(value: Any) -> dict[str, Any]:
@@ -122,11 +116,8 @@ def _redacted(value: Any) -> dict[str, Any]:
 def _scrub(value: Any, secrets: tuple[str, ...] = (), depth: int = 0) -> Any:
     """Plain msgpack-able copy of ``value``; a string holding one of ``secrets`` is redacted. Keys
     nested in a field are chosen by whoever filled it (a model, for tool arguments): never a reason."""
-    kind = type(value)
-    if kind is str:  # the common case first
-        return _redacted(value) if secrets and any(s in value for s in secrets) else value
-    if value is None or kind is int or kind is float or kind is bool:
-        return value
+    if (kind := type(value)) is str or value is None or kind is int or kind is float or kind is bool:  # most
+        return _redacted(value) if kind is str and secrets and any(s in value for s in secrets) else value
     if depth > _MAX_DEPTH:
         raise ValueError(f"value nested deeper than {_MAX_DEPTH}")
     if isinstance(value, Enum):  # ErrorCode and friends are logged by value
@@ -300,12 +291,9 @@ class AuditLog:
         if RESERVED & fields.keys():
             raise ValueError(f"reserved field names {sorted(RESERVED & fields.keys())}")
         rec = {"seq": seq, "ts": float(self._clock()), "prev": self._last_hash, "kind": kind}
-        secrets = self._secrets
         for k, v in fields.items():
-            kind = type(v)  # plain scalars (most fields) need no copy; a str, no copy without secrets to find
-            if not (kind is str and not secrets or v is None or kind is int or kind is float or kind is bool):
-                v = _scrub(v, secrets)
-            rec[k] = _redacted(v) if _secret_key(k) and _is_secret(k, v) else v
+            v = _scrub(v, self._secrets)
+            rec[k] = _redacted(v) if _is_secret(k, type(v) is int) else v
         body = msgpack.packb(rec, use_bin_type=True)
         if len(body) > self._max_field_bytes:  # else no field can be over the cap: each is packed inside body
             for k in fields:

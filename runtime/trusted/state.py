@@ -2,17 +2,15 @@
 
 The supervisor appends one small msgpack frame per state change (a nonce accepted, a quota
 reserved, settled or refunded, a revocation, a quarantine, a key added or retired) before
-the change can matter to anyone: a nonce before the call is decided, a reservation before
-the call is dispatched. A restarted shard replays the journal and is where it was: no
+the change can matter to anyone: a nonce before the request is answered, a reservation
+before the call is recorded allowed and dispatched. A restarted shard replays the journal and is where it was: no
 budget reset, no nonce accepted twice, no revocation forgotten. Calls that were reserved
 but never settled were in flight when the shard died; the supervisor closes them.
 
 Each write is one ``write(2)``, so a killed process leaves at most one torn frame at the end,
-which ``replay`` drops. Group commit: a frame appended with ``defer=True`` (a request's nonce)
-waits in memory and goes out in the same ``write(2)`` as the next frame written at once (the
-call's reservation) or at ``flush``; the supervisor flushes before it answers or dispatches
-anything, so a crash loses only the nonces of requests that were never answered. When the journal grows past ``compact_bytes``
-the supervisor writes a snapshot frame into a fresh file and renames it over the old one.
+which ``replay`` drops. A frame appended with ``defer`` (a nonce) waits for the next write (group
+commit); the supervisor writes it before it answers: a crash loses only unanswered requests'.
+Past ``compact_bytes`` the supervisor writes a snapshot frame into a fresh file, renamed over the old.
 
 The file may hold key material (keys added by rotation): it is created 0600 and belongs
 on the trusted node, next to the audit log.
@@ -60,23 +58,20 @@ class StateJournal:
             self.size = good
 
     def append(self, *frame: Any, defer: bool = False) -> None:
-        """Write ``frame`` (with any deferred before it, in order), or with ``defer`` hold it for the next write."""
+        """Write ``frame``, after any deferred ones; with ``defer`` hold it for the next write."""
         self._held += msgpack.packb(frame, use_bin_type=True)
         if not defer:
             self.flush()
 
     def flush(self) -> None:
-        """Write the deferred frames now. OSError if they are not written (they are kept, to try again)."""
-        if not self._held:
-            return
-        data = self._held
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
-        self._held = b""
-        if self._fsync:
-            os.fsync(self._fd)
-        self.size += written
+        data, self._held = self._held, b""
+        if data:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+            if self._fsync:
+                os.fsync(self._fd)
+            self.size += written
 
     def compact(self, snapshot: list[Any]) -> None:
         """Replace the journal with one frame holding the whole state."""
@@ -96,8 +91,5 @@ class StateJournal:
 
     def close(self) -> None:
         if self._fd >= 0:
-            try:
-                self.flush()
-            finally:
-                os.close(self._fd)
-                self._fd = -1
+            os.close(self._fd)  # a frame still held belongs to a request never answered: as in a crash
+            self._fd = -1

@@ -10,9 +10,8 @@ A call goes through a short pipeline, each stage able only to deny::
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
-means deny), and no decision is recorded before its reservation is in the state journal (one
-``write(2)`` with the request's nonce: group commit); a dispatch carries the supervisor's MAC,
-which workers check. The agent is
+means deny), nor recorded before its nonce and reservation are in the state journal (one
+write); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
 A call parks for approval holding its reservation, at most ``max_parked`` per agent. Counts use
 names the supervisor vouches for: a request whose MAC does not verify is ``UNAUTHENTICATED``, a
@@ -69,15 +68,11 @@ class Dispatcher(Protocol):
 
 
 async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
-    """``aw`` awaited for at most ``timeout_s`` (then ``asyncio.TimeoutError``), in the calling task:
-    unlike ``wait_for`` before Python 3.12, no task of its own per dispatch."""
-    if _timeout is None:  # Python 3.10
+    """``aw`` for at most ``timeout_s`` (then TimeoutError) in this task (``wait_for`` < 3.12: a task per call)."""
+    if not hasattr(asyncio, "timeout"):  # Python 3.10
         return await asyncio.wait_for(aw, timeout_s)
-    async with _timeout(timeout_s):
+    async with asyncio.timeout(timeout_s):
         return await aw
-
-
-_timeout = getattr(asyncio, "timeout", None)
 
 
 def _pack(obj: Any) -> bytes:
@@ -313,9 +308,7 @@ class Supervisor:
     def _journal(self, *frame: Any, defer: bool = False) -> None:
         """Record a state change, after it is made in memory (a compaction then snapshots it too).
         A journal that cannot be written is like an audit log that cannot: the caller denies.
-        ``defer`` (a request's nonce): written with the next frame (its reservation) or by ``_deny``
-        (no frame: just that), whichever is first; until then the request has no answer and no
-        effect, so a crash may lose it (group commit: one ``write(2)`` for nonce and reservation)."""
+        ``defer`` (a nonce): written with the reservation, or by ``_deny`` (no frame), before any answer."""
         if self.journal is not None:
             try:
                 self.journal.append(*frame, defer=defer) if frame else self.journal.flush()
