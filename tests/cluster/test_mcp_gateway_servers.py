@@ -150,19 +150,14 @@ def test_the_demo_job_over_http_with_a_human_approving_and_refusing(ray_instance
 
 
 def test_a_tool_worker_killed_with_live_mcp_servers_restarts_and_the_next_call_starts_fresh_ones(ray_instance,
-                                                                                                  runs_dir):
-    """Calls made as agent dev through the gateway's call path, in this process; the worker is
-    killed with SIGKILL by its pid, as the OOM killer would."""
-    from ray.util.state import list_actors
-
-    def live_worker() -> Any:
-        ours = [a for a in list_actors(filters=[("class_name", "=", "ToolWorkerActor"), ("state", "=", "ALIVE")],
-                                       detail=True) if a.job_id == job_id]
-        return ours[0] if len(ours) == 1 else None
-
-    import ray
-
-    job_id = ray.get_runtime_context().get_job_id()
+                                                                                                  runs_dir, tmp_path):
+    """The shipped job and policy, plus ``worker.pid`` (which worker ran a call) and a larger calls
+    budget; calls made as agent dev through the gateway's call path, in this process. The worker
+    is killed with SIGKILL by its pid, as the OOM killer would, while dev's servers live in it."""
+    tools = "tools: [runtime.toolbox, tests.cluster.agents_under_test]"
+    (tmp_path / "mcp.yaml").write_text(JOB.read_text().replace("tools: [runtime.toolbox]", tools))
+    policy = (JOB.parent / "mcp-dev-policy.yaml").read_text().replace("max_calls: 30", "max_calls: 1000")
+    (tmp_path / "mcp-dev-policy.yaml").write_text(policy.replace("tools:\n", "tools:\n  worker.pid: {effect: read}\n", 1))
 
     async def serve(call: Any, run_dir: Path) -> dict[str, Any]:
         async def attempt(tool: str, **args: Any) -> Any:
@@ -171,21 +166,24 @@ def test_a_tool_worker_killed_with_live_mcp_servers_restarts_and_the_next_call_s
         out = {"made": await attempt("shell.exec", command=MAKE_REPO),
                "before": await attempt("git.git_status", repo_path=REPO),
                "read": await attempt("files.read_text_file", path=f"{REPO}/notes.txt")}
-        victim = await asyncio.to_thread(wait_until, "the tool worker", live_worker)
-        os.kill(victim.pid, signal.SIGKILL)
-        await asyncio.to_thread(wait_until, "the restarted tool worker",
-                                lambda: (w := live_worker()) is not None and w.pid != victim.pid and w)
+        victim = await call("worker.pid", {})
+        os.kill(victim, signal.SIGKILL)
+        restarting = ({"ok": True, "value": victim}, {"ok": False, "code": "WORKER_UNAVAILABLE"})
+        while (pid := await attempt("worker.pid")) in restarting:
+            await asyncio.sleep(0.05)  # Ray restarting the worker: no event reaches this process
+        out["pid"] = pid
         # A new process: no session, an empty workspace, servers started on the next call.
         out["again"] = await attempt("shell.exec", command=MAKE_REPO)
         out["after"] = await attempt("git.git_status", repo_path=REPO)
         out["read_after"] = await attempt("files.read_text_file", path=f"{REPO}/notes.txt")
         return out
 
-    result = asyncio.run(run_loaded(load_job(JOB), runs_dir=runs_dir, gateway=("dev", serve)))
-    out = result.results["dev"]
+    result = asyncio.run(run_loaded(load_job(tmp_path / "mcp.yaml"), runs_dir=runs_dir, gateway=("dev", serve)))
     assert result.ok and result.audit_ok, result.errors
+    out = result.results["dev"]
     assert out["before"]["ok"] and "nothing to commit" in out["before"]["value"]
     assert out["read"] == {"ok": True, "value": {"content": "first line\n"}}
+    assert out["pid"]["ok"], out["pid"]  # the restarted worker
     assert out["again"]["ok"] and out["again"]["value"]["exit_code"] == 0, out["again"]
     assert out["after"]["ok"] and "nothing to commit" in out["after"]["value"]
     assert out["read_after"] == {"ok": True, "value": {"content": "first line\n"}}
