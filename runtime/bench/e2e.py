@@ -190,7 +190,7 @@ def _profiled(pids: dict[str, int], seconds_hint: float = 600.0) -> Any:
 SPY_RATE = 100  # samples per second; py-spy costs the sampled process little at this rate (--nonblocking)
 
 
-def _hot(raw: str, calls: int, top: int = 25) -> tuple[float, list[str]]:
+def _hot(raw: str, calls: int, top: int = 40) -> tuple[float, list[str]]:
     """From py-spy's collapsed stacks: busy microseconds per call, and the functions that take them
     (inclusive time; the event loop's idle wait and Ray's idle threads left out)."""
     incl: collections.Counter[str] = collections.Counter()
