@@ -58,14 +58,10 @@ class StateJournal:
             self.size = good
 
     def append(self, *frame: Any, defer: bool = False) -> None:
-        """Write ``frame``, after any deferred ones; with ``defer`` hold it for the next write."""
-        self._held += msgpack.packb(frame, use_bin_type=True)
-        if not defer:
-            self.flush()
-
-    def flush(self) -> None:
-        data, self._held = self._held, b""
-        if data:
+        """Write ``frame`` after any held ones (no frame: just those); ``defer``: hold it for the next write."""
+        data = self._held + (msgpack.packb(frame, use_bin_type=True) if frame else b"")
+        self._held = data if defer else b""
+        if data and not defer:
             written = os.write(self._fd, data)
             if written != len(data):
                 raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")

@@ -311,7 +311,7 @@ class Supervisor:
         ``defer`` (a nonce): written with the reservation, or by ``_deny`` (no frame), before any answer."""
         if self.journal is not None:
             try:
-                self.journal.append(*frame, defer=defer) if frame else self.journal.flush()
+                self.journal.append(*frame, defer=defer)
                 if self.journal.size > self.journal.compact_bytes:
                     self.journal.compact(self._snapshot())
             except OSError as exc:

@@ -494,7 +494,7 @@ def test_a_reservation_that_cannot_be_journaled_is_denied_and_charges_nothing(tm
     append = journal.append
 
     def disk_full_for_reservations(*frame: Any, **kw: Any) -> None:
-        if frame[0] == "r":
+        if frame[:1] == ("r",):
             raise OSError(28, "No space left on device")
         append(*frame, **kw)
 
