@@ -118,8 +118,8 @@ def _pin_self(_actor: Any, cpus: list[int]) -> int:
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
+        except ProcessLookupError:  # a thread that ended since the listing: nothing to pin
+            continue
     return os.getpid()
 
 
@@ -172,14 +172,17 @@ def _profiled(pids: dict[str, int], seconds_hint: float = 600.0) -> Any:
                                      "-d", str(int(seconds_hint)), "-o", str(out / f"{pid}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for name, pid in pids.items()}
-    time.sleep(0.5)  # py-spy attaches
+    time.sleep(0.5)  # py-spy attaches (it signals nothing when it has: nothing to await but time)
 
     def stop() -> dict[str, str]:
         for p in procs.values():
             p.send_signal(signal.SIGINT)  # py-spy writes what it has on ^C
         raw = {}
         for name, p in procs.items():
-            p.wait(30)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:  # a py-spy that does not stop: its profile is lost, not the run
+                p.kill()
             f = out / f"{pids[name]}.txt"
             raw[name] = f.read_text() if f.exists() else ""
         shutil.rmtree(out, ignore_errors=True)
