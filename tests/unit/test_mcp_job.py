@@ -83,7 +83,7 @@ def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
     (("command: [mcp-server-git]", "comand: [mcp-server-git]"), "did you mean 'command'?"),
     (("command: [mcp-server-git]", "url: http://localhost:9/mcp"), "not supported yet"),
     (("command: [mcp-server-git]", "command: [mcp-server-git]\n    url: http://h/mcp"), "not both or neither"),
-    (("backend: bwrap, limits", "backend: gvisor, limits"), "backend 'gvisor' is not supported"),
+    (("backend: bwrap, limits", "backend: gvisor, limits"), "run in the agent's gvisor sandbox (their server's backend)"),
     (("cpu_s: 30", "cpu: 30"), "did you mean 'cpu_s'?"),
     (("prefix: files", "prefix: git"), "prefixes used twice: ['git']"),
     (("prefix: git", "prefix: Git.x"), "should match pattern"),
