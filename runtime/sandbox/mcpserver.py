@@ -418,6 +418,7 @@ class McpConnection:
             self._stop = self._done = None
 
     def close(self) -> None:
-        self.reset()
+        """Kill the server (it is disposable: its state is its workspace's) and end the connection's thread."""
+        self.reset(kill=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
