@@ -113,3 +113,12 @@ def test_the_mcp_demo_job_loads_and_checks():
     job = load_job(ROOT / "jobs" / "mcp.yaml")
     assert {"git.git_status", "git.git_commit", "files.read_text_file"} <= set(job.tools)
     assert check_job(ROOT / "jobs" / "mcp.yaml") == []
+
+
+def test_a_gvisor_server_s_tools_run_in_the_agent_s_gvisor_sandbox(tmp_path):
+    job = JOB.replace("backend: bwrap, limits", "backend: gvisor, limits")
+    policy = (POLICY.replace("git.git_status: {effect: read}", "git.git_status: {effect: read, sandbox: {backend: gvisor}}")
+              .replace("git.git_log: {effect: read}", "git.git_log: {effect: read, sandbox: {backend: gvisor}}"))
+    loaded = load_job(write(tmp_path, job, policy))  # listed by the server started under gVisor
+    assert loaded.tools["git.git_log"].spec.effect == "read"
+    assert [e["server"]["backend"] for e in loaded.mcp] == ["gvisor", "bwrap"]
