@@ -617,11 +617,11 @@ class ToolWorkerActor:
         self._reclaimed = reclaim_workspaces(note) if restarted and note else []
         self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
                                         restarted=restarted, call_timeout_s=call_timeout_s)
-        self._mcp = Connections()
-        tools = {**load_tools(tool_modules), **worker_tools(mcp or [], self._mcp)}  # MCP: the servers listed at job start
+        root = workspace_root(note)
+        self._mcp = Connections(root)  # shared MCP servers' workspaces live beside the agents'
+        tools = {**load_tools(tool_modules), **worker_tools(mcp or [], self._mcp)}  # the servers listed at job start
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=tools, job=job_id,
-                                  tool_config=tool_config, sandboxes=SandboxPool(workspace_root(note)),
-                                  journal=self._journal)
+                                  tool_config=tool_config, sandboxes=SandboxPool(root), journal=self._journal)
         self._restarted = restarted
 
     async def execute(self, message: bytes) -> bytes:
@@ -636,19 +636,17 @@ class ToolWorkerActor:
     def threads(self) -> dict[str, Any]:
         """Tool threads: live, idle, queued, and stuck in calls past their deadline (in all and per agent)."""
         return self._worker.threads()
-
     def status(self) -> dict[str, Any]:
-        """Where it runs, whether it is a restarted process, and its MCP servers (``Connections.status``:
-        per agent, whether each runs, its starts, timeouts, kills and last progress), for operators and tests."""
+        """Where it runs and whether it is a restarted process, for operators and tests."""
         return {"pid": os.getpid(), "restarted": self._restarted, "record_lost": self._journal.lost,
-                "reclaimed_workspaces": len(self._reclaimed), "mcp": self._mcp.status()}
+                "reclaimed_workspaces": len(self._reclaimed)}
 
     def artifacts(self, proof: bytes, paths: list[str], max_bytes: int, max_files: int) -> dict[str, Any]:
         """The job's artifacts from every workspace of this process (the driver's proof required)."""
         return self._worker.artifacts(proof, paths, max_bytes=max_bytes, max_files=max_files)
 
     def shutdown(self) -> None:
-        self._mcp.close()
+        self._mcp.close()  # first: a server runs in an agent's session, which the pool closes
         self._worker.close()
         self._journal.close()
 

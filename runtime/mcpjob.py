@@ -39,6 +39,7 @@ from .mcptools import result_value, to_tools
 from .sandbox.base import Limits
 from .sandbox.bwrap import UID_BASE, UID_SPAN
 from .sandbox.mcpserver import McpConnection, McpServer
+from .sandbox.workspace import Workspace
 from .tool import Tool
 
 SERVER_CPU_S = 60.0  # a server lives across calls: RLIMIT_CPU bounds its whole life (then it restarts)
@@ -212,21 +213,30 @@ class Connections:
     the agent's policy gives its tools (``mcp_sandbox_problem`` checks this at load); a shared
     server on a workspace of its own. Each connection has its own thread and event loop, so a
     hung server holds only the calls made to it.
+
+    A shared server's workspace is made under ``root`` (the worker's workspace directory, which
+    a restarted worker's successor removes) and removed by ``close``, with every server stopped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root
         self._lock = threading.Lock()
         self._conns: dict[tuple[str, int], McpConnection] = {}
         self._owners: dict[tuple[str, int], str] = {}
         self._shared_sessions: dict[str, Any] = {}
+        self._shared_workspaces: list[Workspace] = []
 
     def get(self, server: McpServer, handle: Any, agent: str = "") -> McpConnection:
         with self._lock:
             if server.shared:
                 session = self._shared_sessions.get(server.name)
                 if session is None:
-                    ws = Path(tempfile.mkdtemp(prefix="warden-mcp-shared-"))
-                    session = self._shared_sessions[server.name] = own_session(server, ws)
+                    if self._root is not None:
+                        self._root.mkdir(parents=True, exist_ok=True)
+                    ws = Workspace(Path(tempfile.mkdtemp(prefix="mcp-shared-", dir=self._root)),
+                                   size_mb=server.limits.workspace_mb)
+                    self._shared_workspaces.append(ws)
+                    session = self._shared_sessions[server.name] = own_session(server, ws.root)
             else:
                 session = getattr(handle, "session", None)
                 if getattr(session, "backend", None) != server.backend:
@@ -247,20 +257,22 @@ class Connections:
         return [{"agent": agent, **conn.status()} for agent, conn in conns]
 
     def close(self) -> None:
-        """Stop every server (their sandboxes go with them)."""
+        """Stop every server; close the shared servers' sessions and remove their workspaces."""
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
             sessions, self._shared_sessions = list(self._shared_sessions.values()), {}
+            workspaces, self._shared_workspaces = self._shared_workspaces, []
         for conn in conns:
             conn.close()
         for session in sessions:
             session.close()
+        for ws in workspaces:
+            ws.remove()
 
 
-def worker_tools(entries: list[dict[str, Any]], conns: Connections | None = None) -> dict[str, Tool]:
+def worker_tools(entries: list[dict[str, Any]], conns: Connections) -> dict[str, Tool]:
     """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start),
-    their servers kept in ``conns`` (the worker's, for its ``status()``)."""
-    conns = conns if conns is not None else Connections()
+    their servers kept in ``conns`` (the worker's: its ``status()``; closed when it shuts down)."""
     tools: dict[str, Tool] = {}
     for entry in entries:
         d = entry["server"]

@@ -122,3 +122,11 @@ def test_a_gvisor_server_s_tools_run_in_the_agent_s_gvisor_sandbox(tmp_path):
     loaded = load_job(write(tmp_path, job, policy))  # listed by the server started under gVisor
     assert loaded.tools["git.git_log"].spec.effect == "read"
     assert [e["server"]["backend"] for e in loaded.mcp] == ["gvisor", "bwrap"]
+
+
+def test_the_readme_shows_the_shipped_mcp_job_and_policy_in_full():
+    """No copy drift: the README's blocks are the files the demo and the cluster tests load."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("jobs/mcp.yaml", "jobs/mcp-dev-policy.yaml"):
+        shipped = (ROOT / name).read_text(encoding="utf-8")
+        assert f"```yaml\n{shipped}```" in readme, f"README's copy of {name} differs from the file"
