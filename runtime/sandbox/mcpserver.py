@@ -67,11 +67,13 @@ class McpServer:
 
 
 def program_dirs() -> list[str]:
-    """The places server programs live, bound read-only: this Python's prefixes and the npm directory."""
+    """The places server programs live, bound read-only: this Python's prefixes and the npm directory
+    (and where its ``node_modules`` really is, if that is a link)."""
     seen: list[str] = []
-    for p in (sys.prefix, sys.base_prefix, str(NPM_DIR)):
+    for p in (sys.prefix, sys.base_prefix, str(NPM_DIR), str(NPM_DIR / "node_modules")):
         for q in (p, os.path.realpath(p)):
-            if os.path.isdir(q) and not q.startswith("/usr/") and q not in seen:
+            if (os.path.isdir(q) and not q.startswith("/usr/") and q not in seen
+                    and not any(q.startswith(d + "/") for d in seen)):
                 seen.append(q)
     return seen
 
