@@ -114,10 +114,12 @@ def parse_head(head: bytes) -> Request:
     except ToolFailed as exc:
         raise Refused(400, exc.reason) from None
     parts = urlsplit(target)
+    if "@" in parts.netloc:
+        raise Refused(400, "no credentials in a proxied URI")
     keep = [f for f in fields if f.split(":", 1)[0].strip().lower() not in ("host", "connection", "proxy-connection",
                                                                             "proxy-authorization", "keep-alive")]
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    forward = "\r\n".join([f"{method} {path} {version}", f"Host: {parts.netloc.rpartition('@')[2]}", *keep,
+    forward = "\r\n".join([f"{method} {path} {version}", f"Host: {parts.netloc}", *keep,
                            "Connection: close", "", ""]).encode("ascii")
     return Request(method, host, port, forward)
 
