@@ -267,6 +267,8 @@ class McpConnection:
             raise
         except Exception as exc:
             self.reset()
+            while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # an ExceptionGroup of
+                exc = exc.exceptions[0]  # the SDK's task groups: its first cause says what went wrong
             raise ToolFailed(f"MCP server {self.server.name} failed to start: {type(exc).__name__}: {exc}"[:500],
                              code=ErrorCode.WORKER_UNAVAILABLE) from None
         return self._session
