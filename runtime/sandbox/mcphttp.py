@@ -21,6 +21,7 @@ headers go to that origin only. Their values never appear in an error or a ``rep
 
 from __future__ import annotations
 
+import ssl
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterable
 
@@ -73,15 +74,16 @@ class PinnedBackend:
 
 
 def pinned_client(origin: tuple[str, str, int], addresses: list[str], headers: dict[str, str],
-                  timeout_s: float) -> Any:
-    """An ``httpx2.AsyncClient`` whose every connection goes to ``addresses``, with ``headers`` on each request."""
+                  timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> Any:
+    """An ``httpx2.AsyncClient`` whose every connection goes to ``addresses``, with ``headers`` on each request
+    (``ssl_context``: the CAs to trust instead of httpx2's default)."""
     import httpcore2
     import httpx2
 
     transport = httpx2.AsyncHTTPTransport(trust_env=False)
     # The transport's pool is where httpx2 connects; a pool with our backend pins it (TLS still
     # verifies the certificate against the URL's host, which is also the SNI).
-    transport._pool = httpcore2.AsyncConnectionPool(ssl_context=transport._pool._ssl_context,
+    transport._pool = httpcore2.AsyncConnectionPool(ssl_context=ssl_context or transport._pool._ssl_context,
                                                      network_backend=PinnedBackend(origin[1], origin[2], addresses))
     return httpx2.AsyncClient(transport=transport, headers=headers, trust_env=False, follow_redirects=False,
                               max_redirects=0, timeout=httpx2.Timeout(timeout_s, read=None))

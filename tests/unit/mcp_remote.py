@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import http.server
 import socket
+import ssl
+import subprocess
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import anyio
@@ -95,10 +98,24 @@ class _Page(http.server.BaseHTTPRequestHandler):
         self.server.hits.append(self.path)  # type: ignore[attr-defined]
 
 
+def self_signed(directory: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for ``name``, and a client context that trusts it."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
 @contextmanager
-def page_server() -> Iterator[Any]:
-    """A plain HTTP server on 127.0.0.1 (``.port``, ``.hits``): one page, and ``/moved...`` redirects (307)."""
+def page_server(tls: ssl.SSLContext | None = None) -> Iterator[Any]:
+    """A plain HTTP server on 127.0.0.1 (``.port``, ``.hits``): one page, and ``/moved...`` redirects (307);
+    HTTPS with ``tls`` (a server context)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     server.hits = []  # type: ignore[attr-defined]
     server.port = server.server_address[1]  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)

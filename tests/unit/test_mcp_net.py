@@ -121,6 +121,24 @@ def test_the_connection_goes_to_the_checked_address_with_the_name_kept(pages):
     assert asyncio.run(main()) == (200, PAGE, f"mcp.test:{pages.port}")
 
 
+def test_over_tls_the_certificate_is_checked_against_the_name_not_the_pinned_address(tmp_path):
+    import httpx2
+
+    from tests.unit.mcp_remote import self_signed
+
+    server_tls, client_tls = self_signed(tmp_path, "mcp.test")
+
+    async def get(name: str, port: int) -> int:
+        async with pinned_client(("https", name, port), ["127.0.0.1"], {}, 5, ssl_context=client_tls) as client:
+            return (await client.get(f"https://{name}:{port}/page")).status_code
+
+    with page_server(tls=server_tls) as pages:
+        assert asyncio.run(get("mcp.test", pages.port)) == 200  # SNI and certificate: the name
+        with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+            asyncio.run(get("impostor.test", pages.port))  # same address, another name: refused
+    assert pages.hits == ["/page"]
+
+
 def test_a_url_is_resolved_once_and_every_address_checked():
     def resolver(answers):
         return lambda host, port: answers
