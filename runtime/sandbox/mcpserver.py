@@ -227,8 +227,7 @@ class McpConnection:
             allowed = [mcpproxy.parse_allowed(h) for h in self.server.network]
             self.proxy = mcpproxy.EgressProxy(self.server.name, allowed,
                                               allow_private_networks=self.server.allow_private_networks)
-        assert self.session is not None
-        return self.proxy.start(self.session._uid)
+        return self.proxy.start(getattr(self.session, "_uid", None))  # as root: the sandbox's uid owns the socket
 
     async def _serve(self, ready: "asyncio.Future[Any]") -> None:
         from mcp import ClientSession
