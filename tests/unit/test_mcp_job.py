@@ -160,3 +160,11 @@ def test_a_url_server_loads_with_its_credential_for_the_workers_only(tmp_path, m
     assert err.value.code == ErrorCode.JOB_INVALID
     assert "EGRESS_REFUSED: 'localhost' resolves to" in err.value.reason
     assert "set allow_private_networks: true on this mcp_servers entry" in err.value.reason
+
+
+def test_the_readme_shows_the_shipped_mcp_job_and_policy_in_full():
+    """No copy drift: the README's blocks are the files the demo and the cluster tests load."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("jobs/mcp.yaml", "jobs/mcp-dev-policy.yaml"):
+        shipped = (ROOT / name).read_text(encoding="utf-8")
+        assert f"```yaml\n{shipped}```" in readme, f"README's copy of {name} differs from the file"
