@@ -96,6 +96,8 @@ def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
      "headers_from is for url: servers"),
     (("command: [mcp-server-git]", "command: [mcp-server-git]\n    url: http://h/mcp"), "not both or neither"),
     (("backend: bwrap, limits", "backend: gvisor, limits"), "run in the agent's gvisor sandbox (their server's backend)"),
+    (("sandbox: {backend: bwrap, limits: {cpu_s: 30}}", "sandbox: {backend: gvisor}\n    network: [api.github.com]"),
+     "network allow-list is not supported under gVisor"),
     (("cpu_s: 30", "cpu: 30"), "did you mean 'cpu_s'?"),
     (("prefix: files", "prefix: git"), "prefixes used twice: ['git']"),
     (("prefix: git", "prefix: Git.x"), "should match pattern"),
