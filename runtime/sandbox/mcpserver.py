@@ -152,8 +152,8 @@ def sandboxed_argv(server: McpServer, session: BwrapSession, egress_dir: str | N
     (``mcpproxy.FORWARDER``) with the proxy variables set, its only way out.
     """
     if server.backend != "bwrap":
-        raise SandboxUnavailable(f"MCP server {server.name}: backend {server.backend!r} is not supported for "
-                                 "stdio servers yet (bwrap only)", code=ErrorCode.SANDBOX_UNAVAILABLE)
+        raise SandboxUnavailable(f"MCP server {server.name}: a bwrap command line for a {server.backend!r} server "
+                                 "(make_launch starts each backend's)", code=ErrorCode.SANDBOX_UNAVAILABLE)
     if server.url or bool(server.network) != (egress_dir is not None):
         raise SandboxUnavailable(f"MCP server {server.name}: a URL server has no sandbox, and a network allow-list "
                                  "needs its egress proxy", code=ErrorCode.SANDBOX_UNAVAILABLE)
