@@ -44,9 +44,12 @@ from pathlib import Path
 
 from ..errors import ErrorCode, SandboxUnavailable
 from .base import WORKSPACE, rlimit_args
+from . import cgroup
 from .cgroup import CallCgroup
 
 RUNSC_TIMEOUT_S = 30
+# The name of every MCP server's cgroup starts with this and the worker's pid (``cgroup.owned_prefix``).
+MCP_CGROUP = "warden-mcp"
 # The pids cgroup of a gVisor server counts the Sentry's and the gofer's host threads, not the
 # server's processes (RLIMIT_NPROC inside bounds those): only a backstop against a runaway runsc.
 HOST_PIDS_BACKSTOP = 1024
@@ -91,7 +94,7 @@ class GVisorLaunch:
             raise SandboxUnavailable("an MCP server under gVisor needs a memory cgroup, which only a worker running "
                                      "as root can make", code=ErrorCode.SANDBOX_UNAVAILABLE)
         self.cgroup = CallCgroup.create(memory_limit_bytes=(limits.memory_mb + memory_overhead_mb) << 20,
-                                        pids_max=HOST_PIDS_BACKSTOP, prefix="warden-mcp")
+                                        pids_max=HOST_PIDS_BACKSTOP, prefix=cgroup.owned_prefix(MCP_CGROUP))
         if self.cgroup is None:
             raise SandboxUnavailable("no memory cgroup can be made here (cgroup v1 or a v2 tree with memory and pids "
                                      "delegated to root): an MCP server's memory_mb could not be enforced",

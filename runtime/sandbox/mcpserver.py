@@ -44,7 +44,9 @@ from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed, W
 from . import mcpproxy
 from .base import WORKSPACE, Limits, rlimit_args
 from .bwrap import BwrapSession, _scratch_mounts
+from . import cgroup
 from .cgroup import CallCgroup
+from .mcpgvisor import MCP_CGROUP
 
 # The project-local directory `make setup` installs npm servers into (gitignored).
 NPM_DIR = Path(__file__).resolve().parents[2] / "mcp-servers"
@@ -197,7 +199,7 @@ class BwrapLaunch:
     def __init__(self, server: McpServer, session: BwrapSession, egress_dir: str | None = None) -> None:
         argv = sandboxed_argv(server, session, egress_dir)
         self.cgroup = CallCgroup.create(memory_limit_bytes=server.limits.memory_mb << 20,
-                                        pids_max=server.limits.max_pids + 2, prefix="warden-mcp")
+                                        pids_max=server.limits.max_pids + 2, prefix=cgroup.owned_prefix(MCP_CGROUP))
         if self.cgroup is None:
             raise SandboxUnavailable(NO_CGROUP, code=ErrorCode.SANDBOX_UNAVAILABLE)
         self.argv = self.cgroup.join_argv(argv)
@@ -221,6 +223,7 @@ NO_CGROUP = ("no memory cgroup can be made here (the worker is not root, or cgro
 def make_launch(server: McpServer, session: Any, egress_dir: str | None = None) -> Any:
     """How to start ``server`` on ``session``'s workspace, in the server's backend (``BwrapLaunch`` or
     ``mcpgvisor.GVisorLaunch``); SandboxUnavailable where that backend or its memory limit cannot be had."""
+    cgroup.remove_orphans(MCP_CGROUP)  # what a killed worker's servers left behind
     if server.backend == "gvisor":
         from .base import require_binary
         from .gvisor import SANDBOX_OVERHEAD_MB

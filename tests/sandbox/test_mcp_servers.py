@@ -229,3 +229,22 @@ def test_a_hung_shared_server_holds_only_its_own_users_until_their_deadline(conn
         hung.result(60)
     assert err.value.code == ErrorCode.WORKER_UNAVAILABLE
     assert who(shared)["slow"]["started"] == 0  # and the next call starts it again
+
+
+def test_a_killed_worker_s_server_cgroups_are_removed_by_the_next_start(connect):
+    """A worker killed with live servers cannot remove their (then empty) cgroups; the next server start in
+    any worker removes those whose owner is gone, never a live worker's."""
+    from runtime.sandbox import cgroup
+    from runtime.sandbox.mcpgvisor import MCP_CGROUP
+
+    gone = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout.strip()
+    left = cgroup.CallCgroup.create(memory_limit_bytes=64 << 20, pids_max=8, prefix=f"{MCP_CGROUP}-{gone}")
+    mine = cgroup.CallCgroup.create(memory_limit_bytes=64 << 20, pids_max=8, prefix=cgroup.owned_prefix(MCP_CGROUP))
+    assert left is not None and mine is not None
+    try:
+        who(connect(PROBE_CMD))
+        assert not any(d.exists() for d in left._dirs())
+        assert all(d.exists() for d in mine._dirs())
+    finally:
+        left.remove()
+        mine.remove()
