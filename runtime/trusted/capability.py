@@ -65,6 +65,15 @@ def hmac_sha256(key: bytes, msg: bytes) -> bytes:
     return _openssl_hmac(key, msg, digestmod=_SHA).digest()
 
 
+def hmac_chain(tag: bytes, blobs: Iterable[bytes]) -> list[bytes]:
+    """The tag after each blob of a chain that starts at ``tag``: ``tag_i = HMAC(tag_{i-1}, blob_i)``."""
+    out = []
+    for blob in blobs:
+        tag = hmac_sha256(tag, blob)
+        out.append(tag)
+    return out
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -249,6 +258,8 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     has) raises instead: a denial for a caveat, a match for an approval rule."""
     if kind in ("exact", "one_of"):
         options = (param,) if kind == "exact" else param
+        if type(value) is str and value in options:  # a string equals only a string: a match, as below
+            return None
         if not any(type(value) is type(p) or _is_number(value) and _is_number(p) for p in options):  # no judgement
             raise PolicyDenied(f"{type(value).__name__} {value!r:.80} is not comparable with {param!r:.200}")
         return None if any(_same(value, p) for p in options) else f"{value!r:.80} is not {param!r:.200}"
@@ -544,7 +555,7 @@ class EvaluationPlan(NamedTuple):
         not_before, not_after = self.not_before, self.not_after
         tools, effects, audiences = self.tools, self.effects, self.audiences
         new_args: list[Arg] = []
-        flows = self.flows + tuple(c for c in caveats if isinstance(c, Flow))
+        new_flows: list[Flow] = []
         for c in caveats:
             if isinstance(c, Arg):
                 new_args.append(c)
@@ -560,6 +571,9 @@ class EvaluationPlan(NamedTuple):
                 effects = frozenset(c.effects) if effects is None else effects.intersection(c.effects)
             elif isinstance(c, Audience):
                 audiences = audiences.union((c.job,))
+            elif isinstance(c, Flow):
+                new_flows.append(c)
+        flows = self.flows + tuple(new_flows) if new_flows else self.flows
         if not new_args:
             return EvaluationPlan(not_before, not_after, tools, effects, audiences, self.arg_caveats,
                                   self.args_by_tool, self.any_tool_args, flows)
@@ -573,7 +587,7 @@ class EvaluationPlan(NamedTuple):
 
     def check(self, tool: str, effect: str, args: dict[str, Any], job: str) -> None:
         """Raise the typed error of a caveat that does not hold (time and holder are checked before)."""
-        if self.audiences and self.audiences != {job}:
+        if self.audiences and (len(self.audiences) != 1 or job not in self.audiences):
             raise TokenRejected(f"audience {sorted(self.audiences)}, job is {job!r}",
                                 code=ErrorCode.WRONG_AUDIENCE, tool=tool)
         if self.tools is not None and tool not in self.tools:
@@ -660,9 +674,12 @@ class KeyRing:
     verified tokens, so that a token extending one of them (an attenuated or delegated token)
     has only its new caveats checked, starting from the verified tag they extend. Both hold
     only tokens whose every tag and seal was checked, and both are cleared when a key is retired.
+    A third keeps the caveats of verified chains decoded, by their bytes (what a caveat means is
+    its bytes alone): a new token's tags and seals are all checked, its familiar caveats not re-parsed.
     """
 
     PREFIXES_PER_TOKEN_ID = 8
+    DECODED_CAVEATS, DECODED_CAVEAT_BYTES = 1024, 1024  # caveats of verified chains kept decoded, by their bytes
 
     def __init__(self, root_keys: dict[str, bytes], current_kid: str, holder_key: bytes,
                  *, cache_size: int = 4096) -> None:
@@ -677,6 +694,7 @@ class KeyRing:
         self._holder_key = holder_key
         self._cache: OrderedDict[bytes, VerifiedToken] = OrderedDict()
         self._prefixes: OrderedDict[tuple[str, bytes], list[VerifiedToken]] = OrderedDict()
+        self._decoded: dict[bytes, Caveat] = {}  # a caveat's meaning is its bytes alone: decoded once
         self._cache_size = cache_size
         # The prefix index holds at most cache_size tokens too, in families of a few.
         self._family_size = max(1, min(self.PREFIXES_PER_TOKEN_ID, cache_size))
@@ -774,12 +792,15 @@ class KeyRing:
             holder, depth, max_depth = prefix.holder, prefix.depth, prefix.max_depth
             budgets = list(prefix.budgets)
             plan = prefix.plan
-        start = len(caveats)
-        for blob in tok.caveats[start:]:
-            try:
-                c = decode_caveat(blob)
-            except Exception as exc:
-                raise TokenRejected(f"caveat {len(caveats)}: {exc}") from None
+        start, decoded = len(caveats), self._decoded
+        blobs = tok.caveats[start:]
+        for blob, next_tag in zip(blobs, hmac_chain(tag, blobs)):  # the chain is judged at its end, seals on the way
+            c = decoded.get(blob)
+            if c is None:
+                try:
+                    c = decode_caveat(blob)
+                except Exception as exc:
+                    raise TokenRejected(f"caveat {len(caveats)}: {exc}") from None
             if isinstance(c, Holder):
                 if not hmac.compare_digest(c.seal, self._seal(tag, c.agent)):
                     raise TokenRejected(f"holder caveat {len(caveats)} has a bad seal", code=ErrorCode.WRONG_HOLDER)
@@ -787,12 +808,12 @@ class KeyRing:
             elif isinstance(c, MaxDepth):
                 limit = max(depth, 0) + c.depth
                 max_depth = limit if max_depth is None else min(max_depth, limit)
-            tag = hmac_sha256(tag, blob)
+            elif isinstance(c, (CallBudget, CostBudget)):
+                kind = "calls" if isinstance(c, CallBudget) else "cost"
+                budgets.append((next_tag, kind, float(c.calls if kind == "calls" else c.cost)))
+            tag = next_tag
             caveats.append(c)
             tags.append(tag)
-            if isinstance(c, (CallBudget, CostBudget)):
-                kind = "calls" if isinstance(c, CallBudget) else "cost"
-                budgets.append((tag, kind, float(c.calls if kind == "calls" else c.cost)))
         if not hmac.compare_digest(tag, tok.tag):
             raise TokenRejected("tag chain does not verify (tampered or forged)")
         if holder is None:
@@ -802,6 +823,11 @@ class KeyRing:
             raise TokenRejected(f"more than {MAX_REGEX_CAVEATS} regex caveats")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
+        if len(decoded) + len(blobs) > self.DECODED_CAVEATS:
+            decoded.clear()
+        for blob, c in zip(blobs, caveats[start:]):  # a holder's seal differs per token: not worth keeping
+            if len(blob) <= self.DECODED_CAVEAT_BYTES and not isinstance(c, Holder):
+                decoded[blob] = c
         return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets),
                              plan.extended(caveats[start:]))
 

@@ -161,10 +161,13 @@ class ParamSpec:
     checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: bounds, of a string's length
 
     @cached_property
-    def plain(self) -> type | None:
-        """The type of the values taken as they are (no conversion, format or nested check), if any."""
-        bare = not (self.format or self.items or self.fields is not None or self.checks or self.enum is not None)
-        return _PLAIN.get(self.type) if bare else None
+    def plain(self) -> tuple[type, Any] | None:
+        """(type, format function or None) when a value of that type needs nothing else, as ``conform`` does it."""
+        if self.items or self.fields is not None or self.checks or self.enum is not None:
+            return None
+        if self.format:
+            return (str, _FORMATS[self.format]) if self.type == "string" else None
+        return (_PLAIN[self.type], None) if self.type in _PLAIN else None
 
 
 def conform(p: ParamSpec, value: Any, where: str) -> Any:
@@ -196,8 +199,11 @@ def conform_fields(params: dict[str, ParamSpec], args: dict[str, Any], where: st
     out: dict[str, Any] = {}
     for name, p in params.items():
         if name in args:
-            value = args[name]
-            out[name] = value if type(value) is p.plain else conform(p, value, where + name)
+            value, plain = args[name], p.plain
+            if plain is not None and type(value) is plain[0]:
+                out[name] = value if plain[1] is None else plain[1](value)
+            else:
+                out[name] = conform(p, value, where + name)
         elif p.required:
             raise MalformedRequest(f"missing argument {where + name!r}")
         elif p.default is not None or p.nullable:
