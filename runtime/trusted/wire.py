@@ -19,7 +19,7 @@ use of another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import msgpack
@@ -43,9 +43,8 @@ MAX_BATCH = 256
 MAX_NAME_CHARS = 128
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_REQUEST_BYTES,
-                           max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
+_unpack = partial(msgpack.unpackb, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_REQUEST_BYTES,
+                  max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
 
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
@@ -92,11 +91,14 @@ def decode_signed(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
 def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
     """``(body_bytes, mac, body)`` of a request, or MalformedRequest."""
     body_bytes, mac, body = decode_signed(data)
-    if not _plainly_well_formed(body):
-        _check_fields(body)
-    op = body["op"]
-    if not body.keys() >= _REQUIRED_KEYS[op]:
-        raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
+    if body.get("op") == "call" and tuple(body) == _CALL_FIELDS and tuple(map(type, body.values())) == _CALL_TYPES:
+        check_depth(body["args"], 1)  # encode_call's own shape: each field once, of its type
+    else:
+        if not _plainly_well_formed(body):
+            _check_fields(body)
+        op = body["op"]
+        if not body.keys() >= _REQUIRED_KEYS[op]:
+            raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
     if body["v"] != REQUEST_VERSION:
         raise MalformedRequest(f"unsupported request version {body['v']}")
     if max(len(body["agent"]), len(body.get("tool", "")), len(body.get("to", ""))) > MAX_NAME_CHARS:
@@ -106,6 +108,8 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
 
 _FIELD_TYPES = {name: frozenset(types) for name, types in _BODY_FIELDS.items()}  # exact: a bool is no int
 _REQUIRED_KEYS = {op: frozenset(fields) for op, fields in _REQUIRED.items()}
+_CALL_FIELDS = ("v", "op", "agent", "token", "tool", "args", "nonce", "ts")  # in the order encode_call writes them
+_CALL_TYPES = (int, str, str, bytes, str, dict, bytes, float)
 
 
 def _plainly_well_formed(body: dict[str, Any]) -> bool:
