@@ -91,6 +91,11 @@ def canonical_path(value: Any) -> str:
     """Absolute, lexically normalised POSIX path; anything else is refused."""
     if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
         raise PolicyDenied(f"not a usable path: {value!r:.80}")
+    return _normalised_path(value)
+
+
+@lru_cache(maxsize=1024)  # paths repeat
+def _normalised_path(value: str) -> str:
     if not value.startswith("/"):
         raise PolicyDenied(f"path must be absolute: {value!r:.80}")
     # normpath keeps a leading '//' (POSIX allows it to mean something else): fold it.
@@ -824,8 +829,9 @@ class KeyRing:
             raise TokenRejected("tag chain does not verify (tampered or forged)")
         if holder is None:
             raise TokenRejected("token names no holder")
-        if sum(isinstance(c, Arg) and (c.check == "regex" or c.check == "each" and c.param[0] == "regex")
-               for c in caveats) > MAX_REGEX_CAVEATS:
+        plan = plan.extended(caveats[start:])
+        if sum(c.check == "regex" or c.check == "each" and c.param[0] == "regex"
+               for c in plan.arg_caveats) > MAX_REGEX_CAVEATS:
             raise TokenRejected(f"more than {MAX_REGEX_CAVEATS} regex caveats")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
@@ -834,8 +840,7 @@ class KeyRing:
         for blob, c in zip(blobs, caveats[start:]):  # a holder's seal differs per token: not worth keeping
             if len(blob) <= self.DECODED_CAVEAT_BYTES and not isinstance(c, Holder):
                 decoded[blob] = c
-        return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets),
-                             plan.extended(caveats[start:]))
+        return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets), plan)
 
     def _verified_prefix(self, tok: Token) -> VerifiedToken | None:
         """The longest remembered verified token whose caveats ``tok``'s begin with, if any.

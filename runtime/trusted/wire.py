@@ -197,13 +197,17 @@ def conform(p: ParamSpec, value: Any, where: str) -> Any:
     return value
 
 
+_ABSENT = object()
+
+
 def conform_fields(params: dict[str, ParamSpec], args: dict[str, Any], where: str = "") -> dict[str, Any]:
     if not args.keys() <= params.keys():
         raise MalformedRequest(f"unknown arguments {sorted(where + k for k in set(args) - set(params))}")
     out: dict[str, Any] = {}
     for name, p in params.items():
-        if name in args:
-            value, plain = args[name], p.plain
+        value = args.get(name, _ABSENT)
+        if value is not _ABSENT:
+            plain = p.plain
             if plain is not None and type(value) is plain[0]:
                 out[name] = value if plain[1] is None else plain[1](value)
             else:

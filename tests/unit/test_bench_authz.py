@@ -523,3 +523,12 @@ def test_check_depth_agrees_with_the_plain_walk(value, depth):
 def test_nesting_limit_of_arguments_is_unchanged(depth):
     body = dict(good_call, args={"deep": nested(depth, "leaf")})
     assert malformed(wire.decode_envelope, envelope(body)) == malformed(body_checks_reference, body)
+
+
+def test_the_call_shape_checked_in_one_comparison_is_a_call_with_every_field_of_its_type():
+    assert wire._CALL_FIELDS == wire._REQUIRED["call"]
+    assert all(t in wire._BODY_FIELDS[f] for f, t in zip(wire._CALL_FIELDS, wire._CALL_TYPES, strict=True))
+    assert tuple(good_call) == wire._CALL_FIELDS and tuple(map(type, good_call.values())) == wire._CALL_TYPES
+    sent = authz._Bench().requests("cached", 1, 1)[0]  # what encode_call writes has that shape
+    body = msgpack.unpackb(msgpack.unpackb(sent)[0])
+    assert tuple(body) == wire._CALL_FIELDS and tuple(map(type, body.values())) == wire._CALL_TYPES
