@@ -568,22 +568,25 @@ class EvaluationPlan(NamedTuple):
         new_args: list[Arg] = []
         new_flows: list[Flow] = []
         for c in caveats:
-            if isinstance(c, Arg):
+            kind = type(c)  # exact: an object of any other type (a subclass too) is refused, never skipped
+            if kind is Arg:
                 new_args.append(c)
-            elif isinstance(c, Expires):
+            elif kind is Expires:
                 if c.at < not_after:
                     not_after = c.at
-            elif isinstance(c, NotBefore):
+            elif kind is NotBefore:
                 if c.at > not_before:
                     not_before = c.at
-            elif isinstance(c, Tools):
+            elif kind is Tools:
                 tools = frozenset(c.names) if tools is None else tools.intersection(c.names)
-            elif isinstance(c, Effects):
+            elif kind is Effects:
                 effects = frozenset(c.effects) if effects is None else effects.intersection(c.effects)
-            elif isinstance(c, Audience):
+            elif kind is Audience:
                 audiences = audiences.union((c.job,))
-            elif isinstance(c, Flow):
+            elif kind is Flow:
                 new_flows.append(c)
+            elif kind not in _CHECKED_ELSEWHERE:
+                raise TypeError(f"not a caveat: {c!r:.80}")
         flows = self.flows + tuple(new_flows) if new_flows else self.flows
         if not new_args:
             return EvaluationPlan(not_before, not_after, tools, effects, audiences, self.arg_caveats,
@@ -619,6 +622,7 @@ class EvaluationPlan(NamedTuple):
                 raise PolicyDenied(f"argument {c.arg!r}: {why}", tool=tool)
 
 
+_CHECKED_ELSEWHERE = (Holder, MaxDepth, CallBudget, CostBudget)  # by KeyRing.verify and the quota ledger
 _EMPTY_PLAN = EvaluationPlan()
 
 

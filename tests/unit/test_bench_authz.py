@@ -532,3 +532,15 @@ def test_the_call_shape_checked_in_one_comparison_is_a_call_with_every_field_of_
     sent = authz._Bench().requests("cached", 1, 1)[0]  # what encode_call writes has that shape
     body = msgpack.unpackb(msgpack.unpackb(sent)[0])
     assert tuple(body) == wire._CALL_FIELDS and tuple(map(type, body.values())) == wire._CALL_TYPES
+
+
+class _LooseArg(Arg):
+    """Not a caveat the plan knows: a subclass is refused like any other type."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("thing", [object(), "tools", _LooseArg("x", "path", "exact", "/etc")])
+def test_the_plan_refuses_what_is_not_exactly_a_caveat(thing):
+    with pytest.raises(TypeError):
+        cap.EvaluationPlan().extended([Tools(("x",)), thing])
