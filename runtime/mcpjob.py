@@ -36,6 +36,7 @@ from .errors import ConfigError, ErrorCode, SandboxUnavailable, ToolFailed, Ward
 from .mcptools import result_value, to_tools
 from .sandbox.base import Limits
 from .sandbox.mcpserver import McpConnection, McpServer
+from .sandbox.workspace import Workspace
 from .tool import Tool
 
 SERVER_CPU_S = 60.0  # a server lives across calls: RLIMIT_CPU bounds its whole life (then it restarts)
@@ -191,12 +192,18 @@ def _server_data(server: McpServer) -> dict[str, Any]:
 
 
 class Connections:
-    """A worker's live servers: one per (server, agent session), or one per server if ``shared``."""
+    """A worker's live servers: one per (server, agent session), or one per server if ``shared``.
 
-    def __init__(self) -> None:
+    A shared server's workspace is made under ``root`` (the worker's workspace directory, which
+    a restarted worker's successor removes) and removed by ``close``, with every server stopped.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root
         self._lock = threading.Lock()
         self._conns: dict[tuple[str, int], McpConnection] = {}
         self._shared_sessions: dict[str, Any] = {}
+        self._shared_workspaces: list[Workspace] = []
 
     def get(self, server: McpServer, handle: Any) -> McpConnection:
         from .sandbox.bwrap import BwrapBackend, BwrapSession
@@ -205,8 +212,12 @@ class Connections:
             if server.shared:
                 session = self._shared_sessions.get(server.name)
                 if session is None:
-                    ws = Path(tempfile.mkdtemp(prefix="warden-mcp-shared-"))
-                    session = BwrapBackend().open(ws, workspace_mb=server.limits.workspace_mb,
+                    if self._root is not None:
+                        self._root.mkdir(parents=True, exist_ok=True)
+                    ws = Workspace(Path(tempfile.mkdtemp(prefix="mcp-shared-", dir=self._root)),
+                                   size_mb=server.limits.workspace_mb)
+                    self._shared_workspaces.append(ws)
+                    session = BwrapBackend().open(ws.root, workspace_mb=server.limits.workspace_mb,
                                                   key=f"mcp:{server.name}")
                     self._shared_sessions[server.name] = session
             else:
@@ -221,10 +232,23 @@ class Connections:
                 conn = self._conns[key] = McpConnection(server, session)
             return conn
 
+    def close(self) -> None:
+        """Stop every server; close the shared servers' sessions and remove their workspaces."""
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+            sessions, self._shared_sessions = list(self._shared_sessions.values()), {}
+            workspaces, self._shared_workspaces = self._shared_workspaces, []
+        for conn in conns:
+            conn.close()
+        for session in sessions:
+            session.close()
+        for ws in workspaces:
+            ws.remove()
 
-def worker_tools(entries: list[dict[str, Any]]) -> dict[str, Tool]:
-    """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start)."""
-    conns = Connections()
+
+def worker_tools(entries: list[dict[str, Any]], conns: Connections) -> dict[str, Tool]:
+    """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start),
+    their servers kept in ``conns`` (the worker closes it when it shuts down)."""
     tools: dict[str, Tool] = {}
     for entry in entries:
         d = entry["server"]

@@ -113,3 +113,11 @@ def test_the_mcp_demo_job_loads_and_checks():
     job = load_job(ROOT / "jobs" / "mcp.yaml")
     assert {"git.git_status", "git.git_commit", "files.read_text_file"} <= set(job.tools)
     assert check_job(ROOT / "jobs" / "mcp.yaml") == []
+
+
+def test_the_readme_shows_the_shipped_mcp_job_and_policy_in_full():
+    """No copy drift: the README's blocks are the files the demo and the cluster tests load."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("jobs/mcp.yaml", "jobs/mcp-dev-policy.yaml"):
+        shipped = (ROOT / name).read_text(encoding="utf-8")
+        assert f"```yaml\n{shipped}```" in readme, f"README's copy of {name} differs from the file"
