@@ -807,7 +807,7 @@ class KeyRing:
             holder, depth, max_depth = prefix.holder, prefix.depth, prefix.max_depth
             budgets = list(prefix.budgets)
             plan = prefix.plan
-        start, decoded = len(caveats), self._decoded
+        start, decoded, fresh = len(caveats), self._decoded, []
         blobs = tok.caveats[start:]
         for blob, next_tag in zip(blobs, hmac_chain(tag, blobs)):  # the chain is judged at its end, seals on the way
             c = decoded.get(blob)
@@ -816,16 +816,20 @@ class KeyRing:
                     c = decode_caveat(blob)
                 except Exception as exc:
                     raise TokenRejected(f"caveat {len(caveats)}: {exc}") from None
-            if isinstance(c, Holder):
+                if type(c) is not Holder and len(blob) <= self.DECODED_CAVEAT_BYTES:  # a seal is one token's
+                    fresh.append((blob, c))
+            kind = type(c)  # exactly one of the caveat classes: decode_caveat makes no other
+            if kind is Holder:
                 if not hmac.compare_digest(c.seal, self._seal(tag, c.agent)):
                     raise TokenRejected(f"holder caveat {len(caveats)} has a bad seal", code=ErrorCode.WRONG_HOLDER)
                 holder, depth = c.agent, depth + 1
-            elif isinstance(c, MaxDepth):
+            elif kind is MaxDepth:
                 limit = max(depth, 0) + c.depth
                 max_depth = limit if max_depth is None else min(max_depth, limit)
-            elif isinstance(c, (CallBudget, CostBudget)):
-                kind = "calls" if isinstance(c, CallBudget) else "cost"
-                budgets.append((next_tag, kind, float(c.calls if kind == "calls" else c.cost)))
+            elif kind is CallBudget:
+                budgets.append((next_tag, "calls", float(c.calls)))
+            elif kind is CostBudget:
+                budgets.append((next_tag, "cost", float(c.cost)))
             tag = next_tag
             caveats.append(c)
             tags.append(tag)
@@ -839,11 +843,10 @@ class KeyRing:
             raise TokenRejected(f"more than {MAX_REGEX_CAVEATS} regex caveats")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
-        if len(decoded) + len(blobs) > self.DECODED_CAVEATS:
-            decoded.clear()
-        for blob, c in zip(blobs, caveats[start:]):  # a holder's seal differs per token: not worth keeping
-            if len(blob) <= self.DECODED_CAVEAT_BYTES and not isinstance(c, Holder):
-                decoded[blob] = c
+        if fresh:  # only now: the chain verified
+            if len(decoded) + len(fresh) > self.DECODED_CAVEATS:
+                decoded.clear()
+            decoded.update(fresh)
         return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets), plan)
 
     def _verified_prefix(self, tok: Token) -> VerifiedToken | None:

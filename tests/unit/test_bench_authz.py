@@ -544,3 +544,31 @@ class _LooseArg(Arg):
 def test_the_plan_refuses_what_is_not_exactly_a_caveat(thing):
     with pytest.raises(TypeError):
         cap.EvaluationPlan().extended([Tools(("x",)), thing])
+
+
+@SETTINGS
+@given(first=st.lists(caveat, max_size=4), suffix=st.lists(blobs, max_size=3), forge=st.sampled_from(
+    ["none", "tag", "drop", "swap"]))
+def test_a_ring_with_caveats_decoded_before_decides_a_new_token_like_a_ring_with_nothing_cached(first, suffix, forge):
+    kr = KeyRing.generate()
+    for _ in range(2):  # other tokens with the same caveats: their caveats are kept decoded
+        verdict(kr, kr.mint(holder="a", caveats=first).encode())
+    token = kr.mint(holder="a", caveats=first)
+    for blob in suffix:
+        token = append_raw(token, blob)
+    if forge == "tag":
+        token = Token(token.kid, token.token_id, token.caveats, bytes(32), token.version)
+    elif forge == "drop" and token.caveats:
+        token = Token(token.kid, token.token_id, token.caveats[:-1], token.tag, token.version)
+    elif forge == "swap" and len(token.caveats) > 1:  # a caveat the ring knows decoded, on a chain it does not fit
+        token = Token(token.kid, token.token_id, token.caveats[:1] + token.caveats[2:] + token.caveats[1:2],
+                      token.tag, token.version)
+    assert verdict(kr, token.encode()) == verdict(fresh_ring(kr), token.encode())
+
+
+def test_the_decoded_caveats_stay_bounded_and_hold_no_holder_seal():
+    kr = KeyRing.generate()
+    for i in range(KeyRing.DECODED_CAVEATS + 10):
+        kr.verify(kr.mint(holder="a", caveats=[Expires(1e12 + i), Tools(("x",))]))
+    assert 0 < len(kr._decoded) <= KeyRing.DECODED_CAVEATS
+    assert not any(isinstance(c, cap.Holder) for c in kr._decoded.values())
