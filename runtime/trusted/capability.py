@@ -27,7 +27,6 @@ to make a check slow (regexes run on RE2, linear in the input, with bounded size
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import math
@@ -37,6 +36,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any, Iterable, NamedTuple, Union
 from urllib.parse import urlsplit
 
@@ -49,29 +49,16 @@ VERSION = 1
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_CAVEATS = 64
 EFFECTS = ("read", "write", "delete", "execute")
-_SHA = hashlib.sha256
-
-
-try:  # the OpenSSL HMAC that hmac.new wraps, called without the pure-Python wrapper around it
-    from _hashlib import hmac_new as _openssl_hmac
-except ImportError:  # pragma: no cover - a Python built without OpenSSL
-    _openssl_hmac = None
 
 
 def hmac_sha256_py(key: bytes, msg: bytes) -> bytes:
-    """``hmac.new(key, msg, sha256).digest()``, at about half the cost."""
-    if _openssl_hmac is None:  # pragma: no cover
-        return hmac.new(key, msg, _SHA).digest()
-    return _openssl_hmac(key, msg, digestmod=_SHA).digest()
+    """HMAC-SHA256, in one call of OpenSSL's (``hmac.new`` wraps it in Python)."""
+    return hmac.digest(key, msg, "sha256")
 
 
 def hmac_chain_py(tag: bytes, blobs: tuple[bytes, ...]) -> list[bytes]:
     """The tag after each blob of a chain that starts at ``tag``: ``tag_i = HMAC(tag_{i-1}, blob_i)``."""
-    out = []
-    for blob in blobs:
-        tag = hmac_sha256_py(tag, blob)
-        out.append(tag)
-    return out
+    return list(accumulate(blobs, hmac_sha256_py, initial=tag))[1:]
 
 
 try:  # the same two in C (native/hmac.c, built with the package), a few times faster; the two above are the reference
