@@ -492,8 +492,7 @@ class Supervisor:
                 answer_kind(args["schema"])
             except ValueError as exc:
                 raise MalformedRequest(f"reader.ask: {exc}", tool=tool) from None
-        rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)
-                 ] if vt.plan.flows else ()
+        rules = [f for f in vt.plan.flows if f.tool in ("*", tool) and (not f.effects or spec.effect in f.effects)]
         if not rules and not used:
             return args, spec.cost, held, None
         run = self._run(vt)  # a broken rule's origin: a handle that lowered the label, else what tainted the run
