@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
 import secrets
 import time
@@ -151,6 +150,7 @@ class Supervisor:
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
         self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
+        self._call_ids: list[str] = []  # random call ids, drawn ahead
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
         self.answers: dict[bytes, Answers] = {}  # root run -> the reader answers its chains got (journaled)
@@ -461,8 +461,8 @@ class Supervisor:
 
     def _check_revoked(self, vt: VerifiedToken, tool: str) -> None:
         """Not revoked by an id on its chain, its holder, nor an agent that held it (read only if any id is)."""
-        holders = (holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
-        self.revocations.check(itertools.chain(vt.chain_ids(), holders), vt.holder, tool)
+        ids = (*vt.chain_ids(), *map(holder_id, vt.holders)) if self.revocations.any_ids else ()
+        self.revocations.check(ids, vt.holder, tool)
 
     def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
         """For a call that waited (parked, in flight): still not revoked, its key still in the ring."""
@@ -576,7 +576,7 @@ class Supervisor:
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
                  held: dict[str, Label] | None = None, flow: dict[str, Any] | None = None) -> _Allowed:
         reservation = self.ledger.reserve(agent, vt.budgets, cost, tool)
-        call_id = secrets.token_hex(8)
+        call_id = self._call_ids.pop() if self._call_ids else self._more_call_ids()
         if self.journal is not None:
             self._open[call_id] = reservation
             try:
@@ -589,6 +589,12 @@ class Supervisor:
         for key, kind, limit in vt.budgets:
             self.observer.budget(agent, kind, self.ledger.used(key), limit)
         return _Allowed(call_id, agent, tool, args, vt, reservation, None, held or {}, flow)
+
+    def _more_call_ids(self) -> str:
+        """A fresh random call id (64 bits), drawn from the OS 256 at a time: one system call, not one per call."""
+        pool = secrets.token_hex(8 * 256)
+        self._call_ids = [pool[i:i + 16] for i in range(16, len(pool), 16)]
+        return pool[:16]
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
