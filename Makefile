@@ -26,7 +26,7 @@ system-deps:           ## install the sandbox runtimes with apt-get when they ar
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,peers]'
 	touch $(STAMP)
 
 $(MCP_DIR)/.installed: Makefile  ## the npm MCP server the tests use (node and npm: apt-get install nodejs npm)
