@@ -34,10 +34,10 @@ from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from typing import Any
 
+from ..errors import WardenError
 from ..protocol import encode_call
 from ..testing import MemoryAudit
-from ..trusted.capability import Arg, Expires, KeyRing, Token, Tools
-from ..errors import WardenError
+from ..trusted.capability import Arg, Expires, KeyRing, Tools
 from ..trusted.ledger import AgentQuota
 from ..trusted.supervisor import AgentEntry, Supervisor
 from ..trusted.wire import ParamSpec, ToolSpec

@@ -34,7 +34,7 @@ import pstats
 import time
 from typing import Any, Callable
 
-from .peer_adapters import CASES, AGENT, Adapter, peer_adapters, warden_adapters
+from .peer_adapters import AGENT, CASES, Adapter, peer_adapters, warden_adapters
 from .stats import Figure, percentile, rate_figure, summarise
 
 SUITE = "peers"
