@@ -456,7 +456,7 @@ class AgtAdapter(Adapter):
         from agent_os.policies import (PolicyAction, PolicyCondition, PolicyDefaults, PolicyDocument,
                                        PolicyEvaluator, PolicyOperator, PolicyRule)
 
-        self.library = f"agent-os-kernel {version('agent-os-kernel')} (AGT policy engine)"
+        self.library = f"agent-os-kernel {version('agent-os-kernel')} (AGT)"
         op, deny = PolicyOperator, PolicyAction.DENY
 
         def rule(name: str, field: str, operator: PolicyOperator, value: Any, action: PolicyAction = deny,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import cProfile
 import gc
 import io
+import os
 import pstats
 import time
 from typing import Any, Callable
@@ -170,6 +171,7 @@ def report(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
 def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Gate, probe and time every adapter; ``quick`` takes a few seconds (for tests)."""
     runs, n, warmup = (3, 100, 20) if quick else (7, 1000, 200)
+    load_before = os.getloadavg()
     gc.collect()
     peers, skipped = peer_adapters()
     for name, why in skipped.items():
@@ -227,6 +229,9 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[st
         f"{runs} rounds x {n} decisions per case after {warmup} warm-up ones; adapters interleaved "
         "round-robin, order rotating per round; garbage collector off while timing. Clock: "
         "time.perf_counter_ns.",
+        "Load average (1 min) before / after: {:.2f} / {:.2f} on {} CPUs (above 1 per CPU, other work shared the "
+        "machine: compare the figures of one run with each other).".format(load_before[0], os.getloadavg()[0],
+                                                                          os.cpu_count()),
     ]
     for fig in figures:
         if fig.met is False:
