@@ -153,7 +153,9 @@ def report(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     for row in rows:
         p50 = row.get("p50") or {}
         base = by_name.get(row["baseline"], {}).get("p50") or {}
-        ratios = "/".join(f"{p50[c] / base[c]:.2f}" if p50.get(c) and base.get(c) else "-" for c in cases)
+        measured = row.get("ratio") or {}  # the per-round ratios' median where there is one
+        ratios = "/".join(f"{measured[c]:.2f}" if c in measured else f"{p50[c] / base[c]:.2f}"
+                          if p50.get(c) and base.get(c) else "-" for c in cases)
         cells = "".join(f"{p50[c]:>18.1f}" if c in p50 else f"{'-':>18}" for c in cases)
         note = "" if p50 else f"  ({row['status']})"
         out.append(f"{row['name']:<22} {row['library'][:40]:<41} {cells}   {ratios:<29}  {row['baseline']}{note}")
@@ -207,6 +209,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> dict[st
             fig = rate_figure(SUITE, f"{a.name}.{case}.vs.{a.baseline}", "ratio", [round(x, 3) for x in per_round],
                               target_min=1.0, target=">= 1 (Warden faster)", case=case, baseline=a.baseline)
             figures.append(fig)
+            next(r for r in rows if r["name"] == a.name).setdefault("ratio", {})[case] = fig.p50
             progress(f"{fig.name}: {fig.p50:.2f}x" + ("" if fig.met else " (the peer is FASTER)"))
     by_name = {a.name: a for a in adapters}
     profile = "".join(_profile(by_name[w], 300 if quick else 3000)
