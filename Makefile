@@ -3,8 +3,8 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
-# The reference filesystem MCP server (npm), pinned, in a project-local gitignored directory.
-MCP_NPM = @modelcontextprotocol/server-filesystem@2026.8.31
+# The npm MCP servers (the reference filesystem server), pinned with their dependencies by
+# mcp-servers/package-lock.json and installed with npm ci into mcp-servers/node_modules (gitignored).
 MCP_DIR = mcp-servers
 # Debian packages the sandboxes need: bubblewrap (bwrap), runsc (gVisor), util-linux (prlimit).
 SYSTEM_PACKAGES = bubblewrap runsc util-linux
@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,peers]'
 	touch $(STAMP)
 
-$(MCP_DIR)/.installed: Makefile  ## the npm MCP server the tests use (node and npm: apt-get install nodejs npm)
+$(MCP_DIR)/.installed: $(MCP_DIR)/package.json $(MCP_DIR)/package-lock.json  ## the npm MCP servers, as locked (node, npm: apt-get install nodejs npm)
 	@command -v npm >/dev/null || { echo "npm is missing: run  sudo apt-get install -y nodejs npm" >&2; exit 1; }
-	npm install --silent --no-audit --no-fund --prefix $(MCP_DIR) $(MCP_NPM)
+	npm ci --silent --no-audit --no-fund --prefix $(MCP_DIR)
 	touch $@
 
 demo: setup            ## set up, then run the demo job on a local Ray
@@ -58,4 +58,4 @@ mutate: setup          ## mutation testing of runtime/trusted/ against tests/uni
 	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) $(MCP_DIR) runs .pytest_cache .hypothesis mutants
+	rm -rf $(VENV) $(MCP_DIR)/node_modules $(MCP_DIR)/.installed runs .pytest_cache .hypothesis mutants

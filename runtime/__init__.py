@@ -4,7 +4,7 @@ The public API. Ray-dependent pieces (``runtime.actors``, ``runtime.job``) are i
 lazily by the CLI so that importing ``runtime`` does not import Ray.
 """
 
-from .agent import Agent, ToolCallingAgent, is_handle
+from .agent import Agent, ToolCallingAgent, is_handle, outcome
 from .errors import (ApprovalDenied, AuditUnavailable, ConfigError, DelegationDenied, Denied, DispatchRefused, ErrorCode,
                      FlowDenied, InternalError, MalformedRequest, PolicyDenied, QuotaExceeded, SandboxKilled, SandboxUnavailable,
                      TokenRejected, ToolFailed,
@@ -20,7 +20,7 @@ from .trusted.policy import Policy
 from .policyfile import load_policy
 
 __all__ = [
-    "Agent", "ToolCallingAgent", "is_handle",
+    "Agent", "ToolCallingAgent", "is_handle", "outcome",
     "ApprovalDenied", "AuditUnavailable", "ConfigError", "DelegationDenied", "Denied", "DispatchRefused", "ErrorCode",
     "FlowDenied", "InternalError", "MalformedRequest", "PolicyDenied", "QuotaExceeded", "SandboxKilled", "SandboxUnavailable",
     "TokenRejected", "ToolFailed",

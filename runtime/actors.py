@@ -37,7 +37,7 @@ from .trusted.wire import ToolSpec
 from .sandbox.pool import SandboxPool
 from .sandbox.restart import DispatchJournal, reclaim_workspaces, workspace_root
 from .sandbox.worker import ToolWorker
-from .mcpjob import worker_tools
+from .mcpjob import Connections, worker_tools
 from .tool import load_tools
 
 
@@ -617,10 +617,11 @@ class ToolWorkerActor:
         self._reclaimed = reclaim_workspaces(note) if restarted and note else []
         self._journal = DispatchJournal(run_dir / f"worker-{index}.dispatches" if run_dir else None,
                                         restarted=restarted, call_timeout_s=call_timeout_s)
-        tools = {**load_tools(tool_modules), **worker_tools(mcp or [])}  # MCP: the servers listed at job start
+        root = workspace_root(note)
+        self._mcp = Connections(root)  # shared MCP servers' workspaces live beside the agents'
+        tools = {**load_tools(tool_modules), **worker_tools(mcp or [], self._mcp)}  # the servers listed at job start
         self._worker = ToolWorker(dispatch_key=dispatch_key, tools=tools, job=job_id,
-                                  tool_config=tool_config, sandboxes=SandboxPool(workspace_root(note)),
-                                  journal=self._journal)
+                                  tool_config=tool_config, sandboxes=SandboxPool(root), journal=self._journal)
         self._restarted = restarted
 
     async def execute(self, message: bytes) -> bytes:
@@ -645,6 +646,7 @@ class ToolWorkerActor:
         return self._worker.artifacts(proof, paths, max_bytes=max_bytes, max_files=max_files)
 
     def shutdown(self) -> None:
+        self._mcp.close()  # first: a server runs in an agent's session, which the pool closes
         self._worker.close()
         self._journal.close()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import json
-from typing import Any, Callable, ClassVar, Iterable, Protocol
+from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol
 
 from pydantic import ValidationError
 
@@ -30,6 +30,19 @@ from .protocol import check_reply, decode_reply, encode_batch, encode_call, enco
 from .trusted.capability import CallBudget, Caveat, CostBudget, Expires, MaxDepth, Token, Tools
 from .trusted.policy import ArgRule, FlowRule
 from .policyfile import explain_error
+
+
+async def outcome(call: Awaitable[Any], *, detail: bool = False) -> dict[str, Any]:
+    """A call's outcome as data, for scripted agents and their tests: ``{"ok": True, "value": V}``, or
+    ``{"ok": False, "code": CODE}`` when it raised a ``WardenError`` (``detail``: also its
+    ``retry_after_s`` and the ``public`` text the agent is told). Any other exception propagates."""
+    try:
+        return {"ok": True, "value": await call}
+    except WardenError as exc:
+        out: dict[str, Any] = {"ok": False, "code": exc.code.value}
+        if detail:
+            out.update(retry_after_s=exc.retry_after_s, public=exc.public())
+        return out
 
 
 class SupervisorClient(Protocol):

@@ -323,6 +323,30 @@ class RunDigest:
     revoked: dict[str, str] = field(default_factory=dict)  # agent -> who revoked it (operator, not quarantine)
 
 
+def calls_in_order(records: Iterable[dict[str, Any]], *, limit: int) -> list[list[str]]:
+    """A run's calls in time order, one row each: agent, tool, ``allowed`` (with the outcome's code if
+    it then failed) or ``DENIED CODE``, and the arguments or the denial's reason; escaped and shortened.
+    No rows when the run made more than ``limit`` decisions (a long run is for ``warden audit show``)."""
+    decisions: list[dict[str, Any]] = []
+    failed: dict[Any, str] = {}
+    for r in records:
+        if r.get("kind") == "decision":
+            decisions.append(r)
+            if len(decisions) > limit:
+                return []
+        elif r.get("kind") == "outcome" and not r.get("ok"):
+            failed[r.get("call_id")] = str(r.get("code") or "failed")
+    rows = []
+    for r in sorted(decisions, key=lambda r: r.get("ts", 0)):  # shards' logs interleaved by time
+        if r.get("decision") == "allow":
+            ended = failed.get(r.get("call_id"))
+            said, detail = "allowed" + (f", then {ended}" if ended else ""), json.dumps(r.get("args", {}), default=str)
+        else:
+            said, detail = f"DENIED {r.get('code')}", r.get("reason", "")
+        rows.append([_short(_agent(r), 30), _short(_tool(r), 40), _short(said, 40), _short(detail, 70)])
+    return rows
+
+
 def digest_run(records: Iterable[dict[str, Any]], *, reason_chars: int = 240) -> RunDigest:
     """The reason of every denial and failed outcome (grouped, most frequent first) and the agents
     an operator revoked. Reasons are the audit log's, with values: for the operator, not the agent."""

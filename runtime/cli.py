@@ -91,6 +91,23 @@ def print_digest(logs: list[str], shown_as: str) -> None:
               + ", ".join(f"{agent} (by {by})" for agent, by in sorted(digest.revoked.items())))
 
 
+CALLS_LISTED = 40  # a run with at most this many decisions lists every call in order
+
+
+def print_calls(logs: list[str]) -> None:
+    """Every call of a small run, in order, from the audit log: allowed (and how it ended) or denied, and why."""
+    from .auditlog import calls_in_order, read_records
+    from .trusted.audit import AuditFormatError
+
+    try:
+        rows = calls_in_order((r for path in logs for r in read_records(path)), limit=CALLS_LISTED)
+    except (OSError, AuditFormatError):
+        return  # print_digest says why the log was not read
+    if rows:
+        print("\ncalls in order (from the audit log):")
+        print(_table(rows, ["agent", "tool", "decision", "arguments (allowed) or reason (denied)"]))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .job import run_job
 
@@ -116,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nresult of {name}:\n  {json.dumps(value, default=str)[:1500]}")
     for name, err in result.errors.items():
         print(f"\nagent {name} FAILED: {err}")
+    print_calls(result.audit_logs or [result.audit_log])
     print_digest(result.audit_logs or [result.audit_log], result.audit_log)
     if result.quarantined:
         print(f"\nQUARANTINED (tokens revoked, actor stopped): {', '.join(result.quarantined)}")

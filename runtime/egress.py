@@ -101,8 +101,18 @@ class FetchSettings:
         return settings
 
 
-def checked_addresses(host: str, port: int, settings: FetchSettings) -> list[str]:
-    """The addresses ``host`` resolves to, each of them allowed; ToolFailed(EGRESS_REFUSED) if one is not."""
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, canonical host, port) of an http(s) URL; ToolFailed(EGRESS_REFUSED) for anything else or ambiguous."""
+    try:
+        return url_origin(url)
+    except PolicyDenied as exc:
+        raise ToolFailed(exc.reason, code=ErrorCode.EGRESS_REFUSED) from None
+
+
+def checked_addresses(host: str, port: int, settings: FetchSettings,
+                      opt_in: str = "tool_config.http.allow_private_networks") -> list[str]:
+    """The addresses ``host`` resolves to, each of them allowed; ToolFailed(EGRESS_REFUSED) if one is not
+    (its reason names ``opt_in``, the setting that would allow a private destination)."""
     try:
         addresses = [str(a) for a in settings.resolver(host, port)]
     except (OSError, UnicodeError) as exc:
@@ -112,8 +122,8 @@ def checked_addresses(host: str, port: int, settings: FetchSettings) -> list[str
     for address in addresses:
         why = refusal(address)
         if why is not None and (why == NOT_AN_ADDRESS or not settings.allow_private_networks):
-            raise ToolFailed(f"{host!r} resolves to {address}, {why}; set tool_config.http.allow_private_networks "
-                             f"to allow private destinations", code=ErrorCode.EGRESS_REFUSED)
+            raise ToolFailed(f"{host!r} resolves to {address}, {why}; set {opt_in} to allow private "
+                             "destinations", code=ErrorCode.EGRESS_REFUSED)
     return addresses
 
 

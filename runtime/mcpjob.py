@@ -5,10 +5,15 @@
         prefix: git                    # its tools are git.git_status, git.git_log, ...
         command: [mcp-server-git]      # stdio server: started in the calling agent's bwrap sandbox
         sandbox: {backend: bwrap, limits: {cpu_s: 60, memory_mb: 512}}
-        network: []                    # host allow-list; none by default (only none is supported yet)
+        network: [api.github.com]      # hosts (host or host:port) it may reach, through an egress proxy; none by default
         env_from: {GITHUB_TOKEN: GIT_TOKEN}   # server env var <- driver env var, for this server only
         shared: false                  # true: one server per worker, in a workspace of its own
         path_args: [path]              # arguments canonicalised as paths (policy path_under rules apply)
+      - name: docs
+        prefix: docs
+        url: https://mcp.example.com/mcp   # streamable HTTP: a remote server, outside Warden's sandbox
+        headers_from: {Authorization: "Bearer ${DOCS_TOKEN}"}   # header <- template of driver env vars
+        allow_private_networks: false  # true: the URL (or a network: host) may resolve to a private address
 
 At job start (``load_job`` and ``warden check``) the driver starts each server once, in an
 empty sandboxed workspace, and lists its tools (``discover``); they become tools of the job
@@ -17,9 +22,10 @@ server, is what the tool workers get: a tool the server adds later is never regi
 a worker each call runs through the agent's connection to its own sandboxed server
 (``worker_tools``), started on the first call and restarted after a failure.
 
-Credentials (``env_from``) are read from the driver's environment and go to the tool
-workers, which set them in that server's environment only: they are never in a tool's
-schema, arguments, results, an error's text or the audit log.
+Credentials (``env_from``, ``headers_from``) are read from the driver's environment and go
+to the tool workers, which set them in that server's environment (or send them to that URL's
+origin) only: they are never in a tool's schema, arguments, results, an error's text or the
+audit log.
 """
 
 from __future__ import annotations
@@ -32,14 +38,23 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .egress import NOT_AN_ADDRESS, origin_of, refusal
 from .errors import ConfigError, ErrorCode, SandboxUnavailable, ToolFailed, WardenError
 from .mcptools import result_value, to_tools
 from .sandbox.base import Limits
+from .sandbox.mcpproxy import parse_allowed
 from .sandbox.mcpserver import McpConnection, McpServer
+from .sandbox.workspace import Workspace
 from .tool import Tool
 
 SERVER_CPU_S = 60.0  # a server lives across calls: RLIMIT_CPU bounds its whole life (then it restarts)
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+_HEADER_NAME = r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+# Headers the transport sets itself, or that would change what the request means: never from a job file.
+_RESERVED_HEADERS = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade",
+                               "te", "trailer", "keep-alive", "accept", "accept-encoding", "mcp-session-id",
+                               "mcp-protocol-version", "last-event-id", "proxy-authorization", "proxy-connection"})
 
 
 class _Strict(BaseModel):
@@ -68,8 +83,13 @@ class McpServerSpec(_Strict):
     command: list[str] | None = Field(default=None, min_length=1)
     url: str | None = None
     sandbox: McpSandbox = Field(default_factory=McpSandbox)
-    network: list[str] = Field(default_factory=list, description="hosts the server may reach; none by default")
+    network: list[str] = Field(default_factory=list, description="hosts (host or host:port) a stdio server may "
+                               "reach, through an egress proxy; none by default")
     env_from: dict[str, str] = Field(default_factory=dict, description="server env var -> driver env var")
+    headers_from: dict[str, str] = Field(default_factory=dict, description="a URL server's request header -> "
+                                         "a template of driver env vars, e.g. 'Bearer ${TOKEN}'")
+    allow_private_networks: bool = Field(default=False, description="the URL or a network: host may resolve to "
+                                         "a loopback, private or link-local address")
     shared: bool = False
     path_args: list[str] = Field(default_factory=list, description="arguments canonicalised as paths, in every tool")
 
@@ -79,18 +99,67 @@ class McpServerSpec(_Strict):
             raise ValueError(f"MCP server {self.name!r}: give either command: [...] (stdio) or url: (streamable "
                              "HTTP), not both or neither")
         if self.url is not None:
-            raise ValueError(f"MCP server {self.name!r}: url: (streamable HTTP) servers are not supported yet; "
-                             "use a stdio command")
+            self._check_url(self.url)
+        elif self.headers_from:
+            raise ValueError(f"MCP server {self.name!r}: headers_from is for url: servers; a stdio server's "
+                             "credentials are env_from")
         if self.sandbox.backend != "bwrap":
             raise ValueError(f"MCP server {self.name!r}: sandbox backend {self.sandbox.backend!r} is not supported "
                              "for MCP servers yet (use bwrap)")
-        if self.network:
-            raise ValueError(f"MCP server {self.name!r}: a network allow-list is not supported yet (the server "
-                             "runs without network)")
+        for entry in self.network:
+            try:
+                parse_allowed(entry)
+            except ValueError as exc:
+                raise ValueError(f"MCP server {self.name!r}: {exc}") from None
         bad = sorted(k for k in [*self.env_from, *self.env_from.values()] if not re.fullmatch(_ENV_NAME, k))
         if bad:
             raise ValueError(f"MCP server {self.name!r}: env_from: not environment variable names: {bad}")
+        for header, template in self.headers_from.items():
+            problem = _header_problem(header, template)
+            if problem:
+                raise ValueError(f"MCP server {self.name!r}: headers_from {header!r}: {problem}")
         return self
+
+    def _check_url(self, url: str) -> None:
+        what = f"MCP server {self.name!r}"
+        if self.env_from or self.network:
+            raise ValueError(f"{what}: a url: server is remote: it has no environment (use headers_from for "
+                             "credentials) and no network allow-list (its URL is its one destination)")
+        try:
+            _, host, _ = origin_of(url)
+        except WardenError as exc:
+            raise ValueError(f"{what}: url {url!r:.120}: {exc.reason}") from None
+        if "@" in url.split("/", 3)[2]:
+            raise ValueError(f"{what}: url: no credentials in the URL; use headers_from")
+        why = refusal(host)
+        if why is not None and why != NOT_AN_ADDRESS and not self.allow_private_networks:
+            raise ValueError(f"{what}: url host {host} is {why}; set allow_private_networks: true on this "
+                             "entry to allow it")
+
+
+def _header_problem(header: str, template: str) -> str | None:
+    if not re.fullmatch(_HEADER_NAME, header):
+        return "not an HTTP header name"
+    if header.lower() in _RESERVED_HEADERS:
+        return "set by the MCP transport itself"
+    if not _ENV_REF.search(template):
+        return "give the value as a template naming the driver's environment variables, e.g. 'Bearer ${TOKEN}'"
+    if "$" in _ENV_REF.sub("", template) or any(c in template for c in "\r\n\0"):
+        return "only ${NAME} references and plain text, on one line"
+    return None
+
+
+def _headers(spec: McpServerSpec, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The URL server's credential headers, filled in from ``environ`` (errors name a variable, never a value)."""
+    headers = []
+    for header, template in sorted(spec.headers_from.items()):
+        value = _ENV_REF.sub(lambda m: environ[m.group(1)], template)
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"MCP server {spec.name!r}: headers_from {header!r}: the environment variables "
+                              f"{sorted(set(_ENV_REF.findall(template)))} hold a line break or NUL",
+                              code=ErrorCode.JOB_INVALID)
+        headers.append((header, value))
+    return tuple(headers)
 
 
 def check_servers(specs: list[McpServerSpec]) -> str | None:
@@ -108,7 +177,7 @@ def mcp_sandbox_problem(agent: str, policy: Any, mcp_tools: Mapping[str, Tool], 
     """Why ``policy`` cannot run the MCP tools it names (a per-agent server runs in the agent's bwrap sandbox)."""
     from .isolation import sandbox_settings
 
-    shared = {s.prefix for s in specs if s.shared}
+    shared = {s.prefix for s in specs if s.shared or s.url is not None}  # not in the agent's sandbox
     settings = sandbox_settings(policy)
     wrong = sorted(n for n in policy.tools if n in mcp_tools and n.split(".", 1)[0] not in shared
                    and settings.get(n, settings["*"])["backend"] != "bwrap")
@@ -120,13 +189,17 @@ def mcp_sandbox_problem(agent: str, policy: Any, mcp_tools: Mapping[str, Tool], 
 
 def server_of(spec: McpServerSpec, environ: Mapping[str, str]) -> McpServer:
     """The resolved server; its credentials read from ``environ`` (ConfigError naming the variable, never its value)."""
-    missing = sorted(v for v in spec.env_from.values() if v not in environ)
+    needed = [*spec.env_from.values(), *(n for t in spec.headers_from.values() for n in _ENV_REF.findall(t))]
+    missing = sorted({v for v in needed if v not in environ})
     if missing:
-        raise ConfigError(f"MCP server {spec.name!r}: env_from needs environment variables {missing}, which are "
+        what = "env_from" if spec.env_from else "headers_from"
+        raise ConfigError(f"MCP server {spec.name!r}: {what} needs environment variables {missing}, which are "
                           "not set", code=ErrorCode.JOB_INVALID)
     limits = Limits(**spec.sandbox.limits.model_dump())
-    return McpServer(spec.name, spec.prefix, tuple(spec.command or ()), backend=spec.sandbox.backend, limits=limits,
-                     env=tuple(sorted((k, environ[v]) for k, v in spec.env_from.items())), shared=spec.shared)
+    return McpServer(spec.name, spec.prefix, tuple(spec.command or ()), url=spec.url or "", backend=spec.sandbox.backend,
+                     limits=limits, network=tuple(spec.network),
+                     env=tuple(sorted((k, environ[v]) for k, v in spec.env_from.items())), shared=spec.shared,
+                     headers=_headers(spec, environ), allow_private_networks=spec.allow_private_networks)
 
 
 _LISTINGS: dict[McpServer, list[dict[str, Any]]] = {}  # one discovery per server per process (check, then load)
@@ -134,14 +207,16 @@ _LISTING_LOCK = threading.Lock()
 
 
 def discover(server: McpServer) -> list[dict[str, Any]]:
-    """The server's ``tools/list``, as plain data: started once, in an empty sandboxed workspace."""
+    """The server's ``tools/list``, as plain data: started once, in an empty sandboxed workspace (a URL
+    server: connected to once, its address checked as for every call)."""
     from .sandbox.bwrap import BwrapBackend
 
     with _LISTING_LOCK:
         if server in _LISTINGS:
             return _LISTINGS[server]
         with tempfile.TemporaryDirectory(prefix="warden-mcp-") as d:
-            session = BwrapBackend().open(Path(d), workspace_mb=server.limits.workspace_mb, key=f"mcp:{server.name}")
+            session = None if server.url else BwrapBackend().open(Path(d), workspace_mb=server.limits.workspace_mb,
+                                                                  key=f"mcp:{server.name}")
             conn = McpConnection(server, session)
             try:
                 listed = conn.list_tools(timeout_s=server.limits.wall_s)
@@ -150,7 +225,8 @@ def discover(server: McpServer) -> list[dict[str, Any]]:
                                   f"{exc.reason}", code=ErrorCode.JOB_INVALID) from None
             finally:
                 conn.close()
-                session.close()
+                if session is not None:
+                    session.close()
         _LISTINGS[server] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed]
         return _LISTINGS[server]
 
@@ -186,27 +262,52 @@ def job_tools(specs: list[McpServerSpec], environ: Mapping[str, str]
 
 
 def _server_data(server: McpServer) -> dict[str, Any]:
-    return {"name": server.name, "prefix": server.prefix, "command": list(server.command), "backend": server.backend,
-            "limits": vars(server.limits), "env": dict(server.env), "shared": server.shared}
+    return {"name": server.name, "prefix": server.prefix, "command": list(server.command), "url": server.url,
+            "backend": server.backend, "limits": vars(server.limits), "network": list(server.network),
+            "env": dict(server.env), "shared": server.shared, "headers": dict(server.headers),
+            "allow_private_networks": server.allow_private_networks}
+
+
+def _server_of_data(d: dict[str, Any]) -> McpServer:
+    return McpServer(d["name"], d["prefix"], tuple(d["command"]), url=d["url"], backend=d["backend"],
+                     limits=Limits(**d["limits"]), network=tuple(d["network"]), env=tuple(sorted(d["env"].items())),
+                     shared=d["shared"], headers=tuple(sorted(d["headers"].items())),
+                     allow_private_networks=d["allow_private_networks"])
 
 
 class Connections:
-    """A worker's live servers: one per (server, agent session), or one per server if ``shared``."""
+    """A worker's live servers: one per (server, agent session), or one per server if ``shared``. A URL
+    server has no sandbox: its connection (and so its MCP session) is per agent session all the same.
 
-    def __init__(self) -> None:
+    A shared server's workspace is made under ``root`` (the worker's workspace directory, which
+    a restarted worker's successor removes) and removed by ``close``, with every server stopped.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root
         self._lock = threading.Lock()
         self._conns: dict[tuple[str, int], McpConnection] = {}
         self._shared_sessions: dict[str, Any] = {}
+        self._shared_workspaces: list[Workspace] = []
 
     def get(self, server: McpServer, handle: Any) -> McpConnection:
         from .sandbox.bwrap import BwrapBackend, BwrapSession
 
         with self._lock:
+            if server.url:
+                key = (server.name, 0 if server.shared else id(getattr(handle, "session", None)))
+                if key not in self._conns:
+                    self._conns[key] = McpConnection(server)
+                return self._conns[key]
             if server.shared:
                 session = self._shared_sessions.get(server.name)
                 if session is None:
-                    ws = Path(tempfile.mkdtemp(prefix="warden-mcp-shared-"))
-                    session = BwrapBackend().open(ws, workspace_mb=server.limits.workspace_mb,
+                    if self._root is not None:
+                        self._root.mkdir(parents=True, exist_ok=True)
+                    ws = Workspace(Path(tempfile.mkdtemp(prefix="mcp-shared-", dir=self._root)),
+                                   size_mb=server.limits.workspace_mb)
+                    self._shared_workspaces.append(ws)
+                    session = BwrapBackend().open(ws.root, workspace_mb=server.limits.workspace_mb,
                                                   key=f"mcp:{server.name}")
                     self._shared_sessions[server.name] = session
             else:
@@ -221,15 +322,26 @@ class Connections:
                 conn = self._conns[key] = McpConnection(server, session)
             return conn
 
+    def close(self) -> None:
+        """Stop every server; close the shared servers' sessions and remove their workspaces."""
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+            sessions, self._shared_sessions = list(self._shared_sessions.values()), {}
+            workspaces, self._shared_workspaces = self._shared_workspaces, []
+        for conn in conns:
+            conn.close()
+        for session in sessions:
+            session.close()
+        for ws in workspaces:
+            ws.remove()
 
-def worker_tools(entries: list[dict[str, Any]]) -> dict[str, Tool]:
-    """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start)."""
-    conns = Connections()
+
+def worker_tools(entries: list[dict[str, Any]], conns: Connections) -> dict[str, Tool]:
+    """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start),
+    their servers kept in ``conns`` (the worker closes it when it shuts down)."""
     tools: dict[str, Tool] = {}
     for entry in entries:
-        d = entry["server"]
-        server = McpServer(d["name"], d["prefix"], tuple(d["command"]), backend=d["backend"],
-                           limits=Limits(**d["limits"]), env=tuple(sorted(d["env"].items())), shared=d["shared"])
+        server = _server_of_data(entry["server"])
 
         def call(name: str, args: dict[str, Any], ctx: Any, _server: McpServer = server) -> Any:
             handle = ctx.sandbox

@@ -20,6 +20,11 @@ nothing here decides anything. A server that hangs past a call's deadline or die
 and started again on the next call. The sandbox is not started ``--as-pid-1`` (as a call's is):
 bwrap's own init is the namespace's pid 1, and killing bwrap (the SDK does, on close) ends the
 namespace and every process in it, the server included, whatever it does with its input.
+
+Two variations (``McpConnection._streams``): a server with a ``network`` allow-list reaches
+those hosts, and nothing else, through an egress proxy outside its sandbox (``mcpproxy``); a
+server given by ``url`` is remote, outside any Warden sandbox, and is spoken to over
+streamable HTTP pinned to its checked address (``mcphttp``).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import asyncio
 import os
 import sys
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 
-from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed
+from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed, WardenError
+from . import mcpproxy
 from .base import WORKSPACE, Limits, rlimit_args
 from .bwrap import BwrapSession, _scratch_mounts
 
@@ -51,12 +58,15 @@ class McpServer:
     url: str = ""
     backend: str = "bwrap"
     limits: Limits = field(default_factory=Limits)
-    network: tuple[str, ...] = ()
+    network: tuple[str, ...] = ()  # a stdio server's allow-list (mcpproxy); a URL server's destination is its URL
     env: tuple[tuple[str, str], ...] = ()  # credentials, already read from the driver's environment
     shared: bool = False
+    headers: tuple[tuple[str, str], ...] = ()  # a URL server's credential headers, already resolved
+    allow_private_networks: bool = False  # the URL or the allow-list may resolve to private addresses
 
     def __repr__(self) -> str:  # never the credentials' values
-        return f"McpServer({self.name!r}, prefix={self.prefix!r}, env={[k for k, _ in self.env]})"
+        return (f"McpServer({self.name!r}, prefix={self.prefix!r}, env={[k for k, _ in self.env]}, "
+                f"headers={[k for k, _ in self.headers]})")
 
 
 def program_dirs() -> list[str]:
@@ -107,7 +117,15 @@ def server_env(server: McpServer) -> dict[str, str]:
             **dict(server.env)}
 
 
-def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
+def _egress_binds(egress_dir: str | None) -> list[str]:
+    """The proxy's socket directory at ``mcpproxy.SANDBOX_DIR`` (its parent searchable: bwrap makes it 0700 as root)."""
+    if egress_dir is None:
+        return []
+    return ["--perms", "0755", "--dir", os.path.dirname(mcpproxy.SANDBOX_DIR), "--bind", egress_dir,
+            mcpproxy.SANDBOX_DIR]
+
+
+def sandboxed_argv(server: McpServer, session: BwrapSession, egress_dir: str | None = None) -> list[str]:
     """The command line that starts ``server`` in the bwrap sandbox of ``session`` (an agent's workspace).
 
     Not as root: ``prlimit -> bwrap --unshare-all -> server``, as the worker runs a call. As
@@ -119,23 +137,30 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
     kernel clears the parent-death signal (``--die-with-parent``) when the uid changes, so
     ``setpriv`` sets it again: the server is killed with its sandbox, even if it ignores the
     end of its input.
+
+    A server with a ``network`` allow-list still has no network: ``egress_dir`` (its
+    ``EgressProxy``'s socket directory) is bound in, and the server runs under the forwarder
+    (``mcpproxy.FORWARDER``) with the proxy variables set, its only way out.
     """
     if server.backend != "bwrap":
         raise SandboxUnavailable(f"MCP server {server.name}: backend {server.backend!r} is not supported for "
                                  "stdio servers yet (bwrap only)", code=ErrorCode.SANDBOX_UNAVAILABLE)
-    if server.network:
-        raise SandboxUnavailable(f"MCP server {server.name}: a network allow-list is not supported yet",
-                                 code=ErrorCode.SANDBOX_UNAVAILABLE)
+    if server.url or bool(server.network) != (egress_dir is not None):
+        raise SandboxUnavailable(f"MCP server {server.name}: a URL server has no sandbox, and a network allow-list "
+                                 "needs its egress proxy", code=ErrorCode.SANDBOX_UNAVAILABLE)
     limits, uid = server.limits, session._uid
     # V8 and CPython reserve address space far beyond what they touch: no RLIMIT_AS for a server.
     rlimits = [a for a in rlimit_args(limits, address_space=False)]
     # The scratch /tmp first: a program installed under /tmp (a checkout there) is bound on top of it, not hidden.
     mounts = ["--perms", "0755", "--dir", "/etc", *session._system_binds, "--proc", "/proc", "--dev", "/dev",
               *_scratch_mounts(limits), *_program_binds(program_dirs()), "--bind", str(session.workspace), WORKSPACE,
-              "--remount-ro", "/", "--clearenv"]
-    for k, v in server_env(server).items():
+              *_egress_binds(egress_dir), "--remount-ro", "/", "--clearenv"]
+    env = {**server_env(server), **(mcpproxy.proxy_env() if egress_dir else {})}
+    for k, v in env.items():
         mounts += ["--setenv", k, v]
     command = resolve_command(server.command)
+    if egress_dir:
+        command = mcpproxy.wrapped_command(sys.executable, command)
     common = ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
     if uid is None:
         return [session._prlimit, *rlimits, "--", session._bwrap, "--unshare-all", *common, "--cap-drop", "ALL",
@@ -150,16 +175,19 @@ def sandboxed_argv(server: McpServer, session: BwrapSession) -> list[str]:
 
 
 class McpConnection:
-    """A live session with one sandboxed server, on an event loop of its own thread.
+    """A live session with one server, sandboxed (stdio) or remote (``url``), on an event loop of its own thread.
 
     ``list_tools`` and ``call`` are synchronous (the tool worker's threads call them); each
     waits at most its deadline, and a session that failed or overran is closed, so the next
-    call starts the server again.
+    call starts the server (or connects) again. The two transports differ only in ``_streams``.
+    A stdio server with a ``network`` allow-list gets its ``proxy`` on its first start, kept
+    across restarts and closed with the connection.
     """
 
-    def __init__(self, server: McpServer, session: BwrapSession) -> None:
+    def __init__(self, server: McpServer, session: BwrapSession | None = None) -> None:
         self.server = server
         self.session = session
+        self.proxy: mcpproxy.EgressProxy | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{server.name}", daemon=True)
         self._thread.start()
@@ -168,25 +196,54 @@ class McpConnection:
         self._done: Any = None
         self._lock = threading.Lock()
 
-    async def _serve(self, ready: "asyncio.Future[Any]") -> None:
-        from mcp import ClientSession, StdioServerParameters
+    @asynccontextmanager
+    async def _streams(self) -> AsyncIterator[Any]:
+        """The server's two message streams: its sandbox's stdio, or HTTP to its URL's checked address."""
+        if self.server.url:
+            from .mcphttp import http_streams
+
+            async with http_streams(self.server.url, dict(self.server.headers),
+                                    allow_private_networks=self.server.allow_private_networks,
+                                    timeout_s=self.server.limits.wall_s,
+                                    max_event_bytes=self.server.limits.max_output_bytes) as streams:
+                yield streams
+            return
+        from mcp import StdioServerParameters
         from mcp.client.stdio import stdio_client
 
-        argv = sandboxed_argv(self.server, self.session)
+        if self.session is None:
+            raise SandboxUnavailable(f"MCP server {self.server.name} runs in a sandbox session; none was given",
+                                     code=ErrorCode.SANDBOX_UNAVAILABLE)
+        argv = sandboxed_argv(self.server, self.session, self._egress_dir())
         params = StdioServerParameters(command=argv[0], args=argv[1:], env={})
-        self._stop = asyncio.Event()
         with open(os.devnull, "w") as errlog:
-            try:
-                async with stdio_client(params, errlog=errlog) as (read, write):
-                    async with ClientSession(read, write) as session:
-                        await session.initialize()
-                        ready.set_result(session)
-                        await self._stop.wait()
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller waiting on ready
-                if not ready.done():
-                    ready.set_exception(exc)
-                elif not isinstance(exc, asyncio.CancelledError):
-                    raise
+            async with stdio_client(params, errlog=errlog) as streams:
+                yield streams
+
+    def _egress_dir(self) -> str | None:
+        if not self.server.network:
+            return None
+        if self.proxy is None:
+            allowed = [mcpproxy.parse_allowed(h) for h in self.server.network]
+            self.proxy = mcpproxy.EgressProxy(self.server.name, allowed,
+                                              allow_private_networks=self.server.allow_private_networks)
+        return self.proxy.start(getattr(self.session, "_uid", None))  # as root: the sandbox's uid owns the socket
+
+    async def _serve(self, ready: "asyncio.Future[Any]") -> None:
+        from mcp import ClientSession
+
+        self._stop = asyncio.Event()
+        try:
+            async with self._streams() as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    ready.set_result(session)
+                    await self._stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller waiting on ready
+            if not ready.done():
+                ready.set_exception(exc)
+            elif not isinstance(exc, asyncio.CancelledError):
+                raise
 
     def _ensure(self, timeout_s: float) -> Any:
         if self._session is not None and not self._done.done():
@@ -204,11 +261,13 @@ class McpConnection:
             self.reset()
             raise SandboxKilled(f"MCP server {self.server.name} did not start within {timeout_s:.0f} s",
                                 code=ErrorCode.SANDBOX_TIMEOUT) from None
-        except (SandboxUnavailable, SandboxKilled):
+        except WardenError:  # no sandbox, or a URL Warden refuses to connect to
             self.reset()
             raise
         except Exception as exc:
             self.reset()
+            while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # an ExceptionGroup of
+                exc = exc.exceptions[0]  # the SDK's task groups: its first cause says what went wrong
             raise ToolFailed(f"MCP server {self.server.name} failed to start: {type(exc).__name__}: {exc}"[:500],
                              code=ErrorCode.WORKER_UNAVAILABLE) from None
         return self._session
@@ -274,3 +333,5 @@ class McpConnection:
         self.reset()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if self.proxy is not None:
+            self.proxy.close()

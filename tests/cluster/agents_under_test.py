@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from runtime.agent import Agent
+from runtime.agent import Agent, outcome
 from runtime.errors import WardenError
 from runtime.tool import tool
 
@@ -35,11 +36,7 @@ async def _mark_loop(agent: Agent, tool: str, task: dict[str, Any], k: int, code
                 await asyncio.sleep(0.05)  # a client backing off while its shard restarts
 
 
-async def _attempt(coro: Any) -> dict[str, Any]:
-    try:
-        return {"ok": True, "value": await coro}
-    except WardenError as exc:
-        return {"ok": False, "code": exc.code.value, "retry_after_s": exc.retry_after_s, "public": exc.public()}
+_attempt = partial(outcome, detail=True)  # the public text and retry hint too
 
 
 class BurstAgent(Agent):

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import is_handle
-from runtime.agent import Agent
-from runtime.errors import WardenError
+from runtime.agent import Agent, outcome
 from runtime.tool import tool
 
 PRIVATE_MARKER = "pz7-note-that-no-reader-may-see-41c9"
@@ -43,13 +42,6 @@ def send(to: str, body: str) -> dict[str, Any]:
     return {"sent": len(body), "to": to}
 
 
-async def _outcome(coro: Any) -> dict[str, Any]:
-    try:
-        return {"ok": True, "value": await coro}
-    except WardenError as exc:
-        return {"ok": False, "code": exc.code.value}
-
-
 async def _wait_file(path: Path) -> None:
     while not path.exists():  # written by the test process: nothing to await here
         await asyncio.sleep(0.05)
@@ -66,22 +58,22 @@ class BillAgent(Agent):
         doc = await self.call("docs.bill")
         await self.call("docs.note")  # hidden too; never asked about
         out["hidden"] = is_handle(doc)
-        out["amount"] = await _outcome(self.ask(doc, "What is the amount due?", "amount"))
+        out["amount"] = await outcome(self.ask(doc, "What is the amount due?", "amount"))
         if out["amount"]["ok"]:
-            out["pay"] = await _outcome(self.call("bank.pay", iban=task["iban"], amount=out["amount"]["value"]))
-            out["pay_to_answer"] = await _outcome(self.call("bank.pay", iban=str(out["amount"]["value"]),
+            out["pay"] = await outcome(self.call("bank.pay", iban=task["iban"], amount=out["amount"]["value"]))
+            out["pay_to_answer"] = await outcome(self.call("bank.pay", iban=str(out["amount"]["value"]),
                                                             amount=1.0))  # an endorsed IBAN: refused
-        out["iban"] = await _outcome(self.ask(doc, "What is the IBAN?", {
+        out["iban"] = await outcome(self.ask(doc, "What is the IBAN?", {
             "type": "string", "pattern": "[A-Z]{2}[0-9]{2}[0-9]{12,30}", "maxLength": 34}))
-        out["vendor"] = await _outcome(self.ask(doc, "Which vendor sent it?", {"enum": ["acme", "globex"]}))
-        summary = await _outcome(self.ask(doc, "Summarise the bill", {"type": "string"}))
+        out["vendor"] = await outcome(self.ask(doc, "Which vendor sent it?", {"enum": ["acme", "globex"]}))
+        summary = await outcome(self.ask(doc, "Summarise the bill", {"type": "string"}))
         out["summary_is_handle"] = summary["ok"] and is_handle(summary["value"])
         if out["summary_is_handle"]:
-            out["mail"] = await _outcome(self.call("mail.send", to=task["boss"], body=summary["value"]))
-        out["no_schema"] = await _outcome(self.ask(doc, "What is the amount due?", {"type": "object"}))
-        out["no_handle"] = await _outcome(self.ask("the bill", "What is the amount due?", "amount"))
+            out["mail"] = await outcome(self.call("mail.send", to=task["boss"], body=summary["value"]))
+        out["no_schema"] = await outcome(self.ask(doc, "What is the amount due?", {"type": "object"}))
+        out["no_handle"] = await outcome(self.ask("the bill", "What is the amount due?", "amount"))
         (d / "secrets.json").write_text(json.dumps({"token": self.token.hex(), "request_key": self._request_key.hex()}))
         await _wait_file(d / "inspected")
-        out["killed"] = await _outcome(self.ask(doc, "Slowly: is it paid?", {"type": "boolean"}))
-        out["after_restart"] = await _outcome(self.ask(doc, "What is the amount due?", "amount"))
+        out["killed"] = await outcome(self.ask(doc, "Slowly: is it paid?", {"type": "boolean"}))
+        out["after_restart"] = await outcome(self.ask(doc, "What is the amount due?", "amount"))
         return out

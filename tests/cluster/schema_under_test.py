@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from runtime import HOST, Agent, WardenError, tool, tool_from_schema
+from runtime import HOST, Agent, outcome, tool, tool_from_schema
 
 TRANSFER_SCHEMA = {
     "type": "object",
@@ -33,23 +33,16 @@ def ping(host: Annotated[str, HOST]) -> str:
     return host
 
 
-async def _attempt(coro: Any) -> dict[str, Any]:
-    try:
-        return {"ok": True, "value": await coro}
-    except WardenError as exc:
-        return {"ok": False, "code": exc.code.value}
-
-
 class SchemaProbeAgent(Agent):
     async def run(self, task: Any) -> dict[str, Any]:
         iban = "DE89370400440532013000"
         return {
-            "int_amount": await _attempt(self.call("bank.send_money", recipient=iban, amount=2200)),
-            "float_amount": await _attempt(self.call("bank.send_money", recipient=iban, amount=2200.0)),
-            "other_amount": await _attempt(self.call("bank.send_money", recipient=iban, amount=2200.5)),
-            "bad_enum": await _attempt(self.call("bank.send_money", recipient=iban, amount=2200, currency="GBP")),
-            "bad_item": await _attempt(self.call("bank.send_money", recipient=iban, amount=2200, tags=["a", 1])),
-            "host": await _attempt(self.call("net.ping", host="WWW.Example.COM.")),
-            "other_host": await _attempt(self.call("net.ping", host="evil.example")),
-            "host_with_user": await _attempt(self.call("net.ping", host="www.example.com@evil.example")),
+            "int_amount": await outcome(self.call("bank.send_money", recipient=iban, amount=2200)),
+            "float_amount": await outcome(self.call("bank.send_money", recipient=iban, amount=2200.0)),
+            "other_amount": await outcome(self.call("bank.send_money", recipient=iban, amount=2200.5)),
+            "bad_enum": await outcome(self.call("bank.send_money", recipient=iban, amount=2200, currency="GBP")),
+            "bad_item": await outcome(self.call("bank.send_money", recipient=iban, amount=2200, tags=["a", 1])),
+            "host": await outcome(self.call("net.ping", host="WWW.Example.COM.")),
+            "other_host": await outcome(self.call("net.ping", host="evil.example")),
+            "host_with_user": await outcome(self.call("net.ping", host="www.example.com@evil.example")),
         }

@@ -6,15 +6,10 @@ is closed and verified when the gateway stops."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -26,27 +21,15 @@ from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from runtime import auditlog  # noqa: E402
+from tests.cluster.mcp_gateway_client import ROOT, GatewayProcess, env, http_session  # noqa: E402
+from tests.cluster.mcp_gateway_client import command as _command  # noqa: E402
 
 pytestmark = pytest.mark.cluster
-ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).resolve().parent / "jobs" / "mcp-gateway.yaml"
 
 
-
-@contextlib.asynccontextmanager
-async def http_session(info: dict) -> AsyncIterator[ClientSession]:
-    """An MCP session with the gateway over streamable HTTP, with the bearer token from its run directory."""
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {info['token']}"}, timeout=60) as http:
-        async with streamable_http_client(info["url"], http_client=http) as (read, write):
-            async with ClientSession(read, write) as session:
-                yield session
-
-def command(runs_dir: Path, *extra: str, job: Path = JOB, agent: str = "moderator") -> list[str]:
-    return ["-m", "runtime.cli", "mcp", "serve", str(job), "--agent", agent, "--runs-dir", str(runs_dir), *extra]
-
-
-def env(address: str) -> dict[str, str]:
-    return {"RAY_ADDRESS": address, "PYTHONPATH": str(ROOT)}
+def command(runs_dir: Path, *extra: str) -> list[str]:
+    return _command(runs_dir, *extra, job=JOB, agent="moderator")
 
 
 async def allowed_and_denied(session: ClientSession) -> tuple[list[str], object, object]:
@@ -92,34 +75,8 @@ def test_gateway_over_stdio(ray_instance, runs_dir):
     assert "gateway stopped; audit log" in stderr and "chain verified" in stderr, stderr[-3000:]
 
 
-class Gateway:
-    """`warden mcp serve --transport http` in its own process; its stderr read as it comes."""
-
-    def __init__(self, address: str, runs_dir: Path, **which: object) -> None:
-        self.proc = subprocess.Popen([sys.executable, *command(runs_dir, "--transport", "http", **which)], cwd=ROOT,
-                                     env={**os.environ, **env(address)}, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "MCP gateway for agent" in line:
-                self.ready.set()
-        self.ready.set()  # the process ended: whoever waits sees it
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=120)
-        self.reader.join(timeout=10)
-        return rc
-
-
 def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
-    gw = Gateway(ray_instance.address, runs_dir)
+    gw = GatewayProcess(ray_instance.address, runs_dir, job=JOB, agent="moderator")
     try:
         assert gw.ready.wait(timeout=180) and gw.proc.poll() is None, "".join(gw.lines)[-3000:]
         (info_path,) = runs_dir.glob("*/mcp-gateway.json")
@@ -171,7 +128,7 @@ def test_gateway_over_http_needs_the_bearer_token(ray_instance, runs_dir):
 def test_gateway_closes_when_its_agent_is_quarantined(ray_instance, runs_dir):
     """Three refused calls from the client: the agent's anomaly rule quarantines it, and the gateway,
     not a signal, ends the job (exit 1, the quarantine on record, the log verified)."""
-    gw = Gateway(ray_instance.address, runs_dir, job=JOB.with_name("mcp-gateway-quarantine.yaml"), agent="watcher")
+    gw = GatewayProcess(ray_instance.address, runs_dir, job=JOB.with_name("mcp-gateway-quarantine.yaml"), agent="watcher")
     results = []
     try:
         assert gw.ready.wait(timeout=180) and gw.proc.poll() is None, "".join(gw.lines)[-3000:]

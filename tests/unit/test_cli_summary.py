@@ -164,3 +164,31 @@ def test_policy_explain_with_the_job_knows_which_tools_run_code(capsys, monkeypa
     assert main(["policy", "explain", "policies/lead.yaml", "--job", "jobs/demo.yaml"]) == 0
     out = capsys.readouterr().out
     assert "none (runs no code)" in out and "if it runs code" not in out
+
+
+def test_a_small_runs_calls_are_listed_in_order_allowed_or_denied_escaped(tmp_path, capsys):
+    with AuditLog(tmp_path / "audit.log", clock=FakeClock()) as log:
+        log.record("decision", decision="allow", call_id="c1", agent="dev", tool="git.git_status",
+                   args={"repo_path": "/workspace/repo"})
+        log.record("outcome", call_id="c1", agent="dev", tool="git.git_status", ok=True)
+        log.record("decision", decision="deny", agent="dev", tool="git.git_reset", code="POLICY_DENIED",
+                   reason="tool 'git.git_reset' not in the policy\x1b[2J", authenticated=True)
+        log.record("decision", decision="allow", call_id="c2", agent="dev", tool="git.git_log", args={"repo_path": "x"})
+        log.record("outcome", call_id="c2", agent="dev", tool="git.git_log", ok=False, code="TOOL_FAILED")
+    cli.print_calls([str(tmp_path / "audit.log")])
+    out = capsys.readouterr().out
+    lines = out.split("calls in order (from the audit log):\n")[1].splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [["dev", "git.git_status", "allowed"],
+                                                    ["dev", "git.git_reset", "DENIED"],
+                                                    ["dev", "git.git_log", "allowed,"]]
+    assert '{"repo_path": "/workspace/repo"}' in lines[0] and "POLICY_DENIED" in lines[1]
+    assert "allowed, then TOOL_FAILED" in lines[2]
+    assert "\x1b" not in out and "\\x1b[2J" in out  # a reason cannot drive the terminal
+
+
+def test_a_long_runs_calls_are_not_listed(tmp_path, capsys):
+    with AuditLog(tmp_path / "audit.log", clock=FakeClock()) as log:
+        for i in range(cli.CALLS_LISTED + 1):
+            log.record("decision", decision="allow", call_id=f"c{i}", agent="a", tool="t", args={})
+    cli.print_calls([str(tmp_path / "audit.log")])
+    assert capsys.readouterr().out == ""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from agents.mcp_dev import MAKE_REPO  # the repository the demo agent makes, with its planted README
 from runtime.harness import PolicyHarness
-from runtime.mcpjob import McpServerSpec, job_tools, worker_tools
+from runtime.mcpjob import Connections, McpServerSpec, job_tools, worker_tools
 from runtime.sandbox.base import Limits
 from runtime.sandbox.pool import SandboxPool
 from runtime.tool import load_tools
@@ -52,12 +53,14 @@ def pool():
 @pytest.fixture(scope="module")
 def harness(pool):
     _, entries, _ = job_tools(SERVERS, os.environ)
-    tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries)}
+    conns = Connections()
+    tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries, conns)}
     h = PolicyHarness(tools, sandboxes=pool)
     h.add_agent(POLICY)
     made = h.call("dev", "shell.exec", {"command": MAKE_REPO})
     assert made.allowed and made.value["exit_code"] == 0, made
     yield h
+    conns.close()
     h.close()
 
 
@@ -134,11 +137,12 @@ def test_a_server_error_is_a_typed_tool_failure(harness):
     assert d.error is not None and d.error.code.value == "TOOL_FAILED"
 
 
-def test_a_shared_server_runs_once_in_a_workspace_of_its_own(pool):
+def test_a_shared_server_runs_once_in_a_workspace_of_its_own_removed_when_the_worker_closes(pool, tmp_path):
     shared = [McpServerSpec(name="shared-files", prefix="shared", command=["mcp-server-filesystem", "/workspace"],
                             shared=True)]
     _, entries, _ = job_tools(shared, os.environ)
-    tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries)}
+    conns = Connections(tmp_path / "worker-root")
+    tools = {**load_tools(["runtime.toolbox"]), **worker_tools(entries, conns)}
     policy = ("agent: a\ntools:\n  shell.exec: {effect: execute}\n  shared.list_directory: {effect: read}\n"
               "sandbox: {backend: bwrap}\n")
     with PolicyHarness(tools, sandboxes=pool) as h:
@@ -149,3 +153,8 @@ def test_a_shared_server_runs_once_in_a_workspace_of_its_own(pool):
         seen = [h.call(agent, "shared.list_directory", {"path": "/workspace"}) for agent in ("a", "b")]
         assert all(d.allowed for d in seen) and seen[0].value == seen[1].value
         assert "own-file" not in str(seen[0].value)  # neither agent's workspace: the server's own
+        (ws,) = (tmp_path / "worker-root").iterdir()  # under the worker's root: a restarted worker removes it
+        server = next(iter(conns._conns.values()))
+        conns.close()  # the worker shuts down
+    assert not ws.exists() and str(ws) not in Path("/proc/mounts").read_text()
+    assert server._session is None and not server._thread.is_alive()  # the server stopped with it

@@ -81,14 +81,26 @@ def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
 
 @pytest.mark.parametrize("change, message", [
     (("command: [mcp-server-git]", "comand: [mcp-server-git]"), "did you mean 'command'?"),
-    (("command: [mcp-server-git]", "url: http://localhost:9/mcp"), "not supported yet"),
+    (("command: [mcp-server-git]", "url: http://127.0.0.1:9/mcp"),
+     "url host 127.0.0.1 is not a globally routable address; set allow_private_networks: true"),
+    (("command: [mcp-server-git]", "url: ftp://mcp.example/x"), "URL scheme 'ftp' not allowed"),
+    (("command: [mcp-server-git]", "url: https://me:pw@mcp.example/mcp"), "no credentials in the URL"),
+    (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    network: [a.example]"), "is remote"),
+    (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {Host: '${X}'}"),
+     "set by the MCP transport itself"),
+    (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {Authorization: TOKEN}"),
+     "a template naming the driver's environment variables"),
+    (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {X-Key: '${WARDEN_TEST_UNSET_VAR}'}"),
+     "headers_from needs environment variables ['WARDEN_TEST_UNSET_VAR']"),
+    (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    headers_from: {X-Key: '${HOME}'}"),
+     "headers_from is for url: servers"),
     (("command: [mcp-server-git]", "command: [mcp-server-git]\n    url: http://h/mcp"), "not both or neither"),
     (("backend: bwrap, limits", "backend: gvisor, limits"), "backend 'gvisor' is not supported"),
     (("cpu_s: 30", "cpu: 30"), "did you mean 'cpu_s'?"),
     (("prefix: files", "prefix: git"), "prefixes used twice: ['git']"),
     (("prefix: git", "prefix: Git.x"), "should match pattern"),
-    (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    network: [github.com]"),
-     "network allow-list is not supported yet"),
+    (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    network: [https://github.com]"),
+     "is not host, host:port or [IPv6]:port"),
     (("    command: [mcp-server-git]", "    command: [mcp-server-git]\n    env_from: {TOKEN: WARDEN_TEST_UNSET_VAR}"),
      "WARDEN_TEST_UNSET_VAR"),
     (("command: [mcp-server-git]", "command: [no-such-mcp-server]"), "cannot list its tools"),
@@ -113,3 +125,46 @@ def test_the_mcp_demo_job_loads_and_checks():
     job = load_job(ROOT / "jobs" / "mcp.yaml")
     assert {"git.git_status", "git.git_commit", "files.read_text_file"} <= set(job.tools)
     assert check_job(ROOT / "jobs" / "mcp.yaml") == []
+
+
+REMOTE_JOB = """name: j
+task: t
+entry: [a]
+tools: [agents.chat]
+mcp_servers:
+  - name: notes
+    prefix: notes
+    url: {url}
+    headers_from: {{Authorization: "Bearer ${{WARDEN_TEST_NOTES_TOKEN}}"}}
+    allow_private_networks: true
+agents:
+  - {{name: a, class: "agents.demo:LeadAgent", policy: p.yaml}}
+"""
+
+
+def test_a_url_server_loads_with_its_credential_for_the_workers_only(tmp_path, monkeypatch):
+    from tests.unit.mcp_remote import mcp_http_server
+
+    monkeypatch.setenv("WARDEN_TEST_NOTES_TOKEN", "notes-s3cret")
+    with mcp_http_server() as remote:
+        job = load_job(write(tmp_path, REMOTE_JOB.format(url=remote.url), "agent: a\ntools:\n  notes.lookup: {effect: read}\n"))
+        assert job.tools["notes.lookup"].spec.effect == "read" and job.tools["notes.lookup"].spec.output.integrity == "untrusted"
+        [entry] = job.mcp
+        assert entry["server"]["headers"] == {"Authorization": "Bearer notes-s3cret"}  # for the tool workers
+        assert "notes-s3cret" not in str(job.tools) and "notes-s3cret" not in str(job.spec)
+        # the same server by a name that resolves to loopback, without the opt-in: refused at load
+        private = REMOTE_JOB.format(url=remote.url.replace("127.0.0.1", "localhost")).replace(
+            "allow_private_networks: true", "allow_private_networks: false")
+        with pytest.raises(ConfigError) as err:
+            load_job(write(tmp_path, private, "agent: a\ntools:\n  notes.lookup: {effect: read}\n"))
+    assert err.value.code == ErrorCode.JOB_INVALID
+    assert "EGRESS_REFUSED: 'localhost' resolves to" in err.value.reason
+    assert "set allow_private_networks: true on this mcp_servers entry" in err.value.reason
+
+
+def test_the_readme_shows_the_shipped_mcp_job_and_policy_in_full():
+    """No copy drift: the README's blocks are the files the demo and the cluster tests load."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("jobs/mcp.yaml", "jobs/mcp-dev-policy.yaml"):
+        shipped = (ROOT / name).read_text(encoding="utf-8")
+        assert f"```yaml\n{shipped}```" in readme, f"README's copy of {name} differs from the file"
