@@ -3,8 +3,8 @@
     mcp_servers:
       - name: git                      # unique in the job
         prefix: git                    # its tools are git.git_status, git.git_log, ...
-        command: [mcp-server-git]      # stdio server: started in the calling agent's bwrap sandbox
-        sandbox: {backend: bwrap, limits: {cpu_s: 60, memory_mb: 512}}
+        command: [mcp-server-git]      # stdio server: started on the calling agent's workspace, sandboxed
+        sandbox: {backend: bwrap, limits: {cpu_s: 60, memory_mb: 512}}   # or gvisor; the policy must agree
         network: [api.github.com]      # hosts (host or host:port) it may reach, through an egress proxy; none by default
         env_from: {GITHUB_TOKEN: GIT_TOKEN}   # server env var <- driver env var, for this server only
         shared: false                  # true: one server per worker, in a workspace of its own
@@ -30,9 +30,11 @@ audit log.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -42,6 +44,7 @@ from .egress import NOT_AN_ADDRESS, origin_of, refusal
 from .errors import ConfigError, ErrorCode, SandboxUnavailable, ToolFailed, WardenError
 from .mcptools import result_value, to_tools
 from .sandbox.base import Limits
+from .sandbox.bwrap import UID_BASE, UID_SPAN
 from .sandbox.mcpproxy import parse_allowed
 from .sandbox.mcpserver import McpConnection, McpServer
 from .sandbox.workspace import Workspace
@@ -103,9 +106,9 @@ class McpServerSpec(_Strict):
         elif self.headers_from:
             raise ValueError(f"MCP server {self.name!r}: headers_from is for url: servers; a stdio server's "
                              "credentials are env_from")
-        if self.sandbox.backend != "bwrap":
-            raise ValueError(f"MCP server {self.name!r}: sandbox backend {self.sandbox.backend!r} is not supported "
-                             "for MCP servers yet (use bwrap)")
+        if self.network and self.sandbox.backend == "gvisor":
+            raise ValueError(f"MCP server {self.name!r}: a network allow-list is not supported under gVisor yet "
+                             "(use bwrap)")
         for entry in self.network:
             try:
                 parse_allowed(entry)
@@ -174,16 +177,19 @@ def check_servers(specs: list[McpServerSpec]) -> str | None:
 
 def mcp_sandbox_problem(agent: str, policy: Any, mcp_tools: Mapping[str, Tool], specs: list[McpServerSpec]
                         ) -> str | None:
-    """Why ``policy`` cannot run the MCP tools it names (a per-agent server runs in the agent's bwrap sandbox)."""
+    """Why ``policy`` cannot run the MCP tools it names: a per-agent server runs on the agent's workspace in
+    the server's backend, so the policy must put that server's tools in the same backend."""
     from .isolation import sandbox_settings
 
-    shared = {s.prefix for s in specs if s.shared or s.url is not None}  # not in the agent's sandbox
+    backend_of = {s.prefix: s.sandbox.backend for s in specs if not s.shared and s.url is None}  # the agent's sandbox
     settings = sandbox_settings(policy)
-    wrong = sorted(n for n in policy.tools if n in mcp_tools and n.split(".", 1)[0] not in shared
-                   and settings.get(n, settings["*"])["backend"] != "bwrap")
+    wrong = {n: backend_of[n.split(".", 1)[0]] for n in policy.tools if n in mcp_tools
+             and n.split(".", 1)[0] in backend_of
+             and settings.get(n, settings["*"])["backend"] != backend_of[n.split(".", 1)[0]]}
     if wrong:
-        return (f"policy of {agent!r}: MCP tools {wrong} run in the agent's bwrap sandbox: give them (or the policy) "
-                "sandbox: {backend: bwrap}")
+        want = sorted(set(wrong.values()))
+        return (f"policy of {agent!r}: MCP tools {sorted(wrong)} run in the agent's {'/'.join(want)} sandbox "
+                f"(their server's backend): give them (or the policy) sandbox: {{backend: {want[0]}}}")
     return None
 
 
@@ -209,14 +215,11 @@ _LISTING_LOCK = threading.Lock()
 def discover(server: McpServer) -> list[dict[str, Any]]:
     """The server's ``tools/list``, as plain data: started once, in an empty sandboxed workspace (a URL
     server: connected to once, its address checked as for every call)."""
-    from .sandbox.bwrap import BwrapBackend
-
     with _LISTING_LOCK:
         if server in _LISTINGS:
             return _LISTINGS[server]
         with tempfile.TemporaryDirectory(prefix="warden-mcp-") as d:
-            session = None if server.url else BwrapBackend().open(Path(d), workspace_mb=server.limits.workspace_mb,
-                                                                  key=f"mcp:{server.name}")
+            session = None if server.url else own_session(server, Path(d))
             conn = McpConnection(server, session)
             try:
                 listed = conn.list_tools(timeout_s=server.limits.wall_s)
@@ -275,9 +278,28 @@ def _server_of_data(d: dict[str, Any]) -> McpServer:
                      allow_private_networks=d["allow_private_networks"])
 
 
+def own_session(server: McpServer, workspace: Path) -> Any:
+    """A session of the server's backend on a workspace of its own (discovery, a shared server), owned by a
+    sandbox uid derived from the server's name when the worker is root (bwrap's, which gVisor reuses)."""
+    from .sandbox.pool import make_backend
+
+    key = f"mcp:{server.name}"
+    session = make_backend(server.backend).open(workspace, workspace_mb=server.limits.workspace_mb, key=key)
+    if server.backend == "gvisor" and os.geteuid() == 0:  # bwrap's open() did this; gVisor's runs as the owner
+        uid = UID_BASE + zlib.crc32(f"{workspace}|{key}".encode()) % UID_SPAN
+        os.chown(workspace, uid, uid)
+        os.chmod(workspace, 0o700)
+    return session
+
+
 class Connections:
     """A worker's live servers: one per (server, agent session), or one per server if ``shared``. A URL
     server has no sandbox: its connection (and so its MCP session) is per agent session all the same.
+
+    A per-agent server runs on the agent's workspace, in the session of the server's backend that
+    the agent's policy gives its tools (``mcp_sandbox_problem`` checks this at load); a shared
+    server on a workspace of its own. Each connection has its own thread and event loop, so a
+    hung server holds only the calls made to it.
 
     A shared server's workspace is made under ``root`` (the worker's workspace directory, which
     a restarted worker's successor removes) and removed by ``close``, with every server stopped.
@@ -287,17 +309,17 @@ class Connections:
         self._root = root
         self._lock = threading.Lock()
         self._conns: dict[tuple[str, int], McpConnection] = {}
+        self._owners: dict[tuple[str, int], str] = {}
         self._shared_sessions: dict[str, Any] = {}
         self._shared_workspaces: list[Workspace] = []
 
-    def get(self, server: McpServer, handle: Any) -> McpConnection:
-        from .sandbox.bwrap import BwrapBackend, BwrapSession
-
+    def get(self, server: McpServer, handle: Any, agent: str = "") -> McpConnection:
         with self._lock:
             if server.url:
                 key = (server.name, 0 if server.shared else id(getattr(handle, "session", None)))
                 if key not in self._conns:
                     self._conns[key] = McpConnection(server)
+                    self._owners[key] = "(shared)" if server.shared else agent
                 return self._conns[key]
             if server.shared:
                 session = self._shared_sessions.get(server.name)
@@ -307,20 +329,25 @@ class Connections:
                     ws = Workspace(Path(tempfile.mkdtemp(prefix="mcp-shared-", dir=self._root)),
                                    size_mb=server.limits.workspace_mb)
                     self._shared_workspaces.append(ws)
-                    session = BwrapBackend().open(ws.root, workspace_mb=server.limits.workspace_mb,
-                                                  key=f"mcp:{server.name}")
-                    self._shared_sessions[server.name] = session
+                    session = self._shared_sessions[server.name] = own_session(server, ws.root)
             else:
                 session = getattr(handle, "session", None)
-                if not isinstance(session, BwrapSession):
-                    raise SandboxUnavailable(f"MCP server {server.name!r} runs in the agent's bwrap sandbox: give "
-                                             f"its tools sandbox: {{backend: bwrap}} in the policy",
-                                             code=ErrorCode.SANDBOX_UNAVAILABLE)
+                if getattr(session, "backend", None) != server.backend:
+                    raise SandboxUnavailable(f"MCP server {server.name!r} runs in the agent's {server.backend} "
+                                             f"sandbox: give its tools sandbox: {{backend: {server.backend}}} in the "
+                                             "policy", code=ErrorCode.SANDBOX_UNAVAILABLE)
             key = (server.name, id(session))
             conn = self._conns.get(key)
             if conn is None:
                 conn = self._conns[key] = McpConnection(server, session)
+                self._owners[key] = "(shared)" if server.shared else agent
             return conn
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every connection's ``McpConnection.status()``, with the agent it serves."""
+        with self._lock:
+            conns = [(self._owners[k], c) for k, c in self._conns.items()]
+        return [{"agent": agent, **conn.status()} for agent, conn in conns]
 
     def close(self) -> None:
         """Stop every server; close the shared servers' sessions and remove their workspaces."""
@@ -338,14 +365,14 @@ class Connections:
 
 def worker_tools(entries: list[dict[str, Any]], conns: Connections) -> dict[str, Tool]:
     """The MCP tools a tool worker runs, from ``job_tools``' entries (the listing made at job start),
-    their servers kept in ``conns`` (the worker closes it when it shuts down)."""
+    their servers kept in ``conns`` (the worker's: its ``status()``; closed when it shuts down)."""
     tools: dict[str, Tool] = {}
     for entry in entries:
         server = _server_of_data(entry["server"])
 
         def call(name: str, args: dict[str, Any], ctx: Any, _server: McpServer = server) -> Any:
             handle = ctx.sandbox
-            conn = conns.get(_server, handle)
+            conn = conns.get(_server, handle, getattr(ctx, "agent", ""))
             result = conn.call(name, args, handle.limits.wall_s)
             return result_value(result, max_text_chars=handle.limits.max_output_bytes)
 

@@ -83,6 +83,35 @@ def oom_kills(memory_dir: Path) -> int:
                counter(memory_dir / "memory.events", "oom_kill"))       # v2
 
 
+def owned_prefix(prefix: str) -> str:
+    """``prefix`` with this process's pid: ``remove_orphans`` can tell whose cgroups outlived their owner."""
+    return f"{prefix}-{os.getpid()}"
+
+
+def remove_orphans(prefix: str) -> int:
+    """Remove the empty cgroups named ``owned_prefix(prefix)`` by processes that are gone (a worker killed
+    before it could remove its own); how many. A cgroup in use cannot be removed (the kernel refuses), and
+    a live owner's are never touched."""
+    layout = _layout() if os.geteuid() == 0 else None
+    parents = [ROOT / c for c in ("memory", "pids", "cpuacct")] if layout == "v1" else [ROOT] if layout else []
+    removed = 0
+    for parent in parents:
+        try:
+            names = [n for n in os.listdir(parent) if n.startswith(prefix + "-")]
+        except OSError:
+            continue
+        for name in names:
+            owner = name[len(prefix) + 1:].split("-", 1)[0]
+            if not owner.isdigit() or os.path.exists(f"/proc/{owner}"):
+                continue
+            try:
+                (parent / name).rmdir()
+                removed += 1
+            except OSError:
+                continue  # still holds a process, or another sweep was first
+    return removed
+
+
 @dataclass
 class CallCgroup:
     """A memory, a pids and a CPU-accounting cgroup (one directory on v2, three on v1) for one

@@ -30,9 +30,11 @@ streamable HTTP pinned to its checked address (``mcphttp``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import sys
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +44,17 @@ from ..errors import ErrorCode, SandboxKilled, SandboxUnavailable, ToolFailed, W
 from . import mcpproxy
 from .base import WORKSPACE, Limits, rlimit_args
 from .bwrap import BwrapSession, _scratch_mounts
+from . import cgroup
+from .cgroup import CallCgroup
+from .mcpgvisor import MCP_CGROUP
 
 # The project-local directory `make setup` installs npm servers into (gitignored).
 NPM_DIR = Path(__file__).resolve().parents[2] / "mcp-servers"
 LIST_TIMEOUT_S = 30.0
+# After a call's deadline (and the SDK's notifications/cancelled), how long the server has to answer a ping.
+CANCEL_GRACE_S = 2.0
+# The SDK's read timeout ends a call at its deadline; this much later the worker cancels it itself.
+SDK_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,13 @@ class McpServer:
 
 
 def program_dirs() -> list[str]:
-    """The places server programs live, bound read-only: this Python's prefixes and the npm directory."""
+    """The places server programs live, bound read-only: this Python's prefixes and the npm directory
+    (and where its ``node_modules`` really is, if that is a link)."""
     seen: list[str] = []
-    for p in (sys.prefix, sys.base_prefix, str(NPM_DIR)):
+    for p in (sys.prefix, sys.base_prefix, str(NPM_DIR), str(NPM_DIR / "node_modules")):
         for q in (p, os.path.realpath(p)):
-            if os.path.isdir(q) and not q.startswith("/usr/") and q not in seen:
+            if (os.path.isdir(q) and not q.startswith("/usr/") and q not in seen
+                    and not any(q.startswith(d + "/") for d in seen)):
                 seen.append(q)
     return seen
 
@@ -143,8 +154,8 @@ def sandboxed_argv(server: McpServer, session: BwrapSession, egress_dir: str | N
     (``mcpproxy.FORWARDER``) with the proxy variables set, its only way out.
     """
     if server.backend != "bwrap":
-        raise SandboxUnavailable(f"MCP server {server.name}: backend {server.backend!r} is not supported for "
-                                 "stdio servers yet (bwrap only)", code=ErrorCode.SANDBOX_UNAVAILABLE)
+        raise SandboxUnavailable(f"MCP server {server.name}: a bwrap command line for a {server.backend!r} server "
+                                 "(make_launch starts each backend's)", code=ErrorCode.SANDBOX_UNAVAILABLE)
     if server.url or bool(server.network) != (egress_dir is not None):
         raise SandboxUnavailable(f"MCP server {server.name}: a URL server has no sandbox, and a network allow-list "
                                  "needs its egress proxy", code=ErrorCode.SANDBOX_UNAVAILABLE)
@@ -174,17 +185,92 @@ def sandboxed_argv(server: McpServer, session: BwrapSession, egress_dir: str | N
             "/usr/bin/env", "-C", WORKSPACE, *command]
 
 
+class BwrapLaunch:
+    """One start of a server in bwrap: ``sandboxed_argv`` inside a memory, pids and CPU cgroup of its own.
+
+    The cgroup bounds what RLIMIT_AS cannot for a server (V8 and CPython reserve far more address
+    space than they touch): the resident memory of every process of the sandbox, its ``/tmp``
+    included, at ``memory_mb``; an OOM kill is counted where the server cannot reach, so the worker
+    names it (``SANDBOX_MEMORY``). The pids cgroup counts threads too: ``max_pids`` plus bwrap's two.
+    """
+
+    backend = "bwrap"
+
+    def __init__(self, server: McpServer, session: BwrapSession, egress_dir: str | None = None) -> None:
+        argv = sandboxed_argv(server, session, egress_dir)
+        self.cgroup = CallCgroup.create(memory_limit_bytes=server.limits.memory_mb << 20,
+                                        pids_max=server.limits.max_pids + 2, prefix=cgroup.owned_prefix(MCP_CGROUP))
+        if self.cgroup is None:
+            raise SandboxUnavailable(NO_CGROUP, code=ErrorCode.SANDBOX_UNAVAILABLE)
+        self.argv = self.cgroup.join_argv(argv)
+        self.oom = False  # set when the server has ended: its cgroup counted an OOM kill
+
+    def oom_killed(self) -> bool:
+        return self.cgroup.oom_kills() > 0
+
+    def kill(self) -> None:
+        self.cgroup.kill()
+
+    def cleanup(self) -> None:
+        self.cgroup.kill()
+        self.cgroup.remove()
+
+
+NO_CGROUP = ("no memory cgroup can be made here (the worker is not root, or cgroup v2 without memory and pids "
+             "delegated): an MCP server's memory_mb could not be enforced, so it is not started")
+
+
+def make_launch(server: McpServer, session: Any, egress_dir: str | None = None) -> Any:
+    """How to start ``server`` on ``session``'s workspace, in the server's backend (``BwrapLaunch`` or
+    ``mcpgvisor.GVisorLaunch``); SandboxUnavailable where that backend or its memory limit cannot be had."""
+    cgroup.remove_orphans(MCP_CGROUP)  # what a killed worker's servers left behind
+    if server.backend == "gvisor":
+        from .base import require_binary
+        from .gvisor import SANDBOX_OVERHEAD_MB
+        from .mcpgvisor import GVisorLaunch
+
+        if server.network:
+            raise SandboxUnavailable(f"MCP server {server.name}: a network allow-list is not supported under gVisor",
+                                     code=ErrorCode.SANDBOX_UNAVAILABLE)
+        runsc = getattr(session, "_runsc", None) or require_binary("runsc", "runsc", "gvisor")
+        return GVisorLaunch(runsc=runsc, setpriv=require_binary("setpriv", "util-linux", "gvisor"),
+                            command=resolve_command(server.command), env=server_env(server),
+                            workspace=session.workspace, program_dirs=program_dirs(), limits=server.limits,
+                            memory_overhead_mb=SANDBOX_OVERHEAD_MB)
+    if not isinstance(session, BwrapSession):
+        raise SandboxUnavailable(f"MCP server {server.name} runs under bwrap: it needs the agent's bwrap session",
+                                 code=ErrorCode.SANDBOX_UNAVAILABLE)
+    return BwrapLaunch(server, session, egress_dir)
+
+
+class _TimedOut(Exception):
+    def __init__(self, answered: bool) -> None:
+        self.answered = answered
+
+
 class McpConnection:
     """A live session with one server, sandboxed (stdio) or remote (``url``), on an event loop of its own thread.
 
-    ``list_tools`` and ``call`` are synchronous (the tool worker's threads call them); each
-    waits at most its deadline, and a session that failed or overran is closed, so the next
-    call starts the server (or connects) again. The two transports differ only in ``_streams``.
-    A stdio server with a ``network`` allow-list gets its ``proxy`` on its first start, kept
-    across restarts and closed with the connection.
+    ``list_tools`` and ``call`` are synchronous (the tool worker's threads call them) and may run
+    concurrently: each is one JSON-RPC request on the shared session, so a slow call holds only
+    its caller. Only starting and stopping the server is serialised. A call's deadline
+    (``timeout_s``, the server's start-up included) is absolute:
+
+    - at the deadline the SDK sends ``notifications/cancelled`` for the request and the caller
+      gets ``SANDBOX_TIMEOUT``; the server then has ``CANCEL_GRACE_S`` to answer a ``ping``. One
+      that answers keeps running (it stopped, or at least still serves); one that does not is
+      killed and started again on the next call. The caller's answer comes at most
+      ``CANCEL_GRACE_S`` after its deadline.
+    - progress notifications the server sends for a call are recorded (``last_progress``,
+      ``status()``), never acted on: they do not extend the deadline.
+    - a server that dies is ``WORKER_UNAVAILABLE``, or ``SANDBOX_MEMORY`` when its memory cgroup
+      counted an OOM kill; either way the next call starts a new one.
+
+    The two transports differ only in ``_streams``. A stdio server with a ``network`` allow-list
+    gets its ``proxy`` on its first start, kept across restarts and closed with the connection.
     """
 
-    def __init__(self, server: McpServer, session: BwrapSession | None = None) -> None:
+    def __init__(self, server: McpServer, session: Any = None) -> None:
         self.server = server
         self.session = session
         self.proxy: mcpproxy.EgressProxy | None = None
@@ -192,9 +278,13 @@ class McpConnection:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{server.name}", daemon=True)
         self._thread.start()
         self._session: Any = None
+        self._launch: Any = None
         self._stop: asyncio.Event | None = None
         self._done: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # starting and stopping the server; calls run concurrently
+        self.counts = {"starts": 0, "calls": 0, "timeouts": 0, "cancelled": 0, "killed": 0, "memory": 0,
+                       "progress": 0}
+        self.last_progress: dict[str, Any] | None = None
 
     @asynccontextmanager
     async def _streams(self) -> AsyncIterator[Any]:
@@ -214,11 +304,15 @@ class McpConnection:
         if self.session is None:
             raise SandboxUnavailable(f"MCP server {self.server.name} runs in a sandbox session; none was given",
                                      code=ErrorCode.SANDBOX_UNAVAILABLE)
-        argv = sandboxed_argv(self.server, self.session, self._egress_dir())
-        params = StdioServerParameters(command=argv[0], args=argv[1:], env={})
-        with open(os.devnull, "w") as errlog:
-            async with stdio_client(params, errlog=errlog) as streams:
-                yield streams
+        launch = self._launch = make_launch(self.server, self.session, self._egress_dir())
+        try:
+            params = StdioServerParameters(command=launch.argv[0], args=launch.argv[1:], env={})
+            with open(os.devnull, "w") as errlog:
+                async with stdio_client(params, errlog=errlog) as streams:
+                    yield streams
+        finally:
+            launch.oom = launch.oom or launch.oom_killed()  # read before the cgroup goes
+            launch.cleanup()
 
     def _egress_dir(self) -> str | None:
         if not self.server.network:
@@ -245,60 +339,101 @@ class McpConnection:
             elif not isinstance(exc, asyncio.CancelledError):
                 raise
 
-    def _ensure(self, timeout_s: float) -> Any:
-        if self._session is not None and not self._done.done():
-            return self._session
-        self._session = None
+    def _ensure(self, timeout_s: float) -> tuple[Any, Any]:
+        with self._lock:
+            if self._session is not None and not self._done.done():
+                return self._session, self._launch
+            self.reset()
 
-        async def start() -> Any:
-            ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._done = asyncio.ensure_future(self._serve(ready))
-            return await asyncio.wait_for(ready, timeout_s)
+            async def start() -> Any:
+                ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._done = asyncio.ensure_future(self._serve(ready))
+                return await asyncio.wait_for(ready, timeout_s)
+
+            self.counts["starts"] += 1
+            try:
+                self._session = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout_s + 1)
+            except (TimeoutError, asyncio.TimeoutError):
+                self.reset(kill=True)
+                raise SandboxKilled(f"MCP server {self.server.name} did not start within {timeout_s:.0f} s",
+                                    code=ErrorCode.SANDBOX_TIMEOUT) from None
+            except WardenError:  # no sandbox or no memory cgroup for it, or a URL Warden refuses to connect to
+                self.reset()
+                raise
+            except Exception as exc:
+                self.reset()
+                while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # an ExceptionGroup of
+                    exc = exc.exceptions[0]  # the SDK's task groups: its first cause says what went wrong
+                raise ToolFailed(f"MCP server {self.server.name} failed to start: {type(exc).__name__}: {exc}"[:500],
+                                 code=ErrorCode.WORKER_UNAVAILABLE) from None
+            return self._session, self._launch
+
+    async def _bounded(self, make: Any, session: Any, timeout_s: float) -> Any:
+        """``make(session, timeout_s)`` (which gives the SDK the read timeout), ended at the deadline:
+        the SDK then sends ``notifications/cancelled``, and the server gets ``CANCEL_GRACE_S`` to answer a ping."""
+        from mcp import MCPError
+        from mcp.types import REQUEST_TIMEOUT
 
         try:
-            self._session = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout_s + 1)
-        except (TimeoutError, asyncio.TimeoutError):
-            self.reset()
-            raise SandboxKilled(f"MCP server {self.server.name} did not start within {timeout_s:.0f} s",
-                                code=ErrorCode.SANDBOX_TIMEOUT) from None
-        except WardenError:  # no sandbox, or a URL Warden refuses to connect to
-            self.reset()
-            raise
-        except Exception as exc:
-            self.reset()
-            while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # an ExceptionGroup of
-                exc = exc.exceptions[0]  # the SDK's task groups: its first cause says what went wrong
-            raise ToolFailed(f"MCP server {self.server.name} failed to start: {type(exc).__name__}: {exc}"[:500],
-                             code=ErrorCode.WORKER_UNAVAILABLE) from None
-        return self._session
+            return await asyncio.wait_for(make(session, timeout_s), timeout_s + SDK_MARGIN_S)
+        except MCPError as exc:
+            if exc.code != REQUEST_TIMEOUT:
+                raise
+        except asyncio.TimeoutError:  # the backstop: cancelling the request also sends notifications/cancelled
+            pass
+        try:
+            await asyncio.wait_for(session.send_ping(), CANCEL_GRACE_S)
+        except Exception:  # noqa: BLE001 - no answer, an error or a closed connection: not served any more
+            raise _TimedOut(answered=False) from None
+        raise _TimedOut(answered=True)
 
     def _run(self, what: str, make: Any, timeout_s: float) -> Any:
-        with self._lock:
-            session = self._ensure(timeout_s)
-            fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(make(session), timeout_s), self._loop)
-            try:
-                return fut.result(timeout_s + 1)
-            except (TimeoutError, asyncio.TimeoutError):
-                fut.cancel()
-                self.reset()
-                raise SandboxKilled(f"MCP server {self.server.name}: {what} took over {timeout_s:g} s; server "
-                                    "stopped, restarted on the next call", code=ErrorCode.SANDBOX_TIMEOUT) from None
-            except Exception as exc:
-                from mcp import MCPError
-                from mcp.types import CONNECTION_CLOSED
+        from mcp import MCPError
+        from mcp.types import CONNECTION_CLOSED
 
-                if isinstance(exc, MCPError) and exc.code != CONNECTION_CLOSED:  # the server answered: it is alive
-                    raise ToolFailed(f"{what}: {exc}"[:500], code=ErrorCode.TOOL_FAILED) from None
-                self.reset()
-                raise ToolFailed(f"MCP server {self.server.name}: {what} failed ({type(exc).__name__}); "
-                                 "restarted on the next call", code=ErrorCode.WORKER_UNAVAILABLE) from None
+        deadline = time.monotonic() + timeout_s
+        session, launch = self._ensure(timeout_s)
+        left = max(deadline - time.monotonic(), 0.001)
+        self.counts["calls"] += 1
+        fut = asyncio.run_coroutine_threadsafe(self._bounded(make, session, left), self._loop)
+        try:
+            return fut.result(left + SDK_MARGIN_S + CANCEL_GRACE_S + 1)
+        except _TimedOut as late:
+            self.counts["timeouts"] += 1
+            if late.answered:
+                self.counts["cancelled"] += 1
+                then = "cancelled; the server still answers, kept"
+            else:
+                self.counts["killed"] += 1
+                self.reset(launch, kill=True)
+                then = (f"cancelled; no answer within {CANCEL_GRACE_S:g} s: server killed, restarted on the next "
+                        "call")
+            raise SandboxKilled(f"MCP server {self.server.name}: {what} took over {timeout_s:g} s; {then}",
+                                code=ErrorCode.SANDBOX_TIMEOUT) from None
+        except (TimeoutError, concurrent.futures.TimeoutError):  # the loop itself did not answer
+            fut.cancel()
+            self.counts["killed"] += 1
+            self.reset(launch, kill=True)
+            raise SandboxKilled(f"MCP server {self.server.name}: {what} took over {timeout_s:g} s; server killed, "
+                                "restarted on the next call", code=ErrorCode.SANDBOX_TIMEOUT) from None
+        except Exception as exc:
+            if isinstance(exc, MCPError) and exc.code != CONNECTION_CLOSED:  # the server answered: it is alive
+                raise ToolFailed(f"{what}: {exc}"[:500], code=ErrorCode.TOOL_FAILED) from None
+            self.reset(launch, kill=True)
+            if launch is not None and (launch.oom or launch.oom_killed()):
+                self.counts["memory"] += 1
+                raise SandboxKilled(f"MCP server {self.server.name}: {what}: memory limit {self.server.limits.memory_mb}"
+                                    " MiB breached, server killed; restarted on the next call",
+                                    code=ErrorCode.SANDBOX_MEMORY) from None
+            raise ToolFailed(f"MCP server {self.server.name}: {what} failed ({type(exc).__name__}); "
+                             "restarted on the next call", code=ErrorCode.WORKER_UNAVAILABLE) from None
 
     def list_tools(self, timeout_s: float = LIST_TIMEOUT_S) -> list[Any]:
-        async def listing(session: Any) -> list[Any]:
+        async def listing(session: Any, timeout_s: float) -> list[Any]:
+            from mcp.types import PaginatedRequestParams
+
             tools, cursor = [], None
             while True:
-                from mcp.types import PaginatedRequestParams
-
                 page = await session.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
                 tools += page.tools
                 cursor = page.next_cursor
@@ -308,29 +443,47 @@ class McpConnection:
         return self._run("tools/list", listing, timeout_s)
 
     def call(self, tool: str, arguments: Mapping[str, Any], timeout_s: float) -> Any:
-        return self._run(f"tools/call {tool}",
-                         lambda s: s.call_tool(tool, dict(arguments), read_timeout_seconds=timeout_s), timeout_s)
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            self.counts["progress"] += 1
+            self.last_progress = {"tool": tool, "progress": done, "total": total, "message": (message or "")[:200],
+                                  "at": time.time()}
 
-    def reset(self) -> None:
-        """Close the session (the SDK ends the sandbox's process); the next call starts a new one."""
-        self._session = None
-        stop, done = self._stop, self._done
-        if stop is not None:
-            self._loop.call_soon_threadsafe(stop.set)
-        if done is not None:
-            async def wait() -> None:
+        return self._run(f"tools/call {tool}", lambda s, t: s.call_tool(tool, dict(arguments), read_timeout_seconds=t,
+                                                                         progress_callback=progress), timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        """For operators: whether the server runs, how often it started, timed out, was killed, and its last progress."""
+        running = self._session is not None and self._done is not None and not self._done.done()
+        return {"server": self.server.name, "backend": self.server.backend, "running": running, **self.counts,
+                "last_progress": self.last_progress}
+
+    def reset(self, launch: Any = None, *, kill: bool = False) -> None:
+        """Close the session (the SDK ends the sandbox's process; ``kill``: its processes are killed first);
+        the next call starts a new one. With ``launch``, only if that start is still the current one."""
+        with self._lock:
+            if launch is not None and launch is not self._launch:
+                return  # another caller already restarted it
+            if kill and self._launch is not None:
+                self._launch.kill()
+            self._session = None
+            stop, done = self._stop, self._done
+            if stop is not None:
+                self._loop.call_soon_threadsafe(stop.set)
+            if done is not None:
+                async def wait() -> None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(done), 10)
+                    except BaseException:  # noqa: BLE001 - closing: cancel what did not end
+                        done.cancel()
                 try:
-                    await asyncio.wait_for(asyncio.shield(done), 5)
-                except BaseException:  # noqa: BLE001 - closing: cancel what did not end
-                    done.cancel()
-            try:
-                asyncio.run_coroutine_threadsafe(wait(), self._loop).result(10)
-            except Exception:  # noqa: BLE001 - the loop keeps running; the process dies with bwrap's parent
-                pass
-        self._stop = self._done = None
+                    asyncio.run_coroutine_threadsafe(wait(), self._loop).result(15)
+                except Exception:  # noqa: BLE001 - the loop keeps running; the process dies with its parent thread
+                    pass
+            self._stop = self._done = None
 
     def close(self) -> None:
-        self.reset()
+        """Kill the server (it is disposable: its state is its workspace's) and end the connection's thread."""
+        self.reset(kill=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if self.proxy is not None:
