@@ -29,7 +29,7 @@ system-deps:           ## install the sandbox runtimes and build tools with apt-
 $(STAMP): pyproject.toml setup.py native/hmac.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,peers,bench]'
 	@$(PY) -c "import runtime._hmac" || { echo "runtime._hmac (native/hmac.c) did not build: see pip's output" >&2; exit 1; }
 	touch $(STAMP)
 

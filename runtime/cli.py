@@ -12,7 +12,7 @@
     warden approvals list [--full]|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
-    warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
+    warden bench authz|e2e|sandbox|cost|peers|all   what the safety costs, measured (--quick)
     warden redteam [--without flow|reader]   run the attack catalogue; what stopped each attack
 """
 
@@ -796,9 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure what the authorization and isolation cost", description=(
         "Run benchmark suites: authz (in-process decision), e2e (direct Ray call vs supervised, 1/4/16 agents), "
         "sandbox (gVisor and bubblewrap cold start and warm calls), cost (memory per agent, audit bytes per "
-        "call, latency over 10,000 calls), or all. Prints a table with targets met or MISSED and writes JSON "
+        "call, latency over 10,000 calls), peers (the same decision by Warden and by Tenuo, Biscuit, macaroons and the Agent Governance Toolkit's policy engine; needs pip install -e '.[peers]', not part of all), or all. Prints a table with targets met or MISSED and writes JSON "
         "and PNG plots. Figures are medians over repeated runs with p99 and the spread between runs."))
-    bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "all"])
+    bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "peers", "all"])
     bench.add_argument("--quick", action="store_true", help="few repetitions: shows it works, figures are rough")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", help="where JSON and PNGs go (default: a new runs/bench-<UTC time>-<id>/; "

@@ -6,6 +6,8 @@ Suites (each a module with ``run(quick, progress) -> dict``):
 * ``e2e``     a trivial tool called directly on a Ray actor vs through the supervisor, 1/4/16 agents
 * ``sandbox`` cold start and warm calls of gVisor and bubblewrap
 * ``cost``    supervisor memory per agent, audit bytes per call, latency from 10 to 10,000 calls
+* ``peers``   the same decision by Warden and by other authorization libraries (optional extra
+  ``peers``; not part of ``all``, which must run without it)
 
 Every figure is a median over repeated runs, with p99 and the spread between runs;
 comparisons are ratios measured side by side in the same run. Results go to
@@ -28,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-SUITES = ("authz", "e2e", "sandbox", "cost")
+SUITES = ("authz", "e2e", "sandbox", "cost")  # what `warden bench all` runs
+OPTIONAL_SUITES = ("peers",)  # needs `pip install -e '.[peers]'`; run by name only
 
 
 def machine() -> dict[str, Any]:
@@ -213,6 +216,9 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
         print(f"machine: {m['cpus']} CPU ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, "
               f"Ray {m['ray']}, kernel {m['kernel']}{' (quick run)' if quick else ''}\n")
         print(table(results))
+        for s in results["suites"].values():
+            if s.get("report"):
+                print(f"\n{s['suite']}, side by side:\n{s['report']}\n")
         for s in results["suites"].values():
             for note in s.get("notes", []):
                 print(f"note ({s['suite']}): {note}")
