@@ -44,7 +44,7 @@ from ..errors import (ApprovalDenied, AuditUnavailable, DelegationDenied, ErrorC
 from ..anomaly import AnomalyConfig, AnomalyDetector
 from .approvals import ApprovalRule, Approvals
 from .audit import AuditSink
-from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, hmac_sha256, url_origin
+from .capability import Caveat, Effects, Holder, KeyRing, Tools, VerifiedToken, _pack, hmac_sha256, url_origin
 from .flow import (ASK, MAX_SCAN, TOP, Answer, Answers, Handle, Handles, Label, Output, Run, answer_kind,
                    check_answer, rule_name, substitute, violations, worded)
 from .ledger import AgentQuota, NonceWindow, QuotaLedger, Reservation, RevocationList
@@ -74,13 +74,9 @@ async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
         return await aw
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
 def sign_dispatch(key: bytes, body: dict[str, Any]) -> bytes:
     body_bytes = _pack(body)
-    return _pack([body_bytes, hmac.new(key, body_bytes, sha256).digest()])
+    return _pack([body_bytes, hmac_sha256(key, body_bytes)])
 
 
 def holder_id(agent: str) -> bytes:
