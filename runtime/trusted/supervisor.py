@@ -392,11 +392,10 @@ class Supervisor:
             self.keyring.current_kid, self.key_epoch, self.retired = kid, int(epoch), set(retired)
             for k in set(self.keyring.kids) - set(root):
                 self.keyring.retire(k)
-            self.runs = {bytes(rid): Run(a, d, Label.parse(lab), o) for rid, (a, d, lab, o) in runs.items()}
-            self.answers = {}
-            for rid, kept in answers.items():
-                for v, lab, o in kept:
-                    self.answers.setdefault(bytes(rid), Answers()).add(Answer(v, Label.parse(lab), o))
+            self.runs, self.answers = {}, {}
+            for frame in [["c", rid, *r] for rid, r in runs.items()] + [
+                    ["a", rid, *a] for rid, kept in answers.items() for a in kept]:  # as journaled one by one
+                self._replay(frame)
         else:
             raise ValueError(f"unknown journal frame {op!r}")
 
