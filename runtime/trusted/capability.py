@@ -715,15 +715,9 @@ class KeyRing:
     def from_secret_dict(cls, d: dict[str, Any]) -> "KeyRing":
         return cls(d["root"], d["kid"], d["holder"])
 
-    def rotate(self) -> str:
-        """Add a new current key; tokens under old keys still verify until the key is retired."""
-        kid = secrets.token_hex(4)
-        self._root[kid] = secrets.token_bytes(32)
-        self.current_kid = kid
-        return kid
-
     def add_key(self, kid: str, key: bytes, *, current: bool = True) -> None:
-        """Install a key made elsewhere (rotation on a peer supervisor), by default as the current one."""
+        """Install a key made elsewhere (a rotation: ``warden keys rotate``, a peer supervisor), by default as the
+        current one; tokens under older keys still verify until their key is retired."""
         if not (isinstance(kid, str) and kid and isinstance(key, bytes) and len(key) >= 32):
             raise ValueError("a key id and a key of at least 32 bytes")
         if self._root.get(kid, key) != key:
