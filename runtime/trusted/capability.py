@@ -89,12 +89,6 @@ def _normalised_path(value: str) -> str:
     return posixpath.normpath("/" + value.lstrip("/"))
 
 
-def path_is_under(path: str, root: str) -> bool:
-    root = canonical_path(root)
-    path = canonical_path(path)
-    return root == "/" or path == root or path.startswith(root + "/")
-
-
 _HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # labels
 _NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label that makes a resolver read IPv4 ('127.1'): must be one
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -273,7 +267,9 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     if kind == "path_under":
         if canonical_path(value) != value:  # the tool would get another spelling than the one checked
             raise PolicyDenied(f"path {value!r:.80} is not in canonical form (a parameter without PATH?)")
-        return None if path_is_under(value, param) else f"{value!r} not under {param!r}"
+        root = canonical_path(param)  # '/data' holds '/data/x', never '/database'
+        under = root == "/" or value == root or value.startswith(root + "/")
+        return None if under else f"{value!r} not under {param!r}"
     if kind == "url_host":  # a URL, or a host in the form a HOST parameter holds it (no entry with a scheme matches)
         bare = isinstance(value, str) and "://" not in value and host_value(value) == value
         scheme, host, port = origin = (None, value, None) if bare else url_origin(value)
