@@ -118,6 +118,17 @@ def test_an_argument_carries_an_answer_copied_as_it_is_or_normalised():
     assert {a.origin["call_id"] for a in carried({"memo": "acme invoice", "amount": 480}, three)} == {"480", "acme"}
 
 
+def test_a_number_decimal_cannot_hold_is_no_match_and_no_crash():
+    # An exponent past what Decimal takes (InvalidOperation) reads as no number; the rest of the text still counts.
+    assert not carries("1e99999999999999999999999", 1) and carries("acme 1e99999999999999999999999", "acme")
+
+
+def test_a_destination_is_one_name_or_nothing():
+    from runtime.trusted.flow import destination
+    assert destination("https://Example.com/x") == "example.com" and destination("bob@corp.example") == "bob@corp.example"
+    assert destination(42) == "" and destination("http://[::1") == "" and destination("a@x.com,b@y.com") == ""
+
+
 # ---------------------------------------------------------------------------- through the supervisor
 
 
