@@ -328,11 +328,8 @@ class Supervisor:
         ``unsettled``: the allowed calls the audit log has no outcome for (call id -> agent), read
         from it by the caller. Journal and log are two files: a call open in the journal but not
         allowed on record never reached a worker (refunded); one settled without its outcome gets it."""
-        if self.journal is None:
-            return 0
         frames = 0
-        for frame in self.journal.replay():
-            frames += 1
+        for frames, frame in enumerate(self.journal.replay() if self.journal is not None else (), 1):
             self._replay(frame)
         if frames == 0:
             return 0
