@@ -170,8 +170,7 @@ class Handles:
     def issue(self, agent: str, runs: set[bytes], tool: str, value: Any, label: Label, origin: dict[str, Any],
               limits: tuple[int, int, float]) -> Handle:
         (max_count, max_bytes, ttl_s), now = limits, self.clock()
-        for hid in [h.id for h in self.by_id.values() if h.expires < now]:
-            del self.by_id[hid]
+        self.by_id = {hid: h for hid, h in self.by_id.items() if h.expires >= now}
         nbytes = len(msgpack.packb(value, use_bin_type=True))
         count, used = self.usage(agent)
         if count >= max_count or used + nbytes > max_bytes:

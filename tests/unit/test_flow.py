@@ -11,9 +11,9 @@ import pytest
 
 from runtime.observe import status_of
 from runtime import PolicyHarness
-from runtime.errors import ErrorCode
+from runtime.errors import ErrorCode, FlowDenied
 from runtime.trusted.capability import Flow, decode_caveat, encode_caveat
-from runtime.trusted.flow import Label, Output, violations
+from runtime.trusted.flow import Handles, Label, Output, violations
 from runtime.trusted.state import StateJournal
 
 
@@ -397,3 +397,15 @@ def test_a_reader_pattern_that_would_admit_a_lookalike_domain_is_a_policy_error(
         parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {"readers": ["*corp.example"]}}}})
     assert parse_policy({"agent": "a", "tools": {"mail.read": {"effect": "read", "output": {
         "readers": ["*@corp.example", "*.corp.example", "bob@x.example"]}}}})
+
+
+def test_expired_handles_stop_counting_against_the_limits_at_the_next_issue():
+    now = [0.0]
+    handles = Handles(lambda: now[0])
+    old = handles.issue("a", {b"r"}, "t", "x" * 10, Label(0), {}, (1, 1 << 10, 5.0))
+    with pytest.raises(FlowDenied) as denied:  # one handle at most: the second is refused while the first lives
+        handles.issue("a", {b"r"}, "t", "y", Label(0), {}, (1, 1 << 10, 5.0))
+    assert denied.value.code is ErrorCode.HANDLE_LIMIT
+    now[0] = 6.0
+    new = handles.issue("a", {b"r"}, "t", "y", Label(0), {}, (1, 1 << 10, 5.0))
+    assert old.id not in handles.by_id and handles.usage("a") == (1, new.nbytes)
