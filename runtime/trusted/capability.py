@@ -368,31 +368,28 @@ def _str_tuple(v: Any, what: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+# Each encoder gets a caveat of exactly its class and returns its fields, its type name first (the inverse of
+# _CAVEAT_PARSERS below); numbers are written as the type the parser takes.
+_ENCODERS: dict[type, Any] = {
+    Tools: lambda c: ["tools", list(c.names)],
+    Effects: lambda c: ["effects", list(c.effects)],
+    Arg: lambda c: ["arg", c.tool, c.arg, c.check, list(c.param) if isinstance(c.param, tuple) else c.param],
+    Expires: lambda c: ["exp", float(c.at)],
+    NotBefore: lambda c: ["nbf", float(c.at)],
+    CallBudget: lambda c: ["calls", int(c.calls)],
+    CostBudget: lambda c: ["cost", float(c.cost)],
+    MaxDepth: lambda c: ["depth", int(c.depth)],
+    Audience: lambda c: ["aud", c.job],
+    Holder: lambda c: ["holder", c.agent, c.seal],
+    Flow: lambda c: ["flow", c.tool, list(c.effects), c.arg, c.need, c.mode],
+}
+
+
 def encode_caveat(c: Caveat) -> bytes:
-    if isinstance(c, Tools):
-        return _pack(["tools", list(c.names)])
-    if isinstance(c, Effects):
-        return _pack(["effects", list(c.effects)])
-    if isinstance(c, Arg):
-        param = list(c.param) if isinstance(c.param, tuple) else c.param
-        return _pack(["arg", c.tool, c.arg, c.check, param])
-    if isinstance(c, Expires):
-        return _pack(["exp", float(c.at)])
-    if isinstance(c, NotBefore):
-        return _pack(["nbf", float(c.at)])
-    if isinstance(c, CallBudget):
-        return _pack(["calls", int(c.calls)])
-    if isinstance(c, CostBudget):
-        return _pack(["cost", float(c.cost)])
-    if isinstance(c, MaxDepth):
-        return _pack(["depth", int(c.depth)])
-    if isinstance(c, Audience):
-        return _pack(["aud", c.job])
-    if isinstance(c, Holder):
-        return _pack(["holder", c.agent, c.seal])
-    if isinstance(c, Flow):
-        return _pack(["flow", c.tool, list(c.effects), c.arg, c.need, c.mode])
-    raise TypeError(f"not a caveat: {c!r}")
+    encode = _ENCODERS.get(type(c))
+    if encode is None:
+        raise TypeError(f"not a caveat: {c!r}")
+    return _pack(encode(c))
 
 
 def decode_caveat(blob: bytes) -> Caveat:
