@@ -70,26 +70,14 @@ class ArgRule(_Strict):
         return self
 
     def caveats(self, tool: str, arg: str) -> list[Arg]:
-        out: list[Arg] = []
-        if "exact" in self.model_fields_set:
-            out.append(Arg(tool, arg, "exact", self.exact))
-        if self.one_of is not None:
-            out.append(Arg(tool, arg, "one_of", tuple(self.one_of)))
-        if self.min is not None or self.max is not None:
-            out.append(Arg(tool, arg, "range", (self.min, self.max)))
-        if self.regex is not None:
-            out.append(Arg(tool, arg, "regex", self.regex))
-        if self.path_under is not None:
-            out.append(Arg(tool, arg, "path_under", self.path_under))
-        if self.url_host is not None:
-            out.append(Arg(tool, arg, "url_host", tuple(self.url_host)))
-        if self.max_bytes is not None:
-            out.append(Arg(tool, arg, "max_bytes", self.max_bytes))
-        if self.each is not None:
-            out += [Arg(tool, arg, "each", (c.check, c.param)) for c in self.each.caveats(tool, arg)]
-        if self.min_items is not None or self.max_items is not None:
-            out.append(Arg(tool, arg, "items", (self.min_items, self.max_items)))
-        return out
+        """One Arg caveat per key given, in this order; lists as tuples, bounds as (min, max) pairs."""
+        each = self.each.caveats(tool, arg) if self.each is not None else []
+        given = [("exact", self.exact)] if "exact" in self.model_fields_set else []  # exact: null is a value
+        given += [("one_of", self.one_of), ("range", (self.min, self.max)), ("regex", self.regex),
+                  ("path_under", self.path_under), ("url_host", self.url_host), ("max_bytes", self.max_bytes),
+                  *(("each", (c.check, c.param)) for c in each), ("items", (self.min_items, self.max_items))]
+        return [Arg(tool, arg, k, tuple(p) if k in ("one_of", "url_host") else p) for k, p in given
+                if k == "exact" or (p is not None and p != (None, None))]
 
 
 class ApprovalSpec(_Strict):
