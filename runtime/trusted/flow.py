@@ -221,7 +221,6 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
     return out, held, used
 
 
-
 def _number(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
