@@ -387,8 +387,8 @@ def _scan(path: str) -> tuple[VerifyReport, bytes, str | None]:
     k = last = 0
     seg = path
 
-    def bad(problem: str, seq: int | None) -> tuple[VerifyReport, bytes, str | None]:
-        return VerifyReport(False, n, seq, problem, head_records, k, seg), prev, None
+    def bad(problem: str, seq: int | None, state: str | None = None) -> tuple[VerifyReport, bytes, str | None]:
+        return VerifyReport(False, n, seq, problem, head_records, k, seg), prev, state  # k: segments read in full
 
     try:
         present = _segment_indices(path)
@@ -421,22 +421,17 @@ def _scan(path: str) -> tuple[VerifyReport, bytes, str | None]:
                     return bad(f"record {n}: {exc}{inside}", n)
     except Exception as exc:  # verify reports, it never raises
         return bad(f"cannot read log: {exc}", None)
-    segments, seg = last + 1, segment_path(path, last)
+    k, seg = last + 1, segment_path(path, last)  # every segment read in full
     if isinstance(head, str):
         state = "missing" if head == HEAD_MISSING else "bad"
-        return VerifyReport(False, n, None, head, None, segments), prev, state
-    _, records, digest = head
-
-    def bad_head(problem: str, seq: int | None) -> tuple[VerifyReport, bytes, str | None]:
-        return VerifyReport(False, n, seq, problem, records, segments, seg), prev, "bad"
-
+        return VerifyReport(False, n, None, head, None, k), prev, state
+    _, records, digest = head  # records is head_records
     if records > n:
-        return bad_head(f"truncated: head says {records} records, log has {n}", n)
+        return bad(f"truncated: head says {records} records, log has {n}", n, "bad")
     if digest != head_hash:
         where = f"record {records - 1} (edited or replaced)" if records else "an empty log"
-        return bad_head(f"head does not match {where}", records - 1 if records else None)
+        return bad(f"head does not match {where}", records - 1 if records else None, "bad")
     if head_segment != head_hash_segment:
-        return bad_head(f"head names segment {head_segment} but record {records - 1} is in "
-                        f"segment {head_hash_segment}", records - 1)
-    return (VerifyReport(True, n, None, None, records, segments), prev,
-            "ok" if records == n else "lags")
+        return bad(f"head names segment {head_segment} but record {records - 1} is in "
+                   f"segment {head_hash_segment}", records - 1, "bad")
+    return VerifyReport(True, n, None, None, records, k), prev, "ok" if records == n else "lags"
