@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..errors import ErrorCode, SandboxUnavailable
 from .base import WORKSPACE, rlimit_args
-from . import cgroup
+from . import cgroup, mcpproxy
 from .cgroup import CallCgroup
 
 RUNSC_TIMEOUT_S = 30
@@ -53,6 +53,9 @@ MCP_CGROUP = "warden-mcp"
 # The pids cgroup of a gVisor server counts the Sentry's and the gofer's host threads, not the
 # server's processes (RLIMIT_NPROC inside bounds those): only a backstop against a runaway runsc.
 HOST_PIDS_BACKSTOP = 1024
+# Lets the Sentry connect to a unix socket of the host bound into the container (the egress proxy's), and
+# nothing more: not create one (``create``), not open host FIFOs (``--host-fifo`` stays ``none``).
+HOST_UDS = "--host-uds=open"
 _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types")
 
 
@@ -67,13 +70,17 @@ def _system_mounts() -> list[dict]:
 
 
 def bundle_config(command: list[str], env: dict[str, str], workspace: Path, program_dirs: list[str],
-                  rlimits: list[str], uid: int, gid: int, prlimit: str = "/usr/bin/prlimit") -> dict:
+                  rlimits: list[str], uid: int, gid: int, prlimit: str = "/usr/bin/prlimit",
+                  egress_dir: str | None = None) -> dict:
     """The OCI runtime spec of the server's container (see the module docstring for what it holds)."""
     # /tmp first: a program directory under /tmp (a checkout there) is mounted on top of it, not hidden.
     mounts = [*_system_mounts(),
               *({"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro", "nosuid", "nodev"]}
                 for d in program_dirs),
               {"destination": WORKSPACE, "type": "bind", "source": str(workspace), "options": ["rbind", "rw"]}]
+    if egress_dir is not None:
+        mounts.append({"destination": mcpproxy.SANDBOX_DIR, "type": "bind", "source": egress_dir,
+                       "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
     no_caps = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     return {"ociVersion": "1.0.0", "hostname": "sandbox", "root": {"path": "rootfs", "readonly": True},
             "process": {"terminal": False, "user": {"uid": uid, "gid": gid}, "cwd": WORKSPACE,
@@ -89,7 +96,7 @@ class GVisorLaunch:
     backend = "gvisor"
 
     def __init__(self, *, runsc: str, setpriv: str, command: list[str], env: dict[str, str], workspace: Path,
-                 program_dirs: list[str], limits, memory_overhead_mb: int) -> None:
+                 program_dirs: list[str], limits, memory_overhead_mb: int, egress_dir: str | None = None) -> None:
         if os.geteuid() != 0:
             raise SandboxUnavailable("an MCP server under gVisor needs a memory cgroup, which only a worker running "
                                      "as root can make", code=ErrorCode.SANDBOX_UNAVAILABLE)
@@ -110,10 +117,11 @@ class GVisorLaunch:
         st = os.stat(workspace)
         rl = rlimit_args(limits, address_space=False)
         (bundle / "config.json").write_text(json.dumps(bundle_config(command, env, workspace, program_dirs, rl,
-                                                                     st.st_uid, st.st_gid)))
+                                                                     st.st_uid, st.st_gid, egress_dir=egress_dir)))
         self.argv = self.cgroup.join_argv(
             [setpriv, "--pdeathsig", "SIGKILL", "--", runsc, "--root", str(self.state), "--network=none",
-             "--ignore-cgroups", "run", "--bundle", str(bundle), self.id])
+             *([HOST_UDS] if egress_dir is not None else []), "--ignore-cgroups", "run", "--bundle", str(bundle),
+             self.id])
 
     def _runsc(self, *args: str) -> None:
         subprocess.run([self.runsc, "--root", str(self.state), *args], capture_output=True, env={},
