@@ -1,6 +1,7 @@
 """An MCP stdio server in a gVisor container of its own: ``runsc run`` whose stdin/stdout are the JSON-RPC pipes.
 
-    sh (joins the server's cgroups) -> setpriv --pdeathsig KILL -> runsc --network=none --ignore-cgroups run
+    sh (joins the server's cgroups) -> setpriv --pdeathsig KILL -> runsc --network=none [--host-uds=open]
+        --ignore-cgroups run
         (OCI bundle: the server as the container's process, not attached to a terminal)
         -> inside gVisor: prlimit (cpu, nproc, fsize, nofile, core) -> the server's command
 
@@ -14,6 +15,14 @@ binds of the server's program directories (``mcpserver.program_dirs``), a privat
 ``/dev`` and ``/tmp``, the workspace read-write at ``/workspace``, and ``server_env`` as its only
 environment. Its process runs as the workspace's owner (the uid the agent's own sandboxed calls
 write as, never given a capability: the OCI capability sets are empty), with no new privileges.
+
+A server with a ``network`` allow-list keeps ``--network=none``: as under bwrap, its egress
+proxy's socket directory is bound read-only at ``mcpproxy.SANDBOX_DIR`` and the server runs
+under the forwarder (listening on the Sentry's own loopback) with the proxy variables set. Only
+then is ``runsc`` given ``--host-uds=open``: the Sentry may connect to the host unix sockets in
+what is bound in (the proxy's; one a host process left in the workspace, such as the agent's own
+bwrap calls, would be reachable too), and may create none. A ``runsc`` without that flag is
+refused for such a server (``host_uds_problem``).
 
 Limits: the whole sandbox (``runsc run``, the gofer, the Sentry with everything the server
 holds in memory, ``/tmp`` included) sits in a host memory cgroup of ``memory_mb`` +
@@ -34,8 +43,10 @@ left behind: no process, no container, no cgroup, no directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -57,6 +68,21 @@ HOST_PIDS_BACKSTOP = 1024
 # nothing more: not create one (``create``), not open host FIFOs (``--host-fifo`` stays ``none``).
 HOST_UDS = "--host-uds=open"
 _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types")
+
+
+@functools.lru_cache(maxsize=4)
+def host_uds_problem(runsc: str) -> str | None:
+    """Why this ``runsc`` cannot let a container connect to the egress proxy's socket (no ``--host-uds``), or None."""
+    try:
+        flags = subprocess.run([runsc, "flags"], capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+        version = subprocess.run([runsc, "--version"], capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot ask {runsc} for its flags: {type(exc).__name__}"
+    if re.search(rb"^\s*-host-uds\b", flags.stdout + flags.stderr, re.MULTILINE):
+        return None
+    name = (version.stdout.decode(errors="replace").splitlines() or [runsc])[0].strip()
+    return (f"{name} has no --host-uds flag, so its sandbox cannot connect to the egress proxy's unix socket: "
+            "a network allow-list under gVisor needs a runsc that has --host-uds (none|open|create|all)")
 
 
 def _system_mounts() -> list[dict]:
@@ -97,6 +123,8 @@ class GVisorLaunch:
 
     def __init__(self, *, runsc: str, setpriv: str, command: list[str], env: dict[str, str], workspace: Path,
                  program_dirs: list[str], limits, memory_overhead_mb: int, egress_dir: str | None = None) -> None:
+        if egress_dir is not None and (why := host_uds_problem(runsc)) is not None:
+            raise SandboxUnavailable(why, code=ErrorCode.SANDBOX_UNAVAILABLE)
         if os.geteuid() != 0:
             raise SandboxUnavailable("an MCP server under gVisor needs a memory cgroup, which only a worker running "
                                      "as root can make", code=ErrorCode.SANDBOX_UNAVAILABLE)
