@@ -81,6 +81,7 @@ class _Pool:
         self._workers = list(actors)
         self._dead: set[int] = set()
         self._suspect: dict[int, asyncio.Future[None] | None] = {}  # failed a call: probe before the next
+        self._methods: dict[tuple[int, str], Any] = {}
 
     def _live(self) -> list[int]:
         live = [k for k in range(len(self._workers)) if k not in self._dead]
@@ -100,8 +101,11 @@ class _Pool:
         return await self._send_to(i, method, payload)
 
     async def _send_to(self, i: int, method: str, payload: Any) -> Any:
+        bound = self._methods.get((i, method))
+        if bound is None:  # Ray binds a new method object on every attribute access
+            bound = self._methods[(i, method)] = getattr(self._workers[i], method)
         try:
-            return await getattr(self._workers[i], method).remote(payload)
+            return await bound.remote(payload)
         except ray.exceptions.ActorDiedError:
             self._dead.add(i)  # for good; this call is not resent (it may have run)
             raise

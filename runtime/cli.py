@@ -12,7 +12,7 @@
     warden approvals list [--full]|approve|deny  decide calls a policy parks for a human
     warden revoke --agent A [--cascade] | --token T   kill switch, effective before the next call
     warden keys rotate | retire KID     root keys of a running job, on every supervisor shard
-    warden bench authz|e2e|sandbox|cost|all [--quick]   what the safety costs, measured
+    warden bench authz|e2e|sandbox|cost|peers|all   what the safety costs, measured (--quick)
     warden redteam [--without flow|reader]   run the attack catalogue; what stopped each attack
 """
 
@@ -619,9 +619,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.suite != "e2e":
             print("warden bench: --shards applies to the e2e suite only", file=sys.stderr)
             return EXIT_USAGE
-        command += " --shards " + ",".join(map(str, args.shards))
+        command += " --shards " + ",".join(map(str, args.shards)) + (" --pin" if args.pin else "")
+    elif args.pin:
+        print("warden bench: --pin goes with --shards", file=sys.stderr)
+        return EXIT_USAGE
+    if args.profile:
+        if args.suite not in ("e2e", "all") or args.shards:
+            print("warden bench: --profile applies to the e2e concurrency sweep", file=sys.stderr)
+            return EXIT_USAGE
+        command += " --profile"
     return bench_main(args.suite, quick=args.quick, as_json=args.json, out=args.out, command=command,
-                      shards=args.shards, json_out=args.json_out)
+                      shards=args.shards, json_out=args.json_out, profile=args.profile, pin=args.pin)
 
 
 def cmd_redteam(args: argparse.Namespace) -> int:
@@ -788,9 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure what the authorization and isolation cost", description=(
         "Run benchmark suites: authz (in-process decision), e2e (direct Ray call vs supervised, 1/4/16 agents), "
         "sandbox (gVisor and bubblewrap cold start and warm calls), cost (memory per agent, audit bytes per "
-        "call, latency over 10,000 calls), or all. Prints a table with targets met or MISSED and writes JSON "
+        "call, latency over 10,000 calls), peers (the same decision by Warden and by Tenuo, Biscuit, macaroons and the Agent Governance Toolkit's policy engine; needs pip install -e '.[peers]', not part of all), or all. Prints a table with targets met or MISSED and writes JSON "
         "and PNG plots. Figures are medians over repeated runs with p99 and the spread between runs."))
-    bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "all"])
+    bench.add_argument("suite", choices=["authz", "e2e", "sandbox", "cost", "peers", "all"])
     bench.add_argument("--quick", action="store_true", help="few repetitions: shows it works, figures are rough")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", help="where JSON and PNGs go (default: a new runs/bench-<UTC time>-<id>/; "
@@ -798,6 +806,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shards", type=_shard_counts, metavar="N,N,...",
                        help="e2e only: instead of the 1/4/16-agent sweep, measure 16 agents against each number "
                        "of supervisor shards (e.g. 1,2,4): throughput per shard count and the routing cost")
+    bench.add_argument("--pin", action="store_true",
+                       help="with --shards: each shard on a CPU core of its own and the agents and workers on the "
+                       "cores left (sched_setaffinity), and the scaling efficiency against one shard; with fewer "
+                       "cores than shards + 1 they share, and the notes say so")
+    bench.add_argument("--profile", action="store_true",
+                       help="e2e: sample the supervisor actor and the tool worker (and, to compare, the plain relay "
+                       "and its worker) with py-spy at 1 and 16 agents; e2e-profile.txt (CPU per call of each "
+                       "process, hottest functions) and the raw stacks (e2e-profile-*.txt, for a flame graph) go "
+                       "next to the results (needs py-spy: pip install py-spy, or the bench extra)")
     bench.set_defaults(fn=cmd_bench)
 
     red = sub.add_parser("redteam", help="run the attack catalogue and report what stopped each attack",

@@ -174,6 +174,7 @@ class PrometheusObserver:
                                       "free (free text, a handle) or invalid (READER_INVALID).",
                                       [j, "agent", "result"], registry=r)
         self._integrity: dict[str, int] = {}  # agent -> lowest integrity reported (it never goes up)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _series
         self.observer_errors = Counter("warden_observer_errors", "Observer calls that failed (and were dropped).",
                                        [j, "method"], registry=r)
         # Known series start at zero, so rate() and dashboards see them before the first event.
@@ -182,14 +183,24 @@ class PrometheusObserver:
         for method in _METHODS:
             self.observer_errors.labels(self.job, method)
 
+    def _series(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(job, *values)``, kept: the per-call series are a few, and labels() costs microseconds."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 1 << 14:  # label values are capped; this only bounds the memo
+                self._children.clear()
+            child = self._children[key] = metric.labels(self.job, *values)
+        return child
+
     # ------------------------------------------------------------------ Observer
     def decision(self, agent: str, tool: str, decision: str, code: str | None, authz_s: float) -> None:
         try:
             a, t, seconds = self._agent(agent), self._tool(tool), _seconds(authz_s)
             verdict = "allow" if decision == "allow" else "deny"  # anything else is not an allow
-            self.calls.labels(self.job, a, t, verdict).inc()
+            self._series(self.calls, a, t, verdict).inc()
             if verdict == "deny":
-                self.denials.labels(self.job, a, t, self._code(code)).inc()
+                self._series(self.denials, a, t, self._code(code)).inc()
             if seconds is not None:
                 self.authorization_seconds.observe(seconds)
         except Exception:
@@ -199,12 +210,12 @@ class PrometheusObserver:
         try:
             a, t, seconds = self._agent(agent), self._tool(tool), _seconds(dispatch_s)
             result = "ok" if ok else self._code(code if code else _FAILED_WITHOUT_CODE)
-            self.outcomes.labels(self.job, a, t, result).inc()
+            self._series(self.outcomes, a, t, result).inc()
             cause = KILL_CAUSES.get(result)
             if cause is not None:
                 self.sandbox_kills.labels(self.job, cause).inc()
             if seconds is not None:
-                self.dispatch_seconds.labels(self.job, t).observe(seconds)
+                self._series(self.dispatch_seconds, t).observe(seconds)
         except Exception:
             self._failed("outcome")
 
@@ -215,8 +226,8 @@ class PrometheusObserver:
             limit_f = math.inf if limit is None else float(limit)
             if math.isnan(used_f) or math.isnan(limit_f):
                 return
-            self.budget_used.labels(self.job, a, k).set(used_f)
-            self.budget_remaining.labels(self.job, a, k).set(max(limit_f - used_f, 0.0))
+            self._series(self.budget_used, a, k).set(used_f)
+            self._series(self.budget_remaining, a, k).set(max(limit_f - used_f, 0.0))
         except Exception:
             self._failed("budget")
 

@@ -6,6 +6,8 @@ Suites (each a module with ``run(quick, progress) -> dict``):
 * ``e2e``     a trivial tool called directly on a Ray actor vs through the supervisor, 1/4/16 agents
 * ``sandbox`` cold start and warm calls of gVisor and bubblewrap
 * ``cost``    supervisor memory per agent, audit bytes per call, latency from 10 to 10,000 calls
+* ``peers``   the same decision by Warden and by other authorization libraries (optional extra
+  ``peers``; not part of ``all``, which must run without it)
 
 Every figure is a median over repeated runs, with p99 and the spread between runs;
 comparisons are ratios measured side by side in the same run. Results go to
@@ -28,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-SUITES = ("authz", "e2e", "sandbox", "cost")
+SUITES = ("authz", "e2e", "sandbox", "cost")  # what `warden bench all` runs
+OPTIONAL_SUITES = ("peers",)  # needs `pip install -e '.[peers]'`; run by name only
 
 
 def machine() -> dict[str, Any]:
@@ -52,18 +55,22 @@ def machine() -> dict[str, Any]:
 
 
 def run_suites(names: list[str], *, quick: bool, progress: Callable[[str], None],
-               command: str = "", shards: list[int] | None = None) -> dict[str, Any]:
+               command: str = "", shards: list[int] | None = None, profile: bool = False,
+               pin: bool = False) -> dict[str, Any]:
     """Run the named suites; ``shards`` turns e2e into its sweep over supervisor shard counts
-    (saved as suite ``e2e-shards``)."""
+    (saved as suite ``e2e-shards``; ``pin``: each shard on a core of its own); ``profile`` samples
+    the e2e supervisor actor with py-spy."""
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": command,
                                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suites": {}}
     for name in names:
         progress(f"suite {name} ...")
         started = time.monotonic()
-        extra = {"shards": shards} if name == "e2e" and shards else {}
+        extra: dict[str, Any] = {}
+        if name == "e2e":
+            extra = {"shards": shards, "pin": pin} if shards else {"profile": profile}
         suite = importlib.import_module(f"runtime.bench.{name}").run(quick=quick, progress=progress, **extra)
         suite["seconds"] = round(time.monotonic() - started, 1)
-        if extra:
+        if extra.get("shards"):
             name = suite["suite"] = "e2e-shards"
         results["suites"][name] = suite
         progress(f"suite {name} done in {suite['seconds']}s")
@@ -179,7 +186,8 @@ def default_out_dir(runs_dir: str | Path = "runs") -> Path:
 
 
 def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, command: str = "",
-         shards: list[int] | None = None, json_out: TextIO | None = None) -> int:
+         shards: list[int] | None = None, json_out: TextIO | None = None, profile: bool = False,
+         pin: bool = False) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     out_dir = Path(out) if out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +197,11 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
 
     progress(f"results go to {out_dir}/")
 
-    results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards)
+    results = run_suites(names, quick=quick, progress=progress, command=command, shards=shards, profile=profile,
+                         pin=pin)
     for name, suite_result in results["suites"].items():
+        for file, text in suite_result.pop("attachments", {}).items():  # e.g. raw stacks, for a flame graph
+            (out_dir / file).write_text(text)
         (out_dir / f"bench-{name}.json").write_text(json.dumps(
             {"machine": results["machine"], "quick": quick, "started": results["started"], **suite_result}, indent=2))
         if suite_result.get("profile"):  # where the time goes, for whoever chases a missed target
@@ -205,6 +216,9 @@ def main(suite: str, *, quick: bool, as_json: bool, out: str | None = None, comm
         print(f"machine: {m['cpus']} CPU ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, "
               f"Ray {m['ray']}, kernel {m['kernel']}{' (quick run)' if quick else ''}\n")
         print(table(results))
+        for s in results["suites"].values():
+            if s.get("report"):
+                print(f"\n{s['suite']}, side by side:\n{s['report']}\n")
         for s in results["suites"].values():
             for note in s.get("notes", []):
                 print(f"note ({s['suite']}): {note}")

@@ -36,6 +36,7 @@ them; what a power loss keeps is in the README (*Operating a job*).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -96,14 +97,15 @@ class VerifyReport:
     segment: str | None = None  # file holding the first bad record, or the missing one
 
 
-def _is_secret(key: str, value: Any) -> bool:
+@functools.lru_cache(maxsize=1024)  # field names: the writing code's, a small set
+def _is_secret(key: str, is_int: bool) -> bool:
     """A field the writing code named as a secret, whatever its type (counters like max_tokens aside)."""
     norm = re.sub(r"[^a-z0-9]", "", key.lower())
     if not any(word in norm for word in _SECRET_WORDS):
         return False
     if _ID_KEY.search(key):  # token_id, keyId: identifiers are what the log is meant to carry
         return False
-    return not (norm.endswith("tokens") and type(value) is int)
+    return not (norm.endswith("tokens") and is_int)
 
 
 def _redacted(value: Any) -> dict[str, Any]:
@@ -114,6 +116,8 @@ def _redacted(value: Any) -> dict[str, Any]:
 def _scrub(value: Any, secrets: tuple[str, ...] = (), depth: int = 0) -> Any:
     """Plain msgpack-able copy of ``value``; a string holding one of ``secrets`` is redacted. Keys
     nested in a field are chosen by whoever filled it (a model, for tool arguments): never a reason."""
+    if (kind := type(value)) is str or value is None or kind is int or kind is float or kind is bool:  # most
+        return _redacted(value) if kind is str and secrets and any(s in value for s in secrets) else value
     if depth > _MAX_DEPTH:
         raise ValueError(f"value nested deeper than {_MAX_DEPTH}")
     if isinstance(value, Enum):  # ErrorCode and friends are logged by value
@@ -289,8 +293,12 @@ class AuditLog:
         rec = {"seq": seq, "ts": float(self._clock()), "prev": self._last_hash, "kind": kind}
         for k, v in fields.items():
             v = _scrub(v, self._secrets)
-            rec[k] = _redacted(v) if _is_secret(k, v) else _cap(v, self._max_field_bytes)
+            rec[k] = _redacted(v) if _is_secret(k, type(v) is int) else v
         body = msgpack.packb(rec, use_bin_type=True)
+        if len(body) > self._max_field_bytes:  # else no field can be over the cap: each is packed inside body
+            for k in fields:
+                rec[k] = _cap(rec[k], self._max_field_bytes)
+            body = msgpack.packb(rec, use_bin_type=True)
         if len(body) > MAX_RECORD_BYTES:
             raise ValueError(f"record is {len(body)} bytes, limit {MAX_RECORD_BYTES}")
         return body

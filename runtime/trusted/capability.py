@@ -27,7 +27,6 @@ to make a check slow (regexes run on RE2, linear in the input, with bounded size
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import math
@@ -37,6 +36,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any, Iterable, NamedTuple, Union
 from urllib.parse import urlsplit
 
@@ -49,20 +49,22 @@ VERSION = 1
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_CAVEATS = 64
 EFFECTS = ("read", "write", "delete", "execute")
-_SHA = hashlib.sha256
 
 
-try:  # the OpenSSL HMAC that hmac.new wraps, called without the pure-Python wrapper around it
-    from _hashlib import hmac_new as _openssl_hmac
-except ImportError:  # pragma: no cover - a Python built without OpenSSL
-    _openssl_hmac = None
+def hmac_sha256_py(key: bytes, msg: bytes) -> bytes:
+    """HMAC-SHA256, in one call of OpenSSL's (``hmac.new`` wraps it in Python)."""
+    return hmac.digest(key, msg, "sha256")
 
 
-def hmac_sha256(key: bytes, msg: bytes) -> bytes:
-    """``hmac.new(key, msg, sha256).digest()``, at about half the cost."""
-    if _openssl_hmac is None:  # pragma: no cover
-        return hmac.new(key, msg, _SHA).digest()
-    return _openssl_hmac(key, msg, digestmod=_SHA).digest()
+def hmac_chain_py(tag: bytes, blobs: tuple[bytes, ...]) -> list[bytes]:
+    """The tag after each blob of a chain that starts at ``tag``: ``tag_i = HMAC(tag_{i-1}, blob_i)``."""
+    return list(accumulate(blobs, hmac_sha256_py, initial=tag))[1:]
+
+
+try:  # the same two in C (native/hmac.c, built with the package), a few times faster; the two above are the reference
+    from .._hmac import hmac_chain, hmac_sha256
+except ImportError:  # not built: no compiler or OpenSSL headers where the package was installed
+    hmac_sha256, hmac_chain = hmac_sha256_py, hmac_chain_py
 
 
 def _pack(obj: Any) -> bytes:
@@ -76,6 +78,11 @@ def canonical_path(value: Any) -> str:
     """Absolute, lexically normalised POSIX path; anything else is refused."""
     if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
         raise PolicyDenied(f"not a usable path: {value!r:.80}")
+    return _normalised_path(value)
+
+
+@lru_cache(maxsize=1024)  # paths repeat
+def _normalised_path(value: str) -> str:
     if not value.startswith("/"):
         raise PolicyDenied(f"path must be absolute: {value!r:.80}")
     # normpath keeps a leading '//' (POSIX allows it to mean something else): fold it.
@@ -249,6 +256,8 @@ def check_arg(kind: str, param: Any, value: Any) -> str | None:
     has) raises instead: a denial for a caveat, a match for an approval rule."""
     if kind in ("exact", "one_of"):
         options = (param,) if kind == "exact" else param
+        if type(value) is str and value in options:  # a string equals only a string: a match, as below
+            return None
         if not any(type(value) is type(p) or _is_number(value) and _is_number(p) for p in options):  # no judgement
             raise PolicyDenied(f"{type(value).__name__} {value!r:.80} is not comparable with {param!r:.200}")
         return None if any(_same(value, p) for p in options) else f"{value!r:.80} is not {param!r:.200}"
@@ -544,22 +553,28 @@ class EvaluationPlan(NamedTuple):
         not_before, not_after = self.not_before, self.not_after
         tools, effects, audiences = self.tools, self.effects, self.audiences
         new_args: list[Arg] = []
-        flows = self.flows + tuple(c for c in caveats if isinstance(c, Flow))
+        new_flows: list[Flow] = []
         for c in caveats:
-            if isinstance(c, Arg):
+            kind = type(c)  # exact: an object of any other type (a subclass too) is refused, never skipped
+            if kind is Arg:
                 new_args.append(c)
-            elif isinstance(c, Expires):
+            elif kind is Expires:
                 if c.at < not_after:
                     not_after = c.at
-            elif isinstance(c, NotBefore):
+            elif kind is NotBefore:
                 if c.at > not_before:
                     not_before = c.at
-            elif isinstance(c, Tools):
+            elif kind is Tools:
                 tools = frozenset(c.names) if tools is None else tools.intersection(c.names)
-            elif isinstance(c, Effects):
+            elif kind is Effects:
                 effects = frozenset(c.effects) if effects is None else effects.intersection(c.effects)
-            elif isinstance(c, Audience):
+            elif kind is Audience:
                 audiences = audiences.union((c.job,))
+            elif kind is Flow:
+                new_flows.append(c)
+            elif kind not in _CHECKED_ELSEWHERE:
+                raise TypeError(f"not a caveat: {c!r:.80}")
+        flows = self.flows + tuple(new_flows) if new_flows else self.flows
         if not new_args:
             return EvaluationPlan(not_before, not_after, tools, effects, audiences, self.arg_caveats,
                                   self.args_by_tool, self.any_tool_args, flows)
@@ -573,7 +588,7 @@ class EvaluationPlan(NamedTuple):
 
     def check(self, tool: str, effect: str, args: dict[str, Any], job: str) -> None:
         """Raise the typed error of a caveat that does not hold (time and holder are checked before)."""
-        if self.audiences and self.audiences != {job}:
+        if self.audiences and (len(self.audiences) != 1 or job not in self.audiences):
             raise TokenRejected(f"audience {sorted(self.audiences)}, job is {job!r}",
                                 code=ErrorCode.WRONG_AUDIENCE, tool=tool)
         if self.tools is not None and tool not in self.tools:
@@ -594,6 +609,7 @@ class EvaluationPlan(NamedTuple):
                 raise PolicyDenied(f"argument {c.arg!r}: {why}", tool=tool)
 
 
+_CHECKED_ELSEWHERE = (Holder, MaxDepth, CallBudget, CostBudget)  # by KeyRing.verify and the quota ledger
 _EMPTY_PLAN = EvaluationPlan()
 
 
@@ -660,9 +676,12 @@ class KeyRing:
     verified tokens, so that a token extending one of them (an attenuated or delegated token)
     has only its new caveats checked, starting from the verified tag they extend. Both hold
     only tokens whose every tag and seal was checked, and both are cleared when a key is retired.
+    A third keeps the caveats of verified chains decoded, by their bytes (what a caveat means is
+    its bytes alone): a new token's tags and seals are all checked, its familiar caveats not re-parsed.
     """
 
     PREFIXES_PER_TOKEN_ID = 8
+    DECODED_CAVEATS, DECODED_CAVEAT_BYTES = 1024, 1024  # caveats of verified chains kept decoded, by their bytes
 
     def __init__(self, root_keys: dict[str, bytes], current_kid: str, holder_key: bytes,
                  *, cache_size: int = 4096) -> None:
@@ -677,6 +696,7 @@ class KeyRing:
         self._holder_key = holder_key
         self._cache: OrderedDict[bytes, VerifiedToken] = OrderedDict()
         self._prefixes: OrderedDict[tuple[str, bytes], list[VerifiedToken]] = OrderedDict()
+        self._decoded: dict[bytes, Caveat] = {}  # a caveat's meaning is its bytes alone: decoded once
         self._cache_size = cache_size
         # The prefix index holds at most cache_size tokens too, in families of a few.
         self._family_size = max(1, min(self.PREFIXES_PER_TOKEN_ID, cache_size))
@@ -774,36 +794,47 @@ class KeyRing:
             holder, depth, max_depth = prefix.holder, prefix.depth, prefix.max_depth
             budgets = list(prefix.budgets)
             plan = prefix.plan
-        start = len(caveats)
-        for blob in tok.caveats[start:]:
-            try:
-                c = decode_caveat(blob)
-            except Exception as exc:
-                raise TokenRejected(f"caveat {len(caveats)}: {exc}") from None
-            if isinstance(c, Holder):
+        start, decoded, fresh = len(caveats), self._decoded, []
+        blobs = tok.caveats[start:]
+        for blob, next_tag in zip(blobs, hmac_chain(tag, blobs)):  # the chain is judged at its end, seals on the way
+            c = decoded.get(blob)
+            if c is None:
+                try:
+                    c = decode_caveat(blob)
+                except Exception as exc:
+                    raise TokenRejected(f"caveat {len(caveats)}: {exc}") from None
+                if type(c) is not Holder and len(blob) <= self.DECODED_CAVEAT_BYTES:  # a seal is one token's
+                    fresh.append((blob, c))
+            kind = type(c)  # exactly one of the caveat classes: decode_caveat makes no other
+            if kind is Holder:
                 if not hmac.compare_digest(c.seal, self._seal(tag, c.agent)):
                     raise TokenRejected(f"holder caveat {len(caveats)} has a bad seal", code=ErrorCode.WRONG_HOLDER)
                 holder, depth = c.agent, depth + 1
-            elif isinstance(c, MaxDepth):
+            elif kind is MaxDepth:
                 limit = max(depth, 0) + c.depth
                 max_depth = limit if max_depth is None else min(max_depth, limit)
-            tag = hmac_sha256(tag, blob)
+            elif kind is CallBudget:
+                budgets.append((next_tag, "calls", float(c.calls)))
+            elif kind is CostBudget:
+                budgets.append((next_tag, "cost", float(c.cost)))
+            tag = next_tag
             caveats.append(c)
             tags.append(tag)
-            if isinstance(c, (CallBudget, CostBudget)):
-                kind = "calls" if isinstance(c, CallBudget) else "cost"
-                budgets.append((tag, kind, float(c.calls if kind == "calls" else c.cost)))
         if not hmac.compare_digest(tag, tok.tag):
             raise TokenRejected("tag chain does not verify (tampered or forged)")
         if holder is None:
             raise TokenRejected("token names no holder")
-        if sum(isinstance(c, Arg) and (c.check == "regex" or c.check == "each" and c.param[0] == "regex")
-               for c in caveats) > MAX_REGEX_CAVEATS:
+        plan = plan.extended(caveats[start:])
+        if sum(c.check == "regex" or c.check == "each" and c.param[0] == "regex"
+               for c in plan.arg_caveats) > MAX_REGEX_CAVEATS:
             raise TokenRejected(f"more than {MAX_REGEX_CAVEATS} regex caveats")
         if max_depth is not None and depth > max_depth:
             raise TokenRejected(f"delegation depth {depth} > max {max_depth}", code=ErrorCode.DEPTH_EXCEEDED)
-        return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets),
-                             plan.extended(caveats[start:]))
+        if fresh:  # only now: the chain verified
+            if len(decoded) + len(fresh) > self.DECODED_CAVEATS:
+                decoded.clear()
+            decoded.update(fresh)
+        return VerifiedToken(tok, tuple(caveats), tuple(tags), holder, depth, max_depth, tuple(budgets), plan)
 
     def _verified_prefix(self, tok: Token) -> VerifiedToken | None:
         """The longest remembered verified token whose caveats ``tok``'s begin with, if any.

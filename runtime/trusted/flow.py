@@ -196,6 +196,9 @@ class Handles:
         return h
 
 
+_CONTAINERS = frozenset({dict, list})
+
+
 def is_ref(v: Any) -> bool:
     return type(v) is dict and "$handle" in v and v.keys() <= HANDLE_KEYS
 
@@ -205,7 +208,9 @@ def substitute(args: dict[str, Any], resolve: Callable[[Any], Handle]) -> tuple[
     """Handles at the top level of ``args`` or as items of a list argument replaced by their content:
     (arguments, each argument's handles joined, (argument, handle) for each reference)."""
     out, held, used = args, {}, []
-    for name, v in args.items():  # most arguments are scalars: one type check each
+    if not _CONTAINERS.intersection(map(type, args.values())):  # most calls: no map or list, so no handle
+        return out, held, used
+    for name, v in args.items():
         if type(v) not in (dict, list) or not (items := [v] if is_ref(v) else v if any(map(is_ref, v)) else []):
             continue
         hs, out = [resolve(i) if is_ref(i) else None for i in items], dict(out)

@@ -205,6 +205,11 @@ class RevocationList:
         """Kill switch: every token held by ``agent`` is refused from now on."""
         self._agents.add(agent)
 
+    @property
+    def any_ids(self) -> bool:
+        """Whether any id is revoked (else ``check`` needs only the holder)."""
+        return bool(self._revoked)
+
     def check(self, chain_ids: Iterable[bytes], holder: str, tool: str | None = None) -> None:
         if holder in self._agents:
             raise TokenRejected(f"agent {holder!r} revoked", code=ErrorCode.TOKEN_REVOKED, tool=tool)

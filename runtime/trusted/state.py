@@ -2,14 +2,15 @@
 
 The supervisor appends one small msgpack frame per state change (a nonce accepted, a quota
 reserved, settled or refunded, a revocation, a quarantine, a key added or retired) before
-the change can matter to anyone: a nonce before the call is decided, a reservation before
-the call is dispatched. A restarted shard replays the journal and is where it was: no
+the change can matter to anyone: a nonce before the request is answered, a reservation
+before the call is recorded allowed and dispatched. A restarted shard replays the journal and is where it was: no
 budget reset, no nonce accepted twice, no revocation forgotten. Calls that were reserved
 but never settled were in flight when the shard died; the supervisor closes them.
 
-Frames are written with one ``write(2)`` each, so a killed process leaves at most one torn
-frame at the end, which ``replay`` drops. When the journal grows past ``compact_bytes``
-the supervisor writes a snapshot frame into a fresh file and renames it over the old one.
+Each write is one ``write(2)``, so a killed process leaves at most one torn frame at the end,
+which ``replay`` drops. A frame appended with ``defer`` (a nonce) waits for the next write (group
+commit); the supervisor writes it before it answers: a crash loses only unanswered requests'.
+Past ``compact_bytes`` the supervisor writes a snapshot frame into a fresh file, renamed over the old.
 
 The file may hold key material (keys added by rotation): it is created 0600 and belongs
 on the trusted node, next to the audit log.
@@ -34,6 +35,7 @@ class StateJournal:
         self._fsync = fsync
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self._held = b""  # deferred frames, not yet written
 
     def replay(self) -> Iterator[list[Any]]:
         """Every whole frame on file, in order; a torn last frame is cut off."""
@@ -55,14 +57,17 @@ class StateJournal:
             os.truncate(self.path, good)
             self.size = good
 
-    def append(self, *frame: Any) -> None:
-        data = msgpack.packb(list(frame), use_bin_type=True)
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
-        if self._fsync:
-            os.fsync(self._fd)
-        self.size += written
+    def append(self, *frame: Any, defer: bool = False) -> None:
+        """Write ``frame`` after any held ones (no frame: just those); ``defer``: hold it for the next write."""
+        data = self._held + (msgpack.packb(frame, use_bin_type=True) if frame else b"")
+        self._held = data if defer else b""
+        if data and not defer:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+            if self._fsync:
+                os.fsync(self._fd)
+            self.size += written
 
     def compact(self, snapshot: list[Any]) -> None:
         """Replace the journal with one frame holding the whole state."""
@@ -75,11 +80,12 @@ class StateJournal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        self._held = b""  # what they recorded is in the snapshot (a change is journaled after it is made)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self.size, self.compact_bytes = len(data), max(self.compact_bytes, 2 * len(data))  # no rewrite per frame
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            os.close(self._fd)  # a frame still held belongs to a request never answered: as in a crash
             self._fd = -1

@@ -10,7 +10,8 @@ A call goes through a short pipeline, each stage able only to deny::
 
 Invariants: every exception on the way to ``dispatch`` becomes a denial with a typed error
 and an audit record; nothing is dispatched without a decision record on disk (audit down
-means deny); a dispatch carries the supervisor's MAC, which workers check. The agent is
+means deny), nor recorded before its nonce and reservation are in the state journal (one
+write); a dispatch carries the supervisor's MAC, which workers check. The agent is
 answered with the error code and tool only; the reason, with values, goes to the audit log.
 A call parks for approval holding its reservation, at most ``max_parked`` per agent. Counts use
 names the supervisor vouches for: a request whose MAC does not verify is ``UNAUTHENTICATED``, a
@@ -28,14 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
 import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import msgpack
 
@@ -64,6 +64,14 @@ WORKER_CODES = frozenset(c.value for c in (
 
 class Dispatcher(Protocol):
     async def dispatch(self, tool: str, message: bytes, agent: str = "") -> bytes: ...
+
+
+async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+    """``aw`` for at most ``timeout_s`` (then TimeoutError) in this task (``wait_for`` < 3.12: a task per call)."""
+    if not hasattr(asyncio, "timeout"):  # Python 3.10
+        return await asyncio.wait_for(aw, timeout_s)
+    async with asyncio.timeout(timeout_s):
+        return await aw
 
 
 def _pack(obj: Any) -> bytes:
@@ -142,6 +150,7 @@ class Supervisor:
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (agent, tool, decision or code)
         self.quarantined: set[str] = set()
         self._open: dict[str, Reservation] = {}  # call id -> reservation, while the call is in flight
+        self._call_ids: list[str] = []  # random call ids, drawn ahead
         self.runs, self._chains = dict[bytes, Run](), Counter[str]()  # run -> context; root -> runs its chains made
         self.handles = Handles(clock)  # hidden results; not journaled (lost on a restart, and said so)
         self.answers: dict[bytes, Answers] = {}  # root run -> the reader answers its chains got (journaled)
@@ -296,12 +305,13 @@ class Supervisor:
                 self.retired.add(kid)
                 self._journal("kr", kid)
 
-    def _journal(self, *frame: Any) -> None:
+    def _journal(self, *frame: Any, defer: bool = False) -> None:
         """Record a state change, after it is made in memory (a compaction then snapshots it too).
-        A journal that cannot be written is like an audit log that cannot: the caller denies."""
+        A journal that cannot be written is like an audit log that cannot: the caller denies.
+        ``defer`` (a nonce): written with the reservation, or by ``_deny`` (no frame), before any answer."""
         if self.journal is not None:
             try:
-                self.journal.append(*frame)
+                self.journal.append(*frame, defer=defer)
                 if self.journal.size > self.journal.compact_bytes:
                     self.journal.compact(self._snapshot())
             except OSError as exc:
@@ -431,7 +441,7 @@ class Supervisor:
                                 code=ErrorCode.BAD_REQUEST_MAC, tool=tool)
         self.nonces.check(entry.name, body["nonce"], float(body["ts"]), tool)
         if self.journal is not None:
-            self._journal("n", entry.name, body["nonce"], float(body["ts"]) + self.nonces.window_s)
+            self._journal("n", entry.name, body["nonce"], float(body["ts"]) + self.nonces.window_s, defer=True)
         try:
             vt = self.keyring.verify(body["token"])
         except TokenRejected as exc:
@@ -451,8 +461,8 @@ class Supervisor:
 
     def _check_revoked(self, vt: VerifiedToken, tool: str) -> None:
         """Not revoked by an id on its chain, its holder, nor an agent that held it (read only if any id is)."""
-        holders = (holder_id(c.agent) for c in vt.caveats if isinstance(c, Holder))
-        self.revocations.check(itertools.chain(vt.chain_ids(), holders), vt.holder, tool)
+        ids = (*vt.chain_ids(), *map(holder_id, vt.holders)) if self.revocations.any_ids else ()
+        self.revocations.check(ids, vt.holder, tool)
 
     def _still_valid(self, vt: VerifiedToken, tool: str) -> None:
         """For a call that waited (parked, in flight): still not revoked, its key still in the ring."""
@@ -566,7 +576,7 @@ class Supervisor:
     def _reserve(self, agent: str, tool: str, vt: VerifiedToken, args: dict[str, Any], cost: float,
                  held: dict[str, Label] | None = None, flow: dict[str, Any] | None = None) -> _Allowed:
         reservation = self.ledger.reserve(agent, vt.budgets, cost, tool)
-        call_id = secrets.token_hex(8)
+        call_id = self._call_ids.pop() if self._call_ids else self._more_call_ids()
         if self.journal is not None:
             self._open[call_id] = reservation
             try:
@@ -579,6 +589,12 @@ class Supervisor:
         for key, kind, limit in vt.budgets:
             self.observer.budget(agent, kind, self.ledger.used(key), limit)
         return _Allowed(call_id, agent, tool, args, vt, reservation, None, held or {}, flow)
+
+    def _more_call_ids(self) -> str:
+        """A fresh random call id (64 bits), drawn from the OS 256 at a time: one system call, not one per call."""
+        pool = secrets.token_hex(8 * 256)
+        self._call_ids = [pool[i:i + 16] for i in range(16, len(pool), 16)]
+        return pool[:16]
 
     def authorize(self, data: Any) -> _Allowed:
         """The in-process decision (no approval step). Raises a WardenError to deny."""
@@ -638,6 +654,7 @@ class Supervisor:
         elapsed = time.perf_counter() - started if started is not None else 0.0
         self.observer.decision(who, label, "deny", exc.code.value, elapsed)
         try:
+            self._journal()  # the request's nonce, held back until now: on disk before the denial
             self.audit.record("decision", decision="deny", agent=agent, tool=tool, code=exc.code.value,
                               reason=exc.reason, authenticated=who != UNAUTHENTICATED, context=context and
                               context.label.public(), **({"flow": exc.flow} if getattr(exc, "flow", None) else {}))
@@ -695,7 +712,7 @@ class Supervisor:
                     sent = time.perf_counter()
                     for ok in allowed:
                         ok.dispatched_at = sent
-                    raws = await asyncio.wait_for(dispatch_batch(messages, entry.name), self.call_timeout_s)
+                    raws = await _within(dispatch_batch(messages, entry.name), self.call_timeout_s)
                 else:
                     raws = await asyncio.gather(*[self._run_one(ok, m) for ok, m in zip(allowed, messages)])
                 outcomes.update(zip((ok.call_id for ok in allowed), raws))
@@ -763,8 +780,8 @@ class Supervisor:
         """The worker's raw reply, or the exception the dispatch ended with."""
         ok.dispatched_at = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.dispatcher.dispatch(ok.tool, message or self._message(ok), ok.agent),
-                                          self.call_timeout_s)
+            return await _within(self.dispatcher.dispatch(ok.tool, message or self._message(ok), ok.agent),
+                                 self.call_timeout_s)
         except Exception as exc:
             return exc
 

@@ -19,7 +19,7 @@ use of another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import msgpack
@@ -43,9 +43,8 @@ MAX_BATCH = 256
 MAX_NAME_CHARS = 128
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_REQUEST_BYTES,
-                           max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
+_unpack = partial(msgpack.unpackb, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_REQUEST_BYTES,
+                  max_bin_len=MAX_REQUEST_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
 
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
@@ -92,11 +91,13 @@ def decode_signed(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
 def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
     """``(body_bytes, mac, body)`` of a request, or MalformedRequest."""
     body_bytes, mac, body = decode_signed(data)
-    if not _plainly_well_formed(body):
+    if body.get("op") == "call" and tuple(body) == _CALL_FIELDS and tuple(map(type, body.values())) == _CALL_TYPES:
+        check_depth(body["args"], 1)  # encode_call's own shape: each field once, of its type
+    else:
         _check_fields(body)
-    op = body["op"]
-    if not body.keys() >= _REQUIRED_KEYS[op]:
-        raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
+        op = body["op"]
+        if not body.keys() >= _REQUIRED_KEYS[op]:
+            raise MalformedRequest(f"missing fields {[f for f in _REQUIRED[op] if f not in body]}")
     if body["v"] != REQUEST_VERSION:
         raise MalformedRequest(f"unsupported request version {body['v']}")
     if max(len(body["agent"]), len(body.get("tool", "")), len(body.get("to", ""))) > MAX_NAME_CHARS:
@@ -104,23 +105,9 @@ def decode_envelope(data: Any) -> tuple[bytes, bytes, dict[str, Any]]:
     return body_bytes, mac, body
 
 
-_FIELD_TYPES = {name: frozenset(types) for name, types in _BODY_FIELDS.items()}  # exact: a bool is no int
 _REQUIRED_KEYS = {op: frozenset(fields) for op, fields in _REQUIRED.items()}
-
-
-def _plainly_well_formed(body: dict[str, Any]) -> bool:
-    """One pass over a body whose fields all have their exact types, for a known op.
-
-    False sends the body through ``_check_fields``, which reports the first fault in a fixed
-    order; a nesting fault raised here is the one that order would report first as well.
-    """
-    for name, value in body.items():
-        kind = type(value)
-        if kind not in _FIELD_TYPES.get(name, ()):
-            return False
-        if kind is dict or kind is list:
-            check_depth(value, 1)
-    return body.get("op") in _REQUIRED
+_CALL_FIELDS = _REQUIRED["call"]  # in the order encode_call writes them
+_CALL_TYPES = (int, str, str, bytes, str, dict, bytes, float)
 
 
 def _check_fields(body: dict[str, Any]) -> None:
@@ -161,10 +148,13 @@ class ParamSpec:
     checks: tuple[tuple[str, Any], ...] = ()  # (kind, param) of ``check_arg``: bounds, of a string's length
 
     @cached_property
-    def plain(self) -> type | None:
-        """The type of the values taken as they are (no conversion, format or nested check), if any."""
-        bare = not (self.format or self.items or self.fields is not None or self.checks or self.enum is not None)
-        return _PLAIN.get(self.type) if bare else None
+    def plain(self) -> tuple[type, Any] | None:
+        """(type, format function or None) when a value of that type needs nothing else, as ``conform`` does it."""
+        if self.items or self.fields is not None or self.checks or self.enum is not None:
+            return None
+        if self.format:
+            return (str, _FORMATS[self.format]) if self.type == "string" else None
+        return (_PLAIN[self.type], None) if self.type in _PLAIN else None
 
 
 def conform(p: ParamSpec, value: Any, where: str) -> Any:
@@ -196,8 +186,11 @@ def conform_fields(params: dict[str, ParamSpec], args: dict[str, Any], where: st
     out: dict[str, Any] = {}
     for name, p in params.items():
         if name in args:
-            value = args[name]
-            out[name] = value if type(value) is p.plain else conform(p, value, where + name)
+            value, plain = args[name], p.plain
+            if plain is not None and type(value) is plain[0]:
+                out[name] = value if plain[1] is None else plain[1](value)
+            else:
+                out[name] = conform(p, value, where + name)
         elif p.required:
             raise MalformedRequest(f"missing argument {where + name!r}")
         elif p.default is not None or p.nullable:

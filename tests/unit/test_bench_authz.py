@@ -523,3 +523,52 @@ def test_check_depth_agrees_with_the_plain_walk(value, depth):
 def test_nesting_limit_of_arguments_is_unchanged(depth):
     body = dict(good_call, args={"deep": nested(depth, "leaf")})
     assert malformed(wire.decode_envelope, envelope(body)) == malformed(body_checks_reference, body)
+
+
+def test_the_call_shape_checked_in_one_comparison_is_a_call_with_every_field_of_its_type():
+    assert wire._CALL_FIELDS == wire._REQUIRED["call"]
+    assert all(t in wire._BODY_FIELDS[f] for f, t in zip(wire._CALL_FIELDS, wire._CALL_TYPES, strict=True))
+    assert tuple(good_call) == wire._CALL_FIELDS and tuple(map(type, good_call.values())) == wire._CALL_TYPES
+    sent = authz._Bench().requests("cached", 1, 1)[0]  # what encode_call writes has that shape
+    body = msgpack.unpackb(msgpack.unpackb(sent)[0])
+    assert tuple(body) == wire._CALL_FIELDS and tuple(map(type, body.values())) == wire._CALL_TYPES
+
+
+class _LooseArg(Arg):
+    """Not a caveat the plan knows: a subclass is refused like any other type."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("thing", [object(), "tools", _LooseArg("x", "path", "exact", "/etc")])
+def test_the_plan_refuses_what_is_not_exactly_a_caveat(thing):
+    with pytest.raises(TypeError):
+        cap.EvaluationPlan().extended([Tools(("x",)), thing])
+
+
+@SETTINGS
+@given(first=st.lists(caveat, max_size=4), suffix=st.lists(blobs, max_size=3), forge=st.sampled_from(
+    ["none", "tag", "drop", "swap"]))
+def test_a_ring_with_caveats_decoded_before_decides_a_new_token_like_a_ring_with_nothing_cached(first, suffix, forge):
+    kr = KeyRing.generate()
+    for _ in range(2):  # other tokens with the same caveats: their caveats are kept decoded
+        verdict(kr, kr.mint(holder="a", caveats=first).encode())
+    token = kr.mint(holder="a", caveats=first)
+    for blob in suffix:
+        token = append_raw(token, blob)
+    if forge == "tag":
+        token = Token(token.kid, token.token_id, token.caveats, bytes(32), token.version)
+    elif forge == "drop" and token.caveats:
+        token = Token(token.kid, token.token_id, token.caveats[:-1], token.tag, token.version)
+    elif forge == "swap" and len(token.caveats) > 1:  # a caveat the ring knows decoded, on a chain it does not fit
+        token = Token(token.kid, token.token_id, token.caveats[:1] + token.caveats[2:] + token.caveats[1:2],
+                      token.tag, token.version)
+    assert verdict(kr, token.encode()) == verdict(fresh_ring(kr), token.encode())
+
+
+def test_the_decoded_caveats_stay_bounded_and_hold_no_holder_seal():
+    kr = KeyRing.generate()
+    for i in range(KeyRing.DECODED_CAVEATS + 10):
+        kr.verify(kr.mint(holder="a", caveats=[Expires(1e12 + i), Tools(("x",))]))
+    assert 0 < len(kr._decoded) <= KeyRing.DECODED_CAVEATS
+    assert not any(isinstance(c, cap.Holder) for c in kr._decoded.values())

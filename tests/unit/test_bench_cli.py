@@ -113,3 +113,28 @@ def test_quick_noise_is_summed_up_per_suite():
         "targets included; run without --quick to quote them"]
     results["quick"] = False
     assert noise_notes(results) == []
+
+
+def test_bench_pin_and_profile_flags_are_checked_before_anything_runs(tmp_path, capsys):
+    assert main(["bench", "e2e", "--pin", "--out", str(tmp_path)]) == 2
+    assert "--pin goes with --shards" in capsys.readouterr().err
+    for wrong in (["bench", "cost", "--profile"], ["bench", "e2e", "--shards", "1,2", "--profile"]):
+        assert main([*wrong, "--out", str(tmp_path)]) == 2
+        assert "--profile applies to the e2e concurrency sweep" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_e2e_profile_counts_busy_time_per_call_and_leaves_the_idle_wait_out():
+    from runtime.bench import e2e
+
+    raw = "\n".join([
+        "run (t.py:1);handle (a.py:5);record (audit.py:9) 30",
+        "run (t.py:1);handle (a.py:6);dispatch (a.py:7) 10",
+        "run (t.py:1);EpollSelector.select (selectors.py:468) 500",  # the event loop waiting: not work
+        "garbled line",
+    ])
+    busy, hot = e2e._hot(raw, calls=40)
+    per_sample_us = 1e6 / e2e.SPY_RATE / 40
+    assert busy == 40 * per_sample_us
+    assert hot[0].split()[1:] == ["run", "(t.py)"] and float(hot[0].split()[0]) == busy
+    assert [h.split()[1] for h in hot] == ["run", "handle", "record", "dispatch"]  # line numbers merged

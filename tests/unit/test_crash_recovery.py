@@ -315,3 +315,66 @@ def test_killed_after_settling_before_the_outcome_record_the_outcome_is_written_
     assert len(_outcomes(shard.audit_path)) == 1  # a second restart does not write it again
     assert_calls_left(shard, tokens["alice"], 2)  # it ran: charged
     assert auditlog.verify(shard.audit_path).ok
+
+
+# ---------------------------------------------------------------------------- group commit of the state journal
+def _journal_writes(shard: Any, monkeypatch) -> list[bytes]:
+    """Every write(2) to the shard's state journal from now on."""
+    writes, real = [], os.write
+    fd = shard.journal._fd
+
+    def counting(f: int, data: bytes) -> int:
+        if f == fd:
+            writes.append(bytes(data))
+        return real(f, data)
+
+    monkeypatch.setattr(os, "write", counting)
+    return writes
+
+
+def test_a_calls_nonce_and_reservation_are_one_write_before_its_decision_record(world, monkeypatch):
+    shard, tokens = one_shard(world)
+    writes = _journal_writes(shard, monkeypatch)
+    seen: list[list[str]] = []
+    record = shard.audit.record
+
+    def watching(kind: str, **fields: Any) -> int:  # what the journal holds when each record is written
+        seen.append([f[0] for f in shard.journal.replay()])
+        return record(kind, **fields)
+
+    shard.audit.record = watching
+    asyncio.run(shard.call("alice", tokens["alice"], text="one"))
+    frames = []
+    for data in writes:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data)
+        frames.append([f[0] for f in unpacker])
+    assert frames[0] == ["n", "r"]  # group commit: one write(2) for both
+    assert frames[-1] == ["s"]  # and the settlement after the call ran (the result's label, "c", between)
+    assert seen[0][-2:] == ["n", "r"]  # write-ahead: on disk before the decision record, so before dispatch
+
+
+def test_a_denied_requests_nonce_is_on_disk_before_the_denial_and_survives_a_crash(world):
+    from runtime.errors import TokenRejected
+    from runtime.protocol import decode_reply
+
+    shard, tokens = one_shard(world)
+    denied = shard.request("alice", tokens["alice"], "no such tool")
+    reply = msgpack.unpackb(asyncio.run(shard.sup.call(denied)), raw=False)
+    assert reply["error"]["code"] == "UNKNOWN_TOOL"
+    assert shard.journal._held == b""  # written before the denial was answered
+    assert shard.crash_and_restart() == 0
+    with pytest.raises(TokenRejected) as info:  # the captured request is a replay after the restart
+        decode_reply(asyncio.run(shard.sup.call(denied)))
+    assert info.value.code is ErrorCode.REPLAY
+
+
+def test_a_crash_before_anything_is_answered_loses_only_that_requests_nonce(world):
+    from runtime.protocol import decode_reply
+    shard, tokens = one_shard(world)
+    request = shard.request("alice", tokens["alice"], text="never answered")
+    shard.sup._authenticate(request, "call")  # the nonce is taken, held back; then the process dies
+    shard.journal._held = b""  # (a crash: what was held is gone)
+    assert shard.crash_and_restart() == 0
+    assert decode_reply(asyncio.run(shard.sup.call(request)))["value"] == "never answered"  # it had no effect
+    assert_calls_left(shard, tokens["alice"], 2)

@@ -493,10 +493,10 @@ def test_a_reservation_that_cannot_be_journaled_is_denied_and_charges_nothing(tm
     budget = sup.keyring.verify(w.tokens["a"]).budgets[0][0]
     append = journal.append
 
-    def disk_full_for_reservations(*frame: Any) -> None:
-        if frame[0] == "r":
+    def disk_full_for_reservations(*frame: Any, **kw: Any) -> None:
+        if frame[:1] == ("r",):
             raise OSError(28, "No space left on device")
-        append(*frame)
+        append(*frame, **kw)
 
     journal.append = disk_full_for_reservations  # type: ignore[method-assign]
     refused(w.call("a", "write", name="x"), AuditUnavailable, ErrorCode.AUDIT_UNAVAILABLE)
