@@ -42,7 +42,7 @@ demo: setup            ## set up, then run the demo job on a local Ray
 	$(VENV)/bin/warden run jobs/demo.yaml
 
 test: setup            ## set up, then run every test; fails on any failure or on no tests
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 test-unit: setup       ## unit tests only (no Ray), milliseconds each
 	$(VENV)/bin/pytest -q tests/unit

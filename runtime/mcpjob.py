@@ -106,9 +106,6 @@ class McpServerSpec(_Strict):
         elif self.headers_from:
             raise ValueError(f"MCP server {self.name!r}: headers_from is for url: servers; a stdio server's "
                              "credentials are env_from")
-        if self.network and self.sandbox.backend == "gvisor":
-            raise ValueError(f"MCP server {self.name!r}: a network allow-list is not supported under gVisor yet "
-                             "(use bwrap)")
         for entry in self.network:
             try:
                 parse_allowed(entry)

@@ -44,7 +44,7 @@ from ..trusted.ledger import AgentQuota
 from ..trusted.supervisor import AgentEntry, Supervisor
 from ..trusted.wire import ParamSpec, ToolSpec
 from . import flow
-from .stats import Figure, rate_figure, summarise, timed_decisions
+from .stats import Figure, NoGC as _NoGC, rate_figure, summarise, timed_decisions
 
 SUITE = "authz"
 JOB = "bench-job"
@@ -149,18 +149,6 @@ def _rate(bench: _Bench, requests: list[bytes]) -> float:
     for ok in allowed:
         bench.supervisor.ledger.release(ok.reservation)
     return len(requests) / (elapsed_ns / 1e9)
-
-
-class _NoGC:
-    """The garbage collector off while inside (reference counting still frees almost everything)."""
-
-    def __enter__(self) -> None:
-        self.was_enabled = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.was_enabled:
-            gc.enable()
 
 
 def _latency_figure(mode: str, n_caveats: int, runs: int, n: int, warmup: int, tool: str = TOOL) -> Figure:

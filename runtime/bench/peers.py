@@ -36,21 +36,11 @@ import time
 from typing import Any, Callable
 
 from .peer_adapters import AGENT, CASES, Adapter, peer_adapters, warden_adapters
-from .stats import Figure, percentile, rate_figure, summarise
+from .stats import Figure, NoGC as _NoGC, percentile, rate_figure, summarise
 
 SUITE = "peers"
 OUTSIDE_NARROWED = {"path": "/workspace/docs/guide.md", "mode": "r"}  # inside the grant, outside the narrowing
 PROFILE_LINES = 24
-
-
-class _NoGC:
-    def __enter__(self) -> None:
-        self.was_enabled = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.was_enabled:
-            gc.enable()
 
 
 def _once(adapter: Adapter, req: Any) -> bool:

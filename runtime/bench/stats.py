@@ -7,6 +7,7 @@ highest run p50, so a noisy machine shows up as a wide spread instead of a wrong
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from contextlib import nullcontext
@@ -94,3 +95,15 @@ def timed_decisions(supervisor: Any, requests: Sequence[bytes]) -> list[float]:
         samples.append((clock() - t) / 1000.0)
         release(ok.reservation)
     return samples
+
+
+class NoGC:
+    """The garbage collector off while inside (reference counting still frees almost everything)."""
+
+    def __enter__(self) -> None:
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.was_enabled:
+            gc.enable()

@@ -1,6 +1,7 @@
 """An MCP stdio server in a gVisor container of its own: ``runsc run`` whose stdin/stdout are the JSON-RPC pipes.
 
-    sh (joins the server's cgroups) -> setpriv --pdeathsig KILL -> runsc --network=none --ignore-cgroups run
+    sh (joins the server's cgroups) -> setpriv --pdeathsig KILL -> runsc --network=none [--host-uds=open]
+        --ignore-cgroups run
         (OCI bundle: the server as the container's process, not attached to a terminal)
         -> inside gVisor: prlimit (cpu, nproc, fsize, nofile, core) -> the server's command
 
@@ -14,6 +15,14 @@ binds of the server's program directories (``mcpserver.program_dirs``), a privat
 ``/dev`` and ``/tmp``, the workspace read-write at ``/workspace``, and ``server_env`` as its only
 environment. Its process runs as the workspace's owner (the uid the agent's own sandboxed calls
 write as, never given a capability: the OCI capability sets are empty), with no new privileges.
+
+A server with a ``network`` allow-list keeps ``--network=none``: as under bwrap, its egress
+proxy's socket directory is bound read-only at ``mcpproxy.SANDBOX_DIR`` and the server runs
+under the forwarder (listening on the Sentry's own loopback) with the proxy variables set. Only
+then is ``runsc`` given ``--host-uds=open``: the Sentry may connect to the host unix sockets in
+what is bound in (the proxy's; one a host process left in the workspace, such as the agent's own
+bwrap calls, would be reachable too), and may create none. A ``runsc`` without that flag is
+refused for such a server (``host_uds_problem``).
 
 Limits: the whole sandbox (``runsc run``, the gofer, the Sentry with everything the server
 holds in memory, ``/tmp`` included) sits in a host memory cgroup of ``memory_mb`` +
@@ -34,8 +43,10 @@ left behind: no process, no container, no cgroup, no directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -44,7 +55,7 @@ from pathlib import Path
 
 from ..errors import ErrorCode, SandboxUnavailable
 from .base import WORKSPACE, rlimit_args
-from . import cgroup
+from . import cgroup, mcpproxy
 from .cgroup import CallCgroup
 
 RUNSC_TIMEOUT_S = 30
@@ -53,7 +64,25 @@ MCP_CGROUP = "warden-mcp"
 # The pids cgroup of a gVisor server counts the Sentry's and the gofer's host threads, not the
 # server's processes (RLIMIT_NPROC inside bounds those): only a backstop against a runaway runsc.
 HOST_PIDS_BACKSTOP = 1024
+# Lets the Sentry connect to a unix socket of the host bound into the container (the egress proxy's), and
+# nothing more: not create one (``create``), not open host FIFOs (``--host-fifo`` stays ``none``).
+HOST_UDS = "--host-uds=open"
 _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types")
+
+
+@functools.lru_cache(maxsize=4)
+def host_uds_problem(runsc: str) -> str | None:
+    """Why this ``runsc`` cannot let a container connect to the egress proxy's socket (no ``--host-uds``), or None."""
+    try:
+        flags = subprocess.run([runsc, "flags"], capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+        version = subprocess.run([runsc, "--version"], capture_output=True, env={}, timeout=RUNSC_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot ask {runsc} for its flags: {type(exc).__name__}"
+    if re.search(rb"^\s*-host-uds\b", flags.stdout + flags.stderr, re.MULTILINE):
+        return None
+    name = (version.stdout.decode(errors="replace").splitlines() or [runsc])[0].strip()
+    return (f"{name} has no --host-uds flag, so its sandbox cannot connect to the egress proxy's unix socket: "
+            "a network allow-list under gVisor needs a runsc that has --host-uds (none|open|create|all)")
 
 
 def _system_mounts() -> list[dict]:
@@ -67,13 +96,17 @@ def _system_mounts() -> list[dict]:
 
 
 def bundle_config(command: list[str], env: dict[str, str], workspace: Path, program_dirs: list[str],
-                  rlimits: list[str], uid: int, gid: int, prlimit: str = "/usr/bin/prlimit") -> dict:
+                  rlimits: list[str], uid: int, gid: int, prlimit: str = "/usr/bin/prlimit",
+                  egress_dir: str | None = None) -> dict:
     """The OCI runtime spec of the server's container (see the module docstring for what it holds)."""
     # /tmp first: a program directory under /tmp (a checkout there) is mounted on top of it, not hidden.
     mounts = [*_system_mounts(),
               *({"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro", "nosuid", "nodev"]}
                 for d in program_dirs),
               {"destination": WORKSPACE, "type": "bind", "source": str(workspace), "options": ["rbind", "rw"]}]
+    if egress_dir is not None:
+        mounts.append({"destination": mcpproxy.SANDBOX_DIR, "type": "bind", "source": egress_dir,
+                       "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
     no_caps = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     return {"ociVersion": "1.0.0", "hostname": "sandbox", "root": {"path": "rootfs", "readonly": True},
             "process": {"terminal": False, "user": {"uid": uid, "gid": gid}, "cwd": WORKSPACE,
@@ -89,7 +122,9 @@ class GVisorLaunch:
     backend = "gvisor"
 
     def __init__(self, *, runsc: str, setpriv: str, command: list[str], env: dict[str, str], workspace: Path,
-                 program_dirs: list[str], limits, memory_overhead_mb: int) -> None:
+                 program_dirs: list[str], limits, memory_overhead_mb: int, egress_dir: str | None = None) -> None:
+        if egress_dir is not None and (why := host_uds_problem(runsc)) is not None:
+            raise SandboxUnavailable(why, code=ErrorCode.SANDBOX_UNAVAILABLE)
         if os.geteuid() != 0:
             raise SandboxUnavailable("an MCP server under gVisor needs a memory cgroup, which only a worker running "
                                      "as root can make", code=ErrorCode.SANDBOX_UNAVAILABLE)
@@ -110,10 +145,11 @@ class GVisorLaunch:
         st = os.stat(workspace)
         rl = rlimit_args(limits, address_space=False)
         (bundle / "config.json").write_text(json.dumps(bundle_config(command, env, workspace, program_dirs, rl,
-                                                                     st.st_uid, st.st_gid)))
+                                                                     st.st_uid, st.st_gid, egress_dir=egress_dir)))
         self.argv = self.cgroup.join_argv(
             [setpriv, "--pdeathsig", "SIGKILL", "--", runsc, "--root", str(self.state), "--network=none",
-             "--ignore-cgroups", "run", "--bundle", str(bundle), self.id])
+             *([HOST_UDS] if egress_dir is not None else []), "--ignore-cgroups", "run", "--bundle", str(bundle),
+             self.id])
 
     def _runsc(self, *args: str) -> None:
         subprocess.run([self.runsc, "--root", str(self.state), *args], capture_output=True, env={},

@@ -229,18 +229,29 @@ def make_launch(server: McpServer, session: Any, egress_dir: str | None = None) 
         from .gvisor import SANDBOX_OVERHEAD_MB
         from .mcpgvisor import GVisorLaunch
 
-        if server.network:
-            raise SandboxUnavailable(f"MCP server {server.name}: a network allow-list is not supported under gVisor",
-                                     code=ErrorCode.SANDBOX_UNAVAILABLE)
+        if server.url or bool(server.network) != (egress_dir is not None):
+            raise SandboxUnavailable(f"MCP server {server.name}: a URL server has no sandbox, and a network allow-list "
+                                     "needs its egress proxy", code=ErrorCode.SANDBOX_UNAVAILABLE)
         runsc = getattr(session, "_runsc", None) or require_binary("runsc", "runsc", "gvisor")
+        command, env = resolve_command(server.command), server_env(server)
+        if egress_dir is not None:  # the same forwarder as under bwrap, on the Sentry's own loopback
+            command, env = mcpproxy.wrapped_command(sys.executable, command), {**env, **mcpproxy.proxy_env()}
         return GVisorLaunch(runsc=runsc, setpriv=require_binary("setpriv", "util-linux", "gvisor"),
-                            command=resolve_command(server.command), env=server_env(server),
-                            workspace=session.workspace, program_dirs=program_dirs(), limits=server.limits,
-                            memory_overhead_mb=SANDBOX_OVERHEAD_MB)
+                            command=command, env=env, workspace=session.workspace, program_dirs=program_dirs(),
+                            limits=server.limits, memory_overhead_mb=SANDBOX_OVERHEAD_MB, egress_dir=egress_dir)
     if not isinstance(session, BwrapSession):
         raise SandboxUnavailable(f"MCP server {server.name} runs under bwrap: it needs the agent's bwrap session",
                                  code=ErrorCode.SANDBOX_UNAVAILABLE)
     return BwrapLaunch(server, session, egress_dir)
+
+
+def sandbox_uid(server: McpServer, session: Any) -> int | None:
+    """The uid the server runs as, when the worker (root) picks it; None when the worker's own uid is the server's.
+
+    Under bwrap it is the session's sandbox uid; under gVisor the workspace's owner (``mcpgvisor``)."""
+    if server.backend == "gvisor":
+        return os.stat(session.workspace).st_uid if os.geteuid() == 0 else None
+    return getattr(session, "_uid", None)
 
 
 class _TimedOut(Exception):
@@ -321,7 +332,7 @@ class McpConnection:
             allowed = [mcpproxy.parse_allowed(h) for h in self.server.network]
             self.proxy = mcpproxy.EgressProxy(self.server.name, allowed,
                                               allow_private_networks=self.server.allow_private_networks)
-        return self.proxy.start(getattr(self.session, "_uid", None))  # as root: the sandbox's uid owns the socket
+        return self.proxy.start(sandbox_uid(self.server, self.session))
 
     async def _serve(self, ready: "asyncio.Future[Any]") -> None:
         from mcp import ClientSession

@@ -1,6 +1,7 @@
 """MCP servers on the network, in a real job: agent actor -> supervisor actor -> tool worker actor ->
 a remote streamable-HTTP server (``url:``), and ``mcp-server-fetch`` in the agent's bwrap sandbox
-reaching its ``network:`` allow-list, and nothing else, through the worker's egress proxy."""
+reaching its ``network:`` allow-list, and nothing else, through the worker's egress proxy; then
+the same under gVisor, next to a server without an allow-list, which reaches nothing."""
 
 from __future__ import annotations
 
@@ -66,3 +67,39 @@ def test_a_remote_server_and_an_allow_listed_sandboxed_server_in_a_job(ray_insta
     assert SECRET.encode() not in audit  # the credential went to the remote server, never to the record
     allowed = {r["tool"] for r in auditlog.read_records(result.audit_log) if r.get("decision") == "allow"}
     assert allowed == {"notes.lookup", "notes.broken", "fetch.fetch"}
+
+
+GVISOR_POLICY = """agent: web
+tools:
+  fetch.fetch: {effect: read}
+  blind.fetch: {effect: read}
+sandbox: {backend: gvisor, cpu_s: 10, wall_s: 60}   # a gVisor server's start counts against the first call
+"""
+
+
+def test_an_allow_listed_server_under_gvisor_reaches_its_list_only(ray_instance, runs_dir, tmp_path):
+    fetch = {"command": ["mcp-server-fetch", "--ignore-robots-txt", "--allow-private-ips"],
+             "sandbox": {"backend": "gvisor", "limits": {"memory_mb": 256}}}
+    with page_server() as pages:
+        page = f"http://127.0.0.1:{pages.port}/page"
+        spec = {
+            "name": "mcp-net-gvisor", "entry": ["web"], "tools": ["runtime.toolbox"], "workers": {"count": 1},
+            "task": [["page", "fetch.fetch", {"url": page, "raw": True}],
+                     ["other_port", "fetch.fetch", {"url": f"http://127.0.0.1:{pages.port + 1}/page", "raw": True}],
+                     ["elsewhere", "fetch.fetch", {"url": "https://example.com/", "raw": True}],
+                     ["blind", "blind.fetch", {"url": page, "raw": True}]],
+            "mcp_servers": [{"name": "fetch", "prefix": "fetch", **fetch, "network": [f"127.0.0.1:{pages.port}"],
+                             "allow_private_networks": True},
+                            {"name": "blind", "prefix": "blind", **fetch}],  # no allow-list: no route
+            "agents": [{"name": "web", "class": "tests.cluster.mcpnet_agents:CallsAgent", "policy": "web.yaml"}],
+        }
+        (tmp_path / "web.yaml").write_text(GVISOR_POLICY)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        result = asyncio.run(run_loaded(load_job(tmp_path / "job.yaml"), runs_dir=runs_dir))
+    assert result.ok, result.errors
+    out = result.results["web"]
+    assert out["page"]["ok"] and PAGE.decode() in out["page"]["value"], out["page"]
+    for refused in ("other_port", "elsewhere"):  # the proxy's 403, as the server reports it
+        assert out[refused]["code"] == "TOOL_FAILED" and "403" in out[refused]["reason"], out[refused]
+    assert out["blind"]["code"] == "TOOL_FAILED" and "ConnectError" in out["blind"]["reason"], out["blind"]
+    assert pages.hits == ["/page"]

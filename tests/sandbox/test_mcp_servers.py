@@ -3,7 +3,7 @@ mechanisms around a server (memory limit, cancellation at the deadline, progress
 teardown, one hung server holding no one else) hold under each.
 
 The functional tests use the real third-party servers (``mcp-server-git`` from PyPI, the reference
-filesystem server from npm); the mechanism tests use ``tests/fixtures/mcp_probe_server.py``, a small
+filesystem server from npm, ``mcp-server-fetch`` from PyPI behind a network allow-list); the mechanism tests use ``tests/fixtures/mcp_probe_server.py``, a small
 server written with the SDK whose tools allocate, report progress, or block.
 """
 
@@ -22,6 +22,7 @@ import pytest
 from runtime.errors import ErrorCode, SandboxKilled, ToolFailed, WardenError
 from runtime.mcptools import result_value
 from runtime.sandbox.base import Limits
+from runtime.sandbox.mcpproxy import SANDBOX_DIR
 from runtime.sandbox.mcpserver import NPM_DIR, McpConnection, McpServer
 
 from .conftest import require_backend
@@ -61,10 +62,12 @@ def session(backend_name, tmp_path):
 def connect(session):
     opened: list[McpConnection] = []
 
-    def open_(command: tuple[str, ...], *, on=None, limits: Limits = LIMITS, name: str = "probe") -> McpConnection:
+    def open_(command: tuple[str, ...], *, on=None, limits: Limits = LIMITS, name: str = "probe",
+              network: tuple[str, ...] = ()) -> McpConnection:
         if "mcp-server-filesystem" in command and not FS_INSTALLED:
             pytest.fail("the filesystem MCP server is not installed: run `make setup`")
-        server = McpServer(name, name, command, backend=(on or session).backend, limits=limits)
+        server = McpServer(name, name, command, backend=(on or session).backend, limits=limits, network=network,
+                           allow_private_networks=bool(network))  # the test's page server is on loopback
         opened.append(McpConnection(server, on or session))
         return opened[-1]
 
@@ -248,3 +251,57 @@ def test_a_killed_worker_s_server_cgroups_are_removed_by_the_next_start(connect)
     finally:
         left.remove()
         mine.remove()
+
+
+# --- a network allow-list: the real mcp-server-fetch behind the worker's egress proxy ---------------------------
+
+FETCH = ("mcp-server-fetch", "--ignore-robots-txt", "--allow-private-ips")  # the proxy decides, not the server
+FETCH_LIMITS = Limits(cpu_s=60, wall_s=60, memory_mb=256, max_pids=64, max_output_bytes=1 << 20, workspace_mb=64)
+
+
+@pytest.fixture
+def pages():
+    from tests.unit.mcp_remote import page_server
+
+    with page_server() as p:
+        yield p
+
+
+def _fetch(conn: McpConnection, url: str):
+    return call(conn, "fetch", {"url": url, "raw": True}, timeout_s=60)
+
+
+def test_a_server_reaches_its_allow_list_through_the_proxy_and_nothing_else(connect, session, pages):
+    """Under gVisor as under bwrap: the allowed host:port is fetched through the forwarder and the worker's proxy;
+    another port and a host not on the list are the proxy's 403, counted, and reach nothing."""
+    from tests.unit.mcp_remote import PAGE
+
+    fetch = connect(FETCH, name="fetch", limits=FETCH_LIMITS, network=(f"127.0.0.1:{pages.port}",))
+    assert PAGE.decode() in _fetch(fetch, f"http://127.0.0.1:{pages.port}/page")
+    for url, target in ((f"http://127.0.0.1:{pages.port + 1}/page", f"GET 127.0.0.1:{pages.port + 1}"),
+                        ("https://example.com/", "CONNECT example.com:443")):
+        with pytest.raises(ToolFailed) as err:
+            _fetch(fetch, url)
+        assert err.value.code == ErrorCode.TOOL_FAILED and "403" in err.value.reason, err.value.reason
+        assert fetch.proxy is not None and fetch.proxy.refusals[-1] == (
+            f"{target}: {target.split()[1]} is not on the server's network allow-list")
+    assert (fetch.proxy.allowed, fetch.proxy.refused) == (1, 2) and pages.hits == ["/page"]
+    # the socket's directory is the server's uid's alone (the workspace owner's under gVisor)
+    assert os.stat(fetch.proxy.directory).st_uid == (session._uid if session.backend == "bwrap" and session._uid
+                                                     is not None else session.workspace.stat().st_uid)
+    if session.backend == "gvisor":  # still no network of its own; the one host socket it may open is bound in
+        argv = fetch._launch.argv
+        assert "--network=none" in argv and "--host-uds=open" in argv
+        spec = json.loads((fetch._launch.dir / "bundle" / "config.json").read_text())
+        [egress] = [m for m in spec["mounts"] if m["source"] == fetch.proxy.directory]
+        assert egress["destination"] == SANDBOX_DIR and "ro" in egress["options"]
+
+
+def test_without_an_allow_list_a_server_has_no_route(connect, session, pages):
+    fetch = connect(FETCH, name="fetch", limits=FETCH_LIMITS)
+    with pytest.raises(ToolFailed) as err:
+        _fetch(fetch, f"http://127.0.0.1:{pages.port}/page")
+    assert err.value.code == ErrorCode.TOOL_FAILED and "ConnectError" in err.value.reason, err.value.reason
+    assert fetch.proxy is None and pages.hits == []
+    if session.backend == "gvisor":
+        assert "--host-uds=open" not in fetch._launch.argv

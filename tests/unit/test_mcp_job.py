@@ -96,8 +96,6 @@ def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
      "headers_from is for url: servers"),
     (("command: [mcp-server-git]", "command: [mcp-server-git]\n    url: http://h/mcp"), "not both or neither"),
     (("backend: bwrap, limits", "backend: gvisor, limits"), "run in the agent's gvisor sandbox (their server's backend)"),
-    (("sandbox: {backend: bwrap, limits: {cpu_s: 30}}", "sandbox: {backend: gvisor}\n    network: [api.github.com]"),
-     "network allow-list is not supported under gVisor"),
     (("cpu_s: 30", "cpu: 30"), "did you mean 'cpu_s'?"),
     (("prefix: files", "prefix: git"), "prefixes used twice: ['git']"),
     (("prefix: git", "prefix: Git.x"), "should match pattern"),
@@ -130,12 +128,14 @@ def test_the_mcp_demo_job_loads_and_checks():
 
 
 def test_a_gvisor_server_s_tools_run_in_the_agent_s_gvisor_sandbox(tmp_path):
-    job = JOB.replace("backend: bwrap, limits", "backend: gvisor, limits")
+    """Also with a network allow-list: discovery starts the server in gVisor behind its egress proxy."""
+    job = JOB.replace("backend: bwrap, limits: {cpu_s: 30}}", "backend: gvisor, limits: {cpu_s: 30}}\n    network: [api.github.com]")
     policy = (POLICY.replace("git.git_status: {effect: read}", "git.git_status: {effect: read, sandbox: {backend: gvisor}}")
               .replace("git.git_log: {effect: read}", "git.git_log: {effect: read, sandbox: {backend: gvisor}}"))
     loaded = load_job(write(tmp_path, job, policy))  # listed by the server started under gVisor
     assert loaded.tools["git.git_log"].spec.effect == "read"
     assert [e["server"]["backend"] for e in loaded.mcp] == ["gvisor", "bwrap"]
+    assert loaded.mcp[0]["server"]["network"] == ["api.github.com"]
 
 
 REMOTE_JOB = """name: j

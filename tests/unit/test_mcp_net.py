@@ -326,3 +326,23 @@ def test_the_proxy_directory_is_the_sandbox_uid_s_alone(session):
     finally:
         proxy.close()
     assert not os.path.exists(d)
+
+
+def test_a_runsc_without_host_uds_is_refused_for_an_allow_list_and_says_why(tmp_path):
+    """gVisor's sandbox reaches the proxy's socket only with ``--host-uds=open``; a runsc that predates the flag
+    (it had only ``--fsgofer-host-uds``, which also lets the sandbox create host sockets) is refused, by name."""
+    from runtime.errors import SandboxUnavailable
+    from runtime.sandbox.mcpgvisor import GVisorLaunch, host_uds_problem
+
+    old = tmp_path / "runsc"
+    old.write_text('#!/bin/sh\nif [ "$1" = flags ]; then printf "  -fsgofer-host-uds\\n  -network value\\n"\n'
+                   'else echo "runsc version release-20210906.0"; fi\n')
+    old.chmod(0o755)
+    why = host_uds_problem(str(old))
+    assert why == ("runsc version release-20210906.0 has no --host-uds flag, so its sandbox cannot connect to the "
+                   "egress proxy's unix socket: a network allow-list under gVisor needs a runsc that has --host-uds "
+                   "(none|open|create|all)")
+    with pytest.raises(SandboxUnavailable) as err:  # before any cgroup, bundle or process
+        GVisorLaunch(runsc=str(old), setpriv="setpriv", command=["true"], env={}, workspace=tmp_path,
+                     program_dirs=[], limits=None, memory_overhead_mb=0, egress_dir=str(tmp_path))
+    assert err.value.code == ErrorCode.SANDBOX_UNAVAILABLE and err.value.reason == why
