@@ -48,3 +48,19 @@ def test_a_subprocess_of_the_worker_keeps_its_exit_status():
     for _ in range(20):
         REAPER.poke()
         assert subprocess.run(["sh", "-c", "exit 3"]).returncode == 3
+
+
+def test_a_released_orphan_of_the_workers_own_session_is_reaped_without_the_grace():
+    # gVisor's Sentry and gofer are orphans of this session that `runsc delete` kills and then waits
+    # to see gone: released, they are reaped at the next sweep, not after ORPHAN_GRACE_S (which any
+    # other zombie of the session still gets: someone here may be about to wait for it).
+    REAPER.start()
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 0"], os.environ)
+    fd = os.pidfd_open(pid)
+    select.select([fd], [], [])
+    os.close(fd)
+    REAPER.sweep()
+    assert pid in zombie_children()  # in its grace
+    with REAPER.releasing([pid]):
+        REAPER.sweep()
+        assert pid not in zombie_children()
