@@ -51,9 +51,9 @@ next call creates a new one (the workspace persists on the host, ``/tmp`` does n
 process left behind holding the call's stdout would otherwise also keep the call waiting.
 The sandbox is created lazily, by ``prewarm()`` or the first ``run()``, because its memory
 cgroup is sized from that call's limits; a call with a different ``memory_mb`` or
-``max_pids`` gets a new sandbox. Deleting a sandbox waits until the Sentry is reaped (by this worker, which is the
-subreaper of what runsc starts: see ``base.Reaper``), so ``close()`` can take over a second;
-``close()`` returns only when no runsc process of the session is left.
+``max_pids`` gets a new sandbox. Deleting a sandbox waits until the Sentry and gofer are reaped (by this worker,
+which is the subreaper of what runsc starts: see ``base.Reaper``, which reaps them at once while they are being
+deleted); ``close()`` returns only when no runsc process of the session is left.
 
 The rlimits are set by ``prlimit`` in every call, not once in the OCI spec
 (``process.rlimits``): this runsc hands limits given that way to every process but never
