@@ -60,14 +60,16 @@ class StateJournal:
     def append(self, *frame: Any, defer: bool = False) -> None:
         """Write ``frame`` after any held ones (no frame: just those); ``defer``: hold it for the next write."""
         data = self._held + (msgpack.packb(frame, use_bin_type=True) if frame else b"")
-        self._held = data if defer else b""
-        if data and not defer:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
-            if self._fsync:
-                os.fsync(self._fd)
-            self.size += written
+        if defer or not data:
+            self._held = data
+            return
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+        if self._fsync:
+            os.fsync(self._fd)
+        self._held = b""  # only once written: a failed write keeps the held frames for the next one
+        self.size += written
 
     def compact(self, snapshot: list[Any]) -> None:
         """Replace the journal with one frame holding the whole state."""

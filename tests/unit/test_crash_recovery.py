@@ -378,3 +378,21 @@ def test_a_crash_before_anything_is_answered_loses_only_that_requests_nonce(worl
     assert shard.crash_and_restart() == 0
     assert decode_reply(asyncio.run(shard.sup.call(request)))["value"] == "never answered"  # it had no effect
     assert_calls_left(shard, tokens["alice"], 2)
+
+
+def test_a_failed_journal_write_keeps_the_held_frames_for_the_next_write(tmp_path, monkeypatch):
+    from runtime.trusted.state import StateJournal
+
+    journal = StateJournal(tmp_path / "state.journal")
+    journal.append("n", b"nonce-1", defer=True)  # a request's nonce, held for the write of its reservation
+    real_write = os.write
+
+    def failing(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", failing)
+    with pytest.raises(OSError):
+        journal.append("r", b"reservation-1")
+    monkeypatch.setattr(os, "write", real_write)
+    journal.append("r", b"reservation-2")
+    assert list(journal.replay()) == [["n", b"nonce-1"], ["r", b"reservation-2"]]  # the nonce was not lost
