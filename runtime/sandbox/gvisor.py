@@ -172,7 +172,7 @@ class _Sandbox(gvisor.Sandbox if gvisor is not None else object):  # type: ignor
             pids = [state.get("goferPid"), state.get("sandbox", {}).get("pid")]
         except (OSError, ValueError, AttributeError):
             return []
-        return [p for p in pids if type(p) is int and p > 1]
+        return [p for p in pids if type(p) is int and p > 1 and _runsc_child(p)]
 
     def kill_all(self) -> None:
         """SIGKILL every process in the sandbox; init dies with them, so the sandbox stops."""
@@ -338,6 +338,16 @@ class GVisorSession:
         for thread in retiring:
             thread.join()
         shutil.rmtree(self._runtime_dir, ignore_errors=True)
+
+
+def _runsc_child(pid: int) -> bool:
+    """Is ``pid`` a child of this worker that runsc re-executed (``exe``): not a pid since reused by a
+    process someone here waits for."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.index("(") + 1:stat.rindex(")")] == "exe" and int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid()
 
 
 def _key(argv: list[str], limits: Limits, env: Mapping[str, str]) -> tuple:
