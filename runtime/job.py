@@ -246,7 +246,7 @@ class LoadedJob:
     policies: dict[str, Policy]
     tools: dict[str, Tool]
     classes: dict[str, type[Agent]]  # agent name -> its class, imported and checked at load
-    mcp: list[dict[str, Any]] = field(default_factory=list)  # the MCP servers and their listings, for the workers
+    mcp: list[dict[str, Any]] = field(default_factory=list, repr=False)  # servers, listings and credentials: workers only
 
 
 def load_job(path: str | Path) -> LoadedJob:

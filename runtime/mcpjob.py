@@ -135,6 +135,9 @@ class McpServerSpec(_Strict):
         if why is not None and why != NOT_AN_ADDRESS and not self.allow_private_networks:
             raise ValueError(f"{what}: url host {host} is {why}; set allow_private_networks: true on this "
                              "entry to allow it")
+        if self.headers_from and url.lower().startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
+            raise ValueError(f"{what}: headers_from would send its credentials in clear text: use an https:// url "
+                             "(plain http only to this host's loopback, which also needs allow_private_networks)")
 
 
 def _header_problem(header: str, template: str) -> str | None:

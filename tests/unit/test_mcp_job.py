@@ -88,6 +88,8 @@ def test_a_policy_must_fit_the_listed_tools(tmp_path, policy, message):
     (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    network: [a.example]"), "is remote"),
     (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {Host: '${X}'}"),
      "set by the MCP transport itself"),
+    (("command: [mcp-server-git]", "url: http://mcp.example/mcp\n    headers_from: {X-Key: '${HOME}'}"),
+     "headers_from would send its credentials in clear text"),
     (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {Authorization: TOKEN}"),
      "a template naming the driver's environment variables"),
     (("command: [mcp-server-git]", "url: https://mcp.example/mcp\n    headers_from: {X-Key: '${WARDEN_TEST_UNSET_VAR}'}"),
@@ -162,7 +164,7 @@ def test_a_url_server_loads_with_its_credential_for_the_workers_only(tmp_path, m
         assert job.tools["notes.lookup"].spec.effect == "read" and job.tools["notes.lookup"].spec.output.integrity == "untrusted"
         [entry] = job.mcp
         assert entry["server"]["headers"] == {"Authorization": "Bearer notes-s3cret"}  # for the tool workers
-        assert "notes-s3cret" not in str(job.tools) and "notes-s3cret" not in str(job.spec)
+        assert "notes-s3cret" not in str(job.tools) and "notes-s3cret" not in str(job.spec) and "notes-s3cret" not in repr(job)
         # the same server by a name that resolves to loopback, without the opt-in: refused at load
         private = REMOTE_JOB.format(url=remote.url.replace("127.0.0.1", "localhost")).replace(
             "allow_private_networks: true", "allow_private_networks: false")
