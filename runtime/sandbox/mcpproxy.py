@@ -100,7 +100,7 @@ def parse_head(head: bytes) -> Request:
     if not (re.fullmatch(r"[A-Z]{1,16}", method) and re.fullmatch(r"HTTP/1\.[01]", version)):
         raise Refused(400, f"malformed request line {lines[0][:80]!r}")
     fields = [ln for ln in lines[1:] if ln]
-    if any(":" not in f or f[0] in " \t" for f in fields):
+    if any(":" not in f or f[0] in " \t" or "\r" in f or "\n" in f for f in fields):  # a bare CR or LF: a smuggled field
         raise Refused(400, "malformed header field")
     if method == "CONNECT":
         m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/@\[\]]+):([0-9]{1,5})", target)
@@ -214,9 +214,9 @@ class EgressProxy:
         listener.bind(path)
         listener.listen(64)
         os.chmod(path, 0o600)
-        if uid is not None:
-            for p in (directory, path):
-                os.chown(p, uid, uid)
+        if uid is not None:  # the server's uid may connect; the directory stays ours (it may not swap the socket)
+            os.chmod(directory, 0o711)
+            os.chown(path, uid, uid)
         self._listener, self.directory = listener, directory
         threading.Thread(target=self._accept, args=(listener,), name=f"mcp-egress-{self.name}", daemon=True).start()
         return directory

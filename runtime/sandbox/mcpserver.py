@@ -132,7 +132,7 @@ def _egress_binds(egress_dir: str | None) -> list[str]:
     """The proxy's socket directory at ``mcpproxy.SANDBOX_DIR`` (its parent searchable: bwrap makes it 0700 as root)."""
     if egress_dir is None:
         return []
-    return ["--perms", "0755", "--dir", os.path.dirname(mcpproxy.SANDBOX_DIR), "--bind", egress_dir,
+    return ["--perms", "0755", "--dir", os.path.dirname(mcpproxy.SANDBOX_DIR), "--ro-bind", egress_dir,
             mcpproxy.SANDBOX_DIR]
 
 

@@ -217,6 +217,8 @@ def test_a_private_address_is_forbidden_unless_the_entry_opts_in():
     b"GET /relative HTTP/1.1\r\nHost: example.com\r\n\r\n",  # a proxy takes absolute URIs only
     b"GET https://example.com/ HTTP/1.1\r\n\r\n",  # https is tunnelled, never forwarded in the clear
     b"GET http://user:pw@example.com/ HTTP/1.1\r\n\r\n",
+    b"GET http://example.com/ HTTP/1.1\r\nX: a\nHost: other.example\r\n\r\n",  # a field smuggled after a bare LF
+    b"GET http://example.com/ HTTP/1.1\r\nX: a\rHost: other.example\r\n\r\n",  # or a bare CR
 ])
 def test_a_malformed_request_is_a_bad_request(head):
     with pytest.raises(Refused) as err:
@@ -279,7 +281,7 @@ def test_the_sandbox_keeps_no_network_and_gets_the_proxy_socket_only(session):
     argv = sandboxed_argv(server, session, "/tmp/warden-egress-x")
     assert ("--unshare-all" in argv or "--unshare-net" in argv) and "--share-net" not in argv
     assert argv[argv.index("/tmp/warden-egress-x") - 1:argv.index("/tmp/warden-egress-x") + 2] == [
-        "--bind", "/tmp/warden-egress-x", SANDBOX_DIR]
+        "--ro-bind", "/tmp/warden-egress-x", SANDBOX_DIR]  # read-only: the server cannot swap or chmod it
     assert argv[argv.index("HTTPS_PROXY") + 1] == "http://127.0.0.1:3128" and "NO_PROXY" in argv
     assert argv[-len(FETCH):] == [argv[-len(FETCH)], *FETCH[1:]] and "--" in argv[-len(FETCH) - 1:]
     with pytest.raises(Exception):  # an allow-list without its proxy is never started
@@ -312,16 +314,18 @@ def test_without_an_allow_list_a_sandboxed_server_has_no_route(session, pages, o
     assert conn.proxy is None and pages.hits == []
 
 
-def test_the_proxy_directory_is_the_sandbox_uid_s_alone(session):
+def test_only_the_sandbox_uid_may_connect_and_it_cannot_change_the_proxy_directory(session):
     import os
     import stat
 
     proxy = EgressProxy("x", [])
     try:
         d = proxy.start(session._uid)
-        st = os.stat(d)
-        assert stat.S_IMODE(st.st_mode) == 0o700 and stat.S_IMODE(os.stat(f"{d}/proxy.sock").st_mode) == 0o600
-        assert st.st_uid == (session._uid if session._uid is not None else os.getuid())
+        st, sock = os.stat(d), os.stat(f"{d}/proxy.sock")
+        assert stat.S_IMODE(sock.st_mode) == 0o600
+        assert sock.st_uid == (session._uid if session._uid is not None else os.getuid())
+        assert st.st_uid == os.getuid()  # the worker's: the sandbox cannot chmod it or swap the socket
+        assert stat.S_IMODE(st.st_mode) == (0o711 if session._uid is not None else 0o700)
         assert d.startswith(tempfile.gettempdir())
     finally:
         proxy.close()
