@@ -286,9 +286,10 @@ def test_a_server_reaches_its_allow_list_through_the_proxy_and_nothing_else(conn
         assert fetch.proxy is not None and fetch.proxy.refusals[-1] == (
             f"{target}: {target.split()[1]} is not on the server's network allow-list")
     assert (fetch.proxy.allowed, fetch.proxy.refused) == (1, 2) and pages.hits == ["/page"]
-    # the socket's directory is the server's uid's alone (the workspace owner's under gVisor)
-    assert os.stat(fetch.proxy.directory).st_uid == (session._uid if session.backend == "bwrap" and session._uid
-                                                     is not None else session.workspace.stat().st_uid)
+    # the socket is the server's uid's alone (the workspace owner's under gVisor); its directory stays the worker's
+    assert os.stat(f"{fetch.proxy.directory}/proxy.sock").st_uid == (
+        session._uid if session.backend == "bwrap" and session._uid is not None else session.workspace.stat().st_uid)
+    assert os.stat(fetch.proxy.directory).st_uid == os.getuid()
     if session.backend == "gvisor":  # still no network of its own; the one host socket it may open is bound in
         argv = fetch._launch.argv
         assert "--network=none" in argv and "--host-uds=open" in argv
