@@ -25,6 +25,8 @@ from runtime.sandbox.base import Limits
 from runtime.sandbox.mcpproxy import SANDBOX_DIR
 from runtime.sandbox.mcpserver import NPM_DIR, McpConnection, McpServer
 
+from tests.unit.test_mcp import make_repo
+
 from .conftest import require_backend
 
 PROBE = Path(__file__).resolve().parents[1] / "fixtures" / "mcp_probe_server.py"
@@ -45,12 +47,7 @@ def session(backend_name, tmp_path):
     ws.mkdir()
     s = require_backend(backend_name).open(ws, workspace_mb=64, key="agent")
     repo = ws / "repo"
-    repo.mkdir()
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "notes.txt").write_text("first line\n")
-    subprocess.run([*git, "add", "notes.txt"], check=True)
-    subprocess.run([*git, "commit", "-qm", "first commit"], check=True)
+    make_repo(repo)
     shutil.copy(PROBE, ws / "probe.py")
     _owned(repo, ws)  # as if the agent's own sandboxed calls had written them
     _owned(ws / "probe.py", ws)

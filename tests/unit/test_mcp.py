@@ -26,15 +26,19 @@ FS = McpServer("files", "fs", ("mcp-server-filesystem", "/workspace"))
 FS_INSTALLED = (NPM_DIR / "node_modules" / ".bin" / "mcp-server-filesystem").exists()
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
+def make_repo(repo: Path) -> None:
+    """A git repository at ``repo`` with one commit of ``notes.txt`` ("first line")."""
     repo.mkdir()
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / "notes.txt").write_text("first line\n")
     subprocess.run([*git, "add", "notes.txt"], check=True)
     subprocess.run([*git, "commit", "-qm", "first commit"], check=True)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    make_repo(tmp_path / "repo")
     return tmp_path
 
 
